@@ -1,0 +1,174 @@
+/*
+ * collapse: neural-collapse metrics of last-layer hidden states.
+ *
+ * The C API. This is the only header an inference server needs; it includes no CUDA header
+ * (streams travel as void*). Conventions:
+ *  - every call returns a collapse_status, 0 (COLLAPSE_OK) on success;
+ *  - on failure collapse_last_error() gives a message for the calling thread; it is cleared by
+ *    the next successful call on that thread;
+ *  - no exception and no abort() crosses this boundary;
+ *  - a call that fails changes nothing: the session stays usable.
+ * Metric definitions: docs/METRICS.md of the project.
+ */
+#ifndef COLLAPSE_COLLAPSE_H
+#define COLLAPSE_COLLAPSE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define COLLAPSE_VERSION_MAJOR 0
+#define COLLAPSE_VERSION_MINOR 1
+#define COLLAPSE_VERSION_PATCH 0
+
+typedef enum collapse_status {
+    COLLAPSE_OK = 0,
+    COLLAPSE_ERR_INVALID_ARGUMENT = 1, /* a NULL pointer, a bad enum, a bad option value */
+    COLLAPSE_ERR_CONFIG = 2,           /* YAML config: unknown key, wrong type, out of range */
+    COLLAPSE_ERR_IO = 3,               /* a file could not be read or written, or is corrupt */
+    COLLAPSE_ERR_BAD_INPUT = 4,        /* label out of range, non-finite feature */
+    COLLAPSE_ERR_SHAPE = 5,            /* feature width or classifier shape mismatch */
+    COLLAPSE_ERR_STATE = 6,            /* call out of order, e.g. compute called twice */
+    COLLAPSE_ERR_OUT_OF_MEMORY = 7,    /* a memory limit would be exceeded */
+    COLLAPSE_ERR_NO_CUDA = 8,          /* CUDA requested on a build or machine without it */
+    COLLAPSE_ERR_NOT_FOUND = 9,        /* unknown report key or token */
+    COLLAPSE_ERR_INTERNAL = 10
+} collapse_status;
+
+typedef enum collapse_dtype {
+    COLLAPSE_F32 = 0,
+    COLLAPSE_F16 = 1,
+    COLLAPSE_BF16 = 2,
+    COLLAPSE_F64 = 3,
+    COLLAPSE_I32 = 4,
+    COLLAPSE_I64 = 5,
+    COLLAPSE_U8 = 6, /* masks only */
+    COLLAPSE_BOOL = 7 /* masks only, one byte per element */
+} collapse_dtype;
+
+typedef enum collapse_memory {
+    COLLAPSE_MEMORY_HOST = 0,
+    COLLAPSE_MEMORY_DEVICE = 1 /* with the CUDA backend */
+} collapse_memory;
+
+/* A self-describing 1-D or 2-D buffer. For 1-D buffers cols = 1.
+ * row_stride is in ELEMENTS between the starts of consecutive rows; 0 means cols (packed). */
+typedef struct collapse_buffer {
+    const void* data;
+    collapse_dtype dtype;
+    collapse_memory memory;
+    int64_t rows;
+    int64_t cols;
+    int64_t row_stride;
+} collapse_buffer;
+
+typedef enum collapse_svd_mode { COLLAPSE_SVD_EXACT = 0, COLLAPSE_SVD_SAMPLED = 1, COLLAPSE_SVD_OFF = 2 } collapse_svd_mode;
+typedef enum collapse_global_mean { COLLAPSE_MEAN_CLASS_BALANCED = 0, COLLAPSE_MEAN_TOKEN_WEIGHTED = 1 } collapse_global_mean;
+typedef enum collapse_unc3_classifier { COLLAPSE_UNC3_WEIGHTS = 0, COLLAPSE_UNC3_CLASS_MEANS = 1 } collapse_unc3_classifier;
+typedef enum collapse_nonfinite_policy { COLLAPSE_NONFINITE_ERROR = 0, COLLAPSE_NONFINITE_SKIP_ROW = 1 } collapse_nonfinite_policy;
+typedef enum collapse_backend { COLLAPSE_BACKEND_CPU = 0, COLLAPSE_BACKEND_CUDA = 1 } collapse_backend;
+
+/* Options. Set struct_size = sizeof(collapse_options) (collapse_options_default does), so that a
+ * later library version can tell which fields an older caller knows. */
+typedef struct collapse_options {
+    uint32_t struct_size;
+    int64_t num_classes;             /* V: labels must lie in [0, V). Required (> 0). */
+    int64_t dim;                     /* d; 0 = taken from the first batch */
+    const int64_t* exclude_token_ids;/* copied at session creation; may be NULL */
+    int64_t num_exclude_token_ids;
+    int64_t min_samples_per_token;   /* default 2 */
+    int64_t max_tokens_to_analyze;   /* 0 = no limit */
+    int compute_token_metrics;       /* per-token SVD entropy (default 1) */
+    int compute_overall_metrics;     /* overall SVD entropy from the Gram (default 1) */
+    int compute_class_metrics;       /* GNC2, UNC3, CDNV, NC2, NC3 (default 1) */
+    int64_t min_classes_for_gnc2;    /* default 2 */
+    int64_t min_classes_for_unc3;    /* default 2 */
+    collapse_svd_mode svd_mode;      /* default exact */
+    int64_t svd_max_rows_per_token;  /* sampled mode reservoir size, default 1024 */
+    int svd_center;                  /* default 0 */
+    collapse_global_mean global_mean;
+    double cdnv_power;               /* default 1 */
+    collapse_unc3_classifier unc3_classifier;
+    int compute_nc4;                 /* default 0 */
+    uint64_t seed;                   /* reservoir sampling seed, default 0 */
+    int64_t host_memory_limit;       /* bytes, default 8 GiB */
+    int64_t device_memory_limit;     /* bytes, default 0 = 90% of the device */
+    collapse_backend backend;        /* default CPU */
+    int device;                      /* CUDA device ordinal */
+    collapse_nonfinite_policy nonfinite_policy; /* default error */
+    int allow_tf32;                  /* CUDA GEMMs only, default 0 */
+} collapse_options;
+
+typedef struct collapse_session collapse_session;
+typedef struct collapse_report collapse_report;
+
+/* Library information */
+const char* collapse_version_string(void);
+const char* collapse_status_string(collapse_status status);
+/* The last error message of the calling thread ("" when the last call succeeded). */
+const char* collapse_last_error(void);
+/* 1 when the named backend ("cpu", "cuda") is compiled in and usable on this machine. */
+int collapse_backend_available(const char* name);
+
+/* Options */
+collapse_status collapse_options_default(collapse_options* options);
+/* Reads a YAML config file (configs/default.yaml documents every key) into *options.
+ * Keys that are not options of a session (log_level, batch_rows, ...) are validated and ignored.
+ * exclude_token_ids then points into storage owned by the library that stays valid until the next
+ * call of this function on the same thread. */
+collapse_status collapse_options_from_yaml_file(const char* path, collapse_options* options);
+
+/* Sessions */
+collapse_status collapse_session_create(const collapse_options* options, collapse_session** out);
+void collapse_session_destroy(collapse_session* session);
+
+/* Rows: features [N, d], labels [N] (int32|int64), valid [N] (u8|bool|i32|i64, nonzero = keep) or NULL. */
+collapse_status collapse_session_ingest_rows(collapse_session* session, const collapse_buffer* features,
+                                             const collapse_buffer* labels, const collapse_buffer* valid,
+                                             void* stream);
+/* Sequences: hidden [B*T, d] (row b*T+t), input_ids [B, T], attention_mask [B, T] or NULL.
+ * Rows x = hidden[:, :-1], labels y = input_ids[:, 1:], kept where attention_mask[:, 1:] != 0. */
+collapse_status collapse_session_ingest_sequences(collapse_session* session, const collapse_buffer* hidden,
+                                                  const collapse_buffer* input_ids,
+                                                  const collapse_buffer* attention_mask, int64_t batch,
+                                                  int64_t seq_len, void* stream);
+/* Classifier W [V, d] and optional bias [V] (may be NULL). Copied; may be set at any time before compute. */
+collapse_status collapse_session_set_classifier(collapse_session* session, const collapse_buffer* weight,
+                                                const collapse_buffer* bias);
+/* Waits for outstanding device work and reports a deferred (device-side) error. A no-op on the CPU. */
+collapse_status collapse_session_sync(collapse_session* session);
+
+/* Two-pass offline analysis. After the first pass over the input, *needed is 1 when some requested
+ * metric needs the rows again (NC4 without a row store, or the Gram when max_tokens_to_analyze cuts
+ * the kept set and no row store is kept). Then call begin_second_pass and ingest the same rows again. */
+collapse_status collapse_session_needs_second_pass(collapse_session* session, int* needed);
+collapse_status collapse_session_begin_second_pass(collapse_session* session);
+
+/* Finalise and compute every metric. Allowed once per session. */
+collapse_status collapse_session_compute(collapse_session* session, collapse_report** out);
+
+/* Reports */
+void collapse_report_destroy(collapse_report* report);
+/* A scalar by key: a METRICS.md key of overall_analysis ("overall_gnc2"), of summary or of counts,
+ * or a section-qualified key ("counts.rows_kept"). A null metric gives *is_null = 1 and NaN. */
+collapse_status collapse_report_get_scalar(const collapse_report* report, const char* key, double* value,
+                                           int* is_null);
+/* Number of tokens (kept classes) in token_analysis. */
+collapse_status collapse_report_num_tokens(const collapse_report* report, int64_t* count);
+/* Token ids of token_analysis, ascending; capacity is the length of out. */
+collapse_status collapse_report_token_ids(const collapse_report* report, int64_t* out, int64_t capacity);
+/* A per-token array in the order of collapse_report_token_ids: "svd_entropy", "effective_rank",
+ * "normalized_entropy", "num_samples", "svd_rows". Null entries are NaN. */
+collapse_status collapse_report_token_array(const collapse_report* report, const char* key, double* out,
+                                            int64_t capacity);
+collapse_status collapse_report_write_json(const collapse_report* report, const char* path);
+/* The report as JSON text; the string is owned by the report. */
+collapse_status collapse_report_json(const collapse_report* report, const char** json);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* COLLAPSE_COLLAPSE_H */

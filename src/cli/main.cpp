@@ -1,0 +1,29 @@
+// The `collapse` command: analyze (dump -> report) and synth (synthetic dumps).
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "cli/analyze_cmd.hpp"
+#include "cli/synth_cmd.hpp"
+#include "collapse/collapse.h"
+#include "core/error.hpp"
+
+int main(int argc, char** argv) {
+    CLI::App app{"collapse: neural-collapse metrics of language-model hidden states"};
+    app.set_version_flag("--version", std::string("collapse ") + collapse_version_string());
+    app.require_subcommand(1);
+    collapse::add_analyze_command(app);
+    collapse::add_synth_command(app);
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    } catch (const collapse::Error& e) {
+        std::fprintf(stderr, "collapse: error: %s\n", e.what());
+        return 1;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "collapse: error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,61 @@
+// The one interface both backends implement. The CPU backend (src/cpu/) is the reference; the
+// CUDA backend (cuda/) must give the same numbers (docs/METRICS.md accuracy contract).
+//
+// Where each metric is computed:
+//   counts, kept-class selection, report assembly  -> src/core/session.cpp, src/report/report.cpp
+//   per-class sums, Gram, row store, reservoirs    -> <backend>::ingest
+//   pair metrics, UNC3, NC3, NC4, SVD entropies    -> <backend>::compute (CPU: src/cpu/cpu_metrics.cpp)
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/batch.hpp"
+#include "core/config.hpp"
+#include "core/metrics.hpp"
+
+namespace collapse {
+
+// Kept classes (METRICS.md): ids ascending, their counts, and a V-long lookup (slot or -1).
+struct KeptSet {
+    std::vector<int32_t> ids;
+    std::vector<int64_t> counts;
+    std::vector<int32_t> slot;  // [V]
+    int64_t rows = 0;
+};
+
+// Classifier W [V, d] and bias [V] (empty: none), in double on the host.
+struct Classifier {
+    std::vector<double> weight;
+    std::vector<double> bias;
+    bool present() const { return !weight.empty(); }
+};
+
+class Backend {
+public:
+    virtual ~Backend() = default;
+    virtual const char* name() const = 0;
+
+    // First pass. Validates the whole batch before changing anything; on error throws and leaves the
+    // state as it was. Fills the batch's row counts into `counts` only on success.
+    virtual void ingest(const BatchDesc& batch, Counts& counts) = 0;
+    // n_c for every class, on the host.
+    virtual std::vector<int64_t> class_counts() const = 0;
+
+    // What the backend can answer without seeing the rows again.
+    virtual bool has_row_store() const = 0;
+
+    // Second pass (NC4, or the Gram of a kept set only known at the end).
+    virtual void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) = 0;
+    virtual void ingest_second_pass(const BatchDesc& batch) = 0;
+
+    // Every metric of the kept set. May be called more than once (intermediate saves).
+    virtual MetricValues compute(const KeptSet& kept, const Classifier& clf) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim);
+// Defined in cuda/ when the CUDA backend is built; otherwise throws COLLAPSE_ERR_NO_CUDA.
+std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim);
+bool cuda_backend_available();
+
+}  // namespace collapse

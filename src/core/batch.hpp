@@ -1,0 +1,58 @@
+// A batch as the session sees it: non-owning views of the caller's buffers, and the host-side
+// validation that turns it into the list of rows to accumulate. Nothing here mutates state.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "collapse/collapse.h"
+#include "core/config.hpp"
+
+namespace collapse {
+
+// Rows of a 2-D buffer.
+struct MatrixView {
+    const void* data = nullptr;
+    collapse_dtype dtype = COLLAPSE_F32;
+    collapse_memory memory = COLLAPSE_MEMORY_HOST;
+    int64_t rows = 0, cols = 0, stride = 0;  // stride in elements
+    const void* row(int64_t r) const;
+};
+
+// One batch in either layout. Row r of the batch is feature row feature_row(r) with the label
+// and mask at element label_index(r) of the (flattened) label and mask buffers.
+struct BatchDesc {
+    MatrixView features;
+    MatrixView labels;  // cols = 1 for rows; [B, T] for sequences
+    MatrixView valid;   // data == nullptr: all rows valid
+    bool sequences = false;
+    int64_t batch = 0, seq_len = 0;  // sequence layout
+    int64_t num_rows() const { return sequences ? batch * (seq_len > 0 ? seq_len - 1 : 0) : features.rows; }
+    int64_t feature_row(int64_t r) const;
+    int64_t label_value(int64_t r) const;
+    bool is_valid(int64_t r) const;
+};
+
+// Builds a BatchDesc from C API buffers, checking every argument on its own (pointers, dtypes,
+// shapes, strides, memory kind). d is the session's width (0 = not known yet).
+BatchDesc describe_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid,
+                        int64_t d);
+BatchDesc describe_sequences(const collapse_buffer* hidden, const collapse_buffer* input_ids,
+                             const collapse_buffer* mask, int64_t batch, int64_t seq_len, int64_t d);
+
+// The rows of a batch that reach the accumulators.
+struct AcceptedRows {
+    std::vector<int64_t> feature_row;  // row index into BatchDesc::features
+    std::vector<int32_t> label;
+    int64_t rows_seen = 0, rows_masked = 0, rows_excluded = 0, rows_nonfinite = 0;
+};
+
+// Host validation: labels in [0, V) on unmasked rows (error names the batch row and the value),
+// excluded labels dropped, non-finite rows an error or skipped per policy. Throws before anything
+// is returned; the caller mutates nothing until this succeeds.
+AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vector<uint8_t>& excluded,
+                         collapse_nonfinite_policy policy, bool check_finite);
+
+// Index of the first non-finite element of a feature row, or -1.
+int64_t first_nonfinite(const void* row, collapse_dtype t, int64_t d);
+
+}  // namespace collapse

@@ -1,0 +1,260 @@
+// The C boundary: every entry point runs its body through translate(), which turns exceptions
+// into a status and the thread-local last-error text, and clears that text on success.
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <new>
+#include <string>
+
+#include "collapse/collapse.h"
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "core/session.hpp"
+#include "report/report.hpp"
+
+struct collapse_session {
+    collapse::Session impl;
+    explicit collapse_session(const collapse::Config& c) : impl(c) {}
+};
+
+struct collapse_report {
+    std::unique_ptr<collapse::ReportData> data;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+template <class F>
+collapse_status translate(F&& body) noexcept {
+    try {
+        body();
+        g_last_error.clear();
+        return COLLAPSE_OK;
+    } catch (const collapse::Error& e) {
+        g_last_error = e.what();
+        return e.status();
+    } catch (const std::bad_alloc&) {
+        g_last_error = "out of memory (allocation failed)";
+        return COLLAPSE_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception& e) {
+        g_last_error = std::string("internal error: ") + e.what();
+        return COLLAPSE_ERR_INTERNAL;
+    } catch (...) {
+        g_last_error = "internal error: unknown exception";
+        return COLLAPSE_ERR_INTERNAL;
+    }
+}
+
+void require(const void* p, const char* what) {
+    if (!p) collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, " is NULL");
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* collapse_version_string(void) { return COLLAPSE_VERSION_STRING; }
+
+const char* collapse_status_string(collapse_status s) {
+    switch (s) {
+        case COLLAPSE_OK: return "success";
+        case COLLAPSE_ERR_INVALID_ARGUMENT: return "invalid argument";
+        case COLLAPSE_ERR_CONFIG: return "invalid configuration";
+        case COLLAPSE_ERR_IO: return "input/output error";
+        case COLLAPSE_ERR_BAD_INPUT: return "bad input data";
+        case COLLAPSE_ERR_SHAPE: return "shape mismatch";
+        case COLLAPSE_ERR_STATE: return "call out of order";
+        case COLLAPSE_ERR_OUT_OF_MEMORY: return "memory limit exceeded";
+        case COLLAPSE_ERR_NO_CUDA: return "CUDA backend not available";
+        case COLLAPSE_ERR_NOT_FOUND: return "not found";
+        case COLLAPSE_ERR_INTERNAL: return "internal error";
+    }
+    return "unknown status";
+}
+
+const char* collapse_last_error(void) { return g_last_error.c_str(); }
+
+int collapse_backend_available(const char* name) {
+    if (!name) return 0;
+    if (std::strcmp(name, "cpu") == 0) return 1;
+    if (std::strcmp(name, "cuda") == 0) return collapse::cuda_backend_available() ? 1 : 0;
+    return 0;
+}
+
+collapse_status collapse_options_default(collapse_options* options) {
+    return translate([&] {
+        require(options, "options");
+        *options = collapse::to_options(collapse::Config{});
+    });
+}
+
+collapse_status collapse_options_from_yaml_file(const char* path, collapse_options* options) {
+    thread_local collapse::Config storage;  // owns exclude_token_ids for the caller
+    return translate([&] {
+        require(path, "path");
+        require(options, "options");
+        collapse::Config c = collapse::load_yaml_file(path);
+        storage = std::move(c);
+        *options = collapse::to_options(storage);
+    });
+}
+
+collapse_status collapse_session_create(const collapse_options* options, collapse_session** out) {
+    return translate([&] {
+        require(options, "options");
+        require(out, "out");
+        if (options->struct_size != sizeof(collapse_options))
+            collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "options.struct_size is ", options->struct_size, ", expected ",
+                           sizeof(collapse_options), " (initialise the struct with collapse_options_default)");
+        if (options->num_exclude_token_ids > 0) require(options->exclude_token_ids, "options.exclude_token_ids");
+        *out = new collapse_session(collapse::from_options(*options));
+    });
+}
+
+void collapse_session_destroy(collapse_session* session) { delete session; }
+
+collapse_status collapse_session_ingest_rows(collapse_session* s, const collapse_buffer* features,
+                                             const collapse_buffer* labels, const collapse_buffer* valid, void* stream) {
+    return translate([&] {
+        require(s, "session");
+        s->impl.ingest_rows(features, labels, valid, stream);
+    });
+}
+
+collapse_status collapse_session_ingest_sequences(collapse_session* s, const collapse_buffer* hidden,
+                                                  const collapse_buffer* input_ids, const collapse_buffer* mask,
+                                                  int64_t batch, int64_t seq_len, void* stream) {
+    return translate([&] {
+        require(s, "session");
+        s->impl.ingest_sequences(hidden, input_ids, mask, batch, seq_len, stream);
+    });
+}
+
+collapse_status collapse_session_set_classifier(collapse_session* s, const collapse_buffer* weight,
+                                                const collapse_buffer* bias) {
+    return translate([&] {
+        require(s, "session");
+        s->impl.set_classifier(weight, bias);
+    });
+}
+
+collapse_status collapse_session_sync(collapse_session* s) {
+    return translate([&] {
+        require(s, "session");
+        s->impl.sync();
+    });
+}
+
+collapse_status collapse_session_needs_second_pass(collapse_session* s, int* needed) {
+    return translate([&] {
+        require(s, "session");
+        require(needed, "needed");
+        *needed = s->impl.needs_second_pass() ? 1 : 0;
+    });
+}
+
+collapse_status collapse_session_begin_second_pass(collapse_session* s) {
+    return translate([&] {
+        require(s, "session");
+        s->impl.begin_second_pass();
+    });
+}
+
+collapse_status collapse_session_compute(collapse_session* s, collapse_report** out) {
+    return translate([&] {
+        require(s, "session");
+        require(out, "out");
+        auto r = std::make_unique<collapse_report>();
+        r->data = s->impl.compute(true);
+        *out = r.release();
+    });
+}
+
+void collapse_report_destroy(collapse_report* r) { delete r; }
+
+collapse_status collapse_report_get_scalar(const collapse_report* r, const char* key, double* value, int* is_null) {
+    return translate([&] {
+        require(r, "report");
+        require(key, "key");
+        require(value, "value");
+        bool null = false;
+        if (!collapse::report_scalar(r->data->doc, key, value, &null))
+            collapse::fail(COLLAPSE_ERR_NOT_FOUND, "report has no scalar '", key, "'");
+        if (is_null) *is_null = null ? 1 : 0;
+    });
+}
+
+collapse_status collapse_report_num_tokens(const collapse_report* r, int64_t* count) {
+    return translate([&] {
+        require(r, "report");
+        require(count, "count");
+        *count = (int64_t)r->data->token_ids.size();
+    });
+}
+
+collapse_status collapse_report_token_ids(const collapse_report* r, int64_t* out, int64_t capacity) {
+    return translate([&] {
+        require(r, "report");
+        const auto& ids = r->data->token_ids;
+        if (capacity < (int64_t)ids.size())
+            collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
+        if (!ids.empty()) require(out, "out");
+        std::copy(ids.begin(), ids.end(), out);
+    });
+}
+
+collapse_status collapse_report_token_array(const collapse_report* r, const char* key, double* out, int64_t capacity) {
+    return translate([&] {
+        require(r, "report");
+        require(key, "key");
+        const auto& ids = r->data->token_ids;
+        if (capacity < (int64_t)ids.size())
+            collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
+        static const char* const keys[] = {"svd_entropy", "effective_rank", "normalized_entropy", "num_samples", "svd_rows"};
+        bool known = false;
+        for (const char* k : keys) known = known || std::strcmp(k, key) == 0;
+        if (!known)
+            collapse::fail(COLLAPSE_ERR_NOT_FOUND, "unknown per-token key '", key,
+                           "' (svd_entropy, effective_rank, normalized_entropy, num_samples, svd_rows)");
+        if (!ids.empty()) require(out, "out");
+        const auto& ta = r->data->doc["token_analysis"];
+        for (size_t i = 0; i < ids.size(); ++i) {
+            const auto& v = ta[std::to_string(ids[i])][key];
+            out[i] = v.is_null() ? std::nan("") : v.get<double>();
+        }
+    });
+}
+
+collapse_status collapse_report_json(const collapse_report* r, const char** json) {
+    return translate([&] {
+        require(r, "report");
+        require(json, "json");
+        if (r->data->text.empty()) r->data->text = r->data->doc.dump(2);
+        *json = r->data->text.c_str();
+    });
+}
+
+collapse_status collapse_report_write_json(const collapse_report* r, const char* path) {
+    return translate([&] {
+        require(r, "report");
+        require(path, "path");
+        const std::string tmp = std::string(path) + ".tmp";
+        {
+            std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+            if (!f) collapse::fail(COLLAPSE_ERR_IO, "cannot write report to '", path, "': ", std::strerror(errno));
+            f << r->data->doc.dump(2) << '\n';
+            f.flush();
+            if (!f) {
+                std::remove(tmp.c_str());
+                collapse::fail(COLLAPSE_ERR_IO, "writing report '", path, "' failed: ", std::strerror(errno));
+            }
+        }
+        if (std::rename(tmp.c_str(), path) != 0) {
+            std::remove(tmp.c_str());
+            collapse::fail(COLLAPSE_ERR_IO, "cannot rename '", tmp, "' to '", path, "': ", std::strerror(errno));
+        }
+    });
+}
+
+}  // extern "C"

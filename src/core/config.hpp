@@ -1,0 +1,73 @@
+// The engine's configuration: the seed design's CollapseConfig keys, the METRICS.md options,
+// memory limits and backend. configs/default.yaml documents every key; parse_yaml validates it.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "collapse/collapse.h"
+
+namespace collapse {
+
+struct Config {
+    // --- seed CollapseConfig keys ---
+    int64_t save_every = 1024;        // batches between intermediate saves
+    int64_t max_buffer_size = 10000;  // rows held in memory before a flush of the row store
+    std::string device = "cpu";       // seed key: "cpu", "cuda" or "cuda:N"; sets backend + device_ordinal
+    int64_t min_samples_per_token = 2;
+    int64_t max_tokens_to_analyze = 0;  // 0 = all (YAML null)
+    bool compute_token_metrics = true;
+    bool compute_overall_metrics = true;
+    bool compute_class_metrics = true;
+    int64_t min_classes_for_gnc2 = 2;
+    int64_t min_classes_for_unc3 = 2;
+    bool continue_on_error = false;
+    std::string log_level = "info";  // debug | info | warning | error
+    bool save_intermediate_results = false;
+    std::string intermediate_save_dir = "collapse_intermediate";
+
+    // --- METRICS.md options ---
+    std::vector<int64_t> exclude_token_ids;
+    collapse_svd_mode svd_mode = COLLAPSE_SVD_EXACT;
+    int64_t svd_max_rows_per_token = 1024;
+    bool svd_center = false;
+    collapse_global_mean global_mean = COLLAPSE_MEAN_CLASS_BALANCED;
+    double cdnv_power = 1.0;
+    collapse_unc3_classifier unc3_classifier = COLLAPSE_UNC3_WEIGHTS;
+    bool compute_nc4 = false;
+    uint64_t seed = 0;
+
+    // --- engine ---
+    int64_t num_classes = 0;  // V; 0 = from the classifier or the labels (CLI)
+    int64_t dim = 0;          // d; 0 = from the first batch
+    int64_t host_memory_limit = int64_t(8) << 30;
+    int64_t device_memory_limit = 0;  // 0 = 90% of the device's memory
+    collapse_backend backend = COLLAPSE_BACKEND_CPU;
+    int device_ordinal = 0;
+    collapse_nonfinite_policy nonfinite_policy = COLLAPSE_NONFINITE_ERROR;
+    bool allow_tf32 = false;
+    int64_t batch_rows = 65536;  // rows per batch fed by the readers (CLI --batch-rows overrides)
+};
+
+// Parse YAML text. `source` names the file in messages. Errors are collapse::Error with
+// COLLAPSE_ERR_CONFIG and a message naming the key, the line and the closest valid key.
+Config parse_yaml(const std::string& text, const std::string& source);
+Config load_yaml_file(const std::string& path);
+
+// Checks ranges and cross-key consistency; throws COLLAPSE_ERR_CONFIG / INVALID_ARGUMENT.
+void validate(const Config& c);
+
+// Conversions with the C options struct (exclude ids point into cfg's vector for to_options).
+Config from_options(const collapse_options& o);
+collapse_options to_options(const Config& c);
+
+// The effective config as it appears in the report's "config" section.
+nlohmann::json to_json(const Config& c);
+
+// "8GiB", "512MiB", "1e9", 123 -> bytes (used for the memory limit keys and CLI flags).
+int64_t parse_bytes(const std::string& text);
+std::string format_bytes(int64_t bytes);
+
+}  // namespace collapse

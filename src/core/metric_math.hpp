@@ -1,0 +1,92 @@
+// Per-element math shared by every backend (host and device), so the CPU tests cover what the
+// kernels run. Each function is one formula of docs/METRICS.md.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "core/dtype.hpp"  // COLLAPSE_HD
+
+namespace collapse {
+
+constexpr double kNormEps = 1e-8;          // u_c = m_c / (||m_c|| + 1e-8), UNC3 denominators
+constexpr double kEntropyEps = 1e-10;      // -sum p ln(p + 1e-10)
+constexpr double kGnc2MinDistance = 1e-6;  // GNC2 pairs closer than this are skipped
+
+// Contribution of one singular value: -p ln(p + 1e-10) with p = s / sum.
+COLLAPSE_HD double entropy_term(double s, double sum) {
+    const double p = s / sum;
+    return -p * log(p + kEntropyEps);
+}
+
+// Singular value from a Gram eigenvalue.
+COLLAPSE_HD double singular_from_eigen(double lambda) { return sqrt(lambda > 0.0 ? lambda : 0.0); }
+
+// One pair (i, j) of kept classes, from the dot product of their centred means g = m_i . m_j,
+// the squared norms q = ||m||^2, the direction scales a = ||m|| + 1e-8 and the variances v.
+struct PairTerms {
+    double cos;       // u_i . u_j
+    double log_kernel;// L_ij = -ln ||u_i - u_j||
+    bool gnc2_skip;   // ||u_i - u_j|| < 1e-6
+    double cdnv;      // (v_i + v_j) / (2 ||mu_i - mu_j||^(2p))
+    bool cdnv_skip;   // equal means
+};
+
+COLLAPSE_HD PairTerms pair_terms(double g, double qi, double qj, double ai, double aj, double vi, double vj,
+                                 double cdnv_power) {
+    PairTerms t;
+    t.cos = g / (ai * aj);
+    // ||u_i - u_j||^2 = ||u_i||^2 + ||u_j||^2 - 2 u_i.u_j, with ||u||^2 = q / a^2 (not exactly 1).
+    const double du2 = qi / (ai * ai) + qj / (aj * aj) - 2.0 * t.cos;
+    t.gnc2_skip = !(du2 >= kGnc2MinDistance * kGnc2MinDistance);
+    t.log_kernel = t.gnc2_skip ? 0.0 : -0.5 * log(du2);
+    // ||mu_i - mu_j|| = ||m_i - m_j||: the global mean cancels. Equal means give 0 up to the
+    // rounding of the expanded form, hence the relative threshold.
+    const double dm2 = qi + qj - 2.0 * g;
+    t.cdnv_skip = !(dm2 > 1e-13 * (qi + qj));
+    t.cdnv = t.cdnv_skip ? 0.0 : (vi + vj) / (2.0 * (cdnv_power == 1.0 ? dm2 : pow(dm2, cdnv_power)));
+    return t;
+}
+
+// UNC3's per-class cosine between classifier row w_c and centred mean m_c.
+COLLAPSE_HD double duality_cos(double w_dot_m, double w_norm, double m_norm) {
+    return w_dot_m / ((w_norm + kNormEps) * (m_norm + kNormEps));
+}
+
+// Count, mean and sum of squared deviations; merged in a fixed order (Chan et al.) so that the
+// result does not depend on how values were grouped beyond rounding.
+struct Moments {
+    double n = 0, mean = 0, m2 = 0;
+    COLLAPSE_HD void add(double x) {
+        n += 1;
+        const double delta = x - mean;
+        mean += delta / n;
+        m2 += delta * (x - mean);
+    }
+    COLLAPSE_HD void merge(const Moments& o) {
+        if (o.n == 0) return;
+        if (n == 0) {
+            *this = o;
+            return;
+        }
+        const double total = n + o.n;
+        const double delta = o.mean - mean;
+        mean += delta * (o.n / total);
+        m2 += o.m2 + delta * delta * (n * o.n / total);
+        n = total;
+    }
+    // From a count, a sum and a sum of squares of deviations from a shift s close to the mean.
+    COLLAPSE_HD static Moments from_shifted(double n, double sum_dev, double sum_dev2, double shift) {
+        Moments m;
+        if (n == 0) return m;
+        m.n = n;
+        const double md = sum_dev / n;
+        m.mean = shift + md;
+        m.m2 = sum_dev2 - n * md * md;
+        if (m.m2 < 0) m.m2 = 0;
+        return m;
+    }
+    COLLAPSE_HD double var_pop() const { return n > 0 ? m2 / n : 0.0; }
+    COLLAPSE_HD double var_unbiased() const { return n > 1 ? m2 / (n - 1) : 0.0; }
+};
+
+}  // namespace collapse

@@ -1,0 +1,44 @@
+// What a backend computes at finalisation: every METRICS.md value, before it becomes JSON.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace collapse {
+
+struct TokenMetrics {
+    int64_t id = 0;
+    int64_t num_samples = 0;  // n_c, all rows of the class
+    int64_t svd_rows = 0;     // rows the entropy was computed from (< n_c when sampled)
+    bool sampled = false;
+    bool zero_matrix = false;
+    std::optional<double> svd_entropy, effective_rank, normalized_entropy;
+};
+
+struct MetricValues {
+    std::optional<double> overall_svd_entropy, overall_effective_rank;
+    std::optional<double> overall_gnc2, gnc2_var, gnc2_cov;
+    int64_t gnc2_pairs = 0, gnc2_skipped_pairs = 0;
+    std::optional<double> overall_unc3, unc3_mean_cos, unc3_std_cos;
+    std::optional<double> nc1_cdnv;
+    int64_t cdnv_skipped_pairs = 0;
+    std::optional<double> nc2_equinorm_cov, nc2_log_norm_std;
+    std::optional<double> nc2_equiangular_mean, nc2_equiangular_std, nc2_equiangular_ideal;
+    std::optional<double> nc3_self_duality;
+    std::optional<double> nc4_agreement;
+    int64_t nc4_rows = 0;
+    int64_t svd_zero_matrices = 0;
+    std::vector<TokenMetrics> tokens;          // kept classes, ascending id
+    std::map<std::string, std::string> notes;  // metric key -> why it is null (or how it was computed)
+    std::map<std::string, double> timings;     // phase -> seconds
+};
+
+// Row and class counts (METRICS.md "counts").
+struct Counts {
+    int64_t rows_seen = 0, rows_masked = 0, rows_excluded = 0, rows_nonfinite = 0, rows_kept = 0;
+    int64_t classes_seen = 0, classes_kept = 0, classes_below_min = 0, classes_cut = 0;
+};
+
+}  // namespace collapse

@@ -1,0 +1,209 @@
+#include "core/session.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "report/report.hpp"
+
+namespace collapse {
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+}  // namespace
+
+KeptSet select_kept(const std::vector<int64_t>& counts, const Config& cfg, Counts* cc) {
+    const int64_t V = (int64_t)counts.size();
+    std::vector<uint8_t> excluded((size_t)V, 0);
+    for (int64_t e : cfg.exclude_token_ids)
+        if (e >= 0 && e < V) excluded[(size_t)e] = 1;
+    std::vector<int32_t> ids;
+    Counts local;
+    for (int64_t c = 0; c < V; ++c) {
+        if (excluded[(size_t)c] || counts[(size_t)c] == 0) continue;
+        ++local.classes_seen;
+        if (counts[(size_t)c] >= cfg.min_samples_per_token) ids.push_back((int32_t)c);
+        else ++local.classes_below_min;
+    }
+    if (cfg.max_tokens_to_analyze > 0 && (int64_t)ids.size() > cfg.max_tokens_to_analyze) {
+        std::stable_sort(ids.begin(), ids.end(),
+                         [&](int32_t a, int32_t b) { return counts[(size_t)a] > counts[(size_t)b]; });
+        local.classes_cut = (int64_t)ids.size() - cfg.max_tokens_to_analyze;
+        ids.resize((size_t)cfg.max_tokens_to_analyze);
+        std::sort(ids.begin(), ids.end());
+    }
+    KeptSet k;
+    k.ids = ids;
+    k.slot.assign((size_t)V, -1);
+    for (size_t s = 0; s < ids.size(); ++s) {
+        k.slot[(size_t)ids[s]] = (int32_t)s;
+        k.counts.push_back(counts[(size_t)ids[s]]);
+        k.rows += counts[(size_t)ids[s]];
+    }
+    local.classes_kept = (int64_t)ids.size();
+    local.rows_kept = k.rows;
+    if (cc) {
+        cc->classes_seen = local.classes_seen;
+        cc->classes_below_min = local.classes_below_min;
+        cc->classes_cut = local.classes_cut;
+        cc->classes_kept = local.classes_kept;
+        cc->rows_kept = local.rows_kept;
+    }
+    return k;
+}
+
+Session::Session(const Config& cfg) : cfg_(cfg), V_(cfg.num_classes), d_(cfg.dim) {
+    validate(cfg_);
+    if (V_ <= 0) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "num_classes (V) must be given and > 0, got ", V_);
+    if (V_ > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "num_classes ", V_, " exceeds 2^31 - 1");
+    for (int64_t e : cfg_.exclude_token_ids)
+        if (e >= V_) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "exclude_token_ids: ", e, " is not a class id in [0, ", V_, ")");
+    if (cfg_.backend == COLLAPSE_BACKEND_CUDA && !cuda_backend_available())
+        fail(COLLAPSE_ERR_NO_CUDA, "backend cuda requested, but this build or machine has no usable CUDA device");
+    if (d_ > 0) ensure_backend(d_);
+}
+
+Session::~Session() = default;
+
+void Session::ensure_backend(int64_t d) {
+    if (backend_) return;
+    backend_ = cfg_.backend == COLLAPSE_BACKEND_CUDA ? make_cuda_backend(cfg_, V_, d) : make_cpu_backend(cfg_, V_, d);
+    d_ = d;
+}
+
+void Session::check_state(const char* call) const {
+    if (state_ == State::Done) fail(COLLAPSE_ERR_STATE, call, ": the session has already been computed; create a new session");
+}
+
+void Session::ingest(const BatchDesc& b) {
+    const auto t0 = Clock::now();
+    if (b.features.rows > 0) ensure_backend(b.features.cols);
+    if (!backend_) {  // an empty first batch of unknown width: nothing to do but count
+        counts_.rows_seen += b.num_rows();
+        return;
+    }
+    if (state_ == State::SecondPass) {
+        backend_->ingest_second_pass(b);
+        second_pass_seconds_ += seconds_since(t0);
+        return;
+    }
+    backend_->ingest(b, counts_);
+    ++batches_;
+    ingest_seconds_ += seconds_since(t0);
+}
+
+void Session::ingest_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid,
+                          void* stream) {
+    check_state("ingest_rows");
+    ingest(describe_rows(features, labels, valid, d_));
+}
+
+void Session::ingest_sequences(const collapse_buffer* hidden, const collapse_buffer* ids, const collapse_buffer* mask,
+                               int64_t batch, int64_t seq_len, void* stream) {
+    check_state("ingest_sequences");
+    ingest(describe_sequences(hidden, ids, mask, batch, seq_len, d_));
+}
+
+void Session::set_classifier(const collapse_buffer* weight, const collapse_buffer* bias) {
+    check_state("set_classifier");
+    if (state_ == State::SecondPass) fail(COLLAPSE_ERR_STATE, "set_classifier: not allowed during the second pass");
+    if (!weight) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight buffer is NULL");
+    if (!dtype_is_valid(weight->dtype) || !dtype_is_float(weight->dtype))
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight dtype must be float32, float16, bfloat16 or float64");
+    if (weight->memory != COLLAPSE_MEMORY_HOST)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight must be in host memory");
+    if (weight->rows != V_ || (d_ > 0 && weight->cols != d_) || weight->cols < 1)
+        fail(COLLAPSE_ERR_SHAPE, "classifier: weight shape [", weight->rows, ", ", weight->cols, "] does not match [V, d] = [",
+             V_, ", ", d_ > 0 ? std::to_string(d_) : std::string("d"), "]");
+    const int64_t stride = weight->row_stride ? weight->row_stride : weight->cols;
+    if (stride < weight->cols) fail(COLLAPSE_ERR_SHAPE, "classifier: row_stride ", stride, " < cols ", weight->cols);
+    if (!weight->data) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight data is NULL");
+    if (bias) {
+        if (!dtype_is_valid(bias->dtype) || !dtype_is_float(bias->dtype) || bias->memory != COLLAPSE_MEMORY_HOST || !bias->data)
+            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: bias must be a host float buffer");
+        if (bias->rows * bias->cols != V_)
+            fail(COLLAPSE_ERR_SHAPE, "classifier: bias has ", bias->rows * bias->cols, " elements, expected V = ", V_);
+    }
+    Classifier c;
+    const int64_t d = weight->cols;
+    c.weight.resize((size_t)(V_ * d));
+    for (int64_t r = 0; r < V_; ++r) {
+        const void* row = static_cast<const uint8_t*>(weight->data) + (size_t)(r * stride) * dtype_size(weight->dtype);
+        for (int64_t k = 0; k < d; ++k) {
+            const double v = load_as_double(row, weight->dtype, k);
+            if (!std::isfinite(v)) fail(COLLAPSE_ERR_BAD_INPUT, "classifier: non-finite weight ", v, " at row ", r, ", column ", k);
+            c.weight[(size_t)(r * d + k)] = v;
+        }
+    }
+    if (bias) {
+        c.bias.resize((size_t)V_);
+        for (int64_t r = 0; r < V_; ++r) {
+            c.bias[(size_t)r] = load_as_double(bias->data, bias->dtype, r);
+            if (!std::isfinite(c.bias[(size_t)r])) fail(COLLAPSE_ERR_BAD_INPUT, "classifier: non-finite bias at ", r);
+        }
+    }
+    ensure_backend(d);
+    clf_ = std::move(c);
+}
+
+void Session::sync() {}
+
+bool Session::needs_second_pass() const {
+    if (!backend_ || state_ != State::Ingest) return false;
+    const bool nc4 = cfg_.compute_nc4 && clf_.present() && !backend_->has_row_store();
+    const bool gram = cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();
+    return nc4 || gram;
+}
+
+void Session::begin_second_pass() {
+    check_state("begin_second_pass");
+    if (state_ == State::SecondPass) fail(COLLAPSE_ERR_STATE, "begin_second_pass: the second pass has already begun");
+    if (!needs_second_pass()) fail(COLLAPSE_ERR_STATE, "begin_second_pass: no requested metric needs a second pass");
+    kept_ = select_kept(backend_->class_counts(), cfg_, &counts_);
+    const bool nc4 = cfg_.compute_nc4 && clf_.present() && !backend_->has_row_store();
+    const bool gram = cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();
+    backend_->begin_second_pass(kept_, clf_, nc4, gram);
+    state_ = State::SecondPass;
+}
+
+std::unique_ptr<ReportData> Session::compute(bool final) {
+    check_state("compute");
+    const auto t0 = Clock::now();
+    MetricValues mv;
+    Counts counts = counts_;
+    if (backend_) {
+        const KeptSet kept = state_ == State::SecondPass ? kept_ : select_kept(backend_->class_counts(), cfg_, &counts);
+        if (state_ == State::SecondPass) select_kept(backend_->class_counts(), cfg_, &counts);
+        mv = backend_->compute(kept, clf_);
+    } else {
+        mv.notes["overall"] = "no rows were ingested: every metric is null";
+    }
+    EngineInfo info;
+    info.backend = backend_ ? backend_->name() : (cfg_.backend == COLLAPSE_BACKEND_CUDA ? "cuda" : "cpu");
+    info.dim = d_;
+    info.num_classes = V_;
+    info.batches = batches_;
+    info.classifier = clf_.present();
+    info.timings = mv.timings;
+    info.timings["ingest"] = ingest_seconds_;
+    if (second_pass_seconds_ > 0) info.timings["second_pass"] = second_pass_seconds_;
+    info.timings["finalize"] = seconds_since(t0);
+    auto report = std::make_unique<ReportData>();
+    report->doc = build_report(cfg_, counts, mv, info);
+    for (const auto& t : mv.tokens) report->token_ids.push_back(t.id);
+    if (final) state_ = State::Done;
+    return report;
+}
+
+// Built without the CUDA backend: say so clearly.
+#ifndef COLLAPSE_WITH_CUDA
+std::unique_ptr<Backend> make_cuda_backend(const Config&, int64_t, int64_t) {
+    fail(COLLAPSE_ERR_NO_CUDA, "this build of collapse has no CUDA backend (configure with -DCOLLAPSE_CUDA=ON on a machine with nvcc)");
+}
+bool cuda_backend_available() { return false; }
+#endif
+
+}  // namespace collapse

@@ -1,0 +1,66 @@
+// A session: one analysis. Validates arguments, owns the backend, the classifier and the counts,
+// selects the kept classes and assembles the report.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/backend.hpp"
+#include "core/config.hpp"
+#include "core/metrics.hpp"
+
+namespace collapse {
+
+// METRICS.md "kept classes": not excluded, n_c >= min_samples_per_token, then the
+// max_tokens_to_analyze most frequent (ties: smaller id).
+KeptSet select_kept(const std::vector<int64_t>& counts, const Config& cfg, Counts* class_counts);
+
+struct ReportData {
+    nlohmann::json doc;
+    std::string text;  // doc serialised, filled on demand
+    std::vector<int64_t> token_ids;
+};
+
+class Session {
+public:
+    explicit Session(const Config& cfg);
+    ~Session();
+
+    void ingest_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid, void* stream);
+    void ingest_sequences(const collapse_buffer* hidden, const collapse_buffer* ids, const collapse_buffer* mask,
+                          int64_t batch, int64_t seq_len, void* stream);
+    void set_classifier(const collapse_buffer* weight, const collapse_buffer* bias);
+    void sync();
+    bool needs_second_pass() const;
+    void begin_second_pass();
+    // The report of everything seen so far. final = true ends the session (compute is allowed once).
+    std::unique_ptr<ReportData> compute(bool final = true);
+
+    const Config& config() const { return cfg_; }
+    const Counts& counts() const { return counts_; }
+    int64_t dim() const { return d_; }
+    bool in_second_pass() const { return state_ == State::SecondPass; }
+
+private:
+    enum class State { Ingest, SecondPass, Done };
+    void check_state(const char* call) const;
+    void ensure_backend(int64_t d);
+    void ingest(const BatchDesc& b);
+
+    Config cfg_;
+    int64_t V_;
+    int64_t d_;
+    std::unique_ptr<Backend> backend_;
+    Classifier clf_;
+    Counts counts_;
+    Counts pass2_counts_;
+    KeptSet kept_;  // fixed at begin_second_pass
+    State state_ = State::Ingest;
+    double ingest_seconds_ = 0, second_pass_seconds_ = 0;
+    int64_t batches_ = 0;
+};
+
+}  // namespace collapse

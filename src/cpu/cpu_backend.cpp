@@ -1,0 +1,293 @@
+// CPU ingest: validate, group the batch's rows by class, sum each class's rows once, then commit.
+#include "cpu/cpu_backend.hpp"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+
+namespace collapse {
+
+namespace {
+
+constexpr int64_t kGramBlockRows = 256;
+
+// Adds row x (dtype t) into acc (double) and returns its squared norm.
+template <class T, class Load>
+double add_row_impl(const T* x, int64_t d, double* acc, Load load) {
+    double sq = 0;
+    for (int64_t k = 0; k < d; ++k) {
+        const double v = load(x[k]);
+        acc[k] += v;
+        sq += v * v;
+    }
+    return sq;
+}
+
+double add_row(const void* x, collapse_dtype t, int64_t d, double* acc) {
+    switch (t) {
+        case COLLAPSE_F32: return add_row_impl(static_cast<const float*>(x), d, acc, [](float v) { return (double)v; });
+        case COLLAPSE_F64: return add_row_impl(static_cast<const double*>(x), d, acc, [](double v) { return v; });
+        case COLLAPSE_F16:
+            return add_row_impl(static_cast<const uint16_t*>(x), d, acc, [](uint16_t v) { return (double)half_to_float(v); });
+        case COLLAPSE_BF16:
+            return add_row_impl(static_cast<const uint16_t*>(x), d, acc, [](uint16_t v) { return (double)bf16_to_float(v); });
+        default: return 0;
+    }
+}
+
+void load_row_double(const void* x, collapse_dtype t, int64_t d, double* out) {
+    for (int64_t k = 0; k < d; ++k) out[k] = load_as_double(x, t, k);
+}
+
+void load_row_float(const void* x, collapse_dtype t, int64_t d, float* out) {
+    if (t == COLLAPSE_F32) {
+        std::memcpy(out, x, (size_t)d * sizeof(float));
+        return;
+    }
+    for (int64_t k = 0; k < d; ++k) out[k] = (float)load_as_double(x, t, k);
+}
+
+// Reservoir decision for the i-th row (0-based) of class c: a hash of (seed, c, i), so the sample
+// depends only on the order of the class's rows, not on how they were batched.
+uint64_t mix(uint64_t x) {
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim) {
+    return std::make_unique<CpuBackend>(cfg, num_classes, dim);
+}
+
+CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim)
+    : cfg_(cfg), V_(num_classes), d_(dim), excluded_((size_t)num_classes, 0) {
+    for (int64_t e : cfg.exclude_token_ids)
+        if (e >= 0 && e < V_) excluded_[(size_t)e] = 1;
+    // Without max_tokens_to_analyze the kept set's rows are known as they stream; with it, the
+    // Gram comes from the row store or a second pass (METRICS.md).
+    gram_streaming_ = cfg.compute_overall_metrics && cfg.max_tokens_to_analyze == 0;
+    const int64_t base = V_ * d_ * 8 + V_ * 16 + (gram_streaming_ ? d_ * d_ * 8 : 0);
+    if (base > cfg.host_memory_limit)
+        fail(COLLAPSE_ERR_OUT_OF_MEMORY, "the accumulators for V = ", V_, " classes of width d = ", d_, " need ",
+             format_bytes(base), ", more than host_memory_limit = ", format_bytes(cfg.host_memory_limit),
+             "; raise host_memory_limit");
+    count_.assign((size_t)V_, 0);
+    sum_.assign((size_t)(V_ * d_), 0.0);
+    sqnorm_.assign((size_t)V_, 0.0);
+    if (gram_streaming_) gram_.assign((size_t)(d_ * d_), 0.0);
+    if (cfg.svd_mode != COLLAPSE_SVD_OFF && cfg.compute_token_metrics) store_.resize((size_t)V_);
+}
+
+int64_t CpuBackend::resident_bytes() const {
+    int64_t held = 0;
+    for (const auto& h : holdback_) held += (int64_t)h.second.size() * 8;
+    return V_ * d_ * 8 + V_ * 16 + (int64_t)gram_.size() * 8 + store_bytes_ + held;
+}
+
+void CpuBackend::check_memory(int64_t extra_bytes, const char* what) const {
+    const int64_t need = resident_bytes() + extra_bytes;
+    if (need <= cfg_.host_memory_limit) return;
+    fail(COLLAPSE_ERR_OUT_OF_MEMORY, what, " would need ", format_bytes(need), " of host memory, more than host_memory_limit = ",
+         format_bytes(cfg_.host_memory_limit), " (the exact per-token SVD keeps every row); use svd_mode: sampled with svd_max_rows_per_token, "
+         "or raise host_memory_limit");
+}
+
+// Groups the accepted rows by class (counting sort, stable) and sums each class's rows into the
+// staging area: one pass over the features, no state touched.
+void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
+    const int64_t n = (int64_t)rows.label.size();
+    order_.resize((size_t)n);
+    run_label_.clear();
+    run_begin_.clear();
+    // Sort by label: buckets over the labels present (V may be large, the batch small).
+    std::vector<int32_t> labels(rows.label);
+    std::sort(labels.begin(), labels.end());
+    labels.erase(std::unique(labels.begin(), labels.end()), labels.end());
+    bucket_.assign(labels.size() + 1, 0);
+    for (int64_t i = 0; i < n; ++i) {
+        const size_t k = (size_t)(std::lower_bound(labels.begin(), labels.end(), rows.label[(size_t)i]) - labels.begin());
+        ++bucket_[k + 1];
+    }
+    for (size_t k = 0; k < labels.size(); ++k) bucket_[k + 1] += bucket_[k];
+    for (size_t k = 0; k < labels.size(); ++k) {
+        run_label_.push_back(labels[k]);
+        run_begin_.push_back(bucket_[k]);
+    }
+    run_begin_.push_back(n);
+    std::vector<int64_t> fill(bucket_.begin(), bucket_.end() - 1);
+    for (int64_t i = 0; i < n; ++i) {
+        const size_t k = (size_t)(std::lower_bound(labels.begin(), labels.end(), rows.label[(size_t)i]) - labels.begin());
+        order_[(size_t)fill[k]++] = i;
+    }
+
+    const size_t runs = run_label_.size();
+    stage_sum_.assign(runs * (size_t)d_, 0.0);
+    stage_sq_.assign(runs, 0.0);
+    for (size_t k = 0; k < runs; ++k) {
+        double* acc = stage_sum_.data() + k * (size_t)d_;
+        double sq = 0;
+        for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
+            const int64_t i = order_[(size_t)p];
+            sq += add_row(b.features.row(rows.feature_row[(size_t)i]), b.features.dtype, d_, acc);
+        }
+        stage_sq_[k] = sq;
+    }
+}
+
+void CpuBackend::ingest(const BatchDesc& b, Counts& counts) {
+    if (b.features.memory != COLLAPSE_MEMORY_HOST)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory (use backend: cuda)");
+    AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/false);
+    stage(b, rows);
+    // A non-finite value makes its class's sum of squares non-finite (double cannot overflow on
+    // sums of float squares), so one check per class finds every bad row without a second read.
+    bool finite = true;
+    for (double s : stage_sq_) finite = finite && std::isfinite(s);
+    if (!finite) {
+        rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/true);  // throws under "error"
+        stage(b, rows);
+    }
+    check_memory(growth(), cfg_.svd_mode == COLLAPSE_SVD_EXACT
+                               ? "keeping this batch's rows for the exact per-token SVD"
+                               : "this batch's rows (reservoirs and rows waiting for min_samples_per_token)");
+    commit(b, rows);
+    counts.rows_seen += rows.rows_seen;
+    counts.rows_masked += rows.rows_masked;
+    counts.rows_excluded += rows.rows_excluded;
+    counts.rows_nonfinite += rows.rows_nonfinite;
+}
+
+// Bytes the staged batch adds when committed: stored rows and held-back Gram rows.
+int64_t CpuBackend::growth() const {
+    int64_t rows_stored = 0, rows_held = 0;
+    for (size_t k = 0; k < run_label_.size(); ++k) {
+        const int64_t n0 = count_[(size_t)run_label_[k]], len = run_begin_[k + 1] - run_begin_[k];
+        if (!store_.empty())
+            rows_stored += cfg_.svd_mode == COLLAPSE_SVD_EXACT ? len : std::max<int64_t>(0, std::min(len, cfg_.svd_max_rows_per_token - n0));
+        if (gram_streaming_) rows_held += std::max<int64_t>(0, std::min(len, cfg_.min_samples_per_token - 1 - n0));
+    }
+    return rows_stored * d_ * 4 + rows_held * d_ * 8;
+}
+
+void CpuBackend::gram_add_row(const double* x) {
+    if (gram_block_.empty()) gram_block_.resize((size_t)(kGramBlockRows * d_));
+    std::memcpy(gram_block_.data() + gram_block_rows_ * d_, x, (size_t)d_ * sizeof(double));
+    if (++gram_block_rows_ == kGramBlockRows) gram_flush();
+}
+
+void CpuBackend::gram_flush() {
+    if (gram_block_rows_ == 0) return;
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)gram_block_rows_, 1.0, gram_block_.data(),
+                (int)d_, 1.0, gram_.data(), (int)d_);
+    gram_block_rows_ = 0;
+}
+
+// Everything below runs only after the batch is known to be good: from here on nothing throws
+// except std::bad_alloc.
+void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
+    const size_t runs = run_label_.size();
+    const int64_t min_n = cfg_.min_samples_per_token;
+    const bool keep_rows = !store_.empty();
+    const bool exact = cfg_.svd_mode == COLLAPSE_SVD_EXACT;
+    const int64_t cap = cfg_.svd_max_rows_per_token;
+    std::vector<double> xd((size_t)d_);
+    for (size_t k = 0; k < runs; ++k) {
+        const int32_t c = run_label_[k];
+        double* s = sum_.data() + (size_t)c * (size_t)d_;
+        const double* t = stage_sum_.data() + k * (size_t)d_;
+        for (int64_t j = 0; j < d_; ++j) s[j] += t[j];
+        sqnorm_[(size_t)c] += stage_sq_[k];
+
+        for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
+            const void* x = b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]);
+            const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)
+            if (gram_streaming_) {
+                load_row_double(x, b.features.dtype, d_, xd.data());
+                if (i + 1 < min_n) {
+                    auto& h = holdback_[c];
+                    h.insert(h.end(), xd.begin(), xd.end());
+                } else {
+                    if (i + 1 == min_n) {
+                        auto it = holdback_.find(c);
+                        if (it != holdback_.end()) {
+                            for (size_t r = 0; r < it->second.size(); r += (size_t)d_) gram_add_row(it->second.data() + r);
+                            holdback_.erase(it);
+                        }
+                    }
+                    gram_add_row(xd.data());
+                }
+            }
+            if (!keep_rows) continue;
+            auto& st = store_[(size_t)c];
+            if (exact || i < cap) {
+                st.resize(st.size() + (size_t)d_);
+                load_row_float(x, b.features.dtype, d_, st.data() + st.size() - (size_t)d_);
+                store_bytes_ += d_ * 4;
+            } else {
+                const uint64_t j = mix(cfg_.seed ^ mix((uint64_t)c * 0x100000001b3ull + (uint64_t)i)) % (uint64_t)(i + 1);
+                if ((int64_t)j < cap) load_row_float(x, b.features.dtype, d_, st.data() + j * (uint64_t)d_);
+            }
+        }
+    }
+    if (gram_streaming_) gram_flush();
+}
+
+void CpuBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) {
+    pass2_ = true;
+    pass2_nc4_ = nc4 && clf.present();
+    pass2_gram_ = gram;
+    kept2_ = kept;
+    clf2_ = clf;
+    const size_t K = kept.ids.size();
+    mu2_.assign(K * (size_t)d_, 0.0);
+    mu2_sq_.assign(K, 0.0);
+    for (size_t s = 0; s < K; ++s) {
+        const int32_t c = kept.ids[s];
+        double q = 0;
+        for (int64_t j = 0; j < d_; ++j) {
+            const double v = sum_[(size_t)c * (size_t)d_ + (size_t)j] / (double)count_[(size_t)c];
+            mu2_[s * (size_t)d_ + (size_t)j] = v;
+            q += v * v;
+        }
+        mu2_sq_[s] = q;
+    }
+    if (pass2_gram_) gram2_.assign((size_t)(d_ * d_), 0.0);
+    pass2_rows_ = 0;
+    nc4_agree_ = 0;
+}
+
+void CpuBackend::ingest_second_pass(const BatchDesc& b) {
+    if (b.features.memory != COLLAPSE_MEMORY_HOST)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory");
+    const AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, true);
+    // Kept rows only, converted to double in blocks.
+    std::vector<double> block;
+    int64_t nblock = 0;
+    const int64_t cap = kGramBlockRows;
+    block.resize((size_t)(cap * d_));
+    auto flush = [&]() {
+        if (nblock == 0) return;
+        if (pass2_gram_)
+            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)nblock, 1.0, block.data(), (int)d_, 1.0,
+                        gram2_.data(), (int)d_);
+        if (pass2_nc4_) nc4_agree_ += nc4_agreements(block.data(), nblock, d_, clf2_, V_, mu2_, mu2_sq_, kept2_.ids);
+        pass2_rows_ += nblock;
+        nblock = 0;
+    };
+    for (size_t i = 0; i < rows.label.size(); ++i) {
+        if (kept2_.slot[(size_t)rows.label[i]] < 0) continue;
+        load_row_double(b.features.row(rows.feature_row[i]), b.features.dtype, d_, block.data() + nblock * d_);
+        if (++nblock == cap) flush();
+    }
+    flush();
+}
+
+}  // namespace collapse

@@ -1,0 +1,92 @@
+// The CPU backend (reference): float64 per-class accumulators, a streaming float64 Gram,
+// and the row store (exact SVD) or reservoirs (sampled SVD). Ingest is in cpu_backend.cpp,
+// every metric in cpu_metrics.cpp.
+#pragma once
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include "core/backend.hpp"
+
+namespace collapse {
+
+class CpuBackend final : public Backend {
+public:
+    CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim);
+    const char* name() const override { return "cpu"; }
+    void ingest(const BatchDesc& batch, Counts& counts) override;
+    std::vector<int64_t> class_counts() const override { return count_; }
+    bool has_row_store() const override { return cfg_.svd_mode == COLLAPSE_SVD_EXACT && !store_.empty(); }
+    void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
+    void ingest_second_pass(const BatchDesc& batch) override;
+    MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
+
+    // Bytes this backend holds now (accumulators, Gram, row store, reservoirs).
+    int64_t resident_bytes() const;
+
+private:
+    // --- ingest helpers (cpu_backend.cpp) ---
+    void stage(const BatchDesc& b, const AcceptedRows& rows);
+    void commit(const BatchDesc& b, const AcceptedRows& rows);
+    void gram_add_row(const double* x);
+    void gram_flush();
+    void check_memory(int64_t extra_bytes, const char* what) const;
+    int64_t growth() const;
+
+    // --- metric helpers (cpu_metrics.cpp) ---
+    void class_metrics(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
+                       const std::vector<double>& m, const std::vector<double>& var, MetricValues& out) const;
+    void pair_metrics(const KeptSet& kept, const std::vector<double>& m, const std::vector<double>& var,
+                      MetricValues& out) const;
+    void token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const;
+    void overall_entropy(const KeptSet& kept, MetricValues& out) const;
+    void nc4_from_store(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
+                        MetricValues& out) const;
+
+    Config cfg_;
+    int64_t V_, d_;
+    std::vector<uint8_t> excluded_;  // [V]
+
+    std::vector<int64_t> count_;    // n_c
+    std::vector<double> sum_;       // [V, d] sum of rows
+    std::vector<double> sqnorm_;    // [V] sum of ||x||^2
+
+    // Overall Gram of rows of qualifying classes (upper triangle, row-major d x d). Rows of a class
+    // below min_samples_per_token wait in holdback_ until it qualifies.
+    bool gram_streaming_ = false;
+    std::vector<double> gram_;
+    std::unordered_map<int32_t, std::vector<double>> holdback_;
+    std::vector<double> gram_block_;  // rows waiting for the next dsyrk
+    int64_t gram_block_rows_ = 0;
+
+    // Exact mode: every accepted row, by class (float32: inputs are at most float32-exact... see
+    // README: float64 inputs are rounded here). Sampled mode: reservoirs of at most
+    // svd_max_rows_per_token rows.
+    std::vector<std::vector<float>> store_;
+    int64_t store_bytes_ = 0;
+
+    // Per-batch scratch (reused): rows grouped by class and their partial sums.
+    std::vector<int64_t> order_;
+    std::vector<int32_t> run_label_;
+    std::vector<int64_t> run_begin_;
+    std::vector<double> stage_sum_;
+    std::vector<double> stage_sq_;
+    std::vector<int64_t> bucket_;
+
+    // Second pass.
+    bool pass2_ = false, pass2_nc4_ = false, pass2_gram_ = false;
+    KeptSet kept2_;
+    std::vector<double> mu2_;      // kept means [K, d]
+    std::vector<double> mu2_sq_;   // ||mu||^2
+    Classifier clf2_;
+    std::vector<double> gram2_;
+    int64_t pass2_rows_ = 0, nc4_agree_ = 0;
+};
+
+// NC4 on a block of rows: predictions of the classifier and of the nearest kept mean, compared.
+// Shared by the row-store path and the second pass.
+int64_t nc4_agreements(const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
+                       const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
+                       const std::vector<int32_t>& kept_ids);
+
+}  // namespace collapse

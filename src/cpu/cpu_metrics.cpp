@@ -1,0 +1,469 @@
+// Every METRICS.md metric on the CPU, from the accumulators of cpu_backend.cpp.
+// Pair metrics are reduced tile by tile (a dgemm of centred means, then one fused loop): no K x K
+// matrix is ever allocated.
+#include <cblas.h>
+#include <lapacke.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "core/error.hpp"
+#include "core/metric_math.hpp"
+#include "cpu/cpu_backend.hpp"
+
+namespace collapse {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Entropy of a spectrum (METRICS.md "SVD entropy"); zero_matrix when sum(s) = 0.
+double spectrum_entropy(const std::vector<double>& s, bool* zero_matrix) {
+    double sum = 0;
+    for (double v : s) sum += v;
+    *zero_matrix = !(sum > 0);
+    if (*zero_matrix) return 0.0;
+    double h = 0;
+    for (double v : s) h += entropy_term(v, sum);
+    return h;
+}
+
+// The r largest singular values from the eigenvalues of a symmetric n x n matrix (upper triangle).
+std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_t r) {
+    std::vector<double> w((size_t)n);
+    if (n > 0) {
+        const int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'U', (int)n, g.data(), (int)n, w.data());
+        if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dsyevd failed with info = ", info, " (n = ", n, ")");
+    }
+    std::vector<double> s;
+    for (int64_t k = n - 1; k >= 0 && (int64_t)s.size() < r; --k) s.push_back(singular_from_eigen(w[(size_t)k]));
+    return s;
+}
+
+// All min(n, d) singular values of an n x d float matrix (row-major), minus `center` per row if
+// given. Small matrices go straight to LAPACK's SVD; large ones through the Gram of the smaller side.
+std::vector<double> singular_values(const float* x, int64_t n, int64_t d, const double* center) {
+    const int64_t r = std::min(n, d);
+    if (r == 0) return {};
+    constexpr int64_t kDirectElements = int64_t(1) << 25;  // 256 MiB of doubles
+    if (n * d <= kDirectElements) {
+        std::vector<double> a((size_t)(n * d));
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = (double)x[i * d + j] - (center ? center[j] : 0.0);
+        std::vector<double> s((size_t)r);
+        // The row-major n x d matrix is the column-major d x n one: same singular values, and
+        // column-major takes the dummy leading dimensions of jobz = 'N'.
+        const int info = LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', (int)d, (int)n, a.data(), (int)d, s.data(), nullptr, 1,
+                                        nullptr, 1);
+        if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dgesdd failed with info = ", info, " (", n, " x ", d, ")");
+        return s;
+    }
+    // Gram of the smaller side, built from blocks of rows converted to double.
+    const bool rows_side = n < d;  // X X^T (n x n) when n < d, else X^T X (d x d)
+    const int64_t m = rows_side ? n : d;
+    std::vector<double> g((size_t)(m * m), 0.0);
+    if (!rows_side) {
+        const int64_t B = 512;
+        std::vector<double> blk((size_t)(B * d));
+        for (int64_t i0 = 0; i0 < n; i0 += B) {
+            const int64_t nb = std::min(B, n - i0);
+            for (int64_t i = 0; i < nb; ++i)
+                for (int64_t j = 0; j < d; ++j)
+                    blk[(size_t)(i * d + j)] = (double)x[(i0 + i) * d + j] - (center ? center[j] : 0.0);
+            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)nb, 1.0, blk.data(), (int)d, 1.0, g.data(), (int)d);
+        }
+    } else {
+        std::vector<double> a((size_t)(n * d));
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = (double)x[i * d + j] - (center ? center[j] : 0.0);
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)n, (int)d, 1.0, a.data(), (int)d, 0.0, g.data(), (int)n);
+    }
+    return singular_from_gram(g, m, r);
+}
+
+// Unbiased std / mean of a small vector (two passes).
+struct Stats {
+    double mean = 0, std_unbiased = 0;
+    bool ok = false;  // at least two values
+};
+Stats stats_of(const std::vector<double>& v) {
+    Stats s;
+    if (v.size() < 2) return s;
+    double sum = 0;
+    for (double x : v) sum += x;
+    s.mean = sum / (double)v.size();
+    double ss = 0;
+    for (double x : v) ss += (x - s.mean) * (x - s.mean);
+    s.std_unbiased = std::sqrt(ss / (double)(v.size() - 1));
+    s.ok = true;
+    return s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+int64_t nc4_agreements(const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
+                       const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
+                       const std::vector<int32_t>& kept_ids) {
+    const int64_t K = (int64_t)kept_ids.size();
+    // Rows per chunk so that the logits stay near 32 MiB.
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t(4) << 20) / std::max(V, K)));
+    std::vector<double> logits((size_t)(chunk * V)), dots((size_t)(chunk * K));
+    int64_t agree = 0;
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        const int64_t nr = std::min(chunk, rows - r0);
+        const double* xb = x + r0 * d;
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)V, (int)d, 1.0, xb, (int)d,
+                    clf.weight.data(), (int)d, 0.0, logits.data(), (int)V);
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)K, (int)d, 1.0, xb, (int)d, mu_kept.data(),
+                    (int)d, 0.0, dots.data(), (int)K);
+        for (int64_t i = 0; i < nr; ++i) {
+            const double* l = logits.data() + i * V;
+            int64_t best = 0;
+            double best_v = l[0] + (clf.bias.empty() ? 0.0 : clf.bias[0]);
+            for (int64_t c = 1; c < V; ++c) {
+                const double v = l[c] + (clf.bias.empty() ? 0.0 : clf.bias[(size_t)c]);
+                if (v > best_v) best_v = v, best = c;  // ties: the smaller id stays
+            }
+            // ||x - mu||^2 = ||x||^2 - 2 x.mu + ||mu||^2; ||x||^2 is the same for every class.
+            const double* g = dots.data() + i * K;
+            int64_t near = 0;
+            double near_v = mu_sq[0] - 2.0 * g[0];
+            for (int64_t s = 1; s < K; ++s) {
+                const double v = mu_sq[(size_t)s] - 2.0 * g[s];
+                if (v < near_v) near_v = v, near = s;  // kept ids ascend: ties keep the smaller id
+            }
+            agree += (best == kept_ids[(size_t)near]) ? 1 : 0;
+        }
+    }
+    return agree;
+}
+
+// ---------------------------------------------------------------------------------------------
+MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
+    MetricValues out;
+    const auto t0 = Clock::now();
+    const size_t K = kept.ids.size();
+    const size_t d = (size_t)d_;
+
+    // Class means, within-class variances, global mean, centred means.
+    std::vector<double> mu(K * d), var(K), m(K * d);
+    std::vector<double> mu_g(d, 0.0);
+    double weight_total = 0;
+    for (size_t s = 0; s < K; ++s) {
+        const int32_t c = kept.ids[s];
+        const double n = (double)count_[(size_t)c];
+        double q = 0;
+        for (size_t j = 0; j < d; ++j) {
+            const double v = sum_[(size_t)c * d + j] / n;
+            mu[s * d + j] = v;
+            q += v * v;
+        }
+        var[s] = std::max(0.0, sqnorm_[(size_t)c] / n - q);  // E||x||^2 - ||mu||^2
+        const double w = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED ? n : 1.0;
+        for (size_t j = 0; j < d; ++j) mu_g[j] += w * mu[s * d + j];
+        weight_total += w;
+    }
+    for (size_t j = 0; j < d; ++j) mu_g[j] = weight_total > 0 ? mu_g[j] / weight_total : 0.0;
+    for (size_t s = 0; s < K; ++s)
+        for (size_t j = 0; j < d; ++j) m[s * d + j] = mu[s * d + j] - mu_g[j];
+    out.timings["means"] = seconds_since(t0);
+
+    if (K == 0) out.notes["overall"] = "no kept classes: every metric is null";
+    if (cfg_.compute_class_metrics && K > 0) {
+        const auto t = Clock::now();
+        class_metrics(kept, clf, mu, m, var, out);
+        out.timings["class_metrics"] = seconds_since(t);
+    }
+    if (cfg_.compute_overall_metrics && K > 0) {
+        const auto t = Clock::now();
+        overall_entropy(kept, out);
+        out.timings["overall_svd"] = seconds_since(t);
+    }
+    if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF && K > 0) {
+        const auto t = Clock::now();
+        token_metrics(kept, mu, out);
+        out.timings["token_svd"] = seconds_since(t);
+    }
+    if (cfg_.compute_nc4 && K > 0) {
+        const auto t = Clock::now();
+        if (!clf.present()) {
+            out.notes["nc4_agreement"] = "no classifier was given";
+        } else if (has_row_store()) {
+            nc4_from_store(kept, clf, mu, out);
+        } else if (pass2_ && pass2_nc4_) {
+            if (pass2_rows_ == kept.rows) {
+                out.nc4_agreement = (double)nc4_agree_ / (double)pass2_rows_;
+                out.nc4_rows = pass2_rows_;
+            } else {
+                out.notes["nc4_agreement"] = "the second pass saw " + std::to_string(pass2_rows_) +
+                                             " kept rows, the first " + std::to_string(kept.rows);
+            }
+        } else {
+            out.notes["nc4_agreement"] = "needs a second pass over the rows (svd_mode is not exact, so no row store)";
+        }
+        out.timings["nc4"] = seconds_since(t);
+    }
+    return out;
+}
+
+void CpuBackend::class_metrics(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
+                               const std::vector<double>& m, const std::vector<double>& var, MetricValues& out) const {
+    const size_t K = kept.ids.size();
+    const size_t d = (size_t)d_;
+    std::vector<double> norm(K), log_norm(K);
+    bool zero_norm = false;
+    for (size_t s = 0; s < K; ++s) {
+        double q = 0;
+        for (size_t j = 0; j < d; ++j) q += m[s * d + j] * m[s * d + j];
+        norm[s] = std::sqrt(q);
+        zero_norm = zero_norm || !(norm[s] > 0);
+        log_norm[s] = std::log(norm[s]);
+    }
+    // NC2 equinorm
+    const Stats ns = stats_of(norm);
+    if (ns.ok && ns.mean > 0) out.nc2_equinorm_cov = ns.std_unbiased / ns.mean;
+    else out.notes["nc2_equinorm_cov"] = K < 2 ? "needs at least 2 kept classes" : "every centred mean is zero";
+    if (ns.ok && !zero_norm) out.nc2_log_norm_std = stats_of(log_norm).std_unbiased;
+    else out.notes["nc2_log_norm_std"] = K < 2 ? "needs at least 2 kept classes" : "a centred mean is zero (log of 0)";
+
+    // UNC3 and NC3 self-duality: w_c is the classifier row, or the uncentred class mean in the
+    // seed-compatible mode.
+    const bool use_means = cfg_.unc3_classifier == COLLAPSE_UNC3_CLASS_MEANS;
+    if (!use_means && !clf.present()) {
+        out.notes["overall_unc3"] = "no classifier was given";
+        out.notes["nc3_self_duality"] = "no classifier was given";
+    } else {
+        auto w_row = [&](size_t s) { return use_means ? mu.data() + s * d : clf.weight.data() + (size_t)kept.ids[s] * d; };
+        std::vector<double> cosv(K);
+        double w_f2 = 0, m_f2 = 0;
+        for (size_t s = 0; s < K; ++s) {
+            const double* w = w_row(s);
+            double wm = 0, ww = 0;
+            for (size_t j = 0; j < d; ++j) wm += w[j] * m[s * d + j], ww += w[j] * w[j];
+            cosv[s] = duality_cos(wm, std::sqrt(ww), norm[s]);
+            w_f2 += ww;
+            m_f2 += norm[s] * norm[s];
+        }
+        if ((int64_t)K < cfg_.min_classes_for_unc3) {
+            out.notes["overall_unc3"] = "needs at least min_classes_for_unc3 = " + std::to_string(cfg_.min_classes_for_unc3) + " kept classes";
+        } else {
+            const Stats cs = stats_of(cosv);
+            out.unc3_mean_cos = cs.mean;
+            out.unc3_std_cos = cs.std_unbiased;
+            if (cs.mean < 1e-8) out.notes["overall_unc3"] = "mean cosine between classifier rows and centred means is below 1e-8";
+            else out.overall_unc3 = cs.std_unbiased / cs.mean;
+        }
+        if (use_means) out.notes["unc3_classifier"] = "class_means: w_c is the uncentred class mean (seed-compatible), not the classifier";
+        const double wf = std::sqrt(w_f2), mf = std::sqrt(m_f2);
+        if (wf > 0 && mf > 0) {
+            double acc = 0;
+            for (size_t s = 0; s < K; ++s) {
+                const double* w = w_row(s);
+                for (size_t j = 0; j < d; ++j) {
+                    const double diff = w[j] / wf - m[s * d + j] / mf;
+                    acc += diff * diff;
+                }
+            }
+            out.nc3_self_duality = std::sqrt(acc);
+        } else {
+            out.notes["nc3_self_duality"] = "the classifier rows or the centred means are all zero";
+        }
+    }
+
+    if ((int64_t)K < cfg_.min_classes_for_gnc2) {
+        const std::string why = "needs at least min_classes_for_gnc2 = " + std::to_string(cfg_.min_classes_for_gnc2) + " kept classes";
+        out.notes["overall_gnc2"] = why;
+        out.notes["nc1_cdnv"] = why;
+        out.notes["nc2_equiangular_mean"] = why;
+    } else {
+        pair_metrics(kept, m, var, out);
+    }
+}
+
+// Pair reductions over P = {(i, j): i < j} by square tiles of the K x K product M M^T.
+void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m, const std::vector<double>& var,
+                              MetricValues& out) const {
+    const int64_t K = (int64_t)kept.ids.size();
+    const size_t d = (size_t)d_;
+    std::vector<double> q((size_t)K), a((size_t)K);
+    std::vector<double> usum(d, 0.0);
+    double uu = 0;  // sum ||u||^2
+    for (int64_t s = 0; s < K; ++s) {
+        double v = 0;
+        for (size_t j = 0; j < d; ++j) v += m[(size_t)s * d + j] * m[(size_t)s * d + j];
+        q[(size_t)s] = v;
+        a[(size_t)s] = std::sqrt(v) + kNormEps;
+        for (size_t j = 0; j < d; ++j) usum[j] += m[(size_t)s * d + j] / a[(size_t)s];
+        uu += v / (a[(size_t)s] * a[(size_t)s]);
+    }
+    // Shifts close to the means make the one-pass variances accurate: the mean cosine has a closed
+    // form, sum_{i<j} u_i.u_j = (||sum u||^2 - sum ||u||^2) / 2.
+    const double pairs = 0.5 * (double)K * (double)(K - 1);
+    double us2 = 0;
+    for (double v : usum) us2 += v * v;
+    const double cos_shift = 0.5 * (us2 - uu) / pairs;
+    const double du2_mean = ((double)(K - 1) * uu - (us2 - uu)) / pairs;
+    const double log_shift = du2_mean > 0 ? -0.5 * std::log(du2_mean) : 0.0;
+
+    // Tile edge from a 64 MiB budget per tile (a fraction of the memory limit when that is small).
+    const int64_t budget = std::min<int64_t>(int64_t(64) << 20, cfg_.host_memory_limit / 8);
+    const int64_t T = std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
+    const int64_t nt = (K + T - 1) / T;
+
+    struct TileSum {
+        double n_l = 0, s_l = 0, s_l2 = 0, s_c = 0, s_c2 = 0, n_cdnv = 0, s_cdnv = 0;
+        int64_t pairs = 0, skip_l = 0, skip_cdnv = 0;
+    };
+    std::vector<std::pair<int64_t, int64_t>> tiles;
+    for (int64_t bi = 0; bi < nt; ++bi)
+        for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back(bi, bj);
+    std::vector<TileSum> sums(tiles.size());
+    const double p = cfg_.cdnv_power;
+
+#pragma omp parallel
+    {
+        std::vector<double> g((size_t)(T * T));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < (int64_t)tiles.size(); ++t) {
+            const int64_t i0 = tiles[(size_t)t].first * T, j0 = tiles[(size_t)t].second * T;
+            const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
+            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ni, (int)nj, (int)d, 1.0, m.data() + (size_t)i0 * d,
+                        (int)d, m.data() + (size_t)j0 * d, (int)d, 0.0, g.data(), (int)nj);
+            TileSum ts;
+            for (int64_t i = 0; i < ni; ++i) {
+                const int64_t gi = i0 + i;
+                const int64_t jstart = (i0 == j0) ? i + 1 : 0;  // i < j only
+                double n_l = 0, s_l = 0, s_l2 = 0, s_c = 0, s_c2 = 0, n_cd = 0, s_cd = 0;
+                for (int64_t j = jstart; j < nj; ++j) {
+                    const int64_t gj = j0 + j;
+                    const PairTerms pt = pair_terms(g[(size_t)(i * nj + j)], q[(size_t)gi], q[(size_t)gj], a[(size_t)gi],
+                                                    a[(size_t)gj], var[(size_t)gi], var[(size_t)gj], p);
+                    const double dc = pt.cos - cos_shift;
+                    s_c += dc;
+                    s_c2 += dc * dc;
+                    if (!pt.gnc2_skip) {
+                        const double dl = pt.log_kernel - log_shift;
+                        n_l += 1, s_l += dl, s_l2 += dl * dl;
+                    }
+                    if (!pt.cdnv_skip) n_cd += 1, s_cd += pt.cdnv;
+                }
+                const int64_t np = nj - jstart;
+                ts.pairs += np;
+                ts.skip_l += np - (int64_t)n_l;
+                ts.skip_cdnv += np - (int64_t)n_cd;
+                ts.n_l += n_l, ts.s_l += s_l, ts.s_l2 += s_l2, ts.s_c += s_c, ts.s_c2 += s_c2;
+                ts.n_cdnv += n_cd, ts.s_cdnv += s_cd;
+            }
+            sums[(size_t)t] = ts;
+        }
+    }
+    // Merge in tile order: the same result whatever the thread count.
+    TileSum all;
+    for (const TileSum& ts : sums) {
+        all.n_l += ts.n_l, all.s_l += ts.s_l, all.s_l2 += ts.s_l2, all.s_c += ts.s_c, all.s_c2 += ts.s_c2;
+        all.n_cdnv += ts.n_cdnv, all.s_cdnv += ts.s_cdnv;
+        all.pairs += ts.pairs, all.skip_l += ts.skip_l, all.skip_cdnv += ts.skip_cdnv;
+    }
+    out.gnc2_pairs = all.pairs;
+    out.gnc2_skipped_pairs = all.skip_l;
+    out.cdnv_skipped_pairs = all.skip_cdnv;
+    if (all.n_l > 0) {
+        const Moments ml = Moments::from_shifted(all.n_l, all.s_l, all.s_l2, log_shift);
+        out.overall_gnc2 = ml.mean;
+        out.gnc2_var = ml.var_pop();
+        if (ml.mean != 0) out.gnc2_cov = std::sqrt(ml.var_pop()) / std::fabs(ml.mean);
+    } else {
+        out.notes["overall_gnc2"] = "every pair of directions is closer than 1e-6";
+    }
+    const Moments mc = Moments::from_shifted((double)all.pairs, all.s_c, all.s_c2, cos_shift);
+    out.nc2_equiangular_mean = mc.mean;
+    out.nc2_equiangular_std = std::sqrt(mc.var_pop());
+    out.nc2_equiangular_ideal = -1.0 / (double)(K - 1);
+    if (all.n_cdnv > 0) out.nc1_cdnv = all.s_cdnv / all.n_cdnv;
+    else out.notes["nc1_cdnv"] = "every pair of class means is equal";
+}
+
+void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
+    std::vector<double> g;
+    if (gram_streaming_) {
+        g = gram_;
+    } else if (has_row_store()) {
+        // max_tokens_to_analyze: the kept set is known only now; the Gram comes from the rows.
+        g.assign((size_t)(d_ * d_), 0.0);
+        const int64_t B = 512;
+        std::vector<double> blk((size_t)(B * d_));
+        for (int32_t c : kept.ids) {
+            const auto& st = store_[(size_t)c];
+            const int64_t n = (int64_t)st.size() / d_;
+            for (int64_t i0 = 0; i0 < n; i0 += B) {
+                const int64_t nb = std::min(B, n - i0);
+                for (int64_t k = 0; k < nb * d_; ++k) blk[(size_t)k] = st[(size_t)(i0 * d_ + k)];
+                cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)nb, 1.0, blk.data(), (int)d_, 1.0, g.data(), (int)d_);
+            }
+        }
+    } else if (pass2_ && pass2_gram_ && pass2_rows_ == kept.rows) {
+        g = gram2_;
+    } else {
+        out.notes["overall_svd_entropy"] =
+            "max_tokens_to_analyze cuts the kept set, so the Gram of kept rows needs the row store (svd_mode: exact) or a second pass";
+        return;
+    }
+    const std::vector<double> s = singular_from_gram(g, d_, std::min<int64_t>(kept.rows, d_));
+    bool zero = false;
+    const double h = spectrum_entropy(s, &zero);
+    out.overall_svd_entropy = h;
+    out.overall_effective_rank = std::exp(h);
+}
+
+void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const {
+    const size_t d = (size_t)d_;
+    out.tokens.reserve(kept.ids.size());
+    for (size_t s = 0; s < kept.ids.size(); ++s) {
+        const int32_t c = kept.ids[s];
+        TokenMetrics tm;
+        tm.id = c;
+        tm.num_samples = count_[(size_t)c];
+        const auto& st = store_[(size_t)c];
+        const int64_t n = (int64_t)(st.size() / d);
+        tm.svd_rows = n;
+        tm.sampled = n < tm.num_samples;
+        const std::vector<double> sv =
+            singular_values(st.data(), n, d_, cfg_.svd_center ? mu.data() + s * d : nullptr);
+        const double h = spectrum_entropy(sv, &tm.zero_matrix);
+        tm.svd_entropy = h;
+        tm.effective_rank = std::exp(h);
+        const int64_t r = std::min<int64_t>(n, d_);
+        if (r > 1) tm.normalized_entropy = h / std::log((double)r);
+        if (tm.zero_matrix) ++out.svd_zero_matrices;
+        out.tokens.push_back(tm);
+    }
+}
+
+void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
+                                MetricValues& out) const {
+    const size_t K = kept.ids.size();
+    std::vector<double> mu_sq(K, 0.0);
+    for (size_t s = 0; s < K; ++s)
+        for (int64_t j = 0; j < d_; ++j) mu_sq[s] += mu[s * (size_t)d_ + (size_t)j] * mu[s * (size_t)d_ + (size_t)j];
+    int64_t agree = 0, rows = 0;
+    const int64_t B = 1024;
+    std::vector<double> blk((size_t)(B * d_));
+    for (int32_t c : kept.ids) {
+        const auto& st = store_[(size_t)c];
+        const int64_t n = (int64_t)st.size() / d_;
+        for (int64_t i0 = 0; i0 < n; i0 += B) {
+            const int64_t nb = std::min(B, n - i0);
+            for (int64_t k = 0; k < nb * d_; ++k) blk[(size_t)k] = st[(size_t)(i0 * d_ + k)];
+            agree += nc4_agreements(blk.data(), nb, d_, clf, V_, mu, mu_sq, kept.ids);
+            rows += nb;
+        }
+    }
+    out.nc4_rows = rows;
+    if (rows > 0) out.nc4_agreement = (double)agree / (double)rows;
+}
+
+}  // namespace collapse

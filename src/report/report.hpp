@@ -1,0 +1,28 @@
+// The JSON report (schema: schema/report.schema.json). Sections: summary, counts,
+// overall_analysis, token_analysis (token ids as string keys), config, engine.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "core/config.hpp"
+#include "core/metrics.hpp"
+
+namespace collapse {
+
+struct EngineInfo {
+    std::string backend;
+    int64_t dim = 0, num_classes = 0, batches = 0;
+    bool classifier = false;
+    std::map<std::string, double> timings;
+};
+
+nlohmann::json build_report(const Config& cfg, const Counts& counts, const MetricValues& mv, const EngineInfo& info);
+
+// Scalar lookup for collapse_report_get_scalar: "key" searched in overall_analysis, summary, counts
+// (in that order), or "section.key". Returns false when the key does not exist; *is_null for null.
+bool report_scalar(const nlohmann::json& doc, const std::string& key, double* value, bool* is_null);
+
+}  // namespace collapse
