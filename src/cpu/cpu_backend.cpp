@@ -104,29 +104,26 @@ void CpuBackend::check_memory(int64_t extra_bytes, const char* what) const {
 // staging area: one pass over the features, no state touched.
 void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     const int64_t n = (int64_t)rows.label.size();
-    order_.resize((size_t)n);
+    // Counting sort by label, stable, in O(rows): run_of_label_ maps a label to its run while the
+    // batch is grouped and is reset to -1 afterwards, so it costs nothing per class of V.
+    if (run_of_label_.size() != (size_t)V_) run_of_label_.assign((size_t)V_, -1);
     run_label_.clear();
-    run_begin_.clear();
-    // Sort by label: buckets over the labels present (V may be large, the batch small).
-    std::vector<int32_t> labels(rows.label);
-    std::sort(labels.begin(), labels.end());
-    labels.erase(std::unique(labels.begin(), labels.end()), labels.end());
-    bucket_.assign(labels.size() + 1, 0);
+    bucket_.clear();
     for (int64_t i = 0; i < n; ++i) {
-        const size_t k = (size_t)(std::lower_bound(labels.begin(), labels.end(), rows.label[(size_t)i]) - labels.begin());
-        ++bucket_[k + 1];
+        int32_t& r = run_of_label_[(size_t)rows.label[(size_t)i]];
+        if (r < 0) {
+            r = (int32_t)run_label_.size();
+            run_label_.push_back(rows.label[(size_t)i]);
+            bucket_.push_back(0);
+        }
+        ++bucket_[(size_t)r];
     }
-    for (size_t k = 0; k < labels.size(); ++k) bucket_[k + 1] += bucket_[k];
-    for (size_t k = 0; k < labels.size(); ++k) {
-        run_label_.push_back(labels[k]);
-        run_begin_.push_back(bucket_[k]);
-    }
-    run_begin_.push_back(n);
-    std::vector<int64_t> fill(bucket_.begin(), bucket_.end() - 1);
-    for (int64_t i = 0; i < n; ++i) {
-        const size_t k = (size_t)(std::lower_bound(labels.begin(), labels.end(), rows.label[(size_t)i]) - labels.begin());
-        order_[(size_t)fill[k]++] = i;
-    }
+    run_begin_.assign(run_label_.size() + 1, 0);
+    for (size_t k = 0; k < run_label_.size(); ++k) run_begin_[k + 1] = run_begin_[k] + bucket_[k];
+    std::copy(run_begin_.begin(), run_begin_.end() - 1, bucket_.begin());  // next free place per run
+    order_.resize((size_t)n);
+    for (int64_t i = 0; i < n; ++i) order_[(size_t)bucket_[(size_t)run_of_label_[(size_t)rows.label[(size_t)i]]]++] = i;
+    for (int32_t c : run_label_) run_of_label_[(size_t)c] = -1;
 
     const size_t runs = run_label_.size();
     stage_sum_.assign(runs * (size_t)d_, 0.0);

@@ -72,6 +72,7 @@ private:
     std::vector<double> stage_sum_;
     std::vector<double> stage_sq_;
     std::vector<int64_t> bucket_;
+    std::vector<int32_t> run_of_label_;  // [V], -1 outside stage()
 
     // Second pass.
     bool pass2_ = false, pass2_nc4_ = false, pass2_gram_ = false;

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -167,19 +168,24 @@ PairStats pair_stats(int64_t K, F value) {
 
 // One-sided (Hestenes) Jacobi on the k columns (each of length m) of the column-major matrix B:
 // rotate pairs of columns until every pair is orthogonal to ~1e-15 relative; the singular values are
-// then the column norms. Zero columns are already orthogonal to everything and are never rotated.
+// then the column norms. Zero columns are already orthogonal to everything and are never rotated;
+// nor are columns below eps^2 ||B||_F (e.g. subnormal rounding debris of a rank-deficient matrix,
+// which rotations cannot orthogonalise and which is far below the accuracy of the largest values).
 inline std::vector<double> jacobi_column_norms(std::vector<double> B, int64_t m, int64_t k) {
   const LD tol = 1e-15L;
   const int max_sweeps = 60;
   const auto col = [&](int64_t j) { return &B[j * m]; };
   std::vector<LD> norm2(static_cast<size_t>(k));  // ||column j||^2, recomputed after each rotation
-  for (int64_t j = 0; j < k; ++j) norm2[j] = dot(col(j), col(j), m);
+  LD fro2 = 0;
+  for (int64_t j = 0; j < k; ++j) fro2 += norm2[j] = dot(col(j), col(j), m);
+  const LD eps = std::numeric_limits<double>::epsilon();
+  const LD negligible2 = eps * eps * eps * eps * fro2;  // (eps^2 ||B||_F)^2
   for (int sweep = 0; sweep < max_sweeps; ++sweep) {
     bool rotated = false;
     for (int64_t p = 0; p < k; ++p)
       for (int64_t q = p + 1; q < k; ++q) {
         const LD alpha = norm2[p], beta = norm2[q];
-        if (alpha == 0 || beta == 0) continue;
+        if (alpha <= negligible2 || beta <= negligible2) continue;  // zero or negligible column
         const LD gamma = dot(col(p), col(q), m);
         if (std::fabs(gamma) <= tol * std::sqrt(alpha) * std::sqrt(beta)) continue;
         // Rotation [c s; -s c] that zeroes the off-diagonal of the 2x2 Gram [alpha gamma; gamma beta].
