@@ -37,17 +37,22 @@ public:
     virtual const char* name() const = 0;
 
     // First pass. Validates the whole batch before changing anything; on error throws and leaves the
-    // state as it was. Fills the batch's row counts into `counts` only on success.
-    virtual void ingest(const BatchDesc& batch, Counts& counts) = 0;
+    // state as it was. `stream` is the caller's CUDA stream (NULL: the backend's own); the CPU
+    // backend ignores it. A device-side error may surface at a later call (see sync()).
+    virtual void ingest(const BatchDesc& batch, void* stream) = 0;
+    // Row counts (rows_seen, rows_masked, rows_excluded, rows_nonfinite) so far.
+    virtual Counts row_counts() = 0;
     // n_c for every class, on the host.
-    virtual std::vector<int64_t> class_counts() const = 0;
+    virtual std::vector<int64_t> class_counts() = 0;
+    // Waits for outstanding work and throws a deferred error. A no-op on the CPU.
+    virtual void sync() {}
 
     // What the backend can answer without seeing the rows again.
     virtual bool has_row_store() const = 0;
 
     // Second pass (NC4, or the Gram of a kept set only known at the end).
     virtual void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) = 0;
-    virtual void ingest_second_pass(const BatchDesc& batch) = 0;
+    virtual void ingest_second_pass(const BatchDesc& batch, void* stream) = 0;
 
     // Every metric of the kept set. May be called more than once (intermediate saves).
     virtual MetricValues compute(const KeptSet& kept, const Classifier& clf) = 0;

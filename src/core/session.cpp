@@ -78,19 +78,19 @@ void Session::check_state(const char* call) const {
     if (state_ == State::Done) fail(COLLAPSE_ERR_STATE, call, ": the session has already been computed; create a new session");
 }
 
-void Session::ingest(const BatchDesc& b) {
+void Session::ingest(const BatchDesc& b, void* stream) {
     const auto t0 = Clock::now();
     if (b.features.rows > 0) ensure_backend(b.features.cols);
     if (!backend_) {  // an empty first batch of unknown width: nothing to do but count
-        counts_.rows_seen += b.num_rows();
+        rows_before_backend_ += b.num_rows();
         return;
     }
     if (state_ == State::SecondPass) {
-        backend_->ingest_second_pass(b);
+        backend_->ingest_second_pass(b, stream);
         second_pass_seconds_ += seconds_since(t0);
         return;
     }
-    backend_->ingest(b, counts_);
+    backend_->ingest(b, stream);
     ++batches_;
     ingest_seconds_ += seconds_since(t0);
 }
@@ -98,13 +98,13 @@ void Session::ingest(const BatchDesc& b) {
 void Session::ingest_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid,
                           void* stream) {
     check_state("ingest_rows");
-    ingest(describe_rows(features, labels, valid, d_));
+    ingest(describe_rows(features, labels, valid, d_), stream);
 }
 
 void Session::ingest_sequences(const collapse_buffer* hidden, const collapse_buffer* ids, const collapse_buffer* mask,
                                int64_t batch, int64_t seq_len, void* stream) {
     check_state("ingest_sequences");
-    ingest(describe_sequences(hidden, ids, mask, batch, seq_len, d_));
+    ingest(describe_sequences(hidden, ids, mask, batch, seq_len, d_), stream);
 }
 
 void Session::set_classifier(const collapse_buffer* weight, const collapse_buffer* bias) {
@@ -149,7 +149,16 @@ void Session::set_classifier(const collapse_buffer* weight, const collapse_buffe
     clf_ = std::move(c);
 }
 
-void Session::sync() {}
+void Session::sync() {
+    if (backend_) backend_->sync();
+}
+
+Counts Session::row_counts() const {
+    Counts c;
+    if (backend_) c = backend_->row_counts();
+    c.rows_seen += rows_before_backend_;
+    return c;
+}
 
 bool Session::needs_second_pass() const {
     if (!backend_ || state_ != State::Ingest) return false;
@@ -162,7 +171,7 @@ void Session::begin_second_pass() {
     check_state("begin_second_pass");
     if (state_ == State::SecondPass) fail(COLLAPSE_ERR_STATE, "begin_second_pass: the second pass has already begun");
     if (!needs_second_pass()) fail(COLLAPSE_ERR_STATE, "begin_second_pass: no requested metric needs a second pass");
-    kept_ = select_kept(backend_->class_counts(), cfg_, &counts_);
+    kept_ = select_kept(backend_->class_counts(), cfg_, nullptr);
     const bool nc4 = cfg_.compute_nc4 && clf_.present() && !backend_->has_row_store();
     const bool gram = cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();
     backend_->begin_second_pass(kept_, clf_, nc4, gram);
@@ -173,7 +182,7 @@ std::unique_ptr<ReportData> Session::compute(bool final) {
     check_state("compute");
     const auto t0 = Clock::now();
     MetricValues mv;
-    Counts counts = counts_;
+    Counts counts = row_counts();
     if (backend_) {
         const KeptSet kept = state_ == State::SecondPass ? kept_ : select_kept(backend_->class_counts(), cfg_, &counts);
         if (state_ == State::SecondPass) select_kept(backend_->class_counts(), cfg_, &counts);

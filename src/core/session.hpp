@@ -40,7 +40,7 @@ public:
     std::unique_ptr<ReportData> compute(bool final = true);
 
     const Config& config() const { return cfg_; }
-    const Counts& counts() const { return counts_; }
+    Counts row_counts() const;
     int64_t dim() const { return d_; }
     bool in_second_pass() const { return state_ == State::SecondPass; }
 
@@ -48,15 +48,14 @@ private:
     enum class State { Ingest, SecondPass, Done };
     void check_state(const char* call) const;
     void ensure_backend(int64_t d);
-    void ingest(const BatchDesc& b);
+    void ingest(const BatchDesc& b, void* stream);
 
     Config cfg_;
     int64_t V_;
     int64_t d_;
     std::unique_ptr<Backend> backend_;
     Classifier clf_;
-    Counts counts_;
-    Counts pass2_counts_;
+    int64_t rows_before_backend_ = 0;
     KeptSet kept_;  // fixed at begin_second_pass
     State state_ = State::Ingest;
     double ingest_seconds_ = 0, second_pass_seconds_ = 0;

@@ -139,7 +139,7 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     }
 }
 
-void CpuBackend::ingest(const BatchDesc& b, Counts& counts) {
+void CpuBackend::ingest(const BatchDesc& b, void*) {
     if (b.features.memory != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory (use backend: cuda)");
     AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/false);
@@ -156,10 +156,10 @@ void CpuBackend::ingest(const BatchDesc& b, Counts& counts) {
                                ? "keeping this batch's rows for the exact per-token SVD"
                                : "this batch's rows (reservoirs and rows waiting for min_samples_per_token)");
     commit(b, rows);
-    counts.rows_seen += rows.rows_seen;
-    counts.rows_masked += rows.rows_masked;
-    counts.rows_excluded += rows.rows_excluded;
-    counts.rows_nonfinite += rows.rows_nonfinite;
+    rows_.rows_seen += rows.rows_seen;
+    rows_.rows_masked += rows.rows_masked;
+    rows_.rows_excluded += rows.rows_excluded;
+    rows_.rows_nonfinite += rows.rows_nonfinite;
 }
 
 // Bytes the staged batch adds when committed: stored rows and held-back Gram rows.
@@ -261,7 +261,7 @@ void CpuBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, b
     nc4_agree_ = 0;
 }
 
-void CpuBackend::ingest_second_pass(const BatchDesc& b) {
+void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
     if (b.features.memory != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory");
     const AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, true);

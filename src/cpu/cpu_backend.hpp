@@ -14,11 +14,12 @@ class CpuBackend final : public Backend {
 public:
     CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim);
     const char* name() const override { return "cpu"; }
-    void ingest(const BatchDesc& batch, Counts& counts) override;
-    std::vector<int64_t> class_counts() const override { return count_; }
+    void ingest(const BatchDesc& batch, void* stream) override;
+    Counts row_counts() override { return rows_; }
+    std::vector<int64_t> class_counts() override { return count_; }
     bool has_row_store() const override { return cfg_.svd_mode == COLLAPSE_SVD_EXACT && !store_.empty(); }
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
-    void ingest_second_pass(const BatchDesc& batch) override;
+    void ingest_second_pass(const BatchDesc& batch, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
 
     // Bytes this backend holds now (accumulators, Gram, row store, reservoirs).
@@ -47,6 +48,7 @@ private:
     int64_t V_, d_;
     std::vector<uint8_t> excluded_;  // [V]
 
+    Counts rows_;                   // row counts of the first pass
     std::vector<int64_t> count_;    // n_c
     std::vector<double> sum_;       // [V, d] sum of rows
     std::vector<double> sqnorm_;    // [V] sum of ||x||^2
