@@ -168,7 +168,9 @@ void run_analyze(const AnalyzeArgs& a) {
     if (a.batch_rows > 0) cfg.batch_rows = a.batch_rows;
     if (a.backend == "cuda") cfg.backend = COLLAPSE_BACKEND_CUDA;
     else if (a.backend == "cpu") cfg.backend = COLLAPSE_BACKEND_CPU;
-    const bool quiet = a.quiet;
+    // --quiet, or a log_level above info, silences progress and informational lines.
+    const bool quiet = a.quiet || cfg.log_level == "warning" || cfg.log_level == "error";
+    const bool debug = !a.quiet && cfg.log_level == "debug";
 
     Input in = open_input(a);
     // V: the flag, the config, the classifier, or the largest label + 1.
@@ -212,11 +214,16 @@ void run_analyze(const AnalyzeArgs& a) {
         int64_t done = 0, batch_index = 0;
         auto feed = [&](auto&& ingest_batch, int64_t rows_in_batch) {
             try {
+                const auto tb = Clock::now();
                 ingest_batch();
+                if (debug)
+                    std::fprintf(stderr, "collapse: %s batch %lld: %lld rows in %.3f s\n", phase, (long long)batch_index,
+                                 (long long)rows_in_batch, std::chrono::duration<double>(Clock::now() - tb).count());
             } catch (const Error& e) {
                 if (!cfg.continue_on_error) throw;
                 ++batches_failed;
-                std::fprintf(stderr, "collapse: batch %lld skipped (continue_on_error): %s\n", (long long)batch_index, e.what());
+                if (cfg.log_level != "error")
+                    std::fprintf(stderr, "collapse: batch %lld skipped (continue_on_error): %s\n", (long long)batch_index, e.what());
             }
             done += rows_in_batch;
             ++batch_index;

@@ -7,10 +7,6 @@
 
 namespace collapse {
 
-const void* MatrixView::row(int64_t r) const {
-    return static_cast<const uint8_t*>(data) + (size_t)(r * stride) * dtype_size(dtype);
-}
-
 int64_t BatchDesc::feature_row(int64_t r) const {
     if (!sequences) return r;
     const int64_t b = r / (seq_len - 1), t = r % (seq_len - 1);

@@ -6,6 +6,7 @@
 
 #include "collapse/collapse.h"
 #include "core/config.hpp"
+#include "core/dtype.hpp"
 
 namespace collapse {
 
@@ -15,7 +16,9 @@ struct MatrixView {
     collapse_dtype dtype = COLLAPSE_F32;
     collapse_memory memory = COLLAPSE_MEMORY_HOST;
     int64_t rows = 0, cols = 0, stride = 0;  // stride in elements
-    const void* row(int64_t r) const;
+    const void* row(int64_t r) const {
+        return static_cast<const uint8_t*>(data) + (size_t)(r * stride) * dtype_size(dtype);
+    }
 };
 
 // One batch in either layout. Row r of the batch is feature row feature_row(r) with the label

@@ -73,6 +73,7 @@ private:
     std::vector<int64_t> run_begin_;
     std::vector<double> stage_sum_;
     std::vector<double> stage_sq_;
+    std::vector<double> squares_;  // [d] element-wise squares of the current run
     std::vector<int64_t> bucket_;
     std::vector<int32_t> run_of_label_;  // [V], -1 outside stage()
 
