@@ -9,6 +9,7 @@
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "core/sampling.hpp"
 
 namespace collapse {
 
@@ -50,15 +51,6 @@ void load_row_float(const void* x, collapse_dtype t, int64_t d, float* out) {
         return;
     }
     for (int64_t k = 0; k < d; ++k) out[k] = (float)load_as_double(x, t, k);
-}
-
-// Reservoir decision for the i-th row (0-based) of class c: a hash of (seed, c, i), so the sample
-// depends only on the order of the class's rows, not on how they were batched.
-uint64_t mix(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
 }
 
 }  // namespace
@@ -234,14 +226,14 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
             }
             if (!keep_rows) continue;
             auto& st = store_[(size_t)c];
-            if (exact || i < cap) {
+            // Exact: every row. Sampled: the reservoir slot of this row, shared with the CUDA backend.
+            const int64_t slot = exact ? i : reservoir_slot(cfg_.seed, c, i, cap);
+            if (slot < 0) continue;
+            if (slot == (int64_t)(st.size() / (size_t)d_)) {
                 st.resize(st.size() + (size_t)d_);
-                load_row_float(x, b.features.dtype, d_, st.data() + st.size() - (size_t)d_);
                 store_bytes_ += d_ * 4;
-            } else {
-                const uint64_t j = mix(cfg_.seed ^ mix((uint64_t)c * 0x100000001b3ull + (uint64_t)i)) % (uint64_t)(i + 1);
-                if ((int64_t)j < cap) load_row_float(x, b.features.dtype, d_, st.data() + j * (uint64_t)d_);
             }
+            load_row_float(x, b.features.dtype, d_, st.data() + (size_t)slot * (size_t)d_);
         }
     }
     if (gram_streaming_) gram_flush();
