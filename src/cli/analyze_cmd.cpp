@@ -245,6 +245,7 @@ void run_analyze(const AnalyzeArgs& a) {
                 in.synth->features(r0, n, synth_labels.data(), synth_features.data());
                 const collapse_buffer f{synth_features.data(), sp.dtype, COLLAPSE_MEMORY_HOST, n, sp.dim, 0};
                 const collapse_buffer l{synth_labels.data(), COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
+                session.set_row_offset(r0);
                 feed([&] { session.ingest_rows(&f, &l, nullptr, nullptr); }, n);
             }
         } else if (in.sequences()) {
@@ -256,6 +257,7 @@ void run_analyze(const AnalyzeArgs& a) {
                 const collapse_buffer ids = buffer_of(*in.input_ids, b0, nb, T);
                 std::optional<collapse_buffer> m;
                 if (in.mask) m = buffer_of(*in.mask, b0, nb, T);
+                session.set_row_offset(b0);
                 feed([&] { session.ingest_sequences(&h, &ids, m ? &*m : nullptr, nb, T, nullptr); }, nb * std::max<int64_t>(0, T - 1));
                 in.hidden->release_rows(b0, b0 + nb);
             }
@@ -265,6 +267,7 @@ void run_analyze(const AnalyzeArgs& a) {
                 const int64_t n = std::min(cfg.batch_rows, N - r0);
                 const collapse_buffer f = buffer_of(*in.features, r0, n, d);
                 const collapse_buffer l = buffer_of(*in.labels, r0, n, 1);
+                session.set_row_offset(r0);
                 feed([&] { session.ingest_rows(&f, &l, nullptr, nullptr); }, n);
                 in.features->release_rows(r0, r0 + n);
             }

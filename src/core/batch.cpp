@@ -1,6 +1,8 @@
 #include "core/batch.hpp"
 
+#include <cfloat>
 #include <cmath>
+#include <string>
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
@@ -68,6 +70,12 @@ void check_int(const collapse_buffer* b, const char* what, bool allow_bytes) {
     if (!ok)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": dtype ", dtype_name(b->dtype), " is not ",
              allow_bytes ? "uint8, bool, int32 or int64" : "int32 or int64");
+}
+
+// "13 of the input (row 3 of this batch)" when the caller gave an offset, else "3 of the batch".
+std::string where(const BatchDesc& b, int64_t r) {
+    if (b.row_offset == 0) return std::to_string(r) + " of the batch";
+    return std::to_string(b.row_offset + r) + " of the input (" + std::to_string(r) + " of this batch)";
 }
 
 void check_same_memory(const collapse_buffer* a, const collapse_buffer* b, const char* what) {
@@ -143,7 +151,7 @@ int64_t first_nonfinite(const void* row, collapse_dtype t, int64_t d) {
         case COLLAPSE_F64: {
             const double* p = static_cast<const double*>(row);
             for (int64_t k = 0; k < d; ++k)
-                if (!std::isfinite(p[k])) return k;
+                if (!(std::fabs(p[k]) <= (double)FLT_MAX)) return k;
             return -1;
         }
         case COLLAPSE_F16:
@@ -175,9 +183,9 @@ AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vec
         const int64_t y = b.label_value(r);
         if (y < 0 || y >= num_classes) {
             if (b.sequences)
-                fail(COLLAPSE_ERR_BAD_INPUT, "label ", y, " at sequence ", r / (b.seq_len - 1), ", position ",
+                fail(COLLAPSE_ERR_BAD_INPUT, "label ", y, " at sequence ", where(b, r / (b.seq_len - 1)), ", position ",
                      r % (b.seq_len - 1) + 1, " of input_ids is outside [0, ", num_classes, ")");
-            fail(COLLAPSE_ERR_BAD_INPUT, "label ", y, " at row ", r, " of the batch is outside [0, ", num_classes, ")");
+            fail(COLLAPSE_ERR_BAD_INPUT, "label ", y, " at row ", where(b, r), " is outside [0, ", num_classes, ")");
         }
         if (excluded[(size_t)y]) {
             ++out.rows_excluded;
@@ -191,9 +199,13 @@ AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vec
                     ++out.rows_nonfinite;
                     continue;
                 }
-                fail(COLLAPSE_ERR_BAD_INPUT, "non-finite feature value ",
-                     load_as_double(b.features.row(fr), b.features.dtype, k), " at row ", fr, ", column ", k,
-                     " of the batch (nonfinite_policy: error; use skip_row to drop such rows)");
+                const double v = load_as_double(b.features.row(fr), b.features.dtype, k);
+                const char* what = std::isfinite(v) ? "feature value outside the float32 range " : "non-finite feature value ";
+                if (b.sequences)
+                    fail(COLLAPSE_ERR_BAD_INPUT, what, v, " at sequence ", where(b, r / (b.seq_len - 1)), ", position ",
+                         r % (b.seq_len - 1), ", column ", k, " (nonfinite_policy: error; skip_row drops such rows)");
+                fail(COLLAPSE_ERR_BAD_INPUT, what, v, " at row ", where(b, fr), ", column ", k,
+                     " (nonfinite_policy: error; skip_row drops such rows)");
             }
         }
         out.feature_row.push_back(fr);

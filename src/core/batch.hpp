@@ -29,6 +29,7 @@ struct BatchDesc {
     MatrixView valid;   // data == nullptr: all rows valid
     bool sequences = false;
     int64_t batch = 0, seq_len = 0;  // sequence layout
+    int64_t row_offset = 0;          // input row (sequence) of this batch's first row, for messages
     int64_t num_rows() const { return sequences ? batch * (seq_len > 0 ? seq_len - 1 : 0) : features.rows; }
     int64_t feature_row(int64_t r) const;
     int64_t label_value(int64_t r) const;
@@ -55,7 +56,8 @@ struct AcceptedRows {
 AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vector<uint8_t>& excluded,
                          collapse_nonfinite_policy policy, bool check_finite);
 
-// Index of the first non-finite element of a feature row, or -1.
+// Index of the first element of a feature row that is not finite or, for float64, lies outside
+// the float32 range (rows are kept as float32 and squared in float64), or -1.
 int64_t first_nonfinite(const void* row, collapse_dtype t, int64_t d);
 
 }  // namespace collapse

@@ -15,7 +15,7 @@
 
 namespace collapse {
 
-inline size_t dtype_size(collapse_dtype t) {
+COLLAPSE_HD size_t dtype_size(collapse_dtype t) {
     switch (t) {
         case COLLAPSE_F32: return 4;
         case COLLAPSE_F16: return 2;

@@ -80,7 +80,9 @@ void Session::check_state(const char* call) const {
 
 void Session::ingest(const BatchDesc& b, void* stream) {
     const auto t0 = Clock::now();
-    if (b.features.rows > 0) ensure_backend(b.features.cols);
+    // The first batch fixes d; if it is refused, nothing is fixed.
+    const bool first = !backend_ && b.features.rows > 0;
+    if (first) ensure_backend(b.features.cols);
     if (!backend_) {  // an empty first batch of unknown width: nothing to do but count
         rows_before_backend_ += b.num_rows();
         return;
@@ -90,7 +92,15 @@ void Session::ingest(const BatchDesc& b, void* stream) {
         second_pass_seconds_ += seconds_since(t0);
         return;
     }
-    backend_->ingest(b, stream);
+    try {
+        backend_->ingest(b, stream);
+    } catch (...) {
+        if (first) {
+            backend_.reset();
+            d_ = 0;
+        }
+        throw;
+    }
     ++batches_;
     ingest_seconds_ += seconds_since(t0);
 }
@@ -98,13 +108,17 @@ void Session::ingest(const BatchDesc& b, void* stream) {
 void Session::ingest_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid,
                           void* stream) {
     check_state("ingest_rows");
-    ingest(describe_rows(features, labels, valid, d_), stream);
+    BatchDesc b = describe_rows(features, labels, valid, d_);
+    b.row_offset = row_offset_;
+    ingest(b, stream);
 }
 
 void Session::ingest_sequences(const collapse_buffer* hidden, const collapse_buffer* ids, const collapse_buffer* mask,
                                int64_t batch, int64_t seq_len, void* stream) {
     check_state("ingest_sequences");
-    ingest(describe_sequences(hidden, ids, mask, batch, seq_len, d_), stream);
+    BatchDesc b = describe_sequences(hidden, ids, mask, batch, seq_len, d_);
+    b.row_offset = row_offset_;
+    ingest(b, stream);
 }
 
 void Session::set_classifier(const collapse_buffer* weight, const collapse_buffer* bias) {

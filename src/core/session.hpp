@@ -43,6 +43,9 @@ public:
     Counts row_counts() const;
     int64_t dim() const { return d_; }
     bool in_second_pass() const { return state_ == State::SecondPass; }
+    // Row (or sequence) number of the next batch's first row in the caller's input, so that errors
+    // name the row of the file rather than of the batch (the CLI sets it; 0 by default).
+    void set_row_offset(int64_t offset) { row_offset_ = offset; }
 
 private:
     enum class State { Ingest, SecondPass, Done };
@@ -56,6 +59,7 @@ private:
     std::unique_ptr<Backend> backend_;
     Classifier clf_;
     int64_t rows_before_backend_ = 0;
+    int64_t row_offset_ = 0;
     KeptSet kept_;  // fixed at begin_second_pass
     State state_ = State::Ingest;
     double ingest_seconds_ = 0, second_pass_seconds_ = 0;

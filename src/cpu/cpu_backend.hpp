@@ -61,19 +61,19 @@ private:
     std::vector<double> gram_block_;  // rows waiting for the next dsyrk
     int64_t gram_block_rows_ = 0;
 
-    // Exact mode: every accepted row, by class (float32: inputs are at most float32-exact... see
-    // README: float64 inputs are rounded here). Sampled mode: reservoirs of at most
-    // svd_max_rows_per_token rows.
-    std::vector<std::vector<float>> store_;
+    // Exact mode: every accepted row, by class; sampled mode: reservoirs of at most
+    // svd_max_rows_per_token rows. Kept in float64 so that float64 inputs lose nothing.
+    std::vector<std::vector<double>> store_;
     int64_t store_bytes_ = 0;
 
     // Per-batch scratch (reused): rows grouped by class and their partial sums.
     std::vector<int64_t> order_;
     std::vector<int32_t> run_label_;
     std::vector<int64_t> run_begin_;
-    std::vector<double> stage_sum_;
-    std::vector<double> stage_sq_;
-    std::vector<double> squares_;  // [d] element-wise squares of the current run
+    std::vector<double> stage_sum_;    // [staged runs, d] sums of classes seen more than once
+    std::vector<double> stage_sq_;     // [runs] sum of squared norms
+    std::vector<int64_t> stage_slot_;  // [runs] row in stage_sum_, -1 for a single row
+    std::vector<double> run_sum_;      // [d] the current run's sum
     std::vector<int64_t> bucket_;
     std::vector<int32_t> run_of_label_;  // [V], -1 outside stage()
 

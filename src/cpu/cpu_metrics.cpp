@@ -43,16 +43,16 @@ std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_
     return s;
 }
 
-// All min(n, d) singular values of an n x d float matrix (row-major), minus `center` per row if
+// All min(n, d) singular values of an n x d matrix (row-major), minus `center` per row if
 // given. Small matrices go straight to LAPACK's SVD; large ones through the Gram of the smaller side.
-std::vector<double> singular_values(const float* x, int64_t n, int64_t d, const double* center) {
+std::vector<double> singular_values(const double* x, int64_t n, int64_t d, const double* center) {
     const int64_t r = std::min(n, d);
     if (r == 0) return {};
     constexpr int64_t kDirectElements = int64_t(1) << 25;  // 256 MiB of doubles
     if (n * d <= kDirectElements) {
         std::vector<double> a((size_t)(n * d));
         for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = (double)x[i * d + j] - (center ? center[j] : 0.0);
+            for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = x[i * d + j] - (center ? center[j] : 0.0);
         std::vector<double> s((size_t)r);
         // The row-major n x d matrix is the column-major d x n one: same singular values, and
         // column-major takes the dummy leading dimensions of jobz = 'N'.
@@ -72,13 +72,13 @@ std::vector<double> singular_values(const float* x, int64_t n, int64_t d, const 
             const int64_t nb = std::min(B, n - i0);
             for (int64_t i = 0; i < nb; ++i)
                 for (int64_t j = 0; j < d; ++j)
-                    blk[(size_t)(i * d + j)] = (double)x[(i0 + i) * d + j] - (center ? center[j] : 0.0);
+                    blk[(size_t)(i * d + j)] = x[(i0 + i) * d + j] - (center ? center[j] : 0.0);
             cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)nb, 1.0, blk.data(), (int)d, 1.0, g.data(), (int)d);
         }
     } else {
         std::vector<double> a((size_t)(n * d));
         for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = (double)x[i * d + j] - (center ? center[j] : 0.0);
+            for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = x[i * d + j] - (center ? center[j] : 0.0);
         cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)n, (int)d, 1.0, a.data(), (int)d, 0.0, g.data(), (int)n);
     }
     return singular_from_gram(g, m, r);
@@ -166,6 +166,21 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
         const double w = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED ? n : 1.0;
         for (size_t j = 0; j < d; ++j) mu_g[j] += w * mu[s * d + j];
         weight_total += w;
+    }
+    // With every row kept (exact mode), the within-class variance is taken about the final mean:
+    // E||x||^2 - ||mu||^2 loses digits in proportion to ||mu||^2 / var_c for tight classes.
+    if (has_row_store()) {
+        for (size_t s = 0; s < K; ++s) {
+            const auto& st = store_[(size_t)kept.ids[s]];
+            const size_t n = st.size() / d;
+            double acc = 0;
+            for (size_t r = 0; r < n; ++r)
+                for (size_t j = 0; j < d; ++j) {
+                    const double dv = st[r * d + j] - mu[s * d + j];
+                    acc += dv * dv;
+                }
+            var[s] = n > 0 ? acc / (double)n : 0.0;
+        }
     }
     for (size_t j = 0; j < d; ++j) mu_g[j] = weight_total > 0 ? mu_g[j] / weight_total : 0.0;
     for (size_t s = 0; s < K; ++s)
@@ -290,24 +305,15 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
     const int64_t K = (int64_t)kept.ids.size();
     const size_t d = (size_t)d_;
     std::vector<double> q((size_t)K), a((size_t)K);
-    std::vector<double> usum(d, 0.0);
-    double uu = 0;  // sum ||u||^2
     for (int64_t s = 0; s < K; ++s) {
         double v = 0;
         for (size_t j = 0; j < d; ++j) v += m[(size_t)s * d + j] * m[(size_t)s * d + j];
         q[(size_t)s] = v;
         a[(size_t)s] = std::sqrt(v) + kNormEps;
-        for (size_t j = 0; j < d; ++j) usum[j] += m[(size_t)s * d + j] / a[(size_t)s];
-        uu += v / (a[(size_t)s] * a[(size_t)s]);
     }
-    // Shifts close to the means make the one-pass variances accurate: the mean cosine has a closed
-    // form, sum_{i<j} u_i.u_j = (||sum u||^2 - sum ||u||^2) / 2.
-    const double pairs = 0.5 * (double)K * (double)(K - 1);
-    double us2 = 0;
-    for (double v : usum) us2 += v * v;
-    const double cos_shift = 0.5 * (us2 - uu) / pairs;
-    const double du2_mean = ((double)(K - 1) * uu - (us2 - uu)) / pairs;
-    const double log_shift = du2_mean > 0 ? -0.5 * std::log(du2_mean) : 0.0;
+    // Mean and variance of the cosines and log kernels: each row of a tile sums deviations from its
+    // own first value (so the one-pass variance loses no digits), then rows and tiles merge in a
+    // fixed order with Chan's formula.
 
     // Tile edge from a 64 MiB budget per tile (a fraction of the memory limit when that is small).
     const int64_t budget = std::min<int64_t>(int64_t(64) << 20, cfg_.host_memory_limit / 8);
@@ -315,7 +321,8 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
     const int64_t nt = (K + T - 1) / T;
 
     struct TileSum {
-        double n_l = 0, s_l = 0, s_l2 = 0, s_c = 0, s_c2 = 0, n_cdnv = 0, s_cdnv = 0;
+        Moments l, c;
+        double n_cdnv = 0, s_cdnv = 0;
         int64_t pairs = 0, skip_l = 0, skip_cdnv = 0;
     };
     std::vector<std::pair<int64_t, int64_t>> tiles;
@@ -338,15 +345,18 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
                 const int64_t gi = i0 + i;
                 const int64_t jstart = (i0 == j0) ? i + 1 : 0;  // i < j only
                 double n_l = 0, s_l = 0, s_l2 = 0, s_c = 0, s_c2 = 0, n_cd = 0, s_cd = 0;
+                double l_shift = 0, c_shift = 0;
                 for (int64_t j = jstart; j < nj; ++j) {
                     const int64_t gj = j0 + j;
                     const PairTerms pt = pair_terms(g[(size_t)(i * nj + j)], q[(size_t)gi], q[(size_t)gj], a[(size_t)gi],
                                                     a[(size_t)gj], var[(size_t)gi], var[(size_t)gj], p);
-                    const double dc = pt.cos - cos_shift;
+                    if (j == jstart) c_shift = pt.cos;
+                    const double dc = pt.cos - c_shift;
                     s_c += dc;
                     s_c2 += dc * dc;
                     if (!pt.gnc2_skip) {
-                        const double dl = pt.log_kernel - log_shift;
+                        if (n_l == 0) l_shift = pt.log_kernel;
+                        const double dl = pt.log_kernel - l_shift;
                         n_l += 1, s_l += dl, s_l2 += dl * dl;
                     }
                     if (!pt.cdnv_skip) n_cd += 1, s_cd += pt.cdnv;
@@ -355,7 +365,8 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
                 ts.pairs += np;
                 ts.skip_l += np - (int64_t)n_l;
                 ts.skip_cdnv += np - (int64_t)n_cd;
-                ts.n_l += n_l, ts.s_l += s_l, ts.s_l2 += s_l2, ts.s_c += s_c, ts.s_c2 += s_c2;
+                ts.l.merge(Moments::from_shifted(n_l, s_l, s_l2, l_shift));
+                ts.c.merge(Moments::from_shifted((double)np, s_c, s_c2, c_shift));
                 ts.n_cdnv += n_cd, ts.s_cdnv += s_cd;
             }
             sums[(size_t)t] = ts;
@@ -364,22 +375,23 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
     // Merge in tile order: the same result whatever the thread count.
     TileSum all;
     for (const TileSum& ts : sums) {
-        all.n_l += ts.n_l, all.s_l += ts.s_l, all.s_l2 += ts.s_l2, all.s_c += ts.s_c, all.s_c2 += ts.s_c2;
+        all.l.merge(ts.l);
+        all.c.merge(ts.c);
         all.n_cdnv += ts.n_cdnv, all.s_cdnv += ts.s_cdnv;
         all.pairs += ts.pairs, all.skip_l += ts.skip_l, all.skip_cdnv += ts.skip_cdnv;
     }
     out.gnc2_pairs = all.pairs;
     out.gnc2_skipped_pairs = all.skip_l;
     out.cdnv_skipped_pairs = all.skip_cdnv;
-    if (all.n_l > 0) {
-        const Moments ml = Moments::from_shifted(all.n_l, all.s_l, all.s_l2, log_shift);
+    if (all.l.n > 0) {
+        const Moments& ml = all.l;
         out.overall_gnc2 = ml.mean;
         out.gnc2_var = ml.var_pop();
         if (ml.mean != 0) out.gnc2_cov = std::sqrt(ml.var_pop()) / std::fabs(ml.mean);
     } else {
         out.notes["overall_gnc2"] = "every pair of directions is closer than 1e-6";
     }
-    const Moments mc = Moments::from_shifted((double)all.pairs, all.s_c, all.s_c2, cos_shift);
+    const Moments& mc = all.c;
     out.nc2_equiangular_mean = mc.mean;
     out.nc2_equiangular_std = std::sqrt(mc.var_pop());
     out.nc2_equiangular_ideal = -1.0 / (double)(K - 1);
@@ -394,16 +406,11 @@ void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
     } else if (has_row_store()) {
         // max_tokens_to_analyze: the kept set is known only now; the Gram comes from the rows.
         g.assign((size_t)(d_ * d_), 0.0);
-        const int64_t B = 512;
-        std::vector<double> blk((size_t)(B * d_));
         for (int32_t c : kept.ids) {
             const auto& st = store_[(size_t)c];
             const int64_t n = (int64_t)st.size() / d_;
-            for (int64_t i0 = 0; i0 < n; i0 += B) {
-                const int64_t nb = std::min(B, n - i0);
-                for (int64_t k = 0; k < nb * d_; ++k) blk[(size_t)k] = st[(size_t)(i0 * d_ + k)];
-                cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)nb, 1.0, blk.data(), (int)d_, 1.0, g.data(), (int)d_);
-            }
+            if (n > 0)
+                cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)n, 1.0, st.data(), (int)d_, 1.0, g.data(), (int)d_);
         }
     } else if (pass2_ && pass2_gram_ && pass2_rows_ == kept.rows) {
         g = gram2_;
@@ -450,17 +457,11 @@ void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, cons
     for (size_t s = 0; s < K; ++s)
         for (int64_t j = 0; j < d_; ++j) mu_sq[s] += mu[s * (size_t)d_ + (size_t)j] * mu[s * (size_t)d_ + (size_t)j];
     int64_t agree = 0, rows = 0;
-    const int64_t B = 1024;
-    std::vector<double> blk((size_t)(B * d_));
     for (int32_t c : kept.ids) {
         const auto& st = store_[(size_t)c];
         const int64_t n = (int64_t)st.size() / d_;
-        for (int64_t i0 = 0; i0 < n; i0 += B) {
-            const int64_t nb = std::min(B, n - i0);
-            for (int64_t k = 0; k < nb * d_; ++k) blk[(size_t)k] = st[(size_t)(i0 * d_ + k)];
-            agree += nc4_agreements(blk.data(), nb, d_, clf, V_, mu, mu_sq, kept.ids);
-            rows += nb;
-        }
+        agree += nc4_agreements(st.data(), n, d_, clf, V_, mu, mu_sq, kept.ids);
+        rows += n;
     }
     out.nc4_rows = rows;
     if (rows > 0) out.nc4_agreement = (double)agree / (double)rows;

@@ -1,0 +1,659 @@
+// collapse_bench: the engine's throughput, each figure printed next to the ceiling it is measured
+// against (measured in the same run, on the same buffers) and the ratio. bench/README.md explains
+// every figure. Inputs are synthetic and generated once, before any timing starts.
+//
+//   collapse_bench [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|svd] [--json FILE]
+#include <cblas.h>
+#include <lapacke.h>
+#include <omp.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "collapse/collapse.h"
+#include "core/config.hpp"
+#include "core/error.hpp"
+#include "core/session.hpp"
+
+#ifdef COLLAPSE_BENCH_CUDA
+#include "cuda_helpers.hpp"
+#endif
+
+#ifndef COLLAPSE_BENCH_BUILD_TYPE
+#define COLLAPSE_BENCH_BUILD_TYPE "unknown"
+#endif
+#ifndef COLLAPSE_BENCH_CXX_FLAGS
+#define COLLAPSE_BENCH_CXX_FLAGS ""
+#endif
+#ifndef COLLAPSE_BENCH_COMPILER
+#define COLLAPSE_BENCH_COMPILER ""
+#endif
+
+using json = nlohmann::json;
+using collapse::Config;
+using collapse::Session;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+constexpr double kGB = 1e9;
+constexpr int64_t kMiB = int64_t(1) << 20;
+
+struct Options {
+    bool quick = false;
+    bool cuda = false;
+    std::string only;  // "" = all
+    std::string json_path;
+};
+
+struct Timing {
+    double best = 0, median = 0;  // seconds
+};
+Timing summarize(std::vector<double> t) {
+    std::sort(t.begin(), t.end());
+    Timing r;
+    r.best = t.front();
+    r.median = t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
+    return r;
+}
+
+// ---- synthetic inputs (never timed) ----------------------------------------------------------
+
+uint64_t splitmix(uint64_t& s) {
+    uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// Labels ~ Zipf(s) over ranks 1..V; rank k maps to a seeded permutation of the ids, so frequent ids
+// are spread over the vocabulary (and over the accumulator rows).
+std::vector<int32_t> zipf_labels(int64_t n, int64_t V, double s, uint64_t seed) {
+    std::vector<double> cdf((size_t)V);
+    double acc = 0;
+    for (int64_t k = 0; k < V; ++k) cdf[(size_t)k] = acc += std::pow((double)(k + 1), -s);
+    for (double& c : cdf) c /= acc;
+    std::vector<int32_t> perm((size_t)V);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::mt19937_64 rng(seed);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int32_t> out((size_t)n);
+    uint64_t st = seed * 7919 + 1;
+    for (int64_t i = 0; i < n; ++i) {
+        const double u = ((double)(splitmix(st) >> 11) + 0.5) * 0x1p-53;
+        const size_t r = std::min<size_t>((size_t)(std::lower_bound(cdf.begin(), cdf.end(), u) - cdf.begin()), (size_t)V - 1);
+        out[(size_t)i] = perm[r];
+    }
+    return out;
+}
+
+// Uniform floats in [-1, 1), filled in parallel blocks (page first-touch spread over the threads
+// like any producer would leave it; the read loop and the engine then read it the same way).
+void fill_uniform(float* x, int64_t n, uint64_t seed) {
+    const int64_t blk = int64_t(1) << 16;
+    const int64_t nblk = (n + blk - 1) / blk;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblk; ++b) {
+        uint64_t st = seed ^ ((uint64_t)b * 0xd1b54a32d192ed03ull);
+        const int64_t end = std::min(n, (b + 1) * blk);
+        for (int64_t i = b * blk; i < end; ++i) x[i] = (float)((double)(splitmix(st) >> 40) * 0x1p-23 - 1.0);
+    }
+}
+
+// ---- ceilings -------------------------------------------------------------------------------------
+
+// The plain read: every float of the buffer summed into 32 independent accumulators (the inner
+// loop has no dependency between lanes, so it vectorises under the project's own flags).
+__attribute__((noinline)) float read_sum(const float* p, size_t n) {
+    constexpr size_t L = 32;
+    float acc[L] = {};
+    size_t i = 0;
+    for (; i + L <= n; i += L)
+        for (size_t j = 0; j < L; ++j) acc[j] += p[i + j];
+    float s = 0;
+    for (; i < n; ++i) s += p[i];
+    for (size_t j = 0; j < L; ++j) s += acc[j];
+    return s;
+}
+
+volatile float g_sink = 0;
+
+// Single-thread read bandwidth over the buffer: best of `reps` (after one warm-up pass), GB/s.
+double read_bandwidth(const float* p, size_t n, int reps) {
+    double best = 1e300;
+    for (int r = 0; r <= reps; ++r) {
+        const auto t0 = Clock::now();
+        g_sink = g_sink + read_sum(p, n);
+        const double s = since(t0);
+        if (r > 0) best = std::min(best, s);
+    }
+    return (double)n * sizeof(float) / best / kGB;
+}
+
+// cblas_dsyrk on a k x d block (row-major, C += A^T A upper: the engine's Gram call), best of reps.
+double dsyrk_gflops(int64_t d, int64_t k, int reps) {
+    std::vector<double> a((size_t)(k * d)), c((size_t)(d * d), 0.0);
+    for (size_t i = 0; i < a.size(); ++i) a[i] = (double)((i * 2654435761u) % 1000u) * 1e-3 - 0.5;
+    const double flops_per = (double)k * (double)d * (double)d;
+    // Enough calls for ~0.2 s at 50 GFLOP/s.
+    const int64_t iters = std::max<int64_t>(4, (int64_t)(1e10 / flops_per));
+    double best = 1e300;
+    for (int r = 0; r <= reps; ++r) {
+        const auto t0 = Clock::now();
+        for (int64_t i = 0; i < iters; ++i)
+            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)k, 1.0, a.data(), (int)d, 1.0, c.data(), (int)d);
+        const double s = since(t0);
+        if (r > 0) best = std::min(best, s);
+    }
+    g_sink = g_sink + (float)c[0];
+    return flops_per * (double)iters / best / kGB;
+}
+
+// The pair metrics' tile GEMMs alone, exactly as src/cpu/cpu_metrics.cpp issues them: an OpenMP
+// loop over the upper-triangle tiles of M M^T, one cblas_dgemm per tile. Seconds (best of reps).
+int64_t pair_tile_edge(int64_t K, int64_t host_memory_limit) {
+    const int64_t budget = std::min<int64_t>(int64_t(64) << 20, host_memory_limit / 8);
+    return std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
+}
+double tile_gemm_seconds(int64_t K, int64_t d, int64_t T, int reps, double* flops) {
+    std::vector<double> m((size_t)(K * d));
+    for (size_t i = 0; i < m.size(); ++i) m[i] = (double)((i * 2654435761u) % 1000u) * 1e-3 - 0.5;
+    const int64_t nt = (K + T - 1) / T;
+    std::vector<std::pair<int64_t, int64_t>> tiles;
+    for (int64_t bi = 0; bi < nt; ++bi)
+        for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back(bi, bj);
+    *flops = 0;
+    for (const auto& t : tiles)
+        *flops += 2.0 * (double)std::min(T, K - t.first * T) * (double)std::min(T, K - t.second * T) * (double)d;
+    double best = 1e300;
+    for (int r = 0; r < reps; ++r) {
+        const auto t0 = Clock::now();
+        double check = 0;
+#pragma omp parallel reduction(+ : check)
+        {
+            std::vector<double> g((size_t)(T * T));
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < (int64_t)tiles.size(); ++t) {
+                const int64_t i0 = tiles[(size_t)t].first * T, j0 = tiles[(size_t)t].second * T;
+                const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
+                cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ni, (int)nj, (int)d, 1.0, m.data() + (size_t)i0 * d,
+                            (int)d, m.data() + (size_t)j0 * d, (int)d, 0.0, g.data(), (int)nj);
+                check += g[0];
+            }
+        }
+        best = std::min(best, since(t0));
+        g_sink = g_sink + (float)check;
+    }
+    return best;
+}
+
+// ---- machine --------------------------------------------------------------------------------------
+
+std::string cpu_model() {
+    std::ifstream f("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(f, line))
+        if (line.rfind("model name", 0) == 0) {
+            const auto p = line.find(':');
+            if (p != std::string::npos) return line.substr(p + 2);
+        }
+    return "unknown";
+}
+
+std::string now_string() {
+    char buf[64];
+    const std::time_t t = std::time(nullptr);
+    std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S %Z", std::localtime(&t));
+    return buf;
+}
+
+// ---- engine runs ------------------------------------------------------------------------------------
+
+Config base_config(const Options& o, int64_t V, int64_t d) {
+    Config c;
+    c.num_classes = V;
+    c.dim = d;
+    c.backend = o.cuda ? COLLAPSE_BACKEND_CUDA : COLLAPSE_BACKEND_CPU;
+    c.device = o.cuda ? "cuda" : "cpu";
+    c.log_level = "error";
+    return c;
+}
+
+// A feature buffer and its labels, on the host, plus device copies for the cuda backend.
+struct Inputs {
+    std::vector<float> x;
+    std::vector<int32_t> y;
+    int64_t n = 0, d = 0;
+    const float* xd = nullptr;  // what the session reads (host or device)
+    const int32_t* yd = nullptr;
+    collapse_memory mem = COLLAPSE_MEMORY_HOST;
+    void* dev_x = nullptr;
+    void* dev_y = nullptr;
+    Inputs() = default;
+    Inputs(const Inputs&) = delete;
+    Inputs& operator=(const Inputs&) = delete;
+    ~Inputs() {
+#ifdef COLLAPSE_BENCH_CUDA
+        if (dev_x) bench_cuda::free_device(dev_x);
+        if (dev_y) bench_cuda::free_device(dev_y);
+#endif
+    }
+    void place(const Options& o) {
+        xd = x.data();
+        yd = y.data();
+#ifdef COLLAPSE_BENCH_CUDA
+        if (o.cuda) {
+            dev_x = bench_cuda::to_device(x.data(), x.size() * sizeof(float));
+            dev_y = bench_cuda::to_device(y.data(), y.size() * sizeof(int32_t));
+            xd = static_cast<const float*>(dev_x);
+            yd = static_cast<const int32_t*>(dev_y);
+            mem = COLLAPSE_MEMORY_DEVICE;
+        }
+#else
+        (void)o;
+#endif
+    }
+};
+
+// One pass of ingest over the whole buffer in batches of B rows. Seconds (includes sync()).
+double ingest_pass(Session& s, const Inputs& in, int64_t B) {
+    const auto t0 = Clock::now();
+    for (int64_t r0 = 0; r0 < in.n; r0 += B) {
+        const int64_t nb = std::min(B, in.n - r0);
+        const collapse_buffer fx{in.xd + r0 * in.d, COLLAPSE_F32, in.mem, nb, in.d, 0};
+        const collapse_buffer fy{in.yd + r0, COLLAPSE_I32, in.mem, nb, 1, 0};
+        s.ingest_rows(&fx, &fy, nullptr, nullptr);
+    }
+    s.sync();
+    return since(t0);
+}
+
+double timing_of(const collapse::ReportData& r, const char* phase) {
+    const auto& t = r.doc["engine"]["timings_seconds"];
+    return t.contains(phase) ? t[phase].get<double>() : 0.0;
+}
+
+// ---- figure 1: ingest vs. the read bandwidth of the same buffer ------------------------------------
+
+void bench_ingest(const Options& o, json& out) {
+    const std::vector<int64_t> dims = {64, 1024, 4096};
+    const std::vector<int64_t> vocab = {512, 32000};
+    const int64_t B = 65536;
+    const int64_t min_bytes = (o.quick ? 64 : 256) * kMiB;
+    const int reps = o.quick ? 2 : 3, read_reps = o.quick ? 3 : 5;
+    std::printf("\n== 1. ingest: sums, counts, squared norms (svd_mode off, no Gram, no row store), f32, Zipf(1.1) ==\n");
+    std::printf("   engine: one warm-up pass, then best of %d passes over the buffer; ceiling: best of %d plain %s\n", reps,
+                read_reps, o.cuda ? "read-kernel passes (GPU)" : "single-thread read-sum passes over the SAME buffer");
+    for (int64_t d : dims) {
+        const int64_t row_bytes = d * 4;
+        const int64_t n = std::max<int64_t>(o.quick ? 4096 : B, (min_bytes + row_bytes - 1) / row_bytes);
+        const int64_t batch = std::min(B, n);
+        Inputs in;
+        in.n = n;
+        in.d = d;
+        in.x.resize((size_t)(n * d));
+        fill_uniform(in.x.data(), n * d, 0x1234 + (uint64_t)d);
+        double read_gbps = 0;
+        for (int64_t V : vocab) {
+            in.y = zipf_labels(n, V, 1.1, 42 + (uint64_t)V);
+            in.place(o);
+            if (read_gbps == 0) {
+#ifdef COLLAPSE_BENCH_CUDA
+                if (o.cuda) read_gbps = bench_cuda::read_gbps(in.xd, (size_t)(n * d), read_reps);
+#endif
+                if (!o.cuda) read_gbps = read_bandwidth(in.x.data(), (size_t)(n * d), read_reps);
+            }
+            Config cfg = base_config(o, V, d);
+            cfg.svd_mode = COLLAPSE_SVD_OFF;
+            cfg.compute_overall_metrics = false;
+            cfg.compute_token_metrics = false;
+            Session s(cfg);
+            ingest_pass(s, in, batch);  // warm-up: scratch vectors grow, pages are touched
+            std::vector<double> t;
+            for (int r = 0; r < reps; ++r) t.push_back(ingest_pass(s, in, batch));
+            const Timing tm = summarize(t);
+            const double bytes = (double)n * (double)row_bytes;
+            const double gbps = bytes / tm.best / kGB, rows = (double)n / tm.best;
+            const double ratio = gbps / read_gbps;
+            std::string goal;
+            if (d == 1024 && V == 32000) goal = ratio >= 0.5 ? "  goal>=0.5 met" : "  goal>=0.5 MISSED";
+            std::printf("ingest  d=%-5lld V=%-6lld rows=%-8lld (%4.0f MiB, batch %lld)  rows/s=%9.3e  GB/s=%6.2f (median %6.2f)"
+                        "  | read BW (%s) GB/s=%6.2f  ratio=%.2f%s\n",
+                        (long long)d, (long long)V, (long long)n, bytes / kMiB, (long long)batch, rows, gbps,
+                        bytes / tm.median / kGB, o.cuda ? "GPU read kernel, same buffer" : "1 thread, same buffer", read_gbps,
+                        ratio, goal.c_str());
+            std::fflush(stdout);
+            json j = {{"d", d}, {"V", V}, {"rows", n}, {"batch_rows", batch}, {"buffer_bytes", bytes},
+                      {"seconds_best", tm.best}, {"seconds_median", tm.median}, {"rows_per_s", rows},
+                      {"GBps", gbps}, {"GBps_median", bytes / tm.median / kGB}, {"read_GBps", read_gbps},
+                      {"ratio", ratio}};
+            if (!goal.empty()) j["goal_0_5_met"] = ratio >= 0.5;
+            out["ingest"].push_back(j);
+#ifdef COLLAPSE_BENCH_CUDA
+            if (in.dev_x) bench_cuda::free_device(in.dev_x), in.dev_x = nullptr;
+            if (in.dev_y) bench_cuda::free_device(in.dev_y), in.dev_y = nullptr;
+#endif
+        }
+    }
+}
+
+// ---- figure 2: ingest with the overall Gram vs. dsyrk ----------------------------------------------
+
+void bench_gram(const Options& o, json& out) {
+    const std::vector<int64_t> dims = {64, 1024};
+    const int64_t V = 32000, B = 65536, block = 256;  // 256: the engine's kGramBlockRows
+    const int reps = o.quick ? 2 : 3;
+    std::printf("\n== 2. ingest with the overall Gram (compute_overall_metrics: true), V=%lld, f32, Zipf(1.1) ==\n", (long long)V);
+    std::printf("   Gram flops counted as N*d*d per pass (symmetric rank-k update: d(d+1)/2 entries x 2 flops x N rows)\n");
+    std::printf("   ceiling: %s on a %lld x d block of doubles, C += A^T A, best of %d\n",
+                o.cuda ? "cublasDsyrk" : "cblas_dsyrk (the engine's call shape)", (long long)block, reps + 2);
+    for (int64_t d : dims) {
+        const int64_t n = std::max<int64_t>(o.quick ? 16384 : B, ((o.quick ? 64 : 256) * kMiB) / (d * 4));
+        const int64_t batch = std::min(B, n);
+        Inputs in;
+        in.n = n;
+        in.d = d;
+        in.x.resize((size_t)(n * d));
+        fill_uniform(in.x.data(), n * d, 0x777 + (uint64_t)d);
+        in.y = zipf_labels(n, V, 1.1, 4242);
+        in.place(o);
+        Config cfg = base_config(o, V, d);
+        cfg.svd_mode = COLLAPSE_SVD_OFF;
+        cfg.compute_overall_metrics = true;
+        cfg.compute_token_metrics = false;
+        Session s(cfg);
+        ingest_pass(s, in, batch);
+        std::vector<double> t;
+        for (int r = 0; r < reps; ++r) t.push_back(ingest_pass(s, in, batch));
+        const Timing tm = summarize(t);
+        double ceil_gflops = 0;
+#ifdef COLLAPSE_BENCH_CUDA
+        if (o.cuda) ceil_gflops = bench_cuda::dsyrk_gflops((int)d, (int)block, (int)std::max<int64_t>(8, (int64_t)(2e10 / (block * d * d))), reps);
+#endif
+        if (!o.cuda) ceil_gflops = dsyrk_gflops(d, block, reps + 2);
+        const double flops = (double)n * (double)d * (double)d;
+        const double gflops = flops / tm.best / kGB, rows = (double)n / tm.best;
+        std::printf("gram    d=%-5lld V=%-6lld rows=%-8lld  rows/s=%9.3e  GB/s=%6.2f  Gram GFLOP/s=%7.2f (median %7.2f)"
+                    "  | dsyrk %lldxd GFLOP/s=%7.2f  ratio=%.2f\n",
+                    (long long)d, (long long)V, (long long)n, rows, (double)n * d * 4 / tm.best / kGB, gflops,
+                    flops / tm.median / kGB, (long long)block, ceil_gflops, gflops / ceil_gflops);
+        std::fflush(stdout);
+        out["gram"].push_back({{"d", d}, {"V", V}, {"rows", n}, {"seconds_best", tm.best}, {"seconds_median", tm.median},
+                               {"rows_per_s", rows}, {"gram_GFLOPs", gflops}, {"dsyrk_block_rows", block},
+                               {"dsyrk_GFLOPs", ceil_gflops}, {"ratio", gflops / ceil_gflops}});
+    }
+}
+
+// ---- figure 3: finalisation (pair metrics, UNC3) vs. the tile GEMMs alone ---------------------------
+
+void bench_finalize(const Options& o, json& out) {
+    const std::vector<int64_t> Ks = o.quick ? std::vector<int64_t>{1000, 8000} : std::vector<int64_t>{1000, 32000};
+    const int64_t d = 256;
+    std::printf("\n== 3. finalisation: compute() with class metrics (pair metrics GNC2/CDNV/NC2, UNC3 with a classifier),"
+                " svd_mode off, no overall Gram, d=%lld, 2-4 rows per class ==\n", (long long)d);
+    std::printf("   GEMM flops counted as the tiles actually computed: sum over upper-triangle tiles (diagonal tiles in full)"
+                " of 2*ni*nj*d\n");
+    for (int64_t K : Ks) {
+        // Rows: class c gets 2 + c % 3 rows, in shuffled order.
+        Inputs in;
+        for (int64_t c = 0; c < K; ++c)
+            for (int64_t r = 0; r < 2 + c % 3; ++r) in.y.push_back((int32_t)c);
+        std::shuffle(in.y.begin(), in.y.end(), std::mt19937_64(7));
+        in.n = (int64_t)in.y.size();
+        in.d = d;
+        in.x.resize((size_t)(in.n * d));
+        fill_uniform(in.x.data(), in.n * d, 99);
+        std::vector<float> w((size_t)(K * d));
+        fill_uniform(w.data(), K * d, 1234);
+        in.place(o);
+        const int reps = K <= 8000 ? 3 : 1;
+        std::vector<double> t, t_class;
+        for (int r = 0; r < reps; ++r) {
+            Config cfg = base_config(o, K, d);
+            cfg.svd_mode = COLLAPSE_SVD_OFF;
+            cfg.compute_overall_metrics = false;
+            cfg.compute_token_metrics = false;
+            cfg.compute_class_metrics = true;
+            cfg.unc3_classifier = COLLAPSE_UNC3_WEIGHTS;
+            Session s(cfg);
+            ingest_pass(s, in, in.n);
+            const collapse_buffer wb{w.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, K, d, 0};
+            s.set_classifier(&wb, nullptr);
+            const auto t0 = Clock::now();
+            auto rep = s.compute(true);
+            t.push_back(since(t0));
+            t_class.push_back(timing_of(*rep, "class_metrics"));
+        }
+        const Timing tm = summarize(t);
+        const double pairs = 0.5 * (double)K * (double)(K - 1);
+        double flops = 0, gemm_s = 0;
+        int64_t T = 0;
+        const char* what = "";
+#ifdef COLLAPSE_BENCH_CUDA
+        if (o.cuda) {
+            T = std::min<int64_t>(K, 4096);
+            gemm_s = bench_cuda::gemm_tiles_seconds(K, d, T, 2, &flops);
+            what = "cublasDgemm tiles";
+        }
+#endif
+        if (!o.cuda) {
+            T = pair_tile_edge(K, Config{}.host_memory_limit);
+            gemm_s = tile_gemm_seconds(K, d, T, reps == 1 ? 2 : 3, &flops);
+            what = "same tile dgemms";
+        }
+        std::printf("final   K=%-6lld d=%lld  seconds=%8.4f (class_metrics phase %8.4f)  pairs/s=%9.3e  |"
+                    " %s (T=%lld, %.1f GFLOP) GFLOP/s=%7.2f seconds=%8.4f  ratio gemm/finalize=%.2f\n",
+                    (long long)K, (long long)d, tm.best, summarize(t_class).best, pairs / tm.best, what, (long long)T,
+                    flops / kGB, flops / gemm_s / kGB, gemm_s, gemm_s / tm.best);
+        std::fflush(stdout);
+        out["finalize"].push_back({{"K", K}, {"d", d}, {"seconds_best", tm.best}, {"seconds_median", tm.median},
+                                   {"class_metrics_seconds", summarize(t_class).best}, {"pairs_per_s", pairs / tm.best},
+                                   {"gemm_tile", T}, {"gemm_flops", flops}, {"gemm_seconds", gemm_s},
+                                   {"gemm_GFLOPs", flops / gemm_s / kGB}, {"ratio_gemm_over_finalize", gemm_s / tm.best}});
+    }
+}
+
+// ---- figure 4: exact per-token SVD vs. LAPACK alone ------------------------------------------------
+
+void bench_svd(const Options& o, json& out) {
+    const int64_t V = 2048, d = 64, n = o.quick ? 50000 : 200000;
+    std::printf("\n== 4. per-token exact SVD: V=%lld, d=%lld, %lld rows Zipf(1.1), f32 ==\n", (long long)V, (long long)d, (long long)n);
+    const int reps = o.quick ? 2 : 3;
+    std::printf("   engine: best of %d compute() with svd_mode exact minus best of %d with svd_mode off (same rows); ceiling: best of 3"
+                " LAPACKE_dgesdd('N') alone on the same per-class matrices, already in double\n", reps, reps);
+    Inputs in;
+    in.n = n;
+    in.d = d;
+    in.x.resize((size_t)(n * d));
+    fill_uniform(in.x.data(), n * d, 555);
+    in.y = zipf_labels(n, V, 1.1, 2024);
+    in.place(o);
+    auto run = [&](collapse_svd_mode mode, double* token_svd, int64_t* kept) {
+        Config cfg = base_config(o, V, d);
+        cfg.svd_mode = mode;
+        cfg.compute_overall_metrics = false;
+        cfg.compute_class_metrics = false;
+        cfg.compute_token_metrics = true;
+        Session s(cfg);
+        ingest_pass(s, in, 65536);
+        const auto t0 = Clock::now();
+        auto rep = s.compute(true);
+        const double sec = since(t0);
+        *token_svd = timing_of(*rep, "token_svd");
+        *kept = rep->doc["counts"]["classes_kept"].get<int64_t>();
+        return sec;
+    };
+    std::vector<double> te, toff, tsvd;
+    int64_t kept = 0;
+    for (int r = 0; r < reps; ++r) {
+        double ts = 0, dummy = 0;
+        te.push_back(run(COLLAPSE_SVD_EXACT, &ts, &kept));
+        tsvd.push_back(ts);
+        int64_t k2 = 0;
+        toff.push_back(run(COLLAPSE_SVD_OFF, &dummy, &k2));
+    }
+    const double t_exact = summarize(te).best, t_off = summarize(toff).best, t_phase = summarize(tsvd).best;
+    const double t_svd = std::max(t_exact - t_off, 1e-12);
+
+    // Ceiling: dgesdd on the same matrices (classes with >= 2 rows, every row), timed alone.
+    double lapack_s = 0;
+    std::string ceiling = "n/a on cuda";
+    if (!o.cuda) {
+        std::vector<std::vector<int64_t>> rows((size_t)V);
+        for (int64_t i = 0; i < n; ++i) rows[(size_t)in.y[(size_t)i]].push_back(i);
+        std::vector<std::vector<double>> mats;
+        for (const auto& r : rows) {
+            if (r.size() < 2) continue;
+            std::vector<double> a(r.size() * (size_t)d);
+            for (size_t i = 0; i < r.size(); ++i)
+                for (int64_t j = 0; j < d; ++j) a[i * (size_t)d + (size_t)j] = in.x[(size_t)(r[i] * d + j)];
+            mats.push_back(std::move(a));
+        }
+        double best = 1e300;
+        for (int r = 0; r < 3; ++r) {
+            std::vector<std::vector<double>> work = mats;  // dgesdd overwrites its input
+            const auto t0 = Clock::now();
+            for (auto& a : work) {
+                const int64_t m = (int64_t)a.size() / d;
+                std::vector<double> s((size_t)std::min(m, d));
+                LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', (int)d, (int)m, a.data(), (int)d, s.data(), nullptr, 1, nullptr, 1);
+                g_sink = g_sink + (float)s[0];
+            }
+            best = std::min(best, since(t0));
+        }
+        lapack_s = best;
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "dgesdd alone classes/s=%9.3e seconds=%8.4f  ratio lapack/engine=%.2f",
+                      (double)mats.size() / lapack_s, lapack_s, lapack_s / t_svd);
+        ceiling = buf;
+    }
+    std::printf("svd     V=%lld d=%lld rows=%lld kept=%lld  exact-off seconds=%8.4f (token_svd phase %8.4f, compute exact %8.4f,"
+                " off %8.4f)  classes/s=%9.3e  | %s\n",
+                (long long)V, (long long)d, (long long)n, (long long)kept, t_svd, t_phase, t_exact, t_off, (double)kept / t_svd,
+                ceiling.c_str());
+    std::fflush(stdout);
+    json j = {{"V", V}, {"d", d}, {"rows", n}, {"classes_kept", kept}, {"seconds_exact_minus_off", t_svd},
+              {"token_svd_phase_seconds", t_phase}, {"compute_exact_seconds", t_exact}, {"compute_off_seconds", t_off},
+              {"classes_per_s", (double)kept / t_svd}};
+    if (!o.cuda) j["dgesdd_seconds"] = lapack_s, j["ratio_lapack_over_engine"] = lapack_s / t_svd;
+    out["svd"].push_back(j);
+}
+
+int usage(const char* argv0, const char* why) {
+    if (why) std::fprintf(stderr, "collapse_bench: %s\n", why);
+    std::fprintf(stderr, "usage: %s [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|svd] [--json FILE]\n", argv0);
+    return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options o;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        auto value = [&](const char* flag) -> std::string {
+            if (i + 1 >= argc) throw std::invalid_argument(std::string(flag) + " needs a value");
+            return argv[++i];
+        };
+        try {
+            if (a == "--quick") o.quick = true;
+            else if (a == "--backend") {
+                const std::string b = value("--backend");
+                if (b != "cpu" && b != "cuda") return usage(argv[0], "--backend must be cpu or cuda");
+                o.cuda = b == "cuda";
+            } else if (a == "--only") {
+                o.only = value("--only");
+                if (o.only != "ingest" && o.only != "gram" && o.only != "finalize" && o.only != "svd")
+                    return usage(argv[0], "--only must be ingest, gram, finalize or svd");
+            } else if (a == "--json") o.json_path = value("--json");
+            else if (a == "-h" || a == "--help") return usage(argv[0], nullptr), 0;
+            else return usage(argv[0], ("unknown argument " + a).c_str());
+        } catch (const std::exception& e) {
+            return usage(argv[0], e.what());
+        }
+    }
+
+    json out;
+    const std::string model = cpu_model();
+    const unsigned hw = std::thread::hardware_concurrency();
+    utsname un{};
+    uname(&un);
+    std::printf("collapse_bench  %s\n", now_string().c_str());
+    std::printf("machine: %s, %u logical cores (online), %s %s\n", model.c_str(), hw, un.sysname, un.release);
+    std::printf("build:   %s (%s; flags: %s), collapse %s\n", COLLAPSE_BENCH_BUILD_TYPE, COLLAPSE_BENCH_COMPILER,
+                COLLAPSE_BENCH_CXX_FLAGS, collapse_version_string());
+    std::printf("threads: OpenMP max %d, OpenBLAS %d (%s)\n", omp_get_max_threads(), openblas_get_num_threads(),
+                openblas_get_config());
+    std::printf("backend: %s%s\n", o.cuda ? "cuda" : "cpu", o.quick ? "  (--quick: smaller sizes)" : "");
+    out["date"] = now_string();
+    out["machine"] = {{"cpu", model}, {"logical_cores", hw}, {"kernel", un.release}};
+    out["build"] = {{"type", COLLAPSE_BENCH_BUILD_TYPE}, {"compiler", COLLAPSE_BENCH_COMPILER}, {"flags", COLLAPSE_BENCH_CXX_FLAGS},
+                    {"version", collapse_version_string()}};
+    out["threads"] = {{"openmp", omp_get_max_threads()}, {"openblas", openblas_get_num_threads()}};
+    out["backend"] = o.cuda ? "cuda" : "cpu";
+    out["quick"] = o.quick;
+
+    if (o.cuda) {
+        if (!collapse_backend_available("cuda")) {
+            std::printf("cuda backend not built/available: skipping every figure\n");
+            out["skipped"] = "cuda backend not built/available";
+            if (!o.json_path.empty()) std::ofstream(o.json_path) << out.dump(2) << "\n";
+            return 0;
+        }
+#ifdef COLLAPSE_BENCH_CUDA
+        std::string name, why;
+        double gib = 0;
+        if (bench_cuda::device_info(&name, &gib, &why)) {
+            std::printf("device:  %s, %.1f GiB\n", name.c_str(), gib);
+            out["device"] = {{"name", name}, {"memory_gib", gib}};
+        }
+#else
+        std::printf("cuda backend available but collapse_bench was built without the CUDA toolkit: skipping\n");
+        out["skipped"] = "collapse_bench built without CUDA";
+        if (!o.json_path.empty()) std::ofstream(o.json_path) << out.dump(2) << "\n";
+        return 0;
+#endif
+    }
+
+    const auto t0 = Clock::now();
+    try {
+        if (o.only.empty() || o.only == "ingest") bench_ingest(o, out);
+        if (o.only.empty() || o.only == "gram") bench_gram(o, out);
+        if (o.only.empty() || o.only == "finalize") bench_finalize(o, out);
+        if (o.only.empty() || o.only == "svd") bench_svd(o, out);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "collapse_bench: error: %s\n", e.what());
+        return 1;
+    }
+    std::printf("\ntotal %.1f s\n", since(t0));
+    out["total_seconds"] = since(t0);
+    if (!o.json_path.empty()) {
+        std::ofstream f(o.json_path);
+        f << out.dump(2) << "\n";
+        if (!f) {
+            std::fprintf(stderr, "collapse_bench: error: cannot write %s\n", o.json_path.c_str());
+            return 1;
+        }
+        std::printf("figures written to %s\n", o.json_path.c_str());
+    }
+    return 0;
+}

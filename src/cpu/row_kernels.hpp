@@ -1,0 +1,19 @@
+// The CPU ingest's inner loops: one row added into a float64 accumulator, with its squared norm.
+// Compiled twice (AVX2 and baseline x86-64) and chosen at load time; both clones do the same
+// arithmetic in the same order, so results do not depend on the machine.
+#pragma once
+#include <cstdint>
+
+#include "collapse/collapse.h"
+
+namespace collapse::cpu {
+
+// acc[k] += x[k] for k < d (acc may be null: squared norm only); returns sum_k x[k]^2 in float64.
+// `next` (may be null) is a row that will be read soon: its cache lines are prefetched as this row
+// is consumed, which keeps enough loads in flight when rows are visited in a scattered order.
+double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, const void* next = nullptr);
+
+// dst[k] += src[k] for k < d.
+void add_into(double* dst, const double* src, int64_t d);
+
+}  // namespace collapse::cpu
