@@ -11,6 +11,7 @@
 
 #include "core/error.hpp"
 #include "core/metric_math.hpp"
+#include "core/metric_summary.hpp"
 #include "cpu/cpu_backend.hpp"
 
 namespace collapse {
@@ -19,17 +20,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-// Entropy of a spectrum (METRICS.md "SVD entropy"); zero_matrix when sum(s) = 0.
-double spectrum_entropy(const std::vector<double>& s, bool* zero_matrix) {
-    double sum = 0;
-    for (double v : s) sum += v;
-    *zero_matrix = !(sum > 0);
-    if (*zero_matrix) return 0.0;
-    double h = 0;
-    for (double v : s) h += entropy_term(v, sum);
-    return h;
-}
 
 // The r largest singular values from the eigenvalues of a symmetric n x n matrix (upper triangle).
 std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_t r) {
@@ -82,24 +72,6 @@ std::vector<double> singular_values(const double* x, int64_t n, int64_t d, const
         cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)n, (int)d, 1.0, a.data(), (int)d, 0.0, g.data(), (int)n);
     }
     return singular_from_gram(g, m, r);
-}
-
-// Unbiased std / mean of a small vector (two passes).
-struct Stats {
-    double mean = 0, std_unbiased = 0;
-    bool ok = false;  // at least two values
-};
-Stats stats_of(const std::vector<double>& v) {
-    Stats s;
-    if (v.size() < 2) return s;
-    double sum = 0;
-    for (double x : v) sum += x;
-    s.mean = sum / (double)v.size();
-    double ss = 0;
-    for (double x : v) ss += (x - s.mean) * (x - s.mean);
-    s.std_unbiased = std::sqrt(ss / (double)(v.size() - 1));
-    s.ok = true;
-    return s;
 }
 
 }  // namespace
@@ -229,74 +201,45 @@ void CpuBackend::class_metrics(const KeptSet& kept, const Classifier& clf, const
                                const std::vector<double>& m, const std::vector<double>& var, MetricValues& out) const {
     const size_t K = kept.ids.size();
     const size_t d = (size_t)d_;
-    std::vector<double> norm(K), log_norm(K);
-    bool zero_norm = false;
+    ClassVectors v;
+    v.norm.resize(K);
     for (size_t s = 0; s < K; ++s) {
         double q = 0;
         for (size_t j = 0; j < d; ++j) q += m[s * d + j] * m[s * d + j];
-        norm[s] = std::sqrt(q);
-        zero_norm = zero_norm || !(norm[s] > 0);
-        log_norm[s] = std::log(norm[s]);
+        v.norm[s] = std::sqrt(q);
     }
-    // NC2 equinorm
-    const Stats ns = stats_of(norm);
-    if (ns.ok && ns.mean > 0) out.nc2_equinorm_cov = ns.std_unbiased / ns.mean;
-    else out.notes["nc2_equinorm_cov"] = K < 2 ? "needs at least 2 kept classes" : "every centred mean is zero";
-    if (ns.ok && !zero_norm) out.nc2_log_norm_std = stats_of(log_norm).std_unbiased;
-    else out.notes["nc2_log_norm_std"] = K < 2 ? "needs at least 2 kept classes" : "a centred mean is zero (log of 0)";
-
-    // UNC3 and NC3 self-duality: w_c is the classifier row, or the uncentred class mean in the
-    // seed-compatible mode.
+    // UNC3 and NC3: w_c is the classifier row, or the uncentred class mean in the seed-compatible mode.
     const bool use_means = cfg_.unc3_classifier == COLLAPSE_UNC3_CLASS_MEANS;
-    if (!use_means && !clf.present()) {
-        out.notes["overall_unc3"] = "no classifier was given";
-        out.notes["nc3_self_duality"] = "no classifier was given";
-    } else {
+    v.duality = use_means || clf.present();
+    if (v.duality) {
         auto w_row = [&](size_t s) { return use_means ? mu.data() + s * d : clf.weight.data() + (size_t)kept.ids[s] * d; };
-        std::vector<double> cosv(K);
+        v.cos.resize(K);
         double w_f2 = 0, m_f2 = 0;
         for (size_t s = 0; s < K; ++s) {
             const double* w = w_row(s);
             double wm = 0, ww = 0;
             for (size_t j = 0; j < d; ++j) wm += w[j] * m[s * d + j], ww += w[j] * w[j];
-            cosv[s] = duality_cos(wm, std::sqrt(ww), norm[s]);
+            v.cos[s] = duality_cos(wm, std::sqrt(ww), v.norm[s]);
             w_f2 += ww;
-            m_f2 += norm[s] * norm[s];
+            m_f2 += v.norm[s] * v.norm[s];
         }
-        if ((int64_t)K < cfg_.min_classes_for_unc3) {
-            out.notes["overall_unc3"] = "needs at least min_classes_for_unc3 = " + std::to_string(cfg_.min_classes_for_unc3) + " kept classes";
-        } else {
-            const Stats cs = stats_of(cosv);
-            out.unc3_mean_cos = cs.mean;
-            out.unc3_std_cos = cs.std_unbiased;
-            if (cs.mean < 1e-8) out.notes["overall_unc3"] = "mean cosine between classifier rows and centred means is below 1e-8";
-            else out.overall_unc3 = cs.std_unbiased / cs.mean;
-        }
-        if (use_means) out.notes["unc3_classifier"] = "class_means: w_c is the uncentred class mean (seed-compatible), not the classifier";
-        const double wf = std::sqrt(w_f2), mf = std::sqrt(m_f2);
-        if (wf > 0 && mf > 0) {
+        v.w_frobenius = std::sqrt(w_f2);
+        v.m_frobenius = std::sqrt(m_f2);
+        if (v.w_frobenius > 0 && v.m_frobenius > 0) {
             double acc = 0;
             for (size_t s = 0; s < K; ++s) {
                 const double* w = w_row(s);
                 for (size_t j = 0; j < d; ++j) {
-                    const double diff = w[j] / wf - m[s * d + j] / mf;
+                    const double diff = w[j] / v.w_frobenius - m[s * d + j] / v.m_frobenius;
                     acc += diff * diff;
                 }
             }
-            out.nc3_self_duality = std::sqrt(acc);
-        } else {
-            out.notes["nc3_self_duality"] = "the classifier rows or the centred means are all zero";
+            v.self_duality_sq = acc;
         }
     }
-
-    if ((int64_t)K < cfg_.min_classes_for_gnc2) {
-        const std::string why = "needs at least min_classes_for_gnc2 = " + std::to_string(cfg_.min_classes_for_gnc2) + " kept classes";
-        out.notes["overall_gnc2"] = why;
-        out.notes["nc1_cdnv"] = why;
-        out.notes["nc2_equiangular_mean"] = why;
-    } else {
-        pair_metrics(kept, m, var, out);
-    }
+    finish_class_metrics(v, cfg_, out);
+    if ((int64_t)K < cfg_.min_classes_for_gnc2) note_too_few_classes_for_pairs(cfg_, out);
+    else pair_metrics(kept, m, var, out);
 }
 
 // Pair reductions over P = {(i, j): i < j} by square tiles of the K x K product M M^T.
@@ -320,11 +263,7 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
     const int64_t T = std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
     const int64_t nt = (K + T - 1) / T;
 
-    struct TileSum {
-        Moments l, c;
-        double n_cdnv = 0, s_cdnv = 0;
-        int64_t pairs = 0, skip_l = 0, skip_cdnv = 0;
-    };
+    using TileSum = PairTotals;
     std::vector<std::pair<int64_t, int64_t>> tiles;
     for (int64_t bi = 0; bi < nt; ++bi)
         for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back(bi, bj);
@@ -373,30 +312,9 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
         }
     }
     // Merge in tile order: the same result whatever the thread count.
-    TileSum all;
-    for (const TileSum& ts : sums) {
-        all.l.merge(ts.l);
-        all.c.merge(ts.c);
-        all.n_cdnv += ts.n_cdnv, all.s_cdnv += ts.s_cdnv;
-        all.pairs += ts.pairs, all.skip_l += ts.skip_l, all.skip_cdnv += ts.skip_cdnv;
-    }
-    out.gnc2_pairs = all.pairs;
-    out.gnc2_skipped_pairs = all.skip_l;
-    out.cdnv_skipped_pairs = all.skip_cdnv;
-    if (all.l.n > 0) {
-        const Moments& ml = all.l;
-        out.overall_gnc2 = ml.mean;
-        out.gnc2_var = ml.var_pop();
-        if (ml.mean != 0) out.gnc2_cov = std::sqrt(ml.var_pop()) / std::fabs(ml.mean);
-    } else {
-        out.notes["overall_gnc2"] = "every pair of directions is closer than 1e-6";
-    }
-    const Moments& mc = all.c;
-    out.nc2_equiangular_mean = mc.mean;
-    out.nc2_equiangular_std = std::sqrt(mc.var_pop());
-    out.nc2_equiangular_ideal = -1.0 / (double)(K - 1);
-    if (all.n_cdnv > 0) out.nc1_cdnv = all.s_cdnv / all.n_cdnv;
-    else out.notes["nc1_cdnv"] = "every pair of class means is equal";
+    PairTotals all;
+    for (const PairTotals& ts : sums) all.merge(ts);
+    finish_pair_metrics(all, K, out);
 }
 
 void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
@@ -440,12 +358,7 @@ void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& m
         tm.sampled = n < tm.num_samples;
         const std::vector<double> sv =
             singular_values(st.data(), n, d_, cfg_.svd_center ? mu.data() + s * d : nullptr);
-        const double h = spectrum_entropy(sv, &tm.zero_matrix);
-        tm.svd_entropy = h;
-        tm.effective_rank = std::exp(h);
-        const int64_t r = std::min<int64_t>(n, d_);
-        if (r > 1) tm.normalized_entropy = h / std::log((double)r);
-        if (tm.zero_matrix) ++out.svd_zero_matrices;
+        token_from_spectrum(sv, n, d_, tm, out);
         out.tokens.push_back(tm);
     }
 }
