@@ -1,0 +1,884 @@
+// The CUDA backend: the same Backend interface as src/cpu/, computed on the GPU.
+//
+// Ingest (per batch, asynchronous on the caller's stream, no device-wide sync, no allocation after
+// the first batch unless a batch is larger than all before it):
+//   validate (warp per row) -> CUB radix sort of (label, row) on ceil(log2(V+1)) bits -> run starts
+//   (max-scan) -> row store / reservoirs / hold rows -> class sums (fp64 registers, one atomicAdd per
+//   class piece and column) -> Gram (gather + cublasSsyrk, fp32 into an fp64 accumulator) -> counts.
+// A batch refused on the device (label out of range, non-finite value) is a no-op: every mutating
+// kernel reads the batch's status first. The error reaches the caller at the next call or sync().
+//
+// Finalisation: means and centring by kernels; pair metrics by tiles of cublasDgemm followed by a
+// fused reduction kernel (never a K x K buffer); UNC3/NC3 warp-per-class; NC4 by GEMM chunks and an
+// arg-max kernel; SVD entropies from Gram eigenvalues (cusolverDnXsyevd for the overall Gram,
+// syevjBatched / XsyevBatched / Xsyevd for per-class Grams grouped by size).
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "core/dtype.hpp"
+#include "core/error.hpp"
+#include "core/metric_summary.hpp"
+#include "cuda_check.hpp"
+#include "device_memory.hpp"
+#include "kernels.cuh"
+
+namespace collapse {
+
+namespace cuda {
+namespace {
+
+struct MaxOp {
+    __host__ __device__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
+};
+
+int bits_for(int64_t v) {
+    int b = 1;
+    while (b < 31 && (int64_t(1) << b) <= v) ++b;
+    return b;
+}
+
+int64_t device_memory_bytes(int device) {
+    size_t free_b = 0, total_b = 0;
+    COLLAPSE_CUDA_TRY(cudaSetDevice(device));
+    COLLAPSE_CUDA_TRY(cudaMemGetInfo(&free_b, &total_b));
+    return (int64_t)total_b;
+}
+
+constexpr int kStatusSlots = 8;
+
+}  // namespace
+
+class CudaBackend final : public Backend {
+public:
+    CudaBackend(const Config& cfg, int64_t V, int64_t d);
+    ~CudaBackend() override;
+    const char* name() const override { return "cuda"; }
+    void ingest(const BatchDesc& b, void* stream) override;
+    Counts row_counts() override {
+        sync();
+        return totals_;
+    }
+    std::vector<int64_t> class_counts() override;
+    void sync() override;
+    // NC4 and the Gram of a cut kept set come from a second pass on this backend; the row store
+    // serves the per-token entropies.
+    bool has_row_store() const override { return false; }
+    void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
+    void ingest_second_pass(const BatchDesc& b, void* stream) override;
+    MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
+
+private:
+    struct Scratch {
+        DeviceBuffer<int32_t> keys, vals, keys_sorted, vals_sorted, heads, run_start;
+        DeviceBuffer<uint8_t> cub_temp;
+        DeviceBuffer<float> gram_rows;
+        int64_t rows = 0;
+    };
+    // Host batches travel through two pinned + device staging slots (double buffering).
+    struct Staging {
+        PinnedBuffer<uint8_t> host;
+        DeviceBuffer<uint8_t> dev;
+        cudaEvent_t copied = nullptr;
+    };
+
+    cudaStream_t pick_stream(void* s);
+    DeviceBatch device_view(const BatchDesc& b, cudaStream_t s);
+    void ensure_scratch(int64_t rows);
+    void process_slot(int k, bool wait);
+    void raise_pending();
+    void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
+    std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
+    void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
+    void nc4_rows(const float* rows, const int32_t* index, int64_t n, const Classifier& clf, const double* mu_kept,
+                  const double* mu_sq, const int32_t* ids, int64_t K, cudaStream_t s);
+
+    Config cfg_;
+    int64_t V_, d_;
+    Budget budget_;
+    cudaStream_t stream_ = nullptr;
+    cudaStream_t last_stream_ = nullptr;
+    cudaEvent_t last_done_ = nullptr;
+    cublasHandle_t cublas_ = nullptr;
+    cusolverDnHandle_t cusolver_ = nullptr;
+    cusolverDnParams_t solver_params_ = nullptr;
+
+    DeviceBuffer<unsigned long long> count_;
+    DeviceBuffer<double> sum_, sqnorm_;
+    DeviceBuffer<uint8_t> excluded_;
+    bool gram_streaming_ = false;
+    DeviceBuffer<double> gram_;
+    DeviceBuffer<float> gram32_;
+    int64_t hold_rows_ = 0;
+    DeviceBuffer<float> hold_;
+    bool exact_store_ = false, sampled_ = false;
+    DeviceBuffer<float> store_;
+    DeviceBuffer<int32_t> store_labels_;
+    DeviceBuffer<unsigned long long> store_count_;
+    unsigned long long store_capacity_ = 0;
+    DeviceBuffer<float> reservoir_;
+    DeviceBuffer<long long> winner_;
+
+    Scratch scratch_;
+    std::array<Staging, 2> staging_;
+    int staging_next_ = 0;
+
+    DeviceBuffer<BatchStatus> status_;
+    PinnedBuffer<BatchStatus> status_host_;
+    std::array<cudaEvent_t, kStatusSlots> status_event_{};
+    std::array<bool, kStatusSlots> status_pending_{};
+    std::array<int64_t, kStatusSlots> status_rows_{}, status_offset_{};
+    std::array<bool, kStatusSlots> status_sequences_{};
+    int status_next_ = 0;
+    Counts totals_;
+    std::string pending_error_;
+    collapse_status pending_status_ = COLLAPSE_OK;
+
+    // Second pass
+    bool pass2_ = false, pass2_nc4_ = false, pass2_gram_ = false;
+    KeptSet kept2_;
+    Classifier clf2_;
+    DeviceBuffer<double> w2_, b2_, mu2_, mu2_sq_, gram2_, xd2_, logits2_, dots2_;
+    DeviceBuffer<int32_t> ids2_, slot2_;
+    DeviceBuffer<unsigned long long> agree_;
+    int64_t pass2_rows_ = 0;
+};
+
+CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
+    : cfg_(cfg),
+      V_(V),
+      d_(d),
+      budget_(cfg.device_memory_limit > 0 ? cfg.device_memory_limit : device_memory_bytes(cfg.device_ordinal) / 10 * 9) {
+    COLLAPSE_CUDA_TRY(cudaSetDevice(cfg.device_ordinal));
+    COLLAPSE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&last_done_, cudaEventDisableTiming));
+    COLLAPSE_CUBLAS_TRY(cublasCreate(&cublas_));
+    COLLAPSE_CUBLAS_TRY(cublasSetMathMode(cublas_, cfg.allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    COLLAPSE_CUSOLVER_TRY(cusolverDnCreate(&cusolver_));
+    COLLAPSE_CUSOLVER_TRY(cusolverDnCreateParams(&solver_params_));
+    for (auto& e : status_event_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    for (auto& st : staging_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
+
+    // Everything that lives as long as the session is sized here, before the first batch.
+    const std::string hint = "raise device_memory_limit, or use svd_mode: sampled / off";
+    count_.allocate((size_t)V_, &budget_, "class counts", hint);
+    sum_.allocate((size_t)(V_ * d_), &budget_, "per-class sums [V, d] (float64)", hint);
+    sqnorm_.allocate((size_t)V_, &budget_, "per-class squared norms", hint);
+    excluded_.allocate((size_t)V_, &budget_, "excluded-label table", hint);
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(count_.data(), 0, count_.bytes(), stream_));
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(sum_.data(), 0, sum_.bytes(), stream_));
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(sqnorm_.data(), 0, sqnorm_.bytes(), stream_));
+    std::vector<uint8_t> ex((size_t)V_, 0);
+    for (int64_t e : cfg.exclude_token_ids)
+        if (e >= 0 && e < V_) ex[(size_t)e] = 1;
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(excluded_.data(), ex.data(), ex.size(), cudaMemcpyHostToDevice, stream_));
+
+    gram_streaming_ = cfg.compute_overall_metrics && cfg.max_tokens_to_analyze == 0;
+    if (gram_streaming_) {
+        gram_.allocate((size_t)(d_ * d_), &budget_, "the overall Gram d x d (float64)", hint);
+        gram32_.allocate((size_t)(d_ * d_), &budget_, "the batch Gram d x d (float32)", hint);
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram_.data(), 0, gram_.bytes(), stream_));
+        hold_rows_ = cfg.min_samples_per_token - 1;
+        if (hold_rows_ > 0)
+            hold_.allocate((size_t)(V_ * hold_rows_ * d_), &budget_,
+                           "the first min_samples_per_token - 1 rows of every class (Gram correction)", "lower min_samples_per_token or raise device_memory_limit");
+    }
+    const bool keep_rows = cfg.svd_mode != COLLAPSE_SVD_OFF && cfg.compute_token_metrics;
+    exact_store_ = keep_rows && cfg.svd_mode == COLLAPSE_SVD_EXACT;
+    sampled_ = keep_rows && cfg.svd_mode == COLLAPSE_SVD_SAMPLED;
+    status_.allocate(kStatusSlots, &budget_, "batch status");
+    status_host_.allocate(kStatusSlots);
+    if (sampled_) {
+        const size_t slots = (size_t)(V_ * cfg.svd_max_rows_per_token);
+        reservoir_.allocate(slots * (size_t)d_, &budget_, "reservoirs [V, svd_max_rows_per_token, d]",
+                            "lower svd_max_rows_per_token or raise device_memory_limit");
+        winner_.allocate(slots, &budget_, "reservoir slot owners");
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(winner_.data(), 0xff, winner_.bytes(), stream_));  // -1
+    }
+    if (exact_store_) {
+        // The row store takes half of what is left; the rest is for batches and finalisation.
+        const int64_t left = budget_.limit() - budget_.used();
+        store_capacity_ = (unsigned long long)std::max<int64_t>(0, left / 2 / (d_ * 4 + 4));
+        store_.allocate((size_t)store_capacity_ * (size_t)d_, &budget_, "the exact row store", hint);
+        store_labels_.allocate((size_t)store_capacity_, &budget_, "row store labels", hint);
+        store_count_.allocate(1, &budget_, "row store count", hint);
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
+    }
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
+    last_stream_ = stream_;
+}
+
+CudaBackend::~CudaBackend() {
+    COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(stream_));
+    for (auto& e : status_event_)
+        if (e) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(e));
+    for (auto& st : staging_)
+        if (st.copied) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(st.copied));
+    if (last_done_) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(last_done_));
+    if (solver_params_) cusolverDnDestroyParams(solver_params_);
+    if (cusolver_) cusolverDnDestroy(cusolver_);
+    if (cublas_) cublasDestroy(cublas_);
+    if (stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamDestroy(stream_));
+}
+
+cudaStream_t CudaBackend::pick_stream(void* s) {
+    cudaStream_t st = s ? static_cast<cudaStream_t>(s) : stream_;
+    // Scratch and accumulators are shared between batches: a batch on another stream waits for the
+    // previous one.
+    if (st != last_stream_) COLLAPSE_CUDA_TRY(cudaStreamWaitEvent(st, last_done_, 0));
+    last_stream_ = st;
+    COLLAPSE_CUBLAS_TRY(cublasSetStream(cublas_, st));
+    COLLAPSE_CUSOLVER_TRY(cusolverDnSetStream(cusolver_, st));
+    return st;
+}
+
+// Device view of a batch; host batches are copied through pinned double buffers so that the CPU copy
+// of batch k+1 overlaps the GPU work of batch k.
+DeviceBatch CudaBackend::device_view(const BatchDesc& b, cudaStream_t s) {
+    DeviceBatch db;
+    db.rows = b.num_rows();
+    db.d = b.features.cols;
+    db.sequences = b.sequences;
+    db.seq_len = b.seq_len;
+    if (b.features.memory == COLLAPSE_MEMORY_DEVICE) {
+        cudaPointerAttributes attr{};
+        COLLAPSE_CUDA_TRY(cudaPointerGetAttributes(&attr, b.features.data));
+        if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "features: the buffer says device memory, but the pointer is not a device pointer");
+        db.features = b.features.data, db.fdtype = b.features.dtype, db.fstride = b.features.stride;
+        db.labels = b.labels.data, db.ldtype = b.labels.dtype, db.lstride = b.labels.stride;
+        db.valid = b.valid.data, db.vdtype = b.valid.dtype, db.vstride = b.valid.stride;
+        return db;
+    }
+    // Packed copies: features rows, labels, mask.
+    const size_t fsz = dtype_size(b.features.dtype), frow = (size_t)b.features.cols * fsz;
+    const size_t lsz = dtype_size(b.labels.dtype), lcols = (size_t)b.labels.cols;
+    const size_t vsz = b.valid.data ? dtype_size(b.valid.dtype) : 0;
+    const size_t fbytes = (size_t)b.features.rows * frow, lbytes = (size_t)b.labels.rows * lcols * lsz;
+    const size_t vbytes = (size_t)b.valid.rows * lcols * vsz;
+    const size_t total = fbytes + lbytes + vbytes + 64;
+    Staging& st = staging_[(size_t)staging_next_];
+    staging_next_ ^= 1;
+    COLLAPSE_CUDA_TRY(cudaEventSynchronize(st.copied));  // the pinned slot's previous copy is done
+    if (st.host.size() < total) {
+        st.host.allocate(total);
+        st.dev.allocate(total, &budget_, "host-batch staging");
+    }
+    uint8_t* h = st.host.data();
+    for (int64_t r = 0; r < b.features.rows; ++r) std::memcpy(h + (size_t)r * frow, b.features.row(r), frow);
+    for (int64_t r = 0; r < b.labels.rows; ++r) std::memcpy(h + fbytes + (size_t)r * lcols * lsz, b.labels.row(r), lcols * lsz);
+    for (int64_t r = 0; r < b.valid.rows && vsz; ++r)
+        std::memcpy(h + fbytes + lbytes + (size_t)r * lcols * vsz, b.valid.row(r), lcols * vsz);
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(st.dev.data(), h, fbytes + lbytes + vbytes, cudaMemcpyHostToDevice, s));
+    COLLAPSE_CUDA_TRY(cudaEventRecord(st.copied, s));
+    db.features = st.dev.data(), db.fdtype = b.features.dtype, db.fstride = b.features.cols;
+    db.labels = st.dev.data() + fbytes, db.ldtype = b.labels.dtype, db.lstride = (int64_t)lcols;
+    if (vsz) db.valid = st.dev.data() + fbytes + lbytes, db.vdtype = b.valid.dtype, db.vstride = (int64_t)lcols;
+    return db;
+}
+
+void CudaBackend::ensure_scratch(int64_t rows) {
+    if (rows <= scratch_.rows) return;
+    const int64_t n = std::max<int64_t>(rows, std::min<int64_t>(cfg_.batch_rows, INT32_MAX));
+    Scratch& s = scratch_;
+    const std::string what = "per-batch scratch for " + std::to_string(n) + " rows";
+    for (auto* b : {&s.keys, &s.vals, &s.keys_sorted, &s.vals_sorted, &s.heads, &s.run_start}) b->allocate((size_t)n, &budget_, what);
+    size_t sort_bytes = 0, scan_bytes = 0;
+    COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, s.keys.data(), s.keys_sorted.data(), s.vals.data(),
+                                                      s.vals_sorted.data(), (int)n, 0, bits_for(V_)));
+    COLLAPSE_CUDA_TRY(cub::DeviceScan::InclusiveScan(nullptr, scan_bytes, s.heads.data(), s.run_start.data(), MaxOp{}, (int)n));
+    s.cub_temp.allocate(std::max(sort_bytes, scan_bytes), &budget_, what);
+    if (gram_streaming_) s.gram_rows.allocate((size_t)(n * d_), &budget_, what + " (Gram rows)");
+    s.rows = n;
+}
+
+// Sort (label, row), run starts. Shared by both passes.
+void CudaBackend::group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s) {
+    Scratch& sc = scratch_;
+    const int n = (int)db.rows;
+    launch_validate(db, ip, sc.keys.data(), sc.vals.data(), st, s);
+    size_t bytes = sc.cub_temp.size();
+    COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(sc.cub_temp.data(), bytes, sc.keys.data(), sc.keys_sorted.data(),
+                                                      sc.vals.data(), sc.vals_sorted.data(), n, 0, bits_for(V_), s));
+    launch_run_heads(sc.keys_sorted.data(), n, sc.heads.data(), s);
+    bytes = sc.cub_temp.size();
+    COLLAPSE_CUDA_TRY(cub::DeviceScan::InclusiveScan(sc.cub_temp.data(), bytes, sc.heads.data(), sc.run_start.data(), MaxOp{}, n, s));
+}
+
+void CudaBackend::ingest(const BatchDesc& b, void* stream) {
+    raise_pending();
+    const int64_t n = b.num_rows();
+    if (n > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a batch of ", n, " rows is more than 2^31 - 1 (split it)");
+    if (n == 0) {
+        totals_.rows_seen += 0;
+        return;
+    }
+    cudaStream_t s = pick_stream(stream);
+    ensure_scratch(n);
+    const int k = status_next_;
+    status_next_ = (status_next_ + 1) % kStatusSlots;
+    if (status_pending_[(size_t)k]) process_slot(k, true);
+    raise_pending();
+    BatchStatus* st = status_.data() + k;
+    const DeviceBatch db = device_view(b, s);
+
+    IngestParams ip;
+    ip.V = V_;
+    ip.excluded = excluded_.data();
+    ip.nonfinite_skip = cfg_.nonfinite_policy == COLLAPSE_NONFINITE_SKIP_ROW ? 1 : 0;
+    ip.sentinel = (int32_t)V_;
+    launch_reset_status(st, s);
+    group_batch(db, ip, st, s);
+    launch_finish_status(db, st, exact_store_ ? store_count_.data() : nullptr, store_capacity_, s);
+
+    Scratch& sc = scratch_;
+    RowSinks sinks;
+    if (exact_store_) sinks.store = store_.data(), sinks.store_labels = store_labels_.data(), sinks.store_count = store_count_.data();
+    if (sampled_) sinks.reservoir = reservoir_.data(), sinks.winner = winner_.data(), sinks.cap = cfg_.svd_max_rows_per_token, sinks.seed = cfg_.seed;
+    if (hold_rows_ > 0) sinks.hold = hold_.data(), sinks.hold_rows = hold_rows_;
+    DeviceBatch sorted = db;
+    launch_place_rows(sorted, sc.keys_sorted.data(), sc.vals_sorted.data(), sc.run_start.data(), ip.sentinel, count_.data(), sinks, st, s);
+    launch_class_sums(sorted, sc.keys_sorted.data(), sc.vals_sorted.data(), ip.sentinel,
+                      ClassState{sum_.data(), sqnorm_.data(), count_.data()}, st, s);
+    if (gram_streaming_) {
+        // Every accepted row enters the Gram; rows of classes that never reach min_samples_per_token
+        // are subtracted at the end from the hold area.
+        launch_gather_rows(sorted, sc.keys_sorted.data(), sc.vals_sorted.data(), ip.sentinel, sc.gram_rows.data(), s);
+        const float one = 1.0f, zero = 0.0f;
+        COLLAPSE_CUBLAS_TRY(cublasSsyrk(cublas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d_, (int)n, &one, sc.gram_rows.data(),
+                                        (int)d_, &zero, gram32_.data(), (int)d_));
+        launch_add_gram(gram32_.data(), gram_.data(), d_ * d_, st, s);
+    }
+    launch_count_update(sc.keys_sorted.data(), sc.run_start.data(), n, ip.sentinel, count_.data(),
+                        exact_store_ ? store_count_.data() : nullptr, exact_store_, st, s);
+
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(status_host_.data() + k, st, sizeof(BatchStatus), cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaEventRecord(status_event_[(size_t)k], s));
+    COLLAPSE_CUDA_TRY(cudaEventRecord(last_done_, s));
+    status_pending_[(size_t)k] = true;
+    status_rows_[(size_t)k] = n;
+    status_offset_[(size_t)k] = b.row_offset;
+    status_sequences_[(size_t)k] = b.sequences;
+}
+
+void CudaBackend::process_slot(int k, bool wait) {
+    if (!status_pending_[(size_t)k]) return;
+    if (wait) {
+        COLLAPSE_CUDA_TRY(cudaEventSynchronize(status_event_[(size_t)k]));
+    } else {
+        const cudaError_t e = cudaEventQuery(status_event_[(size_t)k]);
+        if (e == cudaErrorNotReady) return;
+        COLLAPSE_CUDA_TRY(e);
+    }
+    status_pending_[(size_t)k] = false;
+    const BatchStatus& st = status_host_[(size_t)k];
+    const int64_t off = status_offset_[(size_t)k];
+    auto where = [&](unsigned long long r) {
+        const std::string unit = status_sequences_[(size_t)k] ? "row (sequence layout) " : "row ";
+        return unit + std::to_string(off + (int64_t)r) + (off ? " of the input" : " of the batch");
+    };
+    if (st.error) {
+        if (!pending_error_.empty()) return;  // the first error is reported; later ones wait
+        if (st.bad_label_row != ~0ull) {
+            pending_error_ = "label " + std::to_string(st.bad_label_value) + " at " + where(st.bad_label_row) + " is outside [0, " +
+                             std::to_string(V_) + ") (the batch was not ingested)";
+            pending_status_ = COLLAPSE_ERR_BAD_INPUT;
+        } else if (st.nonfinite_row != ~0ull) {
+            pending_error_ = "non-finite feature value " + std::to_string(st.nonfinite_value) + " at " + where(st.nonfinite_row) +
+                             ", column " + std::to_string(st.nonfinite_col) +
+                             " (nonfinite_policy: error; the batch was not ingested)";
+            pending_status_ = COLLAPSE_ERR_BAD_INPUT;
+        } else {
+            pending_error_ = "the exact row store is full (" + std::to_string(store_capacity_) +
+                             " rows within device_memory_limit = " + format_bytes(budget_.limit()) +
+                             "); the batch was not ingested: use svd_mode: sampled or raise device_memory_limit";
+            pending_status_ = COLLAPSE_ERR_OUT_OF_MEMORY;
+        }
+        return;
+    }
+    totals_.rows_seen += status_rows_[(size_t)k];
+    totals_.rows_masked += (int64_t)st.masked;
+    totals_.rows_excluded += (int64_t)st.excluded;
+    totals_.rows_nonfinite += (int64_t)st.nonfinite_skipped;
+}
+
+void CudaBackend::raise_pending() {
+    for (int k = 0; k < kStatusSlots; ++k) process_slot(k, false);
+    if (pending_error_.empty()) return;
+    const std::string msg = pending_error_;
+    const collapse_status st = pending_status_;
+    pending_error_.clear();
+    pending_status_ = COLLAPSE_OK;
+    throw Error(st, msg);
+}
+
+void CudaBackend::sync() {
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(last_stream_));
+    for (int k = 0; k < kStatusSlots; ++k) process_slot(k, true);
+    raise_pending();
+}
+
+std::vector<int64_t> CudaBackend::class_counts() {
+    sync();
+    std::vector<unsigned long long> c((size_t)V_);
+    COLLAPSE_CUDA_TRY(cudaMemcpy(c.data(), count_.data(), count_.bytes(), cudaMemcpyDeviceToHost));
+    return std::vector<int64_t>(c.begin(), c.end());
+}
+
+// Eigenvalues (ascending) of the symmetric n x n matrix in a (upper triangle, column-major); a is overwritten.
+std::vector<double> CudaBackend::eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s) {
+    DeviceBuffer<double> w((size_t)n, &budget_, "eigenvalues");
+    DeviceBuffer<int> info(1, &budget_, "solver info");
+    size_t dev_bytes = 0, host_bytes = 0;
+    COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevd_bufferSize(cusolver_, solver_params_, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, n,
+                                                      CUDA_R_64F, a.data(), n, CUDA_R_64F, w.data(), CUDA_R_64F, &dev_bytes,
+                                                      &host_bytes));
+    DeviceBuffer<uint8_t> work(std::max<size_t>(dev_bytes, 1), &budget_, "eigen-solver workspace");
+    std::vector<uint8_t> host_work(std::max<size_t>(host_bytes, 1));
+    COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevd(cusolver_, solver_params_, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, n, CUDA_R_64F,
+                                           a.data(), n, CUDA_R_64F, w.data(), CUDA_R_64F, work.data(), dev_bytes,
+                                           host_work.data(), host_bytes, info.data()));
+    std::vector<double> out((size_t)n);
+    int h_info = 0;
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(out.data(), w.data(), (size_t)n * 8, cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(&h_info, info.data(), sizeof(int), cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    if (h_info != 0) fail(COLLAPSE_ERR_INTERNAL, "cusolverDnXsyevd failed with info = ", h_info, " (n = ", n, ")");
+    return out;
+}
+
+void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) {
+    sync();
+    pass2_ = true;
+    pass2_nc4_ = nc4 && clf.present();
+    pass2_gram_ = gram;
+    kept2_ = kept;
+    clf2_ = clf;
+    const int64_t K = (int64_t)kept.ids.size();
+    cudaStream_t s = stream_;
+    ids2_.allocate((size_t)std::max<int64_t>(K, 1), &budget_, "kept ids");
+    slot2_.allocate((size_t)V_, &budget_, "kept slots");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(ids2_.data(), kept.ids.data(), (size_t)K * 4, cudaMemcpyHostToDevice, s));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(slot2_.data(), kept.slot.data(), (size_t)V_ * 4, cudaMemcpyHostToDevice, s));
+    mu2_.allocate((size_t)std::max<int64_t>(K * d_, 1), &budget_, "kept means");
+    DeviceBuffer<double> var((size_t)std::max<int64_t>(K, 1), &budget_, "variances"), weight((size_t)std::max<int64_t>(K, 1), &budget_, "weights");
+    launch_means(sum_.data(), sqnorm_.data(), count_.data(), ids2_.data(), K, d_, false, mu2_.data(), var.data(), weight.data(), s);
+    // ||mu||^2 = (sqnorm - n var) / n is not what we want; recompute from mu on the host side is
+    // simpler: copy mu once.
+    std::vector<double> mu((size_t)(K * d_)), mu_sq((size_t)K, 0.0);
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(mu.data(), mu2_.data(), mu.size() * 8, cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    for (int64_t i = 0; i < K; ++i)
+        for (int64_t j = 0; j < d_; ++j) mu_sq[(size_t)i] += mu[(size_t)(i * d_ + j)] * mu[(size_t)(i * d_ + j)];
+    mu2_sq_.allocate((size_t)std::max<int64_t>(K, 1), &budget_, "kept mean norms");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(mu2_sq_.data(), mu_sq.data(), (size_t)K * 8, cudaMemcpyHostToDevice, s));
+    if (pass2_nc4_) {
+        w2_.allocate(clf.weight.size(), &budget_, "classifier [V, d] (float64)");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(w2_.data(), clf.weight.data(), clf.weight.size() * 8, cudaMemcpyHostToDevice, s));
+        if (!clf.bias.empty()) {
+            b2_.allocate(clf.bias.size(), &budget_, "classifier bias");
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(b2_.data(), clf.bias.data(), clf.bias.size() * 8, cudaMemcpyHostToDevice, s));
+        }
+        agree_.allocate(1, &budget_, "NC4 counter");
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(agree_.data(), 0, 8, s));
+    }
+    if (pass2_gram_) {
+        gram2_.allocate((size_t)(d_ * d_), &budget_, "second-pass Gram");
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram2_.data(), 0, gram2_.bytes(), s));
+    }
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    pass2_rows_ = 0;
+}
+
+// NC4 agreements of n rows (float, gathered through index) added into agree_.
+void CudaBackend::nc4_rows(const float* rows, const int32_t* index, int64_t n, const Classifier& clf, const double* mu_kept,
+                           const double* mu_sq, const int32_t* ids, int64_t K, cudaStream_t s) {
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(64) << 20) / (8 * std::max(V_, K))));
+    if (xd2_.size() < (size_t)(chunk * d_)) xd2_.allocate((size_t)(chunk * d_), &budget_, "NC4 rows");
+    if (logits2_.size() < (size_t)(chunk * V_)) logits2_.allocate((size_t)(chunk * V_), &budget_, "NC4 logits");
+    if (dots2_.size() < (size_t)(chunk * K)) dots2_.allocate((size_t)(chunk * K), &budget_, "NC4 distances");
+    const double one = 1.0, zero = 0.0;
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+        const int64_t nr = std::min(chunk, n - r0);
+        launch_rows_to_double(index ? rows : rows + r0 * d_, index ? index + r0 : nullptr, nr, d_, nullptr, xd2_.data(), s);
+        COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)V_, (int)nr, (int)d_, &one, w2_.data(), (int)d_,
+                                        xd2_.data(), (int)d_, &zero, logits2_.data(), (int)V_));
+        COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d_, &one, mu_kept, (int)d_,
+                                        xd2_.data(), (int)d_, &zero, dots2_.data(), (int)K));
+        launch_nc4_compare(logits2_.data(), clf.bias.empty() ? nullptr : b2_.data(), V_, dots2_.data(), mu_sq, ids, K, nr,
+                           agree_.data(), s);
+    }
+}
+
+void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
+    raise_pending();
+    const int64_t n = b.num_rows();
+    if (n == 0) return;
+    cudaStream_t s = pick_stream(stream);
+    ensure_scratch(n);
+    const int k = status_next_;
+    status_next_ = (status_next_ + 1) % kStatusSlots;
+    if (status_pending_[(size_t)k]) process_slot(k, true);
+    BatchStatus* st = status_.data() + k;
+    const DeviceBatch db = device_view(b, s);
+    IngestParams ip;
+    ip.V = V_;
+    ip.excluded = excluded_.data();
+    ip.nonfinite_skip = cfg_.nonfinite_policy == COLLAPSE_NONFINITE_SKIP_ROW ? 1 : 0;
+    ip.sentinel = (int32_t)V_;
+    launch_reset_status(st, s);
+    group_batch(db, ip, st, s);
+    launch_finish_status(db, st, nullptr, 0, s);
+    // Kept rows only: gather everything, then count kept rows on the host from the sorted keys.
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    BatchStatus h{};
+    COLLAPSE_CUDA_TRY(cudaMemcpy(&h, st, sizeof h, cudaMemcpyDeviceToHost));
+    if (h.error) {
+        status_pending_[(size_t)k] = false;
+        fail(COLLAPSE_ERR_BAD_INPUT, "second pass: the batch holds a label out of range or a non-finite value (row ",
+             h.bad_label_row != ~0ull ? h.bad_label_row : h.nonfinite_row, " of the batch)");
+    }
+    std::vector<int32_t> keys((size_t)h.accepted), vals((size_t)h.accepted);
+    COLLAPSE_CUDA_TRY(cudaMemcpy(keys.data(), scratch_.keys_sorted.data(), keys.size() * 4, cudaMemcpyDeviceToHost));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(vals.data(), scratch_.vals_sorted.data(), vals.size() * 4, cudaMemcpyDeviceToHost));
+    std::vector<int32_t> kept_rows;
+    for (size_t i = 0; i < keys.size(); ++i)
+        if (kept2_.slot[(size_t)keys[i]] >= 0) kept_rows.push_back(vals[i]);
+    const int64_t nk = (int64_t)kept_rows.size();
+    if (nk == 0) return;
+    DeviceBuffer<int32_t> idx((size_t)nk, &budget_, "second-pass rows");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), kept_rows.data(), (size_t)nk * 4, cudaMemcpyHostToDevice, s));
+    // Rows to float (packed) through the gather kernel's layout: reuse the Gram-rows scratch.
+    DeviceBuffer<float> rows((size_t)(nk * d_), &budget_, "second-pass rows");
+    DeviceBuffer<int32_t> keys_dev((size_t)nk, &budget_, "second-pass keys");
+    std::vector<int32_t> zeros((size_t)nk, 0);
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(keys_dev.data(), zeros.data(), (size_t)nk * 4, cudaMemcpyHostToDevice, s));
+    DeviceBatch pick = db;
+    pick.rows = nk;
+    launch_gather_rows(pick, keys_dev.data(), idx.data(), (int32_t)V_, rows.data(), s);
+    if (pass2_gram_) {
+        DeviceBuffer<double> xd((size_t)(nk * d_), &budget_, "second-pass rows (float64)");
+        launch_rows_to_double(rows.data(), nullptr, nk, d_, nullptr, xd.data(), s);
+        const double one = 1.0;
+        COLLAPSE_CUBLAS_TRY(cublasDsyrk(cublas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d_, (int)nk, &one, xd.data(), (int)d_, &one,
+                                        gram2_.data(), (int)d_));
+    }
+    if (pass2_nc4_)
+        nc4_rows(rows.data(), nullptr, nk, clf2_, mu2_.data(), mu2_sq_.data(), ids2_.data(), (int64_t)kept2_.ids.size(), s);
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    pass2_rows_ += nk;
+}
+
+// Per-token SVD entropies from per-class Gram eigenvalues, classes grouped by Gram size.
+void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out) {
+    cudaStream_t s = stream_;
+    const int64_t K = (int64_t)kept.ids.size();
+    const int64_t cap = cfg_.svd_max_rows_per_token;
+    // Row index of every kept class's rows: the exact store sorted by label, or reservoir slots.
+    std::vector<int64_t> offset((size_t)K), nrows((size_t)K);
+    DeviceBuffer<int32_t> index;
+    const float* rows = nullptr;
+    if (exact_store_) {
+        unsigned long long stored = 0;
+        COLLAPSE_CUDA_TRY(cudaMemcpy(&stored, store_count_.data(), 8, cudaMemcpyDeviceToHost));
+        const int n = (int)stored;
+        DeviceBuffer<int32_t> labels_sorted((size_t)std::max(n, 1), &budget_, "sorted row-store labels");
+        DeviceBuffer<int32_t> iota((size_t)std::max(n, 1), &budget_, "row-store index");
+        index.allocate((size_t)std::max(n, 1), &budget_, "row-store index");
+        std::vector<int32_t> h((size_t)n);
+        for (int i = 0; i < n; ++i) h[(size_t)i] = i;
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(iota.data(), h.data(), (size_t)n * 4, cudaMemcpyHostToDevice, s));
+        size_t bytes = 0;
+        COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, bytes, store_labels_.data(), labels_sorted.data(), iota.data(),
+                                                          index.data(), n, 0, bits_for(V_), s));
+        DeviceBuffer<uint8_t> temp(std::max<size_t>(bytes, 1), &budget_, "sort workspace");
+        COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(temp.data(), bytes, store_labels_.data(), labels_sorted.data(), iota.data(),
+                                                          index.data(), n, 0, bits_for(V_), s));
+        // Class c's rows start after all rows of smaller labels: prefix sums of the counts.
+        const std::vector<int64_t> counts = class_counts();
+        std::vector<int64_t> start((size_t)V_ + 1, 0);
+        for (int64_t c = 0; c < V_; ++c) start[(size_t)c + 1] = start[(size_t)c] + counts[(size_t)c];
+        for (int64_t t = 0; t < K; ++t) offset[(size_t)t] = start[(size_t)kept.ids[(size_t)t]], nrows[(size_t)t] = kept.counts[(size_t)t];
+        rows = store_.data();
+    } else {
+        std::vector<int32_t> h((size_t)(K * cap));
+        for (int64_t t = 0; t < K; ++t) {
+            offset[(size_t)t] = t * cap;
+            nrows[(size_t)t] = std::min<int64_t>(kept.counts[(size_t)t], cap);
+            for (int64_t j = 0; j < cap; ++j) h[(size_t)(t * cap + j)] = (int32_t)((int64_t)kept.ids[(size_t)t] * cap + j);
+        }
+        index.allocate(h.size(), &budget_, "reservoir index");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(index.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, s));
+        rows = reservoir_.data();
+    }
+    // Group by Gram size M (a power of two >= min(n, d)); each group is a handful of batched calls.
+    std::vector<TokenMetrics> tokens((size_t)K);
+    std::map<int64_t, std::vector<int64_t>> groups;
+    for (int64_t t = 0; t < K; ++t) {
+        const int64_t m = std::min(nrows[(size_t)t], d_);
+        int64_t M = 2;
+        while (M < m) M *= 2;
+        groups[M].push_back(t);
+        TokenMetrics& tm = tokens[(size_t)t];
+        tm.id = kept.ids[(size_t)t];
+        tm.num_samples = kept.counts[(size_t)t];
+        tm.svd_rows = nrows[(size_t)t];
+        tm.sampled = tm.svd_rows < tm.num_samples;
+    }
+    for (const auto& [M, members] : groups) {
+        const int64_t per = std::max<int64_t>(1, std::min<int64_t>((int64_t)members.size(), (int64_t(256) << 20) / (M * M * 8)));
+        for (size_t g0 = 0; g0 < members.size(); g0 += (size_t)per) {
+            const int64_t cnt = std::min<int64_t>(per, (int64_t)(members.size() - g0));
+            std::vector<int64_t> off((size_t)cnt), nn((size_t)cnt);
+            std::vector<int32_t> ctr((size_t)cnt);
+            for (int64_t i = 0; i < cnt; ++i) {
+                const int64_t t = members[g0 + (size_t)i];
+                off[(size_t)i] = offset[(size_t)t], nn[(size_t)i] = nrows[(size_t)t];
+                ctr[(size_t)i] = cfg_.svd_center ? (int32_t)t : -1;
+            }
+            DeviceBuffer<int64_t> doff((size_t)cnt, &budget_, "class offsets"), dn((size_t)cnt, &budget_, "class sizes");
+            DeviceBuffer<int32_t> dctr((size_t)cnt, &budget_, "class centres");
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(doff.data(), off.data(), (size_t)cnt * 8, cudaMemcpyHostToDevice, s));
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(dn.data(), nn.data(), (size_t)cnt * 8, cudaMemcpyHostToDevice, s));
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(dctr.data(), ctr.data(), (size_t)cnt * 4, cudaMemcpyHostToDevice, s));
+            DeviceBuffer<double> gram((size_t)(cnt * M * M), &budget_, "per-class Gram batch");
+            DeviceBuffer<double> w((size_t)(cnt * M), &budget_, "per-class eigenvalues");
+            launch_class_gram(rows, index.data(), doff.data(), dn.data(), dctr.data(), mu.data(), cnt, d_, M, gram.data(), s);
+            DeviceBuffer<int> info((size_t)cnt, &budget_, "solver info");
+            if (M <= 32) {
+                syevjInfo_t params = nullptr;
+                COLLAPSE_CUSOLVER_TRY(cusolverDnCreateSyevjInfo(&params));
+                int lwork = 0;
+                COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched_bufferSize(cusolver_, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER,
+                                                                         (int)M, gram.data(), (int)M, w.data(), &lwork, params, (int)cnt));
+                DeviceBuffer<double> work((size_t)std::max(lwork, 1), &budget_, "syevj workspace");
+                COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched(cusolver_, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, (int)M,
+                                                              gram.data(), (int)M, w.data(), work.data(), lwork, info.data(), params,
+                                                              (int)cnt));
+                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+                cusolverDnDestroySyevjInfo(params);
+            } else if (M <= 512) {
+                size_t dev_bytes = 0, host_bytes = 0;
+                COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched_bufferSize(cusolver_, solver_params_, CUSOLVER_EIG_MODE_NOVECTOR,
+                                                                        CUBLAS_FILL_MODE_UPPER, M, CUDA_R_64F, gram.data(), M, CUDA_R_64F,
+                                                                        w.data(), CUDA_R_64F, &dev_bytes, &host_bytes, cnt));
+                DeviceBuffer<uint8_t> work(std::max<size_t>(dev_bytes, 1), &budget_, "syevBatched workspace");
+                std::vector<uint8_t> hw(std::max<size_t>(host_bytes, 1));
+                COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched(cusolver_, solver_params_, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, M,
+                                                             CUDA_R_64F, gram.data(), M, CUDA_R_64F, w.data(), CUDA_R_64F, work.data(),
+                                                             dev_bytes, hw.data(), host_bytes, info.data(), cnt));
+                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            } else {
+                // Large Grams one at a time.
+                for (int64_t i = 0; i < cnt; ++i) {
+                    DeviceBuffer<double> one((size_t)(M * M), &budget_, "large class Gram");
+                    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(one.data(), gram.data() + i * M * M, (size_t)(M * M) * 8, cudaMemcpyDeviceToDevice, s));
+                    const std::vector<double> e = eigenvalues_sym(one, M, s);
+                    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(w.data() + i * M, e.data(), (size_t)M * 8, cudaMemcpyHostToDevice, s));
+                }
+                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            }
+            std::vector<double> hw((size_t)(cnt * M));
+            COLLAPSE_CUDA_TRY(cudaMemcpy(hw.data(), w.data(), hw.size() * 8, cudaMemcpyDeviceToHost));
+            for (int64_t i = 0; i < cnt; ++i) {
+                const int64_t t = members[g0 + (size_t)i];
+                const int64_t r = std::min(nrows[(size_t)t], d_);
+                std::vector<double> sv;  // the r largest, from the ascending eigenvalues
+                for (int64_t e = M - 1; e >= 0 && (int64_t)sv.size() < r; --e) sv.push_back(singular_from_eigen(hw[(size_t)(i * M + e)]));
+                token_from_spectrum(sv, nrows[(size_t)t], d_, tokens[(size_t)t], out);
+            }
+        }
+    }
+    out.tokens = std::move(tokens);
+}
+
+MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
+    sync();
+    MetricValues out;
+    cudaStream_t s = stream_;
+    COLLAPSE_CUBLAS_TRY(cublasSetStream(cublas_, s));
+    COLLAPSE_CUSOLVER_TRY(cusolverDnSetStream(cusolver_, s));
+    last_stream_ = s;
+    const int64_t K = (int64_t)kept.ids.size();
+    if (K == 0) {
+        out.notes["overall"] = "no kept classes: every metric is null";
+        return out;
+    }
+    const int64_t d = d_;
+    DeviceBuffer<int32_t> ids((size_t)K, &budget_, "kept ids");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(ids.data(), kept.ids.data(), (size_t)K * 4, cudaMemcpyHostToDevice, s));
+    DeviceBuffer<double> mu((size_t)(K * d), &budget_, "class means [K, d]"), var((size_t)K, &budget_, "variances"),
+        weight((size_t)K, &budget_, "weights"), mug((size_t)d, &budget_, "global mean"), m((size_t)(K * d), &budget_, "centred means"),
+        q((size_t)K, &budget_, "norms"), a((size_t)K, &budget_, "direction scales");
+    const bool token_weighted = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED;
+    launch_means(sum_.data(), sqnorm_.data(), count_.data(), ids.data(), K, d, token_weighted, mu.data(), var.data(), weight.data(), s);
+    launch_column_sums(mu.data(), weight.data(), K, d, mug.data(), s);
+    const double total_weight = token_weighted ? (double)kept.rows : (double)K;
+    launch_center(mu.data(), mug.data(), total_weight, K, d, m.data(), q.data(), a.data(), s);
+
+    if (cfg_.compute_class_metrics) {
+        ClassVectors v;
+        std::vector<double> hq((size_t)K);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hq.data(), q.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+        const bool use_means = cfg_.unc3_classifier == COLLAPSE_UNC3_CLASS_MEANS;
+        v.duality = use_means || clf.present();
+        DeviceBuffer<double> W;
+        if (v.duality) {
+            if (!use_means) {
+                W.allocate(clf.weight.size(), &budget_, "classifier [V, d] (float64)");
+                COLLAPSE_CUDA_TRY(cudaMemcpyAsync(W.data(), clf.weight.data(), clf.weight.size() * 8, cudaMemcpyHostToDevice, s));
+            }
+            DeviceBuffer<double> wm((size_t)K, &budget_, "duality"), ww((size_t)K, &budget_, "duality");
+            launch_duality(use_means ? nullptr : W.data(), mu.data(), ids.data(), m.data(), K, d, wm.data(), ww.data(), s);
+            std::vector<double> hwm((size_t)K), hww((size_t)K);
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hwm.data(), wm.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hww.data(), ww.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            double wf2 = 0, mf2 = 0;
+            v.cos.resize((size_t)K);
+            for (int64_t i = 0; i < K; ++i) {
+                v.cos[(size_t)i] = duality_cos(hwm[(size_t)i], std::sqrt(hww[(size_t)i]), std::sqrt(hq[(size_t)i]));
+                wf2 += hww[(size_t)i];
+                mf2 += hq[(size_t)i];
+            }
+            v.w_frobenius = std::sqrt(wf2);
+            v.m_frobenius = std::sqrt(mf2);
+            if (v.w_frobenius > 0 && v.m_frobenius > 0) {
+                launch_self_duality(use_means ? nullptr : W.data(), mu.data(), ids.data(), m.data(), K, d, v.w_frobenius, v.m_frobenius,
+                                    wm.data(), s);
+                COLLAPSE_CUDA_TRY(cudaMemcpy(hwm.data(), wm.data(), (size_t)K * 8, cudaMemcpyDeviceToHost));
+                double acc = 0;
+                for (double x : hwm) acc += x;
+                v.self_duality_sq = acc;
+            }
+        }
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+        v.norm.resize((size_t)K);
+        for (int64_t i = 0; i < K; ++i) v.norm[(size_t)i] = std::sqrt(hq[(size_t)i]);
+        finish_class_metrics(v, cfg_, out);
+
+        if (K < cfg_.min_classes_for_gnc2) {
+            note_too_few_classes_for_pairs(cfg_, out);
+        } else {
+            // Tiles of M M^T: the edge from a quarter of the free budget, at most 16384.
+            const int64_t free_bytes = budget_.limit() - budget_.used();
+            const int64_t T = std::max<int64_t>(256, std::min<int64_t>({K, int64_t(16384), (int64_t)std::sqrt((double)free_bytes / 4 / 8)}));
+            DeviceBuffer<double> tile((size_t)(std::min(T, K) * std::min(T, K)), &budget_, "pair tile",
+                                      "raise device_memory_limit (the tile edge shrinks with the limit)");
+            DeviceBuffer<double> acc((size_t)(kPairBlocks * kPairFields), &budget_, "pair accumulators");
+            COLLAPSE_CUDA_TRY(cudaMemsetAsync(acc.data(), 0, acc.bytes(), s));
+            const double one = 1.0, zero = 0.0;
+            for (int64_t i0 = 0; i0 < K; i0 += T)
+                for (int64_t j0 = i0; j0 < K; j0 += T) {
+                    const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
+                    COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one, m.data() + i0 * d,
+                                                    (int)d, m.data() + j0 * d, (int)d, &zero, tile.data(), (int)ni));
+                    launch_pair_reduce(tile.data(), i0, j0, ni, nj, q.data(), a.data(), var.data(), cfg_.cdnv_power, acc.data(), s);
+                }
+            std::vector<double> h((size_t)(kPairBlocks * kPairFields));
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), acc.data(), acc.bytes(), cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            PairTotals all;
+            for (int b = 0; b < kPairBlocks; ++b) {
+                const double* f = h.data() + b * kPairFields;
+                PairTotals t;
+                t.l = Moments{f[0], f[1], f[2]};
+                t.c = Moments{f[3], f[4], f[5]};
+                t.n_cdnv = f[6], t.s_cdnv = f[7];
+                t.pairs = (int64_t)f[3];
+                t.skip_l = (int64_t)f[8], t.skip_cdnv = (int64_t)f[9];
+                all.merge(t);
+            }
+            finish_pair_metrics(all, K, out);
+        }
+    }
+
+    if (cfg_.compute_overall_metrics) {
+        DeviceBuffer<double> g((size_t)(d * d), &budget_, "overall Gram");
+        bool have = false;
+        if (gram_streaming_) {
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), gram_.data(), g.bytes(), cudaMemcpyDeviceToDevice, s));
+            // Subtract the rows of classes that never reached min_samples_per_token (all in the hold area).
+            const std::vector<int64_t> counts = class_counts();
+            std::vector<int32_t> hold_index;
+            for (int64_t c = 0; c < V_ && hold_rows_ > 0; ++c)
+                if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token)
+                    for (int64_t r = 0; r < counts[(size_t)c]; ++r) hold_index.push_back((int32_t)(c * hold_rows_ + r));
+            if (!hold_index.empty()) {
+                const int64_t nh = (int64_t)hold_index.size();
+                DeviceBuffer<int32_t> hi((size_t)nh, &budget_, "hold rows");
+                DeviceBuffer<double> xd((size_t)(nh * d), &budget_, "hold rows (float64)");
+                COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hi.data(), hold_index.data(), (size_t)nh * 4, cudaMemcpyHostToDevice, s));
+                launch_rows_to_double(hold_.data(), hi.data(), nh, d, nullptr, xd.data(), s);
+                const double minus = -1.0, one = 1.0;
+                COLLAPSE_CUBLAS_TRY(cublasDsyrk(cublas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)nh, &minus, xd.data(), (int)d,
+                                                &one, g.data(), (int)d));
+                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            }
+            have = true;
+        } else if (pass2_ && pass2_gram_ && pass2_rows_ == kept.rows) {
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), gram2_.data(), g.bytes(), cudaMemcpyDeviceToDevice, s));
+            have = true;
+        } else {
+            out.notes["overall_svd_entropy"] =
+                "max_tokens_to_analyze cuts the kept set: the cuda backend needs a second pass for the Gram of kept rows";
+        }
+        if (have) {
+            const std::vector<double> e = eigenvalues_sym(g, d, s);
+            std::vector<double> sv;
+            const int64_t r = std::min<int64_t>(kept.rows, d);
+            for (int64_t i = d - 1; i >= 0 && (int64_t)sv.size() < r; --i) sv.push_back(singular_from_eigen(e[(size_t)i]));
+            bool zero = false;
+            const double h = spectrum_entropy(sv, &zero);
+            out.overall_svd_entropy = h;
+            out.overall_effective_rank = std::exp(h);
+        }
+    }
+
+    if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF) per_token(kept, mu, out);
+
+    if (cfg_.compute_nc4) {
+        if (!clf.present()) {
+            out.notes["nc4_agreement"] = "no classifier was given";
+        } else if (pass2_ && pass2_nc4_) {
+            unsigned long long agree = 0;
+            COLLAPSE_CUDA_TRY(cudaMemcpy(&agree, agree_.data(), 8, cudaMemcpyDeviceToHost));
+            if (pass2_rows_ == kept.rows) {
+                out.nc4_agreement = (double)agree / (double)pass2_rows_;
+                out.nc4_rows = pass2_rows_;
+            } else {
+                out.notes["nc4_agreement"] = "the second pass saw " + std::to_string(pass2_rows_) + " kept rows, the first " + std::to_string(kept.rows);
+            }
+        } else {
+            out.notes["nc4_agreement"] = "the cuda backend computes NC4 in a second pass over the rows";
+        }
+    }
+    return out;
+}
+
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim) {
+    if (!cuda_backend_available())
+        fail(COLLAPSE_ERR_NO_CUDA, "backend cuda requested, but no CUDA device is usable on this machine");
+    return std::make_unique<cuda::CudaBackend>(cfg, num_classes, dim);
+}
+
+bool cuda_backend_available() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return n > 0;
+}
+
+}  // namespace collapse

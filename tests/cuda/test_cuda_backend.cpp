@@ -1,0 +1,231 @@
+// The CUDA backend against the CPU backend (the reference) on the same seeded inputs, to the
+// METRICS.md contract: 1e-5 relative for metrics, 1e-5 absolute for per-token SVD entropy, counts
+// exact. Every test skips with a message when no CUDA device is usable (CI has none).
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "collapse/collapse.hpp"
+#include "core/dtype.hpp"
+#include "io/tensor_file.hpp"
+
+using nlohmann::json;
+
+namespace {
+
+bool have_device() { return collapse_backend_available("cuda") != 0; }
+
+#define SKIP_WITHOUT_DEVICE() \
+    if (!have_device()) GTEST_SKIP() << "no usable CUDA device on this machine: CUDA backend tests skipped"
+
+struct Data {
+    int64_t n = 0, d = 0, V = 0;
+    collapse_dtype dtype = COLLAPSE_F32;
+    std::vector<uint8_t> x;  // [n, d] in dtype
+    std::vector<int32_t> y;
+    std::vector<float> w;  // [V, d]
+};
+
+Data make_data(int64_t n, int64_t d, int64_t V, collapse_dtype t, uint64_t seed) {
+    Data D;
+    D.n = n, D.d = d, D.V = V, D.dtype = t;
+    std::mt19937_64 g(seed);
+    std::normal_distribution<double> nd(0.0, 1.0);
+    std::vector<double> means((size_t)(V * d));
+    for (auto& m : means) m = 3.0 * nd(g);
+    // Zipf-like labels: classes split across batches, some below min_samples.
+    std::vector<double> cdf((size_t)V);
+    double s = 0;
+    for (int64_t k = 0; k < V; ++k) cdf[(size_t)k] = (s += 1.0 / std::pow((double)k + 1.0, 1.05));
+    std::uniform_real_distribution<double> u(0.0, s);
+    D.y.resize((size_t)n);
+    for (auto& l : D.y) l = (int32_t)std::min<int64_t>(V - 1, std::lower_bound(cdf.begin(), cdf.end(), u(g)) - cdf.begin());
+    const size_t es = collapse::dtype_size(t);
+    D.x.resize((size_t)(n * d) * es);
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < d; ++j) {
+            const float v = (float)(means[(size_t)(D.y[(size_t)i] * d + j)] + nd(g));
+            uint8_t* p = D.x.data() + (size_t)(i * d + j) * es;
+            if (t == COLLAPSE_F32) std::memcpy(p, &v, 4);
+            else if (t == COLLAPSE_F16) { const uint16_t h = collapse::float_to_half(v); std::memcpy(p, &h, 2); }
+            else { const uint16_t h = collapse::float_to_bf16(v); std::memcpy(p, &h, 2); }
+        }
+    D.w.resize((size_t)(V * d));
+    for (size_t k = 0; k < D.w.size(); ++k) D.w[k] = (float)(means[k] + 0.1 * nd(g));
+    return D;
+}
+
+// Runs one backend over the data in batches (device buffers when `device`), with the CLI's
+// two-pass protocol, and returns the report.
+json run(const Data& D, collapse_options o, int64_t batch, bool device, cudaStream_t stream = nullptr) {
+    o.num_classes = D.V;
+    collapse::Session s(o);
+    const collapse_buffer w = collapse::host_buffer(D.w.data(), COLLAPSE_F32, D.V, D.d);
+    s.set_classifier(w);
+    const size_t es = collapse::dtype_size(D.dtype);
+    void* dx = nullptr;
+    void* dy = nullptr;
+    if (device) {
+        EXPECT_EQ(cudaMalloc(&dx, D.x.size()), cudaSuccess);
+        EXPECT_EQ(cudaMalloc(&dy, D.y.size() * 4), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(dx, D.x.data(), D.x.size(), cudaMemcpyHostToDevice), cudaSuccess);
+        EXPECT_EQ(cudaMemcpy(dy, D.y.data(), D.y.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+    }
+    auto pass = [&] {
+        for (int64_t r0 = 0; r0 < D.n; r0 += batch) {
+            const int64_t nb = std::min(batch, D.n - r0);
+            const void* xp = device ? (const void*)((uint8_t*)dx + (size_t)(r0 * D.d) * es) : (const void*)(D.x.data() + (size_t)(r0 * D.d) * es);
+            const void* yp = device ? (const void*)((int32_t*)dy + r0) : (const void*)(D.y.data() + r0);
+            const collapse_memory mem = device ? COLLAPSE_MEMORY_DEVICE : COLLAPSE_MEMORY_HOST;
+            const collapse_buffer fx{xp, D.dtype, mem, nb, D.d, 0}, fy{yp, COLLAPSE_I32, mem, nb, 1, 0};
+            s.ingest_rows(fx, fy, nullptr, stream);
+        }
+        s.sync();
+    };
+    pass();
+    if (s.needs_second_pass()) {
+        s.begin_second_pass();
+        pass();
+    }
+    json r = json::parse(s.compute().json());
+    if (device) {
+        cudaFree(dx);
+        cudaFree(dy);
+    }
+    return r;
+}
+
+void expect_close(const json& cpu, const json& gpu, double rel = 1e-5) {
+    for (const char* sec : {"counts"})
+        for (auto it = cpu[sec].begin(); it != cpu[sec].end(); ++it) EXPECT_EQ(gpu[sec][it.key()], it.value()) << it.key();
+    const auto& c = cpu["overall_analysis"];
+    const auto& g = gpu["overall_analysis"];
+    for (auto it = c.begin(); it != c.end(); ++it) {
+        if (!it.value().is_number_float()) continue;
+        ASSERT_TRUE(g[it.key()].is_number()) << it.key() << " is null on the GPU";
+        const double a = it.value().get<double>(), b = g[it.key()].get<double>();
+        EXPECT_LE(std::fabs(a - b), rel * std::fabs(a) + 1e-9) << it.key() << ": cpu " << a << ", cuda " << b;
+    }
+    for (auto it = cpu["token_analysis"].begin(); it != cpu["token_analysis"].end(); ++it) {
+        const auto& gt = gpu["token_analysis"][it.key()];
+        ASSERT_TRUE(gt.is_object()) << "token " << it.key();
+        EXPECT_EQ(gt["num_samples"], it.value()["num_samples"]);
+        EXPECT_NEAR(gt["svd_entropy"].get<double>(), it.value()["svd_entropy"].get<double>(), 1e-5) << "token " << it.key();
+    }
+}
+
+struct Case {
+    const char* name;
+    int64_t n, d, V, batch;
+    collapse_dtype dtype;
+    collapse_svd_mode svd;
+};
+
+class CudaVsCpu : public ::testing::TestWithParam<Case> {};
+
+TEST_P(CudaVsCpu, SameReport) {
+    SKIP_WITHOUT_DEVICE();
+    const Case& c = GetParam();
+    const Data D = make_data(c.n, c.d, c.V, c.dtype, 7 + (uint64_t)c.d);
+    collapse_options o = collapse::default_options();
+    o.svd_mode = c.svd;
+    o.svd_max_rows_per_token = 16;
+    o.compute_nc4 = 1;
+    const json cpu = run(D, o, c.batch, false);
+    o.backend = COLLAPSE_BACKEND_CUDA;
+    expect_close(cpu, run(D, o, c.batch, false));  // host buffers: pinned double-buffered staging
+    expect_close(cpu, run(D, o, c.batch, true));   // device buffers
+}
+
+INSTANTIATE_TEST_SUITE_P(Table, CudaVsCpu,
+                         ::testing::Values(Case{"d1_f32", 4000, 1, 50, 777, COLLAPSE_F32, COLLAPSE_SVD_EXACT},
+                                           Case{"d31_f16", 6000, 31, 300, 1000, COLLAPSE_F16, COLLAPSE_SVD_EXACT},
+                                           Case{"d64_bf16", 8000, 64, 512, 4096, COLLAPSE_BF16, COLLAPSE_SVD_EXACT},
+                                           Case{"d64_f32_sampled", 8000, 64, 512, 999, COLLAPSE_F32, COLLAPSE_SVD_SAMPLED},
+                                           Case{"d1000_f16", 3000, 1000, 200, 512, COLLAPSE_F16, COLLAPSE_SVD_EXACT},
+                                           Case{"d4096_f32", 2000, 4096, 100, 700, COLLAPSE_F32, COLLAPSE_SVD_OFF},
+                                           Case{"K50k_d4_f32", 150000, 4, 50000, 65536, COLLAPSE_F32, COLLAPSE_SVD_OFF}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(CudaBackend, UserStreamAndDeviceBuffers) {
+    SKIP_WITHOUT_DEVICE();
+    const Data D = make_data(5000, 48, 128, COLLAPSE_F32, 99);
+    collapse_options o = collapse::default_options();
+    const json cpu = run(D, o, 1024, false);
+    cudaStream_t st = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&st), cudaSuccess);
+    o.backend = COLLAPSE_BACKEND_CUDA;
+    expect_close(cpu, run(D, o, 1024, true, st));
+    cudaStreamDestroy(st);
+}
+
+// A bad device batch is a no-op; its error (row and value) comes with the next call or sync.
+TEST(CudaBackend, DeviceSideLabelErrorIsDeferredAndChangesNothing) {
+    SKIP_WITHOUT_DEVICE();
+    const Data D = make_data(3000, 16, 64, COLLAPSE_F32, 5);
+    collapse_options o = collapse::default_options();
+    o.num_classes = D.V;
+    o.backend = COLLAPSE_BACKEND_CUDA;
+    std::vector<int32_t> bad(D.y);
+    bad[1234] = 999;
+    void *dx = nullptr, *dy = nullptr, *db = nullptr;
+    ASSERT_EQ(cudaMalloc(&dx, D.x.size()), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&dy, D.y.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&db, bad.size() * 4), cudaSuccess);
+    cudaMemcpy(dx, D.x.data(), D.x.size(), cudaMemcpyHostToDevice);
+    cudaMemcpy(dy, D.y.data(), D.y.size() * 4, cudaMemcpyHostToDevice);
+    cudaMemcpy(db, bad.data(), bad.size() * 4, cudaMemcpyHostToDevice);
+    const collapse_buffer fx{dx, COLLAPSE_F32, COLLAPSE_MEMORY_DEVICE, D.n, D.d, 0};
+    const collapse_buffer fy{dy, COLLAPSE_I32, COLLAPSE_MEMORY_DEVICE, D.n, 1, 0};
+    const collapse_buffer fb{db, COLLAPSE_I32, COLLAPSE_MEMORY_DEVICE, D.n, 1, 0};
+    collapse::Session s(o);
+    s.ingest_rows(fx, fy);
+    s.ingest_rows(fx, fb);  // refused on the device
+    EXPECT_EQ(collapse_session_sync(s.get()), COLLAPSE_ERR_BAD_INPUT);
+    EXPECT_NE(std::string(collapse_last_error()).find("label 999 at row 1234"), std::string::npos) << collapse_last_error();
+    EXPECT_EQ(collapse_session_sync(s.get()), COLLAPSE_OK);  // reported once
+    const json got = json::parse(s.compute().json());
+    collapse::Session clean(o);
+    clean.ingest_rows(fx, fy);
+    const json want = json::parse(clean.compute().json());
+    EXPECT_EQ(got["counts"], want["counts"]);
+    EXPECT_EQ(got["overall_analysis"]["overall_gnc2"], want["overall_analysis"]["overall_gnc2"]);
+    cudaFree(dx);
+    cudaFree(dy);
+    cudaFree(db);
+}
+
+TEST(CudaBackend, RealDataMatchesCpu) {
+    SKIP_WITHOUT_DEVICE();
+    const std::string dir = std::string(COLLAPSE_SHARED_DIR) + "/data/stories260k";
+    const char* carried = std::getenv("COLLAPSE_REAL_DATA_DIR");  // the device machine has no ../shared
+    const std::string base = carried ? carried : dir;
+    FILE* f = std::fopen((base + "/features.npy").c_str(), "rb");
+    if (!f) GTEST_SKIP() << "real data not found at " << base;
+    std::fclose(f);
+    const auto X = collapse::io::open_npy(base + "/features.npy");
+    const auto Y = collapse::io::open_npy(base + "/labels.npy");
+    const auto W = collapse::io::open_npy(base + "/classifier.npy");
+    Data D;
+    D.n = X.shape[0], D.d = X.shape[1], D.V = W.shape[0], D.dtype = X.dtype;
+    D.x.assign((const uint8_t*)X.data(), (const uint8_t*)X.data() + X.numel() * 2);
+    D.y.assign((const int32_t*)Y.data(), (const int32_t*)Y.data() + Y.numel());
+    D.w.assign((const float*)W.data(), (const float*)W.data() + W.numel());
+    collapse_options o = collapse::default_options();
+    const int64_t ex[3] = {0, 1, 2};
+    o.exclude_token_ids = ex;
+    o.num_exclude_token_ids = 3;
+    o.compute_nc4 = 1;
+    const json cpu = run(D, o, 65536, false);
+    o.backend = COLLAPSE_BACKEND_CUDA;
+    expect_close(cpu, run(D, o, 65536, true));
+}
+
+}  // namespace

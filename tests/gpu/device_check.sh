@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Everything GPU-related, on a machine with a GPU, in one call (< 8 minutes): configure for sm_90,
+# build, run the CUDA tests, compute-sanitizer memcheck and racecheck on a small case, and
+# collapse_bench --backend cuda --quick. Prints a short table last. Results also go to $OUT (when
+# set) for bench/results/. Prerequisite: tests/gpu/prepare_carry.sh run beforehand, .carry carried.
+set -uo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+out="${OUT:-$root/build-gpu/out}"
+mkdir -p "$out"
+prefix="$root/.carry/prefix"
+export PATH="/usr/local/cuda/bin:$PATH"
+declare -A result
+
+# 1. The project's Debian packages, unpacked into a prefix (not into /).
+if [ -d .carry/debs ]; then
+  mkdir -p "$prefix"
+  for f in .carry/debs/*.deb; do dpkg -x "$f" "$prefix"; done
+fi
+libdirs="$prefix/usr/lib/x86_64-linux-gnu:$prefix/usr/lib/x86_64-linux-gnu/openblas-pthread:$prefix/usr/lib/x86_64-linux-gnu/lapack:$prefix/usr/lib/x86_64-linux-gnu/blas"
+export LD_LIBRARY_PATH="$libdirs:${LD_LIBRARY_PATH:-}"
+export PKG_CONFIG_PATH="$prefix/usr/lib/x86_64-linux-gnu/pkgconfig:$prefix/usr/share/pkgconfig:${PKG_CONFIG_PATH:-}"
+export PKG_CONFIG_SYSROOT_DIR="$prefix"
+[ -d .carry/data ] && export COLLAPSE_REAL_DATA_DIR="$root/.carry/data"
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
+  nvcc --version | tail -2 | head -1 | sed 's/^/nvcc: /'
+} | tee "$out/device.txt"
+
+# 2. Configure and build.
+t0=$(date +%s)
+cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCOLLAPSE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DCMAKE_PREFIX_PATH="$prefix/usr;$prefix/usr/share/cmake;$prefix/usr/lib/x86_64-linux-gnu/cmake" \
+  -DCMAKE_INCLUDE_PATH="$prefix/usr/include;$prefix/usr/include/x86_64-linux-gnu/openblas-pthread" \
+  -DCMAKE_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu;$prefix/usr/lib/x86_64-linux-gnu/openblas-pthread" \
+  -DCMAKE_CXX_FLAGS="-I$prefix/usr/include -I$prefix/usr/include/x86_64-linux-gnu/openblas-pthread" \
+  -DCMAKE_CUDA_FLAGS="-I$prefix/usr/include" > "$out/configure.log" 2>&1 \
+  && cmake --build build-gpu -j"$(nproc)" > "$out/build.log" 2>&1
+build_rc=$?
+result[build]=$([ $build_rc -eq 0 ] && echo "ok ($(( $(date +%s) - t0 )) s)" || echo "FAILED (see build.log)")
+tail -20 "$out/build.log"
+
+if [ $build_rc -eq 0 ]; then
+  # 3. The CUDA tests, then the CPU tests as a sanity check of the build.
+  (cd build-gpu && ./tests/test_cuda --gtest_brief=1 > "$out/test_cuda.log" 2>&1)
+  result[cuda_tests]=$([ $? -eq 0 ] && echo "pass: $(grep -c '^\[       OK' "$out/test_cuda.log" || true) ok" || echo "FAILED: $(grep -c '^\[  FAILED' "$out/test_cuda.log") failed")
+  grep -E "^\[  FAILED|Failure|error" "$out/test_cuda.log" | head -20
+  # 4. Sanitizers on a small case.
+  cs=compute-sanitizer
+  (cd build-gpu && timeout 240 $cs --tool memcheck --error-exitcode 9 ./tests/test_cuda --gtest_filter='Table/CudaVsCpu.SameReport/d31_f16:CudaBackend.DeviceSide*' > "$out/memcheck.log" 2>&1)
+  rc=$?; result[memcheck]=$([ $rc -eq 0 ] && echo "clean" || echo "rc=$rc (see memcheck.log)")
+  (cd build-gpu && timeout 240 $cs --tool racecheck --error-exitcode 9 ./tests/test_cuda --gtest_filter='Table/CudaVsCpu.SameReport/d31_f16' > "$out/racecheck.log" 2>&1)
+  rc=$?; result[racecheck]=$([ $rc -eq 0 ] && echo "clean" || echo "rc=$rc (see racecheck.log)")
+  # 5. Benchmarks against the measured ceilings.
+  (cd build-gpu && timeout 180 ./bench/collapse_bench --backend cuda --quick --json "$out/bench_cuda.json" > "$out/bench_cuda.txt" 2>&1)
+  result[bench]=$([ $? -eq 0 ] && echo "ok (bench_cuda.txt)" || echo "FAILED (bench_cuda.txt)")
+  tail -25 "$out/bench_cuda.txt"
+fi
+
+echo
+echo "== device check =="
+for k in build cuda_tests memcheck racecheck bench; do printf "%-11s %s\n" "$k" "${result[$k]:-not run}"; done | tee "$out/summary.txt"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with network to Debian's mirror) before a device run. The device machine has
+# CUDA, CMake and a compiler but not the project's Debian packages and no network: this downloads
+# the .deb files (apt-get download, no install) into .carry/debs and copies the real data into
+# .carry/data, both ignored by git; name `.carry` in the device tool's `carry`.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+mkdir -p .carry/debs .carry/data
+grep -qx '/.carry/' .gitignore 2>/dev/null || echo '/.carry/' >> .gitignore
+pkgs=(libyaml-cpp-dev libyaml-cpp0.7 nlohmann-json3-dev libgtest-dev googletest libcli11-dev
+      libopenblas-dev libopenblas0 libopenblas0-pthread libopenblas-pthread-dev liblapacke liblapacke-dev
+      liblapack3 liblapack-dev libblas3 libblas-dev libgfortran5)
+apt-get update -qq
+(cd .carry/debs && for p in "${pkgs[@]}"; do apt-get download -qq "$p" 2>/dev/null || echo "note: $p not downloadable, skipped"; done)
+shared="$root/../shared/data/stories260k"
+if [ -d "$shared" ]; then cp "$shared"/features.npy "$shared"/labels.npy "$shared"/classifier.npy .carry/data/; fi
+du -sh .carry
