@@ -238,53 +238,36 @@ Config base_config(const Options& o, int64_t V, int64_t d) {
     return c;
 }
 
-// A feature buffer and its labels, on the host, plus device copies for the cuda backend.
+// A feature buffer and its labels, on the host (the CPU figures).
 struct Inputs {
     std::vector<float> x;
     std::vector<int32_t> y;
     int64_t n = 0, d = 0;
-    const float* xd = nullptr;  // what the session reads (host or device)
+    const float* xd = nullptr;  // what the session reads
     const int32_t* yd = nullptr;
     collapse_memory mem = COLLAPSE_MEMORY_HOST;
-    void* dev_x = nullptr;
-    void* dev_y = nullptr;
-    Inputs() = default;
-    Inputs(const Inputs&) = delete;
-    Inputs& operator=(const Inputs&) = delete;
-    ~Inputs() {
-#ifdef COLLAPSE_BENCH_CUDA
-        if (dev_x) bench_cuda::free_device(dev_x);
-        if (dev_y) bench_cuda::free_device(dev_y);
-#endif
-    }
-    void place(const Options& o) {
+    void place(const Options&) {
         xd = x.data();
         yd = y.data();
-#ifdef COLLAPSE_BENCH_CUDA
-        if (o.cuda) {
-            dev_x = bench_cuda::to_device(x.data(), x.size() * sizeof(float));
-            dev_y = bench_cuda::to_device(y.data(), y.size() * sizeof(int32_t));
-            xd = static_cast<const float*>(dev_x);
-            yd = static_cast<const int32_t*>(dev_y);
-            mem = COLLAPSE_MEMORY_DEVICE;
-        }
-#else
-        (void)o;
-#endif
     }
 };
 
-// One pass of ingest over the whole buffer in batches of B rows. Seconds (includes sync()).
-double ingest_pass(Session& s, const Inputs& in, int64_t B) {
+// One pass of ingest over n rows x d features (dtype ft, element size fsz) in batches of B rows, on
+// `stream` (nullptr: the session's own). Seconds of host clock, sync() included.
+double ingest_pass_raw(Session& s, const void* x, collapse_dtype ft, size_t fsz, const int32_t* y, collapse_memory mem, int64_t n,
+                       int64_t d, int64_t B, void* stream) {
     const auto t0 = Clock::now();
-    for (int64_t r0 = 0; r0 < in.n; r0 += B) {
-        const int64_t nb = std::min(B, in.n - r0);
-        const collapse_buffer fx{in.xd + r0 * in.d, COLLAPSE_F32, in.mem, nb, in.d, 0};
-        const collapse_buffer fy{in.yd + r0, COLLAPSE_I32, in.mem, nb, 1, 0};
-        s.ingest_rows(&fx, &fy, nullptr, nullptr);
+    for (int64_t r0 = 0; r0 < n; r0 += B) {
+        const int64_t nb = std::min(B, n - r0);
+        const collapse_buffer fx{static_cast<const uint8_t*>(x) + (size_t)(r0 * d) * fsz, ft, mem, nb, d, 0};
+        const collapse_buffer fy{y + r0, COLLAPSE_I32, mem, nb, 1, 0};
+        s.ingest_rows(&fx, &fy, nullptr, stream);
     }
     s.sync();
     return since(t0);
+}
+double ingest_pass(Session& s, const Inputs& in, int64_t B) {
+    return ingest_pass_raw(s, in.xd, COLLAPSE_F32, sizeof(float), in.yd, in.mem, in.n, in.d, B, nullptr);
 }
 
 double timing_of(const collapse::ReportData& r, const char* phase) {
@@ -301,8 +284,8 @@ void bench_ingest(const Options& o, json& out) {
     const int64_t min_bytes = (o.quick ? 64 : 256) * kMiB;
     const int reps = o.quick ? 2 : 3, read_reps = o.quick ? 3 : 5;
     std::printf("\n== 1. ingest: sums, counts, squared norms (svd_mode off, no Gram, no row store), f32, Zipf(1.1) ==\n");
-    std::printf("   engine: one warm-up pass, then best of %d passes over the buffer; ceiling: best of %d plain %s\n", reps,
-                read_reps, o.cuda ? "read-kernel passes (GPU)" : "single-thread read-sum passes over the SAME buffer");
+    std::printf("   engine: one warm-up pass, then best of %d passes over the buffer; ceiling: best of %d plain"
+                " single-thread read-sum passes over the SAME buffer\n", reps, read_reps);
     for (int64_t d : dims) {
         const int64_t row_bytes = d * 4;
         const int64_t n = std::max<int64_t>(o.quick ? 4096 : B, (min_bytes + row_bytes - 1) / row_bytes);
@@ -316,12 +299,7 @@ void bench_ingest(const Options& o, json& out) {
         for (int64_t V : vocab) {
             in.y = zipf_labels(n, V, 1.1, 42 + (uint64_t)V);
             in.place(o);
-            if (read_gbps == 0) {
-#ifdef COLLAPSE_BENCH_CUDA
-                if (o.cuda) read_gbps = bench_cuda::read_gbps(in.xd, (size_t)(n * d), read_reps);
-#endif
-                if (!o.cuda) read_gbps = read_bandwidth(in.x.data(), (size_t)(n * d), read_reps);
-            }
+            if (read_gbps == 0) read_gbps = read_bandwidth(in.x.data(), (size_t)(n * d), read_reps);
             Config cfg = base_config(o, V, d);
             cfg.svd_mode = COLLAPSE_SVD_OFF;
             cfg.compute_overall_metrics = false;
@@ -339,7 +317,7 @@ void bench_ingest(const Options& o, json& out) {
             std::printf("ingest  d=%-5lld V=%-6lld rows=%-8lld (%4.0f MiB, batch %lld)  rows/s=%9.3e  GB/s=%6.2f (median %6.2f)"
                         "  | read BW (%s) GB/s=%6.2f  ratio=%.2f%s\n",
                         (long long)d, (long long)V, (long long)n, bytes / kMiB, (long long)batch, rows, gbps,
-                        bytes / tm.median / kGB, o.cuda ? "GPU read kernel, same buffer" : "1 thread, same buffer", read_gbps,
+                        bytes / tm.median / kGB, "1 thread, same buffer", read_gbps,
                         ratio, goal.c_str());
             std::fflush(stdout);
             json j = {{"d", d}, {"V", V}, {"rows", n}, {"batch_rows", batch}, {"buffer_bytes", bytes},
@@ -348,10 +326,6 @@ void bench_ingest(const Options& o, json& out) {
                       {"ratio", ratio}};
             if (!goal.empty()) j["goal_0_5_met"] = ratio >= 0.5;
             out["ingest"].push_back(j);
-#ifdef COLLAPSE_BENCH_CUDA
-            if (in.dev_x) bench_cuda::free_device(in.dev_x), in.dev_x = nullptr;
-            if (in.dev_y) bench_cuda::free_device(in.dev_y), in.dev_y = nullptr;
-#endif
         }
     }
 }
@@ -364,8 +338,8 @@ void bench_gram(const Options& o, json& out) {
     const int reps = o.quick ? 2 : 3;
     std::printf("\n== 2. ingest with the overall Gram (compute_overall_metrics: true), V=%lld, f32, Zipf(1.1) ==\n", (long long)V);
     std::printf("   Gram flops counted as N*d*d per pass (symmetric rank-k update: d(d+1)/2 entries x 2 flops x N rows)\n");
-    std::printf("   ceiling: %s on a %lld x d block of doubles, C += A^T A, best of %d\n",
-                o.cuda ? "cublasDsyrk" : "cblas_dsyrk (the engine's call shape)", (long long)block, reps + 2);
+    std::printf("   ceiling: cblas_dsyrk (the engine's call shape) on a %lld x d block of doubles, C += A^T A, best of %d\n",
+                (long long)block, reps + 2);
     for (int64_t d : dims) {
         const int64_t n = std::max<int64_t>(o.quick ? 16384 : B, ((o.quick ? 64 : 256) * kMiB) / (d * 4));
         const int64_t batch = std::min(B, n);
@@ -385,11 +359,7 @@ void bench_gram(const Options& o, json& out) {
         std::vector<double> t;
         for (int r = 0; r < reps; ++r) t.push_back(ingest_pass(s, in, batch));
         const Timing tm = summarize(t);
-        double ceil_gflops = 0;
-#ifdef COLLAPSE_BENCH_CUDA
-        if (o.cuda) ceil_gflops = bench_cuda::dsyrk_gflops((int)d, (int)block, (int)std::max<int64_t>(8, (int64_t)(2e10 / (block * d * d))), reps);
-#endif
-        if (!o.cuda) ceil_gflops = dsyrk_gflops(d, block, reps + 2);
+        const double ceil_gflops = dsyrk_gflops(d, block, reps + 2);
         const double flops = (double)n * (double)d * (double)d;
         const double gflops = flops / tm.best / kGB, rows = (double)n / tm.best;
         std::printf("gram    d=%-5lld V=%-6lld rows=%-8lld  rows/s=%9.3e  GB/s=%6.2f  Gram GFLOP/s=%7.2f (median %7.2f)"
@@ -445,21 +415,10 @@ void bench_finalize(const Options& o, json& out) {
         }
         const Timing tm = summarize(t);
         const double pairs = 0.5 * (double)K * (double)(K - 1);
-        double flops = 0, gemm_s = 0;
-        int64_t T = 0;
-        const char* what = "";
-#ifdef COLLAPSE_BENCH_CUDA
-        if (o.cuda) {
-            T = std::min<int64_t>(K, 4096);
-            gemm_s = bench_cuda::gemm_tiles_seconds(K, d, T, 2, &flops);
-            what = "cublasDgemm tiles";
-        }
-#endif
-        if (!o.cuda) {
-            T = pair_tile_edge(K, Config{}.host_memory_limit);
-            gemm_s = tile_gemm_seconds(K, d, T, reps == 1 ? 2 : 3, &flops);
-            what = "same tile dgemms";
-        }
+        double flops = 0;
+        const int64_t T = pair_tile_edge(K, Config{}.host_memory_limit);
+        const double gemm_s = tile_gemm_seconds(K, d, T, reps == 1 ? 2 : 3, &flops);
+        const char* what = "same tile dgemms";
         std::printf("final   K=%-6lld d=%lld  seconds=%8.4f (class_metrics phase %8.4f)  pairs/s=%9.3e  |"
                     " %s (T=%lld, %.1f GFLOP) GFLOP/s=%7.2f seconds=%8.4f  ratio gemm/finalize=%.2f\n",
                     (long long)K, (long long)d, tm.best, summarize(t_class).best, pairs / tm.best, what, (long long)T,
@@ -516,8 +475,8 @@ void bench_svd(const Options& o, json& out) {
 
     // Ceiling: dgesdd on the same matrices (classes with >= 2 rows, every row), timed alone.
     double lapack_s = 0;
-    std::string ceiling = "n/a on cuda";
-    if (!o.cuda) {
+    std::string ceiling;
+    {
         std::vector<std::vector<int64_t>> rows((size_t)V);
         for (int64_t i = 0; i < n; ++i) rows[(size_t)in.y[(size_t)i]].push_back(i);
         std::vector<std::vector<double>> mats;
@@ -554,7 +513,7 @@ void bench_svd(const Options& o, json& out) {
     json j = {{"V", V}, {"d", d}, {"rows", n}, {"classes_kept", kept}, {"seconds_exact_minus_off", t_svd},
               {"token_svd_phase_seconds", t_phase}, {"compute_exact_seconds", t_exact}, {"compute_off_seconds", t_off},
               {"classes_per_s", (double)kept / t_svd}};
-    if (!o.cuda) j["dgesdd_seconds"] = lapack_s, j["ratio_lapack_over_engine"] = lapack_s / t_svd;
+    j["dgesdd_seconds"] = lapack_s, j["ratio_lapack_over_engine"] = lapack_s / t_svd;
     out["svd"].push_back(j);
 }
 

@@ -2,6 +2,7 @@
 #include "cpu/cpu_backend.hpp"
 
 #include <cblas.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -98,10 +99,19 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     if ((size_t)(staged * d_) > stage_sum_.size()) stage_sum_.resize((size_t)(staged * d_));
     std::fill(stage_sum_.begin(), stage_sum_.begin() + staged * d_, 0.0);
     for (int32_t k = 0; k < (int32_t)runs; ++k) run_of_label_[(size_t)run_label_[(size_t)k]] = k;
-    for (int64_t i = 0; i < n; ++i) {
-        const int32_t k = run_of_label_[(size_t)rows.label[(size_t)i]];
-        double* acc = stage_slot_[(size_t)k] >= 0 ? stage_sum_.data() + stage_slot_[(size_t)k] * d_ : nullptr;
-        stage_sq_[(size_t)k] += cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)i]), b.features.dtype, d_, acc);
+    // Classes are split between threads (run k to thread k mod T): each class is still summed by
+    // one thread in row order, so the result does not depend on the thread count.
+#pragma omp parallel
+    {
+        const int T = omp_get_num_threads(), t = omp_get_thread_num();
+        std::vector<double> sq(runs, 0.0);
+        for (int64_t i = 0; i < n; ++i) {
+            const int32_t k = run_of_label_[(size_t)rows.label[(size_t)i]];
+            if (k % T != t) continue;
+            double* acc = stage_slot_[(size_t)k] >= 0 ? stage_sum_.data() + stage_slot_[(size_t)k] * d_ : nullptr;
+            sq[(size_t)k] += cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)i]), b.features.dtype, d_, acc);
+        }
+        for (size_t k = (size_t)t; k < runs; k += (size_t)T) stage_sq_[k] = sq[k];
     }
     for (int32_t c : run_label_) run_of_label_[(size_t)c] = -1;
 }
@@ -162,16 +172,26 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
     const bool keep_rows = !store_.empty();
     const bool exact = cfg_.svd_mode == COLLAPSE_SVD_EXACT;
     const int64_t cap = cfg_.svd_max_rows_per_token;
+    // Sums: every class's row of sum_ is its own, so classes go to threads freely.
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < (int64_t)runs; ++k) {
+        const int32_t c = run_label_[(size_t)k];
+        double* s = sum_.data() + (size_t)c * (size_t)d_;
+        if (stage_slot_[(size_t)k] >= 0)
+            cpu::add_into(s, stage_sum_.data() + stage_slot_[(size_t)k] * d_, d_);
+        else
+            cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)order_[(size_t)run_begin_[(size_t)k]]]), b.features.dtype, d_, s);
+        sqnorm_[(size_t)c] += stage_sq_[(size_t)k];
+    }
+    if (!gram_streaming_ && !keep_rows) {
+        for (size_t k = 0; k < runs; ++k) count_[(size_t)run_label_[k]] += run_begin_[k + 1] - run_begin_[k];
+        return;
+    }
+    // Rows in class order, for the Gram (with the rows held back below min_samples_per_token) and
+    // the row store: positions depend on each class's count.
     std::vector<double> xd((size_t)d_);
     for (size_t k = 0; k < runs; ++k) {
         const int32_t c = run_label_[k];
-        double* s = sum_.data() + (size_t)c * (size_t)d_;
-        if (stage_slot_[k] >= 0)
-            cpu::add_into(s, stage_sum_.data() + stage_slot_[k] * d_, d_);
-        else
-            cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)order_[(size_t)run_begin_[k]]]), b.features.dtype, d_, s);
-        sqnorm_[(size_t)c] += stage_sq_[k];
-
         for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
             const void* x = b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]);
             const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)

@@ -7,6 +7,7 @@
 //  - the sequence layout (ingest_sequences with an attention mask) equals the rows layout of the
 //    same shifted rows with a valid mask.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -334,6 +335,27 @@ TEST(InvarianceSequences, SequenceLayoutEqualsRowsLayout) {
         }
         expect_same_report(a, json::parse(split.compute().json()));
     }
+}
+
+}  // namespace
+
+namespace {
+
+// Ingest and the pair tiles run on OpenMP threads; each class and each tile is reduced by one thread
+// in a fixed order, so the report is bit-identical whatever the thread count.
+TEST(InvarianceThreads, SameReportForOneAndTwoThreads) {
+    const Data D = make_data(kV, kD, kN, 2026);
+    const collapse_options o = exact_options(kV);
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const json one = run(o, D, 4096);
+    omp_set_num_threads(2);
+    const json two = run(o, D, 4096);
+    omp_set_num_threads(before);
+    json a = one, b = two;
+    a.erase("engine");
+    b.erase("engine");
+    EXPECT_EQ(a.dump(), b.dump());
 }
 
 }  // namespace
