@@ -17,8 +17,10 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <string>
 #include <vector>
@@ -46,12 +48,34 @@ int bits_for(int64_t v) {
     return b;
 }
 
-int64_t device_memory_bytes(int device) {
+// Free memory of the device, for the default budget (a server's model is already there).
+int64_t device_free_bytes(int device) {
+    int current = 0;
+    COLLAPSE_CUDA_TRY(cudaGetDevice(&current));
     size_t free_b = 0, total_b = 0;
     COLLAPSE_CUDA_TRY(cudaSetDevice(device));
-    COLLAPSE_CUDA_TRY(cudaMemGetInfo(&free_b, &total_b));
-    return (int64_t)total_b;
+    const cudaError_t e = cudaMemGetInfo(&free_b, &total_b);
+    COLLAPSE_CUDA_TRY(cudaSetDevice(current));
+    COLLAPSE_CUDA_TRY(e);
+    return (int64_t)free_b;
 }
+
+// Makes the session's device current for the duration of a call, and restores the caller's.
+class DeviceGuard {
+public:
+    explicit DeviceGuard(int device) {
+        COLLAPSE_CUDA_TRY(cudaGetDevice(&previous_));
+        if (previous_ != device) COLLAPSE_CUDA_TRY(cudaSetDevice(device));
+        changed_ = previous_ != device;
+    }
+    ~DeviceGuard() {
+        if (changed_) COLLAPSE_CUDA_TRY_NO_THROW(cudaSetDevice(previous_));
+    }
+
+private:
+    int previous_ = 0;
+    bool changed_ = false;
+};
 
 constexpr int kStatusSlots = 8;
 
@@ -90,11 +114,14 @@ private:
         cudaEvent_t copied = nullptr;
     };
 
+    void init();
+    void release() noexcept;
     cudaStream_t pick_stream(void* s);
     DeviceBatch device_view(const BatchDesc& b, cudaStream_t s);
     void ensure_scratch(int64_t rows);
     void process_slot(int k, bool wait);
     void raise_pending();
+    int begin_batch(const BatchDesc& b, cudaStream_t s, bool check_store, DeviceBatch* db);
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
     void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
@@ -139,8 +166,8 @@ private:
     std::array<bool, kStatusSlots> status_sequences_{};
     int status_next_ = 0;
     Counts totals_;
-    std::string pending_error_;
-    collapse_status pending_status_ = COLLAPSE_OK;
+    std::deque<std::pair<collapse_status, std::string>> errors_;  // device-side errors, oldest first
+    std::array<int64_t, kStatusSlots> status_seq_len_{};
 
     // Second pass
     bool pass2_ = false, pass2_nc4_ = false, pass2_gram_ = false;
@@ -156,9 +183,21 @@ CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
     : cfg_(cfg),
       V_(V),
       d_(d),
-      budget_(cfg.device_memory_limit > 0 ? cfg.device_memory_limit : device_memory_bytes(cfg.device_ordinal) / 10 * 9) {
-    COLLAPSE_CUDA_TRY(cudaSetDevice(cfg.device_ordinal));
-    COLLAPSE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+      budget_(cfg.device_memory_limit > 0 ? cfg.device_memory_limit : device_free_bytes(cfg.device_ordinal) / 10 * 9) {
+    DeviceGuard guard(cfg.device_ordinal);
+    try {
+        init();
+    } catch (...) {
+        release();
+        throw;
+    }
+}
+
+void CudaBackend::init() {
+    const Config& cfg = cfg_;
+    // A blocking stream: it orders with the legacy default stream, which callers passing NULL and
+    // plain cudaMemcpy use.
+    COLLAPSE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
     COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&last_done_, cudaEventDisableTiming));
     COLLAPSE_CUBLAS_TRY(cublasCreate(&cublas_));
     COLLAPSE_CUBLAS_TRY(cublasSetMathMode(cublas_, cfg.allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
@@ -186,6 +225,7 @@ CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
         gram_.allocate((size_t)(d_ * d_), &budget_, "the overall Gram d x d (float64)", hint);
         gram32_.allocate((size_t)(d_ * d_), &budget_, "the batch Gram d x d (float32)", hint);
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram_.data(), 0, gram_.bytes(), stream_));
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram32_.data(), 0, gram32_.bytes(), stream_));
         hold_rows_ = cfg.min_samples_per_token - 1;
         if (hold_rows_ > 0)
             hold_.allocate((size_t)(V_ * hold_rows_ * d_), &budget_,
@@ -206,7 +246,7 @@ CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
     if (exact_store_) {
         // The row store takes half of what is left; the rest is for batches and finalisation.
         const int64_t left = budget_.limit() - budget_.used();
-        store_capacity_ = (unsigned long long)std::max<int64_t>(0, left / 2 / (d_ * 4 + 4));
+        store_capacity_ = (unsigned long long)std::min<int64_t>(INT32_MAX, std::max<int64_t>(0, left / 2 / (d_ * 4 + 4)));
         store_.allocate((size_t)store_capacity_ * (size_t)d_, &budget_, "the exact row store", hint);
         store_labels_.allocate((size_t)store_capacity_, &budget_, "row store labels", hint);
         store_count_.allocate(1, &budget_, "row store count", hint);
@@ -216,8 +256,15 @@ CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
     last_stream_ = stream_;
 }
 
-CudaBackend::~CudaBackend() {
-    COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(stream_));
+CudaBackend::~CudaBackend() { release(); }
+
+// Frees the handles; also used when the constructor fails half-way.
+void CudaBackend::release() noexcept {
+    int previous = 0;
+    (void)cudaGetDevice(&previous);
+    (void)cudaSetDevice(cfg_.device_ordinal);
+    if (last_stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(last_stream_));
+    if (stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(stream_));
     for (auto& e : status_event_)
         if (e) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(e));
     for (auto& st : staging_)
@@ -227,6 +274,8 @@ CudaBackend::~CudaBackend() {
     if (cusolver_) cusolverDnDestroy(cusolver_);
     if (cublas_) cublasDestroy(cublas_);
     if (stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamDestroy(stream_));
+    stream_ = nullptr;
+    (void)cudaSetDevice(previous);
 }
 
 cudaStream_t CudaBackend::pick_stream(void* s) {
@@ -249,10 +298,16 @@ DeviceBatch CudaBackend::device_view(const BatchDesc& b, cudaStream_t s) {
     db.sequences = b.sequences;
     db.seq_len = b.seq_len;
     if (b.features.memory == COLLAPSE_MEMORY_DEVICE) {
-        cudaPointerAttributes attr{};
-        COLLAPSE_CUDA_TRY(cudaPointerGetAttributes(&attr, b.features.data));
-        if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "features: the buffer says device memory, but the pointer is not a device pointer");
+        const std::pair<const void*, const char*> bufs[] = {{b.features.data, "features"}, {b.labels.data, "labels"}, {b.valid.data, "mask"}};
+        for (const auto& [ptr, what] : bufs) {
+            if (!ptr) continue;
+            cudaPointerAttributes attr{};
+            COLLAPSE_CUDA_TRY(cudaPointerGetAttributes(&attr, ptr));
+            if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": the buffer says device memory, but the pointer is not a device pointer");
+            if (attr.type == cudaMemoryTypeDevice && attr.device != cfg_.device_ordinal)
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": the pointer is on device ", attr.device, ", the session on device ", cfg_.device_ordinal);
+        }
         db.features = b.features.data, db.fdtype = b.features.dtype, db.fstride = b.features.stride;
         db.labels = b.labels.data, db.ldtype = b.labels.dtype, db.lstride = b.labels.stride;
         db.valid = b.valid.data, db.vdtype = b.valid.dtype, db.vstride = b.valid.stride;
@@ -264,24 +319,28 @@ DeviceBatch CudaBackend::device_view(const BatchDesc& b, cudaStream_t s) {
     const size_t vsz = b.valid.data ? dtype_size(b.valid.dtype) : 0;
     const size_t fbytes = (size_t)b.features.rows * frow, lbytes = (size_t)b.labels.rows * lcols * lsz;
     const size_t vbytes = (size_t)b.valid.rows * lcols * vsz;
-    const size_t total = fbytes + lbytes + vbytes + 64;
+    auto align = [](size_t x) { return (x + 255) & ~size_t(255); };  // int64 labels need aligned loads
+    const size_t loff = align(fbytes), voff = align(loff + lbytes), total = voff + vbytes;
+    // Both slots are sized at the first host batch (and again only for a larger batch).
+    for (Staging& slot : staging_)
+        if (slot.host.size() < total || slot.dev.size() < total) {
+            COLLAPSE_CUDA_TRY(cudaEventSynchronize(slot.copied));
+            slot.dev.reset();
+            slot.host.allocate(total);
+            slot.dev.allocate(total, &budget_, "host-batch staging (two pinned slots)");
+        }
     Staging& st = staging_[(size_t)staging_next_];
     staging_next_ ^= 1;
     COLLAPSE_CUDA_TRY(cudaEventSynchronize(st.copied));  // the pinned slot's previous copy is done
-    if (st.host.size() < total) {
-        st.host.allocate(total);
-        st.dev.allocate(total, &budget_, "host-batch staging");
-    }
     uint8_t* h = st.host.data();
     for (int64_t r = 0; r < b.features.rows; ++r) std::memcpy(h + (size_t)r * frow, b.features.row(r), frow);
-    for (int64_t r = 0; r < b.labels.rows; ++r) std::memcpy(h + fbytes + (size_t)r * lcols * lsz, b.labels.row(r), lcols * lsz);
-    for (int64_t r = 0; r < b.valid.rows && vsz; ++r)
-        std::memcpy(h + fbytes + lbytes + (size_t)r * lcols * vsz, b.valid.row(r), lcols * vsz);
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(st.dev.data(), h, fbytes + lbytes + vbytes, cudaMemcpyHostToDevice, s));
+    for (int64_t r = 0; r < b.labels.rows; ++r) std::memcpy(h + loff + (size_t)r * lcols * lsz, b.labels.row(r), lcols * lsz);
+    for (int64_t r = 0; r < b.valid.rows && vsz; ++r) std::memcpy(h + voff + (size_t)r * lcols * vsz, b.valid.row(r), lcols * vsz);
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(st.dev.data(), h, total, cudaMemcpyHostToDevice, s));
     COLLAPSE_CUDA_TRY(cudaEventRecord(st.copied, s));
     db.features = st.dev.data(), db.fdtype = b.features.dtype, db.fstride = b.features.cols;
-    db.labels = st.dev.data() + fbytes, db.ldtype = b.labels.dtype, db.lstride = (int64_t)lcols;
-    if (vsz) db.valid = st.dev.data() + fbytes + lbytes, db.vdtype = b.valid.dtype, db.vstride = (int64_t)lcols;
+    db.labels = st.dev.data() + loff, db.ldtype = b.labels.dtype, db.lstride = (int64_t)lcols;
+    if (vsz) db.valid = st.dev.data() + voff, db.vdtype = b.valid.dtype, db.vstride = (int64_t)lcols;
     return db;
 }
 
@@ -289,6 +348,7 @@ void CudaBackend::ensure_scratch(int64_t rows) {
     if (rows <= scratch_.rows) return;
     const int64_t n = std::max<int64_t>(rows, std::min<int64_t>(cfg_.batch_rows, INT32_MAX));
     Scratch& s = scratch_;
+    s.rows = 0;  // not valid until every buffer is reallocated
     const std::string what = "per-batch scratch for " + std::to_string(n) + " rows";
     for (auto* b : {&s.keys, &s.vals, &s.keys_sorted, &s.vals_sorted, &s.heads, &s.run_start}) b->allocate((size_t)n, &budget_, what);
     size_t sort_bytes = 0, scan_bytes = 0;
@@ -300,7 +360,27 @@ void CudaBackend::ensure_scratch(int64_t rows) {
     s.rows = n;
 }
 
-// Sort (label, row), run starts. Shared by both passes.
+// Both passes: a status slot, the device view, validation, grouping. Returns the status slot.
+int CudaBackend::begin_batch(const BatchDesc& b, cudaStream_t s, bool check_store, DeviceBatch* db) {
+    ensure_scratch(b.num_rows());
+    const int k = status_next_;
+    status_next_ = (status_next_ + 1) % kStatusSlots;
+    if (status_pending_[(size_t)k]) process_slot(k, true);
+    raise_pending();
+    BatchStatus* st = status_.data() + k;
+    *db = device_view(b, s);
+    IngestParams ip;
+    ip.V = V_;
+    ip.excluded = excluded_.data();
+    ip.nonfinite_skip = cfg_.nonfinite_policy == COLLAPSE_NONFINITE_SKIP_ROW ? 1 : 0;
+    ip.sentinel = (int32_t)V_;
+    launch_reset_status(st, s);
+    group_batch(*db, ip, st, s);
+    launch_finish_status(*db, st, check_store ? store_count_.data() : nullptr, store_capacity_, s);
+    return k;
+}
+
+// Sort (label, row), run starts.
 void CudaBackend::group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s) {
     Scratch& sc = scratch_;
     const int n = (int)db.rows;
@@ -314,50 +394,34 @@ void CudaBackend::group_batch(const DeviceBatch& db, const IngestParams& ip, Bat
 }
 
 void CudaBackend::ingest(const BatchDesc& b, void* stream) {
+    DeviceGuard guard(cfg_.device_ordinal);
     raise_pending();
     const int64_t n = b.num_rows();
-    if (n > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a batch of ", n, " rows is more than 2^31 - 1 (split it)");
-    if (n == 0) {
-        totals_.rows_seen += 0;
-        return;
-    }
+    if (b.features.rows > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a batch of ", b.features.rows, " feature rows is more than 2^31 - 1 (split it)");
+    if (n == 0) return;
     cudaStream_t s = pick_stream(stream);
-    ensure_scratch(n);
-    const int k = status_next_;
-    status_next_ = (status_next_ + 1) % kStatusSlots;
-    if (status_pending_[(size_t)k]) process_slot(k, true);
-    raise_pending();
+    DeviceBatch db;
+    const int k = begin_batch(b, s, exact_store_, &db);
     BatchStatus* st = status_.data() + k;
-    const DeviceBatch db = device_view(b, s);
-
-    IngestParams ip;
-    ip.V = V_;
-    ip.excluded = excluded_.data();
-    ip.nonfinite_skip = cfg_.nonfinite_policy == COLLAPSE_NONFINITE_SKIP_ROW ? 1 : 0;
-    ip.sentinel = (int32_t)V_;
-    launch_reset_status(st, s);
-    group_batch(db, ip, st, s);
-    launch_finish_status(db, st, exact_store_ ? store_count_.data() : nullptr, store_capacity_, s);
-
+    const int32_t sentinel = (int32_t)V_;
     Scratch& sc = scratch_;
     RowSinks sinks;
     if (exact_store_) sinks.store = store_.data(), sinks.store_labels = store_labels_.data(), sinks.store_count = store_count_.data();
     if (sampled_) sinks.reservoir = reservoir_.data(), sinks.winner = winner_.data(), sinks.cap = cfg_.svd_max_rows_per_token, sinks.seed = cfg_.seed;
     if (hold_rows_ > 0) sinks.hold = hold_.data(), sinks.hold_rows = hold_rows_;
-    DeviceBatch sorted = db;
-    launch_place_rows(sorted, sc.keys_sorted.data(), sc.vals_sorted.data(), sc.run_start.data(), ip.sentinel, count_.data(), sinks, st, s);
-    launch_class_sums(sorted, sc.keys_sorted.data(), sc.vals_sorted.data(), ip.sentinel,
+    launch_place_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sc.run_start.data(), sentinel, count_.data(), sinks, st, s);
+    launch_class_sums(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sentinel,
                       ClassState{sum_.data(), sqnorm_.data(), count_.data()}, st, s);
     if (gram_streaming_) {
         // Every accepted row enters the Gram; rows of classes that never reach min_samples_per_token
         // are subtracted at the end from the hold area.
-        launch_gather_rows(sorted, sc.keys_sorted.data(), sc.vals_sorted.data(), ip.sentinel, sc.gram_rows.data(), s);
+        launch_gather_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sentinel, sc.gram_rows.data(), s);
         const float one = 1.0f, zero = 0.0f;
         COLLAPSE_CUBLAS_TRY(cublasSsyrk(cublas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d_, (int)n, &one, sc.gram_rows.data(),
                                         (int)d_, &zero, gram32_.data(), (int)d_));
         launch_add_gram(gram32_.data(), gram_.data(), d_ * d_, st, s);
     }
-    launch_count_update(sc.keys_sorted.data(), sc.run_start.data(), n, ip.sentinel, count_.data(),
+    launch_count_update(sc.keys_sorted.data(), sc.run_start.data(), n, sentinel, count_.data(),
                         exact_store_ ? store_count_.data() : nullptr, exact_store_, st, s);
 
     COLLAPSE_CUDA_TRY(cudaMemcpyAsync(status_host_.data() + k, st, sizeof(BatchStatus), cudaMemcpyDeviceToHost, s));
@@ -367,6 +431,7 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     status_rows_[(size_t)k] = n;
     status_offset_[(size_t)k] = b.row_offset;
     status_sequences_[(size_t)k] = b.sequences;
+    status_seq_len_[(size_t)k] = b.seq_len;
 }
 
 void CudaBackend::process_slot(int k, bool wait) {
@@ -382,26 +447,25 @@ void CudaBackend::process_slot(int k, bool wait) {
     const BatchStatus& st = status_host_[(size_t)k];
     const int64_t off = status_offset_[(size_t)k];
     auto where = [&](unsigned long long r) {
-        const std::string unit = status_sequences_[(size_t)k] ? "row (sequence layout) " : "row ";
-        return unit + std::to_string(off + (int64_t)r) + (off ? " of the input" : " of the batch");
+        const std::string of = off ? " of the input" : " of the batch";
+        if (!status_sequences_[(size_t)k]) return "row " + std::to_string(off + (int64_t)r) + of;
+        const int64_t per = status_seq_len_[(size_t)k] - 1;  // batch rows per sequence after the shift
+        return "sequence " + std::to_string(off + (int64_t)r / per) + of + ", position " + std::to_string((int64_t)r % per);
     };
     if (st.error) {
-        if (!pending_error_.empty()) return;  // the first error is reported; later ones wait
-        if (st.bad_label_row != ~0ull) {
-            pending_error_ = "label " + std::to_string(st.bad_label_value) + " at " + where(st.bad_label_row) + " is outside [0, " +
-                             std::to_string(V_) + ") (the batch was not ingested)";
-            pending_status_ = COLLAPSE_ERR_BAD_INPUT;
-        } else if (st.nonfinite_row != ~0ull) {
-            pending_error_ = "non-finite feature value " + std::to_string(st.nonfinite_value) + " at " + where(st.nonfinite_row) +
-                             ", column " + std::to_string(st.nonfinite_col) +
-                             " (nonfinite_policy: error; the batch was not ingested)";
-            pending_status_ = COLLAPSE_ERR_BAD_INPUT;
-        } else {
-            pending_error_ = "the exact row store is full (" + std::to_string(store_capacity_) +
-                             " rows within device_memory_limit = " + format_bytes(budget_.limit()) +
-                             "); the batch was not ingested: use svd_mode: sampled or raise device_memory_limit";
-            pending_status_ = COLLAPSE_ERR_OUT_OF_MEMORY;
-        }
+        if (st.bad_label_row != ~0ull)
+            errors_.emplace_back(COLLAPSE_ERR_BAD_INPUT, "label " + std::to_string(st.bad_label_value) + " at " + where(st.bad_label_row) +
+                                                             " is outside [0, " + std::to_string(V_) + ") (that batch was not ingested)");
+        else if (st.nonfinite_row != ~0ull)
+            errors_.emplace_back(COLLAPSE_ERR_BAD_INPUT,
+                                 "feature value " + std::to_string(st.nonfinite_value) + " (non-finite or beyond the float32 range) at " +
+                                     where(st.nonfinite_row) + ", column " + std::to_string(st.nonfinite_col) +
+                                     " (nonfinite_policy: error; that batch was not ingested)");
+        else
+            errors_.emplace_back(COLLAPSE_ERR_OUT_OF_MEMORY,
+                                 "the exact row store is full (" + std::to_string(store_capacity_) + " rows within device_memory_limit = " +
+                                     format_bytes(budget_.limit()) +
+                                     "); that batch was not ingested: use svd_mode: sampled or raise device_memory_limit");
         return;
     }
     totals_.rows_seen += status_rows_[(size_t)k];
@@ -410,23 +474,32 @@ void CudaBackend::process_slot(int k, bool wait) {
     totals_.rows_nonfinite += (int64_t)st.nonfinite_skipped;
 }
 
+// Reports the oldest device-side error, once. The batch of the call that reports it is not
+// ingested either (nothing of it has been touched), so the caller can resubmit it.
 void CudaBackend::raise_pending() {
-    for (int k = 0; k < kStatusSlots; ++k) process_slot(k, false);
-    if (pending_error_.empty()) return;
-    const std::string msg = pending_error_;
-    const collapse_status st = pending_status_;
-    pending_error_.clear();
-    pending_status_ = COLLAPSE_OK;
-    throw Error(st, msg);
+    for (int i = 0; i < kStatusSlots; ++i) {  // oldest first; stop at the first batch still running
+        const int k = (status_next_ + i) % kStatusSlots;
+        if (!status_pending_[(size_t)k]) continue;
+        const cudaError_t e = cudaEventQuery(status_event_[(size_t)k]);
+        if (e == cudaErrorNotReady) break;
+        COLLAPSE_CUDA_TRY(e);
+        process_slot(k, false);
+    }
+    if (errors_.empty()) return;
+    const auto err = errors_.front();
+    errors_.pop_front();
+    throw Error(err.first, err.second);
 }
 
 void CudaBackend::sync() {
+    DeviceGuard guard(cfg_.device_ordinal);
     COLLAPSE_CUDA_TRY(cudaStreamSynchronize(last_stream_));
-    for (int k = 0; k < kStatusSlots; ++k) process_slot(k, true);
+    for (int i = 0; i < kStatusSlots; ++i) process_slot((status_next_ + i) % kStatusSlots, true);
     raise_pending();
 }
 
 std::vector<int64_t> CudaBackend::class_counts() {
+    DeviceGuard guard(cfg_.device_ordinal);
     sync();
     std::vector<unsigned long long> c((size_t)V_);
     COLLAPSE_CUDA_TRY(cudaMemcpy(c.data(), count_.data(), count_.bytes(), cudaMemcpyDeviceToHost));
@@ -456,6 +529,7 @@ std::vector<double> CudaBackend::eigenvalues_sym(DeviceBuffer<double>& a, int64_
 }
 
 void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) {
+    DeviceGuard guard(cfg_.device_ordinal);
     sync();
     pass2_ = true;
     pass2_nc4_ = nc4 && clf.present();
@@ -519,24 +593,14 @@ void CudaBackend::nc4_rows(const float* rows, const int32_t* index, int64_t n, c
 }
 
 void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
+    DeviceGuard guard(cfg_.device_ordinal);
     raise_pending();
     const int64_t n = b.num_rows();
     if (n == 0) return;
     cudaStream_t s = pick_stream(stream);
-    ensure_scratch(n);
-    const int k = status_next_;
-    status_next_ = (status_next_ + 1) % kStatusSlots;
-    if (status_pending_[(size_t)k]) process_slot(k, true);
+    DeviceBatch db;
+    const int k = begin_batch(b, s, false, &db);
     BatchStatus* st = status_.data() + k;
-    const DeviceBatch db = device_view(b, s);
-    IngestParams ip;
-    ip.V = V_;
-    ip.excluded = excluded_.data();
-    ip.nonfinite_skip = cfg_.nonfinite_policy == COLLAPSE_NONFINITE_SKIP_ROW ? 1 : 0;
-    ip.sentinel = (int32_t)V_;
-    launch_reset_status(st, s);
-    group_batch(db, ip, st, s);
-    launch_finish_status(db, st, nullptr, 0, s);
     // Kept rows only: gather everything, then count kept rows on the host from the sorted keys.
     COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
     BatchStatus h{};
@@ -634,7 +698,8 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
         tm.sampled = tm.svd_rows < tm.num_samples;
     }
     for (const auto& [M, members] : groups) {
-        const int64_t per = std::max<int64_t>(1, std::min<int64_t>((int64_t)members.size(), (int64_t(256) << 20) / (M * M * 8)));
+        // At most 65535 matrices per call: the grid's z limit and the batched solvers' limit.
+        const int64_t per = std::max<int64_t>(1, std::min<int64_t>({(int64_t)members.size(), (int64_t(256) << 20) / (M * M * 8), int64_t(65535)}));
         for (size_t g0 = 0; g0 < members.size(); g0 += (size_t)per) {
             const int64_t cnt = std::min<int64_t>(per, (int64_t)(members.size() - g0));
             std::vector<int64_t> off((size_t)cnt), nn((size_t)cnt);
@@ -656,6 +721,8 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
             if (M <= 32) {
                 syevjInfo_t params = nullptr;
                 COLLAPSE_CUSOLVER_TRY(cusolverDnCreateSyevjInfo(&params));
+                std::unique_ptr<std::remove_pointer_t<syevjInfo_t>, decltype(&cusolverDnDestroySyevjInfo)> params_owner(
+                    params, &cusolverDnDestroySyevjInfo);
                 int lwork = 0;
                 COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched_bufferSize(cusolver_, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER,
                                                                          (int)M, gram.data(), (int)M, w.data(), &lwork, params, (int)cnt));
@@ -664,7 +731,6 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
                                                               gram.data(), (int)M, w.data(), work.data(), lwork, info.data(), params,
                                                               (int)cnt));
                 COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-                cusolverDnDestroySyevjInfo(params);
             } else if (M <= 512) {
                 size_t dev_bytes = 0, host_bytes = 0;
                 COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched_bufferSize(cusolver_, solver_params_, CUSOLVER_EIG_MODE_NOVECTOR,
@@ -687,13 +753,18 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
                 COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
             }
             std::vector<double> hw((size_t)(cnt * M));
-            COLLAPSE_CUDA_TRY(cudaMemcpy(hw.data(), w.data(), hw.size() * 8, cudaMemcpyDeviceToHost));
+            std::vector<int> hinfo((size_t)cnt, 0);
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hw.data(), w.data(), hw.size() * 8, cudaMemcpyDeviceToHost, s));
+            if (M <= 512) COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hinfo.data(), info.data(), hinfo.size() * sizeof(int), cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            for (int64_t i = 0; i < cnt; ++i)
+                if (hinfo[(size_t)i] != 0)
+                    fail(COLLAPSE_ERR_INTERNAL, "batched eigen-solver failed for token ", kept.ids[(size_t)members[g0 + (size_t)i]],
+                         " (info = ", hinfo[(size_t)i], ", Gram size ", M, ")");
             for (int64_t i = 0; i < cnt; ++i) {
                 const int64_t t = members[g0 + (size_t)i];
                 const int64_t r = std::min(nrows[(size_t)t], d_);
-                std::vector<double> sv;  // the r largest, from the ascending eigenvalues
-                for (int64_t e = M - 1; e >= 0 && (int64_t)sv.size() < r; --e) sv.push_back(singular_from_eigen(hw[(size_t)(i * M + e)]));
-                token_from_spectrum(sv, nrows[(size_t)t], d_, tokens[(size_t)t], out);
+                token_from_spectrum(singular_values_from_eigen(hw.data() + i * M, M, r), nrows[(size_t)t], d_, tokens[(size_t)t], out);
             }
         }
     }
@@ -701,6 +772,7 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
 }
 
 MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
+    DeviceGuard guard(cfg_.device_ordinal);
     sync();
     MetricValues out;
     cudaStream_t s = stream_;
@@ -724,6 +796,9 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     const double total_weight = token_weighted ? (double)kept.rows : (double)K;
     launch_center(mu.data(), mug.data(), total_weight, K, d, m.data(), q.data(), a.data(), s);
 
+    using Clock = std::chrono::steady_clock;
+    auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+    auto t_phase = Clock::now();
     if (cfg_.compute_class_metrics) {
         ClassVectors v;
         std::vector<double> hq((size_t)K);
@@ -754,7 +829,8 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
             if (v.w_frobenius > 0 && v.m_frobenius > 0) {
                 launch_self_duality(use_means ? nullptr : W.data(), mu.data(), ids.data(), m.data(), K, d, v.w_frobenius, v.m_frobenius,
                                     wm.data(), s);
-                COLLAPSE_CUDA_TRY(cudaMemcpy(hwm.data(), wm.data(), (size_t)K * 8, cudaMemcpyDeviceToHost));
+                COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hwm.data(), wm.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
                 double acc = 0;
                 for (double x : hwm) acc += x;
                 v.self_duality_sq = acc;
@@ -779,8 +855,14 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
             for (int64_t i0 = 0; i0 < K; i0 += T)
                 for (int64_t j0 = i0; j0 < K; j0 += T) {
                     const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
-                    COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one, m.data() + i0 * d,
-                                                    (int)d, m.data() + j0 * d, (int)d, &zero, tile.data(), (int)ni));
+                    // Diagonal tiles: only i < j is read, the upper triangle of a SYRK.
+                    if (i0 == j0)
+                        COLLAPSE_CUBLAS_TRY(cublasDsyrk(cublas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, (int)ni, (int)d, &one,
+                                                        m.data() + i0 * d, (int)d, &zero, tile.data(), (int)ni));
+                    else
+                        COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one,
+                                                        m.data() + i0 * d, (int)d, m.data() + j0 * d, (int)d, &zero, tile.data(),
+                                                        (int)ni));
                     launch_pair_reduce(tile.data(), i0, j0, ni, nj, q.data(), a.data(), var.data(), cfg_.cdnv_power, acc.data(), s);
                 }
             std::vector<double> h((size_t)(kPairBlocks * kPairFields));
@@ -799,7 +881,9 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
             }
             finish_pair_metrics(all, K, out);
         }
+        out.timings["class_metrics"] = since(t_phase);
     }
+    t_phase = Clock::now();
 
     if (cfg_.compute_overall_metrics) {
         DeviceBuffer<double> g((size_t)(d * d), &budget_, "overall Gram");
@@ -833,17 +917,19 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
         }
         if (have) {
             const std::vector<double> e = eigenvalues_sym(g, d, s);
-            std::vector<double> sv;
-            const int64_t r = std::min<int64_t>(kept.rows, d);
-            for (int64_t i = d - 1; i >= 0 && (int64_t)sv.size() < r; --i) sv.push_back(singular_from_eigen(e[(size_t)i]));
             bool zero = false;
-            const double h = spectrum_entropy(sv, &zero);
+            const double h = spectrum_entropy(singular_values_from_eigen(e.data(), d, std::min<int64_t>(kept.rows, d)), &zero);
             out.overall_svd_entropy = h;
             out.overall_effective_rank = std::exp(h);
         }
+        out.timings["overall_svd"] = since(t_phase);
     }
 
-    if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF) per_token(kept, mu, out);
+    if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF) {
+        t_phase = Clock::now();
+        per_token(kept, mu, out);
+        out.timings["token_svd"] = since(t_phase);
+    }
 
     if (cfg_.compute_nc4) {
         if (!clf.present()) {

@@ -2,6 +2,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <climits>
 
 #include "core/dtype.hpp"
@@ -88,7 +89,8 @@ __global__ void validate_kernel(DeviceBatch b, IngestParams p, int32_t* keys, in
             // The warp scans the row for inf/nan.
             const void* row = row_ptr(b, fr);
             bool bad = false;
-            for (int64_t k = lane; k < b.d; k += kWarp) bad = bad || !isfinite(load_feature(row, b.fdtype, k));
+            // Not finite, or (float64 input) beyond the float32 range the rows are kept in.
+            for (int64_t k = lane; k < b.d; k += kWarp) bad = bad || !(fabs(load_feature(row, b.fdtype, k)) <= (double)FLT_MAX);
             bad = __any_sync(0xffffffffu, bad);
             if (bad) {
                 if (lane == 0) {
@@ -119,7 +121,7 @@ __global__ void finish_status_kernel(DeviceBatch b, BatchStatus* st, const unsig
         const void* row = row_ptr(b, feature_row(b, r));
         for (int64_t k = 0; k < b.d; ++k) {
             const double v = load_feature(row, b.fdtype, k);
-            if (!isfinite(v)) {
+            if (!(fabs(v) <= (double)FLT_MAX)) {
                 st->nonfinite_col = k;
                 st->nonfinite_value = v;
                 break;

@@ -1,5 +1,7 @@
 #include "core/metric_summary.hpp"
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <string>
 
@@ -26,6 +28,14 @@ Stats stats_of(const std::vector<double>& v) {
 }
 
 }  // namespace
+
+std::vector<double> singular_values_from_eigen(const double* eig, int64_t M, int64_t r) {
+    std::vector<double> s;
+    if (M <= 0) return s;
+    const double floor = (double)M * DBL_EPSILON * std::max(eig[M - 1], 0.0);
+    for (int64_t k = M - 1; k >= 0 && (int64_t)s.size() < r; --k) s.push_back(eig[k] > floor ? std::sqrt(eig[k]) : 0.0);
+    return s;
+}
 
 double spectrum_entropy(const std::vector<double>& s, bool* zero_matrix) {
     double sum = 0;

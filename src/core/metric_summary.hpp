@@ -11,6 +11,11 @@
 
 namespace collapse {
 
+// The r largest singular values from the eigenvalues (ascending) of an M x M Gram matrix.
+// Eigenvalues at or below M * DBL_EPSILON * lambda_max are rounding noise of a zero singular value
+// (it would otherwise come out near 1e-8 * s_max and, summed over many, move the entropy by 1e-5).
+std::vector<double> singular_values_from_eigen(const double* eig_ascending, int64_t M, int64_t r);
+
 // SVD entropy of a spectrum; *zero_matrix when sum(s) = 0 (H = 0).
 double spectrum_entropy(const std::vector<double>& s, bool* zero_matrix);
 

@@ -119,7 +119,9 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
 void CpuBackend::ingest(const BatchDesc& b, void*) {
     if (b.features.memory != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory (use backend: cuda)");
-    AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/false);
+    // float64 values can be finite yet beyond float32 (or square to infinity only at 1e154): check
+    // them element by element; other types are caught by their sums of squares below.
+    AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/b.features.dtype == COLLAPSE_F64);
     stage(b, rows);
     // A non-finite value makes its class's sum of squares non-finite (double cannot overflow on
     // sums of float squares), so one check per class finds every bad row without a second read.

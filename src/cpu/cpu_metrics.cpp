@@ -28,9 +28,7 @@ std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_
         const int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'U', (int)n, g.data(), (int)n, w.data());
         if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dsyevd failed with info = ", info, " (n = ", n, ")");
     }
-    std::vector<double> s;
-    for (int64_t k = n - 1; k >= 0 && (int64_t)s.size() < r; --k) s.push_back(singular_from_eigen(w[(size_t)k]));
-    return s;
+    return singular_values_from_eigen(w.data(), n, r);
 }
 
 // All min(n, d) singular values of an n x d matrix (row-major), minus `center` per row if
