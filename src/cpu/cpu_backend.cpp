@@ -105,12 +105,24 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     {
         const int T = omp_get_num_threads(), t = omp_get_thread_num();
         std::vector<double> sq(runs, 0.0);
+        // One owned row of look-ahead: its staging row (scattered, often not cached) is prefetched
+        // while the previous row is summed.
+        int64_t prev = -1;
+        double* prev_acc = nullptr;
+        auto sum_prev = [&](const double* next_acc) {
+            const int32_t k = run_of_label_[(size_t)rows.label[(size_t)prev]];
+            sq[(size_t)k] += cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)prev]), b.features.dtype, d_, prev_acc,
+                                                 nullptr, next_acc);
+        };
         for (int64_t i = 0; i < n; ++i) {
             const int32_t k = run_of_label_[(size_t)rows.label[(size_t)i]];
             if (k % T != t) continue;
             double* acc = stage_slot_[(size_t)k] >= 0 ? stage_sum_.data() + stage_slot_[(size_t)k] * d_ : nullptr;
-            sq[(size_t)k] += cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)i]), b.features.dtype, d_, acc);
+            if (prev >= 0) sum_prev(acc);
+            prev = i;
+            prev_acc = acc;
         }
+        if (prev >= 0) sum_prev(nullptr);
         for (size_t k = (size_t)t; k < runs; k += (size_t)T) stage_sq_[k] = sq[k];
     }
     for (int32_t c : run_label_) run_of_label_[(size_t)c] = -1;

@@ -9,12 +9,15 @@ namespace {
 // Eight independent partial sums of squares: no loop-carried dependency, so the compiler
 // vectorises without reassociating anything (no -ffast-math).
 template <class T, class Load>
-inline double accumulate_impl(const T* __restrict x, int64_t d, double* __restrict acc, const T* next, Load load) {
+inline double accumulate_impl(const T* __restrict x, int64_t d, double* __restrict acc, const T* next, const double* next_acc,
+                              Load load) {
     double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t k = 0;
     constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
     if (next)
         for (int64_t e = 0; e < d; e += kLine) __builtin_prefetch(next + e);
+    if (next_acc)
+        for (int64_t e = 0; e < d; e += 8) __builtin_prefetch(next_acc + e, 1);
     if (acc) {
         for (; k + 8 <= d; k += 8)
             for (int l = 0; l < 8; ++l) {
@@ -42,25 +45,25 @@ inline double accumulate_impl(const T* __restrict x, int64_t d, double* __restri
 
 #define COLLAPSE_CLONES __attribute__((target_clones("avx2", "default")))
 
-COLLAPSE_CLONES double accumulate_f32(const float* x, int64_t d, double* acc, const float* next) {
-    return accumulate_impl(x, d, acc, next, [](float v) { return (double)v; });
+COLLAPSE_CLONES double accumulate_f32(const float* x, int64_t d, double* acc, const float* next, const double* next_acc) {
+    return accumulate_impl(x, d, acc, next, next_acc, [](float v) { return (double)v; });
 }
-COLLAPSE_CLONES double accumulate_f64(const double* x, int64_t d, double* acc, const double* next) {
-    return accumulate_impl(x, d, acc, next, [](double v) { return v; });
+COLLAPSE_CLONES double accumulate_f64(const double* x, int64_t d, double* acc, const double* next, const double* next_acc) {
+    return accumulate_impl(x, d, acc, next, next_acc, [](double v) { return v; });
 }
-COLLAPSE_CLONES double accumulate_f16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next) {
-    return accumulate_impl(x, d, acc, next, [](uint16_t v) { return (double)half_to_float(v); });
+COLLAPSE_CLONES double accumulate_f16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next, const double* next_acc) {
+    return accumulate_impl(x, d, acc, next, next_acc, [](uint16_t v) { return (double)half_to_float(v); });
 }
-COLLAPSE_CLONES double accumulate_bf16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next) {
-    return accumulate_impl(x, d, acc, next, [](uint16_t v) { return (double)bf16_to_float(v); });
+COLLAPSE_CLONES double accumulate_bf16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next, const double* next_acc) {
+    return accumulate_impl(x, d, acc, next, next_acc, [](uint16_t v) { return (double)bf16_to_float(v); });
 }
 
-double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, const void* next) {
+double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, const void* next, const double* next_acc) {
     switch (t) {
-        case COLLAPSE_F32: return accumulate_f32(static_cast<const float*>(x), d, acc, static_cast<const float*>(next));
-        case COLLAPSE_F64: return accumulate_f64(static_cast<const double*>(x), d, acc, static_cast<const double*>(next));
-        case COLLAPSE_F16: return accumulate_f16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next));
-        case COLLAPSE_BF16: return accumulate_bf16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next));
+        case COLLAPSE_F32: return accumulate_f32(static_cast<const float*>(x), d, acc, static_cast<const float*>(next), next_acc);
+        case COLLAPSE_F64: return accumulate_f64(static_cast<const double*>(x), d, acc, static_cast<const double*>(next), next_acc);
+        case COLLAPSE_F16: return accumulate_f16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next), next_acc);
+        case COLLAPSE_BF16: return accumulate_bf16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next), next_acc);
         default: return 0.0;
     }
 }
