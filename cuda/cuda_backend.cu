@@ -125,8 +125,6 @@ private:
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
     void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
-    void nc4_rows(const float* rows, const int32_t* index, int64_t n, const Classifier& clf, const double* mu_kept,
-                  const double* mu_sq, const int32_t* ids, int64_t K, cudaStream_t s);
 
     Config cfg_;
     int64_t V_, d_;
@@ -175,8 +173,9 @@ private:
     Classifier clf2_;
     DeviceBuffer<double> w2_, b2_, mu2_, mu2_sq_, gram2_, xd2_, logits2_, dots2_;
     DeviceBuffer<int32_t> ids2_, slot2_;
-    DeviceBuffer<unsigned long long> agree_;
-    int64_t pass2_rows_ = 0;
+    DeviceBuffer<unsigned long long> agree_, pass2_rows_dev_;
+    int64_t nc4_chunk_ = 0;
+    std::array<bool, kStatusSlots> status_first_pass_{};
 };
 
 CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
@@ -356,7 +355,7 @@ void CudaBackend::ensure_scratch(int64_t rows) {
                                                       s.vals_sorted.data(), (int)n, 0, bits_for(V_)));
     COLLAPSE_CUDA_TRY(cub::DeviceScan::InclusiveScan(nullptr, scan_bytes, s.heads.data(), s.run_start.data(), MaxOp{}, (int)n));
     s.cub_temp.allocate(std::max(sort_bytes, scan_bytes), &budget_, what);
-    if (gram_streaming_) s.gram_rows.allocate((size_t)(n * d_), &budget_, what + " (Gram rows)");
+    if (gram_streaming_ || pass2_) s.gram_rows.allocate((size_t)(n * d_), &budget_, what + " (gathered rows)");
     s.rows = n;
 }
 
@@ -428,6 +427,7 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     COLLAPSE_CUDA_TRY(cudaEventRecord(status_event_[(size_t)k], s));
     COLLAPSE_CUDA_TRY(cudaEventRecord(last_done_, s));
     status_pending_[(size_t)k] = true;
+    status_first_pass_[(size_t)k] = true;
     status_rows_[(size_t)k] = n;
     status_offset_[(size_t)k] = b.row_offset;
     status_sequences_[(size_t)k] = b.sequences;
@@ -468,6 +468,7 @@ void CudaBackend::process_slot(int k, bool wait) {
                                      "); that batch was not ingested: use svd_mode: sampled or raise device_memory_limit");
         return;
     }
+    if (!status_first_pass_[(size_t)k]) return;  // the second pass sees the same rows again
     totals_.rows_seen += status_rows_[(size_t)k];
     totals_.rows_masked += (int64_t)st.masked;
     totals_.rows_excluded += (int64_t)st.excluded;
@@ -567,78 +568,70 @@ void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, 
     if (pass2_gram_) {
         gram2_.allocate((size_t)(d_ * d_), &budget_, "second-pass Gram");
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram2_.data(), 0, gram2_.bytes(), s));
+        if (!gram32_.data()) {
+            gram32_.allocate((size_t)(d_ * d_), &budget_, "the batch Gram d x d (float32)");
+            COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram32_.data(), 0, gram32_.bytes(), s));
+        }
     }
+    if (pass2_nc4_) {
+        // NC4 works on chunks of rows whose logits stay near 64 MiB.
+        nc4_chunk_ = std::max<int64_t>(1, std::min<int64_t>(cfg_.batch_rows, (int64_t(64) << 20) / (8 * std::max(V_, K))));
+        xd2_.allocate((size_t)(nc4_chunk_ * d_), &budget_, "NC4 rows (float64)");
+        logits2_.allocate((size_t)(nc4_chunk_ * V_), &budget_, "NC4 logits");
+        dots2_.allocate((size_t)(nc4_chunk_ * std::max<int64_t>(K, 1)), &budget_, "NC4 distances");
+    }
+    pass2_rows_dev_.allocate(1, &budget_, "second-pass row count");
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(pass2_rows_dev_.data(), 0, 8, s));
+    scratch_.rows = 0;  // the next batch reallocates the scratch with room for the gathered rows
     COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-    pass2_rows_ = 0;
 }
 
-// NC4 agreements of n rows (float, gathered through index) added into agree_.
-void CudaBackend::nc4_rows(const float* rows, const int32_t* index, int64_t n, const Classifier& clf, const double* mu_kept,
-                           const double* mu_sq, const int32_t* ids, int64_t K, cudaStream_t s) {
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(64) << 20) / (8 * std::max(V_, K))));
-    if (xd2_.size() < (size_t)(chunk * d_)) xd2_.allocate((size_t)(chunk * d_), &budget_, "NC4 rows");
-    if (logits2_.size() < (size_t)(chunk * V_)) logits2_.allocate((size_t)(chunk * V_), &budget_, "NC4 logits");
-    if (dots2_.size() < (size_t)(chunk * K)) dots2_.allocate((size_t)(chunk * K), &budget_, "NC4 distances");
-    const double one = 1.0, zero = 0.0;
-    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-        const int64_t nr = std::min(chunk, n - r0);
-        launch_rows_to_double(index ? rows : rows + r0 * d_, index ? index + r0 : nullptr, nr, d_, nullptr, xd2_.data(), s);
-        COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)V_, (int)nr, (int)d_, &one, w2_.data(), (int)d_,
-                                        xd2_.data(), (int)d_, &zero, logits2_.data(), (int)V_));
-        COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d_, &one, mu_kept, (int)d_,
-                                        xd2_.data(), (int)d_, &zero, dots2_.data(), (int)K));
-        launch_nc4_compare(logits2_.data(), clf.bias.empty() ? nullptr : b2_.data(), V_, dots2_.data(), mu_sq, ids, K, nr,
-                           agree_.data(), s);
-    }
-}
-
+// Second pass, all on the device and asynchronous like the first: rows of kept classes are gathered
+// (others become zero rows), the Gram by SSYRK into fp64, NC4 by GEMM chunks and an arg-max kernel
+// that skips rows outside the kept set.
 void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
     DeviceGuard guard(cfg_.device_ordinal);
     raise_pending();
     const int64_t n = b.num_rows();
     if (n == 0) return;
+    if (b.features.rows > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a batch of ", b.features.rows, " feature rows is more than 2^31 - 1 (split it)");
     cudaStream_t s = pick_stream(stream);
     DeviceBatch db;
     const int k = begin_batch(b, s, false, &db);
     BatchStatus* st = status_.data() + k;
-    // Kept rows only: gather everything, then count kept rows on the host from the sorted keys.
-    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-    BatchStatus h{};
-    COLLAPSE_CUDA_TRY(cudaMemcpy(&h, st, sizeof h, cudaMemcpyDeviceToHost));
-    if (h.error) {
-        status_pending_[(size_t)k] = false;
-        fail(COLLAPSE_ERR_BAD_INPUT, "second pass: the batch holds a label out of range or a non-finite value (row ",
-             h.bad_label_row != ~0ull ? h.bad_label_row : h.nonfinite_row, " of the batch)");
-    }
-    std::vector<int32_t> keys((size_t)h.accepted), vals((size_t)h.accepted);
-    COLLAPSE_CUDA_TRY(cudaMemcpy(keys.data(), scratch_.keys_sorted.data(), keys.size() * 4, cudaMemcpyDeviceToHost));
-    COLLAPSE_CUDA_TRY(cudaMemcpy(vals.data(), scratch_.vals_sorted.data(), vals.size() * 4, cudaMemcpyDeviceToHost));
-    std::vector<int32_t> kept_rows;
-    for (size_t i = 0; i < keys.size(); ++i)
-        if (kept2_.slot[(size_t)keys[i]] >= 0) kept_rows.push_back(vals[i]);
-    const int64_t nk = (int64_t)kept_rows.size();
-    if (nk == 0) return;
-    DeviceBuffer<int32_t> idx((size_t)nk, &budget_, "second-pass rows");
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), kept_rows.data(), (size_t)nk * 4, cudaMemcpyHostToDevice, s));
-    // Rows to float (packed) through the gather kernel's layout: reuse the Gram-rows scratch.
-    DeviceBuffer<float> rows((size_t)(nk * d_), &budget_, "second-pass rows");
-    DeviceBuffer<int32_t> keys_dev((size_t)nk, &budget_, "second-pass keys");
-    std::vector<int32_t> zeros((size_t)nk, 0);
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(keys_dev.data(), zeros.data(), (size_t)nk * 4, cudaMemcpyHostToDevice, s));
-    DeviceBatch pick = db;
-    pick.rows = nk;
-    launch_gather_rows(pick, keys_dev.data(), idx.data(), (int32_t)V_, rows.data(), s);
+    Scratch& sc = scratch_;
+    const int32_t sentinel = (int32_t)V_;
+    launch_gather_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sentinel, sc.gram_rows.data(), s, slot2_.data());
+    launch_count_kept(sc.keys_sorted.data(), n, sentinel, slot2_.data(), pass2_rows_dev_.data(), st, s);
     if (pass2_gram_) {
-        DeviceBuffer<double> xd((size_t)(nk * d_), &budget_, "second-pass rows (float64)");
-        launch_rows_to_double(rows.data(), nullptr, nk, d_, nullptr, xd.data(), s);
-        const double one = 1.0;
-        COLLAPSE_CUBLAS_TRY(cublasDsyrk(cublas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d_, (int)nk, &one, xd.data(), (int)d_, &one,
-                                        gram2_.data(), (int)d_));
+        const float one = 1.0f, zero = 0.0f;
+        COLLAPSE_CUBLAS_TRY(cublasSsyrk(cublas_, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d_, (int)n, &one, sc.gram_rows.data(), (int)d_,
+                                        &zero, gram32_.data(), (int)d_));
+        launch_add_gram(gram32_.data(), gram2_.data(), d_ * d_, st, s);
     }
-    if (pass2_nc4_)
-        nc4_rows(rows.data(), nullptr, nk, clf2_, mu2_.data(), mu2_sq_.data(), ids2_.data(), (int64_t)kept2_.ids.size(), s);
-    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-    pass2_rows_ += nk;
+    if (pass2_nc4_) {
+        const int64_t K = (int64_t)kept2_.ids.size();
+        const double one = 1.0, zero = 0.0;
+        for (int64_t r0 = 0; r0 < n; r0 += nc4_chunk_) {
+            const int64_t nr = std::min(nc4_chunk_, n - r0);
+            launch_rows_to_double(sc.gram_rows.data() + r0 * d_, nullptr, nr, d_, nullptr, xd2_.data(), s);
+            COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)V_, (int)nr, (int)d_, &one, w2_.data(), (int)d_,
+                                            xd2_.data(), (int)d_, &zero, logits2_.data(), (int)V_));
+            COLLAPSE_CUBLAS_TRY(cublasDgemm(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d_, &one, mu2_.data(), (int)d_,
+                                            xd2_.data(), (int)d_, &zero, dots2_.data(), (int)K));
+            launch_nc4_compare(logits2_.data(), clf2_.bias.empty() ? nullptr : b2_.data(), V_, dots2_.data(), mu2_sq_.data(),
+                               ids2_.data(), K, nr, agree_.data(), s, sc.keys_sorted.data() + r0, slot2_.data(), st);
+        }
+    }
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(status_host_.data() + k, st, sizeof(BatchStatus), cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaEventRecord(status_event_[(size_t)k], s));
+    COLLAPSE_CUDA_TRY(cudaEventRecord(last_done_, s));
+    status_pending_[(size_t)k] = true;
+    status_first_pass_[(size_t)k] = false;
+    status_rows_[(size_t)k] = n;
+    status_offset_[(size_t)k] = b.row_offset;
+    status_sequences_[(size_t)k] = b.sequences;
+    status_seq_len_[(size_t)k] = b.seq_len;
 }
 
 // Per-token SVD entropies from per-class Gram eigenvalues, classes grouped by Gram size.
@@ -784,6 +777,8 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
         out.notes["overall"] = "no kept classes: every metric is null";
         return out;
     }
+    unsigned long long pass2_rows = 0;
+    if (pass2_) COLLAPSE_CUDA_TRY(cudaMemcpy(&pass2_rows, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
     const int64_t d = d_;
     DeviceBuffer<int32_t> ids((size_t)K, &budget_, "kept ids");
     COLLAPSE_CUDA_TRY(cudaMemcpyAsync(ids.data(), kept.ids.data(), (size_t)K * 4, cudaMemcpyHostToDevice, s));
@@ -908,7 +903,7 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
                 COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
             }
             have = true;
-        } else if (pass2_ && pass2_gram_ && pass2_rows_ == kept.rows) {
+        } else if (pass2_ && pass2_gram_ && (int64_t)pass2_rows == kept.rows) {
             COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), gram2_.data(), g.bytes(), cudaMemcpyDeviceToDevice, s));
             have = true;
         } else {
@@ -937,11 +932,11 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
         } else if (pass2_ && pass2_nc4_) {
             unsigned long long agree = 0;
             COLLAPSE_CUDA_TRY(cudaMemcpy(&agree, agree_.data(), 8, cudaMemcpyDeviceToHost));
-            if (pass2_rows_ == kept.rows) {
-                out.nc4_agreement = (double)agree / (double)pass2_rows_;
-                out.nc4_rows = pass2_rows_;
+            if ((int64_t)pass2_rows == kept.rows) {
+                out.nc4_agreement = (double)agree / (double)pass2_rows;
+                out.nc4_rows = (int64_t)pass2_rows;
             } else {
-                out.notes["nc4_agreement"] = "the second pass saw " + std::to_string(pass2_rows_) + " kept rows, the first " + std::to_string(kept.rows);
+                out.notes["nc4_agreement"] = "the second pass saw " + std::to_string(pass2_rows) + " kept rows, the first " + std::to_string(kept.rows);
             }
         } else {
             out.notes["nc4_agreement"] = "the cuda backend computes NC4 in a second pass over the rows";

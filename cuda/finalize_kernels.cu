@@ -192,10 +192,13 @@ __global__ void self_duality_kernel(const double* W, const double* mu, const int
 
 // Warp per row: argmax of the logits (ties: smaller id) and argmin of ||mu||^2 - 2 x.mu.
 __global__ void nc4_compare_kernel(const double* logits, const double* bias, int64_t V, const double* dots, const double* mu_sq,
-                                   const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree) {
+                                   const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, const int32_t* row_keys,
+                                   const int32_t* kept_slot, const BatchStatus* st) {
+    if (st && st->error) return;
     const int64_t warps = (int64_t)gridDim.x * blockDim.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     for (int64_t r = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / kWarp; r < rows; r += warps) {
+        if (row_keys && (row_keys[r] >= V || kept_slot[row_keys[r]] < 0)) continue;  // dropped or not kept
         double best = -INFINITY;
         int64_t best_c = V;
         for (int64_t c = lane; c < V; c += kWarp) {
@@ -300,9 +303,11 @@ void launch_self_duality(const double* W, const double* mu, const int32_t* ids, 
 }
 
 void launch_nc4_compare(const double* logits, const double* bias, int64_t V, const double* dots, const double* mu_sq,
-                        const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, cudaStream_t s) {
+                        const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, cudaStream_t s,
+                        const int32_t* row_keys, const int32_t* kept_slot, const BatchStatus* st) {
     if (rows == 0) return;
-    nc4_compare_kernel<<<blocks_for(rows * kWarp, 256), 256, 0, s>>>(logits, bias, V, dots, mu_sq, ids, K, rows, agree);
+    nc4_compare_kernel<<<blocks_for(rows * kWarp, 256), 256, 0, s>>>(logits, bias, V, dots, mu_sq, ids, K, rows, agree, row_keys,
+                                                                     kept_slot, st);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 

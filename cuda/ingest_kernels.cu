@@ -230,12 +230,23 @@ __global__ void count_update_kernel(const int32_t* keys, const int32_t* run_star
     }
 }
 
-__global__ void gather_rows_kernel(DeviceBatch b, const int32_t* keys, const int32_t* vals, int32_t sentinel, float* x) {
+__global__ void gather_rows_kernel(DeviceBatch b, const int32_t* keys, const int32_t* vals, int32_t sentinel, float* x,
+                                   const int32_t* kept_slot) {
     const int64_t total = b.rows * b.d;
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         const int64_t p = e / b.d, k = e % b.d;
-        x[e] = keys[p] == sentinel ? 0.0f : (float)load_feature(row_ptr(b, vals[p]), b.fdtype, k);
+        const bool drop = keys[p] == sentinel || (kept_slot && kept_slot[keys[p]] < 0);
+        x[e] = drop ? 0.0f : (float)load_feature(row_ptr(b, vals[p]), b.fdtype, k);
     }
+}
+
+__global__ void count_kept_kernel(const int32_t* keys, int64_t n, int32_t sentinel, const int32_t* kept_slot,
+                                  unsigned long long* counter, const BatchStatus* st) {
+    if (st->error) return;
+    unsigned long long mine = 0;
+    for (int64_t p = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; p < n; p += (int64_t)gridDim.x * blockDim.x)
+        mine += (keys[p] != sentinel && kept_slot[keys[p]] >= 0) ? 1 : 0;
+    if (mine) atomicAdd(counter, mine);
 }
 
 __global__ void add_gram_kernel(const float* g32, double* g64, int64_t n, const BatchStatus* st) {
@@ -306,9 +317,16 @@ void launch_count_update(const int32_t* keys, const int32_t* run_start, int64_t 
 }
 
 void launch_gather_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, int32_t sentinel, float* x,
-                        cudaStream_t s) {
+                        cudaStream_t s, const int32_t* kept_slot) {
     if (b.rows == 0) return;
-    gather_rows_kernel<<<blocks_for(b.rows * b.d, 256, 1 << 20), 256, 0, s>>>(b, keys, vals, sentinel, x);
+    gather_rows_kernel<<<blocks_for(b.rows * b.d, 256, 1 << 20), 256, 0, s>>>(b, keys, vals, sentinel, x, kept_slot);
+    COLLAPSE_CUDA_CHECK_LAUNCH();
+}
+
+void launch_count_kept(const int32_t* keys, int64_t n, int32_t sentinel, const int32_t* kept_slot, unsigned long long* counter,
+                       const BatchStatus* st, cudaStream_t s) {
+    if (n == 0) return;
+    count_kept_kernel<<<blocks_for(n, 256, 1024), 256, 0, s>>>(keys, n, sentinel, kept_slot, counter, st);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 

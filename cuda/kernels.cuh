@@ -90,9 +90,13 @@ void launch_count_update(const int32_t* keys, const int32_t* run_start, int64_t 
                          unsigned long long* count, unsigned long long* store_count, bool exact_store,
                          const BatchStatus* st, cudaStream_t s);
 
-// Accepted rows (sorted order) converted to float into x [n, d]; dropped rows become zero rows.
+// Accepted rows (sorted order) converted to float into x [n, d]; dropped rows become zero rows, and
+// so do rows of classes outside the kept set when kept_slot ([V], -1 = not kept) is given.
 void launch_gather_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, int32_t sentinel, float* x,
-                        cudaStream_t s);
+                        cudaStream_t s, const int32_t* kept_slot = nullptr);
+// Adds the number of rows of kept classes to *counter, unless the batch was refused.
+void launch_count_kept(const int32_t* keys, int64_t n, int32_t sentinel, const int32_t* kept_slot, unsigned long long* counter,
+                       const BatchStatus* st, cudaStream_t s);
 // acc64 += acc32 (d*d), unless the batch was refused.
 void launch_add_gram(const float* g32, double* g64, int64_t n, const BatchStatus* st, cudaStream_t s);
 
@@ -122,8 +126,11 @@ void launch_self_duality(const double* W, const double* mu, const int32_t* ids, 
                          double wf, double mf, double* out, cudaStream_t s);
 
 // NC4 for a block of rows: logits [rows, V] (column-major V x rows), dots [rows, K]; agreement count added.
+// Rows whose key (row_keys, may be null) is the sentinel or not kept are skipped, and so is
+// everything when the batch was refused (st may be null).
 void launch_nc4_compare(const double* logits, const double* bias, int64_t V, const double* dots, const double* mu_sq,
-                        const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, cudaStream_t s);
+                        const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, cudaStream_t s,
+                        const int32_t* row_keys = nullptr, const int32_t* kept_slot = nullptr, const BatchStatus* st = nullptr);
 // float rows (gathered by index) -> double [rows, d]
 void launch_rows_to_double(const float* src, const int32_t* index, int64_t rows, int64_t d, const double* center,
                            double* dst, cudaStream_t s);
