@@ -128,6 +128,8 @@ struct Case {
     collapse_svd_mode svd;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 class CudaVsCpu : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CudaVsCpu, SameReport) {

@@ -18,35 +18,18 @@
 #include <vector>
 
 #include "core/error.hpp"
+#include "common/file_helpers.hpp"
 #include "io/checkpoint_file.hpp"
 
 namespace {
 
 using collapse::Error;
 using namespace collapse::io;
-
-std::string read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_file(const std::string& path, const std::string& bytes) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), (std::streamsize)bytes.size());
-    ASSERT_TRUE(out.good()) << path;
-}
-
-bool exists(const std::string& path) {
-    struct stat st;
-    return ::stat(path.c_str(), &st) == 0;
-}
-
-std::string random_bytes(size_t n, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::string s(n, '\0');
-    for (char& c : s) c = (char)(rng() & 0xff);
-    return s;
-}
+using testutil::exists;
+using testutil::expect_error;
+using testutil::random_bytes;
+using testutil::read_file;
+using testutil::write_file;
 
 uint32_t rd32(const std::string& s, size_t off) {
     uint32_t v;
@@ -59,23 +42,6 @@ uint64_t rd64(const std::string& s, size_t off) {
     return v;
 }
 void wr32(std::string& s, size_t off, uint32_t v) { std::memcpy(&s[off], &v, 4); }
-
-// Runs fn, which must throw Error(status) whose message contains every piece; returns the message.
-std::string expect_error(const std::function<void()>& fn, const std::vector<std::string>& pieces,
-                         collapse_status status = COLLAPSE_ERR_IO) {
-    try {
-        fn();
-    } catch (const Error& e) {
-        EXPECT_EQ(e.status(), status) << e.what();
-        for (const std::string& p : pieces)
-            EXPECT_NE(std::string(e.what()).find(p), std::string::npos)
-                << "message \"" << e.what() << "\" lacks \"" << p << "\"";
-        return e.what();
-    }
-    ADD_FAILURE() << "expected an Error(" << status << ") mentioning \"" << (pieces.empty() ? "" : pieces[0])
-                  << "\"";
-    return "";
-}
 
 // A write function that fails with `err` once `limit` bytes have been written in total (a short
 // write up to the limit first, as a real full disk does). Counts bytes in *written.

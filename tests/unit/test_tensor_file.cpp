@@ -17,6 +17,7 @@
 
 #include "core/dtype.hpp"
 #include "core/error.hpp"
+#include "common/file_helpers.hpp"
 #include "io/tensor_file.hpp"
 
 #ifndef COLLAPSE_SHARED_DIR
@@ -27,33 +28,13 @@ namespace {
 
 using collapse::Error;
 using namespace collapse::io;
+using testutil::exists;
+using testutil::random_bytes;
+using testutil::read_file;
+using testutil::write_file;
 
 const collapse_dtype kAllDtypes[] = {COLLAPSE_F32, COLLAPSE_F16, COLLAPSE_BF16, COLLAPSE_F64,
                                      COLLAPSE_I32, COLLAPSE_I64, COLLAPSE_U8,   COLLAPSE_BOOL};
-
-std::string read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_file(const std::string& path, const std::string& bytes) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), (std::streamsize)bytes.size());
-    ASSERT_TRUE(out.good()) << path;
-}
-
-bool exists(const std::string& path) {
-    struct stat st;
-    return ::stat(path.c_str(), &st) == 0;
-}
-
-// Deterministic bytes: bit-identical round trips do not care what the bit patterns mean.
-std::string random_bytes(size_t n, uint32_t seed) {
-    std::mt19937 rng(seed);
-    std::string s(n, '\0');
-    for (char& c : s) c = (char)(rng() & 0xff);
-    return s;
-}
 
 std::string le(uint64_t v, int bytes) {
     std::string s;
@@ -74,16 +55,7 @@ std::string st_bytes(const std::string& json, const std::string& data) { return 
 
 // Runs fn, which must throw Error(COLLAPSE_ERR_IO) whose message contains every piece.
 void expect_io_error(const std::function<void()>& fn, const std::vector<std::string>& pieces) {
-    try {
-        fn();
-    } catch (const Error& e) {
-        EXPECT_EQ(e.status(), COLLAPSE_ERR_IO) << e.what();
-        for (const std::string& p : pieces)
-            EXPECT_NE(std::string(e.what()).find(p), std::string::npos)
-                << "message \"" << e.what() << "\" lacks \"" << p << "\"";
-        return;
-    }
-    ADD_FAILURE() << "expected an Error(COLLAPSE_ERR_IO) mentioning \"" << (pieces.empty() ? "" : pieces[0]) << "\"";
+    testutil::expect_error(fn, pieces, COLLAPSE_ERR_IO);
 }
 
 class TensorFileTest : public ::testing::Test {
