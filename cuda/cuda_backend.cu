@@ -99,6 +99,12 @@ public:
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
     void ingest_second_pass(const BatchDesc& b, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
+    void save_state(io::CheckpointWriter&) override {
+        fail(COLLAPSE_ERR_STATE, "checkpoints are not implemented for the cuda backend yet (use backend: cpu for checkpointed runs)");
+    }
+    void load_state(const io::CheckpointReader&, bool) override {
+        fail(COLLAPSE_ERR_STATE, "checkpoints are not implemented for the cuda backend yet (use backend: cpu for checkpointed runs)");
+    }
 
 private:
     struct Scratch {

@@ -147,6 +147,16 @@ collapse_status collapse_session_sync(collapse_session* session);
 collapse_status collapse_session_needs_second_pass(collapse_session* session, int* needed);
 collapse_status collapse_session_begin_second_pass(collapse_session* session);
 
+/* Checkpoints of the first pass (CPU backend): a crash-safe, checksummed file (written to a
+ * temporary name, fsync'ed and renamed). save: the accumulated state and the input position.
+ * load: into a session that has ingested nothing. merge: adds another shard's state (sums, counts,
+ * Gram and row stores exactly; reservoirs by weighted re-sampling). Refused, naming the difference,
+ * when V, d, a state-affecting config key or the classifier differ; a corrupt, truncated or
+ * newer-version file is refused naming the check that failed. */
+collapse_status collapse_session_save(collapse_session* session, const char* path);
+collapse_status collapse_session_load(collapse_session* session, const char* path);
+collapse_status collapse_session_merge(collapse_session* session, const char* path);
+
 /* Finalise and compute every metric. Allowed once per session. */
 collapse_status collapse_session_compute(collapse_session* session, collapse_report** out);
 

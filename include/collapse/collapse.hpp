@@ -112,6 +112,9 @@ public:
         return n != 0;
     }
     void begin_second_pass() { check(collapse_session_begin_second_pass(s_.get())); }
+    void save(const std::string& path) { check(collapse_session_save(s_.get(), path.c_str())); }
+    void load(const std::string& path) { check(collapse_session_load(s_.get(), path.c_str())); }
+    void merge(const std::string& path) { check(collapse_session_merge(s_.get(), path.c_str())); }
     Report compute() {
         collapse_report* r = nullptr;
         check(collapse_session_compute(s_.get(), &r));

@@ -30,6 +30,8 @@ struct AnalyzeArgs {
     std::string safetensors, features_key = "features", labels_key = "labels", classifier_key;
     std::string hidden_key, input_ids_key, attention_mask_key;
     std::string output = "collapse_report.json";
+    std::string checkpoint, from_checkpoint;
+    bool resume = false;
     std::string backend;
     int64_t batch_rows = 0;
     int64_t num_classes = 0;
@@ -163,6 +165,32 @@ void write_json_file(const nlohmann::json& doc, const std::string& path) {
     std::filesystem::rename(tmp, path);
 }
 
+// --from-checkpoint: the report of a saved (or merged) first pass, with no input rows.
+void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
+    if (!a.features.empty() || !a.hidden.empty() || !a.safetensors.empty())
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--from-checkpoint takes no input files (the rows are in the checkpoint)");
+    const Config saved = Session::checkpoint_config(a.from_checkpoint);
+    if (a.config.empty()) cfg = saved;
+    cfg.num_classes = saved.num_classes;
+    cfg.batch_rows = saved.batch_rows;
+    Session session(cfg);
+    if (!a.classifier.empty()) {
+        const io::Tensor w = need_2d(io::open_npy(a.classifier), "classifier");
+        const collapse_buffer wb = buffer_of(w, 0, w.shape[0], w.shape[1]);
+        std::optional<io::Tensor> bias;
+        std::optional<collapse_buffer> bb;
+        if (!a.bias.empty()) bias = io::open_npy(a.bias), bb = buffer_of(*bias, 0, bias->numel(), 1);
+        session.set_classifier(&wb, bb ? &*bb : nullptr);
+    }
+    session.load_checkpoint(a.from_checkpoint);
+    auto report = session.compute(true);
+    if (session.needs_second_pass() || cfg.compute_nc4)
+        report->doc["overall_analysis"]["notes"]["from_checkpoint"] =
+            "computed from a checkpoint: metrics that need the rows again (NC4 without a row store) are null";
+    write_json_file(report->doc, a.output);
+    if (!quiet) print_headline(report->doc, a.output);
+}
+
 void run_analyze(const AnalyzeArgs& a) {
     Config cfg = a.config.empty() ? Config{} : load_yaml_file(a.config);
     if (a.batch_rows > 0) cfg.batch_rows = a.batch_rows;
@@ -172,6 +200,11 @@ void run_analyze(const AnalyzeArgs& a) {
     const bool quiet = a.quiet || cfg.log_level == "warning" || cfg.log_level == "error";
     const bool debug = !a.quiet && cfg.log_level == "debug";
 
+    if (!a.from_checkpoint.empty()) {
+        analyze_checkpoint(a, cfg, quiet);
+        return;
+    }
+    if (a.resume && a.checkpoint.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--resume needs --checkpoint FILE");
     Input in = open_input(a);
     // V: the flag, the config, the classifier, or the largest label + 1.
     int64_t V = a.num_classes > 0 ? a.num_classes : cfg.num_classes;
@@ -209,9 +242,17 @@ void run_analyze(const AnalyzeArgs& a) {
     std::vector<uint8_t> synth_features;
 
     // One pass over the input, in batches of cfg.batch_rows rows (whole sequences).
+    // --resume: continue after the input position of the last checkpoint.
+    int64_t start = 0;
+    if (a.resume && std::filesystem::exists(a.checkpoint)) {
+        session.load_checkpoint(a.checkpoint);
+        start = session.input_position();
+        if (!quiet) std::fprintf(stderr, "resuming from %s at input position %lld\n", a.checkpoint.c_str(), (long long)start);
+    }
     auto pass = [&](const char* phase, bool first) {
         Progress progress(quiet, total);
         int64_t done = 0, batch_index = 0;
+        const int64_t from = first ? start : 0;
         auto feed = [&](auto&& ingest_batch, int64_t rows_in_batch) {
             try {
                 const auto tb = Clock::now();
@@ -228,6 +269,7 @@ void run_analyze(const AnalyzeArgs& a) {
             done += rows_in_batch;
             ++batch_index;
             progress.update(done, phase);
+            if (first && !a.checkpoint.empty() && batch_index % cfg.save_every == 0) session.save_checkpoint(a.checkpoint);
             if (first && cfg.save_intermediate_results && batch_index % cfg.save_every == 0) {
                 std::filesystem::create_directories(cfg.intermediate_save_dir);
                 const std::string p = cfg.intermediate_save_dir + "/report_batch_" + std::to_string(batch_index) + ".json";
@@ -237,7 +279,7 @@ void run_analyze(const AnalyzeArgs& a) {
         if (in.synth) {
             const auto& sp = in.synth->spec();
             const size_t esz = sp.dtype == COLLAPSE_F64 ? 8 : sp.dtype == COLLAPSE_F32 ? 4 : 2;
-            for (int64_t r0 = 0; r0 < sp.rows; r0 += cfg.batch_rows) {
+            for (int64_t r0 = from; r0 < sp.rows; r0 += cfg.batch_rows) {
                 const int64_t n = std::min(cfg.batch_rows, sp.rows - r0);
                 synth_labels.resize((size_t)n);
                 synth_features.resize((size_t)(n * sp.dim) * esz);
@@ -251,7 +293,7 @@ void run_analyze(const AnalyzeArgs& a) {
         } else if (in.sequences()) {
             const int64_t B = in.hidden->shape[0], T = in.hidden->shape[1], d = in.hidden->shape[2];
             const int64_t per = std::max<int64_t>(1, cfg.batch_rows / std::max<int64_t>(1, T));
-            for (int64_t b0 = 0; b0 < B; b0 += per) {
+            for (int64_t b0 = from; b0 < B; b0 += per) {
                 const int64_t nb = std::min(per, B - b0);
                 const collapse_buffer h{in.hidden->row(b0), in.hidden->dtype, COLLAPSE_MEMORY_HOST, nb * T, d, 0};
                 const collapse_buffer ids = buffer_of(*in.input_ids, b0, nb, T);
@@ -263,7 +305,7 @@ void run_analyze(const AnalyzeArgs& a) {
             }
         } else {
             const int64_t N = in.features->rows(), d = in.features->shape[1];
-            for (int64_t r0 = 0; r0 < N; r0 += cfg.batch_rows) {
+            for (int64_t r0 = from; r0 < N; r0 += cfg.batch_rows) {
                 const int64_t n = std::min(cfg.batch_rows, N - r0);
                 const collapse_buffer f = buffer_of(*in.features, r0, n, d);
                 const collapse_buffer l = buffer_of(*in.labels, r0, n, 1);
@@ -276,6 +318,7 @@ void run_analyze(const AnalyzeArgs& a) {
     };
 
     pass("ingest", true);
+    if (!a.checkpoint.empty()) session.save_checkpoint(a.checkpoint);  // the whole first pass
     if (session.needs_second_pass()) {
         session.begin_second_pass();
         pass("second pass", false);
@@ -313,6 +356,10 @@ void add_analyze_command(CLI::App& app) {
     sub->add_option("--backend", args->backend, "cpu or cuda (overrides the config)")->check(CLI::IsMember({"cpu", "cuda"}));
     sub->add_option("--output,-o", args->output, "report path")->capture_default_str();
     sub->add_flag("--quiet,-q", args->quiet, "no progress and no summary");
+    sub->add_option("--checkpoint", args->checkpoint,
+                    "write a crash-safe checkpoint of the first pass here every save_every batches and at its end");
+    sub->add_flag("--resume", args->resume, "continue from --checkpoint if it exists (same input and config)");
+    sub->add_option("--from-checkpoint", args->from_checkpoint, "report of a saved or merged checkpoint, without input files");
     sub->callback([args] { run_analyze(*args); });
 }
 

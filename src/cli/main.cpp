@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "cli/analyze_cmd.hpp"
+#include "cli/merge_cmd.hpp"
 #include "cli/synth_cmd.hpp"
 #include "collapse/collapse.h"
 #include "core/error.hpp"
@@ -14,6 +15,7 @@ int main(int argc, char** argv) {
     app.require_subcommand(1);
     collapse::add_analyze_command(app);
     collapse::add_synth_command(app);
+    collapse::add_merge_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {

@@ -16,6 +16,11 @@
 
 namespace collapse {
 
+namespace io {
+class CheckpointWriter;
+class CheckpointReader;
+}  // namespace io
+
 // Kept classes (METRICS.md): ids ascending, their counts, and a V-long lookup (slot or -1).
 struct KeptSet {
     std::vector<int32_t> ids;
@@ -56,6 +61,11 @@ public:
 
     // Every metric of the kept set. May be called more than once (intermediate saves).
     virtual MetricValues compute(const KeptSet& kept, const Classifier& clf) = 0;
+
+    // Checkpoints (src/core/checkpoint.cpp writes the session's own sections): the accumulated
+    // state as sections of a checkpoint; load replaces the state, merge adds another shard's.
+    virtual void save_state(io::CheckpointWriter& w) = 0;
+    virtual void load_state(const io::CheckpointReader& r, bool merge) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim);

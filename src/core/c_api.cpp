@@ -161,6 +161,30 @@ collapse_status collapse_session_begin_second_pass(collapse_session* s) {
     });
 }
 
+collapse_status collapse_session_save(collapse_session* s, const char* path) {
+    return translate([&] {
+        require(s, "session");
+        require(path, "path");
+        s->impl.save_checkpoint(path);
+    });
+}
+
+collapse_status collapse_session_load(collapse_session* s, const char* path) {
+    return translate([&] {
+        require(s, "session");
+        require(path, "path");
+        s->impl.load_checkpoint(path);
+    });
+}
+
+collapse_status collapse_session_merge(collapse_session* s, const char* path) {
+    return translate([&] {
+        require(s, "session");
+        require(path, "path");
+        s->impl.merge_checkpoint(path);
+    });
+}
+
 collapse_status collapse_session_compute(collapse_session* s, collapse_report** out) {
     return translate([&] {
         require(s, "session");

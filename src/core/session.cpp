@@ -102,6 +102,7 @@ void Session::ingest(const BatchDesc& b, void* stream) {
         throw;
     }
     ++batches_;
+    position_ = b.row_offset + (b.sequences ? b.batch : b.features.rows);
     ingest_seconds_ += seconds_since(t0);
 }
 

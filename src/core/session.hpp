@@ -46,6 +46,18 @@ public:
     // Row (or sequence) number of the next batch's first row in the caller's input, so that errors
     // name the row of the file rather than of the batch (the CLI sets it; 0 by default).
     void set_row_offset(int64_t offset) { row_offset_ = offset; }
+    // Input position after the last accepted first-pass batch (row offset + its rows or sequences).
+    int64_t input_position() const { return position_; }
+
+    // Checkpoints (src/core/checkpoint.cpp). save: the whole first-pass state, atomically.
+    // load: replaces the state of a session that has seen no rows. merge: adds a shard's state.
+    // Refused, with the difference named, when V, d, a state-affecting config key or the
+    // classifier differ.
+    void save_checkpoint(const std::string& path);
+    void load_checkpoint(const std::string& path);
+    void merge_checkpoint(const std::string& path);
+    // The config stored in a checkpoint (to create the session that loads or merges it).
+    static Config checkpoint_config(const std::string& path);
 
 private:
     enum class State { Ingest, SecondPass, Done };
@@ -60,6 +72,8 @@ private:
     Classifier clf_;
     int64_t rows_before_backend_ = 0;
     int64_t row_offset_ = 0;
+    int64_t position_ = 0;
+    void restore(const std::string& path, bool merge);
     KeptSet kept_;  // fixed at begin_second_pass
     State state_ = State::Ingest;
     double ingest_seconds_ = 0, second_pass_seconds_ = 0;

@@ -21,6 +21,8 @@ public:
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
     void ingest_second_pass(const BatchDesc& batch, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
+    void save_state(io::CheckpointWriter& w) override;
+    void load_state(const io::CheckpointReader& r, bool merge) override;
 
     // Bytes this backend holds now (accumulators, Gram, row store, reservoirs).
     int64_t resident_bytes() const;

@@ -1,0 +1,45 @@
+#include "cli/merge_cmd.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/session.hpp"
+
+namespace collapse {
+
+namespace {
+
+struct MergeArgs {
+    std::vector<std::string> inputs;
+    std::string output;
+    bool quiet = false;
+};
+
+void run_merge(const MergeArgs& a) {
+    // The first checkpoint's config; every other must agree on V, d and the state-affecting keys.
+    Session session(Session::checkpoint_config(a.inputs.front()));
+    session.load_checkpoint(a.inputs.front());
+    for (size_t i = 1; i < a.inputs.size(); ++i) session.merge_checkpoint(a.inputs[i]);
+    session.save_checkpoint(a.output);
+    if (!a.quiet) {
+        const Counts c = session.row_counts();
+        std::printf("merged %zu checkpoints (%lld rows seen) into %s\n", a.inputs.size(), (long long)c.rows_seen, a.output.c_str());
+    }
+}
+
+}  // namespace
+
+void add_merge_command(CLI::App& app) {
+    auto args = std::make_shared<MergeArgs>();
+    CLI::App* sub = app.add_subcommand("merge", "Merge checkpoints of shards into one (then: analyze --from-checkpoint)");
+    sub->add_option("checkpoints", args->inputs, "checkpoint files (any split of the rows)")->required()->expected(1, -1);
+    sub->add_option("--output,-o", args->output, "merged checkpoint")->required();
+    sub->add_flag("--quiet,-q", args->quiet, "no summary line");
+    sub->callback([args] { run_merge(*args); });
+}
+
+}  // namespace collapse
