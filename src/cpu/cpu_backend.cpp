@@ -18,6 +18,7 @@ namespace collapse {
 namespace {
 
 constexpr int64_t kGramBlockRows = 256;
+constexpr int64_t kThreadedRowBytes = 1024;  // rows shorter than this are summed on one thread
 
 void load_row_double(const void* x, collapse_dtype t, int64_t d, double* out) {
     for (int64_t k = 0; k < d; ++k) out[k] = load_as_double(x, t, k);
@@ -100,8 +101,10 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     std::fill(stage_sum_.begin(), stage_sum_.begin() + staged * d_, 0.0);
     for (int32_t k = 0; k < (int32_t)runs; ++k) run_of_label_[(size_t)run_label_[(size_t)k]] = k;
     // Classes are split between threads (run k to thread k mod T): each class is still summed by
-    // one thread in row order, so the result does not depend on the thread count.
-#pragma omp parallel
+    // one thread in row order, so the result does not depend on the thread count. Short rows are
+    // faster on one thread (every thread scans all labels).
+    const bool threaded = (int64_t)dtype_size(b.features.dtype) * d_ >= kThreadedRowBytes;
+#pragma omp parallel if (threaded)
     {
         const int T = omp_get_num_threads(), t = omp_get_thread_num();
         std::vector<double> sq(runs, 0.0);
@@ -187,7 +190,7 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
     const bool exact = cfg_.svd_mode == COLLAPSE_SVD_EXACT;
     const int64_t cap = cfg_.svd_max_rows_per_token;
     // Sums: every class's row of sum_ is its own, so classes go to threads freely.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((int64_t)dtype_size(b.features.dtype) * d_ >= kThreadedRowBytes)
     for (int64_t k = 0; k < (int64_t)runs; ++k) {
         const int32_t c = run_label_[(size_t)k];
         double* s = sum_.data() + (size_t)c * (size_t)d_;
