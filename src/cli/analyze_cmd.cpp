@@ -237,7 +237,6 @@ void run_analyze(const AnalyzeArgs& a) {
     const int64_t total = in.synth ? in.synth->spec().rows
                           : in.sequences() ? in.hidden->shape[0] * std::max<int64_t>(0, in.hidden->shape[1] - 1)
                                            : in.features->rows();
-    int64_t batches_failed = 0;
     std::vector<int32_t> synth_labels;
     std::vector<uint8_t> synth_features;
 
@@ -262,7 +261,7 @@ void run_analyze(const AnalyzeArgs& a) {
                                  (long long)rows_in_batch, std::chrono::duration<double>(Clock::now() - tb).count());
             } catch (const Error& e) {
                 if (!cfg.continue_on_error) throw;
-                ++batches_failed;
+                if (first) session.note_failed_batch();  // the second pass meets the same batch again
                 if (cfg.log_level != "error")
                     std::fprintf(stderr, "collapse: batch %lld skipped (continue_on_error): %s\n", (long long)batch_index, e.what());
             }
@@ -324,7 +323,7 @@ void run_analyze(const AnalyzeArgs& a) {
         pass("second pass", false);
     }
     auto report = session.compute(true);
-    if (batches_failed > 0) report->doc["counts"]["batches_failed"] = batches_failed;
+    if (session.failed_batches() > 0) report->doc["counts"]["batches_failed"] = session.failed_batches();
     write_json_file(report->doc, a.output);
     if (!quiet) print_headline(report->doc, a.output);
 }

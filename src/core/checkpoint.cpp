@@ -29,6 +29,8 @@ nlohmann::json state_config(const Config& c) {
     return out;
 }
 
+}  // namespace
+
 // FNV-1a over the classifier's doubles: enough to tell two classifiers apart.
 uint64_t classifier_hash(const Classifier& clf) {
     uint64_t h = 1469598103934665603ull;
@@ -40,6 +42,8 @@ uint64_t classifier_hash(const Classifier& clf) {
     feed(clf.bias);
     return h;
 }
+
+namespace {
 
 nlohmann::json read_meta(const io::CheckpointReader& r) {
     const io::CheckpointSection m = r.section("meta");
@@ -76,7 +80,10 @@ void Session::save_checkpoint(const std::string& path) {
     meta["backend"] = backend_->name();
     meta["state_config"] = state_config(cfg_);
     meta["config"] = to_json(cfg_);
-    meta["classifier_hash"] = clf_.present() ? nlohmann::json(std::to_string(classifier_hash(clf_))) : nlohmann::json(nullptr);
+    // The classifier's identity survives a session that never saw it (collapse merge).
+    const std::string hash = clf_.present() ? std::to_string(classifier_hash(clf_)) : checkpoint_classifier_;
+    meta["classifier_hash"] = hash.empty() ? nlohmann::json(nullptr) : nlohmann::json(hash);
+    meta["batches_failed"] = batches_failed_;
     meta["input_position"] = position_;
     meta["batches"] = batches_;
     meta["rows_before_backend"] = rows_before_backend_;
@@ -101,9 +108,12 @@ void Session::restore(const std::string& path, bool merge) {
         if (k != std::string("dim") && meta["state_config"][k] != mine[k])
             fail(COLLAPSE_ERR_CONFIG, "checkpoint ", path, " was made with ", k, " = ", meta["state_config"][k].dump(),
                  ", this session has ", k, " = ", mine[k].dump());
-    if (clf_.present() && !meta["classifier_hash"].is_null() && meta["classifier_hash"].get<std::string>() != std::to_string(classifier_hash(clf_)))
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "checkpoint ", path, " was made with a different classifier (hash ",
-             meta["classifier_hash"].get<std::string>(), ", this session's ", classifier_hash(clf_), ")");
+    // Its classifier against this session's, or against the checkpoints already loaded or merged.
+    const std::string theirs = meta["classifier_hash"].is_string() ? meta["classifier_hash"].get<std::string>() : "";
+    const std::string ours = clf_.present() ? std::to_string(classifier_hash(clf_)) : checkpoint_classifier_;
+    if (!theirs.empty() && !ours.empty() && theirs != ours)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "checkpoint ", path, " was made with a different classifier (hash ", theirs, ", ",
+             clf_.present() ? "this session's classifier" : "the checkpoints already merged", ": ", ours, ")");
     if (!merge && backend_ && row_counts().rows_seen > 0)
         fail(COLLAPSE_ERR_STATE, "load_checkpoint: the session has already ingested rows; load into a new session or merge");
     const bool created = !backend_;
@@ -117,12 +127,15 @@ void Session::restore(const std::string& path, bool merge) {
         }
         throw;
     }
+    if (!theirs.empty()) checkpoint_classifier_ = theirs;
     if (!merge) {
+        batches_failed_ = meta.value("batches_failed", int64_t(0));
         position_ = meta.value("input_position", int64_t(0));
         batches_ = meta.value("batches", int64_t(0));
         rows_before_backend_ = meta.value("rows_before_backend", int64_t(0));
     } else {
         batches_ += meta.value("batches", int64_t(0));
+        batches_failed_ += meta.value("batches_failed", int64_t(0));
         rows_before_backend_ += meta.value("rows_before_backend", int64_t(0));
     }
 }

@@ -15,6 +15,8 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 }  // namespace
 
+uint64_t classifier_hash(const Classifier& clf);  // src/core/checkpoint.cpp
+
 KeptSet select_kept(const std::vector<int64_t>& counts, const Config& cfg, Counts* cc) {
     const int64_t V = (int64_t)counts.size();
     std::vector<uint8_t> excluded((size_t)V, 0);
@@ -160,6 +162,9 @@ void Session::set_classifier(const collapse_buffer* weight, const collapse_buffe
             if (!std::isfinite(c.bias[(size_t)r])) fail(COLLAPSE_ERR_BAD_INPUT, "classifier: non-finite bias at ", r);
         }
     }
+    if (!checkpoint_classifier_.empty() && std::to_string(classifier_hash(c)) != checkpoint_classifier_)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: differs from the one the loaded checkpoint was made with (hash ",
+             checkpoint_classifier_, ", this one ", classifier_hash(c), ")");
     ensure_backend(d);
     clf_ = std::move(c);
 }

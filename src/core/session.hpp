@@ -56,6 +56,10 @@ public:
     void save_checkpoint(const std::string& path);
     void load_checkpoint(const std::string& path);
     void merge_checkpoint(const std::string& path);
+    // Batches the caller skipped under continue_on_error: kept in checkpoints so a resumed run
+    // reports the same count.
+    void note_failed_batch() { ++batches_failed_; }
+    int64_t failed_batches() const { return batches_failed_; }
     // The config stored in a checkpoint (to create the session that loads or merges it).
     static Config checkpoint_config(const std::string& path);
 
@@ -73,6 +77,8 @@ private:
     int64_t rows_before_backend_ = 0;
     int64_t row_offset_ = 0;
     int64_t position_ = 0;
+    int64_t batches_failed_ = 0;
+    std::string checkpoint_classifier_;  // classifier hash of loaded/merged checkpoints ("" = none known)
     void restore(const std::string& path, bool merge);
     KeptSet kept_;  // fixed at begin_second_pass
     State state_ = State::Ingest;
