@@ -377,9 +377,8 @@ TEST_F(CliCheckpoint, ErrorPaths) {
     expect_error("analyze --quiet --from-checkpoint no_such.ckpt -o w.json", {"no_such.ckpt"});
 }
 
-// ENGINE BUG: `collapse merge` of shards analysed with different
-// classifiers succeeds; the merge session has no classifier, so the checkpoints' classifier
-// hashes are never compared, and the merged checkpoint carries none.
+// Regression (found by this test): `collapse merge` of shards analysed with different classifiers
+// must fail, although the merge session itself has no classifier.
 TEST_F(CliCheckpoint, MergeRefusesShardsWithDifferentClassifiers) {
     run_ok("analyze --quiet --features A/features.npy --labels A/labels.npy --classifier A/classifier.npy --batch-rows 2000"
            " --checkpoint ca.ckpt -o ca.json");
@@ -395,8 +394,8 @@ TEST_F(CliCheckpoint, MergeRefusesShardsWithDifferentClassifiers) {
     expect_error("analyze --quiet --from-checkpoint caa.ckpt --classifier B/classifier.npy -o w2.json", {"classifier"});  // accepted: bug
 }
 
-// ENGINE BUG: counts.batches_failed (continue_on_error) is not kept in the checkpoint, so a run
-// resumed after the failed batch reports no failed batch while the uninterrupted run reports one.
+// Regression (found by this test): counts.batches_failed (continue_on_error) is kept in the
+// checkpoint, so a run resumed after the failed batch reports it like the uninterrupted run.
 // The kill is emulated deterministically: the checkpoint comes from a run over the first 10000
 // rows (5 batches, the failed one among them), exactly the state the full run has after batch 5.
 TEST_F(CliCheckpoint, ResumeKeepsFailedBatchCount) {

@@ -603,10 +603,9 @@ TEST_F(CheckpointRefusal, DifferentClassifier) {
     expect_refused(base_options(), &bias, false, ck_, COLLAPSE_ERR_INVALID_ARGUMENT, {"classifier"}, false);
 }
 
-// ENGINE BUG: a session without a classifier that loads shard A
-// (made with classifier W1) and merges shard B (made with W2) is not refused, because restore()
-// compares a checkpoint's classifier hash only with the session's own classifier; the merged
-// checkpoint then drops the hash altogether (`collapse merge` hits exactly this).
+// Regression (found by this test): a session without a classifier that loads shard A (made with
+// classifier W1) must refuse to merge shard B (made with W2): the checkpoints' hashes are compared
+// with each other, not only with the session's own classifier (`collapse merge` has none).
 TEST_F(CheckpointRefusal, MergeOfShardsWithDifferentClassifiers) {
     const Classifier other = make_classifier(kD, 99);
     const std::string b = path("other_clf.ckpt");
@@ -623,9 +622,9 @@ TEST_F(CheckpointRefusal, MergeOfShardsWithDifferentClassifiers) {
     EXPECT_NE(std::string(collapse_last_error()).find("classifier"), std::string::npos) << collapse_last_error();
 }
 
-// ENGINE BUG (same root cause): a session without a classifier that loads a checkpoint (made with
-// classifier C) and saves it again writes classifier_hash = null, so the re-saved checkpoint is
-// then accepted by a session with ANOTHER classifier (this is what `collapse merge` produces).
+// Regression (same root cause): a session without a classifier that loads a checkpoint made with
+// classifier C and saves it again must keep C's hash, so that a session with ANOTHER classifier
+// refuses the re-saved checkpoint (this is what `collapse merge` produces).
 TEST_F(CheckpointRefusal, ResavedCheckpointKeepsClassifierIdentity) {
     const std::string resaved = path("resaved.ckpt");
     {
