@@ -25,20 +25,18 @@
 #define COLLAPSE_CLI_PATH ""
 #endif
 
+#include "common/capi_helpers.hpp"
+
 namespace {
+
+using testutil::CliRun;
+using testutil::quote;
+using testutil::slurp;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct CliRun {
-    int status = -1;  // exit status, or -1 when the process did not exit normally
-    std::string out, err;
-};
 
-std::string slurp(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
 void spit(const std::string& path, const std::string& text) {
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
@@ -46,11 +44,6 @@ void spit(const std::string& path, const std::string& text) {
     ASSERT_TRUE(out.good()) << path;
 }
 
-std::string quote(const std::string& s) {
-    std::string q = "'";
-    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
 
 class Cli : public ::testing::Test {
 protected:

@@ -34,27 +34,20 @@
 #define COLLAPSE_CLI_PATH ""
 #endif
 
+#include "common/capi_helpers.hpp"
+
 namespace {
+
+using testutil::CliRun;
+using testutil::quote;
+using testutil::slurp;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 using Clock = std::chrono::steady_clock;
 
-std::string slurp(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
 
-std::string quote(const std::string& s) {
-    std::string q = "'";
-    for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
-    return q + "'";
-}
 
-struct CliRun {
-    int status = -1;
-    std::string out, err;
-};
 
 // Structural equality minus engine.timings_seconds. rel = 0: bit-identical numbers; else integers
 // exact, floats within rel of the larger magnitude.

@@ -18,20 +18,16 @@
 #include "collapse/collapse.h"
 #include "core/dtype.hpp"
 
+#include "common/capi_helpers.hpp"
+
 namespace {
 
 using nlohmann::json;
 
 // ------------------------------------------------------------------------------------ helpers
 
-struct SessionDel {
-    void operator()(collapse_session* s) const { collapse_session_destroy(s); }
-};
-struct ReportDel {
-    void operator()(collapse_report* r) const { collapse_report_destroy(r); }
-};
-using SessionPtr = std::unique_ptr<collapse_session, SessionDel>;
-using ReportPtr = std::unique_ptr<collapse_report, ReportDel>;
+using testutil::ReportPtr;
+using testutil::SessionPtr;
 
 collapse_options opts(int64_t V) {
     collapse_options o;

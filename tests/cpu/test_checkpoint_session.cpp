@@ -36,6 +36,8 @@
 #include "core/error.hpp"
 #include "io/checkpoint_file.hpp"
 
+#include "common/capi_helpers.hpp"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -43,14 +45,8 @@ using nlohmann::json;
 
 // ------------------------------------------------------------------------------------ helpers
 
-struct SessionDel {
-    void operator()(collapse_session* s) const { collapse_session_destroy(s); }
-};
-struct ReportDel {
-    void operator()(collapse_report* r) const { collapse_report_destroy(r); }
-};
-using SessionPtr = std::unique_ptr<collapse_session, SessionDel>;
-using ReportPtr = std::unique_ptr<collapse_report, ReportDel>;
+using testutil::ReportPtr;
+using testutil::SessionPtr;
 
 constexpr int64_t kV = 64;
 constexpr int64_t kD = 10;
