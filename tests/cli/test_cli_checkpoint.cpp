@@ -36,6 +36,8 @@
 
 #include "common/capi_helpers.hpp"
 
+#include "common/compare.hpp"
+
 namespace {
 
 using testutil::CliRun;
@@ -49,41 +51,9 @@ using Clock = std::chrono::steady_clock;
 
 
 
-// Structural equality minus engine.timings_seconds. rel = 0: bit-identical numbers; else integers
-// exact, floats within rel of the larger magnitude.
+// Reports minus timings. rel = 0: bit-identical numbers; else integers exact, floats within rel.
 void expect_same(const json& a, const json& b, double rel, const std::string& at = "") {
-    if (a.is_number() && b.is_number()) {
-        if (rel == 0 || (a.is_number_integer() && b.is_number_integer())) {
-            EXPECT_EQ(a.get<double>(), b.get<double>()) << at << ": " << a.dump() << " vs " << b.dump();
-        } else {
-            const double x = a.get<double>(), y = b.get<double>();
-            EXPECT_LE(std::fabs(x - y), rel * std::max(std::fabs(x), std::fabs(y))) << at << ": " << a.dump() << " vs " << b.dump();
-        }
-        return;
-    }
-    if (a.type() != b.type()) {
-        ADD_FAILURE() << at << ": " << a.dump().substr(0, 200) << " vs " << b.dump().substr(0, 200);
-        return;
-    }
-    if (a.is_object()) {
-        for (auto it = a.begin(); it != a.end(); ++it) {
-            if (it.key() == "timings_seconds") continue;
-            if (!b.contains(it.key())) ADD_FAILURE() << at << "/" << it.key() << " only in the first report";
-            else expect_same(it.value(), b[it.key()], rel, at + "/" + it.key());
-        }
-        for (auto it = b.begin(); it != b.end(); ++it)
-            if (it.key() != "timings_seconds" && !a.contains(it.key())) ADD_FAILURE() << at << "/" << it.key() << " only in the second report";
-        return;
-    }
-    if (a.is_array()) {
-        if (a.size() != b.size()) {
-            ADD_FAILURE() << at << ": array sizes " << a.size() << " vs " << b.size();
-            return;
-        }
-        for (size_t i = 0; i < a.size(); ++i) expect_same(a[i], b[i], rel, at + "/" + std::to_string(i));
-        return;
-    }
-    EXPECT_EQ(a, b) << at;
+    testutil::expect_same_json(a, b, rel, 0.0, at);
 }
 
 // The data sets are made once for the whole suite (synth is deterministic).

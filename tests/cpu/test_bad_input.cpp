@@ -20,6 +20,8 @@
 
 #include "common/capi_helpers.hpp"
 
+#include "common/compare.hpp"
+
 namespace {
 
 using nlohmann::json;
@@ -103,38 +105,9 @@ json final_report(collapse_session* s) {
     return report_of(r);
 }
 
-// Structural equality; numbers within 1e-12 relative (the same batches in the same order give
-// the same numbers, so this only forgives nothing but formatting).
-void expect_same_json(const json& a, const json& b, const std::string& at = "") {
-    if (a.is_number() && b.is_number()) {
-        const double x = a.get<double>(), y = b.get<double>();
-        EXPECT_LE(std::fabs(x - y), 1e-12 * std::max(1.0, std::max(std::fabs(x), std::fabs(y))))
-            << at << ": " << x << " vs " << y;
-        return;
-    }
-    if (a.type() != b.type()) {
-        ADD_FAILURE() << at << ": " << a.dump() << " vs " << b.dump();
-        return;
-    }
-    if (a.is_object()) {
-        for (auto it = a.begin(); it != a.end(); ++it) {
-            if (!b.contains(it.key())) ADD_FAILURE() << at << "/" << it.key() << " only in the first report";
-            else expect_same_json(it.value(), b[it.key()], at + "/" + it.key());
-        }
-        for (auto it = b.begin(); it != b.end(); ++it)
-            if (!a.contains(it.key())) ADD_FAILURE() << at << "/" << it.key() << " only in the second report";
-        return;
-    }
-    if (a.is_array()) {
-        if (a.size() != b.size()) {
-            ADD_FAILURE() << at << ": array sizes " << a.size() << " vs " << b.size();
-            return;
-        }
-        for (size_t i = 0; i < a.size(); ++i) expect_same_json(a[i], b[i], at + "/" + std::to_string(i));
-        return;
-    }
-    EXPECT_EQ(a, b) << at;
-}
+// Structural equality; numbers within 1e-12 relative (absolute near zero): the same batches in the
+// same order give the same numbers, so this forgives nothing but formatting.
+void expect_same_json(const json& a, const json& b) { testutil::expect_same_json(a, b, 1e-12, 1.0); }
 
 // The status, and a message holding every needle.
 void expect_error(collapse_status got, collapse_status want, const std::vector<std::string>& needles) {
