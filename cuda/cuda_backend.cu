@@ -128,6 +128,7 @@ private:
     void process_slot(int k, bool wait);
     void raise_pending();
     int begin_batch(const BatchDesc& b, cudaStream_t s, bool check_store, DeviceBatch* db);
+    void end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass);
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
     void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
@@ -164,14 +165,16 @@ private:
 
     DeviceBuffer<BatchStatus> status_;
     PinnedBuffer<BatchStatus> status_host_;
-    std::array<cudaEvent_t, kStatusSlots> status_event_{};
-    std::array<bool, kStatusSlots> status_pending_{};
-    std::array<int64_t, kStatusSlots> status_rows_{}, status_offset_{};
-    std::array<bool, kStatusSlots> status_sequences_{};
+    // The batch behind each status slot, for counting and for naming its rows in errors.
+    struct Slot {
+        cudaEvent_t event = nullptr;
+        bool pending = false, first_pass = false, sequences = false;
+        int64_t rows = 0, offset = 0, seq_len = 0;
+    };
+    std::array<Slot, kStatusSlots> slots_{};
     int status_next_ = 0;
     Counts totals_;
     std::deque<std::pair<collapse_status, std::string>> errors_;  // device-side errors, oldest first
-    std::array<int64_t, kStatusSlots> status_seq_len_{};
 
     // Second pass
     bool pass2_ = false, pass2_nc4_ = false, pass2_gram_ = false;
@@ -181,7 +184,6 @@ private:
     DeviceBuffer<int32_t> ids2_, slot2_;
     DeviceBuffer<unsigned long long> agree_, pass2_rows_dev_;
     int64_t nc4_chunk_ = 0;
-    std::array<bool, kStatusSlots> status_first_pass_{};
 };
 
 CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
@@ -208,7 +210,7 @@ void CudaBackend::init() {
     COLLAPSE_CUBLAS_TRY(cublasSetMathMode(cublas_, cfg.allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     COLLAPSE_CUSOLVER_TRY(cusolverDnCreate(&cusolver_));
     COLLAPSE_CUSOLVER_TRY(cusolverDnCreateParams(&solver_params_));
-    for (auto& e : status_event_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    for (auto& slot : slots_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&slot.event, cudaEventDisableTiming));
     for (auto& st : staging_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
 
     // Everything that lives as long as the session is sized here, before the first batch.
@@ -270,8 +272,8 @@ void CudaBackend::release() noexcept {
     (void)cudaSetDevice(cfg_.device_ordinal);
     if (last_stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(last_stream_));
     if (stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(stream_));
-    for (auto& e : status_event_)
-        if (e) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(e));
+    for (auto& slot : slots_)
+        if (slot.event) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(slot.event));
     for (auto& st : staging_)
         if (st.copied) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(st.copied));
     if (last_done_) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(last_done_));
@@ -370,7 +372,7 @@ int CudaBackend::begin_batch(const BatchDesc& b, cudaStream_t s, bool check_stor
     ensure_scratch(b.num_rows());
     const int k = status_next_;
     status_next_ = (status_next_ + 1) % kStatusSlots;
-    if (status_pending_[(size_t)k]) process_slot(k, true);
+    if (slots_[(size_t)k].pending) process_slot(k, true);
     raise_pending();
     BatchStatus* st = status_.data() + k;
     *db = device_view(b, s);
@@ -429,33 +431,39 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     launch_count_update(sc.keys_sorted.data(), sc.run_start.data(), n, sentinel, count_.data(),
                         exact_store_ ? store_count_.data() : nullptr, exact_store_, st, s);
 
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(status_host_.data() + k, st, sizeof(BatchStatus), cudaMemcpyDeviceToHost, s));
-    COLLAPSE_CUDA_TRY(cudaEventRecord(status_event_[(size_t)k], s));
+    end_batch(k, b, s, true);
+}
+
+// Status back to the host asynchronously; the slot is read at a later call (process_slot).
+void CudaBackend::end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass) {
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(status_host_.data() + k, status_.data() + k, sizeof(BatchStatus), cudaMemcpyDeviceToHost, s));
+    Slot& slot = slots_[(size_t)k];
+    COLLAPSE_CUDA_TRY(cudaEventRecord(slot.event, s));
     COLLAPSE_CUDA_TRY(cudaEventRecord(last_done_, s));
-    status_pending_[(size_t)k] = true;
-    status_first_pass_[(size_t)k] = true;
-    status_rows_[(size_t)k] = n;
-    status_offset_[(size_t)k] = b.row_offset;
-    status_sequences_[(size_t)k] = b.sequences;
-    status_seq_len_[(size_t)k] = b.seq_len;
+    slot.pending = true;
+    slot.first_pass = first_pass;
+    slot.rows = b.num_rows();
+    slot.offset = b.row_offset;
+    slot.sequences = b.sequences;
+    slot.seq_len = b.seq_len;
 }
 
 void CudaBackend::process_slot(int k, bool wait) {
-    if (!status_pending_[(size_t)k]) return;
+    if (!slots_[(size_t)k].pending) return;
     if (wait) {
-        COLLAPSE_CUDA_TRY(cudaEventSynchronize(status_event_[(size_t)k]));
+        COLLAPSE_CUDA_TRY(cudaEventSynchronize(slots_[(size_t)k].event));
     } else {
-        const cudaError_t e = cudaEventQuery(status_event_[(size_t)k]);
+        const cudaError_t e = cudaEventQuery(slots_[(size_t)k].event);
         if (e == cudaErrorNotReady) return;
         COLLAPSE_CUDA_TRY(e);
     }
-    status_pending_[(size_t)k] = false;
+    slots_[(size_t)k].pending = false;
     const BatchStatus& st = status_host_[(size_t)k];
-    const int64_t off = status_offset_[(size_t)k];
+    const int64_t off = slots_[(size_t)k].offset;
     auto where = [&](unsigned long long r) {
         const std::string of = off ? " of the input" : " of the batch";
-        if (!status_sequences_[(size_t)k]) return "row " + std::to_string(off + (int64_t)r) + of;
-        const int64_t per = status_seq_len_[(size_t)k] - 1;  // batch rows per sequence after the shift
+        if (!slots_[(size_t)k].sequences) return "row " + std::to_string(off + (int64_t)r) + of;
+        const int64_t per = slots_[(size_t)k].seq_len - 1;  // batch rows per sequence after the shift
         return "sequence " + std::to_string(off + (int64_t)r / per) + of + ", position " + std::to_string((int64_t)r % per);
     };
     if (st.error) {
@@ -474,8 +482,8 @@ void CudaBackend::process_slot(int k, bool wait) {
                                      "); that batch was not ingested: use svd_mode: sampled or raise device_memory_limit");
         return;
     }
-    if (!status_first_pass_[(size_t)k]) return;  // the second pass sees the same rows again
-    totals_.rows_seen += status_rows_[(size_t)k];
+    if (!slots_[(size_t)k].first_pass) return;  // the second pass sees the same rows again
+    totals_.rows_seen += slots_[(size_t)k].rows;
     totals_.rows_masked += (int64_t)st.masked;
     totals_.rows_excluded += (int64_t)st.excluded;
     totals_.rows_nonfinite += (int64_t)st.nonfinite_skipped;
@@ -486,8 +494,8 @@ void CudaBackend::process_slot(int k, bool wait) {
 void CudaBackend::raise_pending() {
     for (int i = 0; i < kStatusSlots; ++i) {  // oldest first; stop at the first batch still running
         const int k = (status_next_ + i) % kStatusSlots;
-        if (!status_pending_[(size_t)k]) continue;
-        const cudaError_t e = cudaEventQuery(status_event_[(size_t)k]);
+        if (!slots_[(size_t)k].pending) continue;
+        const cudaError_t e = cudaEventQuery(slots_[(size_t)k].event);
         if (e == cudaErrorNotReady) break;
         COLLAPSE_CUDA_TRY(e);
         process_slot(k, false);
@@ -629,15 +637,7 @@ void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
                                ids2_.data(), K, nr, agree_.data(), s, sc.keys_sorted.data() + r0, slot2_.data(), st);
         }
     }
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(status_host_.data() + k, st, sizeof(BatchStatus), cudaMemcpyDeviceToHost, s));
-    COLLAPSE_CUDA_TRY(cudaEventRecord(status_event_[(size_t)k], s));
-    COLLAPSE_CUDA_TRY(cudaEventRecord(last_done_, s));
-    status_pending_[(size_t)k] = true;
-    status_first_pass_[(size_t)k] = false;
-    status_rows_[(size_t)k] = n;
-    status_offset_[(size_t)k] = b.row_offset;
-    status_sequences_[(size_t)k] = b.sequences;
-    status_seq_len_[(size_t)k] = b.seq_len;
+    end_batch(k, b, s, false);
 }
 
 // Per-token SVD entropies from per-class Gram eigenvalues, classes grouped by Gram size.

@@ -7,7 +7,6 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -19,6 +18,7 @@
 #include "core/session.hpp"
 #include "core/synth.hpp"
 #include "io/tensor_file.hpp"
+#include "report/report.hpp"
 
 namespace collapse {
 
@@ -132,6 +132,13 @@ collapse_buffer buffer_of(const io::Tensor& t, int64_t r0, int64_t rows, int64_t
     return collapse_buffer{t.row(r0), t.dtype, COLLAPSE_MEMORY_HOST, rows, cols, 0};
 }
 
+void apply_classifier(Session& session, const io::Tensor& w, const std::optional<io::Tensor>& bias) {
+    const collapse_buffer wb = buffer_of(w, 0, w.shape[0], w.shape[1]);
+    std::optional<collapse_buffer> bb;
+    if (bias) bb = buffer_of(*bias, 0, bias->numel(), 1);
+    session.set_classifier(&wb, bb ? &*bb : nullptr);
+}
+
 void print_headline(const nlohmann::json& doc, const std::string& path) {
     auto num = [&](const char* sec, const char* key) -> std::string {
         const auto& v = doc[sec][key];
@@ -154,16 +161,6 @@ void print_headline(const nlohmann::json& doc, const std::string& path) {
                 num("summary", "tokens_with_metrics").c_str());
 }
 
-void write_json_file(const nlohmann::json& doc, const std::string& path) {
-    const std::string tmp = path + ".tmp";
-    {
-        std::ofstream f(tmp, std::ios::trunc);
-        if (!f) fail(COLLAPSE_ERR_IO, "cannot write '", path, "'");
-        f << doc.dump(2) << '\n';
-        if (!f.flush()) fail(COLLAPSE_ERR_IO, "writing '", path, "' failed");
-    }
-    std::filesystem::rename(tmp, path);
-}
 
 // --from-checkpoint: the report of a saved (or merged) first pass, with no input rows.
 void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
@@ -174,20 +171,15 @@ void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
     cfg.num_classes = saved.num_classes;
     cfg.batch_rows = saved.batch_rows;
     Session session(cfg);
-    if (!a.classifier.empty()) {
-        const io::Tensor w = need_2d(io::open_npy(a.classifier), "classifier");
-        const collapse_buffer wb = buffer_of(w, 0, w.shape[0], w.shape[1]);
-        std::optional<io::Tensor> bias;
-        std::optional<collapse_buffer> bb;
-        if (!a.bias.empty()) bias = io::open_npy(a.bias), bb = buffer_of(*bias, 0, bias->numel(), 1);
-        session.set_classifier(&wb, bb ? &*bb : nullptr);
-    }
+    if (!a.classifier.empty())
+        apply_classifier(session, need_2d(io::open_npy(a.classifier), "classifier"),
+                         a.bias.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(a.bias)));
     session.load_checkpoint(a.from_checkpoint);
     auto report = session.compute(true);
     if (session.needs_second_pass() || cfg.compute_nc4)
         report->doc["overall_analysis"]["notes"]["from_checkpoint"] =
             "computed from a checkpoint: metrics that need the rows again (NC4 without a row store) are null";
-    write_json_file(report->doc, a.output);
+    write_report_file(report->doc, a.output);
     if (!quiet) print_headline(report->doc, a.output);
 }
 
@@ -219,10 +211,7 @@ void run_analyze(const AnalyzeArgs& a) {
 
     std::vector<float> synth_w;
     if (in.classifier) {
-        const collapse_buffer w = buffer_of(*in.classifier, 0, in.classifier->shape[0], in.classifier->shape[1]);
-        std::optional<collapse_buffer> b;
-        if (in.bias) b = buffer_of(*in.bias, 0, in.bias->numel(), 1);
-        session.set_classifier(&w, b ? &*b : nullptr);
+        apply_classifier(session, *in.classifier, in.bias);
     } else if (in.synth) {
         const auto& sp = in.synth->spec();
         synth_w.resize((size_t)(sp.classes * sp.dim));
@@ -272,7 +261,7 @@ void run_analyze(const AnalyzeArgs& a) {
             if (first && cfg.save_intermediate_results && batch_index % cfg.save_every == 0) {
                 std::filesystem::create_directories(cfg.intermediate_save_dir);
                 const std::string p = cfg.intermediate_save_dir + "/report_batch_" + std::to_string(batch_index) + ".json";
-                write_json_file(session.compute(false)->doc, p);
+                write_report_file(session.compute(false)->doc, p);
             }
         };
         if (in.synth) {
@@ -324,7 +313,7 @@ void run_analyze(const AnalyzeArgs& a) {
     }
     auto report = session.compute(true);
     if (session.failed_batches() > 0) report->doc["counts"]["batches_failed"] = session.failed_batches();
-    write_json_file(report->doc, a.output);
+    write_report_file(report->doc, a.output);
     if (!quiet) print_headline(report->doc, a.output);
 }
 

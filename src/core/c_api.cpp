@@ -2,7 +2,6 @@
 // into a status and the thread-local last-error text, and clears that text on success.
 #include <cmath>
 #include <cstring>
-#include <fstream>
 #include <new>
 #include <string>
 
@@ -263,21 +262,7 @@ collapse_status collapse_report_write_json(const collapse_report* r, const char*
     return translate([&] {
         require(r, "report");
         require(path, "path");
-        const std::string tmp = std::string(path) + ".tmp";
-        {
-            std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-            if (!f) collapse::fail(COLLAPSE_ERR_IO, "cannot write report to '", path, "': ", std::strerror(errno));
-            f << r->data->doc.dump(2) << '\n';
-            f.flush();
-            if (!f) {
-                std::remove(tmp.c_str());
-                collapse::fail(COLLAPSE_ERR_IO, "writing report '", path, "' failed: ", std::strerror(errno));
-            }
-        }
-        if (std::rename(tmp.c_str(), path) != 0) {
-            std::remove(tmp.c_str());
-            collapse::fail(COLLAPSE_ERR_IO, "cannot rename '", tmp, "' to '", path, "': ", std::strerror(errno));
-        }
+        collapse::write_report_file(r->data->doc, path);
     });
 }
 

@@ -180,21 +180,23 @@ Counts Session::row_counts() const {
     return c;
 }
 
+// What the second pass is for: NC4 without a row store, and the Gram of a kept set that is only
+// known at the end (max_tokens_to_analyze) without a row store.
+bool Session::second_pass_nc4() const { return cfg_.compute_nc4 && clf_.present() && !backend_->has_row_store(); }
+bool Session::second_pass_gram() const {
+    return cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();
+}
+
 bool Session::needs_second_pass() const {
     if (!backend_ || state_ != State::Ingest) return false;
-    const bool nc4 = cfg_.compute_nc4 && clf_.present() && !backend_->has_row_store();
-    const bool gram = cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();
-    return nc4 || gram;
+    return second_pass_nc4() || second_pass_gram();
 }
 
 void Session::begin_second_pass() {
     check_state("begin_second_pass");
     if (state_ == State::SecondPass) fail(COLLAPSE_ERR_STATE, "begin_second_pass: the second pass has already begun");
     if (!needs_second_pass()) fail(COLLAPSE_ERR_STATE, "begin_second_pass: no requested metric needs a second pass");
-    kept_ = select_kept(backend_->class_counts(), cfg_, nullptr);
-    const bool nc4 = cfg_.compute_nc4 && clf_.present() && !backend_->has_row_store();
-    const bool gram = cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();
-    backend_->begin_second_pass(kept_, clf_, nc4, gram);
+    backend_->begin_second_pass(select_kept(backend_->class_counts(), cfg_, nullptr), clf_, second_pass_nc4(), second_pass_gram());
     state_ = State::SecondPass;
 }
 
@@ -204,9 +206,8 @@ std::unique_ptr<ReportData> Session::compute(bool final) {
     MetricValues mv;
     Counts counts = row_counts();
     if (backend_) {
-        const KeptSet kept = state_ == State::SecondPass ? kept_ : select_kept(backend_->class_counts(), cfg_, &counts);
-        if (state_ == State::SecondPass) select_kept(backend_->class_counts(), cfg_, &counts);
-        mv = backend_->compute(kept, clf_);
+        // The counts do not change in the second pass: the kept set is the one it was given.
+        mv = backend_->compute(select_kept(backend_->class_counts(), cfg_, &counts), clf_);
     } else {
         mv.notes["overall"] = "no rows were ingested: every metric is null";
     }

@@ -66,6 +66,8 @@ public:
 private:
     enum class State { Ingest, SecondPass, Done };
     void check_state(const char* call) const;
+    bool second_pass_nc4() const;
+    bool second_pass_gram() const;
     void ensure_backend(int64_t d);
     void ingest(const BatchDesc& b, void* stream);
 
@@ -80,7 +82,6 @@ private:
     int64_t batches_failed_ = 0;
     std::string checkpoint_classifier_;  // classifier hash of loaded/merged checkpoints ("" = none known)
     void restore(const std::string& path, bool merge);
-    KeptSet kept_;  // fixed at begin_second_pass
     State state_ = State::Ingest;
     double ingest_seconds_ = 0, second_pass_seconds_ = 0;
     int64_t batches_ = 0;

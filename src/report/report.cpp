@@ -1,7 +1,13 @@
 #include "report/report.hpp"
 
+#include <cerrno>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
 #include <optional>
+
+#include "core/error.hpp"
 
 namespace collapse {
 
@@ -115,6 +121,24 @@ nlohmann::json build_report(const Config& cfg, const Counts& counts, const Metri
     engine["timings_seconds"] = info.timings;
     doc["engine"] = engine;
     return doc;
+}
+
+void write_report_file(const nlohmann::json& doc, const std::string& path) {
+    const std::string tmp = path + ".tmp";
+    {
+        std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+        if (!f) fail(COLLAPSE_ERR_IO, "cannot write report to '", path, "': ", std::strerror(errno));
+        f << doc.dump(2) << '\n';
+        f.flush();
+        if (!f) {
+            std::remove(tmp.c_str());
+            fail(COLLAPSE_ERR_IO, "writing report '", path, "' failed: ", std::strerror(errno));
+        }
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+        std::remove(tmp.c_str());
+        fail(COLLAPSE_ERR_IO, "cannot rename '", tmp, "' to '", path, "': ", std::strerror(errno));
+    }
 }
 
 bool report_scalar(const nlohmann::json& doc, const std::string& key, double* value, bool* is_null) {

@@ -21,6 +21,10 @@ struct EngineInfo {
 
 nlohmann::json build_report(const Config& cfg, const Counts& counts, const MetricValues& mv, const EngineInfo& info);
 
+// Writes the report to path through "<path>.tmp" and a rename, so a failed write never leaves a
+// half file under the final name; errors are COLLAPSE_ERR_IO naming the path.
+void write_report_file(const nlohmann::json& doc, const std::string& path);
+
 // Scalar lookup for collapse_report_get_scalar: "key" searched in overall_analysis, summary, counts
 // (in that order), or "section.key". Returns false when the key does not exist; *is_null for null.
 bool report_scalar(const nlohmann::json& doc, const std::string& key, double* value, bool* is_null);
