@@ -18,8 +18,6 @@ COLLAPSE_HD double entropy_term(double s, double sum) {
     return -p * log(p + kEntropyEps);
 }
 
-// Singular value from a Gram eigenvalue.
-COLLAPSE_HD double singular_from_eigen(double lambda) { return sqrt(lambda > 0.0 ? lambda : 0.0); }
 
 // One pair (i, j) of kept classes, from the dot product of their centred means g = m_i . m_j,
 // the squared norms q = ||m||^2, the direction scales a = ||m|| + 1e-8 and the variances v.
@@ -56,12 +54,6 @@ COLLAPSE_HD double duality_cos(double w_dot_m, double w_norm, double m_norm) {
 // result does not depend on how values were grouped beyond rounding.
 struct Moments {
     double n = 0, mean = 0, m2 = 0;
-    COLLAPSE_HD void add(double x) {
-        n += 1;
-        const double delta = x - mean;
-        mean += delta / n;
-        m2 += delta * (x - mean);
-    }
     COLLAPSE_HD void merge(const Moments& o) {
         if (o.n == 0) return;
         if (n == 0) {

@@ -75,7 +75,6 @@ private:
     std::vector<double> stage_sum_;    // [staged runs, d] sums of classes seen more than once
     std::vector<double> stage_sq_;     // [runs] sum of squared norms
     std::vector<int64_t> stage_slot_;  // [runs] row in stage_sum_, -1 for a single row
-    std::vector<double> run_sum_;      // [d] the current run's sum
     std::vector<int64_t> bucket_;
     std::vector<int32_t> run_of_label_;  // [V], -1 outside stage()
 
