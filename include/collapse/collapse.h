@@ -100,6 +100,10 @@ typedef struct collapse_options {
     int device;                      /* CUDA device ordinal */
     collapse_nonfinite_policy nonfinite_policy; /* default error */
     int allow_tf32;                  /* CUDA GEMMs only, default 0 */
+    /* Exact row store: rows beyond the memory limits spill to segment files in a private
+     * subdirectory of this directory (created when needed, removed with the session). */
+    char intermediate_save_dir[1024];/* NUL-terminated, default "collapse_intermediate" */
+    int64_t max_buffer_size;         /* rows held on the device before they move to host memory (CUDA), default 10000 */
 } collapse_options;
 
 typedef struct collapse_session collapse_session;

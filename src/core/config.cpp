@@ -239,6 +239,9 @@ std::vector<Problem> find_problems(const Config& c) {
         out.push_back({"device", "expects a CUDA device ordinal >= 0, got " + std::to_string(c.device_ordinal)});
     if (c.intermediate_save_dir.empty())
         out.push_back({"intermediate_save_dir", "expects a non-empty directory path, got an empty string"});
+    if (c.intermediate_save_dir.size() >= sizeof(collapse_options::intermediate_save_dir))
+        out.push_back({"intermediate_save_dir", "expects a path shorter than " + std::to_string(sizeof(collapse_options::intermediate_save_dir)) +
+                                                    " bytes, got " + std::to_string(c.intermediate_save_dir.size())});
     for (int64_t id : c.exclude_token_ids) {
         if (id < 0) {
             out.push_back({"exclude_token_ids", "expects token ids >= 0, got " + std::to_string(id)});
@@ -513,6 +516,12 @@ Config from_options(const collapse_options& o) {
     c.nonfinite_policy = o.nonfinite_policy;
     c.allow_tf32 = o.allow_tf32 != 0;
     c.device = device_text(c.backend, c.device_ordinal);
+    const size_t dir_len = strnlen(o.intermediate_save_dir, sizeof o.intermediate_save_dir);
+    if (dir_len == sizeof o.intermediate_save_dir)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "collapse_options.intermediate_save_dir is not NUL-terminated within its ",
+             sizeof o.intermediate_save_dir, " bytes");
+    c.intermediate_save_dir.assign(o.intermediate_save_dir, dir_len);
+    c.max_buffer_size = o.max_buffer_size;
     return c;
 }
 
@@ -544,6 +553,10 @@ collapse_options to_options(const Config& c) {
     o.device = c.device_ordinal;
     o.nonfinite_policy = c.nonfinite_policy;
     o.allow_tf32 = c.allow_tf32;
+    // find_problems() refuses longer paths; cut here only for a config that skipped it.
+    std::memcpy(o.intermediate_save_dir, c.intermediate_save_dir.data(),
+                std::min(c.intermediate_save_dir.size(), sizeof o.intermediate_save_dir - 1));
+    o.max_buffer_size = c.max_buffer_size;
     return o;
 }
 

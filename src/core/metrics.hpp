@@ -33,6 +33,7 @@ struct MetricValues {
     std::vector<TokenMetrics> tokens;          // kept classes, ascending id
     std::map<std::string, std::string> notes;  // metric key -> why it is null (or how it was computed)
     std::map<std::string, double> timings;     // phase -> seconds
+    std::map<std::string, int64_t> row_store;  // exact row store: spilled_bytes, spill_flushes
 };
 
 // Row and class counts (METRICS.md "counts").

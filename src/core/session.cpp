@@ -218,6 +218,7 @@ std::unique_ptr<ReportData> Session::compute(bool final) {
     info.batches = batches_;
     info.classifier = clf_.present();
     info.timings = mv.timings;
+    info.row_store = mv.row_store;
     info.timings["ingest"] = ingest_seconds_;
     if (second_pass_seconds_ > 0) info.timings["second_pass"] = second_pass_seconds_;
     info.timings["finalize"] = seconds_since(t0);

@@ -46,21 +46,30 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim)
     sum_.assign((size_t)(V_ * d_), 0.0);
     sqnorm_.assign((size_t)V_, 0.0);
     if (gram_streaming_) gram_.assign((size_t)(d_ * d_), 0.0);
-    if (cfg.svd_mode != COLLAPSE_SVD_OFF && cfg.compute_token_metrics) store_.resize((size_t)V_);
+    // The exact row store keeps half of what the accumulators leave in memory and spills the rest
+    // under intermediate_save_dir; the other half is for batches and finalisation.
+    if (cfg.svd_mode != COLLAPSE_SVD_OFF && cfg.compute_token_metrics)
+        store_ = std::make_unique<RowStore>(V_, d_, cfg.svd_mode == COLLAPSE_SVD_EXACT ? (cfg.host_memory_limit - base) / 2 : -1,
+                                            cfg.intermediate_save_dir);
 }
+
+int64_t CpuBackend::fixed_bytes() const { return V_ * d_ * 8 + V_ * 16 + (int64_t)gram_.size() * 8; }
 
 int64_t CpuBackend::resident_bytes() const {
     int64_t held = 0;
     for (const auto& h : holdback_) held += (int64_t)h.second.size() * 8;
-    return V_ * d_ * 8 + V_ * 16 + (int64_t)gram_.size() * 8 + store_bytes_ + held;
+    return fixed_bytes() + (store_ ? store_->memory_bytes() : 0) + held;
 }
+
+// Bytes finalisation may bring back from the spilled row store at once: a third of what is free
+// (a class's rows, the SVD's copy of them, and its workspace).
+int64_t CpuBackend::load_budget() const { return std::max<int64_t>(d_ * 8, (cfg_.host_memory_limit - resident_bytes()) / 3); }
 
 void CpuBackend::check_memory(int64_t extra_bytes, const char* what) const {
     const int64_t need = resident_bytes() + extra_bytes;
     if (need <= cfg_.host_memory_limit) return;
     fail(COLLAPSE_ERR_OUT_OF_MEMORY, what, " would need ", format_bytes(need), " of host memory, more than host_memory_limit = ",
-         format_bytes(cfg_.host_memory_limit), " (the exact per-token SVD keeps every row); use svd_mode: sampled with svd_max_rows_per_token, "
-         "or raise host_memory_limit");
+         format_bytes(cfg_.host_memory_limit), "; lower svd_max_rows_per_token or min_samples_per_token, or raise host_memory_limit");
 }
 
 // Groups the accepted rows by class (counting sort, stable) and sums each class's rows into the
@@ -146,9 +155,12 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
         rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/true);  // throws under "error"
         stage(b, rows);
     }
-    check_memory(growth(), cfg_.svd_mode == COLLAPSE_SVD_EXACT
-                               ? "keeping this batch's rows for the exact per-token SVD"
-                               : "this batch's rows (reservoirs and rows waiting for min_samples_per_token)");
+    if (has_row_store()) {  // spill before anything changes: a disk error refuses the batch whole
+        int64_t add = 0;
+        for (size_t k = 0; k < run_label_.size(); ++k) add += store_->growth(run_label_[k], run_begin_[k + 1] - run_begin_[k]);
+        store_->make_room(add);
+    }
+    check_memory(growth(), "this batch's rows (reservoirs, the exact row store and rows waiting for min_samples_per_token)");
     commit(b, rows);
     rows_.rows_seen += rows.rows_seen;
     rows_.rows_masked += rows.rows_masked;
@@ -158,14 +170,17 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
 
 // Bytes the staged batch adds when committed: stored rows and held-back Gram rows.
 int64_t CpuBackend::growth() const {
-    int64_t rows_stored = 0, rows_held = 0;
+    int64_t bytes = 0;
     for (size_t k = 0; k < run_label_.size(); ++k) {
-        const int64_t n0 = count_[(size_t)run_label_[k]], len = run_begin_[k + 1] - run_begin_[k];
-        if (!store_.empty())
-            rows_stored += cfg_.svd_mode == COLLAPSE_SVD_EXACT ? len : std::max<int64_t>(0, std::min(len, cfg_.svd_max_rows_per_token - n0));
-        if (gram_streaming_) rows_held += std::max<int64_t>(0, std::min(len, cfg_.min_samples_per_token - 1 - n0));
+        const int32_t c = run_label_[k];
+        const int64_t n0 = count_[(size_t)c], len = run_begin_[k + 1] - run_begin_[k];
+        if (store_) {
+            const int64_t n = cfg_.svd_mode == COLLAPSE_SVD_EXACT ? len : std::max<int64_t>(0, std::min(len, cfg_.svd_max_rows_per_token - n0));
+            bytes += store_->growth(c, n);
+        }
+        if (gram_streaming_) bytes += std::max<int64_t>(0, std::min(len, cfg_.min_samples_per_token - 1 - n0)) * d_ * 8;
     }
-    return (rows_stored + rows_held) * d_ * 8;
+    return bytes;
 }
 
 void CpuBackend::gram_add_row(const double* x) {
@@ -186,7 +201,7 @@ void CpuBackend::gram_flush() {
 void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
     const size_t runs = run_label_.size();
     const int64_t min_n = cfg_.min_samples_per_token;
-    const bool keep_rows = !store_.empty();
+    const bool keep_rows = store_ != nullptr;
     const bool exact = cfg_.svd_mode == COLLAPSE_SVD_EXACT;
     const int64_t cap = cfg_.svd_max_rows_per_token;
     // Sums: every class's row of sum_ is its own, so classes go to threads freely.
@@ -209,14 +224,16 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
     std::vector<double> xd((size_t)d_);
     for (size_t k = 0; k < runs; ++k) {
         const int32_t c = run_label_[k];
+        // Exact: the class's rows go straight into the store, converted once.
+        double* dst = keep_rows && exact ? store_->append(c, run_begin_[k + 1] - run_begin_[k]) : nullptr;
         for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
-            const void* x = b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]);
+            double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
+            load_row_double(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
             const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)
             if (gram_streaming_) {
-                load_row_double(x, b.features.dtype, d_, xd.data());
                 if (i + 1 < min_n) {
                     auto& h = holdback_[c];
-                    h.insert(h.end(), xd.begin(), xd.end());
+                    h.insert(h.end(), xr, xr + d_);
                 } else {
                     if (i + 1 == min_n) {
                         auto it = holdback_.find(c);
@@ -225,19 +242,15 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
                             holdback_.erase(it);
                         }
                     }
-                    gram_add_row(xd.data());
+                    gram_add_row(xr);
                 }
             }
-            if (!keep_rows) continue;
-            auto& st = store_[(size_t)c];
-            // Exact: every row. Sampled: the reservoir slot of this row, shared with the CUDA backend.
-            const int64_t slot = exact ? i : reservoir_slot(cfg_.seed, c, i, cap);
+            if (!keep_rows || exact) continue;
+            // Sampled: the reservoir slot of this row, shared with the CUDA backend.
+            const int64_t slot = reservoir_slot(cfg_.seed, c, i, cap);
             if (slot < 0) continue;
-            if (slot == (int64_t)(st.size() / (size_t)d_)) {
-                st.resize(st.size() + (size_t)d_);
-                store_bytes_ += d_ * 8;
-            }
-            load_row_double(x, b.features.dtype, d_, st.data() + (size_t)slot * (size_t)d_);
+            double* r = slot == store_->memory_rows(c) ? store_->append(c, 1) : store_->memory_data(c) + slot * d_;
+            std::memcpy(r, xr, (size_t)d_ * sizeof(double));
         }
     }
     if (gram_streaming_) gram_flush();

@@ -3,10 +3,12 @@
 // every metric in cpu_metrics.cpp.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <unordered_map>
 #include <vector>
 
 #include "core/backend.hpp"
+#include "core/row_store.hpp"
 
 namespace collapse {
 
@@ -17,7 +19,7 @@ public:
     void ingest(const BatchDesc& batch, void* stream) override;
     Counts row_counts() override { return rows_; }
     std::vector<int64_t> class_counts() override { return count_; }
-    bool has_row_store() const override { return cfg_.svd_mode == COLLAPSE_SVD_EXACT && !store_.empty(); }
+    bool has_row_store() const override { return cfg_.svd_mode == COLLAPSE_SVD_EXACT && store_ != nullptr; }
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
     void ingest_second_pass(const BatchDesc& batch, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
@@ -26,6 +28,7 @@ public:
 
     // Bytes this backend holds now (accumulators, Gram, row store, reservoirs).
     int64_t resident_bytes() const;
+    const RowStore* row_store() const { return store_.get(); }
 
 private:
     // --- ingest helpers (cpu_backend.cpp) ---
@@ -35,6 +38,8 @@ private:
     void gram_flush();
     void check_memory(int64_t extra_bytes, const char* what) const;
     int64_t growth() const;
+    int64_t fixed_bytes() const;
+    int64_t load_budget() const;
 
     // --- metric helpers (cpu_metrics.cpp) ---
     void class_metrics(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
@@ -63,10 +68,10 @@ private:
     std::vector<double> gram_block_;  // rows waiting for the next dsyrk
     int64_t gram_block_rows_ = 0;
 
-    // Exact mode: every accepted row, by class; sampled mode: reservoirs of at most
-    // svd_max_rows_per_token rows. Kept in float64 so that float64 inputs lose nothing.
-    std::vector<std::vector<double>> store_;
-    int64_t store_bytes_ = 0;
+    // Exact mode: every accepted row, by class, spilled to disk beyond its memory budget; sampled
+    // mode: reservoirs of at most svd_max_rows_per_token rows. Null when no rows are kept. Kept in
+    // float64 so that float64 inputs lose nothing.
+    std::unique_ptr<RowStore> store_;
 
     // Per-batch scratch (reused): rows grouped by class and their partial sums.
     std::vector<int64_t> order_;

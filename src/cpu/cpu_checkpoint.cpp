@@ -53,13 +53,18 @@ void CpuBackend::save_state(io::CheckpointWriter& w) {
         }
         w.end_section();
     }
-    if (!store_.empty()) {
-        // Row store / reservoirs: offsets [V + 1] and the rows class after class.
+    if (store_) {
+        // Row store / reservoirs: offsets [V + 1] and the rows class after class (spilled rows are
+        // copied in: a checkpoint stands alone).
         std::vector<int64_t> off((size_t)V_ + 1, 0);
-        for (int64_t c = 0; c < V_; ++c) off[(size_t)c + 1] = off[(size_t)c] + (int64_t)store_[(size_t)c].size() / d_;
+        std::vector<int32_t> all;
+        for (int64_t c = 0; c < V_; ++c) {
+            off[(size_t)c + 1] = off[(size_t)c] + store_->rows((int32_t)c);
+            if (store_->rows((int32_t)c) > 0) all.push_back((int32_t)c);
+        }
         w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
         w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
-        for (const auto& st : store_) w.append(st.data(), st.size() * 8);
+        store_->for_each_class(all, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) { w.append(x, (size_t)(n * d_) * 8); });
         w.end_section();
     }
 }
@@ -74,9 +79,9 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
     if (gram_streaming_ != r.has("gram"))
         fail(COLLAPSE_ERR_IO, "checkpoint ", path, gram_streaming_ ? " has no overall Gram" : " has an overall Gram",
              ", this session's configuration ", gram_streaming_ ? "streams one" : "does not");
-    if (!store_.empty() != r.has("store_rows"))
-        fail(COLLAPSE_ERR_IO, "checkpoint ", path, store_.empty() ? " has" : " has no", " row store, this session's svd_mode ",
-             store_.empty() ? "keeps none" : "needs one");
+    if ((store_ != nullptr) != r.has("store_rows"))
+        fail(COLLAPSE_ERR_IO, "checkpoint ", path, store_ ? " has no" : " has", " row store, this session's svd_mode ",
+             store_ ? "needs one" : "keeps none");
     io::CheckpointSection gram, hids, hcounts, hrows, soff, srows;
     if (gram_streaming_) {
         gram = expect(r.section("gram"), COLLAPSE_F64, {d_, d_}, path);
@@ -89,15 +94,43 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
         for (int64_t i = 0; i < H; ++i) total += static_cast<const int64_t*>(hcounts.data)[i];
         expect(hrows, COLLAPSE_F64, {total, d_}, path);
     }
-    if (!store_.empty()) {
+    const int64_t* off = nullptr;
+    if (store_) {
         soff = expect(r.section("store_offsets"), COLLAPSE_I64, {V_ + 1}, path);
+        off = static_cast<const int64_t*>(soff.data);
+        for (int64_t c = 0; c < V_; ++c)
+            if (off[c] < 0 || off[c + 1] < off[c])
+                fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": section store_offsets is not ascending at class ", c);
         srows = r.section("store_rows");
-        expect(srows, COLLAPSE_F64, {static_cast<const int64_t*>(soff.data)[V_], d_}, path);
+        expect(srows, COLLAPSE_F64, {off[V_], d_}, path);
     }
-    const int64_t extra = (int64_t)srows.bytes + (int64_t)hrows.bytes;
+    // Reservoirs and held-back rows stay in memory; the exact store spills what does not fit.
+    const int64_t extra = (int64_t)hrows.bytes + (has_row_store() ? 0 : (int64_t)srows.bytes);
     if (resident_bytes() + extra > cfg_.host_memory_limit)
         fail(COLLAPSE_ERR_OUT_OF_MEMORY, "loading checkpoint ", path, " needs ", format_bytes(resident_bytes() + extra),
              " of host memory, more than host_memory_limit = ", format_bytes(cfg_.host_memory_limit));
+
+    // The exact store first: it is the only part that can fail (a full disk while spilling), and
+    // then it is rolled back, so a refused checkpoint changes nothing.
+    if (has_row_store()) {
+        if (!merge) store_->clear();  // resume: a fresh session, nothing to keep
+        int64_t add = 0;
+        for (int64_t c = 0; c < V_; ++c) add += store_->growth((int32_t)c, off[c + 1] - off[c]);
+        const RowStore::Mark mark = store_->mark(add);
+        try {
+            const double* src = static_cast<const double*>(srows.data);
+            for (int64_t c = 0; c < V_; ++c) {
+                const int64_t n = off[c + 1] - off[c];
+                if (n == 0) continue;
+                store_->make_room(store_->growth((int32_t)c, n));
+                std::memcpy(store_->append((int32_t)c, n), src + off[c] * d_, (size_t)(n * d_) * 8);
+                r.release(srows, (size_t)(off[c] * d_) * 8, (size_t)(n * d_) * 8);
+            }
+        } catch (...) {
+            store_->rollback(mark);
+            throw;
+        }
+    }
 
     if (!merge) {
         std::fill(count_.begin(), count_.end(), 0);
@@ -105,8 +138,7 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
         std::fill(sqnorm_.begin(), sqnorm_.end(), 0.0);
         std::fill(gram_.begin(), gram_.end(), 0.0);
         holdback_.clear();
-        for (auto& st : store_) st.clear();
-        store_bytes_ = 0;
+        if (store_ && !has_row_store()) store_->clear();
         rows_ = Counts{};
     }
     const int64_t* rv = static_cast<const int64_t*>(rows.data);
@@ -143,25 +175,22 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
         }
         gram_flush();
     }
-    if (!store_.empty()) {
-        const int64_t* off = static_cast<const int64_t*>(soff.data);
+    if (store_ && !has_row_store()) {
         const double* rowsp = static_cast<const double*>(srows.data);
         const int64_t cap = cfg_.svd_max_rows_per_token;
         for (int64_t c = 0; c < V_; ++c) {
             const int64_t n = off[c + 1] - off[c];
             if (n == 0) continue;
-            auto& st = store_[(size_t)c];
             const double* src = rowsp + off[c] * d_;
-            if (cfg_.svd_mode == COLLAPSE_SVD_EXACT || (int64_t)(st.size() / (size_t)d_) + n <= cap) {
-                st.insert(st.end(), src, src + n * d_);
-                store_bytes_ += n * d_ * 8;
+            const int64_t ka = store_->memory_rows((int32_t)c);
+            if (ka + n <= cap) {
+                std::memcpy(store_->append((int32_t)c, n), src, (size_t)(n * d_) * 8);
                 continue;
             }
             // Two reservoirs of one class: a weighted sample without replacement (Efraimidis and
             // Spirakis) where each kept row stands for n_seen / n_kept rows of its shard, keyed by a
             // hash of (seed, class, shard, row) so that the result is reproducible.
             const int64_t na = before[(size_t)c], nb = cn[c];
-            const int64_t ka = (int64_t)(st.size() / (size_t)d_);
             struct Cand {
                 double key;
                 const double* row;
@@ -174,13 +203,13 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
                     cand.push_back({std::pow(u, 1.0 / w), base + j * d_});
                 }
             };
-            std::vector<double> mine(st);
+            const std::vector<double> mine(store_->memory_data((int32_t)c), store_->memory_data((int32_t)c) + ka * d_);
             add(mine.data(), ka, na, 0);
             add(src, n, nb, 1);
             std::stable_sort(cand.begin(), cand.end(), [](const Cand& x, const Cand& y) { return x.key > y.key; });
-            st.clear();
-            for (int64_t j = 0; j < cap && j < (int64_t)cand.size(); ++j) st.insert(st.end(), cand[(size_t)j].row, cand[(size_t)j].row + d_);
-            store_bytes_ += (int64_t)st.size() * 8 - ka * d_ * 8;
+            std::vector<double> kept;
+            for (int64_t j = 0; j < cap && j < (int64_t)cand.size(); ++j) kept.insert(kept.end(), cand[(size_t)j].row, cand[(size_t)j].row + d_);
+            store_->assign((int32_t)c, std::move(kept));
         }
     }
 }

@@ -31,6 +31,18 @@ std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_
     return singular_values_from_eigen(w.data(), n, r);
 }
 
+// g (d x d, upper) += (X - center)^T (X - center) over n rows, in blocks of centred copies.
+void add_centered_gram(const double* x, int64_t n, int64_t d, const double* center, double* g) {
+    const int64_t B = 512;
+    std::vector<double> blk((size_t)(std::min(B, n) * d));
+    for (int64_t i0 = 0; i0 < n; i0 += B) {
+        const int64_t nb = std::min(B, n - i0);
+        for (int64_t i = 0; i < nb; ++i)
+            for (int64_t j = 0; j < d; ++j) blk[(size_t)(i * d + j)] = x[(i0 + i) * d + j] - (center ? center[j] : 0.0);
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)nb, 1.0, blk.data(), (int)d, 1.0, g, (int)d);
+    }
+}
+
 // All min(n, d) singular values of an n x d matrix (row-major), minus `center` per row if
 // given. Small matrices go straight to LAPACK's SVD; large ones through the Gram of the smaller side.
 std::vector<double> singular_values(const double* x, int64_t n, int64_t d, const double* center) {
@@ -49,20 +61,12 @@ std::vector<double> singular_values(const double* x, int64_t n, int64_t d, const
         if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dgesdd failed with info = ", info, " (", n, " x ", d, ")");
         return s;
     }
-    // Gram of the smaller side, built from blocks of rows converted to double.
+    // Gram of the smaller side.
     const bool rows_side = n < d;  // X X^T (n x n) when n < d, else X^T X (d x d)
     const int64_t m = rows_side ? n : d;
     std::vector<double> g((size_t)(m * m), 0.0);
     if (!rows_side) {
-        const int64_t B = 512;
-        std::vector<double> blk((size_t)(B * d));
-        for (int64_t i0 = 0; i0 < n; i0 += B) {
-            const int64_t nb = std::min(B, n - i0);
-            for (int64_t i = 0; i < nb; ++i)
-                for (int64_t j = 0; j < d; ++j)
-                    blk[(size_t)(i * d + j)] = x[(i0 + i) * d + j] - (center ? center[j] : 0.0);
-            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)nb, 1.0, blk.data(), (int)d, 1.0, g.data(), (int)d);
-        }
+        add_centered_gram(x, n, d, center, g.data());
     } else {
         std::vector<double> a((size_t)(n * d));
         for (int64_t i = 0; i < n; ++i)
@@ -140,17 +144,16 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
     // With every row kept (exact mode), the within-class variance is taken about the final mean:
     // E||x||^2 - ||mu||^2 loses digits in proportion to ||mu||^2 / var_c for tight classes.
     if (has_row_store()) {
-        for (size_t s = 0; s < K; ++s) {
-            const auto& st = store_[(size_t)kept.ids[s]];
-            const size_t n = st.size() / d;
-            double acc = 0;
-            for (size_t r = 0; r < n; ++r)
+        std::vector<double> acc(K, 0.0);
+        store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
+            const size_t s = (size_t)kept.slot[(size_t)c];
+            for (int64_t r = 0; r < n; ++r)
                 for (size_t j = 0; j < d; ++j) {
-                    const double dv = st[r * d + j] - mu[s * d + j];
-                    acc += dv * dv;
+                    const double dv = x[(size_t)r * d + j] - mu[s * d + j];
+                    acc[s] += dv * dv;
                 }
-            var[s] = n > 0 ? acc / (double)n : 0.0;
-        }
+            if (last) var[s] = first + n > 0 ? acc[s] / (double)(first + n) : 0.0;
+        });
     }
     for (size_t j = 0; j < d; ++j) mu_g[j] = weight_total > 0 ? mu_g[j] / weight_total : 0.0;
     for (size_t s = 0; s < K; ++s)
@@ -168,6 +171,7 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
         overall_entropy(kept, out);
         out.timings["overall_svd"] = seconds_since(t);
     }
+    if (has_row_store()) out.row_store = {{"spilled_bytes", store_->disk_bytes()}, {"spill_flushes", store_->flushes()}};
     if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF && K > 0) {
         const auto t = Clock::now();
         token_metrics(kept, mu, out);
@@ -322,12 +326,9 @@ void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
     } else if (has_row_store()) {
         // max_tokens_to_analyze: the kept set is known only now; the Gram comes from the rows.
         g.assign((size_t)(d_ * d_), 0.0);
-        for (int32_t c : kept.ids) {
-            const auto& st = store_[(size_t)c];
-            const int64_t n = (int64_t)st.size() / d_;
-            if (n > 0)
-                cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)n, 1.0, st.data(), (int)d_, 1.0, g.data(), (int)d_);
-        }
+        store_->for_each_class(kept.ids, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) {
+            if (n > 0) cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)n, 1.0, x, (int)d_, 1.0, g.data(), (int)d_);
+        });
     } else if (pass2_ && pass2_gram_ && pass2_rows_ == kept.rows) {
         g = gram2_;
     } else {
@@ -344,21 +345,33 @@ void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
 
 void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const {
     const size_t d = (size_t)d_;
-    out.tokens.reserve(kept.ids.size());
-    for (size_t s = 0; s < kept.ids.size(); ++s) {
-        const int32_t c = kept.ids[s];
-        TokenMetrics tm;
+    std::vector<TokenMetrics> tokens(kept.ids.size());
+    std::vector<double> g;  // Gram of a class too large to load at once
+    store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
+        const size_t s = (size_t)kept.slot[(size_t)c];
+        const double* center = cfg_.svd_center ? mu.data() + s * d : nullptr;
+        TokenMetrics& tm = tokens[s];
+        std::vector<double> sv;
+        if (first == 0 && last) {
+            sv = singular_values(x, n, d_, center);
+        } else {
+            // Spilled and larger than the load budget: its d x d Gram, piece by piece.
+            if (first == 0) g.assign(d * d, 0.0);
+            add_centered_gram(x, n, d_, center, g.data());
+            if (!last) return;
+            n += first;
+            if (n < d_)
+                fail(COLLAPSE_ERR_OUT_OF_MEMORY, "class ", c, " has ", n, " rows of width ", d_, " (", format_bytes(n * d_ * 8),
+                     "): with fewer rows than columns its exact SVD needs every row in memory at once; raise host_memory_limit");
+            sv = singular_from_gram(g, d_, d_);
+        }
         tm.id = c;
         tm.num_samples = count_[(size_t)c];
-        const auto& st = store_[(size_t)c];
-        const int64_t n = (int64_t)(st.size() / d);
         tm.svd_rows = n;
         tm.sampled = n < tm.num_samples;
-        const std::vector<double> sv =
-            singular_values(st.data(), n, d_, cfg_.svd_center ? mu.data() + s * d : nullptr);
         token_from_spectrum(sv, n, d_, tm, out);
-        out.tokens.push_back(tm);
-    }
+    });
+    out.tokens = std::move(tokens);
 }
 
 void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
@@ -368,12 +381,10 @@ void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, cons
     for (size_t s = 0; s < K; ++s)
         for (int64_t j = 0; j < d_; ++j) mu_sq[s] += mu[s * (size_t)d_ + (size_t)j] * mu[s * (size_t)d_ + (size_t)j];
     int64_t agree = 0, rows = 0;
-    for (int32_t c : kept.ids) {
-        const auto& st = store_[(size_t)c];
-        const int64_t n = (int64_t)st.size() / d_;
-        agree += nc4_agreements(st.data(), n, d_, clf, V_, mu, mu_sq, kept.ids);
+    store_->for_each_class(kept.ids, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) {
+        agree += nc4_agreements(x, n, d_, clf, V_, mu, mu_sq, kept.ids);
         rows += n;
-    }
+    });
     out.nc4_rows = rows;
     if (rows > 0) out.nc4_agreement = (double)agree / (double)rows;
 }

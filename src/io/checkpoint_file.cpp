@@ -583,11 +583,24 @@ CheckpointReader::CheckpointReader(const std::string& path, Options options) : p
 void CheckpointReader::verify(size_t index) const {
     if (verified_[index].load(std::memory_order_acquire)) return;
     const Entry& e = entries_[index];
-    const uint32_t found = crc32c(e.view.data, e.view.bytes);
+    // In pieces, each dropped from the resident set once checked: a section may be larger than
+    // the memory the session is allowed.
+    constexpr size_t kPiece = size_t(8) << 20;
+    uint32_t found = 0;
+    for (size_t at = 0; at < e.view.bytes; at += kPiece) {
+        const size_t n = std::min(kPiece, e.view.bytes - at);
+        found = crc32c(static_cast<const uint8_t*>(e.view.data) + at, n, found);
+        release(e.view, at, n);
+    }
     if (found != e.crc)
         fail(COLLAPSE_ERR_IO, "cannot read checkpoint ", path_, ": corrupt section ", printable(e.view.name),
              " (checksum mismatch: expected ", hex32(e.crc), ", found ", hex32(found), ")");
     verified_[index].store(true, std::memory_order_release);
+}
+
+void CheckpointReader::release(const CheckpointSection& s, size_t offset, size_t bytes) const {
+    if (!s.data) return;
+    file_->release((size_t)(static_cast<const uint8_t*>(s.data) - file_->data()) + offset, bytes);
 }
 
 void CheckpointReader::verify_all_sections() const {

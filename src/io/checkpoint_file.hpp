@@ -166,6 +166,8 @@ public:
     // The section, its CRC checked (once); "missing section NAME" if there is none.
     CheckpointSection section(const std::string& name) const;
     void verify_all_sections() const;
+    // Drops [offset, offset + bytes) of a section's pages from the resident set (after use).
+    void release(const CheckpointSection& s, size_t offset, size_t bytes) const;
 
 private:
     struct Entry {

@@ -119,6 +119,7 @@ nlohmann::json build_report(const Config& cfg, const Counts& counts, const Metri
     engine["batches"] = info.batches;
     engine["classifier"] = info.classifier;
     engine["timings_seconds"] = info.timings;
+    if (!info.row_store.empty()) engine["row_store"] = info.row_store;
     doc["engine"] = engine;
     return doc;
 }

@@ -17,6 +17,7 @@ struct EngineInfo {
     int64_t dim = 0, num_classes = 0, batches = 0;
     bool classifier = false;
     std::map<std::string, double> timings;
+    std::map<std::string, int64_t> row_store;
 };
 
 nlohmann::json build_report(const Config& cfg, const Counts& counts, const MetricValues& mv, const EngineInfo& info);

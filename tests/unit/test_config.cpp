@@ -471,6 +471,8 @@ TEST(Config, ValidateRefusesOutOfRangeWithoutALine) {
         {[](Config& c) { c.backend = collapse_backend(-1); }, "key 'backend'"},
         {[](Config& c) { c.log_level = "verbose"; }, "key 'log_level'"},
         {[](Config& c) { c.device_ordinal = -1; }, "key 'device' expects a CUDA device ordinal >= 0, got -1"},
+        {[](Config& c) { c.intermediate_save_dir = std::string(2000, 'a'); },
+         "key 'intermediate_save_dir' expects a path shorter than 1024 bytes, got 2000"},
     };
     for (const auto& k : cases) {
         Config c;
@@ -587,11 +589,22 @@ TEST(Options, KeysOutsideTheStructKeepTheirDefaults) {
     c.log_level = "debug";
     c.batch_rows = 7;
     c.intermediate_save_dir = "elsewhere";
+    c.max_buffer_size = 77;
     Config back = from_options(to_options(c));
     EXPECT_EQ(back.save_every, Config{}.save_every);
     EXPECT_EQ(back.log_level, "info");
     EXPECT_EQ(back.batch_rows, Config{}.batch_rows);
-    EXPECT_EQ(back.intermediate_save_dir, Config{}.intermediate_save_dir);
+    // The spill directory and the device buffer are in the struct (sessions spill through the C API too).
+    EXPECT_EQ(back.intermediate_save_dir, "elsewhere");
+    EXPECT_EQ(back.max_buffer_size, 77);
+}
+
+TEST(Options, SpillDirectoryMustBeTerminated) {
+    collapse_options o = to_options(Config{});
+    std::memset(o.intermediate_save_dir, 'x', sizeof o.intermediate_save_dir);
+    const Failure f = failure_of([&] { from_options(o); });
+    EXPECT_EQ(f.status, COLLAPSE_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(f.message.find("intermediate_save_dir is not NUL-terminated"), std::string::npos) << f.message;
 }
 
 TEST(Options, ExcludeIdsAreCopiedSortedAndUnique) {

@@ -1,0 +1,100 @@
+// The row store of the exact per-token SVD: every kept row, by class, in host memory up to a byte
+// budget and beyond it in segment files on disk, partitioned by label, so that finalisation can
+// bring the rows back a bounded group of classes at a time. The sampled mode's reservoirs live
+// here too (without a spill budget: they are bounded by svd_max_rows_per_token).
+//
+// Disk layout: one directory per store, "<spill parent>/collapse-spill-<pid>-XXXXXX", holding
+// P = min(V, 64) partition files "part-NNN.seg"; class c lives in partition c * P / V. A flush
+// appends, to each partition file, the in-memory rows of its classes in class order, and records
+// for each class an extent (offset, rows, CRC32C of the bytes), checked when it is read back. Rows
+// come back in the order they were added (disk extents in flush order, then memory), so results are
+// bit-identical whatever was spilled. The files are scratch: never synced, removed by the
+// destructor; a checkpoint copies the rows into itself. Directories left by killed processes of
+// this host are removed by the next store that spills into the same parent.
+#pragma once
+#include <sys/types.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace collapse {
+
+class RowStore {
+public:
+    // pwrite semantics (returns bytes written or -1 with errno); tests inject failures with it.
+    using WriteFn = std::function<ssize_t(int fd, const void* data, size_t bytes, off_t offset)>;
+
+    // memory_budget < 0: never spill (reservoirs, or a store that must stay in memory).
+    RowStore(int64_t num_classes, int64_t dim, int64_t memory_budget, std::string spill_parent, WriteFn write_fn = {});
+    ~RowStore();
+    RowStore(const RowStore&) = delete;
+    RowStore& operator=(const RowStore&) = delete;
+
+    int64_t rows(int32_t c) const { return disk_rows_[(size_t)c] + memory_rows(c); }
+    int64_t total_rows() const { return total_rows_; }
+    int64_t memory_bytes() const { return memory_bytes_; }  // allocated, not just used
+    int64_t disk_bytes() const { return disk_bytes_; }
+    int64_t memory_budget() const { return budget_; }
+    int64_t flushes() const { return flushes_; }
+    const std::string& spill_dir() const { return dir_; }  // empty until the first flush
+
+    // Bytes append(c, n) will allocate (vectors grow by doubling; this is exact).
+    int64_t growth(int32_t c, int64_t n) const;
+    // Makes room for `growth_bytes` (a sum of growth()) within the budget: flushes every in-memory
+    // row to disk when they would not fit. Throws Error(COLLAPSE_ERR_IO) naming the directory and
+    // the system error if the disk refuses; the store is then unchanged. Call it before append().
+    // A batch larger than the whole budget still goes to memory, alone.
+    void make_room(int64_t growth_bytes);
+    // Room for n more rows of class c, in memory, for the caller to fill. Never throws but bad_alloc.
+    double* append(int32_t c, int64_t n);
+    // The in-memory rows of class c (reservoirs rewrite slots in place; only for a store that never spills).
+    double* memory_data(int32_t c) { return mem_[(size_t)c].data(); }
+    int64_t memory_rows(int32_t c) const { return (int64_t)(mem_[(size_t)c].size() / (size_t)d_); }
+    // Replaces every row of class c (reservoir merge; only for a store that never spills).
+    void assign(int32_t c, std::vector<double> rows);
+    void flush();
+    void clear();  // every row, in memory and on disk
+
+    // Rows of the classes `ids`, in ascending class order. fn(c, rows, n, first, last) gets each
+    // class whole (first = 0, last = true) when it fits in `load_budget` bytes, else in pieces of at
+    // most that size, in order. Classes without rows get one call with n = 0. Throws
+    // Error(COLLAPSE_ERR_IO) on a read error or a checksum mismatch, naming the file and class.
+    using ClassFn = std::function<void(int32_t c, const double* rows, int64_t n, int64_t first, bool last)>;
+    void for_each_class(std::vector<int32_t> ids, int64_t load_budget, const ClassFn& fn) const;
+
+    // A point to roll back to (loading a checkpoint): rows added after mark() are dropped by
+    // rollback(). mark(growth) first makes room for the incoming rows, so that no later flush mixes
+    // rows from both sides of the mark.
+    struct Mark {
+        std::vector<int64_t> memory_rows, extents;
+        std::vector<int64_t> file_bytes;
+        int64_t flushes = 0, memory_bytes = 0;
+    };
+    Mark mark(int64_t growth_bytes);
+    void rollback(const Mark& m);
+
+private:
+    struct Extent {
+        int64_t offset, rows;
+        uint32_t crc;
+    };
+    int partition(int32_t c) const { return (int)((int64_t)c * (int64_t)parts_ / V_); }
+    void open_spill();
+    void read_extent(int p, const Extent& e, int32_t c, double* dst) const;
+
+    int64_t V_, d_, budget_;
+    std::string parent_, dir_;
+    bool created_parent_ = false;
+    WriteFn write_;
+    int parts_;
+    std::vector<int> fd_;              // [parts], -1 until the first flush
+    std::vector<int64_t> file_bytes_;  // [parts]
+    std::vector<std::vector<double>> mem_;
+    std::vector<std::vector<Extent>> extents_;  // [V]
+    std::vector<int64_t> disk_rows_;            // [V]
+    int64_t total_rows_ = 0, memory_bytes_ = 0, disk_bytes_ = 0, flushes_ = 0;
+};
+
+}  // namespace collapse
