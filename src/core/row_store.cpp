@@ -1,6 +1,7 @@
 #include "core/row_store.hpp"
 
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -37,6 +38,14 @@ void remove_stale(const std::string& parent, const std::string& prefix) {
         const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
         if (pid > 0 && ::kill((pid_t)pid, 0) != 0 && errno == ESRCH) std::filesystem::remove_all(entry.path(), ec);
     }
+}
+
+// Thousands of freed class vectors stay in the heap, resident, unless malloc is asked to return
+// them: without this the process would hold the memory the budget says was given back.
+void give_back_freed_memory() {
+#ifdef __GLIBC__
+    ::malloc_trim(0);
+#endif
 }
 
 }  // namespace
@@ -157,6 +166,7 @@ void RowStore::flush() {
     }
     memory_bytes_ = 0;
     ++flushes_;
+    give_back_freed_memory();
 }
 
 void RowStore::clear() {
@@ -191,6 +201,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
     const int64_t row_bytes = d_ * 8;
     const int64_t budget = std::max(load_budget, row_bytes);
     std::vector<double> buf;
+    buf.reserve((size_t)(std::min(budget, disk_bytes_) / 8));  // once: growing it would hold two copies
     size_t i = 0;
     while (i < ids.size()) {
         // A group: consecutive classes whose spilled rows fit the budget together (classes held
@@ -275,6 +286,8 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
         }
         i = j;
     }
+    std::vector<double>().swap(buf);
+    give_back_freed_memory();
 }
 
 RowStore::Mark RowStore::mark(int64_t growth_bytes) {

@@ -14,6 +14,8 @@
 //  3. Refusals: status code, a message naming the difference, and the session unchanged (proven:
 //     the refused session goes on and its report equals that of a session that never tried).
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -777,6 +779,184 @@ TEST_F(CheckpointRefusal, UnwritableSavePath) {
     // The session is still usable and unchanged.
     ingest(s.get(), D_, 2, kBatchRows.size());
     expect_same(final_report(s.get()), single_run(base_options(), &C_, D_), 0.0);
+}
+
+// ------------------------------------------------------------------------------------ 4. spill
+
+// The exact row store beyond host_memory_limit (src/core/row_store.hpp): the report of a run that
+// spilled equals the in-memory run's. Classes that fit finalisation's load budget come back whole
+// and give bit-identical numbers; a class larger than it is reduced through its d x d Gram, so the
+// comparison allows 1e-12 relative.
+constexpr int64_t kSpillD = 64;  // 3000 rows x 64 x 8 bytes = 1.5 MiB of stored rows
+constexpr double kSpillRel = 1e-12;
+
+class Spill : public TempDirTest {
+protected:
+    void SetUp() override {
+        TempDirTest::SetUp();
+        D_ = make_data(kSpillD, 31);
+        C_ = make_classifier(kSpillD, 32);
+    }
+    collapse_options limited(collapse_options o, int64_t limit) const {
+        o.host_memory_limit = limit;
+        std::snprintf(o.intermediate_save_dir, sizeof o.intermediate_save_dir, "%s", path("spill").c_str());
+        return o;
+    }
+    // Report minus what legitimately differs between the runs compared (limits, spill statistics).
+    static json comparable(json j) {
+        j.erase("config");
+        j["engine"].erase("row_store");
+        return j;
+    }
+    static int64_t spilled(const json& j) { return j["engine"]["row_store"]["spilled_bytes"].get<int64_t>(); }
+    bool spill_dir_empty() const { return !fs::exists(path("spill")) || fs::is_empty(path("spill")); }
+    Data D_;
+    Classifier C_;
+};
+
+TEST_F(Spill, ReportEqualsInMemoryRunForSeveralLimits) {
+    struct Mode {
+        const char* name;
+        collapse_options o;
+    };
+    collapse_options center = exact_with_nc4();
+    center.svd_center = 1;
+    for (const Mode& m : {Mode{"nc4", exact_with_nc4()}, Mode{"max_tokens", max_tokens()}, Mode{"center", center}}) {
+        const json want = single_run(m.o, &C_, D_);
+        EXPECT_EQ(spilled(want), 0);
+        for (int64_t limit : {int64_t(1) << 20, int64_t(3) << 19, int64_t(2) << 20}) {
+            SCOPED_TRACE(std::string(m.name) + ", host_memory_limit " + std::to_string(limit));
+            const json got = single_run(limited(m.o, limit), &C_, D_);
+            EXPECT_GT(spilled(got), 0);
+            EXPECT_GT(got["engine"]["row_store"]["spill_flushes"].get<int64_t>(), 0);
+            expect_same(comparable(got), comparable(want), kSpillRel);
+            EXPECT_TRUE(spill_dir_empty()) << "spill files left behind";
+        }
+    }
+}
+
+TEST_F(Spill, CheckpointsOfSpilledStoresRoundTripAndMerge) {
+    const collapse_options mem = exact_with_nc4();
+    const collapse_options o = limited(mem, int64_t(1) << 20);
+    const json want = single_run(mem, &C_, D_);
+    // Saved while spilled, loaded by a session that must spill to take it.
+    const std::string ck = path("spilled.ckpt");
+    {
+        SessionPtr a = make_session(o, &C_);
+        ingest(a.get(), D_, 0, 7);
+        ASSERT_EQ(collapse_session_save(a.get(), ck.c_str()), COLLAPSE_OK) << collapse_last_error();
+    }
+    SessionPtr b = make_session(o, &C_);
+    ASSERT_EQ(collapse_session_load(b.get(), ck.c_str()), COLLAPSE_OK) << collapse_last_error();
+    ingest(b.get(), D_, 7, kBatchRows.size());
+    const json got = final_report(b.get());
+    EXPECT_GT(spilled(got), 0);
+    expect_same(comparable(got), comparable(want), kSpillRel);
+    // The checkpoint stands alone: a session without a limit loads it too.
+    SessionPtr c = make_session(mem, &C_);
+    ASSERT_EQ(collapse_session_load(c.get(), ck.c_str()), COLLAPSE_OK) << collapse_last_error();
+    ingest(c.get(), D_, 7, kBatchRows.size());
+    expect_same(comparable(final_report(c.get())), comparable(want), kSpillRel);
+    // Five spilled shards merged by a spilling session.
+    expect_same(comparable(merged_run(dir_, "spill5", o, &C_, D_, kFiveShards)), comparable(want), 1e-12);
+}
+
+// A real write error while spilling (a file-size limit: EFBIG, as a full disk gives ENOSPC):
+// the batch is refused whole, nothing is lost, and once the disk takes writes again the same
+// batch goes in and the report is the full run's.
+TEST_F(Spill, DiskErrorRefusesTheBatchAndLosesNothing) {
+    struct rlimit old;
+    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+    if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur < (64u << 20)) GTEST_SKIP() << "file size already limited";
+    const collapse_options o = limited(exact_with_nc4(), int64_t(1) << 20);
+    const json want = single_run(exact_with_nc4(), &C_, D_);
+    SessionPtr s = make_session(o, &C_);
+    ingest(s.get(), D_, 0, 3);
+    const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit small = old;
+    small.rlim_cur = 4096;
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+    size_t failed_at = kBatchRows.size();
+    for (size_t b = 3; b < kBatchRows.size(); ++b) {
+        const int64_t r0 = D_.batch_start[b], n = D_.batch_start[b + 1] - r0;
+        const collapse_buffer f{D_.x.data() + r0 * D_.d, COLLAPSE_F32, COLLAPSE_MEMORY_HOST, n, D_.d, 0};
+        const collapse_buffer l{D_.y.data() + r0, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
+        if (collapse_session_ingest_rows(s.get(), &f, &l, nullptr, nullptr) != COLLAPSE_OK) {
+            failed_at = b;
+            break;
+        }
+    }
+    const std::string msg = collapse_last_error();
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    ::signal(SIGXFSZ, old_handler);
+    ASSERT_LT(failed_at, kBatchRows.size()) << "no batch needed to spill";
+    EXPECT_NE(msg.find(std::strerror(EFBIG)), std::string::npos) << msg;
+    EXPECT_NE(msg.find(path("spill")), std::string::npos) << msg;
+    ingest(s.get(), D_, failed_at, kBatchRows.size());
+    expect_same(comparable(final_report(s.get())), comparable(want), kSpillRel);
+}
+
+TEST_F(Spill, UnwritableDirectoryIsAClearErrorAndTheSessionGoesOn) {
+    testutil::write_file(path("plain"), "x");
+    collapse_options o = limited(exact_with_nc4(), int64_t(1) << 20);
+    const std::string bad = path("plain") + "/spill";
+    std::snprintf(o.intermediate_save_dir, sizeof o.intermediate_save_dir, "%s", bad.c_str());
+    SessionPtr s = make_session(o, &C_);
+    size_t accepted = 0;
+    std::string msg;
+    for (size_t b = 0; b < kBatchRows.size(); ++b) {
+        const int64_t r0 = D_.batch_start[b], n = D_.batch_start[b + 1] - r0;
+        const collapse_buffer f{D_.x.data() + r0 * D_.d, COLLAPSE_F32, COLLAPSE_MEMORY_HOST, n, D_.d, 0};
+        const collapse_buffer l{D_.y.data() + r0, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
+        const collapse_status st = collapse_session_ingest_rows(s.get(), &f, &l, nullptr, nullptr);
+        if (st != COLLAPSE_OK) {
+            EXPECT_EQ(st, COLLAPSE_ERR_IO);
+            msg = collapse_last_error();
+            break;
+        }
+        accepted = b + 1;
+    }
+    ASSERT_LT(accepted, kBatchRows.size());
+    for (const char* piece : {"cannot create a spill directory", "intermediate_save_dir", "Not a directory"})
+        EXPECT_NE(msg.find(piece), std::string::npos) << msg;
+    EXPECT_NE(msg.find(bad), std::string::npos) << msg;
+    // What was accepted is all there.
+    SessionPtr ref = make_session(exact_with_nc4(), &C_);
+    ingest(ref.get(), D_, 0, accepted);
+    expect_same(comparable(final_report(s.get())), comparable(final_report(ref.get())), 0.0);
+}
+
+// A checkpoint that cannot be taken in (the disk refuses the spill) is rolled back: the merging
+// session's report is what it was.
+TEST_F(Spill, RefusedMergeRollsBack) {
+    struct rlimit old;
+    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+    if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur < (64u << 20)) GTEST_SKIP() << "file size already limited";
+    const collapse_options o = limited(exact_with_nc4(), int64_t(1) << 20);
+    const std::string ck = path("other.ckpt");
+    {
+        SessionPtr a = make_session(o, &C_);
+        ingest(a.get(), D_, 4, kBatchRows.size());
+        ASSERT_EQ(collapse_session_save(a.get(), ck.c_str()), COLLAPSE_OK) << collapse_last_error();
+    }
+    SessionPtr s = make_session(o, &C_);
+    ingest(s.get(), D_, 0, 4);
+    const json before = final_report(s.get());
+    SessionPtr t = make_session(o, &C_);
+    ingest(t.get(), D_, 0, 4);
+    const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit small = old;
+    small.rlim_cur = 4096;
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+    const collapse_status st = collapse_session_merge(t.get(), ck.c_str());
+    const std::string msg = collapse_last_error();
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    ::signal(SIGXFSZ, old_handler);
+    EXPECT_EQ(st, COLLAPSE_ERR_IO) << msg;
+    EXPECT_NE(msg.find(std::strerror(EFBIG)), std::string::npos) << msg;
+    json after = final_report(t.get());
+    expect_same(comparable(after), comparable(before), 0.0);
+    EXPECT_EQ(after["counts"], before["counts"]);
 }
 
 }  // namespace
