@@ -2,7 +2,8 @@
 // against (measured in the same run, on the same buffers) and the ratio. bench/README.md explains
 // every figure. Inputs are synthetic and generated once, before any timing starts.
 //
-//   collapse_bench [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd] [--json FILE]
+//   collapse_bench [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd|spill|checkpoint]
+//                  [--scratch DIR] [--json FILE]
 //
 // --backend cuda measures a different set of figures (C1 fp16 device ingest vs. D2D copy, C2 pair
 // metrics vs. the same tile GEMMs, C3 per-token SVD and its cuSOLVER share); the device-side code
@@ -10,6 +11,7 @@
 #include <cblas.h>
 #include <lapacke.h>
 #include <omp.h>
+#include <fcntl.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -20,6 +22,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -35,6 +38,7 @@
 #include "collapse/collapse.h"
 #include "core/config.hpp"
 #include "core/error.hpp"
+#include "core/row_store.hpp"
 #include "core/session.hpp"
 
 #ifdef COLLAPSE_BENCH_CUDA
@@ -68,6 +72,7 @@ struct Options {
     bool cuda = false;
     std::string only;  // "" = all
     std::string json_path;
+    std::string scratch;  // files of the spill and checkpoint figures
 };
 
 struct Timing {
@@ -522,6 +527,148 @@ void bench_svd(const Options& o, json& out) {
     out["svd"].push_back(j);
 }
 
+// ---- figure 5: row-store spill vs. plain sequential file writes and reads --------------------------
+
+// Scratch files for figures 5 and 6 go here (--scratch, default $TMPDIR or /tmp).
+std::string scratch_path(const Options& o, const std::string& name) { return o.scratch + "/" + name; }
+
+// The ceiling of figures 5 and 6: the same number of bytes, from a buffer in memory as large as
+// they are (so the source is as cold as the engine's), written to one file with pwrite in 8 MiB
+// pieces (fsync'ed when `sync`), then read back into it with pread. Best of 3 each.
+struct FileSpeed {
+    double write_s = 0, read_s = 0;
+};
+FileSpeed plain_file_speed(const std::string& path, int64_t bytes, bool sync) {
+    const size_t piece = size_t(8) << 20;
+    std::vector<float> mem((size_t)(bytes / 4 + 1));
+    fill_uniform(mem.data(), (int64_t)mem.size(), 99);
+    char* const buf = reinterpret_cast<char*>(mem.data());
+    FileSpeed best{1e300, 1e300};
+    for (int r = 0; r < 3; ++r) {
+        ::unlink(path.c_str());
+        auto t0 = Clock::now();
+        const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        if (fd < 0) throw std::runtime_error("cannot create " + path + ": " + std::strerror(errno));
+        for (int64_t at = 0; at < bytes; at += (int64_t)piece)
+            if (::pwrite(fd, buf + at, (size_t)std::min<int64_t>((int64_t)piece, bytes - at), (off_t)at) < 0)
+                throw std::runtime_error("write " + path + ": " + std::strerror(errno));
+        if (sync) ::fsync(fd);
+        best.write_s = std::min(best.write_s, since(t0));
+        t0 = Clock::now();
+        for (int64_t at = 0; at < bytes; at += (int64_t)piece)
+            if (::pread(fd, buf + at, (size_t)std::min<int64_t>((int64_t)piece, bytes - at), (off_t)at) < 0)
+                throw std::runtime_error("read " + path + ": " + std::strerror(errno));
+        best.read_s = std::min(best.read_s, since(t0));
+        ::close(fd);
+    }
+    ::unlink(path.c_str());
+    return best;
+}
+
+void bench_spill(const Options& o, json& out) {
+    const int64_t V = 4096, d = 256, budget = 64 * kMiB;
+    const int64_t total = (o.quick ? 256 : 1024) * kMiB;  // float64 rows stored
+    const int64_t n = total / (d * 8), B = 16384;
+    std::printf("\n== 5. row-store spill: %lld MiB of float64 rows (V=%lld, d=%lld, Zipf(1.1) labels, batches of %lld rows),"
+                " memory budget %lld MiB, under %s ==\n",
+                (long long)(total / kMiB), (long long)V, (long long)d, (long long)B, (long long)(budget / kMiB), o.scratch.c_str());
+    std::printf("   engine: RowStore make_room/append as the CPU backend calls them (write: time spent flushing) and for_each_class\n"
+                "   over every class (read back, CRC checked); ceiling: pwrite then pread of the same bytes between one file and a\n"
+                "   buffer as large, in 8 MiB pieces. Neither syncs: both measure the page cache unless the file outgrows RAM. Best of 3.\n");
+    const std::vector<int32_t> y = zipf_labels(n, V, 1.1, 77);
+    std::vector<double> row((size_t)d);
+    for (int64_t k = 0; k < d; ++k) row[(size_t)k] = (double)k;
+    double wbest = 1e300, rbest = 1e300;
+    int64_t flushes = 0, spilled = 0;
+    std::vector<int32_t> ids((size_t)V);
+    std::iota(ids.begin(), ids.end(), 0);
+    for (int r = 0; r < 3; ++r) {
+        collapse::RowStore st(V, d, budget, o.scratch);
+        double wsec = 0;
+        std::vector<int64_t> count((size_t)V);
+        for (int64_t r0 = 0; r0 < n; r0 += B) {
+            std::fill(count.begin(), count.end(), 0);
+            for (int64_t i = r0; i < std::min(n, r0 + B); ++i) ++count[(size_t)y[(size_t)i]];
+            const auto t0 = Clock::now();
+            st.make_room([&] {
+                int64_t grow = 0;
+                for (int64_t c = 0; c < V; ++c) grow += count[(size_t)c] ? st.growth((int32_t)c, count[(size_t)c]) : 0;
+                return grow;
+            });
+            wsec += since(t0);
+            for (int64_t c = 0; c < V; ++c) {
+                if (count[(size_t)c] == 0) continue;
+                double* dst = st.append((int32_t)c, count[(size_t)c]);
+                for (int64_t i = 0; i < count[(size_t)c]; ++i) std::memcpy(dst + i * d, row.data(), (size_t)d * 8);
+            }
+        }
+        const auto t0 = Clock::now();
+        st.flush();  // everything on disk, so the read below reads it all back
+        wsec += since(t0);
+        const auto t1 = Clock::now();
+        double check = 0;
+        st.for_each_class(ids, budget / 6, [&](int32_t, const double* x, int64_t m, int64_t, bool) { check += m > 0 ? x[0] : 0; });
+        rbest = std::min(rbest, since(t1));
+        wbest = std::min(wbest, wsec);
+        g_sink = g_sink + (float)check;
+        flushes = st.flushes(), spilled = st.disk_bytes();
+    }
+    const FileSpeed plain = plain_file_speed(scratch_path(o, "collapse_bench_plain.bin"), spilled, false);
+    const double w = (double)spilled / wbest / kGB, rr = (double)spilled / rbest / kGB;
+    const double pw = (double)spilled / plain.write_s / kGB, pr = (double)spilled / plain.read_s / kGB;
+    std::printf("spill   bytes=%lld flushes=%lld  write GB/s=%7.3f read GB/s=%7.3f  | plain file write GB/s=%7.3f read GB/s=%7.3f"
+                "  ratio write=%.2f read=%.2f\n",
+                (long long)spilled, (long long)flushes, w, rr, pw, pr, w / pw, rr / pr);
+    std::fflush(stdout);
+    out["spill"] = {{"V", V}, {"d", d}, {"bytes", spilled}, {"flushes", flushes}, {"memory_budget", budget},
+                    {"write_gb_s", w}, {"read_gb_s", rr}, {"plain_write_gb_s", pw}, {"plain_read_gb_s", pr},
+                    {"ratio_write", w / pw}, {"ratio_read", rr / pr}};
+}
+
+// ---- figure 6: checkpoint of V = 32000, d = 4096 accumulators vs. a plain fsync'ed file write ------
+
+void bench_checkpoint(const Options& o, json& out) {
+    const int64_t V = o.quick ? 8000 : 32000, d = 4096, n = 4096;
+    std::printf("\n== 6. checkpoint of the accumulators: V=%lld, d=%lld (class sums %lld MiB, Gram %lld MiB), under %s ==\n",
+                (long long)V, (long long)d, (long long)(V * d * 8 / kMiB), (long long)(d * d * 8 / kMiB), o.scratch.c_str());
+    std::printf("   engine: Session::save_checkpoint (sections streamed to a temp file, CRC32C each, fsync, rename) and\n"
+                "   Session::load_checkpoint into a fresh session (every CRC checked); ceiling: the same bytes from a buffer as\n"
+                "   large, pwrite in 8 MiB pieces + fsync, and pread back into it. Best of 3.\n");
+    Config cfg = base_config(o, V, d);
+    cfg.svd_mode = COLLAPSE_SVD_OFF;  // the accumulators only
+    Inputs in;
+    in.n = n;
+    in.d = d;
+    in.x.resize((size_t)(n * d));
+    fill_uniform(in.x.data(), n * d, 4242);
+    in.y = zipf_labels(n, V, 1.1, 4243);
+    in.place(o);
+    Session s(cfg);
+    ingest_pass(s, in, n);
+    const std::string path = scratch_path(o, "collapse_bench.ckpt");
+    double wbest = 1e300, rbest = 1e300;
+    for (int r = 0; r < 3; ++r) {
+        auto t0 = Clock::now();
+        s.save_checkpoint(path);
+        wbest = std::min(wbest, since(t0));
+        Session fresh(cfg);
+        t0 = Clock::now();
+        fresh.load_checkpoint(path);
+        rbest = std::min(rbest, since(t0));
+    }
+    const int64_t bytes = (int64_t)std::filesystem::file_size(path);
+    ::unlink(path.c_str());
+    const FileSpeed plain = plain_file_speed(scratch_path(o, "collapse_bench_plain.bin"), bytes, true);
+    std::printf("ckpt    V=%lld d=%lld bytes=%lld  save s=%7.3f (GB/s=%6.3f) load s=%7.3f (GB/s=%6.3f)  | plain write+fsync s=%7.3f"
+                " read s=%7.3f  ratio save=%.2f load=%.2f\n",
+                (long long)V, (long long)d, (long long)bytes, wbest, bytes / wbest / kGB, rbest, bytes / rbest / kGB, plain.write_s,
+                plain.read_s, plain.write_s / wbest, plain.read_s / rbest);
+    std::fflush(stdout);
+    out["checkpoint"] = {{"V", V}, {"d", d}, {"bytes", bytes}, {"save_seconds", wbest}, {"load_seconds", rbest},
+                         {"plain_write_fsync_seconds", plain.write_s}, {"plain_read_seconds", plain.read_s},
+                         {"ratio_save", plain.write_s / wbest}, {"ratio_load", plain.read_s / rbest}};
+}
+
 // ---- the CUDA figures (--backend cuda): bench/README.md "The CUDA figures" ----------------------
 
 #ifdef COLLAPSE_BENCH_CUDA
@@ -753,7 +900,8 @@ void cuda_token_svd(const Options& o, json& out) {
 
 int usage(const char* argv0, const char* why) {
     if (why) std::fprintf(stderr, "collapse_bench: %s\n", why);
-    std::fprintf(stderr, "usage: %s [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd] [--json FILE]\n", argv0);
+    std::fprintf(stderr, "usage: %s [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd|spill|checkpoint]"
+                         " [--scratch DIR] [--json FILE]\n", argv0);
     return 2;
 }
 
@@ -776,9 +924,11 @@ int main(int argc, char** argv) {
             } else if (a == "--only") {
                 o.only = value("--only");
                 if (o.only == "pairs") o.only = "finalize";
-                if (o.only != "ingest" && o.only != "gram" && o.only != "finalize" && o.only != "svd")
-                    return usage(argv[0], "--only must be ingest, gram, finalize (or pairs) or svd");
+                if (o.only != "ingest" && o.only != "gram" && o.only != "finalize" && o.only != "svd" && o.only != "spill" &&
+                    o.only != "checkpoint")
+                    return usage(argv[0], "--only must be ingest, gram, finalize (or pairs), svd, spill or checkpoint");
             } else if (a == "--json") o.json_path = value("--json");
+            else if (a == "--scratch") o.scratch = value("--scratch");
             else if (a == "-h" || a == "--help") return usage(argv[0], nullptr), 0;
             else return usage(argv[0], ("unknown argument " + a).c_str());
         } catch (const std::exception& e) {
@@ -786,6 +936,7 @@ int main(int argc, char** argv) {
         }
     }
 
+    if (o.scratch.empty()) o.scratch = std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp";
     json out;
     const std::string model = cpu_model();
     const unsigned hw = std::thread::hardware_concurrency();
@@ -843,6 +994,8 @@ int main(int argc, char** argv) {
             if (o.only.empty() || o.only == "gram") bench_gram(o, out);
             if (o.only.empty() || o.only == "finalize") bench_finalize(o, out);
             if (o.only.empty() || o.only == "svd") bench_svd(o, out);
+            if (o.only.empty() || o.only == "spill") bench_spill(o, out);
+            if (o.only.empty() || o.only == "checkpoint") bench_checkpoint(o, out);
         }
     } catch (const std::exception& e) {
         std::fprintf(stderr, "collapse_bench: error: %s\n", e.what());

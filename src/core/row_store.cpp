@@ -1,6 +1,7 @@
 #include "core/row_store.hpp"
 
 #include <fcntl.h>
+#include <sys/uio.h>
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
@@ -11,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 
 #include "core/config.hpp"
 #include "core/error.hpp"
@@ -21,6 +23,7 @@ namespace collapse {
 namespace {
 
 constexpr int kMaxPartitions = 64;
+constexpr size_t kMaxIov = 1024;  // IOV_MAX on Linux
 
 std::string part_name(const std::string& dir, int p) {
     char buf[32];
@@ -83,6 +86,7 @@ int64_t RowStore::growth(int32_t c, int64_t n) const {
 double* RowStore::append(int32_t c, int64_t n) {
     auto& v = mem_[(size_t)c];
     memory_bytes_ += growth(c, n);
+    memory_rows_ += n;
     const size_t old = v.size(), need = old + (size_t)(n * d_);
     if (need > v.capacity()) v.reserve(std::max(need, 2 * v.capacity()));
     v.resize(need);
@@ -90,16 +94,30 @@ double* RowStore::append(int32_t c, int64_t n) {
     return v.data() + old;
 }
 
-void RowStore::assign(int32_t c, std::vector<double> rows) {
+void RowStore::assign(int32_t c, RowVector rows) {
     auto& v = mem_[(size_t)c];
     total_rows_ += (int64_t)(rows.size() / (size_t)d_) - memory_rows(c);
+    memory_rows_ += (int64_t)(rows.size() / (size_t)d_) - memory_rows(c);
     memory_bytes_ += ((int64_t)rows.capacity() - (int64_t)v.capacity()) * 8;
     v = std::move(rows);
 }
 
-void RowStore::make_room(int64_t growth_bytes) {
-    if (budget_ < 0 || memory_bytes_ == 0 || memory_bytes_ + growth_bytes <= budget_) return;
-    flush();
+void RowStore::make_room(const std::function<int64_t()>& growth) {
+    if (budget_ < 0 || memory_bytes_ + growth() <= budget_) return;
+    flush();  // keeps the vectors' capacity, which the next rows reuse
+    if (memory_bytes_ + growth() <= budget_) return;
+    release();
+}
+
+// The vectors' memory itself (a flush keeps it): when the classes that come differ from the ones
+// that were held.
+void RowStore::release() {
+    for (auto& v : mem_)
+        if (v.empty()) RowVector().swap(v);
+    std::vector<char>().swap(stage_);
+    memory_bytes_ = 0;
+    for (const auto& v : mem_) memory_bytes_ += (int64_t)v.capacity() * 8;
+    give_back_freed_memory();
 }
 
 void RowStore::open_spill() {
@@ -119,42 +137,67 @@ void RowStore::open_spill() {
     dir_ = tmpl;
 }
 
-// Every in-memory row goes to disk, partition by partition. Nothing is recorded until every write
-// has succeeded; on a failure the files are cut back to their old length and the rows stay in memory.
+// Every in-memory row goes to disk, partition by partition, through a staging buffer so that
+// small classes leave in large writes. Nothing is recorded until every write has succeeded; on a
+// failure the files are cut back to their old length and the rows stay in memory. The vectors keep
+// their capacity for the next rows.
 void RowStore::flush() {
-    if (memory_bytes_ == 0) return;
+    if (memory_rows_ == 0) return;
     open_spill();
     std::vector<std::pair<int32_t, Extent>> added;
     const std::vector<int64_t> old_bytes = file_bytes_;
-    int32_t c = 0;
-    try {
-        for (int p = 0; p < parts_; ++p) {
-            for (; c < V_ && partition(c) == p; ++c) {
-                const auto& v = mem_[(size_t)c];
-                if (v.empty()) continue;
-                if (fd_[(size_t)p] < 0) {
-                    const std::string name = part_name(dir_, p);
-                    fd_[(size_t)p] = ::open(name.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-                    if (fd_[(size_t)p] < 0) fail(COLLAPSE_ERR_IO, "cannot create spill file ", name, ": ", std::strerror(errno));
-                }
-                const size_t bytes = v.size() * 8;
-                const char* src = reinterpret_cast<const char*>(v.data());
-                for (size_t done = 0; done < bytes;) {
-                    const ssize_t w = write_(fd_[(size_t)p], src + done, bytes - done, (off_t)(file_bytes_[(size_t)p] + (int64_t)done));
-                    if (w < 0 && errno == EINTR) continue;
-                    if (w <= 0)
-                        fail(COLLAPSE_ERR_IO, "spilling the exact row store to ", part_name(dir_, p), " failed: ",
-                             std::strerror(w < 0 ? errno : ENOSPC), " (", format_bytes((int64_t)bytes), " of class ", c,
-                             "; nothing was lost: the rows are still in memory)");
-                    done += (size_t)w;
-                }
-                added.push_back({c, Extent{file_bytes_[(size_t)p], (int64_t)(v.size() / (size_t)d_), io::crc32c(src, bytes)}});
-                file_bytes_[(size_t)p] += (int64_t)bytes;
-            }
+    const size_t stage_cap = (size_t)std::clamp<int64_t>(budget_ / 8, 64 * 1024, 4 << 20);
+    std::vector<char>& stage = stage_;
+    int p = 0;
+    int32_t stage_class = -1;  // for messages: the last class in the staging buffer
+    auto write_out = [&](const char* src, size_t bytes) {
+        for (size_t done = 0; done < bytes;) {
+            const ssize_t w = write_(fd_[(size_t)p], src + done, bytes - done, (off_t)(file_bytes_[(size_t)p] + (int64_t)done));
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0)
+                fail(COLLAPSE_ERR_IO, "spilling the exact row store to ", part_name(dir_, p), " failed: ", std::strerror(w < 0 ? errno : ENOSPC),
+                     " (", format_bytes((int64_t)bytes), " up to class ", stage_class, "; nothing was lost: the rows are still in memory)");
+            done += (size_t)w;
         }
+        file_bytes_[(size_t)p] += (int64_t)bytes;
+    };
+    auto drain = [&] {
+        if (!stage.empty()) write_out(stage.data(), stage.size());
+        stage.clear();
+    };
+    try {
+        for (int32_t c = 0; c < V_; ++c) {
+            const auto& v = mem_[(size_t)c];
+            if (v.empty()) continue;
+            if (partition(c) != p) {
+                drain();
+                p = partition(c);
+            }
+            if (fd_[(size_t)p] < 0) {
+                const std::string name = part_name(dir_, p);
+                fd_[(size_t)p] = ::open(name.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+                if (fd_[(size_t)p] < 0) fail(COLLAPSE_ERR_IO, "cannot create spill file ", name, ": ", std::strerror(errno));
+            }
+            const size_t bytes = v.size() * 8;
+            const char* src = reinterpret_cast<const char*>(v.data());
+            stage_class = c;
+            if (stage.size() + bytes > stage_cap) drain();
+            const int64_t at = file_bytes_[(size_t)p] + (int64_t)stage.size();
+            uint32_t crc;
+            if (bytes >= stage_cap) {
+                crc = io::crc32c(src, bytes);
+                write_out(src, bytes);
+            } else {
+                if (stage.capacity() < stage_cap) stage.reserve(stage_cap);
+                stage.insert(stage.end(), src, src + bytes);
+                crc = io::crc32c(stage.data() + stage.size() - bytes, bytes);  // from the copy, still in cache
+            }
+            added.push_back({c, Extent{at, (int64_t)(v.size() / (size_t)d_), crc}});
+        }
+        drain();
     } catch (...) {
-        for (int p = 0; p < parts_; ++p)
-            if (fd_[(size_t)p] >= 0 && file_bytes_[(size_t)p] != old_bytes[(size_t)p]) (void)!::ftruncate(fd_[(size_t)p], old_bytes[(size_t)p]);
+        for (int q = 0; q < parts_; ++q)
+            if (fd_[(size_t)q] >= 0 && file_bytes_[(size_t)q] != old_bytes[(size_t)q]) (void)!::ftruncate(fd_[(size_t)q], old_bytes[(size_t)q]);
         file_bytes_ = old_bytes;
         throw;
     }
@@ -162,21 +205,21 @@ void RowStore::flush() {
         extents_[(size_t)a.first].push_back(a.second);
         disk_rows_[(size_t)a.first] += a.second.rows;
         disk_bytes_ += a.second.rows * d_ * 8;
-        std::vector<double>().swap(mem_[(size_t)a.first]);  // give the memory back
+        mem_[(size_t)a.first].clear();
     }
-    memory_bytes_ = 0;
+    memory_rows_ = 0;
     ++flushes_;
-    give_back_freed_memory();
 }
 
 void RowStore::clear() {
-    for (auto& v : mem_) std::vector<double>().swap(v);
+    for (auto& v : mem_) RowVector().swap(v);
+    std::vector<char>().swap(stage_);
     for (auto& e : extents_) e.clear();
     std::fill(disk_rows_.begin(), disk_rows_.end(), 0);
     for (int p = 0; p < parts_; ++p)
         if (fd_[(size_t)p] >= 0) (void)!::ftruncate(fd_[(size_t)p], 0);
     std::fill(file_bytes_.begin(), file_bytes_.end(), 0);
-    total_rows_ = memory_bytes_ = disk_bytes_ = 0;
+    total_rows_ = memory_bytes_ = memory_rows_ = disk_bytes_ = 0;
 }
 
 void RowStore::read_extent(int p, const Extent& e, int32_t c, double* dst) const {
@@ -190,7 +233,11 @@ void RowStore::read_extent(int p, const Extent& e, int32_t c, double* dst) const
                  r < 0 ? std::strerror(errno) : "the file is shorter than its manifest says");
         done += (size_t)r;
     }
-    const uint32_t crc = io::crc32c(out, bytes);
+    check_extent(p, e, c, dst);
+}
+
+void RowStore::check_extent(int p, const Extent& e, int32_t c, const double* data) const {
+    const uint32_t crc = io::crc32c(data, (size_t)(e.rows * d_) * 8);
     if (crc != e.crc)
         fail(COLLAPSE_ERR_IO, "spill file ", part_name(dir_, p), " is corrupt: class ", c, " at offset ", e.offset,
              " has checksum ", crc, ", written as ", e.crc);
@@ -200,8 +247,8 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
     std::sort(ids.begin(), ids.end());
     const int64_t row_bytes = d_ * 8;
     const int64_t budget = std::max(load_budget, row_bytes);
-    std::vector<double> buf;
-    buf.reserve((size_t)(std::min(budget, disk_bytes_) / 8));  // once: growing it would hold two copies
+    // One buffer for every group, allocated once and never zero-filled: every byte is read into.
+    const std::unique_ptr<double[]> buf(new double[(size_t)(std::max(std::min(budget, disk_bytes_ + memory_rows_ * row_bytes), row_bytes) / 8)]);
     size_t i = 0;
     while (i < ids.size()) {
         // A group: consecutive classes whose spilled rows fit the budget together (classes held
@@ -219,10 +266,9 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
         if (group > budget) {  // one class, in pieces of at most `budget` bytes
             const int32_t c = ids[i];
             const int64_t piece = budget / row_bytes, n = rows(c);
-            buf.resize((size_t)(piece * d_));
             int64_t first = 0, filled = 0;
             auto emit = [&](bool last) {
-                fn(c, buf.data(), filled, first, last);
+                fn(c, buf.get(), filled, first, last);
                 first += filled;
                 filled = 0;
             };
@@ -231,7 +277,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
                 // An extent is checksummed whole: read it whole when it fits, else stream it.
                 if (e.rows <= piece) {
                     if (filled + e.rows > piece) emit(false);
-                    read_extent(p, e, c, buf.data() + filled * d_);
+                    read_extent(p, e, c, buf.get() + filled * d_);
                     filled += e.rows;
                 } else {
                     std::vector<double> whole((size_t)(e.rows * d_));
@@ -239,7 +285,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
                     for (int64_t r = 0; r < e.rows;) {
                         if (filled == piece) emit(false);
                         const int64_t k = std::min(piece - filled, e.rows - r);
-                        std::memcpy(buf.data() + filled * d_, whole.data() + r * d_, (size_t)(k * row_bytes));
+                        std::memcpy(buf.get() + filled * d_, whole.data() + r * d_, (size_t)(k * row_bytes));
                         filled += k, r += k;
                     }
                 }
@@ -248,7 +294,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
             for (int64_t r = 0, mr = memory_rows(c); r < mr;) {
                 if (filled == piece) emit(false);
                 const int64_t k = std::min(piece - filled, mr - r);
-                std::memcpy(buf.data() + filled * d_, m + r * d_, (size_t)(k * row_bytes));
+                std::memcpy(buf.get() + filled * d_, m + r * d_, (size_t)(k * row_bytes));
                 filled += k, r += k;
             }
             if (first + filled != n) fail(COLLAPSE_ERR_INTERNAL, "row store: class ", c, " gave ", first + filled, " rows of ", n);
@@ -265,7 +311,6 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
         };
         std::vector<Read> reads;
         std::vector<int64_t> place(j - i, -1);
-        buf.resize((size_t)(group / 8));
         int64_t at = 0;
         for (size_t k = i; k < j; ++k) {
             const int32_t c = ids[k];
@@ -273,25 +318,39 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
             place[k - i] = at;
             int64_t r = at;
             for (const Extent& e : extents_[(size_t)c]) reads.push_back({partition(c), &e, c, r}), r += e.rows * d_;
-            std::memcpy(buf.data() + r, mem_[(size_t)c].data(), mem_[(size_t)c].size() * 8);
+            std::memcpy(buf.get() + r, mem_[(size_t)c].data(), mem_[(size_t)c].size() * 8);
             at += rows(c) * d_;
         }
         std::sort(reads.begin(), reads.end(),
                   [](const Read& a, const Read& b) { return a.p != b.p ? a.p < b.p : a.e->offset < b.e->offset; });
-        for (const Read& r : reads) read_extent(r.p, *r.e, r.c, buf.data() + r.dst);
+        // Extents next to each other in a file (consecutive classes of one flush) come in one
+        // scattering preadv; each is then checked against its own checksum.
+        std::vector<struct iovec> iov;
+        for (size_t a = 0; a < reads.size();) {
+            size_t b = a + 1;
+            int64_t end = reads[a].e->offset + reads[a].e->rows * row_bytes;
+            while (b < reads.size() && b - a < kMaxIov && reads[b].p == reads[a].p && reads[b].e->offset == end)
+                end += reads[b].e->rows * row_bytes, ++b;
+            iov.clear();
+            for (size_t k = a; k < b; ++k) iov.push_back({buf.get() + reads[k].dst, (size_t)(reads[k].e->rows * row_bytes)});
+            const ssize_t got = ::preadv(fd_[(size_t)reads[a].p], iov.data(), (int)iov.size(), (off_t)reads[a].e->offset);
+            for (size_t k = a; k < b; ++k) {
+                if (got != end - reads[a].e->offset) read_extent(reads[k].p, *reads[k].e, reads[k].c, buf.get() + reads[k].dst);  // short: one by one
+                else check_extent(reads[k].p, *reads[k].e, reads[k].c, buf.get() + reads[k].dst);
+            }
+            a = b;
+        }
         for (size_t k = i; k < j; ++k) {
             const int32_t c = ids[k];
-            const double* x = place[k - i] >= 0 ? buf.data() + place[k - i] : mem_[(size_t)c].data();
+            const double* x = place[k - i] >= 0 ? buf.get() + place[k - i] : mem_[(size_t)c].data();
             fn(c, rows(c) > 0 ? x : nullptr, rows(c), 0, true);
         }
         i = j;
     }
-    std::vector<double>().swap(buf);
-    give_back_freed_memory();
 }
 
-RowStore::Mark RowStore::mark(int64_t growth_bytes) {
-    make_room(growth_bytes);
+RowStore::Mark RowStore::mark(const std::function<int64_t()>& growth) {
+    make_room(growth);
     Mark m;
     m.memory_rows.resize((size_t)V_);
     m.extents.resize((size_t)V_);
@@ -301,14 +360,14 @@ RowStore::Mark RowStore::mark(int64_t growth_bytes) {
     }
     m.file_bytes = file_bytes_;
     m.flushes = flushes_;
-    m.memory_bytes = memory_bytes_;
+    m.memory_rows_total = memory_rows_;
     return m;
 }
 
 void RowStore::rollback(const Mark& m) {
     // mark() emptied memory whenever a later flush was possible, so a flush after the mark moved
     // only new rows: drop their extents, cut the files back, drop new memory rows.
-    if (m.flushes != flushes_ && m.memory_bytes != 0)
+    if (m.flushes != flushes_ && m.memory_rows_total != 0)
         fail(COLLAPSE_ERR_INTERNAL, "row store: a flush after mark() took rows from before it");
     for (int64_t c = 0; c < V_; ++c) {
         auto& ex = extents_[(size_t)c];
@@ -321,9 +380,10 @@ void RowStore::rollback(const Mark& m) {
         auto& v = mem_[(size_t)c];
         const int64_t keep = m.flushes == flushes_ ? m.memory_rows[(size_t)c] : 0;
         total_rows_ -= memory_rows((int32_t)c) - keep;
+        memory_rows_ -= memory_rows((int32_t)c) - keep;
         const size_t old_cap = v.capacity();
         v.resize((size_t)(keep * d_));
-        if (keep == 0) std::vector<double>().swap(v);
+        if (keep == 0) RowVector().swap(v);
         memory_bytes_ += ((int64_t)v.capacity() - (int64_t)old_cap) * 8;
     }
     for (int p = 0; p < parts_; ++p)

@@ -16,10 +16,33 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace collapse {
+
+// std::allocator that leaves new elements uninitialised: appended rows are written right away, so
+// zero-filling them first would be a wasted pass over memory.
+template <class T>
+struct UninitAllocator : std::allocator<T> {
+    template <class U>
+    struct rebind {
+        using other = UninitAllocator<U>;
+    };
+    UninitAllocator() = default;
+    template <class U>
+    UninitAllocator(const UninitAllocator<U>&) {}
+    template <class U>
+    void construct(U* p) noexcept {
+        ::new (static_cast<void*>(p)) U;
+    }
+    template <class U, class... A>
+    void construct(U* p, A&&... a) {
+        ::new (static_cast<void*>(p)) U(std::forward<A>(a)...);
+    }
+};
+using RowVector = std::vector<double, UninitAllocator<double>>;
 
 class RowStore {
 public:
@@ -34,7 +57,7 @@ public:
 
     int64_t rows(int32_t c) const { return disk_rows_[(size_t)c] + memory_rows(c); }
     int64_t total_rows() const { return total_rows_; }
-    int64_t memory_bytes() const { return memory_bytes_; }  // allocated, not just used
+    int64_t memory_bytes() const { return memory_bytes_; }  // allocated (capacity), not just used
     int64_t disk_bytes() const { return disk_bytes_; }
     int64_t memory_budget() const { return budget_; }
     int64_t flushes() const { return flushes_; }
@@ -42,18 +65,20 @@ public:
 
     // Bytes append(c, n) will allocate (vectors grow by doubling; this is exact).
     int64_t growth(int32_t c, int64_t n) const;
-    // Makes room for `growth_bytes` (a sum of growth()) within the budget: flushes every in-memory
-    // row to disk when they would not fit. Throws Error(COLLAPSE_ERR_IO) naming the directory and
-    // the system error if the disk refuses; the store is then unchanged. Call it before append().
-    // A batch larger than the whole budget still goes to memory, alone.
-    void make_room(int64_t growth_bytes);
+    // Makes room within the budget for rows about to be appended; `growth` returns the bytes they
+    // will allocate (a sum of growth()), and is asked again after each step: first every in-memory
+    // row goes to disk (the vectors keep their capacity), then, if that is not enough, the
+    // vectors' memory goes too. Throws Error(COLLAPSE_ERR_IO) naming the directory and the system
+    // error if the disk refuses; the store is then unchanged. A batch larger than the whole budget
+    // still goes to memory, alone.
+    void make_room(const std::function<int64_t()>& growth);
     // Room for n more rows of class c, in memory, for the caller to fill. Never throws but bad_alloc.
     double* append(int32_t c, int64_t n);
     // The in-memory rows of class c (reservoirs rewrite slots in place; only for a store that never spills).
     double* memory_data(int32_t c) { return mem_[(size_t)c].data(); }
     int64_t memory_rows(int32_t c) const { return (int64_t)(mem_[(size_t)c].size() / (size_t)d_); }
     // Replaces every row of class c (reservoir merge; only for a store that never spills).
-    void assign(int32_t c, std::vector<double> rows);
+    void assign(int32_t c, RowVector rows);
     void flush();
     void clear();  // every row, in memory and on disk
 
@@ -70,9 +95,9 @@ public:
     struct Mark {
         std::vector<int64_t> memory_rows, extents;
         std::vector<int64_t> file_bytes;
-        int64_t flushes = 0, memory_bytes = 0;
+        int64_t flushes = 0, memory_rows_total = 0;
     };
-    Mark mark(int64_t growth_bytes);
+    Mark mark(const std::function<int64_t()>& growth);
     void rollback(const Mark& m);
 
 private:
@@ -83,6 +108,8 @@ private:
     int partition(int32_t c) const { return (int)((int64_t)c * (int64_t)parts_ / V_); }
     void open_spill();
     void read_extent(int p, const Extent& e, int32_t c, double* dst) const;
+    void check_extent(int p, const Extent& e, int32_t c, const double* data) const;
+    void release();
 
     int64_t V_, d_, budget_;
     std::string parent_, dir_;
@@ -91,10 +118,11 @@ private:
     int parts_;
     std::vector<int> fd_;              // [parts], -1 until the first flush
     std::vector<int64_t> file_bytes_;  // [parts]
-    std::vector<std::vector<double>> mem_;
+    std::vector<RowVector> mem_;
+    std::vector<char> stage_;  // flush's write buffer, kept between flushes
     std::vector<std::vector<Extent>> extents_;  // [V]
     std::vector<int64_t> disk_rows_;            // [V]
-    int64_t total_rows_ = 0, memory_bytes_ = 0, disk_bytes_ = 0, flushes_ = 0;
+    int64_t total_rows_ = 0, memory_bytes_ = 0, memory_rows_ = 0, disk_bytes_ = 0, flushes_ = 0;
 };
 
 }  // namespace collapse

@@ -156,11 +156,12 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
         rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/true);  // throws under "error"
         stage(b, rows);
     }
-    if (has_row_store()) {  // spill before anything changes: a disk error refuses the batch whole
-        int64_t add = 0;
-        for (size_t k = 0; k < run_label_.size(); ++k) add += store_->growth(run_label_[k], run_begin_[k + 1] - run_begin_[k]);
-        store_->make_room(add);
-    }
+    if (has_row_store())  // spill before anything changes: a disk error refuses the batch whole
+        store_->make_room([&] {
+            int64_t add = 0;
+            for (size_t k = 0; k < run_label_.size(); ++k) add += store_->growth(run_label_[k], run_begin_[k + 1] - run_begin_[k]);
+            return add;
+        });
     check_memory(growth(), "this batch's rows (reservoirs, the exact row store and rows waiting for min_samples_per_token)");
     commit(b, rows);
     rows_.rows_seen += rows.rows_seen;

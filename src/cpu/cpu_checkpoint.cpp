@@ -114,15 +114,17 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
     // then it is rolled back, so a refused checkpoint changes nothing.
     if (has_row_store()) {
         if (!merge) store_->clear();  // resume: a fresh session, nothing to keep
-        int64_t add = 0;
-        for (int64_t c = 0; c < V_; ++c) add += store_->growth((int32_t)c, off[c + 1] - off[c]);
-        const RowStore::Mark mark = store_->mark(add);
+        const RowStore::Mark mark = store_->mark([&] {
+            int64_t add = 0;
+            for (int64_t c = 0; c < V_; ++c) add += store_->growth((int32_t)c, off[c + 1] - off[c]);
+            return add;
+        });
         try {
             const double* src = static_cast<const double*>(srows.data);
             for (int64_t c = 0; c < V_; ++c) {
                 const int64_t n = off[c + 1] - off[c];
                 if (n == 0) continue;
-                store_->make_room(store_->growth((int32_t)c, n));
+                store_->make_room([&] { return store_->growth((int32_t)c, n); });
                 std::memcpy(store_->append((int32_t)c, n), src + off[c] * d_, (size_t)(n * d_) * 8);
                 r.release(srows, (size_t)(off[c] * d_) * 8, (size_t)(n * d_) * 8);
             }
@@ -207,7 +209,7 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
             add(mine.data(), ka, na, 0);
             add(src, n, nb, 1);
             std::stable_sort(cand.begin(), cand.end(), [](const Cand& x, const Cand& y) { return x.key > y.key; });
-            std::vector<double> kept;
+            RowVector kept;
             for (int64_t j = 0; j < cap && j < (int64_t)cand.size(); ++j) kept.insert(kept.end(), cand[(size_t)j].row, cand[(size_t)j].row + d_);
             store_->assign((int32_t)c, std::move(kept));
         }

@@ -53,9 +53,11 @@ Model fill(RowStore& st, int batches, uint32_t seed) {
     for (int b = 0; b < batches; ++b) {
         std::map<int32_t, int64_t> runs;
         for (int i = 0; i < 40; ++i) ++runs[std::min<int32_t>(cls(rng), (int32_t)kV - 1)];
-        int64_t add = 0;
-        for (const auto& r : runs) add += st.growth(r.first, r.second);
-        st.make_room(add);
+        st.make_room([&] {
+            int64_t add = 0;
+            for (const auto& r : runs) add += st.growth(r.first, r.second);
+            return add;
+        });
         for (const auto& r : runs) {
             double* dst = st.append(r.first, r.second);
             for (int64_t k = 0; k < r.second * kD; ++k) {
@@ -138,8 +140,8 @@ TEST_F(RowStoreTest, MemoryStaysWithinBudgetPlusOneBatch) {
     for (int b = 0; b < 200; ++b) {
         const int32_t c = (int32_t)(rng() % kV);
         const int64_t n = 1 + rng() % 20;
+        st.make_room([&] { return st.growth(c, n); });
         const int64_t g = st.growth(c, n);
-        st.make_room(g);
         st.append(c, n);
         EXPECT_LE(st.memory_bytes(), std::max(budget, g)) << "batch " << b;
     }
@@ -237,7 +239,7 @@ TEST_F(RowStoreTest, RollbackDropsOnlyRowsAfterTheMark) {
     for (int64_t budget : {int64_t(-1), int64_t(400), int64_t(1) << 20}) {
         RowStore st(kV, kD, budget, dir_);
         const Model m = fill(st, 15, 21);
-        const RowStore::Mark mk = st.mark(1 << 16);  // room for what comes: flushes if it could not fit
+        const RowStore::Mark mk = st.mark([] { return int64_t(1) << 16; });  // room for what comes: flushes if it could not fit
         fill(st, 15, 22);
         st.rollback(mk);
         expect_same(m, read_all(st, all_ids(), 1 << 20));
