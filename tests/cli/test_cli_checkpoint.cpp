@@ -277,6 +277,49 @@ TEST_F(CliCheckpoint, SigkillThenResumeEqualsUninterrupted) {
     }
 }
 
+// The row store spilling (host_memory_limit far below the 15 MiB of rows): a run killed while it
+// spills leaves its spill directory behind; the resumed run reloads the checkpoint's rows (spilling
+// them again), removes the dead run's directory and its own, and its report is the in-memory run's.
+TEST_F(CliCheckpoint, SigkillWhileSpillingThenResume) {
+    std::ofstream(p("spill.yaml")) << "save_every: 3\nhost_memory_limit: 1MiB\nintermediate_save_dir: spill\n";
+    run_ok("analyze --quiet " + kInputA + " --config c.yaml -o plain.json");
+    auto comparable = [](json j) {
+        j.erase("config");
+        j["engine"].erase("row_store");
+        return j;
+    };
+    const json plain = comparable(report("plain.json"));
+    run_ok("analyze --quiet " + kInputA + " --config spill.yaml -o spilled.json");
+    const json spilled = report("spilled.json");
+    EXPECT_GT(spilled["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 10 << 20);
+    expect_same(comparable(spilled), plain, 1e-12);
+    EXPECT_FALSE(fs::exists(p("spill"))) << "the spill directory outlived the run that created it";
+
+    const std::string ck = "spillkill.ckpt";
+    const std::vector<std::string> args = {"analyze", "--quiet", "--features", "A/features.npy", "--labels", "A/labels.npy", "--classifier",
+                                           "A/classifier.npy", "--batch-rows", "2000", "--config", "spill.yaml", "--checkpoint", ck,
+                                           "-o", "never.json"};
+    remove_checkpoint_files(ck);
+    const pid_t pid = spawn(args);
+    // Killed once its spill directory and a checkpoint exist.
+    const auto t0 = Clock::now();
+    auto spilling = [&] {
+        if (!fs::exists(p("spill")) || !fs::exists(p(ck))) return false;
+        for (const auto& e : fs::directory_iterator(p("spill")))
+            if (e.path().filename().string().find("-" + std::to_string(pid) + "-") != std::string::npos) return true;
+        return false;
+    };
+    while (!spilling() && std::chrono::duration<double>(Clock::now() - t0).count() < 30) ::usleep(200);
+    ::kill(pid, SIGKILL);
+    ASSERT_TRUE(reap(pid)) << "the run ended before it was killed";
+    EXPECT_FALSE(fs::is_empty(p("spill"))) << "the killed run's spill directory should still be there";
+    expect_absent_or_valid(p(ck));
+    run_ok("analyze --quiet " + kInputA + " --config spill.yaml --checkpoint " + ck + " --resume -o resumed.json");
+    expect_same(comparable(report("resumed.json")), plain, 1e-12);
+    EXPECT_TRUE(fs::is_empty(p("spill"))) << "a dead run's spill directory was not removed";
+    fs::remove_all(p("spill"));
+}
+
 TEST_F(CliCheckpoint, MergeThenFromCheckpointEqualsOneRunOverBothShards) {
     // Shards: A (60000 rows) and B (20000 rows), both with A's classifier; the single run reads the
     // two concatenated into U.
