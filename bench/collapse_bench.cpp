@@ -534,17 +534,25 @@ std::string scratch_path(const Options& o, const std::string& name) { return o.s
 
 // The ceiling of figures 5 and 6: the same number of bytes, from a buffer in memory as large as
 // they are (so the source is as cold as the engine's), written to one file with pwrite in 8 MiB
-// pieces (fsync'ed when `sync`), then read back into it with pread. Best of 3 each.
+// pieces (fsync'ed when `sync`), then read back into it with pread. One repetition per call: the
+// figures interleave it with the engine's, because on this VM the first writes into fresh page
+// cache run several times slower than later ones, and whichever ran first would look worse.
 struct FileSpeed {
     double write_s = 0, read_s = 0;
 };
-FileSpeed plain_file_speed(const std::string& path, int64_t bytes, bool sync) {
-    const size_t piece = size_t(8) << 20;
-    std::vector<float> mem((size_t)(bytes / 4 + 1));
-    fill_uniform(mem.data(), (int64_t)mem.size(), 99);
-    char* const buf = reinterpret_cast<char*>(mem.data());
+struct PlainFile {
+    std::string path;
+    int64_t bytes;
+    bool sync;
+    std::vector<float> mem;
     FileSpeed best{1e300, 1e300};
-    for (int r = 0; r < 3; ++r) {
+    PlainFile(std::string p, int64_t n, bool s) : path(std::move(p)), bytes(n), sync(s), mem((size_t)(n / 4 + 1)) {
+        fill_uniform(mem.data(), (int64_t)mem.size(), 99);
+    }
+    ~PlainFile() { ::unlink(path.c_str()); }
+    void once() {
+        const size_t piece = size_t(8) << 20;
+        char* const buf = reinterpret_cast<char*>(mem.data());
         ::unlink(path.c_str());
         auto t0 = Clock::now();
         const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -561,9 +569,7 @@ FileSpeed plain_file_speed(const std::string& path, int64_t bytes, bool sync) {
         best.read_s = std::min(best.read_s, since(t0));
         ::close(fd);
     }
-    ::unlink(path.c_str());
-    return best;
-}
+};
 
 void bench_spill(const Options& o, json& out) {
     const int64_t V = 4096, d = 256, budget = 64 * kMiB;
@@ -582,7 +588,9 @@ void bench_spill(const Options& o, json& out) {
     int64_t flushes = 0, spilled = 0;
     std::vector<int32_t> ids((size_t)V);
     std::iota(ids.begin(), ids.end(), 0);
+    PlainFile plain_file(scratch_path(o, "collapse_bench_plain.bin"), total, false);
     for (int r = 0; r < 3; ++r) {
+        plain_file.once();
         collapse::RowStore st(V, d, budget, o.scratch);
         double wsec = 0;
         std::vector<int64_t> count((size_t)V);
@@ -613,7 +621,7 @@ void bench_spill(const Options& o, json& out) {
         g_sink = g_sink + (float)check;
         flushes = st.flushes(), spilled = st.disk_bytes();
     }
-    const FileSpeed plain = plain_file_speed(scratch_path(o, "collapse_bench_plain.bin"), spilled, false);
+    const FileSpeed plain = plain_file.best;
     const double w = (double)spilled / wbest / kGB, rr = (double)spilled / rbest / kGB;
     const double pw = (double)spilled / plain.write_s / kGB, pr = (double)spilled / plain.read_s / kGB;
     std::printf("spill   bytes=%lld flushes=%lld  write GB/s=%7.3f read GB/s=%7.3f  | plain file write GB/s=%7.3f read GB/s=%7.3f"
@@ -647,7 +655,10 @@ void bench_checkpoint(const Options& o, json& out) {
     ingest_pass(s, in, n);
     const std::string path = scratch_path(o, "collapse_bench.ckpt");
     double wbest = 1e300, rbest = 1e300;
+    s.save_checkpoint(path);  // its size, for the plain file
+    PlainFile plain_file(scratch_path(o, "collapse_bench_plain.bin"), (int64_t)std::filesystem::file_size(path), true);
     for (int r = 0; r < 3; ++r) {
+        plain_file.once();
         auto t0 = Clock::now();
         s.save_checkpoint(path);
         wbest = std::min(wbest, since(t0));
@@ -658,7 +669,7 @@ void bench_checkpoint(const Options& o, json& out) {
     }
     const int64_t bytes = (int64_t)std::filesystem::file_size(path);
     ::unlink(path.c_str());
-    const FileSpeed plain = plain_file_speed(scratch_path(o, "collapse_bench_plain.bin"), bytes, true);
+    const FileSpeed plain = plain_file.best;
     std::printf("ckpt    V=%lld d=%lld bytes=%lld  save s=%7.3f (GB/s=%6.3f) load s=%7.3f (GB/s=%6.3f)  | plain write+fsync s=%7.3f"
                 " read s=%7.3f  ratio save=%.2f load=%.2f\n",
                 (long long)V, (long long)d, (long long)bytes, wbest, bytes / wbest / kGB, rbest, bytes / rbest / kGB, plain.write_s,
