@@ -1,0 +1,147 @@
+// The CUDA backend's class, shared by its translation units: ingest and finalisation in
+// cuda_backend.cu, checkpoints in cuda_checkpoint.cu.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <array>
+#include <deque>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "cuda_check.hpp"
+#include "device_memory.hpp"
+#include "kernels.cuh"
+
+namespace collapse {
+namespace cuda {
+
+// Makes the session's device current for the duration of a call, and restores the caller's.
+class DeviceGuard {
+public:
+    explicit DeviceGuard(int device) {
+        COLLAPSE_CUDA_TRY(cudaGetDevice(&previous_));
+        if (previous_ != device) COLLAPSE_CUDA_TRY(cudaSetDevice(device));
+        changed_ = previous_ != device;
+    }
+    ~DeviceGuard() {
+        if (changed_) COLLAPSE_CUDA_TRY_NO_THROW(cudaSetDevice(previous_));
+    }
+
+private:
+    int previous_ = 0;
+    bool changed_ = false;
+};
+
+constexpr int kStatusSlots = 8;
+
+class CudaBackend final : public Backend {
+public:
+    CudaBackend(const Config& cfg, int64_t V, int64_t d);
+    ~CudaBackend() override;
+    const char* name() const override { return "cuda"; }
+    void ingest(const BatchDesc& b, void* stream) override;
+    Counts row_counts() override {
+        sync();
+        return totals_;
+    }
+    std::vector<int64_t> class_counts() override;
+    void sync() override;
+    // NC4 and the Gram of a cut kept set come from a second pass on this backend; the row store
+    // serves the per-token entropies.
+    bool has_row_store() const override { return false; }
+    void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
+    void ingest_second_pass(const BatchDesc& b, void* stream) override;
+    MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
+    void save_state(io::CheckpointWriter&) override {
+        fail(COLLAPSE_ERR_STATE, "checkpoints are not implemented for the cuda backend yet (use backend: cpu for checkpointed runs)");
+    }
+    void load_state(const io::CheckpointReader&, bool) override {
+        fail(COLLAPSE_ERR_STATE, "checkpoints are not implemented for the cuda backend yet (use backend: cpu for checkpointed runs)");
+    }
+
+private:
+    struct Scratch {
+        DeviceBuffer<int32_t> keys, vals, keys_sorted, vals_sorted, heads, run_start;
+        DeviceBuffer<uint8_t> cub_temp;
+        DeviceBuffer<float> gram_rows;
+        int64_t rows = 0;
+    };
+    // Host batches travel through two pinned + device staging slots (double buffering).
+    struct Staging {
+        PinnedBuffer<uint8_t> host;
+        DeviceBuffer<uint8_t> dev;
+        cudaEvent_t copied = nullptr;
+    };
+
+    void init();
+    void release() noexcept;
+    cudaStream_t pick_stream(void* s);
+    DeviceBatch device_view(const BatchDesc& b, cudaStream_t s);
+    void ensure_scratch(int64_t rows);
+    void process_slot(int k, bool wait);
+    void raise_pending();
+    int begin_batch(const BatchDesc& b, cudaStream_t s, bool check_store, DeviceBatch* db);
+    void end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass);
+    void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
+    std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
+    void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
+
+    Config cfg_;
+    int64_t V_, d_;
+    Budget budget_;
+    cudaStream_t stream_ = nullptr;
+    cudaStream_t last_stream_ = nullptr;
+    cudaEvent_t last_done_ = nullptr;
+    cublasHandle_t cublas_ = nullptr;
+    cusolverDnHandle_t cusolver_ = nullptr;
+    cusolverDnParams_t solver_params_ = nullptr;
+
+    DeviceBuffer<unsigned long long> count_;
+    DeviceBuffer<double> sum_, sqnorm_;
+    DeviceBuffer<uint8_t> excluded_;
+    bool gram_streaming_ = false;
+    DeviceBuffer<double> gram_;
+    DeviceBuffer<float> gram32_;
+    int64_t hold_rows_ = 0;
+    DeviceBuffer<float> hold_;
+    bool exact_store_ = false, sampled_ = false;
+    DeviceBuffer<float> store_;
+    DeviceBuffer<int32_t> store_labels_;
+    DeviceBuffer<unsigned long long> store_count_;
+    unsigned long long store_capacity_ = 0;
+    DeviceBuffer<float> reservoir_;
+    DeviceBuffer<long long> winner_;
+
+    Scratch scratch_;
+    std::array<Staging, 2> staging_;
+    int staging_next_ = 0;
+
+    DeviceBuffer<BatchStatus> status_;
+    PinnedBuffer<BatchStatus> status_host_;
+    // The batch behind each status slot, for counting and for naming its rows in errors.
+    struct Slot {
+        cudaEvent_t event = nullptr;
+        bool pending = false, first_pass = false, sequences = false;
+        int64_t rows = 0, offset = 0, seq_len = 0;
+    };
+    std::array<Slot, kStatusSlots> slots_{};
+    int status_next_ = 0;
+    Counts totals_;
+    std::deque<std::pair<collapse_status, std::string>> errors_;  // device-side errors, oldest first
+
+    // Second pass
+    bool pass2_ = false, pass2_nc4_ = false, pass2_gram_ = false;
+    KeptSet kept2_;
+    Classifier clf2_;
+    DeviceBuffer<double> w2_, b2_, mu2_, mu2_sq_, gram2_, xd2_, logits2_, dots2_;
+    DeviceBuffer<int32_t> ids2_, slot2_;
+    DeviceBuffer<unsigned long long> agree_, pass2_rows_dev_;
+    int64_t nc4_chunk_ = 0;
+};
+
+}  // namespace cuda
+}  // namespace collapse
