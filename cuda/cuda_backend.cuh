@@ -56,12 +56,9 @@ public:
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
     void ingest_second_pass(const BatchDesc& b, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
-    void save_state(io::CheckpointWriter&) override {
-        fail(COLLAPSE_ERR_STATE, "checkpoints are not implemented for the cuda backend yet (use backend: cpu for checkpointed runs)");
-    }
-    void load_state(const io::CheckpointReader&, bool) override {
-        fail(COLLAPSE_ERR_STATE, "checkpoints are not implemented for the cuda backend yet (use backend: cpu for checkpointed runs)");
-    }
+    // Checkpoints in the shared layout (cuda_checkpoint.cu).
+    void save_state(io::CheckpointWriter& w) override;
+    void load_state(const io::CheckpointReader& r, bool merge) override;
 
 private:
     struct Scratch {
@@ -89,6 +86,8 @@ private:
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
     void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
+    std::vector<double> download_rows(const float* src, const std::vector<int32_t>& index);
+    void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst);
 
     Config cfg_;
     int64_t V_, d_;

@@ -232,4 +232,99 @@ TEST(CudaBackend, RealDataMatchesCpu) {
     expect_close(cpu, run(D, o, 65536, true));
 }
 
+// ------------------------------------------------------------------------- checkpoints
+
+// Checkpoints share one layout across backends (src/core/state_sections.hpp): a GPU checkpoint
+// resumes on the CPU and a CPU one on the GPU, GPU shards merge, and every combination gives the
+// CPU's single run to the CUDA contract. Batches of 1000 rows; shards split at batch 4 of 8.
+class CudaCheckpoint : public ::testing::TestWithParam<collapse_svd_mode> {
+protected:
+    void SetUp() override {
+        SKIP_WITHOUT_DEVICE();
+        D_ = make_data(8000, 31, 300, COLLAPSE_F32, 99);
+        o_ = collapse::default_options();
+        o_.num_classes = D_.V;
+        o_.svd_mode = GetParam();
+        o_.svd_max_rows_per_token = 16;
+        o_.min_samples_per_token = 5;  // classes below it in one shard and above it overall
+        dir_ = ::testing::TempDir();
+    }
+    collapse_options on(collapse_backend b) const {
+        collapse_options o = o_;
+        o.backend = b;
+        return o;
+    }
+    void ingest(collapse::Session& s, int64_t b0, int64_t b1) const {
+        for (int64_t b = b0; b < b1; ++b) {
+            const collapse_buffer fx{D_.x.data() + (size_t)(b * 1000 * D_.d) * 4, COLLAPSE_F32, COLLAPSE_MEMORY_HOST, 1000, D_.d, 0};
+            const collapse_buffer fy{D_.y.data() + b * 1000, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, 1000, 1, 0};
+            s.ingest_rows(fx, fy, nullptr, nullptr);
+        }
+        s.sync();
+    }
+    static json report(collapse::Session& s) { return json::parse(s.compute().json()); }
+    std::string path(const std::string& name) const { return dir_ + "/cuda_ckpt_" + name; }
+    Data D_;
+    collapse_options o_{};
+    std::string dir_;
+};
+
+TEST_P(CudaCheckpoint, ResumesAcrossBackendsAndMerges) {
+    const bool sampled = GetParam() == COLLAPSE_SVD_SAMPLED;
+    json want;
+    {
+        collapse::Session s(on(COLLAPSE_BACKEND_CPU));
+        ingest(s, 0, 8);
+        want = report(s);
+    }
+    // Shards saved by each backend.
+    for (collapse_backend b : {COLLAPSE_BACKEND_CPU, COLLAPSE_BACKEND_CUDA})
+        for (int shard : {0, 1}) {
+            collapse::Session s(on(b));
+            ingest(s, shard * 4, shard * 4 + 4);
+            s.save(path(std::to_string(b) + "_" + std::to_string(shard)));
+        }
+    const std::string cpu0 = path("0_0"), cpu1 = path("0_1"), gpu0 = path("1_0"), gpu1 = path("1_1");
+    if (!sampled) {
+        // A GPU checkpoint resumed on the CPU, and a CPU one on the GPU.
+        collapse::Session a(on(COLLAPSE_BACKEND_CPU));
+        a.load(gpu0);
+        ingest(a, 4, 8);
+        expect_close(want, report(a));
+        collapse::Session b(on(COLLAPSE_BACKEND_CUDA));
+        b.load(cpu0);
+        ingest(b, 4, 8);
+        expect_close(want, report(b));
+    }
+    // GPU shards merged on the GPU and on the CPU; sampled reservoirs are re-sampled the same way
+    // whichever backend merges, so the reference is the CPU's merge of the CPU shards.
+    json ref = want;
+    if (sampled) {
+        collapse::Session m(on(COLLAPSE_BACKEND_CPU));
+        m.load(cpu0);
+        m.merge(cpu1);
+        ref = report(m);
+    }
+    for (collapse_backend b : {COLLAPSE_BACKEND_CUDA, COLLAPSE_BACKEND_CPU}) {
+        collapse::Session m(on(b));
+        m.load(gpu0);
+        m.merge(gpu1);
+        expect_close(ref, report(m));
+    }
+    // A GPU session saves what it loaded: the same file content, section by section.
+    collapse::Session g(on(COLLAPSE_BACKEND_CUDA));
+    g.load(gpu0);
+    g.save(path("again"));
+    collapse::Session c(on(COLLAPSE_BACKEND_CPU));
+    c.load(path("again"));
+    ingest(c, 4, 8);
+    collapse::Session c2(on(COLLAPSE_BACKEND_CPU));
+    c2.load(gpu0);
+    ingest(c2, 4, 8);
+    expect_close(report(c2), report(c), 1e-12);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, CudaCheckpoint, ::testing::Values(COLLAPSE_SVD_EXACT, COLLAPSE_SVD_SAMPLED),
+                         [](const auto& info) { return std::string(info.param == COLLAPSE_SVD_EXACT ? "exact" : "sampled"); });
+
 }  // namespace

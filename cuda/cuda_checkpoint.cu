@@ -1,0 +1,254 @@
+// The CUDA backend's state in a checkpoint, in the layout every backend shares
+// (src/core/state_sections.hpp): a checkpoint of a GPU run resumes on the CPU and the other way
+// round, and shards of both merge.
+//
+// What differs on the device and is converted here:
+//   - the Gram is column-major upper on the device, row-major upper in the file;
+//   - the device Gram holds EVERY row, and the first min_samples_per_token - 1 rows of each class
+//     sit in a hold area to subtract those of classes that never qualify; the file's Gram holds the
+//     rows of qualifying classes, the others are held back in the file. Saving subtracts the held
+//     rows of classes below the threshold, loading adds them and fills the hold area;
+//   - rows (store, reservoirs, hold area) are float32 on the device, float64 in the file;
+//   - the exact store is in arrival order with a label per row; the file's is grouped by class.
+#include <cblas.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "core/error.hpp"
+#include "core/state_sections.hpp"
+#include "cuda_backend.cuh"
+
+namespace collapse {
+namespace cuda {
+
+namespace {
+
+constexpr int64_t kChunkBytes = int64_t(64) << 20;  // rows moved between device and host at once
+
+__global__ void scatter_rows_kernel(const float* src, const int64_t* slot, int64_t n, int64_t d, float* dst) {
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n * d; i += (int64_t)gridDim.x * blockDim.x)
+        dst[slot[i / d] * d + i % d] = src[i];
+}
+
+// g (d x d) += rows^T rows, g row-major upper: the Gram of held rows.
+void add_outer_products(const double* rows, int64_t n, int64_t d, double alpha, double* g) {
+    if (n > 0) cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)n, alpha, rows, (int)d, 1.0, g, (int)d);
+}
+
+}  // namespace
+
+// Rows src[index[0..n)] of a float32 device array, as float64 on the host.
+std::vector<double> CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index) {
+    const int64_t n = (int64_t)index.size();
+    std::vector<double> out((size_t)(n * d_));
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 8));
+    DeviceBuffer<int32_t> idx((size_t)std::min(n, chunk), &budget_, "checkpoint row index");
+    DeviceBuffer<double> rows((size_t)(std::min(n, chunk) * d_), &budget_, "checkpoint rows (float64)");
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+        const int64_t m = std::min(chunk, n - r0);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, stream_));
+        launch_rows_to_double(src, idx.data(), m, d_, nullptr, rows.data(), stream_);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(out.data() + r0 * d_, rows.data(), (size_t)(m * d_) * 8, cudaMemcpyDeviceToHost, stream_));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
+    }
+    return out;
+}
+
+// Float64 host rows to float32 device rows dst[slot[k]] (slot = row index of the [*, d] array).
+void CudaBackend::upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst) {
+    const int64_t n = (int64_t)slot.size();
+    if (n == 0) return;
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 4));
+    DeviceBuffer<float> buf((size_t)(std::min(n, chunk) * d_), &budget_, "checkpoint rows (float32)");
+    DeviceBuffer<int64_t> idx((size_t)std::min(n, chunk), &budget_, "checkpoint row slots");
+    std::vector<float> f;
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+        const int64_t m = std::min(chunk, n - r0);
+        f.resize((size_t)(m * d_));
+        for (int64_t k = 0; k < m * d_; ++k) f[(size_t)k] = (float)rows[r0 * d_ + k];
+        COLLAPSE_CUDA_TRY(cudaMemcpy(buf.data(), f.data(), f.size() * 4, cudaMemcpyHostToDevice));
+        COLLAPSE_CUDA_TRY(cudaMemcpy(idx.data(), slot.data() + r0, (size_t)m * 8, cudaMemcpyHostToDevice));
+        const int64_t blocks = std::min<int64_t>((m * d_ + 255) / 256, 65535);
+        scatter_rows_kernel<<<(unsigned)blocks, 256, 0, stream_>>>(buf.data(), idx.data(), m, d_, dst);
+        COLLAPSE_CUDA_TRY(cudaGetLastError());
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
+    }
+}
+
+void CudaBackend::save_state(io::CheckpointWriter& w) {
+    DeviceGuard guard(cfg_.device_ordinal);
+    const std::vector<int64_t> counts = class_counts();  // syncs: every batch is in
+    std::vector<double> sums((size_t)(V_ * d_)), sq((size_t)V_);
+    COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
+    write_state_core(w, totals_, V_, d_, counts.data(), sums.data(), sq.data());
+    std::vector<double>().swap(sums);
+
+    if (gram_streaming_) {
+        // Classes below min_samples_per_token: all their rows are in the hold area.
+        std::vector<int64_t> ids, n;
+        std::vector<int32_t> index;
+        for (int64_t c = 0; c < V_; ++c)
+            if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token) {
+                ids.push_back(c), n.push_back(counts[(size_t)c]);
+                for (int64_t r = 0; r < counts[(size_t)c]; ++r) index.push_back((int32_t)(c * hold_rows_ + r));
+            }
+        const std::vector<double> held = download_rows(hold_.data(), index);
+        std::vector<double> g((size_t)(d_ * d_)), out((size_t)(d_ * d_), 0.0);
+        COLLAPSE_CUDA_TRY(cudaMemcpy(g.data(), gram_.data(), gram_.bytes(), cudaMemcpyDeviceToHost));
+        for (int64_t a = 0; a < d_; ++a)
+            for (int64_t b = a; b < d_; ++b) out[(size_t)(a * d_ + b)] = g[(size_t)(a + b * d_)];
+        add_outer_products(held.data(), (int64_t)index.size(), d_, -1.0, out.data());
+        w.add("gram", COLLAPSE_F64, {d_, d_}, out.data(), out.size() * 8);
+        w.add("holdback_ids", COLLAPSE_I64, {(int64_t)ids.size()}, ids.data(), ids.size() * 8);
+        w.add("holdback_counts", COLLAPSE_I64, {(int64_t)n.size()}, n.data(), n.size() * 8);
+        w.add("holdback_rows", COLLAPSE_F64, {(int64_t)index.size(), d_}, held.data(), held.size() * 8);
+    }
+
+    if (exact_store_ || sampled_) {
+        // Row indices in class order: the exact store's rows stably grouped by label, or the filled
+        // reservoir slots.
+        std::vector<int64_t> off((size_t)V_ + 1, 0);
+        std::vector<int32_t> index;
+        if (exact_store_) {
+            unsigned long long stored = 0;
+            COLLAPSE_CUDA_TRY(cudaMemcpy(&stored, store_count_.data(), 8, cudaMemcpyDeviceToHost));
+            std::vector<int32_t> labels((size_t)stored);
+            COLLAPSE_CUDA_TRY(cudaMemcpy(labels.data(), store_labels_.data(), labels.size() * 4, cudaMemcpyDeviceToHost));
+            for (int32_t c : labels) ++off[(size_t)c + 1];
+            for (int64_t c = 0; c < V_; ++c) off[(size_t)c + 1] += off[(size_t)c];
+            std::vector<int64_t> next(off.begin(), off.end() - 1);
+            index.resize(labels.size());
+            for (size_t i = 0; i < labels.size(); ++i) index[(size_t)next[(size_t)labels[i]]++] = (int32_t)i;
+        } else {
+            const int64_t cap = cfg_.svd_max_rows_per_token;
+            for (int64_t c = 0; c < V_; ++c) {
+                const int64_t k = std::min(counts[(size_t)c], cap);
+                off[(size_t)c + 1] = off[(size_t)c] + k;
+                for (int64_t j = 0; j < k; ++j) index.push_back((int32_t)(c * cap + j));
+            }
+        }
+        const float* src = exact_store_ ? store_.data() : reservoir_.data();
+        w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
+        w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
+        const size_t chunk = (size_t)std::max<int64_t>(1, kChunkBytes / (d_ * 8));
+        for (size_t r0 = 0; r0 < index.size(); r0 += chunk) {
+            const std::vector<int32_t> part(index.begin() + (ptrdiff_t)r0, index.begin() + (ptrdiff_t)std::min(index.size(), r0 + chunk));
+            const std::vector<double> rows = download_rows(src, part);
+            w.append(rows.data(), rows.size() * 8);
+        }
+        w.end_section();
+    }
+}
+
+void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
+    DeviceGuard guard(cfg_.device_ordinal);
+    const std::string& path = r.path();
+    const bool keeps_rows = exact_store_ || sampled_;
+    const StateView v = read_state(r, V_, d_, gram_streaming_, keeps_rows);
+    // Room on the device, before anything changes.
+    std::vector<int64_t> before((size_t)V_, 0);
+    if (merge) before = class_counts();
+    else sync();
+    unsigned long long stored = 0;
+    if (exact_store_) {
+        if (merge) COLLAPSE_CUDA_TRY(cudaMemcpy(&stored, store_count_.data(), 8, cudaMemcpyDeviceToHost));
+        const unsigned long long incoming = (unsigned long long)v.store_offsets[V_];
+        if (stored + incoming > store_capacity_)
+            fail(COLLAPSE_ERR_OUT_OF_MEMORY, "loading checkpoint ", path, ": its ", incoming, " stored rows and the ", stored,
+                 " already here exceed the exact row store on the device (", store_capacity_,
+                 " rows within device_memory_limit); raise device_memory_limit or use backend: cpu, which spills to disk");
+    }
+
+    // Counts, sums, squared norms: added on the host (checkpoints are rare; this stays simple).
+    std::vector<unsigned long long> cnt((size_t)V_);
+    for (int64_t c = 0; c < V_; ++c) cnt[(size_t)c] = (unsigned long long)(before[(size_t)c] + v.counts[c]);
+    std::vector<double> sums((size_t)(V_ * d_), 0.0), sq((size_t)V_, 0.0);
+    if (merge) {
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
+    }
+    for (size_t k = 0; k < sums.size(); ++k) sums[k] += v.sums[k];
+    for (int64_t c = 0; c < V_; ++c) sq[(size_t)c] += v.sqnorms[c];
+    COLLAPSE_CUDA_TRY(cudaMemcpy(count_.data(), cnt.data(), count_.bytes(), cudaMemcpyHostToDevice));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(sum_.data(), sums.data(), sum_.bytes(), cudaMemcpyHostToDevice));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(sqnorm_.data(), sq.data(), sqnorm_.bytes(), cudaMemcpyHostToDevice));
+    std::vector<double>().swap(sums);
+    if (!merge) totals_ = Counts{};
+    totals_.rows_seen += v.rows[0], totals_.rows_masked += v.rows[1], totals_.rows_excluded += v.rows[2], totals_.rows_nonfinite += v.rows[3];
+
+    if (gram_streaming_) {
+        // The device Gram holds every row: the file's Gram plus its held-back rows.
+        std::vector<double> add((size_t)(d_ * d_), 0.0), g((size_t)(d_ * d_), 0.0);
+        for (int64_t a = 0; a < d_; ++a)
+            for (int64_t b = a; b < d_; ++b) add[(size_t)(a * d_ + b)] = v.gram[a * d_ + b];
+        add_outer_products(v.holdback_rows, v.holdback_total, d_, 1.0, add.data());
+        if (merge) COLLAPSE_CUDA_TRY(cudaMemcpy(g.data(), gram_.data(), gram_.bytes(), cudaMemcpyDeviceToHost));
+        for (int64_t a = 0; a < d_; ++a)
+            for (int64_t b = a; b < d_; ++b) g[(size_t)(a + b * d_)] += add[(size_t)(a * d_ + b)];
+        COLLAPSE_CUDA_TRY(cudaMemcpy(gram_.data(), g.data(), gram_.bytes(), cudaMemcpyHostToDevice));
+        // Held rows go to the hold area after the rows the class already has there.
+        std::vector<int64_t> slot;
+        std::vector<double> rows;
+        const double* hr = v.holdback_rows;
+        for (int64_t i = 0; i < v.holdback_classes; ++i) {
+            const int64_t c = v.holdback_ids[i];
+            for (int64_t k = 0; k < v.holdback_counts[i]; ++k, hr += d_)
+                if (before[(size_t)c] + k < hold_rows_) {
+                    slot.push_back(c * hold_rows_ + before[(size_t)c] + k);
+                    rows.insert(rows.end(), hr, hr + d_);
+                }
+        }
+        upload_rows(rows.data(), slot, hold_.data());
+    }
+
+    if (exact_store_) {
+        // Appended class after class; finalisation groups the store by label anyway.
+        const int64_t total = v.store_offsets[V_];
+        std::vector<int32_t> labels((size_t)total);
+        for (int64_t c = 0; c < V_; ++c)
+            std::fill(labels.begin() + v.store_offsets[c], labels.begin() + v.store_offsets[c + 1], (int32_t)c);
+        const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 4));
+        std::vector<float> f;
+        for (int64_t r0 = 0; r0 < total; r0 += chunk) {
+            const int64_t m = std::min(chunk, total - r0);
+            f.resize((size_t)(m * d_));
+            for (int64_t k = 0; k < m * d_; ++k) f[(size_t)k] = (float)v.store_rows[r0 * d_ + k];
+            COLLAPSE_CUDA_TRY(cudaMemcpy(store_.data() + (stored + (unsigned long long)r0) * (unsigned long long)d_, f.data(), f.size() * 4,
+                                         cudaMemcpyHostToDevice));
+            r.release(v.store_section, (size_t)(r0 * d_) * 8, (size_t)(m * d_) * 8);
+        }
+        COLLAPSE_CUDA_TRY(cudaMemcpy(store_labels_.data() + stored, labels.data(), labels.size() * 4, cudaMemcpyHostToDevice));
+        const unsigned long long now = stored + (unsigned long long)total;
+        COLLAPSE_CUDA_TRY(cudaMemcpy(store_count_.data(), &now, 8, cudaMemcpyHostToDevice));
+    } else if (sampled_) {
+        // Slots and rows of every class, uploaded together; a class whose reservoirs together
+        // exceed svd_max_rows_per_token is re-sampled on the host.
+        const int64_t cap = cfg_.svd_max_rows_per_token;
+        std::vector<int64_t> slot;
+        std::vector<double> rows;
+        for (int64_t c = 0; c < V_; ++c) {
+            const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c];
+            if (n == 0) continue;
+            const double* src = v.store_rows + v.store_offsets[c] * d_;
+            const int64_t ka = std::min(before[(size_t)c], cap);
+            if (ka + n <= cap) {
+                for (int64_t j = 0; j < n; ++j) slot.push_back(c * cap + ka + j);
+                rows.insert(rows.end(), src, src + n * d_);
+                continue;
+            }
+            std::vector<int32_t> mine_index;
+            for (int64_t j = 0; j < ka; ++j) mine_index.push_back((int32_t)(c * cap + j));
+            const std::vector<double> mine = download_rows(reservoir_.data(), mine_index);
+            const RowVector merged = merge_reservoirs(cfg_.seed, (int32_t)c, cap, d_, mine.data(), ka, before[(size_t)c], src, n, v.counts[c]);
+            for (int64_t j = 0; j < (int64_t)merged.size() / d_; ++j) slot.push_back(c * cap + j);
+            rows.insert(rows.end(), merged.begin(), merged.end());
+        }
+        upload_rows(rows.data(), slot, reservoir_.data());
+    }
+    COLLAPSE_CUDA_TRY(cudaDeviceSynchronize());
+}
+
+}  // namespace cuda
+}  // namespace collapse
