@@ -1,6 +1,8 @@
 // Small file and error helpers shared by the file-format tests.
 #pragma once
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <fstream>
@@ -52,5 +54,33 @@ inline std::string expect_error(const std::function<void()>& fn, const std::vect
     ADD_FAILURE() << "expected an Error(" << status << ") mentioning \"" << (pieces.empty() ? "" : pieces[0]) << "\"";
     return "";
 }
+
+// A file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored) for the object's lifetime: writes past it
+// fail with EFBIG, a real kernel error standing in for a full disk. `usable()` is false when the
+// process already runs under a limit below 64 MiB (the test should then skip).
+class FileSizeLimit {
+public:
+    explicit FileSizeLimit(rlim_t bytes) {
+        ::getrlimit(RLIMIT_FSIZE, &old_);
+        handler_ = ::signal(SIGXFSZ, SIG_IGN);
+        struct rlimit small = old_;
+        small.rlim_cur = bytes;
+        EXPECT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+    }
+    ~FileSizeLimit() {
+        ::setrlimit(RLIMIT_FSIZE, &old_);
+        ::signal(SIGXFSZ, handler_);
+    }
+    FileSizeLimit(const FileSizeLimit&) = delete;
+    FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+    static bool usable() {
+        struct rlimit cur;
+        return ::getrlimit(RLIMIT_FSIZE, &cur) == 0 && (cur.rlim_cur == RLIM_INFINITY || cur.rlim_cur >= (rlim_t(64) << 20));
+    }
+
+private:
+    struct rlimit old_ {};
+    void (*handler_)(int) = nullptr;
+};
 
 }  // namespace testutil

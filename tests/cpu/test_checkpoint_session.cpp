@@ -14,8 +14,6 @@
 //  3. Refusals: status code, a message naming the difference, and the session unchanged (proven:
 //     the refused session goes on and its report equals that of a session that never tried).
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -865,30 +863,26 @@ TEST_F(Spill, CheckpointsOfSpilledStoresRoundTripAndMerge) {
 // the batch is refused whole, nothing is lost, and once the disk takes writes again the same
 // batch goes in and the report is the full run's.
 TEST_F(Spill, DiskErrorRefusesTheBatchAndLosesNothing) {
-    struct rlimit old;
-    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-    if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur < (64u << 20)) GTEST_SKIP() << "file size already limited";
+    if (!testutil::FileSizeLimit::usable()) GTEST_SKIP() << "file size already limited";
     const collapse_options o = limited(exact_with_nc4(), int64_t(1) << 20);
     const json want = single_run(exact_with_nc4(), &C_, D_);
     SessionPtr s = make_session(o, &C_);
     ingest(s.get(), D_, 0, 3);
-    const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit small = old;
-    small.rlim_cur = 4096;
-    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
     size_t failed_at = kBatchRows.size();
-    for (size_t b = 3; b < kBatchRows.size(); ++b) {
-        const int64_t r0 = D_.batch_start[b], n = D_.batch_start[b + 1] - r0;
-        const collapse_buffer f{D_.x.data() + r0 * D_.d, COLLAPSE_F32, COLLAPSE_MEMORY_HOST, n, D_.d, 0};
-        const collapse_buffer l{D_.y.data() + r0, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
-        if (collapse_session_ingest_rows(s.get(), &f, &l, nullptr, nullptr) != COLLAPSE_OK) {
-            failed_at = b;
-            break;
+    std::string msg;
+    {
+        testutil::FileSizeLimit limit(4096);
+        for (size_t b = 3; b < kBatchRows.size(); ++b) {
+            const int64_t r0 = D_.batch_start[b], n = D_.batch_start[b + 1] - r0;
+            const collapse_buffer f{D_.x.data() + r0 * D_.d, COLLAPSE_F32, COLLAPSE_MEMORY_HOST, n, D_.d, 0};
+            const collapse_buffer l{D_.y.data() + r0, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
+            if (collapse_session_ingest_rows(s.get(), &f, &l, nullptr, nullptr) != COLLAPSE_OK) {
+                failed_at = b;
+                msg = collapse_last_error();
+                break;
+            }
         }
     }
-    const std::string msg = collapse_last_error();
-    ::setrlimit(RLIMIT_FSIZE, &old);
-    ::signal(SIGXFSZ, old_handler);
     ASSERT_LT(failed_at, kBatchRows.size()) << "no batch needed to spill";
     EXPECT_NE(msg.find(std::strerror(EFBIG)), std::string::npos) << msg;
     EXPECT_NE(msg.find(path("spill")), std::string::npos) << msg;
@@ -929,9 +923,7 @@ TEST_F(Spill, UnwritableDirectoryIsAClearErrorAndTheSessionGoesOn) {
 // A checkpoint that cannot be taken in (the disk refuses the spill) is rolled back: the merging
 // session's report is what it was.
 TEST_F(Spill, RefusedMergeRollsBack) {
-    struct rlimit old;
-    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-    if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur < (64u << 20)) GTEST_SKIP() << "file size already limited";
+    if (!testutil::FileSizeLimit::usable()) GTEST_SKIP() << "file size already limited";
     const collapse_options o = limited(exact_with_nc4(), int64_t(1) << 20);
     const std::string ck = path("other.ckpt");
     {
@@ -944,14 +936,13 @@ TEST_F(Spill, RefusedMergeRollsBack) {
     const json before = final_report(s.get());
     SessionPtr t = make_session(o, &C_);
     ingest(t.get(), D_, 0, 4);
-    const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit small = old;
-    small.rlim_cur = 4096;
-    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
-    const collapse_status st = collapse_session_merge(t.get(), ck.c_str());
-    const std::string msg = collapse_last_error();
-    ::setrlimit(RLIMIT_FSIZE, &old);
-    ::signal(SIGXFSZ, old_handler);
+    collapse_status st;
+    std::string msg;
+    {
+        testutil::FileSizeLimit limit(4096);
+        st = collapse_session_merge(t.get(), ck.c_str());
+        msg = collapse_last_error();
+    }
     EXPECT_EQ(st, COLLAPSE_ERR_IO) << msg;
     EXPECT_NE(msg.find(std::strerror(EFBIG)), std::string::npos) << msg;
     json after = final_report(t.get());

@@ -2,8 +2,6 @@
 // added, for every memory budget and load budget; disk failures (injected, a real file-size limit,
 // an unwritable directory, a corrupted file) are clear errors that lose nothing; scratch files go.
 #include <gtest/gtest.h>
-#include <signal.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -181,18 +179,13 @@ TEST_F(RowStoreTest, FailedWriteLosesNothingAndCanBeRetried) {
 
 // A real write error from the kernel: a file-size limit makes pwrite fail with EFBIG.
 TEST_F(RowStoreTest, FileSizeLimitIsAnIoError) {
-    struct rlimit old;
-    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-    if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur < (8u << 20)) GTEST_SKIP() << "file size already limited";
+    if (!testutil::FileSizeLimit::usable()) GTEST_SKIP() << "file size already limited";
     RowStore st(kV, kD, 1 << 20, dir_);
     const Model m = fill(st, 30, 5);
-    const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit small = old;
-    small.rlim_cur = 1024;
-    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
-    testutil::expect_error([&] { st.flush(); }, {"spilling the exact row store", std::strerror(EFBIG)});
-    ::setrlimit(RLIMIT_FSIZE, &old);
-    ::signal(SIGXFSZ, old_handler);
+    {
+        testutil::FileSizeLimit limit(1024);
+        testutil::expect_error([&] { st.flush(); }, {"spilling the exact row store", std::strerror(EFBIG)});
+    }
     EXPECT_EQ(st.flushes(), 0);
     expect_same(m, read_all(st, all_ids(), 1 << 20));
     st.flush();

@@ -584,24 +584,16 @@ TEST_F(TensorFileTest, WriterIntoMissingDirectory) {
 
 // A file-size limit makes write() fail with EFBIG: a stand-in for ENOSPC that needs no full disk.
 TEST_F(TensorFileTest, WriterReportsWriteErrors) {
-    struct rlimit old;
-    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-    if (old.rlim_cur != RLIM_INFINITY && old.rlim_cur < (8u << 20)) GTEST_SKIP() << "file size already limited";
-    const auto old_handler = ::signal(SIGXFSZ, SIG_IGN);
-    struct rlimit small = old;
-    small.rlim_cur = 64 * 1024;
-    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
-
+    if (!testutil::FileSizeLimit::usable()) GTEST_SKIP() << "file size already limited";
     const std::string p = path("big.npy");
     const std::string chunk(4u << 20, 'x');  // larger than the writer's buffer: written at once
     {
+        testutil::FileSizeLimit limit(64 * 1024);
         NpyWriter w(p, COLLAPSE_U8, {(int64_t)chunk.size() * 2});
         expect_io_error([&] { w.append(chunk.data(), chunk.size()); }, {p, std::strerror(EFBIG)});
         expect_io_error([&] { w.append(chunk.data(), chunk.size()); }, {p, "earlier error"});
         expect_io_error([&] { w.close(); }, {p});
     }
-    ::setrlimit(RLIMIT_FSIZE, &old);
-    ::signal(SIGXFSZ, old_handler);
     EXPECT_FALSE(exists(p));
     EXPECT_FALSE(exists(p + ".tmp"));
 }
