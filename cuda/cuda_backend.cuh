@@ -87,7 +87,7 @@ private:
     std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
     void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
     std::vector<double> download_rows(const float* src, const std::vector<int32_t>& index);
-    void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst);
+    void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst, DeviceBuffer<float>& buf, DeviceBuffer<int64_t>& idx);
 
     Config cfg_;
     int64_t V_, d_;

@@ -55,13 +55,12 @@ std::vector<double> CudaBackend::download_rows(const float* src, const std::vect
     return out;
 }
 
-// Float64 host rows to float32 device rows dst[slot[k]] (slot = row index of the [*, d] array).
-void CudaBackend::upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst) {
+// Float64 host rows to float32 device rows dst[slot[k]] (slot = row index of the [*, d] array),
+// through `buf` and `idx`, allocated beforehand (load_state allocates before it changes anything).
+void CudaBackend::upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst, DeviceBuffer<float>& buf,
+                              DeviceBuffer<int64_t>& idx) {
     const int64_t n = (int64_t)slot.size();
-    if (n == 0) return;
-    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 4));
-    DeviceBuffer<float> buf((size_t)(std::min(n, chunk) * d_), &budget_, "checkpoint rows (float32)");
-    DeviceBuffer<int64_t> idx((size_t)std::min(n, chunk), &budget_, "checkpoint row slots");
+    const int64_t chunk = (int64_t)idx.size();
     std::vector<float> f;
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
         const int64_t m = std::min(chunk, n - r0);
@@ -146,8 +145,10 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
     DeviceGuard guard(cfg_.device_ordinal);
     const std::string& path = r.path();
     const bool keeps_rows = exact_store_ || sampled_;
-    const StateView v = read_state(r, V_, d_, gram_streaming_, keeps_rows);
-    // Room on the device, before anything changes.
+    const StateView v = read_state(r, V_, d_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);
+
+    // Everything that can fail (room on the device, downloads, allocations) comes before the first
+    // change: a refused checkpoint changes nothing.
     std::vector<int64_t> before((size_t)V_, 0);
     if (merge) before = class_counts();
     else sync();
@@ -160,8 +161,55 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
                  " already here exceed the exact row store on the device (", store_capacity_,
                  " rows within device_memory_limit); raise device_memory_limit or use backend: cpu, which spills to disk");
     }
+    // Rows for the hold area: after the rows the class already has there.
+    std::vector<int64_t> hold_slot;
+    std::vector<double> hold_rows;
+    if (gram_streaming_) {
+        const double* hr = v.holdback_rows;
+        for (int64_t i = 0; i < v.holdback_classes; ++i) {
+            const int64_t c = v.holdback_ids[i];
+            for (int64_t k = 0; k < v.holdback_counts[i]; ++k, hr += d_)
+                if (before[(size_t)c] + k < hold_rows_) {
+                    hold_slot.push_back(c * hold_rows_ + before[(size_t)c] + k);
+                    hold_rows.insert(hold_rows.end(), hr, hr + d_);
+                }
+        }
+    }
+    // Reservoir slots and rows; a class whose two reservoirs exceed svd_max_rows_per_token is
+    // re-sampled on the host (its device rows downloaded once for all such classes).
+    std::vector<int64_t> res_slot;
+    std::vector<double> res_rows;
+    if (sampled_) {
+        const int64_t cap = cfg_.svd_max_rows_per_token;
+        std::vector<int32_t> mine_index;
+        for (int64_t c = 0; c < V_; ++c) {
+            const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c], ka = std::min(before[(size_t)c], cap);
+            if (n > 0 && ka + n > cap)
+                for (int64_t j = 0; j < ka; ++j) mine_index.push_back((int32_t)(c * cap + j));
+        }
+        const std::vector<double> mine = download_rows(reservoir_.data(), mine_index);
+        const double* mp = mine.data();
+        for (int64_t c = 0; c < V_; ++c) {
+            const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c], ka = std::min(before[(size_t)c], cap);
+            if (n == 0) continue;
+            const double* src = v.store_rows + v.store_offsets[c] * d_;
+            if (ka + n <= cap) {
+                for (int64_t j = 0; j < n; ++j) res_slot.push_back(c * cap + ka + j);
+                res_rows.insert(res_rows.end(), src, src + n * d_);
+                continue;
+            }
+            const RowVector merged = merge_reservoirs(cfg_.seed, (int32_t)c, cap, d_, mp, ka, before[(size_t)c], src, n, v.counts[c]);
+            mp += ka * d_;
+            for (int64_t j = 0; j < (int64_t)merged.size() / d_; ++j) res_slot.push_back(c * cap + j);
+            res_rows.insert(res_rows.end(), merged.begin(), merged.end());
+        }
+    }
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 4));
+    const int64_t upload = std::min<int64_t>(chunk, std::max<int64_t>({1, (int64_t)hold_slot.size(), (int64_t)res_slot.size()}));
+    DeviceBuffer<float> up_rows((size_t)(upload * d_), &budget_, "checkpoint rows (float32)");
+    DeviceBuffer<int64_t> up_slots((size_t)upload, &budget_, "checkpoint row slots");
 
-    // Counts, sums, squared norms: added on the host (checkpoints are rare; this stays simple).
+    // From here on only CUDA itself can fail.
     std::vector<unsigned long long> cnt((size_t)V_);
     for (int64_t c = 0; c < V_; ++c) cnt[(size_t)c] = (unsigned long long)(before[(size_t)c] + v.counts[c]);
     std::vector<double> sums((size_t)(V_ * d_), 0.0), sq((size_t)V_, 0.0);
@@ -188,19 +236,7 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
         for (int64_t a = 0; a < d_; ++a)
             for (int64_t b = a; b < d_; ++b) g[(size_t)(a + b * d_)] += add[(size_t)(a * d_ + b)];
         COLLAPSE_CUDA_TRY(cudaMemcpy(gram_.data(), g.data(), gram_.bytes(), cudaMemcpyHostToDevice));
-        // Held rows go to the hold area after the rows the class already has there.
-        std::vector<int64_t> slot;
-        std::vector<double> rows;
-        const double* hr = v.holdback_rows;
-        for (int64_t i = 0; i < v.holdback_classes; ++i) {
-            const int64_t c = v.holdback_ids[i];
-            for (int64_t k = 0; k < v.holdback_counts[i]; ++k, hr += d_)
-                if (before[(size_t)c] + k < hold_rows_) {
-                    slot.push_back(c * hold_rows_ + before[(size_t)c] + k);
-                    rows.insert(rows.end(), hr, hr + d_);
-                }
-        }
-        upload_rows(rows.data(), slot, hold_.data());
+        upload_rows(hold_rows.data(), hold_slot, hold_.data(), up_rows, up_slots);
     }
 
     if (exact_store_) {
@@ -209,7 +245,6 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
         std::vector<int32_t> labels((size_t)total);
         for (int64_t c = 0; c < V_; ++c)
             std::fill(labels.begin() + v.store_offsets[c], labels.begin() + v.store_offsets[c + 1], (int32_t)c);
-        const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 4));
         std::vector<float> f;
         for (int64_t r0 = 0; r0 < total; r0 += chunk) {
             const int64_t m = std::min(chunk, total - r0);
@@ -223,29 +258,7 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
         const unsigned long long now = stored + (unsigned long long)total;
         COLLAPSE_CUDA_TRY(cudaMemcpy(store_count_.data(), &now, 8, cudaMemcpyHostToDevice));
     } else if (sampled_) {
-        // Slots and rows of every class, uploaded together; a class whose reservoirs together
-        // exceed svd_max_rows_per_token is re-sampled on the host.
-        const int64_t cap = cfg_.svd_max_rows_per_token;
-        std::vector<int64_t> slot;
-        std::vector<double> rows;
-        for (int64_t c = 0; c < V_; ++c) {
-            const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c];
-            if (n == 0) continue;
-            const double* src = v.store_rows + v.store_offsets[c] * d_;
-            const int64_t ka = std::min(before[(size_t)c], cap);
-            if (ka + n <= cap) {
-                for (int64_t j = 0; j < n; ++j) slot.push_back(c * cap + ka + j);
-                rows.insert(rows.end(), src, src + n * d_);
-                continue;
-            }
-            std::vector<int32_t> mine_index;
-            for (int64_t j = 0; j < ka; ++j) mine_index.push_back((int32_t)(c * cap + j));
-            const std::vector<double> mine = download_rows(reservoir_.data(), mine_index);
-            const RowVector merged = merge_reservoirs(cfg_.seed, (int32_t)c, cap, d_, mine.data(), ka, before[(size_t)c], src, n, v.counts[c]);
-            for (int64_t j = 0; j < (int64_t)merged.size() / d_; ++j) slot.push_back(c * cap + j);
-            rows.insert(rows.end(), merged.begin(), merged.end());
-        }
-        upload_rows(rows.data(), slot, reservoir_.data());
+        upload_rows(res_rows.data(), res_slot, reservoir_.data(), up_rows, up_slots);
     }
     COLLAPSE_CUDA_TRY(cudaDeviceSynchronize());
 }

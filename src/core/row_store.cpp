@@ -1,12 +1,14 @@
 #include "core/row_store.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/uio.h>
 #include <malloc.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -31,15 +33,27 @@ std::string part_name(const std::string& dir, int p) {
     return dir + buf;
 }
 
-// Spill directories of this host's processes that no longer run (killed before their destructor
-// ran) are removed: a crashed run would otherwise leave its rows behind for good.
+// Spill directories left by processes that no longer run (killed before their destructor ran) are
+// removed: a crashed run would otherwise leave its rows behind for good. A directory qualifies when
+// its name is exactly "<prefix><pid>-XXXXXX" for this host, that pid is not running here, and its
+// lock is free: a live store holds an flock on its directory, which the kernel drops with the
+// process (this also covers another pid namespace with the same host name).
 void remove_stale(const std::string& parent, const std::string& prefix) {
     std::error_code ec;
-    for (const auto& entry : std::filesystem::directory_iterator(parent, ec)) {
-        const std::string name = entry.path().filename().string();
-        if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    for (auto it = std::filesystem::directory_iterator(parent, ec); !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
+        const std::string name = it->path().filename().string();
+        if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
+        size_t i = prefix.size(), digits = 0;
+        while (i < name.size() && std::isdigit((unsigned char)name[i])) ++i, ++digits;
+        if (digits == 0 || digits > 9 || i + 7 != name.size() || name[i] != '-') continue;
         const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
-        if (pid > 0 && ::kill((pid_t)pid, 0) != 0 && errno == ESRCH) std::filesystem::remove_all(entry.path(), ec);
+        if (::kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
+        const int fd = ::open(it->path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0) continue;
+        const bool unlocked = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
+        ::close(fd);
+        std::error_code rm;
+        if (unlocked) std::filesystem::remove_all(it->path(), rm);
     }
 }
 
@@ -74,6 +88,7 @@ RowStore::~RowStore() {
         std::filesystem::remove_all(dir_, ec);  // scratch: nothing to report from a destructor
         if (created_parent_) ::rmdir(parent_.c_str());  // only if empty
     }
+    if (lock_fd_ >= 0) ::close(lock_fd_);
 }
 
 // Capacity doubles (at least) when a class outgrows it: growth() is what append() will allocate.
@@ -123,7 +138,7 @@ void RowStore::release() {
 void RowStore::open_spill() {
     if (!dir_.empty()) return;
     std::error_code ec;
-    created_parent_ = !std::filesystem::exists(parent_, ec);
+    if (!created_parent_) created_parent_ = !std::filesystem::exists(parent_, ec);
     std::filesystem::create_directories(parent_, ec);
     char host[256] = "host";
     (void)::gethostname(host, sizeof host - 1);
@@ -135,6 +150,9 @@ void RowStore::open_spill() {
              "': ", ec ? ec.message() : std::strerror(errno),
              " (the rows do not fit in host_memory_limit; give a writable intermediate_save_dir, raise host_memory_limit, or use svd_mode: sampled)");
     dir_ = tmpl;
+    // Held until the store goes: tells remove_stale() of other processes that this one is alive.
+    lock_fd_ = ::open(dir_.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (lock_fd_ >= 0) (void)::flock(lock_fd_, LOCK_EX | LOCK_NB);
 }
 
 // Every in-memory row goes to disk, partition by partition, through a staging buffer so that
@@ -178,27 +196,33 @@ void RowStore::flush() {
                 fd_[(size_t)p] = ::open(name.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
                 if (fd_[(size_t)p] < 0) fail(COLLAPSE_ERR_IO, "cannot create spill file ", name, ": ", std::strerror(errno));
             }
-            const size_t bytes = v.size() * 8;
-            const char* src = reinterpret_cast<const char*>(v.data());
+            // Extents of at most stage_cap bytes: finalisation reads and checks an extent at once.
+            const size_t row_bytes = (size_t)d_ * 8;
+            const size_t extent_rows = std::max<size_t>(1, stage_cap / row_bytes);
             stage_class = c;
-            if (stage.size() + bytes > stage_cap) drain();
-            const int64_t at = file_bytes_[(size_t)p] + (int64_t)stage.size();
-            uint32_t crc;
-            if (bytes >= stage_cap) {
-                crc = io::crc32c(src, bytes);
-                write_out(src, bytes);
-            } else {
-                if (stage.capacity() < stage_cap) stage.reserve(stage_cap);
-                stage.insert(stage.end(), src, src + bytes);
-                crc = io::crc32c(stage.data() + stage.size() - bytes, bytes);  // from the copy, still in cache
+            for (size_t r0 = 0; r0 < v.size() / (size_t)d_; r0 += extent_rows) {
+                const size_t rows = std::min(extent_rows, v.size() / (size_t)d_ - r0), bytes = rows * row_bytes;
+                const char* src = reinterpret_cast<const char*>(v.data() + r0 * (size_t)d_);
+                if (stage.size() + bytes > stage_cap) drain();
+                const int64_t at = file_bytes_[(size_t)p] + (int64_t)stage.size();
+                uint32_t crc;
+                if (bytes >= stage_cap) {
+                    crc = io::crc32c(src, bytes);
+                    write_out(src, bytes);
+                } else {
+                    if (stage.capacity() < stage_cap) stage.reserve(stage_cap);
+                    stage.insert(stage.end(), src, src + bytes);
+                    crc = io::crc32c(stage.data() + stage.size() - bytes, bytes);  // from the copy, still in cache
+                }
+                added.push_back({c, Extent{at, (int64_t)rows, crc}});
             }
-            added.push_back({c, Extent{at, (int64_t)(v.size() / (size_t)d_), crc}});
         }
         drain();
     } catch (...) {
         for (int q = 0; q < parts_; ++q)
             if (fd_[(size_t)q] >= 0 && file_bytes_[(size_t)q] != old_bytes[(size_t)q]) (void)!::ftruncate(fd_[(size_t)q], old_bytes[(size_t)q]);
         file_bytes_ = old_bytes;
+        stage_.clear();  // its bytes belong to the failed flush: the next one must not write them
         throw;
     }
     for (const auto& a : added) {
@@ -222,22 +246,28 @@ void RowStore::clear() {
     total_rows_ = memory_bytes_ = memory_rows_ = disk_bytes_ = 0;
 }
 
-void RowStore::read_extent(int p, const Extent& e, int32_t c, double* dst) const {
-    const size_t bytes = (size_t)(e.rows * d_) * 8;
-    char* out = reinterpret_cast<char*>(dst);
+void RowStore::read_bytes(int p, int64_t offset, size_t bytes, void* dst, int32_t c) const {
+    char* out = static_cast<char*>(dst);
     for (size_t done = 0; done < bytes;) {
-        const ssize_t r = ::pread(fd_[(size_t)p], out + done, bytes - done, (off_t)(e.offset + (int64_t)done));
+        const ssize_t r = ::pread(fd_[(size_t)p], out + done, bytes - done, (off_t)(offset + (int64_t)done));
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0)
-            fail(COLLAPSE_ERR_IO, "reading spill file ", part_name(dir_, p), " (class ", c, ", offset ", e.offset, ") failed: ",
+            fail(COLLAPSE_ERR_IO, "reading spill file ", part_name(dir_, p), " (class ", c, ", offset ", offset + (int64_t)done, ") failed: ",
                  r < 0 ? std::strerror(errno) : "the file is shorter than its manifest says");
         done += (size_t)r;
     }
+}
+
+void RowStore::read_extent(int p, const Extent& e, int32_t c, double* dst) const {
+    read_bytes(p, e.offset, (size_t)(e.rows * d_) * 8, dst, c);
     check_extent(p, e, c, dst);
 }
 
 void RowStore::check_extent(int p, const Extent& e, int32_t c, const double* data) const {
-    const uint32_t crc = io::crc32c(data, (size_t)(e.rows * d_) * 8);
+    check_crc(p, e, c, io::crc32c(data, (size_t)(e.rows * d_) * 8));
+}
+
+void RowStore::check_crc(int p, const Extent& e, int32_t c, uint32_t crc) const {
     if (crc != e.crc)
         fail(COLLAPSE_ERR_IO, "spill file ", part_name(dir_, p), " is corrupt: class ", c, " at offset ", e.offset,
              " has checksum ", crc, ", written as ", e.crc);
@@ -280,14 +310,17 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
                     read_extent(p, e, c, buf.get() + filled * d_);
                     filled += e.rows;
                 } else {
-                    std::vector<double> whole((size_t)(e.rows * d_));
-                    read_extent(p, e, c, whole.data());
+                    // Larger than a piece (flush caps extents, but a small load budget can still be
+                    // below that): streamed through the buffer, its checksum checked at its end.
+                    uint32_t crc = 0;
                     for (int64_t r = 0; r < e.rows;) {
                         if (filled == piece) emit(false);
                         const int64_t k = std::min(piece - filled, e.rows - r);
-                        std::memcpy(buf.get() + filled * d_, whole.data() + r * d_, (size_t)(k * row_bytes));
+                        read_bytes(p, e.offset + r * row_bytes, (size_t)(k * row_bytes), buf.get() + filled * d_, c);
+                        crc = io::crc32c(buf.get() + filled * d_, (size_t)(k * row_bytes), crc);
                         filled += k, r += k;
                     }
+                    check_crc(p, e, c, crc);
                 }
             }
             const double* m = mem_[(size_t)c].data();

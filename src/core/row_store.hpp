@@ -5,12 +5,12 @@
 //
 // Disk layout: one directory per store, "<spill parent>/collapse-spill-<pid>-XXXXXX", holding
 // P = min(V, 64) partition files "part-NNN.seg"; class c lives in partition c * P / V. A flush
-// appends, to each partition file, the in-memory rows of its classes in class order, and records
-// for each class an extent (offset, rows, CRC32C of the bytes), checked when it is read back. Rows
-// come back in the order they were added (disk extents in flush order, then memory), so results are
-// bit-identical whatever was spilled. The files are scratch: never synced, removed by the
-// destructor; a checkpoint copies the rows into itself. Directories left by killed processes of
-// this host are removed by the next store that spills into the same parent.
+// appends, to each partition file, the in-memory rows of its classes in class order, as extents of
+// at most 4 MiB (offset, rows, CRC32C of the bytes, checked when read back). Rows come back in the
+// order they were added (disk extents in flush order, then memory), so a class that is read whole
+// gives bit-identical results whatever was spilled. The files are scratch: never synced, removed by
+// the destructor; a checkpoint copies the rows into itself. Directories left by killed processes
+// are removed by the next store that spills into the same parent (see remove_stale).
 #pragma once
 #include <sys/types.h>
 
@@ -107,13 +107,16 @@ private:
     };
     int partition(int32_t c) const { return (int)((int64_t)c * (int64_t)parts_ / V_); }
     void open_spill();
+    void read_bytes(int p, int64_t offset, size_t bytes, void* dst, int32_t c) const;
     void read_extent(int p, const Extent& e, int32_t c, double* dst) const;
     void check_extent(int p, const Extent& e, int32_t c, const double* data) const;
+    void check_crc(int p, const Extent& e, int32_t c, uint32_t crc) const;
     void release();
 
     int64_t V_, d_, budget_;
     std::string parent_, dir_;
     bool created_parent_ = false;
+    int lock_fd_ = -1;  // an flock on dir_ while the store lives
     WriteFn write_;
     int parts_;
     std::vector<int> fd_;              // [parts], -1 until the first flush

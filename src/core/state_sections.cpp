@@ -28,7 +28,7 @@ int64_t leading(const io::CheckpointSection& s) { return s.shape.empty() ? 0 : s
 
 }  // namespace
 
-StateView read_state(const io::CheckpointReader& r, int64_t V, int64_t d, bool gram_streaming, bool keeps_rows) {
+StateView read_state(const io::CheckpointReader& r, int64_t V, int64_t d, bool gram_streaming, bool keeps_rows, int64_t reservoir_cap) {
     const std::string& path = r.path();
     StateView v;
     v.rows = static_cast<const int64_t*>(expect(r.section("rows"), COLLAPSE_I64, {4}, path).data);
@@ -60,9 +60,15 @@ StateView read_state(const io::CheckpointReader& r, int64_t V, int64_t d, bool g
     }
     if (keeps_rows) {
         v.store_offsets = static_cast<const int64_t*>(expect(r.section("store_offsets"), COLLAPSE_I64, {V + 1}, path).data);
-        for (int64_t c = 0; c < V; ++c)
+        for (int64_t c = 0; c < V; ++c) {
             if (v.store_offsets[c] < 0 || v.store_offsets[c + 1] < v.store_offsets[c])
                 fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": section store_offsets is not ascending at class ", c);
+            const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c];
+            const int64_t want = reservoir_cap > 0 ? std::min(v.counts[c], reservoir_cap) : v.counts[c];
+            if (n != want)
+                fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": section store_offsets gives class ", c, " ", n, " stored rows, class_counts ",
+                     v.counts[c], reservoir_cap > 0 ? " (a reservoir holds min(count, svd_max_rows_per_token))" : "");
+        }
         v.store_section = expect(r.section("store_rows"), COLLAPSE_F64, {v.store_offsets[V], d}, path);
         v.store_rows = static_cast<const double*>(v.store_section.data);
     }

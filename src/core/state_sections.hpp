@@ -43,7 +43,9 @@ struct StateView {
     const double* store_rows = nullptr;
     io::CheckpointSection store_section;  // to release its pages as they are taken in
 };
-StateView read_state(const io::CheckpointReader& r, int64_t V, int64_t d, bool gram_streaming, bool keeps_rows);
+// keeps_rows: the session has a row store (exact: reservoir_cap = 0, every counted row is in it) or
+// reservoirs (reservoir_cap = svd_max_rows_per_token rows at most per class).
+StateView read_state(const io::CheckpointReader& r, int64_t V, int64_t d, bool gram_streaming, bool keeps_rows, int64_t reservoir_cap);
 
 // The sections up to class_sqnorms, from host arrays.
 void write_state_core(io::CheckpointWriter& w, const Counts& rows, int64_t V, int64_t d, const int64_t* counts, const double* sums,

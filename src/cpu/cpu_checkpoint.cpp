@@ -52,7 +52,7 @@ void CpuBackend::save_state(io::CheckpointWriter& w) {
 void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
     const std::string& path = r.path();
     // Check every section first: a refused checkpoint changes nothing.
-    const StateView v = read_state(r, V_, d_, gram_streaming_, store_ != nullptr);
+    const StateView v = read_state(r, V_, d_, gram_streaming_, store_ != nullptr, has_row_store() ? 0 : cfg_.svd_max_rows_per_token);
     const int64_t* off = v.store_offsets;
     // Reservoirs and held-back rows stay in memory; the exact store spills what does not fit.
     const int64_t extra = v.holdback_total * d_ * 8 + (has_row_store() || !off ? 0 : off[V_] * d_ * 8);

@@ -694,6 +694,42 @@ TEST_F(CheckpointRefusal, CorruptSectionPayloads) {
     EXPECT_GE(flipped, 30);
 }
 
+// Sections that are each well formed (valid checksums) but disagree with each other: rewritten
+// through the container writer, every refusal names the sections.
+TEST_F(CheckpointRefusal, InconsistentSections) {
+    const std::string bad = path("inconsistent.ckpt");
+    auto rewrite = [&](const std::function<void(const std::string&, std::vector<char>&)>& edit) {
+        collapse::io::CheckpointReader r(ck_);
+        collapse::io::CheckpointWriter w(bad);
+        for (const std::string& name : r.names()) {
+            const auto sec = r.section(name);
+            std::vector<char> bytes(static_cast<const char*>(sec.data), static_cast<const char*>(sec.data) + sec.bytes);
+            edit(name, bytes);
+            w.add(name, sec.dtype_code, sec.shape, bytes.data(), bytes.size());
+        }
+        w.commit();
+    };
+    // A row moved from one class's store range to another's: totals agree, classes do not.
+    rewrite([](const std::string& name, std::vector<char>& b) {
+        if (name != "store_offsets") return;
+        int64_t* off = reinterpret_cast<int64_t*>(b.data());
+        int c = 0;
+        while (off[c + 1] == off[c]) ++c;  // the first class with rows
+        off[c + 1] -= 1;
+    });
+    expect_refused(base_options(), &C_, true, bad, COLLAPSE_ERR_IO, {"store_offsets", "class_counts", bad});
+    // A held-back class id out of range.
+    rewrite([](const std::string& name, std::vector<char>& b) {
+        if (name == "holdback_ids" && !b.empty()) reinterpret_cast<int64_t*>(b.data())[0] = kV + 5;
+    });
+    expect_refused(base_options(), &C_, false, bad, COLLAPSE_ERR_IO, {"holdback_ids", "inconsistent", bad}, false);
+    // A negative class count.
+    rewrite([](const std::string& name, std::vector<char>& b) {
+        if (name == "class_counts") reinterpret_cast<int64_t*>(b.data())[0] = -1;
+    });
+    expect_refused(base_options(), &C_, true, bad, COLLAPSE_ERR_IO, {"class_counts is negative", bad});
+}
+
 TEST_F(CheckpointRefusal, CorruptHeaderTableAndMagic) {
     const std::string bad = path("bad.ckpt");
     auto try_bytes = [&](const std::string& b, const std::vector<std::string>& pieces, bool merge) {

@@ -2,6 +2,8 @@
 // added, for every memory budget and load budget; disk failures (injected, a real file-size limit,
 // an unwritable directory, a corrupted file) are clear errors that lose nothing; scratch files go.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -261,6 +263,81 @@ TEST_F(RowStoreTest, StaleDirectoriesOfDeadProcessesAreRemoved) {
         EXPECT_TRUE(fs::exists(other_host));
     }
     EXPECT_TRUE(fs::exists(dir_)) << "a parent the store did not create is left alone";
+}
+
+// A failed flush must not leave its staged bytes for the next one (which may start in another
+// partition, whose file is not even open yet).
+TEST_F(RowStoreTest, FailedFlushLeavesNothingStaged) {
+    bool broken = true;
+    RowStore::WriteFn fn = [&](int fd, const void* p, size_t n, off_t off) -> ssize_t {
+        if (broken) {
+            errno = ENOSPC;
+            return -1;
+        }
+        return ::pwrite(fd, p, n, off);
+    };
+    RowStore st(kV, kD, -1, dir_, fn);
+    Model m;
+    auto add = [&](int32_t c, int64_t n, double v) {
+        double* x = st.append(c, n);
+        for (int64_t k = 0; k < n * kD; ++k) m[c].push_back(x[k] = v + (double)k);
+    };
+    add(100, 7, 1.0);  // partition 42
+    testutil::expect_error([&] { st.flush(); }, {std::strerror(ENOSPC)});
+    broken = false;
+    add(120, 3, 2.0);  // partition 51
+    st.flush();
+    int64_t on_disk = 0;
+    for (const auto& e : fs::directory_iterator(st.spill_dir())) on_disk += (int64_t)fs::file_size(e.path());
+    EXPECT_EQ(on_disk, st.disk_bytes());
+    expect_same(m, read_all(st, all_ids(), 1 << 20));
+}
+
+// One dominant class: flushed as extents of bounded size, read back in pieces no larger than a
+// load budget smaller than one extent (streamed, the checksum still checked).
+TEST_F(RowStoreTest, DominantClassComesBackInBoundedPieces) {
+    RowStore st(kV, kD, -1, dir_);
+    Model m;
+    const int64_t n = 400000;  // 16 MB of rows: several 4 MiB extents
+    double* x = st.append(7, n);
+    for (int64_t k = 0; k < n * kD; ++k) m[7].push_back(x[k] = (double)(k % 9973) * 0.5);
+    st.flush();
+    for (int64_t load : {int64_t(1) << 30, int64_t(3) << 20, int64_t(1000)}) expect_same(m, read_all(st, {7}, load));
+    // A flipped byte inside the second extent is found by the streamed read too.
+    const std::string part = st.spill_dir() + "/part-" + std::string(7 * 64 / kV < 10 ? "00" : "0") + std::to_string(7 * 64 / kV) + ".seg";
+    ASSERT_TRUE(fs::exists(part)) << part;
+    {
+        std::fstream f(part, std::ios::in | std::ios::out | std::ios::binary);
+        f.seekp((5 << 20) + 3);
+        f.put('\x77');
+    }
+    testutil::expect_error([&] { read_all(st, {7}, 1000); }, {"is corrupt", "class 7"});
+}
+
+// A directory whose owner holds its lock is left alone even when its pid is not running here (the
+// owner may live in another pid namespace under the same host name).
+TEST_F(RowStoreTest, LockedDirectoriesAreNotRemoved) {
+    char host[256] = "host";
+    ::gethostname(host, sizeof host - 1);
+    const std::string locked = dir_ + "/collapse-spill-" + host + "-999999998-abcdef";
+    const std::string odd = dir_ + "/collapse-spill-" + host + "-12-4242-abcdef";  // host "<host>-12", pid 4242: not ours to judge
+    fs::create_directories(locked);
+    fs::create_directories(odd);
+    const int fd = ::open(locked.c_str(), O_RDONLY | O_DIRECTORY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+    {
+        RowStore st(kV, kD, 0, dir_);
+        fill(st, 3, 4);
+    }
+    EXPECT_TRUE(fs::exists(locked));
+    EXPECT_TRUE(fs::exists(odd));
+    ::close(fd);
+    {
+        RowStore st(kV, kD, 0, dir_);
+        fill(st, 3, 4);
+    }
+    EXPECT_FALSE(fs::exists(locked)) << "unlocked and its pid dead: stale";
 }
 
 }  // namespace
