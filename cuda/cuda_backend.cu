@@ -3,8 +3,11 @@
 // Ingest (per batch, asynchronous on the caller's stream, no device-wide sync, no allocation after
 // the first batch unless a batch is larger than all before it):
 //   validate (warp per row) -> CUB radix sort of (label, row) on ceil(log2(V+1)) bits -> run starts
-//   (max-scan) -> row store / reservoirs / hold rows -> class sums (fp64 registers, one atomicAdd per
+//   (max-scan) -> row buffer / reservoirs / hold rows -> class sums (fp64 registers, one atomicAdd per
 //   class piece and column) -> Gram (gather + cublasSsyrk, fp32 into an fp64 accumulator) -> counts.
+// Exact mode: every max_buffer_size rows the row buffer moves to the host store (RowStore: host
+// memory, spilled to disk beyond host_memory_limit); finalisation uploads it back a group of whole
+// classes at a time.
 // A batch refused on the device (label out of range, non-finite value) is a no-op: every mutating
 // kernel reads the batch's status first. The error reaches the caller at the next call or sync().
 //
@@ -138,6 +141,9 @@ void CudaBackend::init() {
         store_labels_.allocate((size_t)store_capacity_, &budget_, "row store labels", hint);
         store_count_.allocate(1, &budget_, "row store count", hint);
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
+        // Every max_buffer_size rows the buffer moves to host memory, which keeps half of
+        // host_memory_limit and spills the rest under intermediate_save_dir.
+        host_store_ = std::make_unique<RowStore>(V_, d_, cfg.host_memory_limit / 2, cfg.intermediate_save_dir);
     }
     COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
     last_stream_ = stream_;
@@ -286,6 +292,12 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     const int64_t n = b.num_rows();
     if (b.features.rows > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a batch of ", b.features.rows, " feature rows is more than 2^31 - 1 (split it)");
     if (n == 0) return;
+    if (exact_store_) {
+        // The device buffer holds max_buffer_size rows (at least one batch) before they move on.
+        const unsigned long long limit = std::min<unsigned long long>(store_capacity_, (unsigned long long)std::max<int64_t>(cfg_.max_buffer_size, 1));
+        if (store_bound_ > 0 && store_bound_ + (unsigned long long)n > limit) move_store_to_host();
+        store_bound_ += (unsigned long long)n;
+    }
     cudaStream_t s = pick_stream(stream);
     DeviceBatch db;
     const int k = begin_batch(b, s, exact_store_, &db);
@@ -520,61 +532,139 @@ void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
     end_batch(k, b, s, false);
 }
 
-// Per-token SVD entropies from per-class Gram eigenvalues, classes grouped by Gram size.
+// The rows in the device buffer go to the host store, grouped by class (stably: arrival order within
+// a class), in chunks; the buffer is then empty. A refusal of the host store (a full disk) rolls the
+// host store back and leaves the buffer as it was.
+void CudaBackend::move_store_to_host() {
+    sync();
+    unsigned long long stored = 0;
+    COLLAPSE_CUDA_TRY(cudaMemcpy(&stored, store_count_.data(), 8, cudaMemcpyDeviceToHost));
+    if (stored > 0) {
+        std::vector<int32_t> labels((size_t)stored);
+        COLLAPSE_CUDA_TRY(cudaMemcpy(labels.data(), store_labels_.data(), labels.size() * 4, cudaMemcpyDeviceToHost));
+        std::vector<int64_t> off((size_t)V_ + 1, 0);
+        for (int32_t c : labels) ++off[(size_t)c + 1];
+        for (int64_t c = 0; c < V_; ++c) off[(size_t)c + 1] += off[(size_t)c];
+        std::vector<int64_t> next(off.begin(), off.end() - 1);
+        std::vector<int32_t> index(labels.size());
+        for (size_t i = 0; i < labels.size(); ++i) index[(size_t)next[(size_t)labels[i]]++] = (int32_t)i;
+        const RowStore::Mark mark = host_store_->mark([&] {
+            int64_t add = 0;
+            for (int64_t c = 0; c < V_; ++c) add += host_store_->growth((int32_t)c, off[(size_t)c + 1] - off[(size_t)c]);
+            return add;
+        });
+        try {
+            // Rows arrive grouped by class through the pinned buffer. A class is appended whole when
+            // its first row arrives (one append per class, as mark() counted), and a class that
+            // spans chunks is filled in as they come.
+            int64_t c = -1;
+            double* dst = nullptr;
+            download_rows(store_.data(), index, [&](const double* x, int64_t first, int64_t m) {
+                for (int64_t r = first; r < first + m;) {
+                    if (c < 0 || r >= off[(size_t)c + 1]) {
+                        do ++c;
+                        while (off[(size_t)c + 1] <= r);
+                        const int64_t n = off[(size_t)c + 1] - off[(size_t)c];
+                        host_store_->make_room([&] { return host_store_->growth((int32_t)c, n); });
+                        dst = host_store_->append((int32_t)c, n);
+                    }
+                    const int64_t k = std::min(off[(size_t)c + 1], first + m) - r;
+                    std::memcpy(dst + (r - off[(size_t)c]) * d_, x + (r - first) * d_, (size_t)(k * d_) * 8);
+                    r += k;
+                }
+            });
+        } catch (...) {
+            host_store_->rollback(mark);
+            throw;
+        }
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
+    }
+    store_bound_ = 0;
+}
+
+// Per-token SVD entropies from per-class Gram eigenvalues. Sampled: the reservoirs on the device.
+// Exact: the rows are in host memory (or spilled to disk) by now; they come back to the device
+// buffer a group of whole classes at a time, each group solved before the next is uploaded.
 void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out) {
     cudaStream_t s = stream_;
     const int64_t K = (int64_t)kept.ids.size();
     const int64_t cap = cfg_.svd_max_rows_per_token;
-    // Row index of every kept class's rows: the exact store sorted by label, or reservoir slots.
     std::vector<int64_t> offset((size_t)K), nrows((size_t)K);
-    DeviceBuffer<int32_t> index;
-    const float* rows = nullptr;
-    if (exact_store_) {
-        unsigned long long stored = 0;
-        COLLAPSE_CUDA_TRY(cudaMemcpy(&stored, store_count_.data(), 8, cudaMemcpyDeviceToHost));
-        const int n = (int)stored;
-        DeviceBuffer<int32_t> labels_sorted((size_t)std::max(n, 1), &budget_, "sorted row-store labels");
-        DeviceBuffer<int32_t> iota((size_t)std::max(n, 1), &budget_, "row-store index");
-        index.allocate((size_t)std::max(n, 1), &budget_, "row-store index");
-        std::vector<int32_t> h((size_t)n);
-        for (int i = 0; i < n; ++i) h[(size_t)i] = i;
-        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(iota.data(), h.data(), (size_t)n * 4, cudaMemcpyHostToDevice, s));
-        size_t bytes = 0;
-        COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, bytes, store_labels_.data(), labels_sorted.data(), iota.data(),
-                                                          index.data(), n, 0, bits_for(V_), s));
-        DeviceBuffer<uint8_t> temp(std::max<size_t>(bytes, 1), &budget_, "sort workspace");
-        COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(temp.data(), bytes, store_labels_.data(), labels_sorted.data(), iota.data(),
-                                                          index.data(), n, 0, bits_for(V_), s));
-        // Class c's rows start after all rows of smaller labels: prefix sums of the counts.
-        const std::vector<int64_t> counts = class_counts();
-        std::vector<int64_t> start((size_t)V_ + 1, 0);
-        for (int64_t c = 0; c < V_; ++c) start[(size_t)c + 1] = start[(size_t)c] + counts[(size_t)c];
-        for (int64_t t = 0; t < K; ++t) offset[(size_t)t] = start[(size_t)kept.ids[(size_t)t]], nrows[(size_t)t] = kept.counts[(size_t)t];
-        rows = store_.data();
-    } else {
-        std::vector<int32_t> h((size_t)(K * cap));
-        for (int64_t t = 0; t < K; ++t) {
-            offset[(size_t)t] = t * cap;
-            nrows[(size_t)t] = std::min<int64_t>(kept.counts[(size_t)t], cap);
-            for (int64_t j = 0; j < cap; ++j) h[(size_t)(t * cap + j)] = (int32_t)((int64_t)kept.ids[(size_t)t] * cap + j);
-        }
-        index.allocate(h.size(), &budget_, "reservoir index");
-        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(index.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, s));
-        rows = reservoir_.data();
-    }
-    // Group by Gram size M (a power of two >= min(n, d)); each group is a handful of batched calls.
     std::vector<TokenMetrics> tokens((size_t)K);
-    std::map<int64_t, std::vector<int64_t>> groups;
-    for (int64_t t = 0; t < K; ++t) {
-        const int64_t m = std::min(nrows[(size_t)t], d_);
-        int64_t M = 2;
-        while (M < m) M *= 2;
-        groups[M].push_back(t);
+    auto describe = [&](int64_t t) {
         TokenMetrics& tm = tokens[(size_t)t];
         tm.id = kept.ids[(size_t)t];
         tm.num_samples = kept.counts[(size_t)t];
         tm.svd_rows = nrows[(size_t)t];
         tm.sampled = tm.svd_rows < tm.num_samples;
+    };
+    if (sampled_) {
+        std::vector<int32_t> h((size_t)(K * cap));
+        std::vector<int64_t> all((size_t)K);
+        for (int64_t t = 0; t < K; ++t) {
+            offset[(size_t)t] = t * cap;
+            nrows[(size_t)t] = std::min<int64_t>(kept.counts[(size_t)t], cap);
+            for (int64_t j = 0; j < cap; ++j) h[(size_t)(t * cap + j)] = (int32_t)((int64_t)kept.ids[(size_t)t] * cap + j);
+            all[(size_t)t] = t;
+            describe(t);
+        }
+        DeviceBuffer<int32_t> index(h.size(), &budget_, "reservoir index");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(index.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, s));
+        class_spectra(reservoir_.data(), index.data(), all, offset, nrows, kept, mu, tokens, out);
+    } else {
+        move_store_to_host();
+        const int64_t room = (int64_t)store_capacity_;
+        std::vector<int32_t> h((size_t)room);
+        for (int64_t i = 0; i < room; ++i) h[(size_t)i] = (int32_t)i;
+        DeviceBuffer<int32_t> iota((size_t)std::max<int64_t>(room, 1), &budget_, "row buffer index");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(iota.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, s));
+        std::vector<int64_t> members;
+        int64_t filled = 0;
+        std::vector<float> f;
+        auto solve = [&] {
+            if (!members.empty()) class_spectra(store_.data(), iota.data(), members, offset, nrows, kept, mu, tokens, out);
+            members.clear();
+            filled = 0;
+        };
+        const int64_t load = std::max<int64_t>(d_ * 8, cfg_.host_memory_limit / 6);
+        host_store_->for_each_class(kept.ids, load, [&](int32_t c, const double* x, int64_t n, int64_t first, bool) {
+            const int64_t t = kept.slot[(size_t)c];
+            if (first == 0) {  // a class's pieces go one after the other into the buffer
+                const int64_t total = host_store_->rows(c);
+                if (total > room)
+                    fail(COLLAPSE_ERR_OUT_OF_MEMORY, "class ", c, " has ", total, " rows, more than the device row buffer holds (", room,
+                         " rows within device_memory_limit); raise device_memory_limit or use backend: cpu");
+                if (filled + total > room) solve();
+                offset[(size_t)t] = filled;
+                nrows[(size_t)t] = total;
+                describe(t);
+                members.push_back(t);
+            }
+            f.resize((size_t)(n * d_));
+            for (int64_t k = 0; k < n * d_; ++k) f[(size_t)k] = (float)x[k];
+            COLLAPSE_CUDA_TRY(cudaMemcpy(store_.data() + filled * d_, f.data(), f.size() * 4, cudaMemcpyHostToDevice));
+            filled += n;
+        });
+        solve();
+        out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};
+    }
+    out.tokens = std::move(tokens);
+}
+
+// The entropies of the classes `members` (positions in kept), whose rows are rows[index[offset[t] ..
+// offset[t] + nrows[t])]; classes grouped by Gram size M (a power of two >= min(n, d)), each group a
+// handful of batched calls.
+void CudaBackend::class_spectra(const float* rows, const int32_t* index, const std::vector<int64_t>& todo,
+                                const std::vector<int64_t>& offset, const std::vector<int64_t>& nrows, const KeptSet& kept,
+                                const DeviceBuffer<double>& mu, std::vector<TokenMetrics>& tokens, MetricValues& out) {
+    cudaStream_t s = stream_;
+    std::map<int64_t, std::vector<int64_t>> groups;
+    for (int64_t t : todo) {
+        const int64_t m = std::min(nrows[(size_t)t], d_);
+        int64_t M = 2;
+        while (M < m) M *= 2;
+        groups[M].push_back(t);
     }
     for (const auto& [M, members] : groups) {
         // At most 65535 matrices per call: the grid's z limit and the batched solvers' limit.
@@ -595,7 +685,7 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
             COLLAPSE_CUDA_TRY(cudaMemcpyAsync(dctr.data(), ctr.data(), (size_t)cnt * 4, cudaMemcpyHostToDevice, s));
             DeviceBuffer<double> gram((size_t)(cnt * M * M), &budget_, "per-class Gram batch");
             DeviceBuffer<double> w((size_t)(cnt * M), &budget_, "per-class eigenvalues");
-            launch_class_gram(rows, index.data(), doff.data(), dn.data(), dctr.data(), mu.data(), cnt, d_, M, gram.data(), s);
+            launch_class_gram(rows, index, doff.data(), dn.data(), dctr.data(), mu.data(), cnt, d_, M, gram.data(), s);
             DeviceBuffer<int> info((size_t)cnt, &budget_, "solver info");
             if (M <= 32) {
                 syevjInfo_t params = nullptr;
@@ -647,7 +737,6 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
             }
         }
     }
-    out.tokens = std::move(tokens);
 }
 
 MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {

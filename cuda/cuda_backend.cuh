@@ -7,11 +7,14 @@
 
 #include <array>
 #include <deque>
+#include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "core/backend.hpp"
+#include "core/row_store.hpp"
 #include "cuda_check.hpp"
 #include "device_memory.hpp"
 #include "kernels.cuh"
@@ -86,6 +89,11 @@ private:
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
     void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
+    void class_spectra(const float* rows, const int32_t* index, const std::vector<int64_t>& todo, const std::vector<int64_t>& offset,
+                       const std::vector<int64_t>& nrows, const KeptSet& kept, const DeviceBuffer<double>& mu,
+                       std::vector<TokenMetrics>& tokens, MetricValues& out);
+    void move_store_to_host();
+    void download_rows(const float* src, const std::vector<int32_t>& index, const std::function<void(const double*, int64_t, int64_t)>& sink);
     std::vector<double> download_rows(const float* src, const std::vector<int32_t>& index);
     void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst, DeviceBuffer<float>& buf, DeviceBuffer<int64_t>& idx);
 
@@ -112,6 +120,10 @@ private:
     DeviceBuffer<int32_t> store_labels_;
     DeviceBuffer<unsigned long long> store_count_;
     unsigned long long store_capacity_ = 0;
+    unsigned long long store_bound_ = 0;  // rows the device buffer may hold now (host-side bound)
+    // Exact mode: the rows that left the device buffer, in host memory and beyond it on disk.
+    std::unique_ptr<RowStore> host_store_;
+    PinnedBuffer<double> pinned_;  // rows on their way to the host
     DeviceBuffer<float> reservoir_;
     DeviceBuffer<long long> winner_;
 

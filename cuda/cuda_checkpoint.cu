@@ -8,11 +8,14 @@
 //     sit in a hold area to subtract those of classes that never qualify; the file's Gram holds the
 //     rows of qualifying classes, the others are held back in the file. Saving subtracts the held
 //     rows of classes below the threshold, loading adds them and fills the hold area;
-//   - rows (store, reservoirs, hold area) are float32 on the device, float64 in the file;
-//   - the exact store is in arrival order with a label per row; the file's is grouped by class.
+//   - rows (reservoirs, hold area) are float32 on the device, float64 in the file;
+//   - the exact rows are in the host store (RowStore, as on the CPU) once the device buffer has
+//     moved to it, which saving does first.
 #include <cblas.h>
 
 #include <algorithm>
+#include <cstring>
+#include <functional>
 #include <vector>
 
 #include "core/error.hpp"
@@ -38,20 +41,29 @@ void add_outer_products(const double* rows, int64_t n, int64_t d, double alpha, 
 
 }  // namespace
 
-// Rows src[index[0..n)] of a float32 device array, as float64 on the host.
-std::vector<double> CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index) {
+// Rows src[index[0..n)] of a float32 device array, as float64 on the host: converted on the
+// device, copied through a pinned buffer a chunk at a time, and handed to `sink` (rows, first, count).
+void CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index,
+                                const std::function<void(const double*, int64_t, int64_t)>& sink) {
     const int64_t n = (int64_t)index.size();
-    std::vector<double> out((size_t)(n * d_));
+    if (n == 0) return;
     const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 8));
-    DeviceBuffer<int32_t> idx((size_t)std::min(n, chunk), &budget_, "checkpoint row index");
-    DeviceBuffer<double> rows((size_t)(std::min(n, chunk) * d_), &budget_, "checkpoint rows (float64)");
+    DeviceBuffer<int32_t> idx((size_t)std::min(n, chunk), &budget_, "row index (to host)");
+    DeviceBuffer<double> rows((size_t)(std::min(n, chunk) * d_), &budget_, "rows to host (float64)");
+    if (pinned_.size() < (size_t)(std::min(n, chunk) * d_)) pinned_.allocate((size_t)(std::min(n, chunk) * d_));
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
         const int64_t m = std::min(chunk, n - r0);
         COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, stream_));
         launch_rows_to_double(src, idx.data(), m, d_, nullptr, rows.data(), stream_);
-        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(out.data() + r0 * d_, rows.data(), (size_t)(m * d_) * 8, cudaMemcpyDeviceToHost, stream_));
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(pinned_.data(), rows.data(), (size_t)(m * d_) * 8, cudaMemcpyDeviceToHost, stream_));
         COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
+        sink(pinned_.data(), r0, m);
     }
+}
+
+std::vector<double> CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index) {
+    std::vector<double> out(index.size() * (size_t)d_);
+    download_rows(src, index, [&](const double* x, int64_t first, int64_t m) { std::memcpy(out.data() + first * d_, x, (size_t)(m * d_) * 8); });
     return out;
 }
 
@@ -105,36 +117,36 @@ void CudaBackend::save_state(io::CheckpointWriter& w) {
         w.add("holdback_rows", COLLAPSE_F64, {(int64_t)index.size(), d_}, held.data(), held.size() * 8);
     }
 
-    if (exact_store_ || sampled_) {
-        // Row indices in class order: the exact store's rows stably grouped by label, or the filled
-        // reservoir slots.
+    if (exact_store_) {
+        // Every row to the host store first; then written class after class, as the CPU does.
+        move_store_to_host();
+        std::vector<int64_t> off((size_t)V_ + 1, 0);
+        std::vector<int32_t> all;
+        for (int64_t c = 0; c < V_; ++c) {
+            off[(size_t)c + 1] = off[(size_t)c] + host_store_->rows((int32_t)c);
+            if (host_store_->rows((int32_t)c) > 0) all.push_back((int32_t)c);
+        }
+        w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
+        w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
+        host_store_->for_each_class(all, std::max<int64_t>(d_ * 8, cfg_.host_memory_limit / 6),
+                                    [&](int32_t, const double* x, int64_t n, int64_t, bool) { w.append(x, (size_t)(n * d_) * 8); });
+        w.end_section();
+    } else if (sampled_) {
+        // The filled reservoir slots, class after class.
+        const int64_t cap = cfg_.svd_max_rows_per_token;
         std::vector<int64_t> off((size_t)V_ + 1, 0);
         std::vector<int32_t> index;
-        if (exact_store_) {
-            unsigned long long stored = 0;
-            COLLAPSE_CUDA_TRY(cudaMemcpy(&stored, store_count_.data(), 8, cudaMemcpyDeviceToHost));
-            std::vector<int32_t> labels((size_t)stored);
-            COLLAPSE_CUDA_TRY(cudaMemcpy(labels.data(), store_labels_.data(), labels.size() * 4, cudaMemcpyDeviceToHost));
-            for (int32_t c : labels) ++off[(size_t)c + 1];
-            for (int64_t c = 0; c < V_; ++c) off[(size_t)c + 1] += off[(size_t)c];
-            std::vector<int64_t> next(off.begin(), off.end() - 1);
-            index.resize(labels.size());
-            for (size_t i = 0; i < labels.size(); ++i) index[(size_t)next[(size_t)labels[i]]++] = (int32_t)i;
-        } else {
-            const int64_t cap = cfg_.svd_max_rows_per_token;
-            for (int64_t c = 0; c < V_; ++c) {
-                const int64_t k = std::min(counts[(size_t)c], cap);
-                off[(size_t)c + 1] = off[(size_t)c] + k;
-                for (int64_t j = 0; j < k; ++j) index.push_back((int32_t)(c * cap + j));
-            }
+        for (int64_t c = 0; c < V_; ++c) {
+            const int64_t k = std::min(counts[(size_t)c], cap);
+            off[(size_t)c + 1] = off[(size_t)c] + k;
+            for (int64_t j = 0; j < k; ++j) index.push_back((int32_t)(c * cap + j));
         }
-        const float* src = exact_store_ ? store_.data() : reservoir_.data();
         w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
         w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
         const size_t chunk = (size_t)std::max<int64_t>(1, kChunkBytes / (d_ * 8));
         for (size_t r0 = 0; r0 < index.size(); r0 += chunk) {
             const std::vector<int32_t> part(index.begin() + (ptrdiff_t)r0, index.begin() + (ptrdiff_t)std::min(index.size(), r0 + chunk));
-            const std::vector<double> rows = download_rows(src, part);
+            const std::vector<double> rows = download_rows(reservoir_.data(), part);
             w.append(rows.data(), rows.size() * 8);
         }
         w.end_section();
@@ -143,7 +155,6 @@ void CudaBackend::save_state(io::CheckpointWriter& w) {
 
 void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
     DeviceGuard guard(cfg_.device_ordinal);
-    const std::string& path = r.path();
     const bool keeps_rows = exact_store_ || sampled_;
     const StateView v = read_state(r, V_, d_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);
 
@@ -152,15 +163,6 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
     std::vector<int64_t> before((size_t)V_, 0);
     if (merge) before = class_counts();
     else sync();
-    unsigned long long stored = 0;
-    if (exact_store_) {
-        if (merge) COLLAPSE_CUDA_TRY(cudaMemcpy(&stored, store_count_.data(), 8, cudaMemcpyDeviceToHost));
-        const unsigned long long incoming = (unsigned long long)v.store_offsets[V_];
-        if (stored + incoming > store_capacity_)
-            fail(COLLAPSE_ERR_OUT_OF_MEMORY, "loading checkpoint ", path, ": its ", incoming, " stored rows and the ", stored,
-                 " already here exceed the exact row store on the device (", store_capacity_,
-                 " rows within device_memory_limit); raise device_memory_limit or use backend: cpu, which spills to disk");
-    }
     // Rows for the hold area: after the rows the class already has there.
     std::vector<int64_t> hold_slot;
     std::vector<double> hold_rows;
@@ -208,6 +210,29 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
     const int64_t upload = std::min<int64_t>(chunk, std::max<int64_t>({1, (int64_t)hold_slot.size(), (int64_t)res_slot.size()}));
     DeviceBuffer<float> up_rows((size_t)(upload * d_), &budget_, "checkpoint rows (float32)");
     DeviceBuffer<int64_t> up_slots((size_t)upload, &budget_, "checkpoint row slots");
+    // The exact rows go to the host store (spilling as needed), rolled back if the disk refuses.
+    if (exact_store_) {
+        if (merge) move_store_to_host();
+        else host_store_->clear();  // a fresh session: nothing to keep
+        const int64_t* off = v.store_offsets;
+        const RowStore::Mark mark = host_store_->mark([&] {
+            int64_t add = 0;
+            for (int64_t c = 0; c < V_; ++c) add += host_store_->growth((int32_t)c, off[c + 1] - off[c]);
+            return add;
+        });
+        try {
+            for (int64_t c = 0; c < V_; ++c) {
+                const int64_t n = off[c + 1] - off[c];
+                if (n == 0) continue;
+                host_store_->make_room([&] { return host_store_->growth((int32_t)c, n); });
+                std::memcpy(host_store_->append((int32_t)c, n), v.store_rows + off[c] * d_, (size_t)(n * d_) * 8);
+                r.release(v.store_section, (size_t)(off[c] * d_) * 8, (size_t)(n * d_) * 8);
+            }
+        } catch (...) {
+            host_store_->rollback(mark);
+            throw;
+        }
+    }
 
     // From here on only CUDA itself can fail.
     std::vector<unsigned long long> cnt((size_t)V_);
@@ -239,27 +264,7 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
         upload_rows(hold_rows.data(), hold_slot, hold_.data(), up_rows, up_slots);
     }
 
-    if (exact_store_) {
-        // Appended class after class; finalisation groups the store by label anyway.
-        const int64_t total = v.store_offsets[V_];
-        std::vector<int32_t> labels((size_t)total);
-        for (int64_t c = 0; c < V_; ++c)
-            std::fill(labels.begin() + v.store_offsets[c], labels.begin() + v.store_offsets[c + 1], (int32_t)c);
-        std::vector<float> f;
-        for (int64_t r0 = 0; r0 < total; r0 += chunk) {
-            const int64_t m = std::min(chunk, total - r0);
-            f.resize((size_t)(m * d_));
-            for (int64_t k = 0; k < m * d_; ++k) f[(size_t)k] = (float)v.store_rows[r0 * d_ + k];
-            COLLAPSE_CUDA_TRY(cudaMemcpy(store_.data() + (stored + (unsigned long long)r0) * (unsigned long long)d_, f.data(), f.size() * 4,
-                                         cudaMemcpyHostToDevice));
-            r.release(v.store_section, (size_t)(r0 * d_) * 8, (size_t)(m * d_) * 8);
-        }
-        COLLAPSE_CUDA_TRY(cudaMemcpy(store_labels_.data() + stored, labels.data(), labels.size() * 4, cudaMemcpyHostToDevice));
-        const unsigned long long now = stored + (unsigned long long)total;
-        COLLAPSE_CUDA_TRY(cudaMemcpy(store_count_.data(), &now, 8, cudaMemcpyHostToDevice));
-    } else if (sampled_) {
-        upload_rows(res_rows.data(), res_slot, reservoir_.data(), up_rows, up_slots);
-    }
+    if (sampled_) upload_rows(res_rows.data(), res_slot, reservoir_.data(), up_rows, up_slots);
     COLLAPSE_CUDA_TRY(cudaDeviceSynchronize());
 }
 

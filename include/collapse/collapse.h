@@ -103,7 +103,7 @@ typedef struct collapse_options {
     /* Exact row store: rows beyond the memory limits spill to segment files in a private
      * subdirectory of this directory (created when needed, removed with the session). */
     char intermediate_save_dir[1024];/* NUL-terminated, default "collapse_intermediate" */
-    int64_t max_buffer_size;         /* rows held on the device before they move to host memory (CUDA), default 10000 */
+    int64_t max_buffer_size;         /* CUDA, exact SVD: rows held on the device before they move to host memory, default 10000 */
 } collapse_options;
 
 typedef struct collapse_session collapse_session;

@@ -2,6 +2,7 @@
 // METRICS.md contract: 1e-5 relative for metrics, 1e-5 absolute for per-token SVD entropy, counts
 // exact. Every test skips with a message when no CUDA device is usable (CI has none).
 #include <cuda_runtime.h>
+#include <sys/stat.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -231,6 +232,27 @@ TEST(CudaBackend, RealDataMatchesCpu) {
     const json cpu = run(D, o, 65536, false);
     o.backend = COLLAPSE_BACKEND_CUDA;
     expect_close(cpu, run(D, o, 65536, true));
+}
+
+// Exact mode: the rows leave the device every max_buffer_size rows and, beyond host_memory_limit,
+// go to disk under intermediate_save_dir; the report is still the CPU's, and nothing is left behind.
+TEST(CudaBackend, RowBufferMovesToHostAndSpills) {
+    SKIP_WITHOUT_DEVICE();
+    const Data D = make_data(8000, 64, 300, COLLAPSE_F32, 5);
+    collapse_options o = collapse::default_options();
+    const json cpu = run(D, o, 700, false);
+    o.backend = COLLAPSE_BACKEND_CUDA;
+    o.max_buffer_size = 1000;
+    o.host_memory_limit = int64_t(1) << 20;  // 512 KiB of rows in host memory: 4 MB spill
+    const std::string dir = ::testing::TempDir() + "/cuda_spill";
+    std::snprintf(o.intermediate_save_dir, sizeof o.intermediate_save_dir, "%s", dir.c_str());
+    for (bool device : {false, true}) {
+        const json gpu = run(D, o, 700, device);
+        expect_close(cpu, gpu);
+        EXPECT_GT(gpu["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 0);
+    }
+    struct stat st;
+    EXPECT_NE(::stat(dir.c_str(), &st), 0) << "spill directory left behind";
 }
 
 // ------------------------------------------------------------------------- checkpoints
