@@ -7,7 +7,9 @@
 //   class piece and column) -> Gram (gather + cublasSsyrk, fp32 into an fp64 accumulator) -> counts.
 // Exact mode: every max_buffer_size rows the row buffer moves to the host store (RowStore: host
 // memory, spilled to disk beyond host_memory_limit); finalisation uploads it back a group of whole
-// classes at a time.
+// classes at a time. A move waits for the batches before it (a sync): with max_buffer_size below
+// the batch size that is every batch, and ingest no longer overlaps the next batch's copy with the
+// previous batch's work. Rows must cross PCIe anyway; an asynchronous move is future work.
 // A batch refused on the device (label out of range, non-finite value) is a no-op: every mutating
 // kernel reads the batch's status first. The error reaches the caller at the next call or sync().
 //
@@ -134,7 +136,8 @@ void CudaBackend::init() {
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(winner_.data(), 0xff, winner_.bytes(), stream_));  // -1
     }
     if (exact_store_) {
-        // The row store takes half of what is left; the rest is for batches and finalisation.
+        ensure_download_buffers(hint);  // first: a move to the host must never lack device memory
+        // The row buffer takes half of what is left; the rest is for batches and finalisation.
         const int64_t left = budget_.limit() - budget_.used();
         store_capacity_ = (unsigned long long)std::min<int64_t>(INT32_MAX, std::max<int64_t>(0, left / 2 / (d_ * 4 + 4)));
         store_.allocate((size_t)store_capacity_ * (size_t)d_, &budget_, "the exact row store", hint);
@@ -369,9 +372,9 @@ void CudaBackend::process_slot(int k, bool wait) {
                                      " (nonfinite_policy: error; that batch was not ingested)");
         else
             errors_.emplace_back(COLLAPSE_ERR_OUT_OF_MEMORY,
-                                 "the exact row store is full (" + std::to_string(store_capacity_) + " rows within device_memory_limit = " +
-                                     format_bytes(budget_.limit()) +
-                                     "); that batch was not ingested: use svd_mode: sampled or raise device_memory_limit");
+                                 "a batch has more rows than the device row buffer holds (" + std::to_string(store_capacity_) +
+                                     " rows within device_memory_limit = " + format_bytes(budget_.limit()) +
+                                     "); that batch was not ingested: split it, or raise device_memory_limit");
         return;
     }
     if (!slots_[(size_t)k].first_pass) return;  // the second pass sees the same rows again
@@ -573,12 +576,12 @@ void CudaBackend::move_store_to_host() {
                     r += k;
                 }
             });
+            COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
+            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
         } catch (...) {
             host_store_->rollback(mark);
             throw;
         }
-        COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
-        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
     }
     store_bound_ = 0;
 }
@@ -614,7 +617,7 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
         class_spectra(reservoir_.data(), index.data(), all, offset, nrows, kept, mu, tokens, out);
     } else {
         move_store_to_host();
-        const int64_t room = (int64_t)store_capacity_;
+        const int64_t room = std::min<int64_t>((int64_t)store_capacity_, std::max<int64_t>(kept.rows, 1));
         std::vector<int32_t> h((size_t)room);
         for (int64_t i = 0; i < room; ++i) h[(size_t)i] = (int32_t)i;
         DeviceBuffer<int32_t> iota((size_t)std::max<int64_t>(room, 1), &budget_, "row buffer index");

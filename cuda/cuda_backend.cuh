@@ -124,6 +124,9 @@ private:
     // Exact mode: the rows that left the device buffer, in host memory and beyond it on disk.
     std::unique_ptr<RowStore> host_store_;
     PinnedBuffer<double> pinned_;  // rows on their way to the host
+    DeviceBuffer<int32_t> dl_index_;
+    DeviceBuffer<double> dl_rows_;
+    void ensure_download_buffers(const std::string& hint);
     DeviceBuffer<float> reservoir_;
     DeviceBuffer<long long> winner_;
 

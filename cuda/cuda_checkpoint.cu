@@ -41,21 +41,29 @@ void add_outer_products(const double* rows, int64_t n, int64_t d, double alpha, 
 
 }  // namespace
 
+// The device and pinned buffers rows travel through to the host, allocated once (the exact mode
+// allocates them at session creation, so that a move never fails for want of device memory).
+void CudaBackend::ensure_download_buffers(const std::string& hint) {
+    if (dl_index_.size() > 0) return;
+    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 8));
+    dl_index_.allocate((size_t)chunk, &budget_, "row index (to host)", hint);
+    dl_rows_.allocate((size_t)(chunk * d_), &budget_, "rows on their way to the host (float64)", hint);
+    pinned_.allocate((size_t)(chunk * d_));
+}
+
 // Rows src[index[0..n)] of a float32 device array, as float64 on the host: converted on the
 // device, copied through a pinned buffer a chunk at a time, and handed to `sink` (rows, first, count).
 void CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index,
                                 const std::function<void(const double*, int64_t, int64_t)>& sink) {
     const int64_t n = (int64_t)index.size();
     if (n == 0) return;
-    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 8));
-    DeviceBuffer<int32_t> idx((size_t)std::min(n, chunk), &budget_, "row index (to host)");
-    DeviceBuffer<double> rows((size_t)(std::min(n, chunk) * d_), &budget_, "rows to host (float64)");
-    if (pinned_.size() < (size_t)(std::min(n, chunk) * d_)) pinned_.allocate((size_t)(std::min(n, chunk) * d_));
+    ensure_download_buffers("");
+    const int64_t chunk = (int64_t)dl_index_.size();
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
         const int64_t m = std::min(chunk, n - r0);
-        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, stream_));
-        launch_rows_to_double(src, idx.data(), m, d_, nullptr, rows.data(), stream_);
-        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(pinned_.data(), rows.data(), (size_t)(m * d_) * 8, cudaMemcpyDeviceToHost, stream_));
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(dl_index_.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, stream_));
+        launch_rows_to_double(src, dl_index_.data(), m, d_, nullptr, dl_rows_.data(), stream_);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(pinned_.data(), dl_rows_.data(), (size_t)(m * d_) * 8, cudaMemcpyDeviceToHost, stream_));
         COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
         sink(pinned_.data(), r0, m);
     }
@@ -210,6 +218,27 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
     const int64_t upload = std::min<int64_t>(chunk, std::max<int64_t>({1, (int64_t)hold_slot.size(), (int64_t)res_slot.size()}));
     DeviceBuffer<float> up_rows((size_t)(upload * d_), &budget_, "checkpoint rows (float32)");
     DeviceBuffer<int64_t> up_slots((size_t)upload, &budget_, "checkpoint row slots");
+    // The new accumulators, prepared on the host (downloads and allocations can still fail here).
+    std::vector<unsigned long long> cnt((size_t)V_);
+    for (int64_t c = 0; c < V_; ++c) cnt[(size_t)c] = (unsigned long long)(before[(size_t)c] + v.counts[c]);
+    std::vector<double> sums((size_t)(V_ * d_), 0.0), sq((size_t)V_, 0.0), g;
+    if (merge) {
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
+    }
+    for (size_t k = 0; k < sums.size(); ++k) sums[k] += v.sums[k];
+    for (int64_t c = 0; c < V_; ++c) sq[(size_t)c] += v.sqnorms[c];
+    if (gram_streaming_) {
+        // The device Gram holds every row: the file's Gram plus its held-back rows.
+        std::vector<double> add((size_t)(d_ * d_), 0.0);
+        g.assign((size_t)(d_ * d_), 0.0);
+        for (int64_t a = 0; a < d_; ++a)
+            for (int64_t b = a; b < d_; ++b) add[(size_t)(a * d_ + b)] = v.gram[a * d_ + b];
+        add_outer_products(v.holdback_rows, v.holdback_total, d_, 1.0, add.data());
+        if (merge) COLLAPSE_CUDA_TRY(cudaMemcpy(g.data(), gram_.data(), gram_.bytes(), cudaMemcpyDeviceToHost));
+        for (int64_t a = 0; a < d_; ++a)
+            for (int64_t b = a; b < d_; ++b) g[(size_t)(a + b * d_)] += add[(size_t)(a * d_ + b)];
+    }
     // The exact rows go to the host store (spilling as needed), rolled back if the disk refuses.
     if (exact_store_) {
         if (merge) move_store_to_host();
@@ -235,35 +264,15 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
     }
 
     // From here on only CUDA itself can fail.
-    std::vector<unsigned long long> cnt((size_t)V_);
-    for (int64_t c = 0; c < V_; ++c) cnt[(size_t)c] = (unsigned long long)(before[(size_t)c] + v.counts[c]);
-    std::vector<double> sums((size_t)(V_ * d_), 0.0), sq((size_t)V_, 0.0);
-    if (merge) {
-        COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
-        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
-    }
-    for (size_t k = 0; k < sums.size(); ++k) sums[k] += v.sums[k];
-    for (int64_t c = 0; c < V_; ++c) sq[(size_t)c] += v.sqnorms[c];
     COLLAPSE_CUDA_TRY(cudaMemcpy(count_.data(), cnt.data(), count_.bytes(), cudaMemcpyHostToDevice));
     COLLAPSE_CUDA_TRY(cudaMemcpy(sum_.data(), sums.data(), sum_.bytes(), cudaMemcpyHostToDevice));
     COLLAPSE_CUDA_TRY(cudaMemcpy(sqnorm_.data(), sq.data(), sqnorm_.bytes(), cudaMemcpyHostToDevice));
-    std::vector<double>().swap(sums);
     if (!merge) totals_ = Counts{};
     totals_.rows_seen += v.rows[0], totals_.rows_masked += v.rows[1], totals_.rows_excluded += v.rows[2], totals_.rows_nonfinite += v.rows[3];
-
     if (gram_streaming_) {
-        // The device Gram holds every row: the file's Gram plus its held-back rows.
-        std::vector<double> add((size_t)(d_ * d_), 0.0), g((size_t)(d_ * d_), 0.0);
-        for (int64_t a = 0; a < d_; ++a)
-            for (int64_t b = a; b < d_; ++b) add[(size_t)(a * d_ + b)] = v.gram[a * d_ + b];
-        add_outer_products(v.holdback_rows, v.holdback_total, d_, 1.0, add.data());
-        if (merge) COLLAPSE_CUDA_TRY(cudaMemcpy(g.data(), gram_.data(), gram_.bytes(), cudaMemcpyDeviceToHost));
-        for (int64_t a = 0; a < d_; ++a)
-            for (int64_t b = a; b < d_; ++b) g[(size_t)(a + b * d_)] += add[(size_t)(a * d_ + b)];
         COLLAPSE_CUDA_TRY(cudaMemcpy(gram_.data(), g.data(), gram_.bytes(), cudaMemcpyHostToDevice));
         upload_rows(hold_rows.data(), hold_slot, hold_.data(), up_rows, up_slots);
     }
-
     if (sampled_) upload_rows(res_rows.data(), res_slot, reservoir_.data(), up_rows, up_slots);
     COLLAPSE_CUDA_TRY(cudaDeviceSynchronize());
 }

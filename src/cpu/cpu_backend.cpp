@@ -226,8 +226,12 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
     std::vector<double> xd((size_t)d_);
     for (size_t k = 0; k < runs; ++k) {
         const int32_t c = run_label_[k];
-        // Exact: the class's rows go straight into the store, converted once.
-        double* dst = keep_rows && exact ? store_->append(c, run_begin_[k + 1] - run_begin_[k]) : nullptr;
+        // Exact: the class's rows go straight into the store, converted once. Sampled: the slots
+        // this batch fills (the reservoir's first svd_max_rows_per_token rows) are added at once,
+        // as growth() counted them.
+        const int64_t len = run_begin_[k + 1] - run_begin_[k];
+        double* dst = keep_rows && exact ? store_->append(c, len) : nullptr;
+        if (keep_rows && !exact && count_[(size_t)c] < cap) store_->append(c, std::min(len, cap - count_[(size_t)c]));
         for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
             double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
             load_row_double(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
@@ -250,9 +254,7 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
             if (!keep_rows || exact) continue;
             // Sampled: the reservoir slot of this row, shared with the CUDA backend.
             const int64_t slot = reservoir_slot(cfg_.seed, c, i, cap);
-            if (slot < 0) continue;
-            double* r = slot == store_->memory_rows(c) ? store_->append(c, 1) : store_->memory_data(c) + slot * d_;
-            std::memcpy(r, xr, (size_t)d_ * sizeof(double));
+            if (slot >= 0) std::memcpy(store_->memory_data(c) + slot * d_, xr, (size_t)d_ * sizeof(double));
         }
     }
     if (gram_streaming_) gram_flush();
