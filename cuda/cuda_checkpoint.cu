@@ -128,17 +128,7 @@ void CudaBackend::save_state(io::CheckpointWriter& w) {
     if (exact_store_) {
         // Every row to the host store first; then written class after class, as the CPU does.
         move_store_to_host();
-        std::vector<int64_t> off((size_t)V_ + 1, 0);
-        std::vector<int32_t> all;
-        for (int64_t c = 0; c < V_; ++c) {
-            off[(size_t)c + 1] = off[(size_t)c] + host_store_->rows((int32_t)c);
-            if (host_store_->rows((int32_t)c) > 0) all.push_back((int32_t)c);
-        }
-        w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
-        w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
-        host_store_->for_each_class(all, std::max<int64_t>(d_ * 8, cfg_.host_memory_limit / 6),
-                                    [&](int32_t, const double* x, int64_t n, int64_t, bool) { w.append(x, (size_t)(n * d_) * 8); });
-        w.end_section();
+        write_store(w, *host_store_, V_, d_, std::max<int64_t>(d_ * 8, cfg_.host_memory_limit / 6));
     } else if (sampled_) {
         // The filled reservoir slots, class after class.
         const int64_t cap = cfg_.svd_max_rows_per_token;
@@ -243,24 +233,7 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
     if (exact_store_) {
         if (merge) move_store_to_host();
         else host_store_->clear();  // a fresh session: nothing to keep
-        const int64_t* off = v.store_offsets;
-        const RowStore::Mark mark = host_store_->mark([&] {
-            int64_t add = 0;
-            for (int64_t c = 0; c < V_; ++c) add += host_store_->growth((int32_t)c, off[c + 1] - off[c]);
-            return add;
-        });
-        try {
-            for (int64_t c = 0; c < V_; ++c) {
-                const int64_t n = off[c + 1] - off[c];
-                if (n == 0) continue;
-                host_store_->make_room([&] { return host_store_->growth((int32_t)c, n); });
-                std::memcpy(host_store_->append((int32_t)c, n), v.store_rows + off[c] * d_, (size_t)(n * d_) * 8);
-                r.release(v.store_section, (size_t)(off[c] * d_) * 8, (size_t)(n * d_) * 8);
-            }
-        } catch (...) {
-            host_store_->rollback(mark);
-            throw;
-        }
+        load_store(r, v, *host_store_, V_, d_);
     }
 
     // From here on only CUDA itself can fail.

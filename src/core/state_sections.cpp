@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/dtype.hpp"
@@ -82,6 +83,40 @@ void write_state_core(io::CheckpointWriter& w, const Counts& rows, int64_t V, in
     w.add("class_counts", COLLAPSE_I64, {V}, counts, (size_t)V * 8);
     w.add("class_sums", COLLAPSE_F64, {V, d}, sums, (size_t)(V * d) * 8);
     w.add("class_sqnorms", COLLAPSE_F64, {V}, sqnorms, (size_t)V * 8);
+}
+
+void write_store(io::CheckpointWriter& w, const RowStore& store, int64_t V, int64_t d, int64_t load_budget) {
+    std::vector<int64_t> off((size_t)V + 1, 0);
+    std::vector<int32_t> all;
+    for (int64_t c = 0; c < V; ++c) {
+        off[(size_t)c + 1] = off[(size_t)c] + store.rows((int32_t)c);
+        if (store.rows((int32_t)c) > 0) all.push_back((int32_t)c);
+    }
+    w.add("store_offsets", COLLAPSE_I64, {V + 1}, off.data(), off.size() * 8);
+    w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d}, (size_t)(off.back() * d) * 8);
+    store.for_each_class(all, load_budget, [&](int32_t, const double* x, int64_t n, int64_t, bool) { w.append(x, (size_t)(n * d) * 8); });
+    w.end_section();
+}
+
+void load_store(const io::CheckpointReader& r, const StateView& v, RowStore& store, int64_t V, int64_t d) {
+    const int64_t* off = v.store_offsets;
+    const RowStore::Mark mark = store.mark([&] {
+        int64_t add = 0;
+        for (int64_t c = 0; c < V; ++c) add += store.growth((int32_t)c, off[c + 1] - off[c]);
+        return add;
+    });
+    try {
+        for (int64_t c = 0; c < V; ++c) {
+            const int64_t n = off[c + 1] - off[c];
+            if (n == 0) continue;
+            store.make_room([&] { return store.growth((int32_t)c, n); });
+            std::memcpy(store.append((int32_t)c, n), v.store_rows + off[c] * d, (size_t)(n * d) * 8);
+            r.release(v.store_section, (size_t)(off[c] * d) * 8, (size_t)(n * d) * 8);  // taken in: its pages can go
+        }
+    } catch (...) {
+        store.rollback(mark);
+        throw;
+    }
 }
 
 RowVector merge_reservoirs(uint64_t seed, int32_t c, int64_t cap, int64_t d, const double* mine, int64_t kept_mine, int64_t seen_mine,

@@ -51,6 +51,13 @@ StateView read_state(const io::CheckpointReader& r, int64_t V, int64_t d, bool g
 void write_state_core(io::CheckpointWriter& w, const Counts& rows, int64_t V, int64_t d, const int64_t* counts, const double* sums,
                       const double* sqnorms);
 
+// store_offsets and store_rows from a row store (spilled rows read back under load_budget bytes).
+void write_store(io::CheckpointWriter& w, const RowStore& store, int64_t V, int64_t d, int64_t load_budget);
+
+// The checkpoint's store rows appended to `store` (spilling as it needs); if the disk refuses, the
+// store is rolled back to what it held and the error propagates.
+void load_store(const io::CheckpointReader& r, const StateView& v, RowStore& store, int64_t V, int64_t d);
+
 // Two reservoirs of one class merged: a weighted sample without replacement (Efraimidis and
 // Spirakis) of at most `cap` rows, where each kept row stands for seen / kept rows of its shard,
 // keyed by a hash of (seed, class, shard, row) so that the result is reproducible.

@@ -33,20 +33,7 @@ void CpuBackend::save_state(io::CheckpointWriter& w) {
         }
         w.end_section();
     }
-    if (store_) {
-        // Row store / reservoirs: offsets [V + 1] and the rows class after class (spilled rows are
-        // copied in: a checkpoint stands alone).
-        std::vector<int64_t> off((size_t)V_ + 1, 0);
-        std::vector<int32_t> all;
-        for (int64_t c = 0; c < V_; ++c) {
-            off[(size_t)c + 1] = off[(size_t)c] + store_->rows((int32_t)c);
-            if (store_->rows((int32_t)c) > 0) all.push_back((int32_t)c);
-        }
-        w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
-        w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
-        store_->for_each_class(all, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) { w.append(x, (size_t)(n * d_) * 8); });
-        w.end_section();
-    }
+    if (store_) write_store(w, *store_, V_, d_, load_budget());  // spilled rows are copied in: a checkpoint stands alone
 }
 
 void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
@@ -64,24 +51,7 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
     // then it is rolled back, so a refused checkpoint changes nothing.
     if (has_row_store()) {
         if (!merge) store_->clear();  // resume: a fresh session, nothing to keep
-        const RowStore::Mark mark = store_->mark([&] {
-            int64_t add = 0;
-            for (int64_t c = 0; c < V_; ++c) add += store_->growth((int32_t)c, off[c + 1] - off[c]);
-            return add;
-        });
-        try {
-            const double* src = v.store_rows;
-            for (int64_t c = 0; c < V_; ++c) {
-                const int64_t n = off[c + 1] - off[c];
-                if (n == 0) continue;
-                store_->make_room([&] { return store_->growth((int32_t)c, n); });
-                std::memcpy(store_->append((int32_t)c, n), src + off[c] * d_, (size_t)(n * d_) * 8);
-                r.release(v.store_section, (size_t)(off[c] * d_) * 8, (size_t)(n * d_) * 8);
-            }
-        } catch (...) {
-            store_->rollback(mark);
-            throw;
-        }
+        load_store(r, v, *store_, V_, d_);
     }
 
     if (!merge) {

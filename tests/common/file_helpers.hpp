@@ -4,7 +4,9 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <iterator>
@@ -54,6 +56,25 @@ inline std::string expect_error(const std::function<void()>& fn, const std::vect
     ADD_FAILURE() << "expected an Error(" << status << ") mentioning \"" << (pieces.empty() ? "" : pieces[0]) << "\"";
     return "";
 }
+
+// A fresh directory per test under the test temp dir, removed afterwards (permissions restored
+// first, for tests that make it read-only); path(name) names a file in it.
+class TempDirTest : public ::testing::Test {
+protected:
+    void SetUp() override {
+        std::string tmpl = ::testing::TempDir() + "/collapse_test_XXXXXX";
+        ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+        dir_ = tmpl;
+    }
+    void TearDown() override {
+        if (dir_.empty()) return;
+        ::chmod(dir_.c_str(), 0700);
+        std::error_code ec;
+        std::filesystem::remove_all(dir_, ec);
+    }
+    std::string path(const std::string& name) const { return dir_ + "/" + name; }
+    std::string dir_;
+};
 
 // A file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored) for the object's lifetime: writes past it
 // fail with EFBIG, a real kernel error standing in for a full disk. `usable()` is false when the

@@ -183,23 +183,7 @@ void expect_same(const json& a, const json& b, double rel, const std::string& at
     testutil::expect_same_json(a, b, rel, 0.0, at);
 }
 
-class TempDirTest : public ::testing::Test {
-protected:
-    void SetUp() override {
-        std::string tmpl = (fs::path(::testing::TempDir()) / "collapse_ckpt_XXXXXX").string();
-        ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-        dir_ = tmpl;
-    }
-    void TearDown() override {
-        std::error_code ec;
-        if (!dir_.empty()) {
-            ::chmod(dir_.c_str(), 0700);
-            fs::remove_all(dir_, ec);
-        }
-    }
-    std::string path(const std::string& name) const { return (fs::path(dir_) / name).string(); }
-    std::string dir_;
-};
+using testutil::TempDirTest;
 
 // The single-session reference over every batch.
 json single_run(const collapse_options& o, const Classifier* clf, const Data& D) {

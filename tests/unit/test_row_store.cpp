@@ -26,19 +26,7 @@ using collapse::RowStore;
 
 constexpr int64_t kV = 150, kD = 5;
 
-class RowStoreTest : public ::testing::Test {
-protected:
-    void SetUp() override {
-        std::string tmpl = (fs::path(::testing::TempDir()) / "collapse_rowstore_XXXXXX").string();
-        ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-        dir_ = tmpl;
-    }
-    void TearDown() override {
-        std::error_code ec;
-        fs::remove_all(dir_, ec);
-    }
-    std::string dir_;
-};
+class RowStoreTest : public testutil::TempDirTest {};
 
 // What the store must give back: every row of every class, in order added.
 using Model = std::map<int32_t, std::vector<double>>;
