@@ -159,6 +159,10 @@ void print_headline(const nlohmann::json& doc, const std::string& path) {
                 num("overall_analysis", "nc3_self_duality").c_str(), num("overall_analysis", "nc4_agreement").c_str());
     std::printf("  avg_svd_entropy %s over %s tokens\n", num("summary", "avg_svd_entropy").c_str(),
                 num("summary", "tokens_with_metrics").c_str());
+    const auto& store = doc["engine"].value("row_store", nlohmann::json::object());
+    if (store.value("spilled_bytes", int64_t(0)) > 0)
+        std::printf("  row store: %s spilled to disk in %lld flushes (host_memory_limit)\n",
+                    format_bytes(store["spilled_bytes"].get<int64_t>()).c_str(), (long long)store["spill_flushes"].get<int64_t>());
 }
 
 

@@ -289,7 +289,8 @@ TEST_F(CliCheckpoint, SigkillWhileSpillingThenResume) {
         return j;
     };
     const json plain = comparable(report("plain.json"));
-    run_ok("analyze --quiet " + kInputA + " --config spill.yaml -o spilled.json");
+    const CliRun loud = run_ok("analyze " + kInputA + " --config spill.yaml -o spilled.json");
+    EXPECT_NE(loud.out.find("spilled to disk in"), std::string::npos) << loud.out;  // the summary says so
     const json spilled = report("spilled.json");
     EXPECT_GT(spilled["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 10 << 20);
     expect_same(comparable(spilled), plain, 1e-12);
