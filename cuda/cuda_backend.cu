@@ -623,12 +623,23 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
         DeviceBuffer<int32_t> iota((size_t)std::max<int64_t>(room, 1), &budget_, "row buffer index");
         COLLAPSE_CUDA_TRY(cudaMemcpyAsync(iota.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, s));
         std::vector<int64_t> members;
-        int64_t filled = 0;
-        std::vector<float> f;
+        int64_t filled = 0, staged_from = 0;
+        // Rows are converted into a pinned float32 staging buffer and uploaded a chunk at a time
+        // (one copy per class was the whole cost of this phase on an H200: 11,770 classes, 0.17 s).
+        const int64_t stage_rows = std::max<int64_t>(1, (int64_t(64) << 20) / (d_ * 4));
+        PinnedBuffer<float> stage((size_t)(std::min(stage_rows, room) * d_));
+        const int64_t stage_cap = (int64_t)stage.size() / d_;
+        auto upload = [&] {
+            if (filled > staged_from)
+                COLLAPSE_CUDA_TRY(cudaMemcpy(store_.data() + staged_from * d_, stage.data(), (size_t)((filled - staged_from) * d_) * 4,
+                                             cudaMemcpyHostToDevice));
+            staged_from = filled;
+        };
         auto solve = [&] {
+            upload();
             if (!members.empty()) class_spectra(store_.data(), iota.data(), members, offset, nrows, kept, mu, tokens, out);
             members.clear();
-            filled = 0;
+            filled = staged_from = 0;
         };
         const int64_t load = std::max<int64_t>(d_ * 8, cfg_.host_memory_limit / 6);
         host_store_->for_each_class(kept.ids, load, [&](int32_t c, const double* x, int64_t n, int64_t first, bool) {
@@ -644,10 +655,13 @@ void CudaBackend::per_token(const KeptSet& kept, const DeviceBuffer<double>& mu,
                 describe(t);
                 members.push_back(t);
             }
-            f.resize((size_t)(n * d_));
-            for (int64_t k = 0; k < n * d_; ++k) f[(size_t)k] = (float)x[k];
-            COLLAPSE_CUDA_TRY(cudaMemcpy(store_.data() + filled * d_, f.data(), f.size() * 4, cudaMemcpyHostToDevice));
-            filled += n;
+            for (int64_t r = 0; r < n;) {
+                if (filled - staged_from == stage_cap) upload();
+                const int64_t k = std::min(n - r, stage_cap - (filled - staged_from));
+                float* dst = stage.data() + (filled - staged_from) * d_;
+                for (int64_t j = 0; j < k * d_; ++j) dst[j] = (float)x[r * d_ + j];
+                filled += k, r += k;
+            }
         });
         solve();
         out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};

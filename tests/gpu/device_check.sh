@@ -3,6 +3,7 @@
 # build, run the CUDA tests, compute-sanitizer memcheck and racecheck on a small case, and
 # collapse_bench --backend cuda --quick. Prints a short table last. Results also go to $OUT (when
 # set) for bench/results/. Prerequisite: tests/gpu/prepare_carry.sh run beforehand, .carry carried.
+# SKIP_SANITIZERS=1 skips step 4 (a short rerun after a fix, when device time is short).
 set -uo pipefail
 SECONDS=0
 root="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -28,7 +29,7 @@ export PKG_CONFIG_SYSROOT_DIR="$prefix"
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /'
   nvcc --version | tail -2 | head -1 | sed 's/^/nvcc: /'
-} | tee "$out/device.txt"
+} | tee -a "$out/summary.txt"
 
 # 2. Configure and build.
 t0=$(date +%s)
@@ -37,23 +38,23 @@ cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DCOLLAPSE_CUDA=ON -DCMAKE_CU
   -DCMAKE_INCLUDE_PATH="$prefix/usr/include;$prefix/usr/include/x86_64-linux-gnu/openblas-pthread" \
   -DCMAKE_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu;$prefix/usr/lib/x86_64-linux-gnu/openblas-pthread" \
   -DCMAKE_CXX_FLAGS="-I$prefix/usr/include -I$prefix/usr/include/x86_64-linux-gnu/openblas-pthread" \
-  -DCMAKE_CUDA_FLAGS="-I$prefix/usr/include" > "$out/configure.log" 2>&1 \
-  && cmake --build build-gpu -j"$(nproc)" > "$out/build.log" 2>&1
+  -DCMAKE_CUDA_FLAGS="-I$prefix/usr/include" > "$out/build.log" 2>&1 \
+  && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1
 build_rc=$?
 result[build]=$([ $build_rc -eq 0 ] && echo "ok ($(( $(date +%s) - t0 )) s)" || echo "FAILED (see build.log)")
 tail -20 "$out/build.log"
 
 if [ $build_rc -eq 0 ]; then
   # 3. The CUDA tests, then the CPU tests as a sanity check of the build.
-  (cd build-gpu && timeout 120 ./tests/test_cuda --gtest_brief=1 > "$out/test_cuda.log" 2>&1)
+  (cd build-gpu && timeout 120 ./tests/test_cuda > "$out/test_cuda.log" 2>&1)
   result[cuda_tests]=$([ $? -eq 0 ] && echo "pass: $(grep -c '^\[       OK' "$out/test_cuda.log" || true) ok" || echo "FAILED: $(grep -c '^\[  FAILED' "$out/test_cuda.log") failed")
   grep -E "^\[  FAILED|Failure|error" "$out/test_cuda.log" | head -20
   # 4. Sanitizers on a small case (racecheck sees shared-memory hazards only; initcheck finds
   #    reads of memory nothing wrote). Each bounded so that the whole script stays under 8 minutes.
   small='Table/CudaVsCpu.SameReport/d31_f16:CudaBackend.DeviceSide*:CudaBackend.RowBufferMovesToHostAndSpills:Modes/CudaCheckpoint.*/exact'
   for tool in memcheck racecheck initcheck; do
-    if [ $SECONDS -gt 400 ]; then result[$tool]="skipped (time budget)"; continue; fi
-    (cd build-gpu && timeout 70 compute-sanitizer --tool $tool --error-exitcode 9 ./tests/test_cuda --gtest_filter="$small" > "$out/$tool.log" 2>&1)
+    if [ $SECONDS -gt 400 ] || [ -n "${SKIP_SANITIZERS:-}" ]; then result[$tool]="skipped (time budget)"; continue; fi
+    (cd build-gpu && timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 ./tests/test_cuda --gtest_filter="$small" > "$out/$tool.log" 2>&1)
     rc=$?; result[$tool]=$([ $rc -eq 0 ] && echo "clean" || echo "rc=$rc (see $tool.log)")
   done
   # 5. Benchmarks against the measured ceilings.
@@ -65,4 +66,4 @@ fi
 
 echo
 echo "== device check =="
-for k in build cuda_tests memcheck racecheck initcheck bench; do printf "%-11s %s\n" "$k" "${result[$k]:-not run}"; done | tee "$out/summary.txt"
+for k in build cuda_tests memcheck racecheck initcheck bench; do printf "%-11s %s\n" "$k" "${result[$k]:-not run}"; done | tee -a "$out/summary.txt"
