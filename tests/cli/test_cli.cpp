@@ -64,17 +64,7 @@ protected:
     std::string path(const std::string& name) const { return (fs::path(dir_) / name).string(); }
 
     // Runs `collapse <args>` in the temp folder; stdout and stderr captured separately.
-    CliRun run(const std::string& args) const {
-        const std::string out = path(".stdout"), err = path(".stderr");
-        const std::string cmd = "cd " + quote(dir_) + " && OPENBLAS_NUM_THREADS=1 " + quote(COLLAPSE_CLI_PATH) + " " +
-                                args + " >" + quote(out) + " 2>" + quote(err) + " </dev/null";
-        const int rc = std::system(cmd.c_str());
-        CliRun r;
-        r.status = (rc != -1 && WIFEXITED(rc)) ? WEXITSTATUS(rc) : -1;
-        r.out = slurp(out);
-        r.err = slurp(err);
-        return r;
-    }
+    CliRun run(const std::string& args) const { return testutil::run_cli(COLLAPSE_CLI_PATH, dir_, args); }
 
     CliRun run_ok(const std::string& args) const {
         CliRun r = run(args);

@@ -87,17 +87,7 @@ protected:
 
     static std::string p(const std::string& name) { return (fs::path(dir_) / name).string(); }
 
-    static CliRun sh(const std::string& args) {
-        const std::string out = p(".stdout"), err = p(".stderr");
-        const std::string cmd = "cd " + quote(dir_) + " && OPENBLAS_NUM_THREADS=1 " + quote(COLLAPSE_CLI_PATH) + " " + args + " >" +
-                                quote(out) + " 2>" + quote(err) + " </dev/null";
-        const int rc = std::system(cmd.c_str());
-        CliRun r;
-        r.status = (rc != -1 && WIFEXITED(rc)) ? WEXITSTATUS(rc) : -1;
-        r.out = slurp(out);
-        r.err = slurp(err);
-        return r;
-    }
+    static CliRun sh(const std::string& args) { return testutil::run_cli(COLLAPSE_CLI_PATH, dir_, args); }
     static CliRun run_ok(const std::string& args) {
         CliRun r = sh(args);
         EXPECT_EQ(r.status, 0) << "collapse " << args << "\nstdout: " << r.out << "\nstderr: " << r.err;

@@ -87,23 +87,8 @@ void ingest_ok(collapse_session* s, const Batch& b) {
     EXPECT_STREQ(collapse_last_error(), "") << "the last error must be cleared on success";
 }
 
-json report_of(collapse_report* r) {
-    const char* text = nullptr;
-    EXPECT_EQ(collapse_report_json(r, &text), COLLAPSE_OK);
-    json doc = json::parse(text);
-    doc["engine"].erase("timings_seconds");
-    return doc;
-}
-
-// Compute and return the report minus engine.timings_seconds.
-json final_report(collapse_session* s) {
-    collapse_report* r = nullptr;
-    const collapse_status st = collapse_session_compute(s, &r);
-    EXPECT_EQ(st, COLLAPSE_OK) << collapse_last_error();
-    if (st != COLLAPSE_OK) return json();
-    ReportPtr hold(r);
-    return report_of(r);
-}
+using testutil::final_report;
+json report_of(collapse_report* r) { return testutil::report_json(r); }
 
 // Structural equality; numbers within 1e-12 relative (absolute near zero): the same batches in the
 // same order give the same numbers, so this forgives nothing but formatting.

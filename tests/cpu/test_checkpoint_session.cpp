@@ -164,19 +164,7 @@ void ingest(collapse_session* s, const Data& D, size_t b0, size_t b1) {
     }
 }
 
-// The report minus engine.timings_seconds.
-json final_report(collapse_session* s) {
-    collapse_report* r = nullptr;
-    const collapse_status st = collapse_session_compute(s, &r);
-    EXPECT_EQ(st, COLLAPSE_OK) << collapse_last_error();
-    if (st != COLLAPSE_OK) return json();
-    ReportPtr hold(r);
-    const char* text = nullptr;
-    EXPECT_EQ(collapse_report_json(r, &text), COLLAPSE_OK);
-    json doc = json::parse(text);
-    doc["engine"].erase("timings_seconds");
-    return doc;
-}
+using testutil::final_report;  // the report minus engine.timings_seconds
 
 // rel = 0: every number bit-identical; rel > 0: integers still exact, floats within rel relative.
 void expect_same(const json& a, const json& b, double rel, const std::string& at = "") {

@@ -58,26 +58,14 @@ CheckpointWriter::WriteFn failing_write(size_t limit, int err, size_t* written) 
     };
 }
 
-class CheckpointTest : public ::testing::Test {
+class CheckpointTest : public testutil::TempDirTest {
 protected:
-    void SetUp() override {
-        char tmpl[] = "/tmp/collapse_checkpoint_XXXXXX";
-        ASSERT_NE(::mkdtemp(tmpl), nullptr);
-        dir_ = tmpl;
-    }
-    void TearDown() override {
-        std::error_code ec;
-        std::filesystem::remove_all(dir_, ec);
-    }
-    std::string path(const std::string& name) const { return dir_ + "/" + name; }
     size_t dir_entries() const {
         size_t n = 0;
         for (auto it = std::filesystem::directory_iterator(dir_); it != std::filesystem::directory_iterator(); ++it)
             ++n;
         return n;
     }
-
-    std::string dir_;
 };
 
 // A small checkpoint with several sections of different types, sizes that leave padding.

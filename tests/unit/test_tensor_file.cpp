@@ -58,19 +58,8 @@ void expect_io_error(const std::function<void()>& fn, const std::vector<std::str
     testutil::expect_error(fn, pieces, COLLAPSE_ERR_IO);
 }
 
-class TensorFileTest : public ::testing::Test {
+class TensorFileTest : public testutil::TempDirTest {
 protected:
-    void SetUp() override {
-        char tmpl[] = "/tmp/collapse_tensor_file_XXXXXX";
-        ASSERT_NE(::mkdtemp(tmpl), nullptr);
-        dir_ = tmpl;
-    }
-    void TearDown() override {
-        std::error_code ec;
-        std::filesystem::remove_all(dir_, ec);
-    }
-    std::string path(const std::string& name) const { return dir_ + "/" + name; }
-
     // Writes the bytes to a fresh file and expects open_npy to refuse it with the given reason.
     void expect_npy_refused(const std::string& name, const std::string& bytes, const std::string& reason) {
         const std::string p = path(name);
@@ -84,8 +73,6 @@ protected:
         pieces.push_back(p);
         expect_io_error([&] { SafetensorsFile f(p); }, pieces);
     }
-
-    std::string dir_;
 };
 
 size_t nbytes(collapse_dtype t, const std::vector<int64_t>& shape) {
