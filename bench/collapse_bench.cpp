@@ -256,6 +256,15 @@ struct Inputs {
     const float* xd = nullptr;  // what the session reads
     const int32_t* yd = nullptr;
     collapse_memory mem = COLLAPSE_MEMORY_HOST;
+    // n rows of d uniform features (labels are the caller's).
+    static Inputs uniform(int64_t n, int64_t d, uint64_t seed) {
+        Inputs in;
+        in.n = n;
+        in.d = d;
+        in.x.resize((size_t)(n * d));
+        fill_uniform(in.x.data(), n * d, seed);
+        return in;
+    }
     void place(const Options&) {
         xd = x.data();
         yd = y.data();
@@ -300,11 +309,7 @@ void bench_ingest(const Options& o, json& out) {
         const int64_t row_bytes = d * 4;
         const int64_t n = std::max<int64_t>(o.quick ? 4096 : B, (min_bytes + row_bytes - 1) / row_bytes);
         const int64_t batch = std::min(B, n);
-        Inputs in;
-        in.n = n;
-        in.d = d;
-        in.x.resize((size_t)(n * d));
-        fill_uniform(in.x.data(), n * d, 0x1234 + (uint64_t)d);
+        Inputs in = Inputs::uniform(n, d, 0x1234 + (uint64_t)d);
         double read_gbps = 0;
         for (int64_t V : vocab) {
             in.y = zipf_labels(n, V, 1.1, 42 + (uint64_t)V);
@@ -353,11 +358,7 @@ void bench_gram(const Options& o, json& out) {
     for (int64_t d : dims) {
         const int64_t n = std::max<int64_t>(o.quick ? 16384 : B, ((o.quick ? 64 : 256) * kMiB) / (d * 4));
         const int64_t batch = std::min(B, n);
-        Inputs in;
-        in.n = n;
-        in.d = d;
-        in.x.resize((size_t)(n * d));
-        fill_uniform(in.x.data(), n * d, 0x777 + (uint64_t)d);
+        Inputs in = Inputs::uniform(n, d, 0x777 + (uint64_t)d);
         in.y = zipf_labels(n, V, 1.1, 4242);
         in.place(o);
         Config cfg = base_config(o, V, d);
@@ -449,11 +450,7 @@ void bench_svd(const Options& o, json& out) {
     const int reps = o.quick ? 2 : 3;
     std::printf("   engine: best of %d compute() with svd_mode exact minus best of %d with svd_mode off (same rows); ceiling: best of 3"
                 " LAPACKE_dgesdd('N') alone on the same per-class matrices, already in double\n", reps, reps);
-    Inputs in;
-    in.n = n;
-    in.d = d;
-    in.x.resize((size_t)(n * d));
-    fill_uniform(in.x.data(), n * d, 555);
+    Inputs in = Inputs::uniform(n, d, 555);
     in.y = zipf_labels(n, V, 1.1, 2024);
     in.place(o);
     auto run = [&](collapse_svd_mode mode, double* token_svd, int64_t* kept) {
@@ -644,11 +641,7 @@ void bench_checkpoint(const Options& o, json& out) {
                 "   large, pwrite in 8 MiB pieces + fsync, and pread back into it. Best of 3.\n");
     Config cfg = base_config(o, V, d);
     cfg.svd_mode = COLLAPSE_SVD_OFF;  // the accumulators only
-    Inputs in;
-    in.n = n;
-    in.d = d;
-    in.x.resize((size_t)(n * d));
-    fill_uniform(in.x.data(), n * d, 4242);
+    Inputs in = Inputs::uniform(n, d, 4242);
     in.y = zipf_labels(n, V, 1.1, 4243);
     in.place(o);
     Session s(cfg);
