@@ -53,6 +53,19 @@ const auto* const kPrintSanity = ::testing::AddGlobalTestEnvironment(new PrintSa
 
 json report_of(collapse::Session& s) { return json::parse(s.compute().json()); }
 
+// The mean pairwise cosine in closed form from the reference's unit directions u_c [K, d]:
+// (||sum u||^2 - sum ||u||^2) / (K(K-1)), in long double.
+double closed_form_mean_cosine(const std::vector<double>& u, int64_t K, int64_t d) {
+    LD us2 = 0, uu = 0;
+    for (int64_t t = 0; t < d; ++t) {
+        LD col = 0;
+        for (int64_t k = 0; k < K; ++k) col += u[(size_t)(k * d + t)];
+        us2 += col * col;
+    }
+    for (double v : u) uu += (LD)v * v;
+    return (double)((us2 - uu) / ((LD)K * (K - 1)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Simplex ETF: class means M_c = s (e_c - 1/K 1) in the first K of d coordinates (d > K), so
 // sum_c M_c = 0 (the class-balanced global mean is 0 and m_c = M_c) and every pair has cosine
@@ -213,15 +226,7 @@ TEST(SanityCentring, UnequalNormsIdentityOnReferenceMeansAndEngineAgrees) {
     s.ingest_rows(collapse::host_buffer(Xf.data(), N, d), collapse::host_buffer(y.data(), N));
     const json rep = report_of(s);
     const auto& oa = rep["overall_analysis"];
-    // Closed form of the mean cosine from the reference's u_c: (||sum u||^2 - sum ||u||^2) / (K(K-1)).
-    LD us2 = 0, uu = 0;
-    for (int64_t t = 0; t < d; ++t) {
-        LD col = 0;
-        for (int64_t k = 0; k < K; ++k) col += cs.u[(size_t)(k * d + t)];
-        us2 += col * col;
-    }
-    for (double v : cs.u) uu += (LD)v * v;
-    const double closed = (double)((us2 - uu) / ((LD)K * (K - 1)));
+    const double closed = closed_form_mean_cosine(cs.u, K, d);
     EXPECT_TRUE(testutil::close("nc2_equiangular_mean vs closed form", oa["nc2_equiangular_mean"], closed));
     const ref::Result want_r = ref::compute(X, y, d, nullptr, nullptr, ro);
     EXPECT_TRUE(testutil::close("nc2_equinorm_cov", oa["nc2_equinorm_cov"], want_r.nc2_equinorm_cov));
@@ -448,14 +453,7 @@ TEST(SanityScale, FiftyThousandClassesWithoutKxKMatrix) {
     ro.num_classes = K;
     const ref::ClassStats cs = ref::class_stats(Xd, yl, d, ro);
     ASSERT_EQ((int64_t)cs.kept.size(), K);
-    LD us2 = 0, uu = 0;
-    for (int64_t t = 0; t < d; ++t) {
-        LD col = 0;
-        for (int64_t k = 0; k < K; ++k) col += cs.u[(size_t)(k * d + t)];
-        us2 += col * col;
-    }
-    for (double v : cs.u) uu += (LD)v * v;
-    const double closed = (double)((us2 - uu) / ((LD)K * (K - 1)));
+    const double closed = closed_form_mean_cosine(cs.u, K, d);
     EXPECT_TRUE(testutil::close("nc2_equiangular_mean vs closed form", oa["nc2_equiangular_mean"], closed));
     note("K=50000 nc2_equiangular_mean - closed form", oa["nc2_equiangular_mean"].get<double>() - closed);
 }
