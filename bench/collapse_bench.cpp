@@ -56,8 +56,8 @@
 #endif
 
 using json = nlohmann::json;
-using collapse::Config;
-using collapse::Session;
+using collapse::internal::Config;
+using collapse::internal::Session;
 
 namespace {
 
@@ -289,7 +289,7 @@ double ingest_pass(Session& s, const Inputs& in, int64_t B) {
     return ingest_pass_raw(s, in.xd, COLLAPSE_F32, sizeof(float), in.yd, in.mem, in.n, in.d, B, nullptr);
 }
 
-double timing_of(const collapse::ReportData& r, const char* phase) {
+double timing_of(const collapse::internal::ReportData& r, const char* phase) {
     const auto& t = r.doc["engine"]["timings_seconds"];
     return t.contains(phase) ? t[phase].get<double>() : 0.0;
 }
@@ -588,7 +588,7 @@ void bench_spill(const Options& o, json& out) {
     PlainFile plain_file(scratch_path(o, "collapse_bench_plain.bin"), total, false);
     for (int r = 0; r < 3; ++r) {
         plain_file.once();
-        collapse::RowStore st(V, d, budget, o.scratch);
+        collapse::internal::RowStore st(V, d, budget, o.scratch);
         double wsec = 0;
         std::vector<int64_t> count((size_t)V);
         for (int64_t r0 = 0; r0 < n; r0 += B) {

@@ -39,7 +39,7 @@
 #include "cuda_backend.cuh"
 #include "kernels.cuh"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace cuda {
 namespace {
@@ -954,4 +954,4 @@ bool cuda_backend_available() {
     return n > 0;
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -19,7 +19,7 @@
 #include "device_memory.hpp"
 #include "kernels.cuh"
 
-namespace collapse {
+namespace collapse::internal {
 namespace cuda {
 
 // Makes the session's device current for the duration of a call, and restores the caller's.
@@ -158,4 +158,4 @@ private:
 };
 
 }  // namespace cuda
-}  // namespace collapse
+}  // namespace collapse::internal

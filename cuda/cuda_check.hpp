@@ -1,5 +1,5 @@
 // Throwing checks for CUDA, cuBLAS and cuSOLVER calls (RAFT error.hpp style): the failed call's
-// text and the library's status string reach the caller through collapse::Error; the *_NO_THROW
+// text and the library's status string reach the caller through collapse::internal::Error; the *_NO_THROW
 // variants are for destructors.
 #pragma once
 #include <cublas_v2.h>
@@ -10,7 +10,7 @@
 
 #include "core/error.hpp"
 
-namespace collapse::cuda {
+namespace collapse::internal::cuda {
 
 inline const char* cublas_status_name(cublasStatus_t s) {
     switch (s) {
@@ -41,13 +41,13 @@ inline const char* cusolver_status_name(cusolverStatus_t s) {
     }
 }
 
-}  // namespace collapse::cuda
+}  // namespace collapse::internal::cuda
 
 #define COLLAPSE_CUDA_TRY(call)                                                                           \
     do {                                                                                                 \
         const cudaError_t e_ = (call);                                                                   \
         if (e_ != cudaSuccess)                                                                           \
-            ::collapse::fail(e_ == cudaErrorMemoryAllocation ? COLLAPSE_ERR_OUT_OF_MEMORY : COLLAPSE_ERR_INTERNAL, \
+            ::collapse::internal::fail(e_ == cudaErrorMemoryAllocation ? COLLAPSE_ERR_OUT_OF_MEMORY : COLLAPSE_ERR_INTERNAL, \
                              "CUDA call '", #call, "' failed: ", cudaGetErrorName(e_), ": ", cudaGetErrorString(e_), \
                              " (", __FILE__, ":", __LINE__, ")");                                         \
     } while (0)
@@ -59,16 +59,16 @@ inline const char* cusolver_status_name(cusolverStatus_t s) {
     do {                                                                                                  \
         const cublasStatus_t s_ = (call);                                                                 \
         if (s_ != CUBLAS_STATUS_SUCCESS)                                                                  \
-            ::collapse::fail(COLLAPSE_ERR_INTERNAL, "cuBLAS call '", #call, "' failed: ",                 \
-                             ::collapse::cuda::cublas_status_name(s_), " (", __FILE__, ":", __LINE__, ")"); \
+            ::collapse::internal::fail(COLLAPSE_ERR_INTERNAL, "cuBLAS call '", #call, "' failed: ",                 \
+                             ::collapse::internal::cuda::cublas_status_name(s_), " (", __FILE__, ":", __LINE__, ")"); \
     } while (0)
 
 #define COLLAPSE_CUSOLVER_TRY(call)                                                                            \
     do {                                                                                                      \
         const cusolverStatus_t s_ = (call);                                                                   \
         if (s_ != CUSOLVER_STATUS_SUCCESS)                                                                    \
-            ::collapse::fail(COLLAPSE_ERR_INTERNAL, "cuSOLVER call '", #call, "' failed: ",                   \
-                             ::collapse::cuda::cusolver_status_name(s_), " (", __FILE__, ":", __LINE__, ")"); \
+            ::collapse::internal::fail(COLLAPSE_ERR_INTERNAL, "cuSOLVER call '", #call, "' failed: ",                   \
+                             ::collapse::internal::cuda::cusolver_status_name(s_), " (", __FILE__, ":", __LINE__, ")"); \
     } while (0)
 
 #define COLLAPSE_CUDA_TRY_NO_THROW(call)                                                                  \

@@ -22,7 +22,7 @@
 #include "core/state_sections.hpp"
 #include "cuda_backend.cuh"
 
-namespace collapse {
+namespace collapse::internal {
 namespace cuda {
 
 namespace {
@@ -251,4 +251,4 @@ void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
 }
 
 }  // namespace cuda
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -12,7 +12,7 @@
 #include "core/config.hpp"
 #include "cuda_check.hpp"
 
-namespace collapse::cuda {
+namespace collapse::internal::cuda {
 
 class Budget {
 public:
@@ -115,4 +115,4 @@ private:
     size_t n_ = 0;
 };
 
-}  // namespace collapse::cuda
+}  // namespace collapse::internal::cuda

@@ -6,7 +6,7 @@
 #include "cuda_check.hpp"
 #include "kernels.cuh"
 
-namespace collapse::cuda {
+namespace collapse::internal::cuda {
 
 namespace {
 
@@ -328,4 +328,4 @@ void launch_class_gram(const float* rows, const int32_t* index, const int64_t* o
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 
-}  // namespace collapse::cuda
+}  // namespace collapse::internal::cuda

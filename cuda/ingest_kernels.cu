@@ -10,7 +10,7 @@
 #include "cuda_check.hpp"
 #include "kernels.cuh"
 
-namespace collapse::cuda {
+namespace collapse::internal::cuda {
 
 namespace {
 
@@ -335,4 +335,4 @@ void launch_add_gram(const float* g32, double* g64, int64_t n, const BatchStatus
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 
-}  // namespace collapse::cuda
+}  // namespace collapse::internal::cuda

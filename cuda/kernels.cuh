@@ -8,7 +8,7 @@
 
 #include "collapse/collapse.h"
 
-namespace collapse::cuda {
+namespace collapse::internal::cuda {
 
 // A batch as the kernels see it (device pointers, element strides).
 struct DeviceBatch {
@@ -141,4 +141,4 @@ void launch_class_gram(const float* rows, const int32_t* index, const int64_t* o
                        const int32_t* center_slot, const double* mu, int64_t count, int64_t d, int64_t M, double* gram,
                        cudaStream_t s);
 
-}  // namespace collapse::cuda
+}  // namespace collapse::internal::cuda

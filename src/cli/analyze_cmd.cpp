@@ -20,7 +20,7 @@
 #include "io/tensor_file.hpp"
 #include "report/report.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -355,4 +355,4 @@ void add_analyze_command(CLI::App& app) {
     sub->callback([args] { run_analyze(*args); });
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -5,6 +5,6 @@ namespace CLI {
 class App;
 }
 
-namespace collapse {
+namespace collapse::internal {
 void add_analyze_command(CLI::App& app);
-}  // namespace collapse
+}  // namespace collapse::internal

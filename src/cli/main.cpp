@@ -13,14 +13,14 @@ int main(int argc, char** argv) {
     CLI::App app{"collapse: neural-collapse metrics of language-model hidden states"};
     app.set_version_flag("--version", std::string("collapse ") + collapse_version_string());
     app.require_subcommand(1);
-    collapse::add_analyze_command(app);
-    collapse::add_synth_command(app);
-    collapse::add_merge_command(app);
+    collapse::internal::add_analyze_command(app);
+    collapse::internal::add_synth_command(app);
+    collapse::internal::add_merge_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
         return app.exit(e);
-    } catch (const collapse::Error& e) {
+    } catch (const collapse::internal::Error& e) {
         std::fprintf(stderr, "collapse: error: %s\n", e.what());
         return 1;
     } catch (const std::exception& e) {

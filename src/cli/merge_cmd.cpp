@@ -9,7 +9,7 @@
 
 #include "core/session.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -42,4 +42,4 @@ void add_merge_command(CLI::App& app) {
     sub->callback([args] { run_merge(*args); });
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

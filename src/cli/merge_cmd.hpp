@@ -5,6 +5,6 @@ namespace CLI {
 class App;
 }
 
-namespace collapse {
+namespace collapse::internal {
 void add_merge_command(CLI::App& app);
-}  // namespace collapse
+}  // namespace collapse::internal

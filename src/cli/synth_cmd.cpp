@@ -17,7 +17,7 @@
 #include "core/synth.hpp"
 #include "io/tensor_file.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 namespace {
 
 namespace fs = std::filesystem;
@@ -233,4 +233,4 @@ void add_synth_command(CLI::App& app) {
     sub->callback([o] { run_synth(*o); });
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -6,10 +6,10 @@ namespace CLI {
 class App;
 }
 
-namespace collapse {
+namespace collapse::internal {
 
 // Registers the `synth` subcommand on `app`; its callback generates and writes the files and throws
-// collapse::Error on failure (the main program prints it).
+// collapse::internal::Error on failure (the main program prints it).
 void add_synth_command(CLI::App& app);
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -14,7 +14,7 @@
 #include "core/config.hpp"
 #include "core/metrics.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace io {
 class CheckpointWriter;
@@ -73,4 +73,4 @@ std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim);
 bool cuda_backend_available();
 
-}  // namespace collapse
+}  // namespace collapse::internal

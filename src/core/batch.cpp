@@ -7,7 +7,7 @@
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 int64_t BatchDesc::feature_row(int64_t r) const {
     if (!sequences) return r;
@@ -214,4 +214,4 @@ AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vec
     return out;
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -8,7 +8,7 @@
 #include "core/config.hpp"
 #include "core/dtype.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 // Rows of a 2-D buffer.
 struct MatrixView {
@@ -60,4 +60,4 @@ AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vec
 // the float32 range (rows are kept as float32 and squared in float64), or -1.
 int64_t first_nonfinite(const void* row, collapse_dtype t, int64_t d);
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -12,12 +12,12 @@
 #include "report/report.hpp"
 
 struct collapse_session {
-    collapse::Session impl;
-    explicit collapse_session(const collapse::Config& c) : impl(c) {}
+    collapse::internal::Session impl;
+    explicit collapse_session(const collapse::internal::Config& c) : impl(c) {}
 };
 
 struct collapse_report {
-    std::unique_ptr<collapse::ReportData> data;
+    std::unique_ptr<collapse::internal::ReportData> data;
 };
 
 namespace {
@@ -30,7 +30,7 @@ collapse_status translate(F&& body) noexcept {
         body();
         g_last_error.clear();
         return COLLAPSE_OK;
-    } catch (const collapse::Error& e) {
+    } catch (const collapse::internal::Error& e) {
         g_last_error = e.what();
         return e.status();
     } catch (const std::bad_alloc&) {
@@ -46,7 +46,7 @@ collapse_status translate(F&& body) noexcept {
 }
 
 void require(const void* p, const char* what) {
-    if (!p) collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, " is NULL");
+    if (!p) collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, " is NULL");
 }
 
 }  // namespace
@@ -77,25 +77,25 @@ const char* collapse_last_error(void) { return g_last_error.c_str(); }
 int collapse_backend_available(const char* name) {
     if (!name) return 0;
     if (std::strcmp(name, "cpu") == 0) return 1;
-    if (std::strcmp(name, "cuda") == 0) return collapse::cuda_backend_available() ? 1 : 0;
+    if (std::strcmp(name, "cuda") == 0) return collapse::internal::cuda_backend_available() ? 1 : 0;
     return 0;
 }
 
 collapse_status collapse_options_default(collapse_options* options) {
     return translate([&] {
         require(options, "options");
-        *options = collapse::to_options(collapse::Config{});
+        *options = collapse::internal::to_options(collapse::internal::Config{});
     });
 }
 
 collapse_status collapse_options_from_yaml_file(const char* path, collapse_options* options) {
-    thread_local collapse::Config storage;  // owns exclude_token_ids for the caller
+    thread_local collapse::internal::Config storage;  // owns exclude_token_ids for the caller
     return translate([&] {
         require(path, "path");
         require(options, "options");
-        collapse::Config c = collapse::load_yaml_file(path);
+        collapse::internal::Config c = collapse::internal::load_yaml_file(path);
         storage = std::move(c);
-        *options = collapse::to_options(storage);
+        *options = collapse::internal::to_options(storage);
     });
 }
 
@@ -104,10 +104,10 @@ collapse_status collapse_session_create(const collapse_options* options, collaps
         require(options, "options");
         require(out, "out");
         if (options->struct_size != sizeof(collapse_options))
-            collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "options.struct_size is ", options->struct_size, ", expected ",
+            collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "options.struct_size is ", options->struct_size, ", expected ",
                            sizeof(collapse_options), " (initialise the struct with collapse_options_default)");
         if (options->num_exclude_token_ids > 0) require(options->exclude_token_ids, "options.exclude_token_ids");
-        *out = new collapse_session(collapse::from_options(*options));
+        *out = new collapse_session(collapse::internal::from_options(*options));
     });
 }
 
@@ -202,8 +202,8 @@ collapse_status collapse_report_get_scalar(const collapse_report* r, const char*
         require(key, "key");
         require(value, "value");
         bool null = false;
-        if (!collapse::report_scalar(r->data->doc, key, value, &null))
-            collapse::fail(COLLAPSE_ERR_NOT_FOUND, "report has no scalar '", key, "'");
+        if (!collapse::internal::report_scalar(r->data->doc, key, value, &null))
+            collapse::internal::fail(COLLAPSE_ERR_NOT_FOUND, "report has no scalar '", key, "'");
         if (is_null) *is_null = null ? 1 : 0;
     });
 }
@@ -221,7 +221,7 @@ collapse_status collapse_report_token_ids(const collapse_report* r, int64_t* out
         require(r, "report");
         const auto& ids = r->data->token_ids;
         if (capacity < (int64_t)ids.size())
-            collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
+            collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
         if (!ids.empty()) require(out, "out");
         std::copy(ids.begin(), ids.end(), out);
     });
@@ -233,12 +233,12 @@ collapse_status collapse_report_token_array(const collapse_report* r, const char
         require(key, "key");
         const auto& ids = r->data->token_ids;
         if (capacity < (int64_t)ids.size())
-            collapse::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
+            collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
         static const char* const keys[] = {"svd_entropy", "effective_rank", "normalized_entropy", "num_samples", "svd_rows"};
         bool known = false;
         for (const char* k : keys) known = known || std::strcmp(k, key) == 0;
         if (!known)
-            collapse::fail(COLLAPSE_ERR_NOT_FOUND, "unknown per-token key '", key,
+            collapse::internal::fail(COLLAPSE_ERR_NOT_FOUND, "unknown per-token key '", key,
                            "' (svd_entropy, effective_rank, normalized_entropy, num_samples, svd_rows)");
         if (!ids.empty()) require(out, "out");
         const auto& ta = r->data->doc["token_analysis"];
@@ -262,7 +262,7 @@ collapse_status collapse_report_write_json(const collapse_report* r, const char*
     return translate([&] {
         require(r, "report");
         require(path, "path");
-        collapse::write_report_file(r->data->doc, path);
+        collapse::internal::write_report_file(r->data->doc, path);
     });
 }
 

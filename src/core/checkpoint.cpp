@@ -10,7 +10,7 @@
 #include "core/session.hpp"
 #include "io/checkpoint_file.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -143,4 +143,4 @@ void Session::restore(const std::string& path, bool merge) {
 void Session::load_checkpoint(const std::string& path) { restore(path, false); }
 void Session::merge_checkpoint(const std::string& path) { restore(path, true); }
 
-}  // namespace collapse
+}  // namespace collapse::internal

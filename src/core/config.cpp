@@ -17,7 +17,7 @@
 
 #include "core/error.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 namespace {
 
 constexpr int64_t kMiB = int64_t(1) << 20;
@@ -663,4 +663,4 @@ std::string format_bytes(int64_t bytes) {
     return sign + buf;
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

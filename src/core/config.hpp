@@ -9,7 +9,7 @@
 
 #include "collapse/collapse.h"
 
-namespace collapse {
+namespace collapse::internal {
 
 struct Config {
     // --- seed CollapseConfig keys ---
@@ -51,7 +51,7 @@ struct Config {
     int64_t batch_rows = 65536;  // rows per batch fed by the readers (CLI --batch-rows overrides)
 };
 
-// Parse YAML text. `source` names the file in messages. Errors are collapse::Error with
+// Parse YAML text. `source` names the file in messages. Errors are collapse::internal::Error with
 // COLLAPSE_ERR_CONFIG and a message naming the key, the line and the closest valid key.
 Config parse_yaml(const std::string& text, const std::string& source);
 Config load_yaml_file(const std::string& path);
@@ -70,4 +70,4 @@ nlohmann::json to_json(const Config& c);
 int64_t parse_bytes(const std::string& text);
 std::string format_bytes(int64_t bytes);
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -13,7 +13,7 @@
 #define COLLAPSE_HD inline
 #endif
 
-namespace collapse {
+namespace collapse::internal {
 
 COLLAPSE_HD size_t dtype_size(collapse_dtype t) {
     switch (t) {
@@ -143,4 +143,4 @@ inline int64_t load_as_int(const void* p, collapse_dtype t, int64_t i) {
     }
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

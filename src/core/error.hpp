@@ -7,7 +7,7 @@
 
 #include "collapse/collapse.h"
 
-namespace collapse {
+namespace collapse::internal {
 
 class Error : public std::runtime_error {
 public:
@@ -35,4 +35,4 @@ template <class... A>
     throw Error(status, os.str());
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -6,7 +6,7 @@
 
 #include "core/dtype.hpp"  // COLLAPSE_HD
 
-namespace collapse {
+namespace collapse::internal {
 
 constexpr double kNormEps = 1e-8;          // u_c = m_c / (||m_c|| + 1e-8), UNC3 denominators
 constexpr double kEntropyEps = 1e-10;      // -sum p ln(p + 1e-10)
@@ -81,4 +81,4 @@ struct Moments {
     COLLAPSE_HD double var_unbiased() const { return n > 1 ? m2 / (n - 1) : 0.0; }
 };
 
-}  // namespace collapse
+}  // namespace collapse::internal

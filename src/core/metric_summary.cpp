@@ -5,7 +5,7 @@
 #include <cmath>
 #include <string>
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -117,4 +117,4 @@ void finish_class_metrics(const ClassVectors& v, const Config& cfg, MetricValues
     else out.notes["nc3_self_duality"] = "the classifier rows or the centred means are all zero";
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

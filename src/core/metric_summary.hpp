@@ -9,7 +9,7 @@
 #include "core/metric_math.hpp"
 #include "core/metrics.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 // The r largest singular values from the eigenvalues (ascending) of an M x M Gram matrix.
 // Eigenvalues at or below M * DBL_EPSILON * lambda_max are rounding noise of a zero singular value
@@ -53,4 +53,4 @@ void finish_class_metrics(const ClassVectors& v, const Config& cfg, MetricValues
 // The notes of the pair metrics when there are too few classes.
 void note_too_few_classes_for_pairs(const Config& cfg, MetricValues& out);
 
-}  // namespace collapse
+}  // namespace collapse::internal

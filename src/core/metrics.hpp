@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-namespace collapse {
+namespace collapse::internal {
 
 struct TokenMetrics {
     int64_t id = 0;
@@ -42,4 +42,4 @@ struct Counts {
     int64_t classes_seen = 0, classes_kept = 0, classes_below_min = 0, classes_cut = 0;
 };
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -20,7 +20,7 @@
 #include "core/error.hpp"
 #include "io/checkpoint_file.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -426,4 +426,4 @@ void RowStore::rollback(const Mark& m) {
         }
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

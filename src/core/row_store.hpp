@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-namespace collapse {
+namespace collapse::internal {
 
 // std::allocator that leaves new elements uninitialised: appended rows are written right away, so
 // zero-filling them first would be a wasted pass over memory.
@@ -128,4 +128,4 @@ private:
     int64_t total_rows_ = 0, memory_bytes_ = 0, memory_rows_ = 0, disk_bytes_ = 0, flushes_ = 0;
 };
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -5,7 +5,7 @@
 
 #include "core/dtype.hpp"  // COLLAPSE_HD
 
-namespace collapse {
+namespace collapse::internal {
 
 COLLAPSE_HD uint64_t mix64(uint64_t x) {
     x += 0x9e3779b97f4a7c15ull;
@@ -22,4 +22,4 @@ COLLAPSE_HD int64_t reservoir_slot(uint64_t seed, int64_t c, int64_t i, int64_t 
     return (int64_t)j < cap ? (int64_t)j : -1;
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

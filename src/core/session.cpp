@@ -8,7 +8,7 @@
 #include "core/error.hpp"
 #include "report/report.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -237,4 +237,4 @@ std::unique_ptr<Backend> make_cuda_backend(const Config&, int64_t, int64_t) {
 bool cuda_backend_available() { return false; }
 #endif
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -12,7 +12,7 @@
 #include "core/config.hpp"
 #include "core/metrics.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 // METRICS.md "kept classes": not excluded, n_c >= min_samples_per_token, then the
 // max_tokens_to_analyze most frequent (ties: smaller id).
@@ -87,4 +87,4 @@ private:
     int64_t batches_ = 0;
 };
 
-}  // namespace collapse
+}  // namespace collapse::internal

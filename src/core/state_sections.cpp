@@ -9,7 +9,7 @@
 #include "core/error.hpp"
 #include "core/sampling.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -141,4 +141,4 @@ RowVector merge_reservoirs(uint64_t seed, int32_t c, int64_t cap, int64_t d, con
     return out;
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -24,7 +24,7 @@
 #include "core/row_store.hpp"
 #include "io/checkpoint_file.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 // Pointers into a checkpoint's mapping, every section checked against this session's V, d and
 // configuration (read_state throws Error(COLLAPSE_ERR_IO) naming the section and the difference).
@@ -64,4 +64,4 @@ void load_store(const io::CheckpointReader& r, const StateView& v, RowStore& sto
 RowVector merge_reservoirs(uint64_t seed, int32_t c, int64_t cap, int64_t d, const double* mine, int64_t kept_mine, int64_t seen_mine,
                            const double* theirs, int64_t kept_theirs, int64_t seen_theirs);
 
-}  // namespace collapse
+}  // namespace collapse::internal

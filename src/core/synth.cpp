@@ -8,7 +8,7 @@
 #include "core/dtype.hpp"
 #include "core/error.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 namespace {
 
 // ---- counter-based random numbers -------------------------------------------------------------
@@ -238,4 +238,4 @@ void SynthGenerator::classifier(float* out) const {
     }
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -21,7 +21,7 @@
 
 #include "collapse/collapse.h"
 
-namespace collapse {
+namespace collapse::internal {
 
 struct SynthSpec {
     int64_t rows = 200000, dim = 256, classes = 2048;  // N, d, V
@@ -65,4 +65,4 @@ private:
     std::vector<double> means_;           // [V, d]
 };
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -13,7 +13,7 @@
 #include "core/sampling.hpp"
 #include "cpu/row_kernels.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -310,4 +310,4 @@ void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
     flush();
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

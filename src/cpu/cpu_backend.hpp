@@ -10,7 +10,7 @@
 #include "core/backend.hpp"
 #include "core/row_store.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 class CpuBackend final : public Backend {
 public:
@@ -99,4 +99,4 @@ int64_t nc4_agreements(const double* x, int64_t rows, int64_t d, const Classifie
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
                        const std::vector<int32_t>& kept_ids);
 
-}  // namespace collapse
+}  // namespace collapse::internal

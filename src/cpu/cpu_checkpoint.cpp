@@ -10,7 +10,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "io/checkpoint_file.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 void CpuBackend::save_state(io::CheckpointWriter& w) {
     write_state_core(w, rows_, V_, d_, count_.data(), sum_.data(), sqnorm_.data());
@@ -106,4 +106,4 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
     }
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -14,7 +14,7 @@
 #include "core/metric_summary.hpp"
 #include "cpu/cpu_backend.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -389,4 +389,4 @@ void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, cons
     if (rows > 0) out.nc4_agreement = (double)agree / (double)rows;
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -2,7 +2,7 @@
 
 #include "core/dtype.hpp"
 
-namespace collapse::cpu {
+namespace collapse::internal::cpu {
 
 namespace {
 
@@ -72,4 +72,4 @@ COLLAPSE_CLONES void add_into(double* __restrict dst, const double* __restrict s
     for (int64_t k = 0; k < d; ++k) dst[k] += src[k];
 }
 
-}  // namespace collapse::cpu
+}  // namespace collapse::internal::cpu

@@ -6,7 +6,7 @@
 
 #include "collapse/collapse.h"
 
-namespace collapse::cpu {
+namespace collapse::internal::cpu {
 
 // acc[k] += x[k] for k < d (acc may be null: squared norm only); returns sum_k x[k]^2 in float64.
 // `next` (may be null) is a row that will be read soon: its cache lines are prefetched as this row
@@ -18,4 +18,4 @@ double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, c
 // dst[k] += src[k] for k < d.
 void add_into(double* dst, const double* src, int64_t d);
 
-}  // namespace collapse::cpu
+}  // namespace collapse::internal::cpu

@@ -25,7 +25,7 @@
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "checkpoint_file assumes a little-endian host");
 
-namespace collapse::io {
+namespace collapse::internal::io {
 
 namespace {
 
@@ -642,4 +642,4 @@ CheckpointSection CheckpointReader::section(const std::string& name) const {
     return e.view;
 }
 
-}  // namespace collapse::io
+}  // namespace collapse::internal::io

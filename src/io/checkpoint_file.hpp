@@ -59,7 +59,7 @@
 
 #include "collapse/collapse.h"
 
-namespace collapse::io {
+namespace collapse::internal::io {
 
 class MappedFile;
 
@@ -185,4 +185,4 @@ private:
     std::unique_ptr<std::atomic<bool>[]> verified_;
 };
 
-}  // namespace collapse::io
+}  // namespace collapse::internal::io

@@ -19,7 +19,7 @@
 // Both formats are little-endian; the readers hand out the mapped bytes as they are.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "tensor_file assumes a little-endian host");
 
-namespace collapse::io {
+namespace collapse::internal::io {
 
 namespace {
 
@@ -694,4 +694,4 @@ void write_npy(const std::string& path, collapse_dtype dtype, const std::vector<
     w.close();
 }
 
-}  // namespace collapse::io
+}  // namespace collapse::internal::io

@@ -9,7 +9,7 @@
 
 #include "collapse/collapse.h"
 
-namespace collapse::io {
+namespace collapse::internal::io {
 
 // A read-only mapping of a whole file.
 class MappedFile {
@@ -107,4 +107,4 @@ private:
 // Convenience: whole tensors at once.
 void write_npy(const std::string& path, collapse_dtype dtype, const std::vector<int64_t>& shape, const void* data);
 
-}  // namespace collapse::io
+}  // namespace collapse::internal::io

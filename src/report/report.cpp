@@ -9,7 +9,7 @@
 
 #include "core/error.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 namespace {
 
@@ -161,4 +161,4 @@ bool report_scalar(const nlohmann::json& doc, const std::string& key, double* va
     return true;
 }
 
-}  // namespace collapse
+}  // namespace collapse::internal

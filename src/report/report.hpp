@@ -10,7 +10,7 @@
 #include "core/config.hpp"
 #include "core/metrics.hpp"
 
-namespace collapse {
+namespace collapse::internal {
 
 struct EngineInfo {
     std::string backend;
@@ -30,4 +30,4 @@ void write_report_file(const nlohmann::json& doc, const std::string& path);
 // (in that order), or "section.key". Returns false when the key does not exist; *is_null for null.
 bool report_scalar(const nlohmann::json& doc, const std::string& key, double* value, bool* is_null);
 
-}  // namespace collapse
+}  // namespace collapse::internal

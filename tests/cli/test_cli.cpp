@@ -132,9 +132,9 @@ void expect_same_metrics(const json& a, const json& b, double rel) {
 }
 
 std::vector<int32_t> read_i32(const std::string& file) {
-    const collapse::io::Tensor t = collapse::io::open_npy(file);
+    const collapse::internal::io::Tensor t = collapse::internal::io::open_npy(file);
     std::vector<int32_t> v((size_t)t.numel());
-    for (int64_t i = 0; i < t.numel(); ++i) v[(size_t)i] = (int32_t)collapse::load_as_int(t.data(), t.dtype, i);
+    for (int64_t i = 0; i < t.numel(); ++i) v[(size_t)i] = (int32_t)collapse::internal::load_as_int(t.data(), t.dtype, i);
     return v;
 }
 
@@ -231,7 +231,7 @@ protected:
         synth("s", "--sequences 20");
         ASSERT_TRUE(fs::exists(path("s/hidden_states.npy")));
         ASSERT_TRUE(fs::exists(path("s/input_ids.npy")));
-        const collapse::io::Tensor h = collapse::io::open_npy(path("s/hidden_states.npy"));
+        const collapse::internal::io::Tensor h = collapse::internal::io::open_npy(path("s/hidden_states.npy"));
         ASSERT_EQ(h.shape.size(), 3u);
         B_ = h.shape[0];
         ASSERT_EQ(h.shape[1], kT);
@@ -253,8 +253,8 @@ protected:
                 y.push_back(ids_[(size_t)(b * kT + t + 1)]);
             }
         const int64_t n = (int64_t)y.size();
-        collapse::io::write_npy(path(fname), COLLAPSE_F32, {n, d_}, x.data());
-        collapse::io::write_npy(path(lname), COLLAPSE_I32, {n}, y.data());
+        collapse::internal::io::write_npy(path(fname), COLLAPSE_F32, {n, d_}, x.data());
+        collapse::internal::io::write_npy(path(lname), COLLAPSE_I32, {n}, y.data());
     }
 
     int64_t B_ = 0, d_ = 0;
@@ -286,7 +286,7 @@ TEST_F(CliSequences, WithAttentionMaskMatchesKeptRows) {
         for (int64_t t = len; t < kT; ++t) mask[(size_t)(b * kT + t)] = 0;
         if (b % 7 == 0) mask[(size_t)(b * kT + 1)] = 0;
     }
-    collapse::io::write_npy(path("mask.npy"), COLLAPSE_U8, {B_, kT}, mask.data());
+    collapse::internal::io::write_npy(path("mask.npy"), COLLAPSE_U8, {B_, kT}, mask.data());
     write_rows(mask, "rows_x.npy", "rows_y.npy");
     int64_t masked = 0;
     for (int64_t b = 0; b < B_; ++b)
@@ -306,7 +306,7 @@ TEST_F(CliSequences, WithAttentionMaskMatchesKeptRows) {
 
     // An int64 mask of the same values gives the same report.
     std::vector<int64_t> mask64(mask.begin(), mask.end());
-    collapse::io::write_npy(path("mask64.npy"), COLLAPSE_I64, {B_, kT}, mask64.data());
+    collapse::internal::io::write_npy(path("mask64.npy"), COLLAPSE_I64, {B_, kT}, mask64.data());
     run_ok("analyze --quiet --hidden s/hidden_states.npy --input-ids s/input_ids.npy --attention-mask mask64.npy" + V +
            " -o seq64.json");
     expect_same_metrics(seq, report("seq64.json"), 0.0);
@@ -340,8 +340,8 @@ TEST_F(Cli, ReportIsValidJsonWithCountsOfTheInput) {
         y[(size_t)i] = i == 0 ? 7 : (int32_t)(rng() % 7);
         for (int64_t k = 0; k < d; ++k) x[(size_t)(i * d + k)] = g(rng) + (float)(y[(size_t)i] == k);
     }
-    collapse::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
-    collapse::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
+    collapse::internal::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
+    collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
     run_ok("analyze --quiet --features x.npy --labels y.npy --num-classes 9 -o r.json");
     const std::string text = slurp(path("r.json"));
     json doc;
@@ -415,13 +415,13 @@ TEST_F(Cli, LabelsLengthMismatch) {
     const int64_t n = 100, d = 4;
     std::vector<float> x((size_t)(n * d), 0.5f);
     std::vector<int32_t> y(90, 1);
-    collapse::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
-    collapse::io::write_npy(path("y.npy"), COLLAPSE_I32, {90}, y.data());
+    collapse::internal::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
+    collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {90}, y.data());
     expect_error("analyze --features x.npy --labels y.npy", {"labels", "90", "100"});
     // Sequence layout: input_ids of another shape than hidden's [B, T].
     std::vector<int32_t> ids(5 * 19, 1);
-    collapse::io::write_npy(path("h.npy"), COLLAPSE_F32, {5, 20, d}, x.data());
-    collapse::io::write_npy(path("ids.npy"), COLLAPSE_I32, {5, 19}, ids.data());
+    collapse::internal::io::write_npy(path("h.npy"), COLLAPSE_F32, {5, 20, d}, x.data());
+    collapse::internal::io::write_npy(path("ids.npy"), COLLAPSE_I32, {5, 19}, ids.data());
     expect_error("analyze --hidden h.npy --input-ids ids.npy", {"ids.npy", "[5, 20]"});
 }
 
@@ -441,12 +441,12 @@ TEST_F(Cli, LabelOutOfRange) {
     std::vector<int32_t> y((size_t)n);
     for (int64_t i = 0; i < n; ++i) y[(size_t)i] = (int32_t)(i % 5);
     y[13] = 7;
-    collapse::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
-    collapse::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
+    collapse::internal::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
+    collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
     expect_error("analyze --features x.npy --labels y.npy --num-classes 5 -o r.json", {"label 7", "row 13", "[0, 5)"});
     EXPECT_FALSE(fs::exists(path("r.json"))) << "a failed run must not leave a report";
     y[13] = -3;
-    collapse::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
+    collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
     expect_error("analyze --features x.npy --labels y.npy --num-classes 5", {"label -3", "row 13"});
 }
 
@@ -462,15 +462,15 @@ TEST_F(Cli, LabelOutOfRangeNamesTheFileRowWhenBatched) {
     std::vector<int32_t> y((size_t)n);
     for (int64_t i = 0; i < n; ++i) y[(size_t)i] = (int32_t)(i % 5);
     y[13] = 7;
-    collapse::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
-    collapse::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
+    collapse::internal::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
+    collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
     expect_error("analyze --features x.npy --labels y.npy --num-classes 5 --batch-rows 10", {"label 7", "13"});
 }
 
 TEST_F(Cli, ClassifierRowsDifferFromV) {
     synth("d", "");  // 40 classes, d = 8
     std::vector<float> w(7 * 8, 0.1f);
-    collapse::io::write_npy(path("w7.npy"), COLLAPSE_F32, {7, 8}, w.data());
+    collapse::internal::io::write_npy(path("w7.npy"), COLLAPSE_F32, {7, 8}, w.data());
     expect_error("analyze --features d/features.npy --labels d/labels.npy --classifier w7.npy --num-classes 40",
                  {"classifier", "7 rows", "V = 40"});
     // Without --num-classes V comes from the classifier, and then labels >= 7 are out of range.
@@ -479,7 +479,7 @@ TEST_F(Cli, ClassifierRowsDifferFromV) {
     // features are what gets refused ("features: width 8 differs from the session's feature width 9";
     // the message does not say the 9 came from the classifier).
     std::vector<float> w9(40 * 9, 0.1f);
-    collapse::io::write_npy(path("w9.npy"), COLLAPSE_F32, {40, 9}, w9.data());
+    collapse::internal::io::write_npy(path("w9.npy"), COLLAPSE_F32, {40, 9}, w9.data());
     expect_error("analyze --features d/features.npy --labels d/labels.npy --classifier w9.npy", {"width 8", "9"});
 }
 
@@ -489,8 +489,8 @@ TEST_F(Cli, NonFiniteFeatureNamesRowAndPolicy) {
     std::vector<int32_t> y((size_t)n);
     for (int64_t i = 0; i < n; ++i) y[(size_t)i] = (int32_t)(i % 3), x[(size_t)(i * d + i % d)] = (float)i;
     x[(size_t)(17 * d + 2)] = std::nanf("");
-    collapse::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
-    collapse::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
+    collapse::internal::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
+    collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
     expect_error("analyze --features x.npy --labels y.npy", {"non-finite", "row 17", "column 2", "skip_row"});
     spit(path("skip.yaml"), "nonfinite_policy: skip_row\n");
     run_ok("analyze --quiet --features x.npy --labels y.npy --config skip.yaml -o r.json");
@@ -506,8 +506,8 @@ TEST_F(Cli, ContinueOnErrorCountsFailedBatches) {
         for (int64_t k = 0; k < d; ++k) x[(size_t)(i * d + k)] = (float)((i * 7 + k * 3) % 11);
     }
     y[25] = 99;
-    collapse::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
-    collapse::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
+    collapse::internal::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
+    collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
     spit(path("c.yaml"), "continue_on_error: true\n");
     const CliRun r = run_ok("analyze --quiet --features x.npy --labels y.npy --num-classes 4 --batch-rows 10 --config c.yaml -o r.json");
     EXPECT_NE(r.err.find("skipped"), std::string::npos) << r.err;

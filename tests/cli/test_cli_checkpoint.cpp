@@ -147,7 +147,7 @@ protected:
     static void expect_absent_or_valid(const std::string& ck) {
         if (!fs::exists(ck)) return;
         try {
-            collapse::io::CheckpointReader r(ck);  // verify_all: header, table, layout, every section's CRC
+            collapse::internal::io::CheckpointReader r(ck);  // verify_all: header, table, layout, every section's CRC
             const auto meta = r.section("meta");
             const json m = json::parse(std::string(static_cast<const char*>(meta.data), meta.bytes));
             EXPECT_EQ(m["format"], "collapse-session-checkpoint");
@@ -315,17 +315,17 @@ TEST_F(CliCheckpoint, MergeThenFromCheckpointEqualsOneRunOverBothShards) {
     // Shards: A (60000 rows) and B (20000 rows), both with A's classifier; the single run reads the
     // two concatenated into U.
     {
-        const auto fa = collapse::io::open_npy(p("A/features.npy")), fb = collapse::io::open_npy(p("B/features.npy"));
-        const auto la = collapse::io::open_npy(p("A/labels.npy")), lb = collapse::io::open_npy(p("B/labels.npy"));
+        const auto fa = collapse::internal::io::open_npy(p("A/features.npy")), fb = collapse::internal::io::open_npy(p("B/features.npy"));
+        const auto la = collapse::internal::io::open_npy(p("A/labels.npy")), lb = collapse::internal::io::open_npy(p("B/labels.npy"));
         ASSERT_EQ(fa.dtype, fb.dtype);
         ASSERT_EQ(la.dtype, lb.dtype);
         fs::create_directories(p("U"));
         const int64_t n = fa.rows() + fb.rows(), d = fa.shape[1];
-        collapse::io::NpyWriter f(p("U/features.npy"), fa.dtype, {n, d});
+        collapse::internal::io::NpyWriter f(p("U/features.npy"), fa.dtype, {n, d});
         f.append(fa.data(), fa.rows() * fa.row_bytes());
         f.append(fb.data(), fb.rows() * fb.row_bytes());
         f.close();
-        collapse::io::NpyWriter l(p("U/labels.npy"), la.dtype, {n});
+        collapse::internal::io::NpyWriter l(p("U/labels.npy"), la.dtype, {n});
         l.append(la.data(), la.rows() * la.row_bytes());
         l.append(lb.data(), lb.rows() * lb.row_bytes());
         l.close();
@@ -396,18 +396,18 @@ TEST_F(CliCheckpoint, MergeRefusesShardsWithDifferentClassifiers) {
 // The kill is emulated deterministically: the checkpoint comes from a run over the first 10000
 // rows (5 batches, the failed one among them), exactly the state the full run has after batch 5.
 TEST_F(CliCheckpoint, ResumeKeepsFailedBatchCount) {
-    const auto fa = collapse::io::open_npy(p("A/features.npy"));
-    const auto la = collapse::io::open_npy(p("A/labels.npy"));
+    const auto fa = collapse::internal::io::open_npy(p("A/features.npy"));
+    const auto la = collapse::internal::io::open_npy(p("A/labels.npy"));
     ASSERT_EQ(la.dtype, COLLAPSE_I32);
     const int64_t n = 20000, pre = 10000, d = fa.shape[1];
     std::vector<int32_t> y(static_cast<const int32_t*>(la.data()), static_cast<const int32_t*>(la.data()) + n);
     y[2500] = 600;  // out of range for V = 500: batch 1 (rows 2000..3999) is refused and skipped
     for (const auto& [sub, rows] : {std::pair<std::string, int64_t>{"bad", n}, {"badpre", pre}}) {
         fs::create_directories(p(sub));
-        collapse::io::NpyWriter f(p(sub + "/features.npy"), fa.dtype, {rows, d});
+        collapse::internal::io::NpyWriter f(p(sub + "/features.npy"), fa.dtype, {rows, d});
         f.append(fa.data(), rows * fa.row_bytes());
         f.close();
-        collapse::io::NpyWriter l(p(sub + "/labels.npy"), COLLAPSE_I32, {rows});
+        collapse::internal::io::NpyWriter l(p(sub + "/labels.npy"), COLLAPSE_I32, {rows});
         l.append(y.data(), rows * sizeof(int32_t));
         l.close();
     }

@@ -42,12 +42,12 @@ inline std::string random_bytes(size_t n, uint32_t seed) {
     return s;
 }
 
-// Runs fn, which must throw collapse::Error(status) whose message contains every piece; returns the message.
+// Runs fn, which must throw collapse::internal::Error(status) whose message contains every piece; returns the message.
 inline std::string expect_error(const std::function<void()>& fn, const std::vector<std::string>& pieces,
                                 collapse_status status = COLLAPSE_ERR_IO) {
     try {
         fn();
-    } catch (const collapse::Error& e) {
+    } catch (const collapse::internal::Error& e) {
         EXPECT_EQ(e.status(), status) << e.what();
         for (const std::string& p : pieces)
             EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "message \"" << e.what() << "\" lacks \"" << p << "\"";

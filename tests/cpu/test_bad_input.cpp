@@ -306,7 +306,7 @@ const double kNonFinite[] = {std::numeric_limits<double>::quiet_NaN(), std::nume
 // (row, col) for every pair in at.
 std::vector<uint8_t> encode(const Batch& b, collapse_dtype t, const std::vector<std::pair<int64_t, int64_t>>& at,
                             double special) {
-    const size_t es = collapse::dtype_size(t);
+    const size_t es = collapse::internal::dtype_size(t);
     std::vector<uint8_t> out((size_t)(b.n * b.d) * es);
     auto put = [&](size_t i, double v) {
         switch (t) {
@@ -317,12 +317,12 @@ std::vector<uint8_t> encode(const Batch& b, collapse_dtype t, const std::vector<
             }
             case COLLAPSE_F64: std::memcpy(out.data() + i * 8, &v, 8); break;
             case COLLAPSE_F16: {
-                const uint16_t h = collapse::float_to_half((float)v);
+                const uint16_t h = collapse::internal::float_to_half((float)v);
                 std::memcpy(out.data() + i * 2, &h, 2);
                 break;
             }
             case COLLAPSE_BF16: {
-                const uint16_t h = collapse::float_to_bf16((float)v);
+                const uint16_t h = collapse::internal::float_to_bf16((float)v);
                 std::memcpy(out.data() + i * 2, &h, 2);
                 break;
             }

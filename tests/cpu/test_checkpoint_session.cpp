@@ -210,7 +210,7 @@ TEST_P(CheckpointRoundTrip, SaveLoadContinueEqualsOneSession) {
         }
         // The saved file is a valid container with the session's sections, no temp file left.
         {
-            collapse::io::CheckpointReader r(ck);
+            collapse::internal::io::CheckpointReader r(ck);
             EXPECT_TRUE(r.has("meta"));
             EXPECT_TRUE(r.has("class_sums"));
             EXPECT_EQ(r.has("gram"), o.compute_overall_metrics && o.max_tokens_to_analyze == 0);
@@ -347,7 +347,7 @@ TEST_F(CheckpointMerge, ExactShardsEqualOneSession) {
         // Metrics: float64 sums and the Gram are added in another order.
         expect_same(got, want, 1e-12);
         // Each shard's checkpoint holds rows of the rare classes in its held-back section.
-        collapse::io::CheckpointReader r(files[0]);
+        collapse::internal::io::CheckpointReader r(files[0]);
         ASSERT_TRUE(r.has("holdback_rows"));
         EXPECT_GT(r.section("holdback_rows").bytes, 0u);
     }
@@ -602,7 +602,7 @@ TEST_F(CheckpointRefusal, NotACheckpoint) {
     // A valid container that is not a session checkpoint.
     const std::string q = path("foreign.ckpt");
     {
-        collapse::io::CheckpointWriter w(q);
+        collapse::internal::io::CheckpointWriter w(q);
         const std::string meta = R"({"format": "something-else"})";
         w.add("meta", COLLAPSE_U8, {(int64_t)meta.size()}, meta.data(), meta.size());
         w.commit();
@@ -635,7 +635,7 @@ TEST_F(CheckpointRefusal, CorruptSectionPayloads) {
     const std::vector<SectionSpan> secs = sections_of(good_);
     // Cross-check with the reader: same names, and section().data points at the offset.
     {
-        collapse::io::CheckpointReader r(ck_);
+        collapse::internal::io::CheckpointReader r(ck_);
         std::vector<std::string> names;
         for (const auto& s : secs) names.push_back(s.name);
         ASSERT_EQ(r.names(), names);
@@ -671,8 +671,8 @@ TEST_F(CheckpointRefusal, CorruptSectionPayloads) {
 TEST_F(CheckpointRefusal, InconsistentSections) {
     const std::string bad = path("inconsistent.ckpt");
     auto rewrite = [&](const std::function<void(const std::string&, std::vector<char>&)>& edit) {
-        collapse::io::CheckpointReader r(ck_);
-        collapse::io::CheckpointWriter w(bad);
+        collapse::internal::io::CheckpointReader r(ck_);
+        collapse::internal::io::CheckpointWriter w(bad);
         for (const std::string& name : r.names()) {
             const auto sec = r.section(name);
             std::vector<char> bytes(static_cast<const char*>(sec.data), static_cast<const char*>(sec.data) + sec.bytes);
@@ -734,7 +734,7 @@ TEST_F(CheckpointRefusal, CorruptHeaderTableAndMagic) {
         const std::string msg = collapse_last_error();
         EXPECT_TRUE(msg.find("corrupt header") != std::string::npos || msg.find("newer") != std::string::npos) << msg;
         // With the header CRC fixed up: a real newer file.
-        const uint32_t crc = collapse::io::crc32c(b.data(), 60);
+        const uint32_t crc = collapse::internal::io::crc32c(b.data(), 60);
         std::memcpy(&b[60], &crc, 4);
         try_bytes(b, {"newer collapse", "v2"}, false);
     }

@@ -217,15 +217,15 @@ Data make_data(const Case& c) {
                     break;
                 }
                 case Dtype::F16: {
-                    const uint16_t h = collapse::float_to_half((float)v);
+                    const uint16_t h = collapse::internal::float_to_half((float)v);
                     std::memcpy(&D.feat[e * 2], &h, 2);
-                    D.x[e] = collapse::half_to_float(h);
+                    D.x[e] = collapse::internal::half_to_float(h);
                     break;
                 }
                 case Dtype::BF16: {
-                    const uint16_t h = collapse::float_to_bf16((float)v);
+                    const uint16_t h = collapse::internal::float_to_bf16((float)v);
                     std::memcpy(&D.feat[e * 2], &h, 2);
-                    D.x[e] = collapse::bf16_to_float(h);
+                    D.x[e] = collapse::internal::bf16_to_float(h);
                     break;
                 }
                 case Dtype::F64: {
@@ -290,7 +290,7 @@ ref::Options reference_options(const Case& c) {
 
 json run_engine(const Case& c, const Data& D) {
     collapse::Session s(engine_options(c));
-    const size_t esz = collapse::dtype_size(D.dtype);
+    const size_t esz = collapse::internal::dtype_size(D.dtype);
     std::vector<int64_t> labels(D.y.begin(), D.y.end());
     for (int64_t r0 = 0; r0 < D.N; r0 += c.batch_rows) {
         const int64_t nr = std::min(c.batch_rows, D.N - r0);

@@ -49,15 +49,15 @@ Data make_data(int64_t n, int64_t d, int64_t V, collapse_dtype t, uint64_t seed)
     std::uniform_real_distribution<double> u(0.0, s);
     D.y.resize((size_t)n);
     for (auto& l : D.y) l = (int32_t)std::min<int64_t>(V - 1, std::lower_bound(cdf.begin(), cdf.end(), u(g)) - cdf.begin());
-    const size_t es = collapse::dtype_size(t);
+    const size_t es = collapse::internal::dtype_size(t);
     D.x.resize((size_t)(n * d) * es);
     for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < d; ++j) {
             const float v = (float)(means[(size_t)(D.y[(size_t)i] * d + j)] + nd(g));
             uint8_t* p = D.x.data() + (size_t)(i * d + j) * es;
             if (t == COLLAPSE_F32) std::memcpy(p, &v, 4);
-            else if (t == COLLAPSE_F16) { const uint16_t h = collapse::float_to_half(v); std::memcpy(p, &h, 2); }
-            else { const uint16_t h = collapse::float_to_bf16(v); std::memcpy(p, &h, 2); }
+            else if (t == COLLAPSE_F16) { const uint16_t h = collapse::internal::float_to_half(v); std::memcpy(p, &h, 2); }
+            else { const uint16_t h = collapse::internal::float_to_bf16(v); std::memcpy(p, &h, 2); }
         }
     D.w.resize((size_t)(V * d));
     for (size_t k = 0; k < D.w.size(); ++k) D.w[k] = (float)(means[k] + 0.1 * nd(g));
@@ -71,7 +71,7 @@ json run(const Data& D, collapse_options o, int64_t batch, bool device, cudaStre
     collapse::Session s(o);
     const collapse_buffer w = collapse::host_buffer(D.w.data(), COLLAPSE_F32, D.V, D.d);
     s.set_classifier(w);
-    const size_t es = collapse::dtype_size(D.dtype);
+    const size_t es = collapse::internal::dtype_size(D.dtype);
     void* dx = nullptr;
     void* dy = nullptr;
     if (device) {
@@ -216,9 +216,9 @@ TEST(CudaBackend, RealDataMatchesCpu) {
     FILE* f = std::fopen((base + "/features.npy").c_str(), "rb");
     if (!f) GTEST_SKIP() << "real data not found at " << base;
     std::fclose(f);
-    const auto X = collapse::io::open_npy(base + "/features.npy");
-    const auto Y = collapse::io::open_npy(base + "/labels.npy");
-    const auto W = collapse::io::open_npy(base + "/classifier.npy");
+    const auto X = collapse::internal::io::open_npy(base + "/features.npy");
+    const auto Y = collapse::internal::io::open_npy(base + "/labels.npy");
+    const auto W = collapse::internal::io::open_npy(base + "/classifier.npy");
     Data D;
     D.n = X.shape[0], D.d = X.shape[1], D.V = W.shape[0], D.dtype = X.dtype;
     D.x.assign((const uint8_t*)X.data(), (const uint8_t*)X.data() + X.numel() * 2);
@@ -340,7 +340,7 @@ TEST_P(CudaCheckpoint, ResumesAcrossBackendsAndMerges) {
     g.load(gpu0);
     g.save(path("again"));
     {
-        collapse::io::CheckpointReader a(gpu0), b(path("again"));
+        collapse::internal::io::CheckpointReader a(gpu0), b(path("again"));
         ASSERT_EQ(a.names(), b.names());
         for (const std::string& name : a.names()) {
             if (name == "meta") continue;

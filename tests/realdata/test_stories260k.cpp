@@ -34,18 +34,18 @@ struct RealData {
 
 RealData load() {
     RealData r;
-    const auto f = collapse::io::open_npy(kData + "/features.npy");
-    const auto l = collapse::io::open_npy(kData + "/labels.npy");
-    const auto c = collapse::io::open_npy(kData + "/classifier.npy");
+    const auto f = collapse::internal::io::open_npy(kData + "/features.npy");
+    const auto l = collapse::internal::io::open_npy(kData + "/labels.npy");
+    const auto c = collapse::internal::io::open_npy(kData + "/classifier.npy");
     r.n = f.shape[0];
     r.d = f.shape[1];
     r.V = c.shape[0];
     r.x.resize((size_t)(r.n * r.d));
-    for (int64_t i = 0; i < r.n * r.d; ++i) r.x[(size_t)i] = collapse::load_as_double(f.data(), f.dtype, i);
+    for (int64_t i = 0; i < r.n * r.d; ++i) r.x[(size_t)i] = collapse::internal::load_as_double(f.data(), f.dtype, i);
     r.y.resize((size_t)r.n);
-    for (int64_t i = 0; i < r.n; ++i) r.y[(size_t)i] = collapse::load_as_int(l.data(), l.dtype, i);
+    for (int64_t i = 0; i < r.n; ++i) r.y[(size_t)i] = collapse::internal::load_as_int(l.data(), l.dtype, i);
     r.w.resize((size_t)(r.V * r.d));
-    for (int64_t i = 0; i < r.V * r.d; ++i) r.w[(size_t)i] = collapse::load_as_double(c.data(), c.dtype, i);
+    for (int64_t i = 0; i < r.V * r.d; ++i) r.w[(size_t)i] = collapse::internal::load_as_double(c.data(), c.dtype, i);
     return r;
 }
 

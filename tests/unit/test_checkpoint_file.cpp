@@ -23,8 +23,8 @@
 
 namespace {
 
-using collapse::Error;
-using namespace collapse::io;
+using collapse::internal::Error;
+using namespace collapse::internal::io;
 using testutil::exists;
 using testutil::expect_error;
 using testutil::random_bytes;

@@ -18,7 +18,7 @@
 #define COLLAPSE_SOURCE_DIR "/work/main"
 #endif
 
-namespace collapse {
+namespace collapse::internal {
 namespace {
 
 const std::string kSrc = COLLAPSE_SOURCE_DIR;
@@ -654,4 +654,4 @@ TEST(Json, ParsesBackAsYaml) {
 }
 
 }  // namespace
-}  // namespace collapse
+}  // namespace collapse::internal

@@ -22,7 +22,7 @@
 namespace {
 
 namespace fs = std::filesystem;
-using collapse::RowStore;
+using collapse::internal::RowStore;
 
 constexpr int64_t kV = 150, kD = 5;
 
@@ -191,7 +191,7 @@ TEST_F(RowStoreTest, UnwritableDirectoryIsNamed) {
     for (int i = 0; i < 3 && msg.empty(); ++i) {
         try {
             fill(st, 1, 2);
-        } catch (const collapse::Error& e) {
+        } catch (const collapse::internal::Error& e) {
             msg = e.what();
             EXPECT_EQ(e.status(), COLLAPSE_ERR_IO);
         }

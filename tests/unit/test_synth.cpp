@@ -13,8 +13,8 @@
 #include "core/error.hpp"
 #include "core/synth.hpp"
 
-using collapse::SynthGenerator;
-using collapse::SynthSpec;
+using collapse::internal::SynthGenerator;
+using collapse::internal::SynthSpec;
 
 namespace {
 
@@ -35,7 +35,7 @@ std::vector<int32_t> all_labels(const SynthGenerator& g) {
 
 std::vector<uint8_t> all_features(const SynthGenerator& g, const std::vector<int32_t>& y) {
     const SynthSpec& s = g.spec();
-    std::vector<uint8_t> x((size_t)(s.rows * s.dim) * collapse::dtype_size(s.dtype));
+    std::vector<uint8_t> x((size_t)(s.rows * s.dim) * collapse::internal::dtype_size(s.dtype));
     g.features(0, s.rows, y.data(), x.data());
     return x;
 }
@@ -65,7 +65,7 @@ TEST(Synth, SameSpecGivesIdenticalBytes) {
         SynthGenerator a(s), b(s);
         const auto ya = all_labels(a), yb = all_labels(b);
         EXPECT_EQ(ya, yb);
-        EXPECT_EQ(all_features(a, ya), all_features(b, yb)) << collapse::dtype_name(t);
+        EXPECT_EQ(all_features(a, ya), all_features(b, yb)) << collapse::internal::dtype_name(t);
         std::vector<float> wa((size_t)(s.classes * s.dim)), wb(wa.size());
         a.classifier(wa.data());
         b.classifier(wb.data());
@@ -90,7 +90,7 @@ TEST(Synth, ChunkingDoesNotChangeRows) {
         SynthGenerator g(s);
         const auto y = all_labels(g);
         const auto x = all_features(g, y);
-        const size_t row_bytes = (size_t)s.dim * collapse::dtype_size(t);
+        const size_t row_bytes = (size_t)s.dim * collapse::internal::dtype_size(t);
         for (int64_t chunk : {int64_t(1), int64_t(7), int64_t(1000)}) {
             std::vector<int32_t> yc((size_t)s.rows);
             std::vector<uint8_t> xc(x.size());
@@ -102,7 +102,7 @@ TEST(Synth, ChunkingDoesNotChangeRows) {
                 h.features(r, n, &yc[(size_t)r], &xc[(size_t)r * row_bytes]);
             }
             EXPECT_EQ(y, yc) << "chunk " << chunk;
-            EXPECT_EQ(x, xc) << "chunk " << chunk << " " << collapse::dtype_name(t);
+            EXPECT_EQ(x, xc) << "chunk " << chunk << " " << collapse::internal::dtype_name(t);
         }
     }
 }
@@ -325,8 +325,8 @@ TEST(Synth, OtherDtypesAreTheFloat32ValuesRounded) {
     const uint16_t* b = (const uint16_t*)bf16.data();
     for (size_t i = 0; i < n; ++i) {
         ASSERT_EQ(a[i], (float)x64[i]) << i;
-        ASSERT_EQ(h[i], collapse::float_to_half(a[i])) << i;
-        ASSERT_EQ(b[i], collapse::float_to_bf16(a[i])) << i;
+        ASSERT_EQ(h[i], collapse::internal::float_to_half(a[i])) << i;
+        ASSERT_EQ(b[i], collapse::internal::float_to_bf16(a[i])) << i;
     }
 }
 
@@ -373,7 +373,7 @@ TEST(Synth, InvalidSpecsAreRefusedNamingTheField) {
         try {
             SynthGenerator g(s);
             ADD_FAILURE() << field << ": accepted";
-        } catch (const collapse::Error& e) {
+        } catch (const collapse::internal::Error& e) {
             EXPECT_EQ(e.status(), COLLAPSE_ERR_INVALID_ARGUMENT) << field;
             EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << field << ": " << e.what();
         }
@@ -388,7 +388,7 @@ TEST(Synth, BadCallsAreRefused) {
     auto status = [](const std::function<void()>& f) {
         try {
             f();
-        } catch (const collapse::Error& e) {
+        } catch (const collapse::internal::Error& e) {
             return e.status();
         }
         return COLLAPSE_OK;

@@ -26,8 +26,8 @@
 
 namespace {
 
-using collapse::Error;
-using namespace collapse::io;
+using collapse::internal::Error;
+using namespace collapse::internal::io;
 using testutil::exists;
 using testutil::random_bytes;
 using testutil::read_file;
@@ -76,13 +76,13 @@ protected:
 };
 
 size_t nbytes(collapse_dtype t, const std::vector<int64_t>& shape) {
-    size_t n = collapse::dtype_size(t);
+    size_t n = collapse::internal::dtype_size(t);
     for (int64_t d : shape) n *= (size_t)d;
     return n;
 }
 
 void expect_data(const Tensor& t, const std::string& expected) {
-    ASSERT_EQ((size_t)t.numel() * collapse::dtype_size(t.dtype), expected.size());
+    ASSERT_EQ((size_t)t.numel() * collapse::internal::dtype_size(t.dtype), expected.size());
     if (!expected.empty()) {
         EXPECT_EQ(std::memcmp(t.data(), expected.data(), expected.size()), 0);
     }
@@ -129,7 +129,7 @@ TEST_F(TensorFileTest, NpyRoundTripEveryDtypeAndRank) {
     for (collapse_dtype t : kAllDtypes) {
         if (t == COLLAPSE_BF16) continue;  // refused, tested below
         for (const auto& shape : shapes) {
-            SCOPED_TRACE(std::string(collapse::dtype_name(t)) + " rank " + std::to_string(shape.size()));
+            SCOPED_TRACE(std::string(collapse::internal::dtype_name(t)) + " rank " + std::to_string(shape.size()));
             const std::string p = path("rt.npy");
             const std::string data = random_bytes(nbytes(t, shape), seed++);
             NpyWriter w(p, t, shape);
@@ -247,8 +247,8 @@ TEST_F(TensorFileTest, SafetensorsReaderIgnoresMetadataAndSortsByOffset) {
     EXPECT_EQ(f.names(), (std::vector<std::string>{"z", "a"}));
     EXPECT_FALSE(f.has("__metadata__"));
     const Tensor a = f.tensor("a");
-    EXPECT_EQ(collapse::bf16_to_float(static_cast<const uint16_t*>(a.data())[0]), 1.0f);
-    EXPECT_EQ(collapse::bf16_to_float(static_cast<const uint16_t*>(a.data())[1]), 2.0f);
+    EXPECT_EQ(collapse::internal::bf16_to_float(static_cast<const uint16_t*>(a.data())[0]), 1.0f);
+    EXPECT_EQ(collapse::internal::bf16_to_float(static_cast<const uint16_t*>(a.data())[1]), 2.0f);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,7 +322,7 @@ TEST_F(TensorFileTest, NpyHeaderParsingIsRobust) {
     for (const Case& c : cases) {
         SCOPED_TRACE(c.dict);
         const std::string p = path("h" + std::to_string(i++) + ".npy");
-        size_t n = collapse::dtype_size(c.dtype);
+        size_t n = collapse::internal::dtype_size(c.dtype);
         for (int64_t d : c.shape) n *= (size_t)d;
         const std::string data = random_bytes(n, (uint32_t)i);
         write_file(p, npy_bytes(1, c.dict, data + "trailing bytes are allowed"));
@@ -639,7 +639,7 @@ TEST(TensorFileRealData, Stories260k) {
     // Rows are normalized hidden states: finite, and not all zero.
     double sq = 0;
     for (int64_t j = 0; j < 64; ++j) {
-        const double x = collapse::load_as_double(features.row(200053), COLLAPSE_F16, j);
+        const double x = collapse::internal::load_as_double(features.row(200053), COLLAPSE_F16, j);
         sq += x * x;
     }
     EXPECT_GT(sq, 0.0);
@@ -651,7 +651,7 @@ TEST(TensorFileRealData, Stories260k) {
     EXPECT_EQ(labels.dtype, COLLAPSE_I32);
     EXPECT_EQ(labels.shape, (std::vector<int64_t>{200054}));
     for (int64_t i = 0; i < labels.numel(); i += 997) {
-        const int64_t id = collapse::load_as_int(labels.data(), COLLAPSE_I32, i);
+        const int64_t id = collapse::internal::load_as_int(labels.data(), COLLAPSE_I32, i);
         EXPECT_GE(id, 0);
         EXPECT_LT(id, 512);
     }
