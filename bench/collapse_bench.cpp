@@ -37,7 +37,7 @@
 
 #include "collapse/collapse.h"
 #include "core/config.hpp"
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "core/row_store.hpp"
 #include "core/session.hpp"
 

@@ -31,8 +31,8 @@
 #include <vector>
 
 #include "core/backend.hpp"
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "core/metric_summary.hpp"
 #include "cuda_check.hpp"
 #include "device_memory.hpp"

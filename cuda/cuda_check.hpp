@@ -8,7 +8,7 @@
 
 #include <cstdio>
 
-#include "core/error.hpp"
+#include "base/error.hpp"
 
 namespace collapse::internal::cuda {
 

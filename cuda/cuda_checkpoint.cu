@@ -18,7 +18,7 @@
 #include <functional>
 #include <vector>
 
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "core/state_sections.hpp"
 #include "cuda_backend.cuh"
 

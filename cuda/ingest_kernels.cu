@@ -5,7 +5,7 @@
 #include <cfloat>
 #include <climits>
 
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 #include "core/sampling.hpp"
 #include "cuda_check.hpp"
 #include "kernels.cuh"

@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "core/config.hpp"
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "core/session.hpp"
 #include "core/synth.hpp"
 #include "io/tensor_file.hpp"

@@ -7,7 +7,7 @@
 #include "cli/merge_cmd.hpp"
 #include "cli/synth_cmd.hpp"
 #include "collapse/collapse.h"
-#include "core/error.hpp"
+#include "base/error.hpp"
 
 int main(int argc, char** argv) {
     CLI::App app{"collapse: neural-collapse metrics of language-model hidden states"};

@@ -12,8 +12,8 @@
 #include <system_error>
 #include <vector>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "core/synth.hpp"
 #include "io/tensor_file.hpp"
 

@@ -6,7 +6,7 @@
 
 #include "collapse/collapse.h"
 #include "core/config.hpp"
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 
 namespace collapse::internal {
 

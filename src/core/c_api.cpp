@@ -7,7 +7,7 @@
 
 #include "collapse/collapse.h"
 #include "core/config.hpp"
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "core/session.hpp"
 #include "report/report.hpp"
 

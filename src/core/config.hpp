@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/bytes.hpp"
 #include "collapse/collapse.h"
 
 namespace collapse::internal {
@@ -66,8 +67,5 @@ collapse_options to_options(const Config& c);
 // The effective config as it appears in the report's "config" section.
 nlohmann::json to_json(const Config& c);
 
-// "8GiB", "512MiB", "1e9", 123 -> bytes (used for the memory limit keys and CLI flags).
-int64_t parse_bytes(const std::string& text);
-std::string format_bytes(int64_t bytes);
 
 }  // namespace collapse::internal

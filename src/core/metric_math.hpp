@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "core/dtype.hpp"  // COLLAPSE_HD
+#include "base/dtype.hpp"  // COLLAPSE_HD
 
 namespace collapse::internal {
 

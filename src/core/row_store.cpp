@@ -17,8 +17,8 @@
 #include <memory>
 
 #include "core/config.hpp"
-#include "core/error.hpp"
-#include "io/checkpoint_file.hpp"
+#include "base/error.hpp"
+#include "base/crc32c.hpp"
 
 namespace collapse::internal {
 
@@ -207,12 +207,12 @@ void RowStore::flush() {
                 const int64_t at = file_bytes_[(size_t)p] + (int64_t)stage.size();
                 uint32_t crc;
                 if (bytes >= stage_cap) {
-                    crc = io::crc32c(src, bytes);
+                    crc = crc32c(src, bytes);
                     write_out(src, bytes);
                 } else {
                     if (stage.capacity() < stage_cap) stage.reserve(stage_cap);
                     stage.insert(stage.end(), src, src + bytes);
-                    crc = io::crc32c(stage.data() + stage.size() - bytes, bytes);  // from the copy, still in cache
+                    crc = crc32c(stage.data() + stage.size() - bytes, bytes);  // from the copy, still in cache
                 }
                 added.push_back({c, Extent{at, (int64_t)rows, crc}});
             }
@@ -264,7 +264,7 @@ void RowStore::read_extent(int p, const Extent& e, int32_t c, double* dst) const
 }
 
 void RowStore::check_extent(int p, const Extent& e, int32_t c, const double* data) const {
-    check_crc(p, e, c, io::crc32c(data, (size_t)(e.rows * d_) * 8));
+    check_crc(p, e, c, crc32c(data, (size_t)(e.rows * d_) * 8));
 }
 
 void RowStore::check_crc(int p, const Extent& e, int32_t c, uint32_t crc) const {
@@ -317,7 +317,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
                         if (filled == piece) emit(false);
                         const int64_t k = std::min(piece - filled, e.rows - r);
                         read_bytes(p, e.offset + r * row_bytes, (size_t)(k * row_bytes), buf.get() + filled * d_, c);
-                        crc = io::crc32c(buf.get() + filled * d_, (size_t)(k * row_bytes), crc);
+                        crc = crc32c(buf.get() + filled * d_, (size_t)(k * row_bytes), crc);
                         filled += k, r += k;
                     }
                     check_crc(p, e, c, crc);

@@ -3,7 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#include "core/dtype.hpp"  // COLLAPSE_HD
+#include "base/dtype.hpp"  // COLLAPSE_HD
 
 namespace collapse::internal {
 

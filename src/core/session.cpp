@@ -4,8 +4,8 @@
 #include <chrono>
 #include <cmath>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "report/report.hpp"
 
 namespace collapse::internal {

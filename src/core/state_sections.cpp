@@ -5,8 +5,8 @@
 #include <cstring>
 #include <vector>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "core/sampling.hpp"
 
 namespace collapse::internal {

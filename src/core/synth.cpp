@@ -5,8 +5,8 @@
 #include <limits>
 #include <numeric>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 
 namespace collapse::internal {
 namespace {

@@ -8,8 +8,8 @@
 #include <cmath>
 #include <cstring>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "core/sampling.hpp"
 #include "cpu/row_kernels.hpp"
 

@@ -5,7 +5,7 @@
 #include <cstring>
 #include <map>
 
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "core/state_sections.hpp"
 #include "cpu/cpu_backend.hpp"
 #include "io/checkpoint_file.hpp"

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "core/metric_math.hpp"
 #include "core/metric_summary.hpp"
 #include "cpu/cpu_backend.hpp"

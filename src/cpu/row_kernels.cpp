@@ -1,6 +1,6 @@
 #include "cpu/row_kernels.hpp"
 
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 
 namespace collapse::internal::cpu {
 

@@ -57,6 +57,7 @@
 #include <string>
 #include <vector>
 
+#include "base/crc32c.hpp"
 #include "collapse/collapse.h"
 
 namespace collapse::internal::io {
@@ -70,12 +71,6 @@ constexpr size_t kCheckpointAlign = 64;
 constexpr size_t kCheckpointMaxName = 32;
 constexpr size_t kCheckpointMaxDims = 4;
 
-// CRC32C (Castagnoli). crc32c(data, n) is the checksum of a whole buffer; pass the previous result
-// as `crc` to continue over a following buffer: crc32c(b, nb, crc32c(a, na)) == crc32c(a+b).
-// Uses the SSE4.2 instruction where the CPU has it, else the table-driven slicing-by-8 code.
-uint32_t crc32c(const void* data, size_t bytes, uint32_t crc = 0);
-// The portable table-driven code alone (tests compare the two).
-uint32_t crc32c_software(const void* data, size_t bytes, uint32_t crc = 0);
 
 // One section of an open checkpoint. `data` points into the reader's mapping: valid while the
 // reader lives, 64-byte aligned, nullptr when bytes == 0.

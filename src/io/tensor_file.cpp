@@ -13,8 +13,8 @@
 #include <sstream>
 #include <unordered_set>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 
 // Both formats are little-endian; the readers hand out the mapped bytes as they are.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "tensor_file assumes a little-endian host");

@@ -7,7 +7,7 @@
 #include <fstream>
 #include <optional>
 
-#include "core/error.hpp"
+#include "base/error.hpp"
 
 namespace collapse::internal {
 

@@ -18,7 +18,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 #include "io/tensor_file.hpp"
 
 #ifndef COLLAPSE_CLI_PATH

@@ -26,7 +26,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "io/checkpoint_file.hpp"
 #include "io/tensor_file.hpp"
 

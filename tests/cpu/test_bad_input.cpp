@@ -16,7 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "collapse/collapse.h"
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 
 #include "common/capi_helpers.hpp"
 

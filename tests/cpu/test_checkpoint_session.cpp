@@ -33,7 +33,7 @@
 
 #include "collapse/collapse.h"
 #include "common/file_helpers.hpp"
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "io/checkpoint_file.hpp"
 
 #include "common/capi_helpers.hpp"
@@ -734,7 +734,7 @@ TEST_F(CheckpointRefusal, CorruptHeaderTableAndMagic) {
         const std::string msg = collapse_last_error();
         EXPECT_TRUE(msg.find("corrupt header") != std::string::npos || msg.find("newer") != std::string::npos) << msg;
         // With the header CRC fixed up: a real newer file.
-        const uint32_t crc = collapse::internal::io::crc32c(b.data(), 60);
+        const uint32_t crc = collapse::internal::crc32c(b.data(), 60);
         std::memcpy(&b[60], &crc, 4);
         try_bytes(b, {"newer collapse", "v2"}, false);
     }

@@ -34,7 +34,7 @@
 
 #include "collapse/collapse.hpp"
 #include "common/compare.hpp"
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 #include "reference/brute_force.hpp"
 
 namespace {

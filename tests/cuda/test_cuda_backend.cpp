@@ -14,7 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "collapse/collapse.hpp"
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 #include "io/checkpoint_file.hpp"
 #include "io/tensor_file.hpp"
 

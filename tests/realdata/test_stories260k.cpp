@@ -13,7 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/compare.hpp"
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 #include "io/tensor_file.hpp"
 #include "reference/brute_force.hpp"
 

@@ -17,13 +17,14 @@
 #include <string>
 #include <vector>
 
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "common/file_helpers.hpp"
 #include "io/checkpoint_file.hpp"
 
 namespace {
 
 using collapse::internal::Error;
+using namespace collapse::internal;
 using namespace collapse::internal::io;
 using testutil::exists;
 using testutil::expect_error;

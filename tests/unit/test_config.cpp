@@ -12,7 +12,7 @@
 #include <set>
 
 #include "core/config.hpp"
-#include "core/error.hpp"
+#include "base/error.hpp"
 
 #ifndef COLLAPSE_SOURCE_DIR
 #define COLLAPSE_SOURCE_DIR "/work/main"

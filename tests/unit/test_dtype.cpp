@@ -4,7 +4,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "core/dtype.hpp"
+#include "base/dtype.hpp"
 
 namespace {
 uint32_t bits(float f) {

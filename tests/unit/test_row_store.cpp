@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "common/file_helpers.hpp"
-#include "core/error.hpp"
+#include "base/error.hpp"
 #include "core/row_store.hpp"
 
 namespace {

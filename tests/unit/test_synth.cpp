@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "core/synth.hpp"
 
 using collapse::internal::SynthGenerator;

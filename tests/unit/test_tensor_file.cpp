@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "core/dtype.hpp"
-#include "core/error.hpp"
+#include "base/dtype.hpp"
+#include "base/error.hpp"
 #include "common/file_helpers.hpp"
 #include "io/tensor_file.hpp"
 
