@@ -1,9 +1,8 @@
-// GPU side of collapse_bench: device inputs and the ceilings of the three CUDA figures (D2D copy
+// GPU side of collapse_bench: device memory for the inputs and the ceilings of the three CUDA figures (D2D copy
 // bandwidth, the pair-metric tile GEMMs, the per-token batched eigen-solvers), timed with events.
 #include "cuda_helpers.hpp"
 
 #include <cublas_v2.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
@@ -34,14 +33,8 @@ __host__ __device__ inline unsigned long long mix(unsigned long long z) {
 // Uniform in [-1, 1) from a 64-bit hash.
 __device__ inline double unit(unsigned long long h) { return (double)(h >> 11) * 0x1p-52 - 1.0; }
 
-__global__ void fill_f16_kernel(__half* p, size_t n, unsigned long long seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        p[i] = __float2half((float)unit(mix(seed ^ (i * 0xd1b54a32d192ed03ull))));
-}
-__global__ void fill_f32_kernel(float* p, size_t n, unsigned long long seed) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        p[i] = (float)unit(mix(seed ^ (i * 0xd1b54a32d192ed03ull)));
-}
+// The ceilings' own matrices (not the engine's inputs, which come from SynthGenerator): values
+// that cuBLAS and cuSOLVER time the same whatever they are.
 __global__ void fill_f64_kernel(double* p, size_t n, unsigned long long seed) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         p[i] = unit(mix(seed ^ (i * 0xd1b54a32d192ed03ull)));
@@ -135,16 +128,8 @@ void* to_device(const void* host, size_t bytes) {
 
 void free_device(void* p) { cudaFree(p); }
 
-void fill_uniform_f16(void* dev, size_t n, uint64_t seed) {
-    fill_f16_kernel<<<grid_for(n), 256>>>(static_cast<__half*>(dev), n, seed);
-    check(cudaGetLastError(), "fill_f16_kernel");
-    check(cudaDeviceSynchronize(), "fill_f16_kernel");
-}
-
-void fill_uniform_f32(void* dev, size_t n, uint64_t seed) {
-    fill_f32_kernel<<<grid_for(n), 256>>>(static_cast<float*>(dev), n, seed);
-    check(cudaGetLastError(), "fill_f32_kernel");
-    check(cudaDeviceSynchronize(), "fill_f32_kernel");
+void copy_to_device(void* dev, size_t offset, const void* host, size_t bytes) {
+    check(cudaMemcpy(static_cast<unsigned char*>(dev) + offset, host, bytes, cudaMemcpyHostToDevice), "cudaMemcpy");
 }
 
 void* create_stream() {

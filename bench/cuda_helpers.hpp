@@ -1,6 +1,6 @@
-// GPU side of collapse_bench (built only when the CUDA language is enabled): device inputs and the
-// device ceilings of the three CUDA figures. Plain C++ declarations, so collapse_bench.cpp needs no
-// CUDA header. Every function throws std::runtime_error on a CUDA / cuBLAS / cuSOLVER failure.
+// GPU side of collapse_bench (built only when the CUDA language is enabled): device memory for the
+// inputs and the device ceilings of the three CUDA figures. Plain C++ declarations, so
+// cuda_bench.cpp needs no CUDA header. Every function throws std::runtime_error on a CUDA / cuBLAS / cuSOLVER failure.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -18,9 +18,8 @@ int64_t device_total_bytes();
 void* alloc_device(size_t bytes);
 void* to_device(const void* host, size_t bytes);
 void free_device(void* p);
-// Uniform values in [-1, 1) written on the device (fp16 or fp32), then a device sync.
-void fill_uniform_f16(void* dev, size_t n, uint64_t seed);
-void fill_uniform_f32(void* dev, size_t n, uint64_t seed);
+// Copies `bytes` from the host to dev + offset (the inputs come from SynthGenerator on the host).
+void copy_to_device(void* dev, size_t offset, const void* host, size_t bytes);
 
 // A non-blocking stream owned by the bench (handed to Session::ingest_rows as void*).
 void* create_stream();

@@ -1,5 +1,22 @@
-// The CUDA backend's class, shared by its translation units: ingest and finalisation in
-// cuda_backend.cu, checkpoints in cuda_checkpoint.cu.
+// The CUDA backend's class, shared by its translation units (the layout of src/cpu/):
+//   cuda_backend.cu     construction, sync, class counts, the backend's factory
+//   resources.{cuh,cu}  the session's stream, cuBLAS/cuSOLVER handles, budget and workspace pool
+//   cuda_ingest.cu      first and second pass: staging, validation, grouping, accumulation
+//   row_transport.cu    exact mode: device row buffer -> pinned -> host RowStore, and back at the end
+//   cuda_metrics.cu     compute(): every metric of the kept set
+//   eigen_solvers.cu    eigenvalues of the overall Gram and of per-class Grams (solver by size)
+//   cuda_checkpoint.cu  checkpoints in the shared layout
+//   ingest_kernels.cu, finalize_kernels.cu (launchers: kernels.cuh)  the kernels
+//
+// Where each metric is computed (src/core/backend.hpp for the whole engine):
+//   class sums, squared norms, counts, Gram, rows  -> ingest (cuda_ingest.cu; kernels in ingest_kernels.cu)
+//   means, centring; equinorm; UNC3, NC3 duality    -> compute (cuda_metrics.cu; launch_means, _center, _duality,
+//                                                      _self_duality; host summary: finish_class_metrics)
+//   GNC2, equiangularity, CDNV (pair metrics)       -> compute: tiles of cublasDsyrk/Dgemm + launch_pair_reduce
+//   overall SVD entropy                             -> compute: streamed (or second-pass) Gram -> eigenvalues_sym
+//   per-token SVD entropies                         -> compute -> per_token -> class_spectra (eigen_solvers.cu)
+//   NC4                                             -> ingest_second_pass (GEMM chunks + launch_nc4_compare),
+//                                                      reported by compute
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -18,26 +35,10 @@
 #include "cuda_check.hpp"
 #include "device_memory.hpp"
 #include "kernels.cuh"
+#include "resources.cuh"
 
 namespace collapse::internal {
 namespace cuda {
-
-// Makes the session's device current for the duration of a call, and restores the caller's.
-class DeviceGuard {
-public:
-    explicit DeviceGuard(int device) {
-        COLLAPSE_CUDA_TRY(cudaGetDevice(&previous_));
-        if (previous_ != device) COLLAPSE_CUDA_TRY(cudaSetDevice(device));
-        changed_ = previous_ != device;
-    }
-    ~DeviceGuard() {
-        if (changed_) COLLAPSE_CUDA_TRY_NO_THROW(cudaSetDevice(previous_));
-    }
-
-private:
-    int previous_ = 0;
-    bool changed_ = false;
-};
 
 constexpr int kStatusSlots = 8;
 
@@ -46,6 +47,9 @@ public:
     CudaBackend(const Config& cfg, int64_t V, int64_t d);
     ~CudaBackend() override;
     const char* name() const override { return "cuda"; }
+    // Allocation calls made for this session so far (tests: none after the first batch and compute
+    // of a shape). Inline, so that a test reads it through a Backend* without the module's symbols.
+    AllocationCalls allocation_calls() const { return res_.budget().allocation_calls(); }
     void ingest(const BatchDesc& b, void* stream) override;
     Counts row_counts() override {
         sync();
@@ -60,8 +64,8 @@ public:
     void ingest_second_pass(const BatchDesc& b, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
     // Checkpoints in the shared layout (cuda_checkpoint.cu).
-    void save_state(io::CheckpointWriter& w) override;
-    void load_state(const io::CheckpointReader& r, bool merge) override;
+    void save_state(StateWriter& w) override;
+    void load_state(const StateReader& r, bool merge) override;
 
 private:
     struct Scratch {
@@ -87,25 +91,22 @@ private:
     int begin_batch(const BatchDesc& b, cudaStream_t s, bool check_store, DeviceBatch* db);
     void end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass);
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
-    std::vector<double> eigenvalues_sym(DeviceBuffer<double>& a, int64_t n, cudaStream_t s);
-    void per_token(const KeptSet& kept, const DeviceBuffer<double>& mu, MetricValues& out);
-    void class_spectra(const float* rows, const int32_t* index, const std::vector<int64_t>& todo, const std::vector<int64_t>& offset,
-                       const std::vector<int64_t>& nrows, const KeptSet& kept, const DeviceBuffer<double>& mu,
-                       std::vector<TokenMetrics>& tokens, MetricValues& out);
+    void per_token(const KeptSet& kept, const double* mu, MetricValues& out);
     void move_store_to_host();
+    void upload_store(const KeptSet& kept, std::vector<int64_t>& offset, std::vector<int64_t>& nrows,
+                      const std::function<void(const std::vector<int64_t>&)>& solve_group);
     void download_rows(const float* src, const std::vector<int32_t>& index, const std::function<void(const double*, int64_t, int64_t)>& sink);
     std::vector<double> download_rows(const float* src, const std::vector<int32_t>& index);
     void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst, DeviceBuffer<float>& buf, DeviceBuffer<int64_t>& idx);
 
     Config cfg_;
     int64_t V_, d_;
-    Budget budget_;
-    cudaStream_t stream_ = nullptr;
+    // Before every buffer below: it outlives them (they give their bytes back to its budget).
+    Resources res_;
+    Budget& budget_;             // res_.budget()
+    const cudaStream_t stream_;  // res_.stream()
     cudaStream_t last_stream_ = nullptr;
     cudaEvent_t last_done_ = nullptr;
-    cublasHandle_t cublas_ = nullptr;
-    cusolverDnHandle_t cusolver_ = nullptr;
-    cusolverDnParams_t solver_params_ = nullptr;
 
     DeviceBuffer<unsigned long long> count_;
     DeviceBuffer<double> sum_, sqnorm_;
@@ -124,6 +125,7 @@ private:
     // Exact mode: the rows that left the device buffer, in host memory and beyond it on disk.
     std::unique_ptr<RowStore> host_store_;
     PinnedBuffer<double> pinned_;  // rows on their way to the host
+    PinnedBuffer<float> upload_stage_;  // rows on their way back at finalisation (grow-only)
     DeviceBuffer<int32_t> dl_index_;
     DeviceBuffer<double> dl_rows_;
     void ensure_download_buffers(const std::string& hint);

@@ -95,7 +95,7 @@ void CudaBackend::upload_rows(const double* rows, const std::vector<int64_t>& sl
     }
 }
 
-void CudaBackend::save_state(io::CheckpointWriter& w) {
+void CudaBackend::save_state(StateWriter& w) {
     DeviceGuard guard(cfg_.device_ordinal);
     const std::vector<int64_t> counts = class_counts();  // syncs: every batch is in
     std::vector<double> sums((size_t)(V_ * d_)), sq((size_t)V_);
@@ -151,10 +151,10 @@ void CudaBackend::save_state(io::CheckpointWriter& w) {
     }
 }
 
-void CudaBackend::load_state(const io::CheckpointReader& r, bool merge) {
+void CudaBackend::load_state(const StateReader& r, bool merge) {
     DeviceGuard guard(cfg_.device_ordinal);
     const bool keeps_rows = exact_store_ || sampled_;
-    const StateView v = read_state(r, V_, d_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);
+    const StateView v = read_state(r, V_, d_, cfg_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);
 
     // Everything that can fail (room on the device, downloads, allocations) comes before the first
     // change: a refused checkpoint changes nothing.

@@ -1,37 +1,91 @@
 // Owning device and pinned-host buffers, and the byte budget of device_memory_limit: every
 // allocation goes through a Budget, so a run that cannot fit fails before it allocates, with the
-// numbers.
+// numbers. The Budget also counts the session's allocation calls: a cudaFree or cudaFreeHost
+// synchronises the whole device (and cudaMalloc may), which stalls a server's other streams, so
+// after the first batch and the first compute of a shape there should be none (resources.cuh).
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <utility>
 
-#include "core/config.hpp"
+#include "base/bytes.hpp"
 #include "cuda_check.hpp"
 
 namespace collapse::internal::cuda {
 
+struct AllocationCalls {
+    int64_t device = 0;  // cudaMalloc + cudaFree
+    int64_t pinned = 0;  // cudaMallocHost + cudaFreeHost
+};
+
+// used(): bytes of live buffers and pool leases (what a run needs; the refusal and the sizes
+// derived from the free budget read it). cached(): idle pool slabs, kept for the next call.
+// used() + cached() never exceeds the limit: a reservation that would push it over first asks
+// the pool (the reclaimer) to free idle slabs.
 class Budget {
 public:
     explicit Budget(int64_t limit) : limit_(limit) {}
     // Reserve bytes for `what`, or throw COLLAPSE_ERR_OUT_OF_MEMORY naming what needs how much.
     void reserve(int64_t bytes, const std::string& what, const std::string& hint) {
+        check(bytes, what, hint);
+        used_ += bytes;
+        if (used_ + cached_ > limit_ && reclaim_) reclaim_(used_ + cached_ - limit_);
+    }
+    // An idle pool slab of `bytes` taken for `what`: the same check, no new memory.
+    void reserve_cached(int64_t bytes, const std::string& what, const std::string& hint) {
+        check(bytes, what, hint);
+        used_ += bytes;
+        cached_ -= bytes;
+    }
+    void release(int64_t bytes) { used_ -= bytes; }
+    // A pool slab's bytes go idle (released) or are freed (uncached).
+    void cache(int64_t bytes) { cached_ += bytes; }
+    void uncache(int64_t bytes) { cached_ -= bytes; }
+    int64_t used() const { return used_; }
+    int64_t cached() const { return cached_; }
+    int64_t limit() const { return limit_; }
+    // Called with the bytes to give back when used() + cached() would exceed the limit, and with
+    // the limit itself when a cudaMalloc failed (give back everything idle, then retry once).
+    void set_reclaimer(std::function<void(int64_t)> f) { reclaim_ = std::move(f); }
+    void reclaim_all() {
+        if (reclaim_ && cached_ > 0) reclaim_(limit_);
+    }
+    void count_device_call() { ++calls_.device; }
+    void count_pinned_call() { ++calls_.pinned; }
+    AllocationCalls allocation_calls() const { return calls_; }
+
+private:
+    void check(int64_t bytes, const std::string& what, const std::string& hint) const {
         if (used_ + bytes > limit_)
             fail(COLLAPSE_ERR_OUT_OF_MEMORY, what, " needs ", format_bytes(bytes), " of device memory; ", format_bytes(used_),
                  " are in use and device_memory_limit is ", format_bytes(limit_), hint.empty() ? "" : "; ", hint);
-        used_ += bytes;
     }
-    void release(int64_t bytes) { used_ -= bytes; }
-    int64_t used() const { return used_; }
-    int64_t limit() const { return limit_; }
 
-private:
     int64_t limit_;
     int64_t used_ = 0;
+    int64_t cached_ = 0;
+    AllocationCalls calls_;
+    std::function<void(int64_t)> reclaim_;
 };
+
+// cudaMalloc (or `allocate`) counted by the budget; when it fails, the idle pool slabs are freed
+// and it is tried once more. Returns the error of the last try.
+inline cudaError_t counted_malloc(void** p, size_t bytes, Budget* budget, cudaError_t (*allocate)(void**, size_t) = nullptr) {
+    auto call = [&] { return allocate ? allocate(p, bytes) : cudaMalloc(p, bytes); };
+    cudaError_t e = call();
+    if (budget) budget->count_device_call();
+    if (e != cudaSuccess && budget && budget->cached() > 0) {
+        (void)cudaGetLastError();
+        budget->reclaim_all();
+        e = call();
+        budget->count_device_call();
+    }
+    return e;
+}
 
 template <class T>
 class DeviceBuffer {
@@ -56,7 +110,7 @@ public:
         if (n == 0) return;
         if (budget) budget->reserve((int64_t)(n * sizeof(T)), what, hint);
         void* p = nullptr;
-        const cudaError_t e = cudaMalloc(&p, n * sizeof(T));
+        const cudaError_t e = counted_malloc(&p, n * sizeof(T), budget);
         if (e != cudaSuccess) {
             if (budget) budget->release((int64_t)(n * sizeof(T)));
             (void)cudaGetLastError();
@@ -70,7 +124,10 @@ public:
     void reset() {
         if (p_) {
             COLLAPSE_CUDA_TRY_NO_THROW(cudaFree(p_));
-            if (budget_) budget_->release((int64_t)(n_ * sizeof(T)));
+            if (budget_) {
+                budget_->release((int64_t)(n_ * sizeof(T)));
+                budget_->count_device_call();
+            }
         }
         p_ = nullptr;
         n_ = 0;
@@ -86,22 +143,27 @@ private:
     Budget* budget_ = nullptr;
 };
 
+// Pinned host memory (not in the device budget; `counter`, when given, counts the calls).
 template <class T>
 class PinnedBuffer {
 public:
     PinnedBuffer() = default;
-    explicit PinnedBuffer(size_t n) { allocate(n); }
+    explicit PinnedBuffer(size_t n, Budget* counter = nullptr) { allocate(n, counter); }
     ~PinnedBuffer() {
         if (p_) COLLAPSE_CUDA_TRY_NO_THROW(cudaFreeHost(p_));
     }
     PinnedBuffer(const PinnedBuffer&) = delete;
     PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-    void allocate(size_t n) {
-        if (p_) COLLAPSE_CUDA_TRY(cudaFreeHost(p_));
+    void allocate(size_t n, Budget* counter = nullptr) {
+        if (p_) {
+            if (counter) counter->count_pinned_call();
+            COLLAPSE_CUDA_TRY(cudaFreeHost(p_));
+        }
         p_ = nullptr;
         n_ = 0;
         if (n == 0) return;
         void* p = nullptr;
+        if (counter) counter->count_pinned_call();
         COLLAPSE_CUDA_TRY(cudaMallocHost(&p, n * sizeof(T)));
         p_ = static_cast<T*>(p);
         n_ = n;

@@ -251,7 +251,8 @@ __global__ void class_gram_kernel(const float* rows, const int32_t* index, const
     auto elem = [&](int64_t k, int64_t i) -> double {  // element k of vector i
         if (i >= m || k >= inner) return 0.0;
         const int64_t r = tall ? k : i, col = tall ? i : k;
-        const double v = (double)rows[(int64_t)index[offset[t] + r] * d + col];
+        const int64_t p = offset[t] + r;  // position in the index, or the row itself without one
+        const double v = (double)rows[(index ? (int64_t)index[p] : p) * d + col];
         return ctr ? v - ctr[col] : v;
     };
     double acc = 0;

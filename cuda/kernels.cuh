@@ -136,7 +136,8 @@ void launch_rows_to_double(const float* src, const int32_t* index, int64_t rows,
                            double* dst, cudaStream_t s);
 
 // Per-class Gram of the smaller side into a padded batch [count, M, M] (column-major, zero padded).
-// Class t has rows index[offset[t] .. offset[t] + n[t]) of `rows` (float [*, d]), minus center[t] if given.
+// Class t has rows index[offset[t] .. offset[t] + n[t]) of `rows` (float [*, d]), minus center[t] if given;
+// index null: rows offset[t] .. offset[t] + n[t].
 void launch_class_gram(const float* rows, const int32_t* index, const int64_t* offset, const int64_t* n,
                        const int32_t* center_slot, const double* mu, int64_t count, int64_t d, int64_t M, double* gram,
                        cudaStream_t s);

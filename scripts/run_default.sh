@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$root/scripts/install_deps.sh"
 bash "$root/scripts/build.sh" -DCOLLAPSE_BUILD_TESTS=OFF -DCOLLAPSE_BUILD_BENCH=OFF
-"$root/build/collapse" analyze --output "$root/collapse_report.json" "$@"
+"$root/build/collapse" analyze --synthetic --output "$root/collapse_report.json" "$@"

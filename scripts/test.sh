@@ -1,8 +1,37 @@
 #!/usr/bin/env bash
-# One command: install packages, build everything, run the whole test suite.
-set -euo pipefail
+# The whole test suite, as CI runs it (.ci/run). Installs the Debian packages, then runs the stages:
+#   release  Release build (CUDA backend when nvcc is found), every test    scripts/ci_stage_release.sh
+#   debug    Debug build (CPU only), every test but three data-heavy ones    scripts/ci_stage_debug.sh
+#   asan     ASan+UBSan build (CPU only), the same tests; any report fails   scripts/ci_stage_asan.sh
+#   fuzz     bounded fuzzing of the parsers, when scripts/fuzz.sh exists     scripts/ci_stage_fuzz.sh
+# CI runs them all. Locally, COLLAPSE_TEST_STAGES picks some, e.g. COLLAPSE_TEST_STAGES=release or
+# COLLAPSE_TEST_STAGES="debug asan". Every stage runs even when an earlier one failed (one CI run
+# reports every failure); each stage's wall time is printed, and a summary table comes last.
+set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-bash "$root/scripts/install_deps.sh"
-bash "$root/scripts/build.sh" -DCOLLAPSE_BUILD_TESTS=ON
-cd "$root/build"
-ctest --output-on-failure -j2 --timeout 900
+cd "$root"
+stages="${COLLAPSE_TEST_STAGES:-release debug asan fuzz}"
+
+for stage in $stages; do
+  [ -f "scripts/ci_stage_${stage}.sh" ] ||
+    { echo "test.sh: unknown stage '$stage' (stages: release debug asan fuzz)" >&2; exit 2; }
+done
+
+start=$SECONDS
+bash scripts/install_deps.sh || { echo "test.sh: installing packages failed" >&2; exit 1; }
+summary=$(printf '%-8s %-6s %6ss' deps ok $((SECONDS - start)))
+failed=0
+for stage in $stages; do
+  script="scripts/ci_stage_${stage}.sh"
+  echo "===== stage $stage ====="
+  t0=$SECONDS
+  if bash "$script"; then result=ok; else result=FAILED; failed=1; fi
+  dt=$((SECONDS - t0))
+  echo "===== stage $stage: $result in $((dt / 60))m$((dt % 60))s ====="
+  summary+=$'\n'$(printf '%-8s %-6s %6ss' "$stage" "$result" "$dt")
+done
+echo
+echo "stage    result   time"
+echo "$summary"
+echo "total: $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+exit $failed

@@ -9,6 +9,23 @@
  *  - no exception and no abort() crosses this boundary;
  *  - a call that fails changes nothing: the session stays usable.
  * Metric definitions: docs/METRICS.md of the project.
+ *
+ * Threads:
+ *  - different sessions may be used from different threads at the same time, with no locking;
+ *  - one session may move between threads, but its calls must not overlap. A session call made
+ *    while another thread's call on the same session runs is refused, without waiting and without
+ *    changing the session, with COLLAPSE_ERR_STATE ("in use by another thread"); serialise the calls
+ *    (a mutex per session) to share a session;
+ *  - collapse_session_destroy must not overlap any call on that session (the caller's error). When
+ *    it sees a call still running it frees nothing (the session leaks rather than crashes) and sets
+ *    collapse_last_error(); call it again once the other thread's call has returned;
+ *  - collapse_last_error() is per thread: it describes the calling thread's last call only;
+ *  - a report is read-only once collapse_session_compute has returned it: any number of threads
+ *    may call the collapse_report_* getters on it at once (not collapse_report_destroy, which must
+ *    come after the last of them). A report does not depend on its session; either may be
+ *    destroyed first;
+ *  - collapse_options_from_yaml_file's exclude_token_ids storage is per thread (see below);
+ *    the other functions without a session or report are safe from any thread.
  */
 #ifndef COLLAPSE_COLLAPSE_H
 #define COLLAPSE_COLLAPSE_H
@@ -166,7 +183,7 @@ collapse_status collapse_session_compute(collapse_session* session, collapse_rep
 
 /* Reports */
 void collapse_report_destroy(collapse_report* report);
-/* A scalar by key: a METRICS.md key of overall_analysis ("overall_gnc2"), of summary or of counts,
+/* A scalar by key: a docs/METRICS.md key of overall_analysis ("overall_gnc2"), of summary or of counts,
  * or a section-qualified key ("counts.rows_kept"). A null metric gives *is_null = 1 and NaN. */
 collapse_status collapse_report_get_scalar(const collapse_report* report, const char* key, double* value,
                                            int* is_null);

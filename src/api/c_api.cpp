@@ -1,7 +1,9 @@
 // The C boundary: every entry point runs its body through translate(), which turns exceptions
 // into a status and the thread-local last-error text, and clears that text on success.
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -9,15 +11,23 @@
 #include "core/config.hpp"
 #include "base/error.hpp"
 #include "core/session.hpp"
+#include "io/session_checkpoint.hpp"
 #include "report/report.hpp"
 
 struct collapse_session {
     collapse::internal::Session impl;
+    // Held for the duration of one call (SessionCall): a call from a second thread while one runs is
+    // refused with COLLAPSE_ERR_STATE instead of corrupting the session. A flag, not a lock: a
+    // server that wants to share a session serialises its calls itself; nothing here ever waits.
+    std::atomic<bool> busy{false};
     explicit collapse_session(const collapse::internal::Config& c) : impl(c) {}
 };
 
 struct collapse_report {
-    std::unique_ptr<collapse::internal::ReportData> data;
+    nlohmann::json doc;
+    mutable std::string text;  // doc serialised, filled on demand by collapse_report_json
+    mutable std::once_flag text_once;  // readers on several threads fill text once (collapse.h, Threads)
+    std::vector<int64_t> token_ids;
 };
 
 namespace {
@@ -48,6 +58,27 @@ collapse_status translate(F&& body) noexcept {
 void require(const void* p, const char* what) {
     if (!p) collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, " is NULL");
 }
+
+constexpr const char* kSessionBusy =
+    "the session is in use by another thread (calls on one session must not overlap; see Threads in collapse.h)";
+
+// Every session entry point holds one for its body: requires a session and takes its busy flag, or
+// fails with COLLAPSE_ERR_STATE (changing nothing) when another thread's call holds it.
+class SessionCall {
+public:
+    explicit SessionCall(collapse_session* s) : s_(s) {
+        require(s, "session");
+        bool idle = false;
+        if (!s->busy.compare_exchange_strong(idle, true, std::memory_order_acquire))
+            collapse::internal::fail(COLLAPSE_ERR_STATE, kSessionBusy);
+    }
+    ~SessionCall() { s_->busy.store(false, std::memory_order_release); }
+    SessionCall(const SessionCall&) = delete;
+    SessionCall& operator=(const SessionCall&) = delete;
+
+private:
+    collapse_session* s_;
+};
 
 }  // namespace
 
@@ -111,12 +142,22 @@ collapse_status collapse_session_create(const collapse_options* options, collaps
     });
 }
 
-void collapse_session_destroy(collapse_session* session) { delete session; }
+void collapse_session_destroy(collapse_session* session) {
+    if (!session) return;
+    // Destroying a session while another thread's call runs on it is the caller's error; when it is
+    // seen, leak the session rather than free memory that call is using, and say so.
+    bool idle = false;
+    if (!session->busy.compare_exchange_strong(idle, true, std::memory_order_acquire)) {
+        g_last_error = std::string("collapse_session_destroy: not destroyed, ") + kSessionBusy;
+        return;
+    }
+    delete session;
+}
 
 collapse_status collapse_session_ingest_rows(collapse_session* s, const collapse_buffer* features,
                                              const collapse_buffer* labels, const collapse_buffer* valid, void* stream) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         s->impl.ingest_rows(features, labels, valid, stream);
     });
 }
@@ -125,7 +166,7 @@ collapse_status collapse_session_ingest_sequences(collapse_session* s, const col
                                                   const collapse_buffer* input_ids, const collapse_buffer* mask,
                                                   int64_t batch, int64_t seq_len, void* stream) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         s->impl.ingest_sequences(hidden, input_ids, mask, batch, seq_len, stream);
     });
 }
@@ -133,21 +174,21 @@ collapse_status collapse_session_ingest_sequences(collapse_session* s, const col
 collapse_status collapse_session_set_classifier(collapse_session* s, const collapse_buffer* weight,
                                                 const collapse_buffer* bias) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         s->impl.set_classifier(weight, bias);
     });
 }
 
 collapse_status collapse_session_sync(collapse_session* s) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         s->impl.sync();
     });
 }
 
 collapse_status collapse_session_needs_second_pass(collapse_session* s, int* needed) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         require(needed, "needed");
         *needed = s->impl.needs_second_pass() ? 1 : 0;
     });
@@ -155,41 +196,43 @@ collapse_status collapse_session_needs_second_pass(collapse_session* s, int* nee
 
 collapse_status collapse_session_begin_second_pass(collapse_session* s) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         s->impl.begin_second_pass();
     });
 }
 
 collapse_status collapse_session_save(collapse_session* s, const char* path) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         require(path, "path");
-        s->impl.save_checkpoint(path);
+        collapse::internal::io::save_checkpoint(s->impl, path);
     });
 }
 
 collapse_status collapse_session_load(collapse_session* s, const char* path) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         require(path, "path");
-        s->impl.load_checkpoint(path);
+        collapse::internal::io::load_checkpoint(s->impl, path);
     });
 }
 
 collapse_status collapse_session_merge(collapse_session* s, const char* path) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         require(path, "path");
-        s->impl.merge_checkpoint(path);
+        collapse::internal::io::merge_checkpoint(s->impl, path);
     });
 }
 
 collapse_status collapse_session_compute(collapse_session* s, collapse_report** out) {
     return translate([&] {
-        require(s, "session");
+        const SessionCall call(s);
         require(out, "out");
         auto r = std::make_unique<collapse_report>();
-        r->data = s->impl.compute(true);
+        const collapse::internal::Result res = s->impl.compute(true);
+        r->doc = collapse::internal::build_report(s->impl.config(), res);
+        for (const auto& t : res.metrics.tokens) r->token_ids.push_back(t.id);
         *out = r.release();
     });
 }
@@ -202,7 +245,7 @@ collapse_status collapse_report_get_scalar(const collapse_report* r, const char*
         require(key, "key");
         require(value, "value");
         bool null = false;
-        if (!collapse::internal::report_scalar(r->data->doc, key, value, &null))
+        if (!collapse::internal::report_scalar(r->doc, key, value, &null))
             collapse::internal::fail(COLLAPSE_ERR_NOT_FOUND, "report has no scalar '", key, "'");
         if (is_null) *is_null = null ? 1 : 0;
     });
@@ -212,14 +255,14 @@ collapse_status collapse_report_num_tokens(const collapse_report* r, int64_t* co
     return translate([&] {
         require(r, "report");
         require(count, "count");
-        *count = (int64_t)r->data->token_ids.size();
+        *count = (int64_t)r->token_ids.size();
     });
 }
 
 collapse_status collapse_report_token_ids(const collapse_report* r, int64_t* out, int64_t capacity) {
     return translate([&] {
         require(r, "report");
-        const auto& ids = r->data->token_ids;
+        const auto& ids = r->token_ids;
         if (capacity < (int64_t)ids.size())
             collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
         if (!ids.empty()) require(out, "out");
@@ -231,7 +274,7 @@ collapse_status collapse_report_token_array(const collapse_report* r, const char
     return translate([&] {
         require(r, "report");
         require(key, "key");
-        const auto& ids = r->data->token_ids;
+        const auto& ids = r->token_ids;
         if (capacity < (int64_t)ids.size())
             collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
         static const char* const keys[] = {"svd_entropy", "effective_rank", "normalized_entropy", "num_samples", "svd_rows"};
@@ -241,7 +284,7 @@ collapse_status collapse_report_token_array(const collapse_report* r, const char
             collapse::internal::fail(COLLAPSE_ERR_NOT_FOUND, "unknown per-token key '", key,
                            "' (svd_entropy, effective_rank, normalized_entropy, num_samples, svd_rows)");
         if (!ids.empty()) require(out, "out");
-        const auto& ta = r->data->doc["token_analysis"];
+        const auto& ta = r->doc["token_analysis"];
         for (size_t i = 0; i < ids.size(); ++i) {
             const auto& v = ta[std::to_string(ids[i])][key];
             out[i] = v.is_null() ? std::nan("") : v.get<double>();
@@ -253,8 +296,8 @@ collapse_status collapse_report_json(const collapse_report* r, const char** json
     return translate([&] {
         require(r, "report");
         require(json, "json");
-        if (r->data->text.empty()) r->data->text = r->data->doc.dump(2);
-        *json = r->data->text.c_str();
+        std::call_once(r->text_once, [r] { r->text = r->doc.dump(2); });
+        *json = r->text.c_str();
     });
 }
 
@@ -262,7 +305,7 @@ collapse_status collapse_report_write_json(const collapse_report* r, const char*
     return translate([&] {
         require(r, "report");
         require(path, "path");
-        collapse::internal::write_report_file(r->data->doc, path);
+        collapse::internal::write_report_file(r->doc, path);
     });
 }
 

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -17,7 +18,11 @@
 #include "base/error.hpp"
 #include "core/session.hpp"
 #include "core/synth.hpp"
+#include "driver/analysis.hpp"
+#include "driver/row_source.hpp"
 #include "io/tensor_file.hpp"
+#include "io/output_file.hpp"
+#include "io/session_checkpoint.hpp"
 #include "report/report.hpp"
 
 namespace collapse::internal {
@@ -25,10 +30,12 @@ namespace collapse::internal {
 namespace {
 
 struct AnalyzeArgs {
-    std::string features, labels, classifier, bias, config;
+    std::string features, labels, mask, classifier, bias, config;
     std::string hidden, input_ids, attention_mask;
-    std::string safetensors, features_key = "features", labels_key = "labels", classifier_key;
+    std::string safetensors, features_key = "features", labels_key = "labels", mask_key, classifier_key;
     std::string hidden_key, input_ids_key, attention_mask_key;
+    bool keys_given = false;  // a --features-key or --labels-key was given explicitly
+    bool synthetic = false;
     std::string output = "collapse_report.json";
     std::string checkpoint, from_checkpoint;
     bool resume = false;
@@ -43,8 +50,8 @@ using Clock = std::chrono::steady_clock;
 // Progress on stderr: silent for the first second, then a line at most twice a second.
 class Progress {
 public:
-    Progress(bool quiet, int64_t total) : quiet_(quiet), total_(total), t0_(Clock::now()), last_(t0_) {}
-    void update(int64_t done, const char* phase) {
+    explicit Progress(bool quiet) : quiet_(quiet), t0_(Clock::now()), last_(t0_) {}
+    void update(int64_t done, int64_t total, const char* phase) {
         if (quiet_) return;
         const auto now = Clock::now();
         const double el = std::chrono::duration<double>(now - t0_).count();
@@ -52,7 +59,7 @@ public:
         last_ = now;
         shown_ = true;
         std::fprintf(stderr, "%s%s: %lld rows, %.0f rows/s, %.1f%%%s", tty_ ? "\r" : "", phase, (long long)done,
-                     done / el, total_ > 0 ? 100.0 * (double)done / (double)total_ : 100.0, tty_ ? "" : "\n");
+                     done / el, total > 0 ? 100.0 * (double)done / (double)total : 100.0, tty_ ? "" : "\n");
         std::fflush(stderr);
     }
     void finish() {
@@ -61,81 +68,111 @@ public:
 
 private:
     bool quiet_;
-    int64_t total_;
     Clock::time_point t0_, last_;
     bool shown_ = false;
     bool tty_ = isatty(2) != 0;
 };
 
-// The input: either tensors from files, or the synthetic generator.
-struct Input {
-    std::optional<io::Tensor> features, labels, hidden, input_ids, mask, classifier, bias;
-    std::unique_ptr<SynthGenerator> synth;
-    bool sequences() const { return hidden.has_value(); }
-};
+std::string g_command_line;  // recorded in reports (set_command_line)
+
+// SIGINT, SIGTERM and SIGHUP end a run between batches (the driver polls): the session's
+// destructors remove spill directories and temporary files, and the process exits 128 + n.
+volatile std::sig_atomic_t g_signal = 0;
+extern "C" void on_signal(int sig) { g_signal = sig; }
+void install_signal_handlers() {
+    struct sigaction sa {};
+    sa.sa_handler = on_signal;
+    sa.sa_flags = SA_RESTART;  // a write to a spill file must not fail with EINTR
+    sigemptyset(&sa.sa_mask);
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &sa, nullptr);
+}
 
 io::Tensor need_2d(io::Tensor t, const char* what) {
     if (t.shape.size() != 2) fail(COLLAPSE_ERR_SHAPE, what, " '", t.name, "' must be 2-D, has ", t.shape.size(), " dimensions");
     return t;
 }
 
-Input open_input(const AnalyzeArgs& a) {
+// Classifier names tried in a .safetensors file when --classifier-key is not given.
+const char* const kClassifierNames[] = {"classifier", "lm_head.weight", "output.weight", "classifier.weight"};
+
+// The input: a row source, and the classifier that comes with it.
+struct Input {
+    std::unique_ptr<driver::RowSource> rows;
+    std::optional<io::Tensor> classifier, bias;
+    std::string classifier_note;  // how the classifier was found, when it was not named
+};
+
+Input open_input(const AnalyzeArgs& a, bool quiet) {
+    const bool rows_flags = !a.features.empty() || !a.labels.empty() || !a.mask.empty();
+    const bool seq_flags = !a.hidden.empty() || !a.input_ids.empty() || !a.attention_mask.empty() || !a.hidden_key.empty() ||
+                           !a.input_ids_key.empty() || !a.attention_mask_key.empty();
+    const bool files = rows_flags || seq_flags || !a.safetensors.empty();
+    if (rows_flags && seq_flags)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "both the rows layout (--features/--labels/--mask) and the sequence layout ",
+             "(--hidden/--input-ids/--attention-mask) were given: choose one");
+    if (a.synthetic && files) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--synthetic takes no input files");
+    if (!a.synthetic && !files)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "no input: give --features F --labels L, --hidden H --input-ids I, ",
+             "--safetensors FILE, or --synthetic for the built-in synthetic data set");
+    if (a.safetensors.empty() && (a.keys_given || !a.classifier_key.empty()))
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a --*-key option names a tensor of --safetensors FILE, which was not given");
+    if (!a.safetensors.empty() && (!a.features.empty() || !a.labels.empty() || !a.mask.empty() || !a.hidden.empty() ||
+                                   !a.input_ids.empty() || !a.attention_mask.empty()))
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--safetensors reads its tensors by key (--features-key, --hidden-key, ...); ",
+             "do not also give .npy files for them");
+    if (!a.bias.empty() && a.classifier.empty() && a.classifier_key.empty() && a.safetensors.empty())
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--bias needs a classifier (--classifier)");
+
     Input in;
-    std::unique_ptr<io::SafetensorsFile> st;
-    if (!a.safetensors.empty()) st = std::make_unique<io::SafetensorsFile>(a.safetensors);
-    auto get = [&](const std::string& file, const std::string& key) -> std::optional<io::Tensor> {
-        if (st && !key.empty()) return st->tensor(key);
-        if (!file.empty()) return io::open_npy(file);
-        return std::nullopt;
-    };
-    const bool seq = !a.hidden.empty() || !a.hidden_key.empty();
-    if (seq) {
-        in.hidden = get(a.hidden, a.hidden_key);
-        in.input_ids = get(a.input_ids, a.input_ids_key);
-        if (!in.input_ids) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the sequence layout needs --input-ids (or --input-ids-key)");
-        in.mask = get(a.attention_mask, a.attention_mask_key);
-        if (in.hidden->shape.size() != 3)
-            fail(COLLAPSE_ERR_SHAPE, "hidden '", in.hidden->name, "' must be [B, T, d], has ", in.hidden->shape.size(), " dimensions");
-        const int64_t B = in.hidden->shape[0], T = in.hidden->shape[1];
-        for (const auto* t : {&in.input_ids, &in.mask})
-            if (*t && ((*t)->shape.size() != 2 || (*t)->shape[0] != B || (*t)->shape[1] != T))
-                fail(COLLAPSE_ERR_SHAPE, "'", (*t)->name, "' must be [", B, ", ", T, "] to match hidden");
-    } else {
-        in.features = get(a.features, st ? a.features_key : std::string());
-        in.labels = get(a.labels, st ? a.labels_key : std::string());
-        if (in.features && !in.labels) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--features needs --labels");
-        if (in.labels && !in.features) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--labels needs --features");
-        if (in.features) {
-            in.features = need_2d(*in.features, "features");
-            if (in.labels->numel() != in.features->rows() || in.labels->shape.size() > 2)
-                fail(COLLAPSE_ERR_SHAPE, "labels '", in.labels->name, "' has ", in.labels->numel(), " elements, features '",
-                     in.features->name, "' has ", in.features->rows(), " rows");
+    if (a.synthetic) {
+        in.rows = driver::synthetic_rows(SynthSpec{});
+    } else if (!a.safetensors.empty()) {
+        io::SafetensorsFile st(a.safetensors);
+        const bool seq = seq_flags;
+        auto opt = [&](const std::string& key) { return key.empty() ? std::nullopt : std::optional<io::Tensor>(st.tensor(key)); };
+        if (seq) {
+            if (a.hidden_key.empty() || a.input_ids_key.empty())
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the sequence layout of --safetensors needs --hidden-key and --input-ids-key");
+            in.rows = driver::tensor_sequences(st.tensor(a.hidden_key), st.tensor(a.input_ids_key), opt(a.attention_mask_key),
+                                               "safetensors");
+        } else {
+            in.rows = driver::tensor_rows(st.tensor(a.features_key), st.tensor(a.labels_key), opt(a.mask_key), "safetensors");
         }
+        if (!a.classifier_key.empty()) {
+            in.classifier = need_2d(st.tensor(a.classifier_key), "classifier");
+        } else if (a.classifier.empty()) {
+            for (const char* name : kClassifierNames)
+                if (st.has(name)) {
+                    in.classifier = need_2d(st.tensor(name), "classifier");
+                    in.classifier_note = std::string("classifier: tensor '") + name + "' of " + a.safetensors +
+                                         " (found by its conventional name; --classifier-key chooses another)";
+                    break;
+                }
+        }
+    } else if (rows_flags) {
+        if (a.features.empty() || a.labels.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the rows layout needs both --features and --labels");
+        in.rows = driver::tensor_rows(io::open_npy(a.features), io::open_npy(a.labels),
+                                      a.mask.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(a.mask)), "npy");
+    } else {
+        if (a.hidden.empty() || a.input_ids.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the sequence layout needs both --hidden and --input-ids");
+        in.rows = driver::tensor_sequences(io::open_npy(a.hidden), io::open_npy(a.input_ids),
+                                           a.attention_mask.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(a.attention_mask)),
+                                           "npy");
     }
-    in.classifier = get(a.classifier, a.classifier_key);
-    if (in.classifier) in.classifier = need_2d(*in.classifier, "classifier");
+    if (!a.classifier.empty()) in.classifier = need_2d(io::open_npy(a.classifier), "classifier");
     if (!a.bias.empty()) in.bias = io::open_npy(a.bias);
-    if (!in.features && !in.hidden) {
-        // The built-in default: a synthetic dump generated in-process (see `collapse synth`).
-        in.synth = std::make_unique<SynthGenerator>(SynthSpec{});
-    }
+    if (!in.classifier_note.empty() && !quiet) std::fprintf(stderr, "%s\n", in.classifier_note.c_str());
     return in;
 }
 
-int64_t max_label(const io::Tensor& t) {
-    int64_t mx = -1;
-    for (int64_t i = 0; i < t.numel(); ++i) mx = std::max(mx, load_as_int(t.data(), t.dtype, i));
-    return mx;
-}
-
-collapse_buffer buffer_of(const io::Tensor& t, int64_t r0, int64_t rows, int64_t cols) {
-    return collapse_buffer{t.row(r0), t.dtype, COLLAPSE_MEMORY_HOST, rows, cols, 0};
+collapse_buffer buffer_of(const io::Tensor& t, int64_t rows, int64_t cols) {
+    return collapse_buffer{t.data(), t.dtype, COLLAPSE_MEMORY_HOST, rows, cols, 0};
 }
 
 void apply_classifier(Session& session, const io::Tensor& w, const std::optional<io::Tensor>& bias) {
-    const collapse_buffer wb = buffer_of(w, 0, w.shape[0], w.shape[1]);
+    const collapse_buffer wb = buffer_of(w, w.shape[0], w.shape[1]);
     std::optional<collapse_buffer> bb;
-    if (bias) bb = buffer_of(*bias, 0, bias->numel(), 1);
+    if (bias) bb = buffer_of(*bias, bias->numel(), 1);
     session.set_classifier(&wb, bb ? &*bb : nullptr);
 }
 
@@ -168,9 +205,12 @@ void print_headline(const nlohmann::json& doc, const std::string& path) {
 
 // --from-checkpoint: the report of a saved (or merged) first pass, with no input rows.
 void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
-    if (!a.features.empty() || !a.hidden.empty() || !a.safetensors.empty())
+    if (!a.features.empty() || !a.hidden.empty() || !a.safetensors.empty() || a.synthetic || !a.labels.empty() ||
+        !a.input_ids.empty())
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--from-checkpoint takes no input files (the rows are in the checkpoint)");
-    const Config saved = Session::checkpoint_config(a.from_checkpoint);
+    if (!a.checkpoint.empty() || a.resume)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--from-checkpoint reads a checkpoint; --checkpoint/--resume do not apply");
+    const Config saved = io::checkpoint_config(a.from_checkpoint);
     if (a.config.empty()) cfg = saved;
     cfg.num_classes = saved.num_classes;
     cfg.batch_rows = saved.batch_rows;
@@ -178,16 +218,47 @@ void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
     if (!a.classifier.empty())
         apply_classifier(session, need_2d(io::open_npy(a.classifier), "classifier"),
                          a.bias.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(a.bias)));
-    session.load_checkpoint(a.from_checkpoint);
-    auto report = session.compute(true);
-    if (session.needs_second_pass() || cfg.compute_nc4)
-        report->doc["overall_analysis"]["notes"]["from_checkpoint"] =
-            "computed from a checkpoint: metrics that need the rows again (NC4 without a row store) are null";
-    write_report_file(report->doc, a.output);
-    if (!quiet) print_headline(report->doc, a.output);
+    io::load_checkpoint(session, a.from_checkpoint);
+    if (session.expects_classifier() && cfg.compute_class_metrics)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "checkpoint ", a.from_checkpoint, " was made with a classifier (hash ",
+             session.checkpoint_classifier_hash(), "): pass it with --classifier (and --bias) so that UNC3 and NC3 are computed");
+    nlohmann::json doc = build_report(cfg, session.compute(true));
+    if (cfg.compute_nc4)
+        doc["overall_analysis"]["notes"]["nc4_agreement"] =
+            "computed from a checkpoint: NC4 needs the rows again unless a row store is kept";
+    doc["input"] = {{"kind", "checkpoint"}, {"path", a.from_checkpoint}};
+    doc["run"] = {{"command", g_command_line}};
+    write_report_file(doc, a.output);
+    if (!quiet) print_headline(doc, a.output);
 }
 
-void run_analyze(const AnalyzeArgs& a) {
+// Every path option given on the command line must name something: an empty shell variable
+// (--features "") must not fall back to a default.
+void refuse_empty_paths(const CLI::App& sub) {
+    for (const CLI::Option* opt : sub.get_options()) {
+        if (opt->count() == 0 || opt->get_type_size() == 0) continue;
+        for (const std::string& v : opt->results())
+            if (v.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, opt->get_name(), " was given an empty value");
+    }
+}
+
+// No output may be an input or another output (compared by device and inode): a report written
+// over the labels file, or a checkpoint over the report, would destroy what it names.
+void check_files(const AnalyzeArgs& a) {
+    std::vector<io::FileArg> in, out;
+    const std::pair<const char*, const std::string*> inputs[] = {
+        {"--features", &a.features}, {"--labels", &a.labels}, {"--mask", &a.mask}, {"--classifier", &a.classifier},
+        {"--bias", &a.bias}, {"--config", &a.config}, {"--hidden", &a.hidden}, {"--input-ids", &a.input_ids},
+        {"--attention-mask", &a.attention_mask}, {"--safetensors", &a.safetensors}, {"--from-checkpoint", &a.from_checkpoint}};
+    for (const auto& [what, path] : inputs)
+        if (!path->empty()) in.push_back({what, *path});
+    out.push_back({"--output", a.output});
+    if (!a.checkpoint.empty()) out.push_back({"--checkpoint", a.checkpoint});
+    io::check_outputs_distinct(in, out);
+}
+
+int run_analyze(const AnalyzeArgs& a) {
+    check_files(a);
     Config cfg = a.config.empty() ? Config{} : load_yaml_file(a.config);
     if (a.batch_rows > 0) cfg.batch_rows = a.batch_rows;
     if (a.backend == "cuda") cfg.backend = COLLAPSE_BACKEND_CUDA;
@@ -198,136 +269,78 @@ void run_analyze(const AnalyzeArgs& a) {
 
     if (!a.from_checkpoint.empty()) {
         analyze_checkpoint(a, cfg, quiet);
-        return;
+        return 0;
     }
     if (a.resume && a.checkpoint.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--resume needs --checkpoint FILE");
-    Input in = open_input(a);
+    Input in = open_input(a, quiet);
+    driver::RowSource& src = *in.rows;
     // V: the flag, the config, the classifier, or the largest label + 1.
     int64_t V = a.num_classes > 0 ? a.num_classes : cfg.num_classes;
     if (V <= 0 && in.classifier) V = in.classifier->shape[0];
-    if (V <= 0 && in.synth) V = in.synth->spec().classes;
-    if (V <= 0) V = max_label(in.sequences() ? *in.input_ids : *in.labels) + 1;
+    if (V <= 0) V = src.label_bound();
     if (V <= 0) V = 1;  // no labels at all: an empty report
-    if (in.classifier && in.classifier->shape[0] != V)
-        fail(COLLAPSE_ERR_SHAPE, "classifier '", in.classifier->name, "' has ", in.classifier->shape[0], " rows, but V = ", V);
+    if (in.classifier && in.classifier->shape[0] != V) {
+        const auto& s = in.classifier->shape;
+        if (s[1] == V && s[0] == src.dim())
+            fail(COLLAPSE_ERR_SHAPE, "classifier '", in.classifier->name, "' has shape [", s[0], ", ", s[1], "]: it looks transposed; ",
+                 "expected [V, d] = [", V, ", ", src.dim(), "]");
+        fail(COLLAPSE_ERR_SHAPE, "classifier '", in.classifier->name, "' has ", s[0], " rows, but V = ", V);
+    }
     cfg.num_classes = V;
     Session session(cfg);
 
-    std::vector<float> synth_w;
     if (in.classifier) {
         apply_classifier(session, *in.classifier, in.bias);
-    } else if (in.synth) {
-        const auto& sp = in.synth->spec();
-        synth_w.resize((size_t)(sp.classes * sp.dim));
-        in.synth->classifier(synth_w.data());
-        const collapse_buffer w{synth_w.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, sp.classes, sp.dim, 0};
-        session.set_classifier(&w, nullptr);
-        if (!quiet)
-            std::fprintf(stderr, "no input given: analysing the built-in synthetic data set (%lld rows, d = %lld, V = %lld, collapse %.2f)\n",
-                         (long long)sp.rows, (long long)sp.dim, (long long)sp.classes, sp.collapse);
+    } else if (const std::vector<float> w = src.built_in_classifier(); !w.empty()) {
+        const collapse_buffer wb{w.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, V, src.dim(), 0};
+        session.set_classifier(&wb, nullptr);
     }
+    if (a.synthetic && !quiet)
+        std::fprintf(stderr, "analysing the built-in synthetic data set (%lld rows, d = %lld, V = %lld)\n",
+                     (long long)src.length(), (long long)src.dim(), (long long)V);
 
-    const int64_t total = in.synth ? in.synth->spec().rows
-                          : in.sequences() ? in.hidden->shape[0] * std::max<int64_t>(0, in.hidden->shape[1] - 1)
-                                           : in.features->rows();
-    std::vector<int32_t> synth_labels;
-    std::vector<uint8_t> synth_features;
-
-    // One pass over the input, in batches of cfg.batch_rows rows (whole sequences).
-    // --resume: continue after the input position of the last checkpoint.
-    int64_t start = 0;
-    if (a.resume && std::filesystem::exists(a.checkpoint)) {
-        session.load_checkpoint(a.checkpoint);
-        start = session.input_position();
-        if (!quiet) std::fprintf(stderr, "resuming from %s at input position %lld\n", a.checkpoint.c_str(), (long long)start);
+    driver::AnalysisOptions opt;
+    opt.checkpoint = a.checkpoint;
+    opt.resume = a.resume;
+    opt.command = g_command_line;
+    Progress progress(quiet);
+    opt.progress = [&](const char* phase, int64_t done, int64_t total) { progress.update(done, total, phase); };
+    if (cfg.log_level != "error") opt.warn = [](const std::string& m) { std::fprintf(stderr, "collapse: %s\n", m.c_str()); };
+    if (debug) opt.debug = [](const std::string& m) { std::fprintf(stderr, "collapse: %s\n", m.c_str()); };
+    opt.interrupted = [] { return (int)g_signal; };
+    install_signal_handlers();
+    driver::AnalysisOutcome out = driver::run_analysis(session, src, opt);
+    progress.finish();
+    if (out.resumed_at >= 0 && !quiet)
+        std::fprintf(stderr, "resumed from %s at input position %lld\n", a.checkpoint.c_str(), (long long)out.resumed_at);
+    write_report_file(out.report, a.output);
+    if (!quiet) print_headline(out.report, a.output);
+    const EngineInfo& e = out.result.engine;
+    if (e.batches_failed > 0) {
+        // Loud, whatever the log level: the report covers fewer rows than the input has.
+        std::fprintf(stderr,
+                     "collapse: WARNING: %lld batch(es) with %lld rows were skipped under continue_on_error; the report "
+                     "covers the other rows only (counts.batches_failed, counts.rows_skipped). Exit status %d.\n",
+                     (long long)e.batches_failed, (long long)e.rows_skipped, kExitRowsSkipped);
+        return kExitRowsSkipped;
     }
-    auto pass = [&](const char* phase, bool first) {
-        Progress progress(quiet, total);
-        int64_t done = 0, batch_index = 0;
-        const int64_t from = first ? start : 0;
-        auto feed = [&](auto&& ingest_batch, int64_t rows_in_batch) {
-            try {
-                const auto tb = Clock::now();
-                ingest_batch();
-                if (debug)
-                    std::fprintf(stderr, "collapse: %s batch %lld: %lld rows in %.3f s\n", phase, (long long)batch_index,
-                                 (long long)rows_in_batch, std::chrono::duration<double>(Clock::now() - tb).count());
-            } catch (const Error& e) {
-                if (!cfg.continue_on_error) throw;
-                if (first) session.note_failed_batch();  // the second pass meets the same batch again
-                if (cfg.log_level != "error")
-                    std::fprintf(stderr, "collapse: batch %lld skipped (continue_on_error): %s\n", (long long)batch_index, e.what());
-            }
-            done += rows_in_batch;
-            ++batch_index;
-            progress.update(done, phase);
-            if (first && !a.checkpoint.empty() && batch_index % cfg.save_every == 0) session.save_checkpoint(a.checkpoint);
-            if (first && cfg.save_intermediate_results && batch_index % cfg.save_every == 0) {
-                std::filesystem::create_directories(cfg.intermediate_save_dir);
-                const std::string p = cfg.intermediate_save_dir + "/report_batch_" + std::to_string(batch_index) + ".json";
-                write_report_file(session.compute(false)->doc, p);
-            }
-        };
-        if (in.synth) {
-            const auto& sp = in.synth->spec();
-            const size_t esz = sp.dtype == COLLAPSE_F64 ? 8 : sp.dtype == COLLAPSE_F32 ? 4 : 2;
-            for (int64_t r0 = from; r0 < sp.rows; r0 += cfg.batch_rows) {
-                const int64_t n = std::min(cfg.batch_rows, sp.rows - r0);
-                synth_labels.resize((size_t)n);
-                synth_features.resize((size_t)(n * sp.dim) * esz);
-                in.synth->labels(r0, n, synth_labels.data());
-                in.synth->features(r0, n, synth_labels.data(), synth_features.data());
-                const collapse_buffer f{synth_features.data(), sp.dtype, COLLAPSE_MEMORY_HOST, n, sp.dim, 0};
-                const collapse_buffer l{synth_labels.data(), COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
-                session.set_row_offset(r0);
-                feed([&] { session.ingest_rows(&f, &l, nullptr, nullptr); }, n);
-            }
-        } else if (in.sequences()) {
-            const int64_t B = in.hidden->shape[0], T = in.hidden->shape[1], d = in.hidden->shape[2];
-            const int64_t per = std::max<int64_t>(1, cfg.batch_rows / std::max<int64_t>(1, T));
-            for (int64_t b0 = from; b0 < B; b0 += per) {
-                const int64_t nb = std::min(per, B - b0);
-                const collapse_buffer h{in.hidden->row(b0), in.hidden->dtype, COLLAPSE_MEMORY_HOST, nb * T, d, 0};
-                const collapse_buffer ids = buffer_of(*in.input_ids, b0, nb, T);
-                std::optional<collapse_buffer> m;
-                if (in.mask) m = buffer_of(*in.mask, b0, nb, T);
-                session.set_row_offset(b0);
-                feed([&] { session.ingest_sequences(&h, &ids, m ? &*m : nullptr, nb, T, nullptr); }, nb * std::max<int64_t>(0, T - 1));
-                in.hidden->release_rows(b0, b0 + nb);
-            }
-        } else {
-            const int64_t N = in.features->rows(), d = in.features->shape[1];
-            for (int64_t r0 = from; r0 < N; r0 += cfg.batch_rows) {
-                const int64_t n = std::min(cfg.batch_rows, N - r0);
-                const collapse_buffer f = buffer_of(*in.features, r0, n, d);
-                const collapse_buffer l = buffer_of(*in.labels, r0, n, 1);
-                session.set_row_offset(r0);
-                feed([&] { session.ingest_rows(&f, &l, nullptr, nullptr); }, n);
-                in.features->release_rows(r0, r0 + n);
-            }
-        }
-        progress.finish();
-    };
-
-    pass("ingest", true);
-    if (!a.checkpoint.empty()) session.save_checkpoint(a.checkpoint);  // the whole first pass
-    if (session.needs_second_pass()) {
-        session.begin_second_pass();
-        pass("second pass", false);
-    }
-    auto report = session.compute(true);
-    if (session.failed_batches() > 0) report->doc["counts"]["batches_failed"] = session.failed_batches();
-    write_report_file(report->doc, a.output);
-    if (!quiet) print_headline(report->doc, a.output);
+    return 0;
 }
 
 }  // namespace
+
+void set_command_line(int argc, char** argv) {
+    g_command_line.clear();
+    for (int i = 0; i < argc; ++i) g_command_line += (i ? " " : "") + std::string(argv[i]);
+}
 
 void add_analyze_command(CLI::App& app) {
     auto args = std::make_shared<AnalyzeArgs>();
     CLI::App* sub = app.add_subcommand("analyze", "Analyse a dump (or, with no input, the built-in synthetic data) into a JSON report");
     sub->add_option("--features", args->features, "features .npy [N, d] (float16/bfloat16/float32/float64)");
-    sub->add_option("--labels", args->labels, "labels .npy [N] (int32/int64): the NEXT token of each row");
+    sub->add_option("--labels", args->labels, "labels .npy [N] or [N, 1] (int32/int64): the NEXT token of each row");
+    sub->add_option("--mask", args->mask, "rows layout: valid .npy [N] (nonzero = analyse the row)");
+    sub->add_flag("--synthetic", args->synthetic, "analyse the built-in synthetic data set (200,000 rows, d = 256, V = 2048)");
     sub->add_option("--classifier", args->classifier, "classifier W .npy [V, d]");
     sub->add_option("--bias", args->bias, "classifier bias .npy [V]");
     sub->add_option("--hidden", args->hidden, "sequence layout: hidden states .npy [B, T, d]");
@@ -336,7 +349,10 @@ void add_analyze_command(CLI::App& app) {
     sub->add_option("--safetensors", args->safetensors, "read tensors from this .safetensors file");
     sub->add_option("--features-key", args->features_key, "safetensors: features tensor name")->capture_default_str();
     sub->add_option("--labels-key", args->labels_key, "safetensors: labels tensor name")->capture_default_str();
-    sub->add_option("--classifier-key", args->classifier_key, "safetensors: classifier tensor name");
+    sub->add_option("--mask-key", args->mask_key, "safetensors: valid mask tensor name (rows layout)");
+    sub->add_option("--classifier-key", args->classifier_key,
+                    "safetensors: classifier tensor name (default: the first of classifier, lm_head.weight, output.weight, "
+                    "classifier.weight that exists)");
     sub->add_option("--hidden-key", args->hidden_key, "safetensors: hidden states tensor name (sequence layout)");
     sub->add_option("--input-ids-key", args->input_ids_key, "safetensors: input ids tensor name");
     sub->add_option("--attention-mask-key", args->attention_mask_key, "safetensors: attention mask tensor name");
@@ -352,7 +368,12 @@ void add_analyze_command(CLI::App& app) {
                     "write a crash-safe checkpoint of the first pass here every save_every batches and at its end");
     sub->add_flag("--resume", args->resume, "continue from --checkpoint if it exists (same input and config)");
     sub->add_option("--from-checkpoint", args->from_checkpoint, "report of a saved or merged checkpoint, without input files");
-    sub->callback([args] { run_analyze(*args); });
+    sub->callback([args, sub] {
+        refuse_empty_paths(*sub);
+        args->keys_given = sub->count("--features-key") + sub->count("--labels-key") + sub->count("--mask-key") > 0;
+        const int status = run_analyze(*args);
+        if (status != 0) throw CLI::RuntimeError(status);
+    });
 }
 
 }  // namespace collapse::internal

@@ -8,6 +8,7 @@
 #include "cli/synth_cmd.hpp"
 #include "collapse/collapse.h"
 #include "base/error.hpp"
+#include "driver/analysis.hpp"
 
 int main(int argc, char** argv) {
     CLI::App app{"collapse: neural-collapse metrics of language-model hidden states"};
@@ -16,10 +17,15 @@ int main(int argc, char** argv) {
     collapse::internal::add_analyze_command(app);
     collapse::internal::add_synth_command(app);
     collapse::internal::add_merge_command(app);
+    collapse::internal::set_command_line(argc, argv);
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
         return app.exit(e);
+    } catch (const collapse::internal::driver::AnalysisInterrupted& e) {
+        std::fprintf(stderr, "collapse: interrupted by signal %d: stopped between batches, temporary files removed, no report written\n",
+                     e.signal);
+        return 128 + e.signal;
     } catch (const collapse::internal::Error& e) {
         std::fprintf(stderr, "collapse: error: %s\n", e.what());
         return 1;

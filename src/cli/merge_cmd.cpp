@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/session.hpp"
+#include "io/session_checkpoint.hpp"
 
 namespace collapse::internal {
 
@@ -21,10 +22,10 @@ struct MergeArgs {
 
 void run_merge(const MergeArgs& a) {
     // The first checkpoint's config; every other must agree on V, d and the state-affecting keys.
-    Session session(Session::checkpoint_config(a.inputs.front()));
-    session.load_checkpoint(a.inputs.front());
-    for (size_t i = 1; i < a.inputs.size(); ++i) session.merge_checkpoint(a.inputs[i]);
-    session.save_checkpoint(a.output);
+    Session session(io::checkpoint_config(a.inputs.front()));
+    io::load_checkpoint(session, a.inputs.front());
+    for (size_t i = 1; i < a.inputs.size(); ++i) io::merge_checkpoint(session, a.inputs[i]);
+    io::save_checkpoint(session, a.output);
     if (!a.quiet) {
         const Counts c = session.row_counts();
         std::printf("merged %zu checkpoints (%lld rows seen) into %s\n", a.inputs.size(), (long long)c.rows_seen, a.output.c_str());

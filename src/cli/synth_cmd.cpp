@@ -79,7 +79,7 @@ private:
     std::vector<uint8_t> features_;
 };
 
-// input_ids of whole sequences of length T for rows already laid out as [B, T]. METRICS.md reads
+// input_ids of whole sequences of length T for rows already laid out as [B, T]. docs/METRICS.md reads
 // sequences as x = H[:, :-1], y = I[:, 1:], so I[b, t+1] = label of row (b, t). I[b, 0] has no row
 // whose target it is; it takes the label of the last position, the one row the sequence view drops.
 void sequence_ids(const int32_t* labels, int64_t count, int64_t T, std::vector<int32_t>& ids) {

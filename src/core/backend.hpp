@@ -1,5 +1,5 @@
 // The one interface both backends implement. The CPU backend (src/cpu/) is the reference; the
-// CUDA backend (cuda/) must give the same numbers (docs/METRICS.md accuracy contract).
+// CUDA backend (cuda/) must give the same numbers (docs/METRICS.md, "Accuracy contract").
 //
 // Where each metric is computed:
 //   counts, kept-class selection, report assembly  -> src/core/session.cpp, src/report/report.cpp
@@ -13,15 +13,11 @@
 #include "core/batch.hpp"
 #include "core/config.hpp"
 #include "core/metrics.hpp"
+#include "core/state_io.hpp"
 
 namespace collapse::internal {
 
-namespace io {
-class CheckpointWriter;
-class CheckpointReader;
-}  // namespace io
-
-// Kept classes (METRICS.md): ids ascending, their counts, and a V-long lookup (slot or -1).
+// Kept classes (docs/METRICS.md, "Inputs and notation"): ids ascending, their counts, and a V-long lookup (slot or -1).
 struct KeptSet {
     std::vector<int32_t> ids;
     std::vector<int64_t> counts;
@@ -62,15 +58,19 @@ public:
     // Every metric of the kept set. May be called more than once (intermediate saves).
     virtual MetricValues compute(const KeptSet& kept, const Classifier& clf) = 0;
 
-    // Checkpoints (src/core/checkpoint.cpp writes the session's own sections): the accumulated
-    // state as sections of a checkpoint; load replaces the state, merge adds another shard's.
-    virtual void save_state(io::CheckpointWriter& w) = 0;
-    virtual void load_state(const io::CheckpointReader& r, bool merge) = 0;
+    // The accumulated state as the arrays of core/state_sections.hpp (the session writes its own
+    // meta): load replaces the state, merge adds another shard's; both check everything first.
+    virtual void save_state(StateWriter& w) = 0;
+    virtual void load_state(const StateReader& r, bool merge) = 0;
 };
 
-std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim);
-// Defined in cuda/ when the CUDA backend is built; otherwise throws COLLAPSE_ERR_NO_CUDA.
+class HostBudget;  // core/host_budget.hpp
+// budget: the session's account of host memory (null: the backend makes one from cfg).
+std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget = nullptr);
+// The CUDA backend, from the module libcollapse_cuda.so (src/core/backend_registry.cpp; inside the
+// module: cuda/). Without a module or a usable device: COLLAPSE_ERR_NO_CUDA saying which is missing.
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim);
 bool cuda_backend_available();
+void require_cuda_backend();  // throws COLLAPSE_ERR_NO_CUDA naming the reason
 
 }  // namespace collapse::internal

@@ -2,6 +2,7 @@
 
 #include <cfloat>
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "base/dtype.hpp"
@@ -29,6 +30,22 @@ bool BatchDesc::is_valid(int64_t r) const {
     return load_as_int(valid.data, valid.dtype, label_element(*this, r, valid)) != 0;
 }
 
+// The bytes a buffer spans, ((rows - 1) * stride + cols) * itemsize, must be a number: a product
+// that overflows int64 (a row_stride of 2^62, say) would make row addresses wrap around.
+void check_extent(const collapse_buffer* b, const char* what) {
+    if (b->rows == 0) return;
+    const int64_t stride = b->row_stride == 0 ? b->cols : b->row_stride;
+    const int64_t item = (int64_t)dtype_size(b->dtype);
+    int64_t elems = 0, bytes = 0;
+    if (__builtin_mul_overflow(b->rows - 1, stride, &elems) || __builtin_add_overflow(elems, b->cols, &elems) ||
+        __builtin_mul_overflow(elems, item, &bytes))
+        fail(COLLAPSE_ERR_SHAPE, what, ": ", b->rows, " rows with row_stride ", stride, " and ", b->cols, " columns of ",
+             item, "-byte ", dtype_name(b->dtype), " span more than 2^63 bytes (the size overflows int64)");
+    if ((uintptr_t)b->data > UINTPTR_MAX - (uint64_t)bytes)
+        fail(COLLAPSE_ERR_SHAPE, what, ": ", b->rows, " rows with row_stride ", stride, " (", bytes,
+             " bytes) from address ", b->data, " run past the end of the address space");
+}
+
 namespace {
 
 MatrixView view_of(const collapse_buffer* b) {
@@ -45,14 +62,16 @@ MatrixView view_of(const collapse_buffer* b) {
 // Checks common to every buffer.
 void check_buffer(const collapse_buffer* b, const char* what) {
     if (!b) fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": buffer is NULL");
-    if (!dtype_is_valid(b->dtype)) fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": unknown dtype ", (int)b->dtype);
-    if (b->memory != COLLAPSE_MEMORY_HOST && b->memory != COLLAPSE_MEMORY_DEVICE)
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": unknown memory kind ", (int)b->memory);
+    if (!dtype_is_valid(raw_enum(b->dtype))) fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": unknown dtype ", raw_enum(b->dtype));
+    const int memory = raw_enum(b->memory);
+    if (memory != COLLAPSE_MEMORY_HOST && memory != COLLAPSE_MEMORY_DEVICE)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": unknown memory kind ", memory);
     if (b->rows < 0 || b->cols < 1)
         fail(COLLAPSE_ERR_SHAPE, what, ": invalid shape [", b->rows, ", ", b->cols, "]");
     if (b->row_stride != 0 && b->row_stride < b->cols)
         fail(COLLAPSE_ERR_SHAPE, what, ": row_stride ", b->row_stride, " is smaller than cols ", b->cols);
     if (b->rows > 0 && !b->data) fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": data is NULL for ", b->rows, " rows");
+    check_extent(b, what);
 }
 
 void check_features(const collapse_buffer* f, const char* what, int64_t d) {
@@ -61,7 +80,8 @@ void check_features(const collapse_buffer* f, const char* what, int64_t d) {
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, ": dtype ", dtype_name(f->dtype),
              " is not a float type (float32, float16, bfloat16, float64)");
     if (d > 0 && f->cols != d)
-        fail(COLLAPSE_ERR_SHAPE, what, ": width ", f->cols, " differs from the session's feature width ", d);
+        fail(COLLAPSE_ERR_SHAPE, what, ": width ", f->cols, " differs from the session's feature width ", d,
+             " (set by the options' dim, the classifier's columns or the first batch)");
 }
 
 void check_int(const collapse_buffer* b, const char* what, bool allow_bytes) {
@@ -114,8 +134,11 @@ BatchDesc describe_sequences(const collapse_buffer* hidden, const collapse_buffe
     check_features(hidden, "hidden", d);
     if (batch < 0 || seq_len < 1)
         fail(COLLAPSE_ERR_SHAPE, "sequences: invalid batch ", batch, " or seq_len ", seq_len);
-    if (hidden->rows != batch * seq_len)
-        fail(COLLAPSE_ERR_SHAPE, "hidden: ", hidden->rows, " rows, expected batch*seq_len = ", batch * seq_len);
+    int64_t tokens = 0;
+    if (__builtin_mul_overflow(batch, seq_len, &tokens))
+        fail(COLLAPSE_ERR_SHAPE, "sequences: batch ", batch, " * seq_len ", seq_len, " overflows int64");
+    if (hidden->rows != tokens)
+        fail(COLLAPSE_ERR_SHAPE, "hidden: ", hidden->rows, " rows, expected batch*seq_len = ", tokens);
     check_buffer(input_ids, "input_ids");
     check_int(input_ids, "input_ids", false);
     if (input_ids->rows != batch || input_ids->cols != seq_len)

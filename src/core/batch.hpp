@@ -2,6 +2,7 @@
 // validation that turns it into the list of rows to accumulate. Nothing here mutates state.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "collapse/collapse.h"
@@ -35,6 +36,21 @@ struct BatchDesc {
     int64_t label_value(int64_t r) const;
     bool is_valid(int64_t r) const;
 };
+
+// The value a C caller stored in an enum field, read as int: reading an out-of-range value (a
+// dtype of 9) through the enum type is undefined behaviour in C++, so validation reads it this way.
+template <class E>
+int raw_enum(const E& e) {
+    static_assert(sizeof(E) == sizeof(int), "C enums are int-sized here");
+    int v = 0;
+    std::memcpy(&v, &e, sizeof v);
+    return v;
+}
+
+// Refuses (COLLAPSE_ERR_SHAPE, naming `what` and the numbers) a buffer whose byte extent,
+// ((rows - 1) * stride + cols) * itemsize, overflows int64 or runs past the end of the address space.
+// Call it after the dtype, rows >= 0, cols >= 1 and row_stride (0 or >= cols) were checked.
+void check_extent(const collapse_buffer* b, const char* what);
 
 // Builds a BatchDesc from C API buffers, checking every argument on its own (pointers, dtypes,
 // shapes, strides, memory kind). d is the session's width (0 = not known yet).

@@ -12,10 +12,16 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <sstream>
 #include <memory>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <nlohmann/json.hpp>
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include "base/error.hpp"
+#include "base/file.hpp"
 
 namespace collapse::internal {
 namespace {
@@ -71,23 +77,32 @@ struct EnumKey {
 const std::vector<std::string> kLogLevels{"debug", "info", "warning", "error"};
 
 int checked_index(int v, size_t n) { return v >= 0 && size_t(v) < n ? v : -1; }
+// An enum field's stored integer, read as bytes: a C caller may have stored any int there, and
+// loading an out-of-range value through the enum type is undefined behaviour.
+template <class E>
+int enum_value(const E& e) {
+    int v = 0;
+    static_assert(sizeof(E) == sizeof(int), "C enums are int-sized here");
+    std::memcpy(&v, &e, sizeof v);
+    return v;
+}
 
 const std::vector<EnumKey>& enum_keys() {
     static const std::vector<EnumKey> keys{
         {"svd_mode", {"exact", "sampled", "off"},
-         [](const Config& c) { return checked_index(int(c.svd_mode), 3); },
+         [](const Config& c) { return checked_index(enum_value(c.svd_mode), 3); },
          [](Config& c, int i) { c.svd_mode = collapse_svd_mode(i); }},
         {"global_mean", {"class_balanced", "token_weighted"},
-         [](const Config& c) { return checked_index(int(c.global_mean), 2); },
+         [](const Config& c) { return checked_index(enum_value(c.global_mean), 2); },
          [](Config& c, int i) { c.global_mean = collapse_global_mean(i); }},
         {"unc3_classifier", {"weights", "class_means"},
-         [](const Config& c) { return checked_index(int(c.unc3_classifier), 2); },
+         [](const Config& c) { return checked_index(enum_value(c.unc3_classifier), 2); },
          [](Config& c, int i) { c.unc3_classifier = collapse_unc3_classifier(i); }},
         {"nonfinite_policy", {"error", "skip_row"},
-         [](const Config& c) { return checked_index(int(c.nonfinite_policy), 2); },
+         [](const Config& c) { return checked_index(enum_value(c.nonfinite_policy), 2); },
          [](Config& c, int i) { c.nonfinite_policy = collapse_nonfinite_policy(i); }},
         {"backend", {"cpu", "cuda"},
-         [](const Config& c) { return checked_index(int(c.backend), 2); },
+         [](const Config& c) { return checked_index(enum_value(c.backend), 2); },
          [](Config& c, int i) { c.backend = collapse_backend(i); }},
         // log_level is a string in Config (the seed's type) but takes the same kind of value.
         {"log_level", kLogLevels,
@@ -305,16 +320,59 @@ private:
     const std::string& source_;
 };
 
+// Counts documents and remembers the line of the second one's first node (its start marker's
+// line when it is empty).
+struct DocumentCounter : YAML::EventHandler {
+    int documents = 0, second_line = 1;
+    bool second_node = false;
+    void node(const YAML::Mark& m) {
+        if (documents == 2 && !second_node) second_line = m.line + 1, second_node = true;
+    }
+    void OnDocumentStart(const YAML::Mark& m) override {
+        if (++documents == 2) second_line = m.line + 1;
+    }
+    void OnDocumentEnd() override {}
+    void OnNull(const YAML::Mark& m, YAML::anchor_t) override { node(m); }
+    void OnAlias(const YAML::Mark& m, YAML::anchor_t) override { node(m); }
+    void OnScalar(const YAML::Mark& m, const std::string&, YAML::anchor_t, const std::string&) override { node(m); }
+    void OnSequenceStart(const YAML::Mark& m, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override { node(m); }
+    void OnSequenceEnd() override {}
+    void OnMapStart(const YAML::Mark& m, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override { node(m); }
+    void OnMapEnd() override {}
+};
+
+// Text other than blanks, comments and document markers.
+bool has_content(const std::string& text) {
+    std::istringstream in(text);
+    for (std::string line; std::getline(in, line);) {
+        const size_t b = line.find_first_not_of(" \t\r");
+        if (b == std::string::npos || line[b] == '#') continue;
+        const std::string t = line.substr(b, line.find_last_not_of(" \t\r") + 1 - b);
+        if (t != "---" && t != "...") return true;
+    }
+    return false;
+}
+
 YAML::Node load_document(const Reader& rd, const std::string& text) {
-    std::vector<YAML::Node> docs;
+    YAML::Node doc;
     try {
-        docs = YAML::LoadAll(text);
+        doc = YAML::Load(text);
+        // A second document? yaml-cpp 0.7's LoadAll loops forever on some inputs (a lone ','; fixed
+        // upstream after Debian 12's version), so the parser is stepped at most twice.
+        std::istringstream in(text);
+        YAML::Parser parser(in);
+        DocumentCounter counter;
+        for (int step = 0; step < 2 && parser.HandleNextDocument(counter); ++step) {
+        }
+        if (counter.documents > 1) rd.fail_at(counter.second_line, "a config holds one YAML document, found a second one");
     } catch (const YAML::Exception& e) {
         int line = e.mark.is_null() ? 1 : e.mark.line + 1;
         rd.fail_at(line, "YAML syntax error: ", e.msg);
     }
-    if (docs.size() > 1) rd.fail_at(docs[1].Mark().line + 1, "a config holds one YAML document, found a second one");
-    return docs.empty() ? YAML::Node() : docs[0];
+    // yaml-cpp reads some malformed text (",") as an empty document: that is not "all defaults".
+    if (doc.IsNull() && has_content(text))
+        rd.fail_at(1, "the config must be a map of `key: value` lines; this text is not (YAML read it as empty)");
+    return doc;
 }
 
 // Reads the value of one known key into c. `device` only records what it selects in
@@ -463,14 +521,27 @@ Config parse_yaml(const std::string& text, const std::string& source) {
 }
 
 Config load_yaml_file(const std::string& path) {
-    // fopen + ferror rather than ifstream: reading a directory must fail here, and errno names why.
-    std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
-    if (!f) fail(COLLAPSE_ERR_IO, "cannot read config file '", path, "': ", std::strerror(errno));
+    // A regular file of bounded size: a FIFO would block forever, /dev/zero would never end, and a
+    // config has no business being larger than a few kilobytes.
+    constexpr size_t kMaxConfigBytes = size_t(16) << 20;
+    struct ::stat st;
+    const UniqueFd fd = open_regular_file(path, "config file", &st);
+    if ((uint64_t)st.st_size > kMaxConfigBytes)
+        fail(COLLAPSE_ERR_IO, "cannot read config file ", path, ": it has ", (int64_t)st.st_size,
+             " bytes, more than the limit of ", kMaxConfigBytes, " (16 MiB)");
     std::string text;
     char buf[65536];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f.get())) > 0) text.append(buf, n);
-    if (std::ferror(f.get())) fail(COLLAPSE_ERR_IO, "cannot read config file '", path, "': ", std::strerror(errno));
+    while (true) {
+        const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) fail(COLLAPSE_ERR_IO, "cannot read config file ", path, ": ", std::strerror(errno));
+        if (n == 0) break;
+        text.append(buf, (size_t)n);
+        // The file may grow after the size check; the bound holds regardless.
+        if (text.size() > kMaxConfigBytes)
+            fail(COLLAPSE_ERR_IO, "cannot read config file ", path, ": it grew past the limit of ", kMaxConfigBytes,
+                 " bytes (16 MiB) while it was read");
+    }
     return parse_yaml(text, path);
 }
 
@@ -478,6 +549,16 @@ void validate(const Config& c) {
     std::vector<Problem> problems = find_problems(c);
     if (!problems.empty())
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "invalid configuration: key '", problems[0].key, "' ", problems[0].what);
+}
+
+// An enum field of a C caller's options: any int may be stored there; refuse what is out of range
+// before it is loaded as the enum type (undefined behaviour otherwise).
+template <class E>
+E option_enum(const E& field, const char* name, int count) {
+    const int v = enum_value(field);
+    if (v < 0 || v >= count)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "options.", name, " = ", v, " is not a valid value (0 to ", count - 1, ")");
+    return static_cast<E>(v);
 }
 
 Config from_options(const collapse_options& o) {
@@ -501,19 +582,19 @@ Config from_options(const collapse_options& o) {
     c.compute_class_metrics = o.compute_class_metrics != 0;
     c.min_classes_for_gnc2 = o.min_classes_for_gnc2;
     c.min_classes_for_unc3 = o.min_classes_for_unc3;
-    c.svd_mode = o.svd_mode;
+    c.svd_mode = option_enum(o.svd_mode, "svd_mode", 3);
     c.svd_max_rows_per_token = o.svd_max_rows_per_token;
     c.svd_center = o.svd_center != 0;
-    c.global_mean = o.global_mean;
+    c.global_mean = option_enum(o.global_mean, "global_mean", 2);
     c.cdnv_power = o.cdnv_power;
-    c.unc3_classifier = o.unc3_classifier;
+    c.unc3_classifier = option_enum(o.unc3_classifier, "unc3_classifier", 2);
     c.compute_nc4 = o.compute_nc4 != 0;
     c.seed = o.seed;
     c.host_memory_limit = o.host_memory_limit;
     c.device_memory_limit = o.device_memory_limit;
-    c.backend = o.backend;
+    c.backend = option_enum(o.backend, "backend", 2);
     c.device_ordinal = o.device;
-    c.nonfinite_policy = o.nonfinite_policy;
+    c.nonfinite_policy = option_enum(o.nonfinite_policy, "nonfinite_policy", 2);
     c.allow_tf32 = o.allow_tf32 != 0;
     c.device = device_text(c.backend, c.device_ordinal);
     const size_t dir_len = strnlen(o.intermediate_save_dir, sizeof o.intermediate_save_dir);

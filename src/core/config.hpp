@@ -1,11 +1,11 @@
-// The engine's configuration: the seed design's CollapseConfig keys, the METRICS.md options,
+// The engine's configuration: the seed design's CollapseConfig keys, the docs/METRICS.md options,
 // memory limits and backend. configs/default.yaml documents every key; parse_yaml validates it.
 #pragma once
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
+#include <nlohmann/json_fwd.hpp>
 
 #include "base/bytes.hpp"
 #include "collapse/collapse.h"
@@ -29,7 +29,7 @@ struct Config {
     bool save_intermediate_results = false;
     std::string intermediate_save_dir = "collapse_intermediate";
 
-    // --- METRICS.md options ---
+    // --- docs/METRICS.md options ---
     std::vector<int64_t> exclude_token_ids;
     collapse_svd_mode svd_mode = COLLAPSE_SVD_EXACT;
     int64_t svd_max_rows_per_token = 1024;

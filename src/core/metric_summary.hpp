@@ -1,6 +1,6 @@
 // The host-side last step of every metric, shared by the backends: each backend computes the
 // per-class vectors, pair totals and spectra its own way (CPU loops and BLAS, CUDA kernels and
-// cuBLAS/cuSOLVER), then these functions turn them into the METRICS.md values and notes.
+// cuBLAS/cuSOLVER), then these functions turn them into the docs/METRICS.md values and notes.
 #pragma once
 #include <cstdint>
 #include <vector>

@@ -1,4 +1,4 @@
-// What a backend computes at finalisation: every METRICS.md value, before it becomes JSON.
+// What a backend computes at finalisation: every value of docs/METRICS.md, before it becomes JSON.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -36,10 +36,26 @@ struct MetricValues {
     std::map<std::string, int64_t> row_store;  // exact row store: spilled_bytes, spill_flushes
 };
 
-// Row and class counts (METRICS.md "counts").
+// Row and class counts (docs/METRICS.md, "The summary block").
 struct Counts {
     int64_t rows_seen = 0, rows_masked = 0, rows_excluded = 0, rows_nonfinite = 0, rows_kept = 0;
     int64_t classes_seen = 0, classes_kept = 0, classes_below_min = 0, classes_cut = 0;
+};
+
+// How the numbers were obtained: backend, shapes, phases.
+struct EngineInfo {
+    std::string backend;
+    int64_t dim = 0, num_classes = 0, batches = 0, batches_failed = 0, rows_skipped = 0;
+    bool classifier = false;
+    std::map<std::string, double> timings;
+    std::map<std::string, int64_t> row_store;
+};
+
+// What Session::compute returns; src/report/ turns it into the JSON report.
+struct Result {
+    Counts counts;
+    MetricValues metrics;
+    EngineInfo engine;
 };
 
 }  // namespace collapse::internal

@@ -18,6 +18,8 @@
 
 #include "core/config.hpp"
 #include "base/error.hpp"
+#include "base/bytes.hpp"
+#include "base/atomic_file.hpp"
 #include "base/crc32c.hpp"
 
 namespace collapse::internal {
@@ -33,30 +35,6 @@ std::string part_name(const std::string& dir, int p) {
     return dir + buf;
 }
 
-// Spill directories left by processes that no longer run (killed before their destructor ran) are
-// removed: a crashed run would otherwise leave its rows behind for good. A directory qualifies when
-// its name is exactly "<prefix><pid>-XXXXXX" for this host, that pid is not running here, and its
-// lock is free: a live store holds an flock on its directory, which the kernel drops with the
-// process (this also covers another pid namespace with the same host name).
-void remove_stale(const std::string& parent, const std::string& prefix) {
-    std::error_code ec;
-    for (auto it = std::filesystem::directory_iterator(parent, ec); !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
-        const std::string name = it->path().filename().string();
-        if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
-        size_t i = prefix.size(), digits = 0;
-        while (i < name.size() && std::isdigit((unsigned char)name[i])) ++i, ++digits;
-        if (digits == 0 || digits > 9 || i + 7 != name.size() || name[i] != '-') continue;
-        const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
-        if (::kill((pid_t)pid, 0) == 0 || errno != ESRCH) continue;
-        const int fd = ::open(it->path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd < 0) continue;
-        const bool unlocked = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
-        ::close(fd);
-        std::error_code rm;
-        if (unlocked) std::filesystem::remove_all(it->path(), rm);
-    }
-}
-
 // Thousands of freed class vectors stay in the heap, resident, unless malloc is asked to return
 // them: without this the process would hold the memory the budget says was given back.
 void give_back_freed_memory() {
@@ -67,13 +45,27 @@ void give_back_freed_memory() {
 
 }  // namespace
 
-RowStore::RowStore(int64_t num_classes, int64_t dim, int64_t memory_budget, std::string spill_parent, WriteFn write_fn)
+int64_t RowStore::index_bytes(int64_t num_classes) {
+    const int64_t per_class = (int64_t)(sizeof(RowVector) + sizeof(std::vector<Extent>) + sizeof(int64_t));
+    return add_bytes(mul_bytes(num_classes, per_class), kMaxPartitions * (int64_t)(sizeof(int) + sizeof(int64_t)));
+}
+
+RowStore::RowStore(int64_t num_classes, int64_t dim, int64_t memory_budget, std::string spill_parent, WriteFn write_fn,
+                   HostBudget* host_budget)
     : V_(num_classes),
       d_(dim),
       budget_(memory_budget),
       parent_(std::move(spill_parent)),
       write_(write_fn ? std::move(write_fn) : WriteFn(::pwrite)),
       parts_((int)std::min<int64_t>(std::max<int64_t>(num_classes, 1), kMaxPartitions)),
+      host_(host_budget),
+      index_lease_(host_ ? host_->reserve(index_bytes(num_classes), "the row store's index of V = " + std::to_string(num_classes) +
+                                                                         " classes (" + std::to_string(index_bytes(num_classes) / std::max<int64_t>(num_classes, 1)) +
+                                                                         " bytes a class)",
+                                          kFixNumClasses)
+                         : HostBudget::Lease()),
+      extents_lease_(host_ ? host_->lease() : HostBudget::Lease()),
+      stage_lease_(host_ ? host_->lease() : HostBudget::Lease()),
       fd_((size_t)parts_, -1),
       file_bytes_((size_t)parts_, 0),
       mem_((size_t)num_classes),
@@ -126,10 +118,16 @@ void RowStore::make_room(const std::function<int64_t()>& growth) {
 
 // The vectors' memory itself (a flush keeps it): when the classes that come differ from the ones
 // that were held.
+void RowStore::spill_memory() {
+    flush();
+    release();
+}
+
 void RowStore::release() {
     for (auto& v : mem_)
         if (v.empty()) RowVector().swap(v);
     std::vector<char>().swap(stage_);
+    stage_lease_.reset();
     memory_bytes_ = 0;
     for (const auto& v : mem_) memory_bytes_ += (int64_t)v.capacity() * 8;
     give_back_freed_memory();
@@ -140,10 +138,10 @@ void RowStore::open_spill() {
     std::error_code ec;
     if (!created_parent_) created_parent_ = !std::filesystem::exists(parent_, ec);
     std::filesystem::create_directories(parent_, ec);
-    char host[256] = "host";
-    (void)::gethostname(host, sizeof host - 1);
-    const std::string prefix = std::string("collapse-spill-") + host + "-";
-    remove_stale(parent_, prefix);
+    // Directories left by processes killed before their destructor ran (base/atomic_file.hpp: the
+    // exact name for this host, a pid that no longer runs here, no lock held).
+    const std::string prefix = "collapse-spill-" + host_name() + "-";
+    remove_stale_temporaries(parent_, prefix);
     std::string tmpl = parent_ + "/" + prefix + std::to_string(::getpid()) + "-XXXXXX";
     if (ec || !::mkdtemp(tmpl.data()))
         fail(COLLAPSE_ERR_IO, "cannot create a spill directory for the exact row store under intermediate_save_dir = '", parent_,
@@ -166,6 +164,34 @@ void RowStore::flush() {
     const std::vector<int64_t> old_bytes = file_bytes_;
     const size_t stage_cap = (size_t)std::clamp<int64_t>(budget_ / 8, 64 * 1024, 4 << 20);
     std::vector<char>& stage = stage_;
+    // The extent lists grow (to list_capacity, reserved once the writes have succeeded) and `added`
+    // holds the new extents until then: both, and the write buffer, are counted before anything is
+    // written; a failed flush gives the lists' share back.
+    const size_t extent_rows = std::max<size_t>(1, stage_cap / ((size_t)d_ * 8));
+    auto list_capacity = [&](int32_t c) {
+        const auto& ex = extents_[(size_t)c];
+        const size_t need = ex.size() + (mem_[(size_t)c].size() / (size_t)d_ + extent_rows - 1) / extent_rows;
+        return need <= ex.capacity() ? ex.capacity() : std::max(need, 2 * ex.capacity());
+    };
+    int64_t new_extents = 0, list_growth = 0;
+    for (int32_t c = 0; c < V_; ++c) {
+        if (mem_[(size_t)c].empty()) continue;
+        new_extents += (int64_t)((mem_[(size_t)c].size() / (size_t)d_ + extent_rows - 1) / extent_rows);
+        list_growth += (int64_t)((list_capacity(c) - extents_[(size_t)c].capacity()) * sizeof(Extent));
+    }
+    const std::string what = "spilling the exact row store (" + std::to_string(new_extents) + " extents to index)";
+    const HostBudget::Lease added_lease =
+        host_ ? host_->reserve(mul_bytes(new_extents, (int64_t)(sizeof(std::pair<int32_t, Extent>) + sizeof(size_t))), what) : HostBudget::Lease();
+    const int64_t lists_before = extents_lease_.bytes();
+    extents_lease_.resize(add_bytes(lists_before, list_growth), what);
+    // The write buffer gathers small classes into large writes; without room for it every extent
+    // is written from where it lies.
+    const bool staging = stage_lease_.bytes() >= (int64_t)stage_cap || !host_ || host_->fits((int64_t)stage_cap - stage_lease_.bytes());
+    if (staging) stage_lease_.resize((int64_t)stage_cap, what);
+    std::vector<size_t> capacity;  // the lists' new capacities (new_extents bounds their count)
+    for (int32_t c = 0; c < V_; ++c)
+        if (!mem_[(size_t)c].empty()) capacity.push_back(list_capacity(c));
+    added.reserve((size_t)new_extents);
     int p = 0;
     int32_t stage_class = -1;  // for messages: the last class in the staging buffer
     auto write_out = [&](const char* src, size_t bytes) {
@@ -198,7 +224,6 @@ void RowStore::flush() {
             }
             // Extents of at most stage_cap bytes: finalisation reads and checks an extent at once.
             const size_t row_bytes = (size_t)d_ * 8;
-            const size_t extent_rows = std::max<size_t>(1, stage_cap / row_bytes);
             stage_class = c;
             for (size_t r0 = 0; r0 < v.size() / (size_t)d_; r0 += extent_rows) {
                 const size_t rows = std::min(extent_rows, v.size() / (size_t)d_ - r0), bytes = rows * row_bytes;
@@ -206,7 +231,7 @@ void RowStore::flush() {
                 if (stage.size() + bytes > stage_cap) drain();
                 const int64_t at = file_bytes_[(size_t)p] + (int64_t)stage.size();
                 uint32_t crc;
-                if (bytes >= stage_cap) {
+                if (bytes >= stage_cap || !staging) {
                     crc = crc32c(src, bytes);
                     write_out(src, bytes);
                 } else {
@@ -223,8 +248,12 @@ void RowStore::flush() {
             if (fd_[(size_t)q] >= 0 && file_bytes_[(size_t)q] != old_bytes[(size_t)q]) (void)!::ftruncate(fd_[(size_t)q], old_bytes[(size_t)q]);
         file_bytes_ = old_bytes;
         stage_.clear();  // its bytes belong to the failed flush: the next one must not write them
+        extents_lease_.update(lists_before);
         throw;
     }
+    size_t k = 0;
+    for (int32_t c = 0; c < V_; ++c)
+        if (!mem_[(size_t)c].empty()) extents_[(size_t)c].reserve(capacity[k++]);
     for (const auto& a : added) {
         extents_[(size_t)a.first].push_back(a.second);
         disk_rows_[(size_t)a.first] += a.second.rows;
@@ -238,7 +267,9 @@ void RowStore::flush() {
 void RowStore::clear() {
     for (auto& v : mem_) RowVector().swap(v);
     std::vector<char>().swap(stage_);
-    for (auto& e : extents_) e.clear();
+    stage_lease_.reset();
+    for (auto& e : extents_) std::vector<Extent>().swap(e);
+    extents_lease_.reset();
     std::fill(disk_rows_.begin(), disk_rows_.end(), 0);
     for (int p = 0; p < parts_; ++p)
         if (fd_[(size_t)p] >= 0) (void)!::ftruncate(fd_[(size_t)p], 0);
@@ -278,18 +309,24 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
     const int64_t row_bytes = d_ * 8;
     const int64_t budget = std::max(load_budget, row_bytes);
     // One buffer for every group, allocated once and never zero-filled: every byte is read into.
-    const std::unique_ptr<double[]> buf(new double[(size_t)(std::max(std::min(budget, disk_bytes_ + memory_rows_ * row_bytes), row_bytes) / 8)]);
+    // Only classes with spilled rows pass through it (with their rows still in memory): nothing
+    // spilled, nothing to hold.
+    const int64_t buf_bytes = disk_bytes_ == 0 ? row_bytes : std::max(std::min(budget, disk_bytes_ + memory_rows_ * row_bytes), row_bytes);
+    const HostBudget::Lease buf_lease =
+        host_ ? host_->reserve(buf_bytes, "reading the spilled row store back (" + format_bytes(budget) + " at a time)") : HostBudget::Lease();
+    const std::unique_ptr<double[]> buf(new double[(size_t)(buf_bytes / 8)]);
     size_t i = 0;
     while (i < ids.size()) {
         // A group: consecutive classes whose spilled rows fit the budget together (classes held
         // only in memory cost nothing to visit).
         size_t j = i;
-        int64_t group = 0;
+        int64_t group = 0, group_extents = 0;
         while (j < ids.size()) {
             const int32_t c = ids[j];
             const int64_t need = disk_rows_[(size_t)c] > 0 ? rows(c) * row_bytes : 0;
             if (j > i && group + need > budget) break;
             group += need;
+            group_extents += (int64_t)extents_[(size_t)c].size();
             ++j;
             if (need > budget) break;  // a class larger than the budget goes alone, in pieces
         }
@@ -342,7 +379,12 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
             int32_t c;
             int64_t dst;
         };
+        const HostBudget::Lease index_lease =
+            host_ ? host_->reserve(add_bytes(mul_bytes(group_extents, (int64_t)sizeof(Read)), (int64_t)((j - i) * sizeof(int64_t) + kMaxIov * sizeof(struct iovec))),
+                                   "reading the spilled row store back (the read list of " + std::to_string(group_extents) + " extents)")
+                  : HostBudget::Lease();
         std::vector<Read> reads;
+        reads.reserve((size_t)group_extents);
         std::vector<int64_t> place(j - i, -1);
         int64_t at = 0;
         for (size_t k = i; k < j; ++k) {
@@ -385,6 +427,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
 RowStore::Mark RowStore::mark(const std::function<int64_t()>& growth) {
     make_room(growth);
     Mark m;
+    if (host_) m.lease = host_->reserve(mul_bytes(V_, 16), "a roll-back point of the row store (two V-long vectors)", kFixNumClasses);
     m.memory_rows.resize((size_t)V_);
     m.extents.resize((size_t)V_);
     for (int64_t c = 0; c < V_; ++c) {

@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "core/host_budget.hpp"
+
 namespace collapse::internal {
 
 // std::allocator that leaves new elements uninitialised: appended rows are written right away, so
@@ -50,7 +52,11 @@ public:
     using WriteFn = std::function<ssize_t(int fd, const void* data, size_t bytes, off_t offset)>;
 
     // memory_budget < 0: never spill (reservoirs, or a store that must stay in memory).
-    RowStore(int64_t num_classes, int64_t dim, int64_t memory_budget, std::string spill_parent, WriteFn write_fn = {});
+    // host_budget (optional): the store's own bookkeeping (its V-long index, extent lists, flush
+    // and read-back buffers, marks) is counted there before it is allocated; the rows in memory are
+    // the owner's to count (memory_bytes(), growth()).
+    RowStore(int64_t num_classes, int64_t dim, int64_t memory_budget, std::string spill_parent, WriteFn write_fn = {},
+             HostBudget* host_budget = nullptr);
     ~RowStore();
     RowStore(const RowStore&) = delete;
     RowStore& operator=(const RowStore&) = delete;
@@ -60,11 +66,16 @@ public:
     int64_t memory_bytes() const { return memory_bytes_; }  // allocated (capacity), not just used
     int64_t disk_bytes() const { return disk_bytes_; }
     int64_t memory_budget() const { return budget_; }
+    // Bytes of the per-class index a store of V classes allocates when it is created.
+    static int64_t index_bytes(int64_t num_classes);
     int64_t flushes() const { return flushes_; }
     const std::string& spill_dir() const { return dir_; }  // empty until the first flush
 
     // Bytes append(c, n) will allocate (vectors grow by doubling; this is exact).
     int64_t growth(int32_t c, int64_t n) const;
+    // Bytes class c's rows occupy in memory now (capacity): while append() moves them into a
+    // larger vector, both exist.
+    int64_t capacity_bytes(int32_t c) const { return (int64_t)mem_[(size_t)c].capacity() * 8; }
     // Makes room within the budget for rows about to be appended; `growth` returns the bytes they
     // will allocate (a sum of growth()), and is asked again after each step: first every in-memory
     // row goes to disk (the vectors keep their capacity), then, if that is not enough, the
@@ -80,6 +91,8 @@ public:
     // Replaces every row of class c (reservoir merge; only for a store that never spills).
     void assign(int32_t c, RowVector rows);
     void flush();
+    // Every in-memory row to disk, and the vectors' memory given back (finalisation short of room).
+    void spill_memory();
     void clear();  // every row, in memory and on disk
 
     // Rows of the classes `ids`, in ascending class order. fn(c, rows, n, first, last) gets each
@@ -93,6 +106,7 @@ public:
     // rollback(). mark(growth) first makes room for the incoming rows, so that no later flush mixes
     // rows from both sides of the mark.
     struct Mark {
+        HostBudget::Lease lease;  // of the two V-long vectors below
         std::vector<int64_t> memory_rows, extents;
         std::vector<int64_t> file_bytes;
         int64_t flushes = 0, memory_rows_total = 0;
@@ -119,6 +133,10 @@ private:
     int lock_fd_ = -1;  // an flock on dir_ while the store lives
     WriteFn write_;
     int parts_;
+    HostBudget* host_;
+    HostBudget::Lease index_lease_;    // index_bytes(), before the vectors below exist
+    HostBudget::Lease extents_lease_;  // capacity of the extent lists, grown by flush()
+    HostBudget::Lease stage_lease_;    // flush's write buffer
     std::vector<int> fd_;              // [parts], -1 until the first flush
     std::vector<int64_t> file_bytes_;  // [parts]
     std::vector<RowVector> mem_;

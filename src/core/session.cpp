@@ -1,12 +1,13 @@
 #include "core/session.hpp"
 
+#include "core/checkpoint_meta.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 
 #include "base/dtype.hpp"
 #include "base/error.hpp"
-#include "report/report.hpp"
 
 namespace collapse::internal {
 
@@ -15,7 +16,6 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 }  // namespace
 
-uint64_t classifier_hash(const Classifier& clf);  // src/core/checkpoint.cpp
 
 KeptSet select_kept(const std::vector<int64_t>& counts, const Config& cfg, Counts* cc) {
     const int64_t V = (int64_t)counts.size();
@@ -57,14 +57,13 @@ KeptSet select_kept(const std::vector<int64_t>& counts, const Config& cfg, Count
     return k;
 }
 
-Session::Session(const Config& cfg) : cfg_(cfg), V_(cfg.num_classes), d_(cfg.dim) {
+Session::Session(const Config& cfg) : cfg_(cfg), V_(cfg.num_classes), d_(cfg.dim), budget_(HostBudget::from_config(cfg)) {
     validate(cfg_);
     if (V_ <= 0) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "num_classes (V) must be given and > 0, got ", V_);
     if (V_ > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "num_classes ", V_, " exceeds 2^31 - 1");
     for (int64_t e : cfg_.exclude_token_ids)
         if (e >= V_) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "exclude_token_ids: ", e, " is not a class id in [0, ", V_, ")");
-    if (cfg_.backend == COLLAPSE_BACKEND_CUDA && !cuda_backend_available())
-        fail(COLLAPSE_ERR_NO_CUDA, "backend cuda requested, but this build or machine has no usable CUDA device");
+    if (cfg_.backend == COLLAPSE_BACKEND_CUDA) require_cuda_backend();  // names what is missing
     if (d_ > 0) ensure_backend(d_);
 }
 
@@ -72,8 +71,18 @@ Session::~Session() = default;
 
 void Session::ensure_backend(int64_t d) {
     if (backend_) return;
-    backend_ = cfg_.backend == COLLAPSE_BACKEND_CUDA ? make_cuda_backend(cfg_, V_, d) : make_cpu_backend(cfg_, V_, d);
+    backend_ = cfg_.backend == COLLAPSE_BACKEND_CUDA ? make_cuda_backend(cfg_, V_, d) : make_cpu_backend(cfg_, V_, d, budget_);
     d_ = d;
+}
+
+// select_kept under the budget: its V-long vectors (the copy of the counts, the exclusion flags,
+// the slot table) are counted before they exist; the lease then holds the kept set.
+KeptSet Session::kept_classes(Counts* class_counts, HostBudget::Lease& lease) {
+    lease = budget_->reserve(mul_bytes(V_, 8 + 1 + 4), "selecting the kept classes of V = " + std::to_string(V_) + " (V-long counts, flags and slots)",
+                             kFixNumClasses);
+    KeptSet k = select_kept(backend_->class_counts(), cfg_, class_counts);
+    lease.update(add_bytes(mul_bytes((int64_t)k.slot.capacity() + (int64_t)k.ids.capacity(), 4), mul_bytes((int64_t)k.counts.capacity(), 8)));
+    return k;
 }
 
 void Session::check_state(const char* call) const {
@@ -128,38 +137,69 @@ void Session::set_classifier(const collapse_buffer* weight, const collapse_buffe
     check_state("set_classifier");
     if (state_ == State::SecondPass) fail(COLLAPSE_ERR_STATE, "set_classifier: not allowed during the second pass");
     if (!weight) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight buffer is NULL");
-    if (!dtype_is_valid(weight->dtype) || !dtype_is_float(weight->dtype))
+    if (!dtype_is_valid(raw_enum(weight->dtype)) || !dtype_is_float(weight->dtype))
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight dtype must be float32, float16, bfloat16 or float64");
-    if (weight->memory != COLLAPSE_MEMORY_HOST)
+    if (raw_enum(weight->memory) != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight must be in host memory");
-    if (weight->rows != V_ || (d_ > 0 && weight->cols != d_) || weight->cols < 1)
+    if (weight->rows != V_ || (d_ > 0 && weight->cols != d_) || weight->cols < 1) {
+        // W.T ([d, V]) is the common mistake: say so rather than let the width blame the features later.
+        const bool transposed = weight->cols == V_ && weight->rows != V_ && (d_ == 0 || weight->rows == d_);
         fail(COLLAPSE_ERR_SHAPE, "classifier: weight shape [", weight->rows, ", ", weight->cols, "] does not match [V, d] = [",
-             V_, ", ", d_ > 0 ? std::to_string(d_) : std::string("d"), "]");
+             V_, ", ", d_ > 0 ? std::to_string(d_) : std::string("d"), "]",
+             transposed ? "; it looks transposed ([d, V]): pass W with one row per class, not W.T" : "");
+    }
     const int64_t stride = weight->row_stride ? weight->row_stride : weight->cols;
     if (stride < weight->cols) fail(COLLAPSE_ERR_SHAPE, "classifier: row_stride ", stride, " < cols ", weight->cols);
     if (!weight->data) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: weight data is NULL");
-    if (bias) {
-        if (!dtype_is_valid(bias->dtype) || !dtype_is_float(bias->dtype) || bias->memory != COLLAPSE_MEMORY_HOST || !bias->data)
-            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: bias must be a host float buffer");
-        if (bias->rows * bias->cols != V_)
-            fail(COLLAPSE_ERR_SHAPE, "classifier: bias has ", bias->rows * bias->cols, " elements, expected V = ", V_);
-    }
-    Classifier c;
+    check_extent(weight, "classifier: weight");
     const int64_t d = weight->cols;
-    c.weight.resize((size_t)(V_ * d));
+    int64_t numel = 0;
+    if (__builtin_mul_overflow(V_, d, &numel))
+        fail(COLLAPSE_ERR_SHAPE, "classifier: weight shape [", V_, ", ", d, "] has more than 2^63 elements");
+    int64_t bias_stride = 0;
+    if (bias) {
+        if (!dtype_is_valid(raw_enum(bias->dtype)) || !dtype_is_float(bias->dtype) ||
+            raw_enum(bias->memory) != COLLAPSE_MEMORY_HOST || !bias->data)
+            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "classifier: bias must be a host float buffer");
+        int64_t n = 0;
+        if (bias->rows < 0 || bias->cols < 1 || __builtin_mul_overflow(bias->rows, bias->cols, &n))
+            fail(COLLAPSE_ERR_SHAPE, "classifier: bias shape [", bias->rows, ", ", bias->cols, "] is invalid or overflows");
+        if (n != V_) fail(COLLAPSE_ERR_SHAPE, "classifier: bias has ", n, " elements, expected V = ", V_);
+        bias_stride = bias->row_stride ? bias->row_stride : bias->cols;
+        if (bias_stride < bias->cols)
+            fail(COLLAPSE_ERR_SHAPE, "classifier: bias row_stride ", bias_stride, " < cols ", bias->cols);
+        check_extent(bias, "classifier: bias");
+    }
+    // Held until the session ends; the old classifier's lease goes when this one replaces it.
+    HostBudget::Lease lease = budget_->reserve(add_bytes(mul_bytes(numel, 8), bias ? mul_bytes(V_, 8) : 0),
+                                               "the classifier [V, d] = [" + std::to_string(V_) + ", " + std::to_string(d) + "] in float64",
+                                               kFixNumClasses);
+    Classifier c;
+    c.weight.resize((size_t)numel);
+    // Norms, Grams and self-duality sum squared weights in float64; a bound well below DBL_MAX
+    // (1.8e308) leaves room for those sums, and the first weight that crosses it is named.
+    constexpr double kMaxSumSquares = 1e300;
+    double sum_sq = 0.0;
     for (int64_t r = 0; r < V_; ++r) {
         const void* row = static_cast<const uint8_t*>(weight->data) + (size_t)(r * stride) * dtype_size(weight->dtype);
         for (int64_t k = 0; k < d; ++k) {
             const double v = load_as_double(row, weight->dtype, k);
             if (!std::isfinite(v)) fail(COLLAPSE_ERR_BAD_INPUT, "classifier: non-finite weight ", v, " at row ", r, ", column ", k);
+            sum_sq += v * v;
+            if (!(sum_sq <= kMaxSumSquares))
+                fail(COLLAPSE_ERR_BAD_INPUT, "classifier: weight ", v, " at row ", r, ", column ", k,
+                     " is too large: the sum of squared weights passes ", kMaxSumSquares,
+                     " there and would overflow float64 (rescale the classifier)");
             c.weight[(size_t)(r * d + k)] = v;
         }
     }
     if (bias) {
         c.bias.resize((size_t)V_);
-        for (int64_t r = 0; r < V_; ++r) {
-            c.bias[(size_t)r] = load_as_double(bias->data, bias->dtype, r);
-            if (!std::isfinite(c.bias[(size_t)r])) fail(COLLAPSE_ERR_BAD_INPUT, "classifier: non-finite bias at ", r);
+        for (int64_t i = 0; i < V_; ++i) {
+            // Element i of the [rows, cols] bias, honouring its row stride.
+            const int64_t at = (i / bias->cols) * bias_stride + i % bias->cols;
+            c.bias[(size_t)i] = load_as_double(bias->data, bias->dtype, at);
+            if (!std::isfinite(c.bias[(size_t)i])) fail(COLLAPSE_ERR_BAD_INPUT, "classifier: non-finite bias at ", i);
         }
     }
     if (!checkpoint_classifier_.empty() && std::to_string(classifier_hash(c)) != checkpoint_classifier_)
@@ -167,10 +207,21 @@ void Session::set_classifier(const collapse_buffer* weight, const collapse_buffe
              checkpoint_classifier_, ", this one ", classifier_hash(c), ")");
     ensure_backend(d);
     clf_ = std::move(c);
+    clf_lease_ = std::move(lease);
 }
 
 void Session::sync() {
     if (backend_) backend_->sync();
+}
+
+void Session::skip_batch(int64_t first, int64_t end, int64_t rows) {
+    check_state("skip_batch");
+    if (state_ != State::Ingest) return;  // the second pass meets the same batches again
+    if (first < 0 || end < first) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "skip_batch: bad range [", first, ", ", end, ")");
+    ++batches_failed_;
+    rows_skipped_ += rows;
+    skipped_.emplace_back(first, end);
+    position_ = std::max(position_, end);
 }
 
 Counts Session::row_counts() const {
@@ -196,45 +247,43 @@ void Session::begin_second_pass() {
     check_state("begin_second_pass");
     if (state_ == State::SecondPass) fail(COLLAPSE_ERR_STATE, "begin_second_pass: the second pass has already begun");
     if (!needs_second_pass()) fail(COLLAPSE_ERR_STATE, "begin_second_pass: no requested metric needs a second pass");
-    backend_->begin_second_pass(select_kept(backend_->class_counts(), cfg_, nullptr), clf_, second_pass_nc4(), second_pass_gram());
+    HostBudget::Lease kept_lease;
+    backend_->begin_second_pass(kept_classes(nullptr, kept_lease), clf_, second_pass_nc4(), second_pass_gram());
     state_ = State::SecondPass;
 }
 
-std::unique_ptr<ReportData> Session::compute(bool final) {
+Result Session::compute(bool final) {
     check_state("compute");
     const auto t0 = Clock::now();
-    MetricValues mv;
-    Counts counts = row_counts();
+    Result r;
+    r.counts = row_counts();
     if (backend_) {
         // The counts do not change in the second pass: the kept set is the one it was given.
-        mv = backend_->compute(select_kept(backend_->class_counts(), cfg_, &counts), clf_);
+        HostBudget::Lease kept_lease;
+        r.metrics = backend_->compute(kept_classes(&r.counts, kept_lease), clf_);
+        // The report is built from the result (src/report/): its token_analysis must fit beside
+        // what the session holds.
+        budget_->check(report_bytes_estimate((int64_t)r.metrics.tokens.size()),
+                       "the report's token_analysis of K = " + std::to_string(r.metrics.tokens.size()) + " kept classes (an estimate)",
+                       kFixKeptClasses);
     } else {
-        mv.notes["overall"] = "no rows were ingested: every metric is null";
+        r.metrics.notes["overall"] = "no rows were ingested: every metric is null";
     }
-    EngineInfo info;
+    EngineInfo& info = r.engine;
     info.backend = backend_ ? backend_->name() : (cfg_.backend == COLLAPSE_BACKEND_CUDA ? "cuda" : "cpu");
     info.dim = d_;
     info.num_classes = V_;
     info.batches = batches_;
+    info.batches_failed = batches_failed_;
+    info.rows_skipped = rows_skipped_;
     info.classifier = clf_.present();
-    info.timings = mv.timings;
-    info.row_store = mv.row_store;
+    info.timings = r.metrics.timings;
+    info.row_store = r.metrics.row_store;
     info.timings["ingest"] = ingest_seconds_;
     if (second_pass_seconds_ > 0) info.timings["second_pass"] = second_pass_seconds_;
     info.timings["finalize"] = seconds_since(t0);
-    auto report = std::make_unique<ReportData>();
-    report->doc = build_report(cfg_, counts, mv, info);
-    for (const auto& t : mv.tokens) report->token_ids.push_back(t.id);
     if (final) state_ = State::Done;
-    return report;
+    return r;
 }
-
-// Built without the CUDA backend: say so clearly.
-#ifndef COLLAPSE_WITH_CUDA
-std::unique_ptr<Backend> make_cuda_backend(const Config&, int64_t, int64_t) {
-    fail(COLLAPSE_ERR_NO_CUDA, "this build of collapse has no CUDA backend (configure with -DCOLLAPSE_CUDA=ON on a machine with nvcc)");
-}
-bool cuda_backend_available() { return false; }
-#endif
 
 }  // namespace collapse::internal

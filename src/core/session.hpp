@@ -6,23 +6,18 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "core/backend.hpp"
+#include "core/checkpoint_meta.hpp"
 #include "core/config.hpp"
+#include "core/host_budget.hpp"
 #include "core/metrics.hpp"
+#include "core/state_io.hpp"
 
 namespace collapse::internal {
 
-// METRICS.md "kept classes": not excluded, n_c >= min_samples_per_token, then the
+// docs/METRICS.md "Kept classes": not excluded, n_c >= min_samples_per_token, then the
 // max_tokens_to_analyze most frequent (ties: smaller id).
 KeptSet select_kept(const std::vector<int64_t>& counts, const Config& cfg, Counts* class_counts);
-
-struct ReportData {
-    nlohmann::json doc;
-    std::string text;  // doc serialised, filled on demand
-    std::vector<int64_t> token_ids;
-};
 
 class Session {
 public:
@@ -36,10 +31,13 @@ public:
     void sync();
     bool needs_second_pass() const;
     void begin_second_pass();
-    // The report of everything seen so far. final = true ends the session (compute is allowed once).
-    std::unique_ptr<ReportData> compute(bool final = true);
+    // Every metric of everything seen so far (src/report/ makes the JSON report of it).
+    // final = true ends the session (compute is allowed once).
+    Result compute(bool final = true);
 
     const Config& config() const { return cfg_; }
+    // host_memory_limit's account: what the session and its backend hold now.
+    const HostBudget& host_budget() const { return *budget_; }
     Counts row_counts() const;
     int64_t dim() const { return d_; }
     bool in_second_pass() const { return state_ == State::SecondPass; }
@@ -49,19 +47,28 @@ public:
     // Input position after the last accepted first-pass batch (row offset + its rows or sequences).
     int64_t input_position() const { return position_; }
 
-    // Checkpoints (src/core/checkpoint.cpp). save: the whole first-pass state, atomically.
-    // load: replaces the state of a session that has seen no rows. merge: adds a shard's state.
-    // Refused, with the difference named, when V, d, a state-affecting config key or the
-    // classifier differ.
-    void save_checkpoint(const std::string& path);
-    void load_checkpoint(const std::string& path);
-    void merge_checkpoint(const std::string& path);
-    // Batches the caller skipped under continue_on_error: kept in checkpoints so a resumed run
-    // reports the same count.
-    void note_failed_batch() { ++batches_failed_; }
+    // The first-pass state (src/core/session_state.cpp; the checkpoint file around it is
+    // src/io/session_checkpoint.hpp): the meta, then the backend's arrays. load_state replaces the
+    // state of a session that has seen no rows; merge adds a shard's. Refused, with the difference
+    // named and nothing changed, when V, d, a state-affecting config key or the classifier differ
+    // or the content is inconsistent.
+    CheckpointMeta checkpoint_meta() const;
+    void save_state(StateWriter& w);
+    void load_state(const StateReader& r, const CheckpointMeta& meta, bool merge);
+    // A first-pass batch the caller skipped under continue_on_error: positions [first, end). Counted,
+    // and the input position moves past it, so a resumed run neither re-runs nor re-counts it; the
+    // ranges are kept in checkpoints so a second pass can skip the same rows.
+    void skip_batch(int64_t first, int64_t end, int64_t rows);
     int64_t failed_batches() const { return batches_failed_; }
-    // The config stored in a checkpoint (to create the session that loads or merges it).
-    static Config checkpoint_config(const std::string& path);
+    int64_t skipped_rows() const { return rows_skipped_; }
+    const std::vector<std::pair<int64_t, int64_t>>& skipped_ranges() const { return skipped_; }
+    // What the rows come from (the driver's input description, JSON text): kept in checkpoints so
+    // that a resume can refuse another input. "" when unknown (C API sessions).
+    void set_input_identity(std::string identity) { input_identity_ = std::move(identity); }
+    const std::string& input_identity() const { return input_identity_; }
+    // A loaded checkpoint was made with a classifier that this session has not been given.
+    bool expects_classifier() const { return !checkpoint_classifier_.empty() && !clf_.present(); }
+    const std::string& checkpoint_classifier_hash() const { return checkpoint_classifier_; }
 
 private:
     enum class State { Ingest, SecondPass, Done };
@@ -70,18 +77,24 @@ private:
     bool second_pass_gram() const;
     void ensure_backend(int64_t d);
     void ingest(const BatchDesc& b, void* stream);
+    KeptSet kept_classes(Counts* class_counts, HostBudget::Lease& lease);
 
     Config cfg_;
     int64_t V_;
     int64_t d_;
+    // host_memory_limit's account, shared with the backend: declared before everything it counts.
+    std::shared_ptr<HostBudget> budget_;
     std::unique_ptr<Backend> backend_;
     Classifier clf_;
+    HostBudget::Lease clf_lease_;
     int64_t rows_before_backend_ = 0;
     int64_t row_offset_ = 0;
     int64_t position_ = 0;
     int64_t batches_failed_ = 0;
+    int64_t rows_skipped_ = 0;
+    std::vector<std::pair<int64_t, int64_t>> skipped_;
+    std::string input_identity_;
     std::string checkpoint_classifier_;  // classifier hash of loaded/merged checkpoints ("" = none known)
-    void restore(const std::string& path, bool merge);
     State state_ = State::Ingest;
     double ingest_seconds_ = 0, second_pass_seconds_ = 0;
     int64_t batches_ = 0;

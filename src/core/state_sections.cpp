@@ -13,70 +13,148 @@ namespace collapse::internal {
 
 namespace {
 
-const io::CheckpointSection& expect(const io::CheckpointSection& s, collapse_dtype t, const std::vector<int64_t>& shape,
-                                    const std::string& path) {
-    if (s.dtype_code != (uint32_t)t || s.shape != shape) {
-        std::string want, got;
-        for (int64_t v : shape) want += (want.empty() ? "" : ", ") + std::to_string(v);
-        for (int64_t v : s.shape) got += (got.empty() ? "" : ", ") + std::to_string(v);
-        fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": section ", s.name, " has shape [", got, "] and type ", dtype_name((collapse_dtype)s.dtype_code),
-             ", this session expects [", want, "] ", dtype_name(t));
-    }
+std::string shape_text(const std::vector<int64_t>& shape) {
+    std::string s;
+    for (int64_t v : shape) s += (s.empty() ? "" : ", ") + std::to_string(v);
+    return "[" + s + "]";
+}
+
+// The section, refused unless it has exactly this type and shape.
+StateSection expect(const StateReader& r, const std::string& name, collapse_dtype t, const std::vector<int64_t>& shape) {
+    StateSection s = r.section(name);
+    if (s.dtype_code != (uint32_t)t || s.shape != shape)
+        fail(COLLAPSE_ERR_IO, r.description(), ": section ", name, " has shape ", shape_text(s.shape), " and type ",
+             dtype_name((collapse_dtype)s.dtype_code), ", this session expects ", shape_text(shape), " ", dtype_name(t));
     return s;
 }
 
-int64_t leading(const io::CheckpointSection& s) { return s.shape.empty() ? 0 : s.shape[0]; }
+// A one-dimensional int64 section of any length (its length is checked by the caller).
+StateSection expect_i64_vector(const StateReader& r, const std::string& name) {
+    const StateSection s = r.section(name);
+    if (s.dtype_code != (uint32_t)COLLAPSE_I64 || s.shape.size() != 1)
+        fail(COLLAPSE_ERR_IO, r.description(), ": section ", name, " has shape ", shape_text(s.shape), " and type ",
+             dtype_name((collapse_dtype)s.dtype_code), ", this session expects [n] int64");
+    return s;
+}
+
+// The first non-finite value of n doubles, or -1.
+int64_t first_nonfinite(const double* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+        if (!std::isfinite(x[i])) return i;
+    return -1;
+}
+
+void require_finite(const StateReader& r, const char* name, const double* x, int64_t n, int64_t d) {
+    const int64_t i = first_nonfinite(x, n);
+    if (i >= 0)
+        fail(COLLAPSE_ERR_IO, r.description(), ": section ", name, " holds a non-finite value at row ", i / d, ", column ", i % d,
+             " (the engine never accumulates one)");
+}
+
+const char* const kRowNames[4] = {"rows seen", "rows masked", "rows excluded", "rows non-finite"};
 
 }  // namespace
 
-StateView read_state(const io::CheckpointReader& r, int64_t V, int64_t d, bool gram_streaming, bool keeps_rows, int64_t reservoir_cap) {
-    const std::string& path = r.path();
+Counts read_state_rows(const StateReader& r, int64_t V, int64_t d) {
+    const auto* rows = static_cast<const int64_t*>(expect(r, "rows", COLLAPSE_I64, {4}).data);
+    for (int i = 0; i < 4; ++i)
+        if (rows[i] < 0) fail(COLLAPSE_ERR_IO, r.description(), ": section rows: ", kRowNames[i], " is negative (", rows[i], ")");
+    if (rows[1] > rows[0] || rows[2] > rows[0] - rows[1] || rows[3] > rows[0] - rows[1] - rows[2])
+        fail(COLLAPSE_ERR_IO, r.description(), ": section rows: ", rows[1], " masked + ", rows[2], " excluded + ", rows[3],
+             " non-finite rows exceed the ", rows[0], " rows seen");
+    (void)expect(r, "class_sums", COLLAPSE_F64, {V, d});
+    Counts c;
+    c.rows_seen = rows[0], c.rows_masked = rows[1], c.rows_excluded = rows[2], c.rows_nonfinite = rows[3];
+    return c;
+}
+
+StateView read_state(const StateReader& r, int64_t V, int64_t d, const Config& cfg, bool gram_streaming, bool keeps_rows,
+                     int64_t reservoir_cap) {
+    const std::string what = r.description();
     StateView v;
-    v.rows = static_cast<const int64_t*>(expect(r.section("rows"), COLLAPSE_I64, {4}, path).data);
-    v.counts = static_cast<const int64_t*>(expect(r.section("class_counts"), COLLAPSE_I64, {V}, path).data);
-    v.sums = static_cast<const double*>(expect(r.section("class_sums"), COLLAPSE_F64, {V, d}, path).data);
-    v.sqnorms = static_cast<const double*>(expect(r.section("class_sqnorms"), COLLAPSE_F64, {V}, path).data);
+    const Counts rows = read_state_rows(r, V, d);
+    v.rows = static_cast<const int64_t*>(r.section("rows").data);
+    v.counts = static_cast<const int64_t*>(expect(r, "class_counts", COLLAPSE_I64, {V}).data);
+    v.sums = static_cast<const double*>(expect(r, "class_sums", COLLAPSE_F64, {V, d}).data);
+    v.sqnorms = static_cast<const double*>(expect(r, "class_sqnorms", COLLAPSE_F64, {V}).data);
     if (gram_streaming != r.has("gram"))
-        fail(COLLAPSE_ERR_IO, "checkpoint ", path, gram_streaming ? " has no overall Gram" : " has an overall Gram",
-             ", this session's configuration ", gram_streaming ? "streams one" : "does not");
+        fail(COLLAPSE_ERR_IO, what, gram_streaming ? " has no overall Gram" : " has an overall Gram", ", this session's configuration ",
+             gram_streaming ? "streams one" : "does not");
     if (keeps_rows != r.has("store_rows"))
-        fail(COLLAPSE_ERR_IO, "checkpoint ", path, keeps_rows ? " has no" : " has", " row store, this session's svd_mode ",
-             keeps_rows ? "needs one" : "keeps none");
+        fail(COLLAPSE_ERR_IO, what, keeps_rows ? " has no" : " has", " row store, this session's svd_mode ", keeps_rows ? "needs one" : "keeps none");
+
+    // Counts: non-negative, zero for excluded ids, and adding up to the counted rows (each is then
+    // at most rows_seen, so no sum of two states' counts can overflow once their totals do not).
+    int64_t total = 0;
+    for (int64_t c = 0; c < V; ++c) {
+        if (v.counts[c] < 0) fail(COLLAPSE_ERR_IO, what, ": section class_counts is negative at class ", c, " (", v.counts[c], ")");
+        if (__builtin_add_overflow(total, v.counts[c], &total))
+            fail(COLLAPSE_ERR_IO, what, ": section class_counts adds up past 2^63 at class ", c);
+    }
+    const int64_t counted = rows.rows_seen - rows.rows_masked - rows.rows_excluded - rows.rows_nonfinite;
+    if (total != counted)
+        fail(COLLAPSE_ERR_IO, what, ": section class_counts adds up to ", total, " rows, section rows counts ", counted,
+             " (seen - masked - excluded - non-finite)");
+    for (int64_t e : cfg.exclude_token_ids)
+        if (e >= 0 && e < V && v.counts[e] != 0)
+            fail(COLLAPSE_ERR_IO, what, ": section class_counts gives excluded class ", e, " ", v.counts[e], " rows");
+    require_finite(r, "class_sums", v.sums, V * d, d);
     for (int64_t c = 0; c < V; ++c)
-        if (v.counts[c] < 0) fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": section class_counts is negative at class ", c);
+        if (!(v.sqnorms[c] >= 0) || !std::isfinite(v.sqnorms[c]))
+            fail(COLLAPSE_ERR_IO, what, ": section class_sqnorms is negative or not finite at class ", c, " (", v.sqnorms[c], ")");
+
     if (gram_streaming) {
-        v.gram = static_cast<const double*>(expect(r.section("gram"), COLLAPSE_F64, {d, d}, path).data);
-        const auto ids = r.section("holdback_ids");
-        v.holdback_classes = leading(ids);
-        v.holdback_ids = static_cast<const int64_t*>(expect(ids, COLLAPSE_I64, {v.holdback_classes}, path).data);
-        v.holdback_counts =
-            static_cast<const int64_t*>(expect(r.section("holdback_counts"), COLLAPSE_I64, {v.holdback_classes}, path).data);
-        for (int64_t i = 0; i < v.holdback_classes; ++i) {
-            const int64_t c = v.holdback_ids[i], n = v.holdback_counts[i];
-            if (c < 0 || c >= V || (i > 0 && c <= v.holdback_ids[i - 1]) || n < 0 || n > v.counts[c])
-                fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": sections holdback_ids / holdback_counts are inconsistent at entry ", i);
-            v.holdback_total += n;
+        v.gram = static_cast<const double*>(expect(r, "gram", COLLAPSE_F64, {d, d}).data);
+        for (int64_t a = 0; a < d; ++a)  // the upper triangle: the lower one is not part of the format
+            for (int64_t b = a; b < d; ++b)
+                if (!std::isfinite(v.gram[a * d + b])) fail(COLLAPSE_ERR_IO, what, ": section gram holds a non-finite value at (", a, ", ", b, ")");
+        // Held back: exactly the classes below min_samples_per_token that have rows, all their rows.
+        const StateSection ids = expect_i64_vector(r, "holdback_ids");
+        v.holdback_classes = ids.shape[0];
+        v.holdback_ids = static_cast<const int64_t*>(ids.data);
+        v.holdback_counts = static_cast<const int64_t*>(expect(r, "holdback_counts", COLLAPSE_I64, {v.holdback_classes}).data);
+        const int64_t min_n = cfg.min_samples_per_token;
+        int64_t next = 0;  // entry expected for the next class below the threshold
+        for (int64_t c = 0; c < V; ++c) {
+            const bool held = v.counts[c] > 0 && v.counts[c] < min_n;
+            const bool listed = next < v.holdback_classes && v.holdback_ids[next] == c;
+            if (!held && !listed) continue;
+            if (held != listed || v.holdback_counts[next] != v.counts[c]) {
+                fail(COLLAPSE_ERR_IO, what, ": sections holdback_ids / holdback_counts are inconsistent at entry ", next, " (class ", c, " has ",
+                     v.counts[c], " rows and min_samples_per_token is ", min_n, ": ", held ? "its rows must all be held back" : "it is not held back",
+                     listed ? ", the entry holds " + std::to_string(v.holdback_counts[next]) : std::string(", it has no entry"), ")");
+            }
+            v.holdback_total += v.counts[c];
+            ++next;
         }
-        v.holdback_rows = static_cast<const double*>(expect(r.section("holdback_rows"), COLLAPSE_F64, {v.holdback_total, d}, path).data);
+        if (next != v.holdback_classes)  // ids out of [0, V) or not ascending
+            fail(COLLAPSE_ERR_IO, what, ": sections holdback_ids / holdback_counts are inconsistent at entry ", next, " (class id ",
+                 v.holdback_ids[next], " is out of range [0, ", V, ") or not ascending)");
+        v.holdback_rows = static_cast<const double*>(expect(r, "holdback_rows", COLLAPSE_F64, {v.holdback_total, d}).data);
+        require_finite(r, "holdback_rows", v.holdback_rows, v.holdback_total * d, d);
     }
     if (keeps_rows) {
-        v.store_offsets = static_cast<const int64_t*>(expect(r.section("store_offsets"), COLLAPSE_I64, {V + 1}, path).data);
+        v.store_offsets = static_cast<const int64_t*>(expect(r, "store_offsets", COLLAPSE_I64, {V + 1}).data);
+        if (v.store_offsets[0] != 0) fail(COLLAPSE_ERR_IO, what, ": section store_offsets starts at ", v.store_offsets[0], ", not 0");
         for (int64_t c = 0; c < V; ++c) {
-            if (v.store_offsets[c] < 0 || v.store_offsets[c + 1] < v.store_offsets[c])
-                fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": section store_offsets is not ascending at class ", c);
+            if (v.store_offsets[c + 1] < v.store_offsets[c])
+                fail(COLLAPSE_ERR_IO, what, ": section store_offsets is not ascending at class ", c);
             const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c];
             const int64_t want = reservoir_cap > 0 ? std::min(v.counts[c], reservoir_cap) : v.counts[c];
             if (n != want)
-                fail(COLLAPSE_ERR_IO, "checkpoint ", path, ": section store_offsets gives class ", c, " ", n, " stored rows, class_counts ",
-                     v.counts[c], reservoir_cap > 0 ? " (a reservoir holds min(count, svd_max_rows_per_token))" : "");
+                fail(COLLAPSE_ERR_IO, what, ": section store_offsets gives class ", c, " ", n, " stored rows, class_counts ", v.counts[c],
+                     reservoir_cap > 0 ? " (a reservoir holds min(count, svd_max_rows_per_token))" : "");
         }
-        v.store_section = expect(r.section("store_rows"), COLLAPSE_F64, {v.store_offsets[V], d}, path);
+        v.store_section = expect(r, "store_rows", COLLAPSE_F64, {v.store_offsets[V], d});
         v.store_rows = static_cast<const double*>(v.store_section.data);
+        // Reservoirs are bounded and held in memory: checked here. The exact store is checked as
+        // load_store copies it (it may be far larger than memory).
+        if (reservoir_cap > 0) require_finite(r, "store_rows", v.store_rows, v.store_offsets[V] * d, d);
     }
     return v;
 }
 
-void write_state_core(io::CheckpointWriter& w, const Counts& rows, int64_t V, int64_t d, const int64_t* counts, const double* sums,
+void write_state_core(StateWriter& w, const Counts& rows, int64_t V, int64_t d, const int64_t* counts, const double* sums,
                       const double* sqnorms) {
     const int64_t r[4] = {rows.rows_seen, rows.rows_masked, rows.rows_excluded, rows.rows_nonfinite};
     w.add("rows", COLLAPSE_I64, {4}, r, sizeof r);
@@ -85,7 +163,7 @@ void write_state_core(io::CheckpointWriter& w, const Counts& rows, int64_t V, in
     w.add("class_sqnorms", COLLAPSE_F64, {V}, sqnorms, (size_t)V * 8);
 }
 
-void write_store(io::CheckpointWriter& w, const RowStore& store, int64_t V, int64_t d, int64_t load_budget) {
+void write_store(StateWriter& w, const RowStore& store, int64_t V, int64_t d, int64_t load_budget) {
     std::vector<int64_t> off((size_t)V + 1, 0);
     std::vector<int32_t> all;
     for (int64_t c = 0; c < V; ++c) {
@@ -98,7 +176,7 @@ void write_store(io::CheckpointWriter& w, const RowStore& store, int64_t V, int6
     w.end_section();
 }
 
-void load_store(const io::CheckpointReader& r, const StateView& v, RowStore& store, int64_t V, int64_t d) {
+void load_store(const StateReader& r, const StateView& v, RowStore& store, int64_t V, int64_t d) {
     const int64_t* off = v.store_offsets;
     const RowStore::Mark mark = store.mark([&] {
         int64_t add = 0;
@@ -109,8 +187,13 @@ void load_store(const io::CheckpointReader& r, const StateView& v, RowStore& sto
         for (int64_t c = 0; c < V; ++c) {
             const int64_t n = off[c + 1] - off[c];
             if (n == 0) continue;
+            const double* src = v.store_rows + off[c] * d;
+            const int64_t bad = first_nonfinite(src, n * d);
+            if (bad >= 0)
+                fail(COLLAPSE_ERR_IO, r.description(), ": section store_rows holds a non-finite value at row ", off[c] + bad / d, ", column ",
+                     bad % d, " (the engine never stores one)");
             store.make_room([&] { return store.growth((int32_t)c, n); });
-            std::memcpy(store.append((int32_t)c, n), v.store_rows + off[c] * d, (size_t)(n * d) * 8);
+            std::memcpy(store.append((int32_t)c, n), src, (size_t)(n * d) * 8);
             r.release(v.store_section, (size_t)(off[c] * d) * 8, (size_t)(n * d) * 8);  // taken in: its pages can go
         }
     } catch (...) {

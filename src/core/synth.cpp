@@ -158,12 +158,16 @@ SynthGenerator::SynthGenerator(const SynthSpec& spec) : spec_(spec) {
         etf_directions(seed, V, d, means_);
     } else {
         const uint64_t fb = stream_key(seed, kEtfFallback);
+#pragma omp parallel for schedule(static)
         for (int64_t c = 0; c < V; ++c) random_unit(sub_key(fb, (uint64_t)c), d, &means_[(size_t)(c * d)]);
     }
+    // Every class draws from its own counter-based stream, so the classes can be built in any
+    // order, on any number of threads, with the same bytes.
     const double a = spec_.collapse, b = 1.0 - spec_.collapse;
-    std::vector<double> g((size_t)d), etf((size_t)d);
     const uint64_t dirs = stream_key(seed, kDirections);
+#pragma omp parallel for schedule(static)
     for (int64_t c = 0; c < V; ++c) {
+        std::vector<double> g((size_t)d), etf((size_t)d);
         double* m = &means_[(size_t)(c * d)];
         random_unit(sub_key(dirs, (uint64_t)c), d, g.data());
         std::copy(m, m + d, etf.begin());
@@ -194,11 +198,17 @@ void SynthGenerator::features(int64_t first_row, int64_t count, const int32_t* l
     const int64_t d = spec_.dim;
     const double sigma = spec_.noise * (1.0 - spec_.collapse);
     const uint64_t key = stream_key(spec_.seed, kRowNoise);
+    for (int64_t i = 0; i < count; ++i)  // checked first: nothing may throw inside the parallel loop
+        if (labels[i] < 0 || labels[i] >= spec_.classes)
+            fail(COLLAPSE_ERR_BAD_INPUT, "synth: features: label ", labels[i], " of row ", first_row + i, " outside [0, ",
+                 spec_.classes, ")");
+    // Row r's noise is its own stream: any split over threads gives the same bytes.
+#pragma omp parallel
+    {
     std::vector<double> x((size_t)d);
+#pragma omp for schedule(static)
     for (int64_t i = 0; i < count; ++i) {
         const int64_t r = first_row + i, c = labels[i];
-        if (c < 0 || c >= spec_.classes)
-            fail(COLLAPSE_ERR_BAD_INPUT, "synth: features: label ", c, " of row ", r, " outside [0, ", spec_.classes, ")");
         const double* m = &means_[(size_t)(c * d)];
         // sigma == 0 (collapse = 1 or noise = 0) leaves rows exactly at their means.
         if (sigma > 0) {
@@ -219,8 +229,9 @@ void SynthGenerator::features(int64_t first_row, int64_t count, const int32_t* l
             case COLLAPSE_BF16:
                 for (int64_t j = 0; j < d; ++j) ((uint16_t*)out)[o + (size_t)j] = float_to_bf16((float)x[(size_t)j]);
                 break;
-            default: fail(COLLAPSE_ERR_INTERNAL, "synth: dtype ", (int)spec_.dtype);
+            default: break;  // validate() admits only the four float dtypes
         }
+    }
     }
 }
 

@@ -19,6 +19,23 @@ namespace {
 
 constexpr int64_t kGramBlockRows = 256;
 constexpr int64_t kThreadedRowBytes = 1024;  // rows shorter than this are summed on one thread
+// A class's entry in holdback_ besides its rows: the hash node and its share of the buckets.
+constexpr int64_t kHoldbackEntryBytes = 64;
+
+// The capacity a vector of `cap` elements, `size` of them used, gets for `add` more: the vectors
+// that grow with rows are reserved to this explicitly, so that what is counted is what is allocated.
+size_t grown_capacity(size_t size, size_t cap, size_t add) {
+    const size_t need = size + add;
+    return need <= cap ? cap : std::max(need, 2 * cap);
+}
+
+// Per-batch scratch of n rows of V classes, besides the staged sums: the accepted rows and the
+// class order (per row), and per run (class present in the batch, at most min(n, V)) run_label_ and
+// bucket_ (grown by doubling), run_begin_, stage_sq_, stage_slot_ and each thread's sums of squares.
+int64_t batch_index_bytes(int64_t n, int64_t V, int64_t d) {
+    const int64_t per_run = 2 * (4 + 8) + 3 * 8 + 8 * (int64_t)omp_get_max_threads();
+    return add_bytes(add_bytes(mul_bytes(n, 8 + 4 + 8), mul_bytes(std::min(n, V) + 1, per_run)), 8 * d);
+}
 
 void load_row_double(const void* x, collapse_dtype t, int64_t d, double* out) {
     for (int64_t k = 0; k < d; ++k) out[k] = load_as_double(x, t, k);
@@ -26,52 +43,71 @@ void load_row_double(const void* x, collapse_dtype t, int64_t d, double* out) {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim) {
-    return std::make_unique<CpuBackend>(cfg, num_classes, dim);
+std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget) {
+    return std::make_unique<CpuBackend>(cfg, num_classes, dim, std::move(budget));
 }
 
-CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim)
-    : cfg_(cfg), V_(num_classes), d_(dim), excluded_((size_t)num_classes, 0) {
+CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget)
+    : cfg_(cfg), budget_(budget ? std::move(budget) : HostBudget::from_config(cfg)), V_(num_classes), d_(dim) {
+    // Without max_tokens_to_analyze the kept set's rows are known as they stream; with it, the
+    // Gram comes from the row store or a second pass (docs/METRICS.md, "The overall Gram while streaming").
+    gram_streaming_ = cfg.compute_overall_metrics && cfg.max_tokens_to_analyze == 0;
+    // Everything that grows with V and d is counted before any of it exists (the row store's index
+    // too, which the store reserves itself below): one stray label can make V large enough for
+    // these alone to pass the limit.
+    const bool keep_rows = cfg.svd_mode != COLLAPSE_SVD_OFF && cfg.compute_token_metrics;
+    const std::string what = "the CPU backend's per-class state for V = " + std::to_string(V_) + " classes of width d = " + std::to_string(d_) +
+                             " (class sums " + format_bytes(mul_bytes(V_, d_, 8)) + ", counts, norms and flags " + format_bytes(mul_bytes(V_, 21)) +
+                             (keep_rows ? ", the row store's index " + format_bytes(RowStore::index_bytes(V_)) : std::string()) +
+                             (gram_streaming_ ? ", the d x d Gram" : "") + ")";
+    budget_->check(add_bytes(fixed_bytes(), keep_rows ? RowStore::index_bytes(V_) : 0), what, kFixNumClasses);
+    fixed_ = budget_->reserve(fixed_bytes(), what, kFixNumClasses);
+    held_ = budget_->lease();
+    scratch_ = budget_->lease();
+    stage_sums_ = budget_->lease();
+    pass2_lease_ = budget_->lease();
+    excluded_.assign((size_t)V_, 0);
     for (int64_t e : cfg.exclude_token_ids)
         if (e >= 0 && e < V_) excluded_[(size_t)e] = 1;
-    // Without max_tokens_to_analyze the kept set's rows are known as they stream; with it, the
-    // Gram comes from the row store or a second pass (METRICS.md).
-    gram_streaming_ = cfg.compute_overall_metrics && cfg.max_tokens_to_analyze == 0;
-    const int64_t base = V_ * d_ * 8 + V_ * 16 + (gram_streaming_ ? d_ * d_ * 8 : 0);
-    if (base > cfg.host_memory_limit)
-        fail(COLLAPSE_ERR_OUT_OF_MEMORY, "the accumulators for V = ", V_, " classes of width d = ", d_, " need ",
-             format_bytes(base), ", more than host_memory_limit = ", format_bytes(cfg.host_memory_limit),
-             "; raise host_memory_limit");
     count_.assign((size_t)V_, 0);
     sum_.assign((size_t)(V_ * d_), 0.0);
     sqnorm_.assign((size_t)V_, 0.0);
+    run_of_label_.assign((size_t)V_, -1);
     if (gram_streaming_) gram_.assign((size_t)(d_ * d_), 0.0);
-    // The exact row store keeps half of what the accumulators leave in memory and spills the rest
-    // under intermediate_save_dir; the other half is for batches and finalisation.
-    if (cfg.svd_mode != COLLAPSE_SVD_OFF && cfg.compute_token_metrics)
-        store_ = std::make_unique<RowStore>(V_, d_, cfg.svd_mode == COLLAPSE_SVD_EXACT ? (cfg.host_memory_limit - base) / 2 : -1,
-                                            cfg.intermediate_save_dir);
+    // The exact row store keeps half of what is left (after its own index) in memory and spills
+    // the rest under intermediate_save_dir; the other half is for batches and finalisation. Its
+    // index is counted by the store itself.
+    if (keep_rows) {
+        const int64_t spill_budget =
+            cfg.svd_mode == COLLAPSE_SVD_EXACT ? std::max<int64_t>(0, (budget_->available() - RowStore::index_bytes(V_)) / 2) : -1;
+        store_ = std::make_unique<RowStore>(V_, d_, spill_budget, cfg.intermediate_save_dir, RowStore::WriteFn{}, budget_.get());
+    }
 }
 
-int64_t CpuBackend::fixed_bytes() const { return V_ * d_ * 8 + V_ * 16 + (int64_t)gram_.size() * 8; }
+// sum_ [V, d]; count_, sqnorm_ (8 bytes a class), excluded_ (1), run_of_label_ (4); the Gram and
+// its block of rows waiting for dsyrk.
+int64_t CpuBackend::fixed_bytes() const {
+    const int64_t gram = gram_streaming_ ? add_bytes(mul_bytes(d_, d_, 8), mul_bytes(kGramBlockRows, d_, 8)) : 0;
+    return add_bytes(add_bytes(mul_bytes(V_, d_, 8), mul_bytes(V_, 21)), gram);
+}
+
+// The rows this backend holds between batches: the row store's memory (capacity) and the rows
+// held back from the Gram.
+int64_t CpuBackend::held_rows_bytes() const {
+    int64_t held = store_ ? store_->memory_bytes() : 0;
+    for (const auto& h : holdback_) held += (int64_t)h.second.capacity() * 8 + kHoldbackEntryBytes;
+    return held;
+}
 
 int64_t CpuBackend::resident_bytes() const {
-    int64_t held = 0;
-    for (const auto& h : holdback_) held += (int64_t)h.second.size() * 8;
-    return fixed_bytes() + (store_ ? store_->memory_bytes() : 0) + held;
+    return fixed_.bytes() + held_.bytes() + scratch_.bytes() + stage_sums_.bytes() + pass2_lease_.bytes() +
+           (store_ ? RowStore::index_bytes(V_) : 0);
 }
 
 // Bytes finalisation may bring back from the spilled row store at once: a sixth of what is free.
 // A group of classes is in memory with the SVD's copy of one of them, and LAPACK's workspace and
 // BLAS's buffers come on top (measured on a 1 GiB dump: peak RSS grows by about twice the group).
-int64_t CpuBackend::load_budget() const { return std::max<int64_t>(d_ * 8, (cfg_.host_memory_limit - resident_bytes()) / 6); }
-
-void CpuBackend::check_memory(int64_t extra_bytes, const char* what) const {
-    const int64_t need = resident_bytes() + extra_bytes;
-    if (need <= cfg_.host_memory_limit) return;
-    fail(COLLAPSE_ERR_OUT_OF_MEMORY, what, " would need ", format_bytes(need), " of host memory, more than host_memory_limit = ",
-         format_bytes(cfg_.host_memory_limit), "; lower svd_max_rows_per_token or min_samples_per_token, or raise host_memory_limit");
-}
+int64_t CpuBackend::load_budget() const { return std::max<int64_t>(d_ * 8, budget_->available() / 6); }
 
 // Groups the accepted rows by class (counting sort, stable) and sums each class's rows into the
 // staging area: one pass over the features, no state touched.
@@ -79,7 +115,6 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     const int64_t n = (int64_t)rows.label.size();
     // Counting sort by label, stable, in O(rows): run_of_label_ maps a label to its run while the
     // batch is grouped and is reset to -1 afterwards, so it costs nothing per class of V.
-    if (run_of_label_.size() != (size_t)V_) run_of_label_.assign((size_t)V_, -1);
     run_label_.clear();
     bucket_.clear();
     for (int64_t i = 0; i < n; ++i) {
@@ -107,7 +142,10 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     int64_t staged = 0;
     for (size_t k = 0; k < runs; ++k)
         if (run_begin_[k + 1] - run_begin_[k] > 1) stage_slot_[k] = staged++;
-    if ((size_t)(staged * d_) > stage_sum_.size()) stage_sum_.resize((size_t)(staged * d_));
+    if ((size_t)(staged * d_) > stage_sum_.size()) {
+        stage_sums_.resize(mul_bytes(staged, d_, 8), "the sums of a batch's " + std::to_string(staged) + " classes seen more than once", kFixBatchRows);
+        stage_sum_.resize((size_t)(staged * d_));
+    }
     std::fill(stage_sum_.begin(), stage_sum_.begin() + staged * d_, 0.0);
     for (int32_t k = 0; k < (int32_t)runs; ++k) run_of_label_[(size_t)run_label_[(size_t)k]] = k;
     // Classes are split between threads (run k to thread k mod T): each class is still summed by
@@ -144,6 +182,9 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
 void CpuBackend::ingest(const BatchDesc& b, void*) {
     if (b.features.memory != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory (use backend: cuda)");
+    const int64_t n = b.num_rows();
+    if (batch_index_bytes(n, V_, d_) > scratch_.bytes())
+        scratch_.resize(batch_index_bytes(n, V_, d_), "the scratch of a batch of " + std::to_string(n) + " rows", kFixBatchRows);
     // float64 values can be finite yet beyond float32 (or square to infinity only at 1e154): check
     // them element by element; other types are caught by their sums of squares below.
     AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/b.features.dtype == COLLAPSE_F64);
@@ -153,6 +194,9 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
     bool finite = true;
     for (double s : stage_sq_) finite = finite && std::isfinite(s);
     if (!finite) {
+        // The rows are accepted again while the first list still exists.
+        const HostBudget::Lease again = budget_->reserve(mul_bytes(n, 8 + 4), "re-checking a batch of " + std::to_string(n) + " rows for non-finite values",
+                                                         kFixBatchRows);
         rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/true);  // throws under "error"
         stage(b, rows);
     }
@@ -162,27 +206,40 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
             for (size_t k = 0; k < run_label_.size(); ++k) add += store_->growth(run_label_[k], run_begin_[k + 1] - run_begin_[k]);
             return add;
         });
-    check_memory(growth(), "this batch's rows (reservoirs, the exact row store and rows waiting for min_samples_per_token)");
+    held_.update(held_rows_bytes());  // a flush may have given memory back
+    held_.resize(add_bytes(held_.bytes(), growth()), "this batch's rows (reservoirs, the exact row store and rows waiting for min_samples_per_token)",
+                 "lower svd_max_rows_per_token or min_samples_per_token, or raise host_memory_limit");
     commit(b, rows);
+    held_.update(held_rows_bytes());
     rows_.rows_seen += rows.rows_seen;
     rows_.rows_masked += rows.rows_masked;
     rows_.rows_excluded += rows.rows_excluded;
     rows_.rows_nonfinite += rows.rows_nonfinite;
 }
 
-// Bytes the staged batch adds when committed: stored rows and held-back Gram rows.
+// Bytes the staged batch adds when committed: stored rows and held-back Gram rows, plus, at the
+// peak, the largest vector that moves (a vector that grows holds its old and new block at once).
 int64_t CpuBackend::growth() const {
-    int64_t bytes = 0;
+    int64_t bytes = 0, moving = 0;
     for (size_t k = 0; k < run_label_.size(); ++k) {
         const int32_t c = run_label_[k];
         const int64_t n0 = count_[(size_t)c], len = run_begin_[k + 1] - run_begin_[k];
         if (store_) {
             const int64_t n = cfg_.svd_mode == COLLAPSE_SVD_EXACT ? len : std::max<int64_t>(0, std::min(len, cfg_.svd_max_rows_per_token - n0));
-            bytes += store_->growth(c, n);
+            const int64_t g = store_->growth(c, n);
+            bytes += g;
+            if (g > 0) moving = std::max(moving, store_->capacity_bytes(c));
         }
-        if (gram_streaming_) bytes += std::max<int64_t>(0, std::min(len, cfg_.min_samples_per_token - 1 - n0)) * d_ * 8;
+        const int64_t held = gram_streaming_ ? std::max<int64_t>(0, std::min(len, cfg_.min_samples_per_token - 1 - n0)) : 0;
+        if (held > 0) {
+            const auto it = holdback_.find(c);
+            const size_t size = it == holdback_.end() ? 0 : it->second.size(), cap = it == holdback_.end() ? 0 : it->second.capacity();
+            const size_t grown = grown_capacity(size, cap, (size_t)(held * d_));
+            bytes += (int64_t)(grown - cap) * 8 + (it == holdback_.end() ? kHoldbackEntryBytes : 0);
+            if (grown > cap) moving = std::max(moving, (int64_t)cap * 8);
+        }
     }
-    return bytes;
+    return bytes + moving;
 }
 
 void CpuBackend::gram_add_row(const double* x) {
@@ -231,6 +288,12 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
         // as growth() counted them.
         const int64_t len = run_begin_[k + 1] - run_begin_[k];
         double* dst = keep_rows && exact ? store_->append(c, len) : nullptr;
+        // Rows held back from the Gram: their vector grows once, as growth() counted it.
+        const int64_t held = gram_streaming_ ? std::max<int64_t>(0, std::min(len, min_n - 1 - count_[(size_t)c])) : 0;
+        if (held > 0) {
+            auto& h = holdback_[c];
+            h.reserve(grown_capacity(h.size(), h.capacity(), (size_t)(held * d_)));
+        }
         if (keep_rows && !exact && count_[(size_t)c] < cap) store_->append(c, std::min(len, cap - count_[(size_t)c]));
         for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
             double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
@@ -261,12 +324,17 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
 }
 
 void CpuBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) {
+    const size_t K = kept.ids.size();
+    // The kept set's copy (with its V-long slot table), the kept means and the second Gram.
+    const int64_t bytes = add_bytes(add_bytes(mul_bytes(V_, 4), mul_bytes((int64_t)K, 8 * d_ + 4 + 8 + 8)), gram ? mul_bytes(d_, d_, 8) : 0);
+    pass2_lease_.resize(bytes, "the second pass's kept set of K = " + std::to_string(K) + " classes (their means [K, d], the V-long slot table" +
+                             (gram ? ", the d x d Gram)" : ")"),
+                  kFixKeptClasses);
     pass2_ = true;
     pass2_nc4_ = nc4 && clf.present();
     pass2_gram_ = gram;
     kept2_ = kept;
-    clf2_ = clf;
-    const size_t K = kept.ids.size();
+    clf2_ = &clf;
     mu2_.assign(K * (size_t)d_, 0.0);
     mu2_sq_.assign(K, 0.0);
     for (size_t s = 0; s < K; ++s) {
@@ -287,18 +355,21 @@ void CpuBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, b
 void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
     if (b.features.memory != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory");
+    const int64_t cap = kGramBlockRows;
+    const int64_t n = b.num_rows();
+    const HostBudget::Lease scratch = budget_->reserve(add_bytes(mul_bytes(n, 12), mul_bytes(cap, d_, 8)),
+                                                       "the second pass's scratch for a batch of " + std::to_string(n) + " rows", kFixBatchRows);
     const AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, true);
     // Kept rows only, converted to double in blocks.
     std::vector<double> block;
     int64_t nblock = 0;
-    const int64_t cap = kGramBlockRows;
     block.resize((size_t)(cap * d_));
     auto flush = [&]() {
         if (nblock == 0) return;
         if (pass2_gram_)
             cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)nblock, 1.0, block.data(), (int)d_, 1.0,
                         gram2_.data(), (int)d_);
-        if (pass2_nc4_) nc4_agree_ += nc4_agreements(block.data(), nblock, d_, clf2_, V_, mu2_, mu2_sq_, kept2_.ids);
+        if (pass2_nc4_) nc4_agree_ += nc4_agreements(*budget_, block.data(), nblock, d_, *clf2_, V_, mu2_, mu2_sq_, kept2_.ids);
         pass2_rows_ += nblock;
         nblock = 0;
     };

@@ -8,13 +8,16 @@
 #include <vector>
 
 #include "core/backend.hpp"
+#include "core/host_budget.hpp"
 #include "core/row_store.hpp"
 
 namespace collapse::internal {
 
 class CpuBackend final : public Backend {
 public:
-    CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim);
+    // budget: the session's account of host memory (null: one of its own from cfg). Everything
+    // this backend allocates that grows with V, K, d or rows is counted there first.
+    CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget = nullptr);
     const char* name() const override { return "cpu"; }
     void ingest(const BatchDesc& batch, void* stream) override;
     Counts row_counts() override { return rows_; }
@@ -23,11 +26,12 @@ public:
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
     void ingest_second_pass(const BatchDesc& batch, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
-    void save_state(io::CheckpointWriter& w) override;
-    void load_state(const io::CheckpointReader& r, bool merge) override;
+    void save_state(StateWriter& w) override;
+    void load_state(const StateReader& r, bool merge) override;
 
-    // Bytes this backend holds now (accumulators, Gram, row store, reservoirs).
+    // Bytes this backend holds now (accumulators, Gram, row store, reservoirs, scratch).
     int64_t resident_bytes() const;
+    const HostBudget& budget() const { return *budget_; }
     const RowStore* row_store() const { return store_.get(); }
 
 private:
@@ -36,9 +40,9 @@ private:
     void commit(const BatchDesc& b, const AcceptedRows& rows);
     void gram_add_row(const double* x);
     void gram_flush();
-    void check_memory(int64_t extra_bytes, const char* what) const;
     int64_t growth() const;
     int64_t fixed_bytes() const;
+    int64_t held_rows_bytes() const;
     int64_t load_budget() const;
 
     // --- metric helpers (cpu_metrics.cpp) ---
@@ -52,6 +56,13 @@ private:
                         MetricValues& out) const;
 
     Config cfg_;
+    // Declared before everything it counts, so that it outlives their leases (the row store's too).
+    std::shared_ptr<HostBudget> budget_;
+    HostBudget::Lease fixed_;    // accumulators, Gram, the batch index: fixed_bytes()
+    HostBudget::Lease held_;     // rows held: the row store's memory and the held-back Gram rows
+    HostBudget::Lease scratch_;  // per-batch scratch, as large as the largest batch so far
+    HostBudget::Lease stage_sums_;  // stage_sum_'s capacity
+    HostBudget::Lease pass2_lease_;  // the second pass's kept set and means
     int64_t V_, d_;
     std::vector<uint8_t> excluded_;  // [V]
 
@@ -88,14 +99,16 @@ private:
     KeptSet kept2_;
     std::vector<double> mu2_;      // kept means [K, d]
     std::vector<double> mu2_sq_;   // ||mu||^2
-    Classifier clf2_;
+    // The session's classifier, not a copy ([V, d] in float64 can be gigabytes): set_classifier is
+    // refused during the second pass, so it cannot change under it.
+    const Classifier* clf2_ = nullptr;
     std::vector<double> gram2_;
     int64_t pass2_rows_ = 0, nc4_agree_ = 0;
 };
 
 // NC4 on a block of rows: predictions of the classifier and of the nearest kept mean, compared.
-// Shared by the row-store path and the second pass.
-int64_t nc4_agreements(const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
+// Shared by the row-store path and the second pass. Its logits are counted in `budget`.
+int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
                        const std::vector<int32_t>& kept_ids);
 

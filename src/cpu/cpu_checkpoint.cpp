@@ -8,11 +8,10 @@
 #include "base/error.hpp"
 #include "core/state_sections.hpp"
 #include "cpu/cpu_backend.hpp"
-#include "io/checkpoint_file.hpp"
 
 namespace collapse::internal {
 
-void CpuBackend::save_state(io::CheckpointWriter& w) {
+void CpuBackend::save_state(StateWriter& w) {
     write_state_core(w, rows_, V_, d_, count_.data(), sum_.data(), sqnorm_.data());
     if (gram_streaming_) {
         gram_flush();
@@ -36,16 +35,18 @@ void CpuBackend::save_state(io::CheckpointWriter& w) {
     if (store_) write_store(w, *store_, V_, d_, load_budget());  // spilled rows are copied in: a checkpoint stands alone
 }
 
-void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
-    const std::string& path = r.path();
+void CpuBackend::load_state(const StateReader& r, bool merge) {
     // Check every section first: a refused checkpoint changes nothing.
-    const StateView v = read_state(r, V_, d_, gram_streaming_, store_ != nullptr, has_row_store() ? 0 : cfg_.svd_max_rows_per_token);
+    const StateView v =
+        read_state(r, V_, d_, cfg_, gram_streaming_, store_ != nullptr, has_row_store() ? 0 : cfg_.svd_max_rows_per_token);
     const int64_t* off = v.store_offsets;
-    // Reservoirs and held-back rows stay in memory; the exact store spills what does not fit.
-    const int64_t extra = v.holdback_total * d_ * 8 + (has_row_store() || !off ? 0 : off[V_] * d_ * 8);
-    if (resident_bytes() + extra > cfg_.host_memory_limit)
-        fail(COLLAPSE_ERR_OUT_OF_MEMORY, "loading checkpoint ", path, " needs ", format_bytes(resident_bytes() + extra),
-             " of host memory, more than host_memory_limit = ", format_bytes(cfg_.host_memory_limit));
+    // Reservoirs and held-back rows stay in memory (the exact store spills what does not fit), and
+    // the counts before this shard are copied: counted before any of it is allocated.
+    const int64_t extra = add_bytes(mul_bytes(v.holdback_total, d_, 8) + mul_bytes(v.holdback_classes, 64),
+                                    has_row_store() || !off ? 0 : mul_bytes(off[V_], d_, 8));
+    budget_->check(add_bytes(extra, mul_bytes(V_, 8)), "loading " + r.description() + " (its reservoirs, held-back rows and V-long counts)",
+                   "raise host_memory_limit (or use svd_mode: exact, whose rows spill to disk)");
+    const HostBudget::Lease counts_copy = budget_->reserve(mul_bytes(V_, 8), "the counts before " + r.description());
 
     // The exact store first: it is the only part that can fail (a full disk while spilling), and
     // then it is rolled back, so a refused checkpoint changes nothing.
@@ -104,6 +105,7 @@ void CpuBackend::load_state(const io::CheckpointReader& r, bool merge) {
                                                             src, n, v.counts[c]));
         }
     }
+    held_.update(held_rows_bytes());
 }
 
 }  // namespace collapse::internal

@@ -1,13 +1,16 @@
-// Every METRICS.md metric on the CPU, from the accumulators of cpu_backend.cpp.
+// Every metric of docs/METRICS.md on the CPU, from the accumulators of cpu_backend.cpp.
 // Pair metrics are reduced tile by tile (a dgemm of centred means, then one fused loop): no K x K
 // matrix is ever allocated.
 #include <cblas.h>
 #include <lapacke.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <string>
 
 #include "base/error.hpp"
 #include "core/metric_math.hpp"
@@ -20,6 +23,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// LAPACK's dsyevd (jobz = 'N') allocates its own workspace of 2n + 1 doubles; with the eigenvalues
+// and the n x n matrix this is what an eigen-decomposition of a Gram costs.
+int64_t gram_eigen_bytes(int64_t n) { return add_bytes(mul_bytes(n, n, 8), mul_bytes(3 * n + 2, 8)); }
 
 // The r largest singular values from the eigenvalues of a symmetric n x n matrix (upper triangle).
 std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_t r) {
@@ -44,12 +51,21 @@ void add_centered_gram(const double* x, int64_t n, int64_t d, const double* cent
 }
 
 // All min(n, d) singular values of an n x d matrix (row-major), minus `center` per row if
-// given. Small matrices go straight to LAPACK's SVD; large ones through the Gram of the smaller side.
-std::vector<double> singular_values(const double* x, int64_t n, int64_t d, const double* center) {
+// given. Small matrices go straight to LAPACK's SVD; large ones through the Gram of the smaller
+// side, and so do small ones whose SVD (a copy and LAPACK's workspace) would not fit the budget.
+// `what` names the matrix in a refusal.
+std::vector<double> singular_values(HostBudget& budget, const double* x, int64_t n, int64_t d, const double* center,
+                                    const std::function<std::string()>& what) {
     const int64_t r = std::min(n, d);
     if (r == 0) return {};
     constexpr int64_t kDirectElements = int64_t(1) << 25;  // 256 MiB of doubles
-    if (n * d <= kDirectElements) {
+    // dgesdd with jobz = 'N': the copy, the singular values, an integer workspace of 8r and (the
+    // optimal) real workspace of about 3r + max(n, d, 7r) + (n + d) * 64 doubles.
+    const int64_t mx = std::max(n, d);
+    const int64_t direct = add_bytes(mul_bytes(n, d, 8), mul_bytes(add_bytes(4 * r + std::max(mx, 7 * r), mul_bytes(n + d, 64)), 8) + 32 * r);
+    HostBudget::Lease lease;
+    if (n * d <= kDirectElements && budget.fits(direct)) {
+        lease = budget.reserve(direct, what());
         std::vector<double> a((size_t)(n * d));
         for (int64_t i = 0; i < n; ++i)
             for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = x[i * d + j] - (center ? center[j] : 0.0);
@@ -64,6 +80,9 @@ std::vector<double> singular_values(const double* x, int64_t n, int64_t d, const
     // Gram of the smaller side.
     const bool rows_side = n < d;  // X X^T (n x n) when n < d, else X^T X (d x d)
     const int64_t m = rows_side ? n : d;
+    // The Gram, the centred copy (all rows, or add_centered_gram's blocks of 512) and dsyevd.
+    lease = budget.reserve(add_bytes(gram_eigen_bytes(m), rows_side ? mul_bytes(n, d, 8) : mul_bytes(std::min<int64_t>(512, n), d, 8)), what(),
+                           kFixTokenSvd);
     std::vector<double> g((size_t)(m * m), 0.0);
     if (!rows_side) {
         add_centered_gram(x, n, d, center, g.data());
@@ -79,12 +98,17 @@ std::vector<double> singular_values(const double* x, int64_t n, int64_t d, const
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-int64_t nc4_agreements(const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
+int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
                        const std::vector<int32_t>& kept_ids) {
     const int64_t K = (int64_t)kept_ids.size();
+    if (rows <= 0) return 0;
     // Rows per chunk so that the logits stay near 32 MiB.
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t(4) << 20) / std::max(V, K)));
+    const HostBudget::Lease lease =
+        budget.reserve(mul_bytes(chunk, V + K, 8), "NC4's logits of " + std::to_string(chunk) + " rows against V = " + std::to_string(V) +
+                                                       " classifier rows and K = " + std::to_string(K) + " kept means",
+                       "compute_nc4: false skips NC4; or raise host_memory_limit");
     std::vector<double> logits((size_t)(chunk * V)), dots((size_t)(chunk * K));
     int64_t agree = 0;
     for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
@@ -122,8 +146,18 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
     const auto t0 = Clock::now();
     const size_t K = kept.ids.size();
     const size_t d = (size_t)d_;
+    // Finalisation needs room: rows the exact store still holds in memory go to disk when they
+    // take more than is left free (they come back a group of classes at a time).
+    if (has_row_store() && store_->memory_bytes() > 0 && store_->memory_bytes() >= budget_->available()) {
+        store_->spill_memory();
+        held_.update(held_rows_bytes());
+    }
 
-    // Class means, within-class variances, global mean, centred means.
+    // Class means, within-class variances, global mean, centred means (and the copy of the kept
+    // ids each pass over the row store sorts).
+    const HostBudget::Lease means = budget_->reserve(
+        add_bytes(mul_bytes((int64_t)K, 2 * d_ + 2, 8), mul_bytes((int64_t)K, 4) + 8 * d_),
+        "the means of K = " + std::to_string(K) + " kept classes of width d = " + std::to_string(d_) + " (two [K, d] matrices)", kFixKeptClasses);
     std::vector<double> mu(K * d), var(K), m(K * d);
     std::vector<double> mu_g(d, 0.0);
     double weight_total = 0;
@@ -203,6 +237,9 @@ void CpuBackend::class_metrics(const KeptSet& kept, const Classifier& clf, const
                                const std::vector<double>& m, const std::vector<double>& var, MetricValues& out) const {
     const size_t K = kept.ids.size();
     const size_t d = (size_t)d_;
+    // Norms, UNC3 cosines and finish_class_metrics's log norms.
+    const HostBudget::Lease lease = budget_->reserve(mul_bytes((int64_t)K, 3 * 8),
+                                                     "the class vectors of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
     ClassVectors v;
     v.norm.resize(K);
     for (size_t s = 0; s < K; ++s) {
@@ -249,6 +286,8 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
                               MetricValues& out) const {
     const int64_t K = (int64_t)kept.ids.size();
     const size_t d = (size_t)d_;
+    const HostBudget::Lease norms =
+        budget_->reserve(mul_bytes(K, 2 * 8), "the pair metrics' norms of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
     std::vector<double> q((size_t)K), a((size_t)K);
     for (int64_t s = 0; s < K; ++s) {
         double v = 0;
@@ -260,9 +299,21 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
     // own first value (so the one-pass variance loses no digits), then rows and tiles merge in a
     // fixed order with Chan's formula.
 
-    // Tile edge from a 64 MiB budget per tile (a fraction of the memory limit when that is small).
+    // Tile edge from a 64 MiB budget per tile (a fraction of the memory limit when that is small),
+    // smaller when every thread's tile and the list of tile sums would not fit what is left (the
+    // tiling only moves rounding). Never a K x K matrix.
+    const int64_t threads = omp_get_max_threads();
+    auto tiles_bytes = [&](int64_t t) {
+        const int64_t n = (K + t - 1) / t;
+        return add_bytes(mul_bytes(t, t, 8 * threads), mul_bytes(n * (n + 1) / 2, (int64_t)(sizeof(PairTotals) + sizeof(std::pair<int64_t, int64_t>))));
+    };
     const int64_t budget = std::min<int64_t>(int64_t(64) << 20, cfg_.host_memory_limit / 8);
-    const int64_t T = std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
+    int64_t T = std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
+    while (T > 64 && !budget_->fits(tiles_bytes(T))) T = std::max<int64_t>(64, T / 2);
+    const HostBudget::Lease tiles_lease =
+        budget_->reserve(tiles_bytes(T), "the pair metrics' tiles (" + std::to_string(threads) + " threads' " + std::to_string(T) + " x " +
+                                             std::to_string(T) + " blocks of M M^T for K = " + std::to_string(K) + " kept classes)",
+                         kFixKeptClasses);
     const int64_t nt = (K + T - 1) / T;
 
     using TileSum = PairTotals;
@@ -320,6 +371,8 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
 }
 
 void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
+    const HostBudget::Lease lease = budget_->reserve(gram_eigen_bytes(d_), "the overall SVD's d x d Gram (d = " + std::to_string(d_) + ")",
+                                                     "compute_overall_metrics: false skips it; or raise host_memory_limit");
     std::vector<double> g;
     if (gram_streaming_) {
         g = gram_;
@@ -345,18 +398,32 @@ void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
 
 void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const {
     const size_t d = (size_t)d_;
+    const HostBudget::Lease lease = budget_->reserve(mul_bytes((int64_t)kept.ids.size(), (int64_t)sizeof(TokenMetrics)),
+                                                     "the per-token results of K = " + std::to_string(kept.ids.size()) + " kept classes", kFixKeptClasses);
     std::vector<TokenMetrics> tokens(kept.ids.size());
+    HostBudget::Lease g_lease = budget_->lease();
     std::vector<double> g;  // Gram of a class too large to load at once
-    store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
+    const int64_t load = load_budget();
+    store_->for_each_class(kept.ids, load, [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
         const size_t s = (size_t)kept.slot[(size_t)c];
         const double* center = cfg_.svd_center ? mu.data() + s * d : nullptr;
         TokenMetrics& tm = tokens[s];
         std::vector<double> sv;
+        auto what = [&] {
+            return "the per-token SVD of class " + std::to_string(c) + " (" + std::to_string(n) + " rows of width " + std::to_string(d_) + ")";
+        };
         if (first == 0 && last) {
-            sv = singular_values(x, n, d_, center);
+            sv = singular_values(*budget_, x, n, d_, center, what);
         } else {
             // Spilled and larger than the load budget: its d x d Gram, piece by piece.
-            if (first == 0) g.assign(d * d, 0.0);
+            if (first == 0) {
+                // add_centered_gram's block is at most a piece: the load budget.
+                g_lease.resize(add_bytes(gram_eigen_bytes(d_), std::min(mul_bytes(512, d_, 8), load)),
+                               "the per-token Gram of class " + std::to_string(c) + " (" + std::to_string(count_[(size_t)c]) +
+                                   " rows, larger than the load budget, of width " + std::to_string(d_) + ")",
+                               kFixTokenSvd);
+                g.assign(d * d, 0.0);
+            }
             add_centered_gram(x, n, d_, center, g.data());
             if (!last) return;
             n += first;
@@ -377,12 +444,13 @@ void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& m
 void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
                                 MetricValues& out) const {
     const size_t K = kept.ids.size();
+    const HostBudget::Lease lease = budget_->reserve(mul_bytes((int64_t)K, 8), "NC4's norms of K = " + std::to_string(K) + " kept means", kFixKeptClasses);
     std::vector<double> mu_sq(K, 0.0);
     for (size_t s = 0; s < K; ++s)
         for (int64_t j = 0; j < d_; ++j) mu_sq[s] += mu[s * (size_t)d_ + (size_t)j] * mu[s * (size_t)d_ + (size_t)j];
     int64_t agree = 0, rows = 0;
     store_->for_each_class(kept.ids, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) {
-        agree += nc4_agreements(x, n, d_, clf, V_, mu, mu_sq, kept.ids);
+        agree += nc4_agreements(*budget_, x, n, d_, clf, V_, mu, mu_sq, kept.ids);
         rows += n;
     });
     out.nc4_rows = rows;

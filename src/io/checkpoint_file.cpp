@@ -14,6 +14,7 @@
 #include <set>
 #include <unordered_set>
 
+#include "base/atomic_file.hpp"
 #include "base/crc32c.hpp"
 #include "base/dtype.hpp"
 #include "base/error.hpp"
@@ -102,8 +103,8 @@ std::string shape_text(const std::vector<int64_t>& shape) {
     return s + "]";
 }
 
-// Temp paths with a live writer in this process: a second writer for the same path would
-// truncate the first one's temp file.
+// Paths with a live writer in this process: two writers of one checkpoint at once are a mistake
+// (whichever commits last would silently win).
 std::mutex g_inflight_mutex;
 std::set<std::string> g_inflight;
 
@@ -123,11 +124,10 @@ struct CheckpointWriter::Impl {
         uint32_t crc = 0;
     };
 
-    std::string path, tmp;
+    std::string path;
+    std::unique_ptr<AtomicFile> file;  // the temp file (or <path> itself when it is not a regular file)
     Options opt;
-    int fd = -1;
     bool registered = false;
-    bool tmp_exists = false;
     bool failed = false;
     bool committed = false;
     bool in_section = false;
@@ -137,28 +137,25 @@ struct CheckpointWriter::Impl {
     Entry pending;
 
     ~Impl() {
-        if (fd >= 0) ::close(fd);
-        if (tmp_exists) ::unlink(tmp.c_str());
+        file.reset();  // removes an uncommitted temp file
         unregister();
     }
 
-    // The temp path is free for another writer once this one has committed or failed.
+    // The path is free for another writer once this one has committed or failed.
     void unregister() {
         if (!registered) return;
         std::lock_guard<std::mutex> lock(g_inflight_mutex);
-        g_inflight.erase(tmp);
+        g_inflight.erase(path);
         registered = false;
     }
 
     // A file-system error: the temp file is gone and the writer refuses everything after.
     [[noreturn]] void io_fail(const char* what, int err) {
         failed = true;
-        if (fd >= 0) ::close(fd);
-        fd = -1;
-        if (tmp_exists) ::unlink(tmp.c_str());
-        tmp_exists = false;
+        const std::string tmp = file ? file->temp_path() : std::string();
+        if (file) file->abandon();
         unregister();
-        fail(COLLAPSE_ERR_IO, what, " checkpoint ", path, " (temp file ", tmp, "): ", std::strerror(err));
+        fail(COLLAPSE_ERR_IO, what, " checkpoint ", path, tmp.empty() ? "" : " (temp file " + tmp + ")", ": ", std::strerror(err));
     }
 
     void check_usable(const char* action) const {
@@ -173,7 +170,7 @@ struct CheckpointWriter::Impl {
         const uint8_t* p = static_cast<const uint8_t*>(data);
         while (bytes > 0) {
             const size_t chunk = std::min(bytes, size_t(1) << 30);
-            const ssize_t n = opt.write_fn(fd, p, chunk, (off_t)offset);
+            const ssize_t n = opt.write_fn(file->fd(), p, chunk, (off_t)offset);
             if (n < 0) {
                 if (errno == EINTR) continue;
                 io_fail("cannot write", errno);
@@ -192,21 +189,6 @@ struct CheckpointWriter::Impl {
             from += n;
         }
     }
-
-    // fsync of the directory makes the rename durable.
-    void sync_directory() {
-        const size_t slash = path.find_last_of('/');
-        const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-        const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0) return;  // nothing to sync through; the rename itself has happened
-        const int rc = ::fsync(dfd);
-        const int err = errno;
-        ::close(dfd);
-        // Some file systems do not sync directories (EINVAL); anything else is a real I/O error.
-        if (rc != 0 && err != EINVAL && err != EROFS)
-            fail(COLLAPSE_ERR_IO, "checkpoint ", path, " was renamed into place but its directory ", dir,
-                 " could not be synced, so it may not survive a crash: ", std::strerror(err));
-    }
 };
 
 CheckpointWriter::CheckpointWriter(const std::string& path) : CheckpointWriter(path, Options()) {}
@@ -214,7 +196,6 @@ CheckpointWriter::CheckpointWriter(const std::string& path) : CheckpointWriter(p
 CheckpointWriter::CheckpointWriter(const std::string& path, Options options) : impl_(new Impl) {
     Impl& m = *impl_;
     m.path = path;
-    m.tmp = path + ".tmp." + std::to_string((long long)::getpid());
     m.opt = std::move(options);
     if (!m.opt.write_fn)
         m.opt.write_fn = [](int fd, const void* d, size_t n, off_t off) { return ::pwrite(fd, d, n, off); };
@@ -226,24 +207,32 @@ CheckpointWriter::CheckpointWriter(const std::string& path, Options options) : i
     m.end = m.data_offset;
     {
         std::lock_guard<std::mutex> lock(g_inflight_mutex);
-        if (!g_inflight.insert(m.tmp).second)
+        if (!g_inflight.insert(path).second)
             fail(COLLAPSE_ERR_STATE, "cannot write checkpoint ", path,
                  ": another CheckpointWriter in this process is writing it");
         m.registered = true;
     }
-    m.fd = ::open(m.tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (m.fd < 0) {
-        const int err = errno;
+    try {
+        m.file = std::make_unique<AtomicFile>(path, "checkpoint");
+    } catch (...) {
         m.failed = true;
-        fail(COLLAPSE_ERR_IO, "cannot create checkpoint ", path, " (temp file ", m.tmp, "): ", std::strerror(err));
+        throw;
     }
-    m.tmp_exists = true;
+    // Straight through a path that is not a regular file: the header goes in last, at offset 0.
+    if (m.file->direct() && ::lseek(m.file->fd(), 0, SEEK_CUR) < 0 && errno == ESPIPE) {
+        m.failed = true;
+        fail(COLLAPSE_ERR_IO, "cannot write checkpoint ", path,
+             ": it is a pipe or socket, and a checkpoint is written out of order (give a regular file)");
+    }
 }
 
 CheckpointWriter::~CheckpointWriter() = default;
 
 const std::string& CheckpointWriter::path() const { return impl_->path; }
-const std::string& CheckpointWriter::temp_path() const { return impl_->tmp; }
+const std::string& CheckpointWriter::temp_path() const {
+    static const std::string none;
+    return impl_->file ? impl_->file->temp_path() : none;
+}
 
 void CheckpointWriter::begin_section(const std::string& name, uint32_t dtype_code, const std::vector<int64_t>& shape,
                                      size_t bytes) {
@@ -367,15 +356,15 @@ void CheckpointWriter::commit() {
     m.write_zeros(kCheckpointHeaderBytes + table.size(), m.data_offset);
     m.write_at(header, sizeof header, 0);
 
-    if (::fsync(m.fd) != 0) m.io_fail("cannot fsync", errno);
-    const int fd = m.fd;
-    m.fd = -1;
-    if (::close(fd) != 0) m.io_fail("cannot close", errno);
-    if (::rename(m.tmp.c_str(), m.path.c_str()) != 0) m.io_fail("cannot rename the temp file over", errno);
-    m.tmp_exists = false;
+    try {
+        m.file->commit();  // fsync, rename over the path, fsync the directory
+    } catch (...) {
+        m.failed = true;
+        m.unregister();
+        throw;
+    }
     m.committed = true;
     m.unregister();
-    m.sync_directory();
 }
 
 // ================================================================================================

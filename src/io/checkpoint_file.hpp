@@ -41,10 +41,13 @@
 // last payload's end (data_offset when there are none), and every gap byte is zero. Names are
 // unique. CRC32C is Castagnoli (reflected polynomial 0x82F63B78, init and final xor 0xFFFFFFFF).
 //
-// Crash safety: the writer streams payloads into "<path>.tmp.<pid>", writes the table and header
-// last, fsyncs the file, renames it over <path> and fsyncs the directory. A crash at any instant
-// leaves the old checkpoint or the new one, whole, under <path> (and perhaps a stale temp file,
-// which is never read). A write error throws COLLAPSE_ERR_IO and removes the temp file.
+// Crash safety: the writer streams payloads into a unique temp file beside <path>
+// ("<path>.tmp.<host>-<pid>-XXXXXX", base/atomic_file.hpp), writes the table and header last,
+// fsyncs the file, renames it over <path> and fsyncs the directory. A crash at any instant leaves
+// the old checkpoint or the new one, whole, under <path> (and perhaps the dead writer's temp file,
+// which is never read and which the next writer of <path> removes). A write error throws
+// COLLAPSE_ERR_IO and removes the temp file. A <path> that exists and is not a regular file
+// (/dev/null) is written straight through; one that cannot seek (a FIFO) is refused.
 // ------------------------------------------------------------------------------------------------
 #pragma once
 #include <sys/types.h>
@@ -59,6 +62,7 @@
 
 #include "base/crc32c.hpp"
 #include "collapse/collapse.h"
+#include "core/state_io.hpp"
 
 namespace collapse::internal::io {
 
@@ -72,15 +76,10 @@ constexpr size_t kCheckpointMaxName = 32;
 constexpr size_t kCheckpointMaxDims = 4;
 
 
-// One section of an open checkpoint. `data` points into the reader's mapping: valid while the
-// reader lives, 64-byte aligned, nullptr when bytes == 0.
-struct CheckpointSection {
-    std::string name;
-    uint32_t dtype_code = 0;
-    std::vector<int64_t> shape;
-    const void* data = nullptr;
-    size_t bytes = 0;
-};
+// One section of an open checkpoint (core's StateSection: the reader is a StateReader). `data`
+// points into the reader's mapping: valid while the reader lives, 64-byte aligned, nullptr when
+// bytes == 0.
+using CheckpointSection = StateSection;
 
 // Writes one checkpoint. Sections are written to the temp file as they are added (never held in
 // memory); commit() makes the file appear under its final name. Without commit() (an exception,
@@ -91,7 +90,7 @@ struct CheckpointSection {
 // call. Bad arguments (name, shape, size, duplicate) throw COLLAPSE_ERR_INVALID_ARGUMENT and leave
 // the writer usable; calls out of order (add after commit, commit inside a section) throw
 // COLLAPSE_ERR_STATE.
-class CheckpointWriter {
+class CheckpointWriter final : public StateWriter {
 public:
     // Writes `bytes` bytes at `offset` of `fd`; returns what it wrote or -1 with errno set
     // (pwrite semantics; short writes are retried). Tests inject failures through it.
@@ -106,28 +105,30 @@ public:
 
     explicit CheckpointWriter(const std::string& path);
     CheckpointWriter(const std::string& path, Options options);
-    ~CheckpointWriter();
+    ~CheckpointWriter() override;
     CheckpointWriter(const CheckpointWriter&) = delete;
     CheckpointWriter& operator=(const CheckpointWriter&) = delete;
 
     // A whole section at once: written straight from `data` to the file (no copy).
     // bytes must equal product(shape) * dtype_size(dtype_code); shape has at most 4 dims.
     void add(const std::string& name, uint32_t dtype_code, const std::vector<int64_t>& shape, const void* data,
-             size_t bytes);
+             size_t bytes) override;
 
     // A section in pieces: begin_section declares it, append() writes the next piece (in order),
     // end_section() checks that exactly `bytes` bytes were appended.
     void begin_section(const std::string& name, uint32_t dtype_code, const std::vector<int64_t>& shape,
-                       size_t bytes);
-    void append(const void* data, size_t bytes);
-    void end_section();
+                       size_t bytes) override;
+    void append(const void* data, size_t bytes) override;
+    void end_section() override;
 
     // Writes table and header, fsyncs, renames over the path, fsyncs the directory.
     // A second commit() is a no-op.
     void commit();
 
     const std::string& path() const;
-    const std::string& temp_path() const;  // "<path>.tmp.<pid>"
+    // "<path>.tmp.<host>-<pid>-XXXXXX" (base/atomic_file.hpp); "" when <path> is not a regular
+    // file (/dev/null) and is written straight through.
+    const std::string& temp_path() const;
 
 private:
     struct Impl;
@@ -142,7 +143,7 @@ private:
 // "truncated at section table", "truncated at section NAME", "corrupt header", "corrupt section
 // table", "corrupt section NAME (checksum mismatch: expected 0x.., found 0x..)", "missing section
 // NAME".
-class CheckpointReader {
+class CheckpointReader final : public StateReader {
 public:
     struct Options {
         bool verify_all = true;
@@ -150,19 +151,20 @@ public:
 
     explicit CheckpointReader(const std::string& path);
     CheckpointReader(const std::string& path, Options options);
-    ~CheckpointReader();
+    ~CheckpointReader() override;
     CheckpointReader(const CheckpointReader&) = delete;
     CheckpointReader& operator=(const CheckpointReader&) = delete;
 
     const std::string& path() const { return path_; }
+    std::string description() const override { return "checkpoint " + path_; }
     uint32_t version() const { return version_; }
     std::vector<std::string> names() const;  // in file order
-    bool has(const std::string& name) const;
+    bool has(const std::string& name) const override;
     // The section, its CRC checked (once); "missing section NAME" if there is none.
-    CheckpointSection section(const std::string& name) const;
+    CheckpointSection section(const std::string& name) const override;
     void verify_all_sections() const;
     // Drops [offset, offset + bytes) of a section's pages from the resident set (after use).
-    void release(const CheckpointSection& s, size_t offset, size_t bytes) const;
+    void release(const CheckpointSection& s, size_t offset, size_t bytes) const override;
 
 private:
     struct Entry {

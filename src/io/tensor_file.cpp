@@ -32,14 +32,20 @@ uint64_t read_le(const uint8_t* p, int bytes) {
 }
 
 // Product of dims times itemsize, or false on a negative dim or overflow of size_t / int64_t.
+// Zero dims are left out of the overflow check, so no partial product (a row of a [0, 2^62, 2^62]
+// tensor, say) can overflow later either.
 bool shape_bytes(const std::vector<int64_t>& shape, size_t itemsize, size_t* out) {
-    uint64_t n = 1;
+    uint64_t nonzero = 1;
+    bool empty = false;
     for (int64_t d : shape) {
-        if (d < 0 || __builtin_mul_overflow(n, (uint64_t)d, &n)) return false;
+        if (d < 0) return false;
+        if (d == 0) empty = true;
+        else if (__builtin_mul_overflow(nonzero, (uint64_t)d, &nonzero)) return false;
     }
-    if (n > (uint64_t)INT64_MAX || __builtin_mul_overflow(n, (uint64_t)itemsize, &n)) return false;
-    if (n > (uint64_t)SIZE_MAX) return false;
-    *out = (size_t)n;
+    if (nonzero > (uint64_t)INT64_MAX || __builtin_mul_overflow(nonzero, (uint64_t)itemsize, &nonzero) ||
+        nonzero > (uint64_t)INT64_MAX)
+        return false;
+    *out = empty ? 0 : (size_t)nonzero;
     return true;
 }
 
@@ -169,6 +175,9 @@ private:
     size_t n_;
     size_t i_ = 0;
 };
+
+constexpr size_t kMaxNpyHeader = size_t(1) << 20;
+constexpr uint64_t kMaxSafetensorsHeader = 100000000;  // the format's own limit
 
 constexpr const char* kNpySupported = "<f2 <f4 <f8 <i4 <i8 |u1 |b1";
 
@@ -357,30 +366,18 @@ private:
 // ---------------------------------------------------------------------------------------------
 // MappedFile
 
-MappedFile::MappedFile(const std::string& path) : path_(path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) fail(COLLAPSE_ERR_IO, "cannot open ", path, ": ", errno_text(errno));
-    struct stat st;
-    if (::fstat(fd, &st) != 0) {
-        const int err = errno;
-        ::close(fd);
-        fail(COLLAPSE_ERR_IO, "cannot stat ", path, ": ", errno_text(err));
-    }
-    if (!S_ISREG(st.st_mode)) {
-        ::close(fd);
-        fail(COLLAPSE_ERR_IO, "cannot map ", path, ": not a regular file");
-    }
+MappedFile::MappedFile(const std::string& path, const std::string& what) : path_(path), what_(what) {
+    struct ::stat st;
+    fd_ = open_regular_file(path, what, &st);
     size_ = (size_t)st.st_size;
+    mtime_sec_ = (int64_t)st.st_mtim.tv_sec;
+    mtime_nsec_ = (int64_t)st.st_mtim.tv_nsec;
     if (size_ > 0) {
-        void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-        if (p == MAP_FAILED) {
-            const int err = errno;
-            ::close(fd);
-            fail(COLLAPSE_ERR_IO, "cannot map ", path, ": ", errno_text(err));
-        }
+        void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd_.get(), 0);
+        if (p == MAP_FAILED) fail(COLLAPSE_ERR_IO, "cannot map ", what, " ", path, ": ", errno_text(errno));
         data_ = static_cast<const uint8_t*>(p);
     }
-    ::close(fd);  // the mapping keeps the file referenced
+    // The descriptor stays open: read() and check_unchanged() use it.
 }
 
 MappedFile::~MappedFile() {
@@ -396,6 +393,41 @@ void MappedFile::release(size_t offset, size_t bytes) const {
     const size_t end = (offset + bytes) / page * page;
     if (begin >= end) return;
     (void)::madvise(const_cast<uint8_t*>(data_) + begin, end - begin, MADV_DONTNEED);
+}
+
+void MappedFile::check_unchanged() const {
+    struct ::stat st;
+    if (::fstat(fd_.get(), &st) != 0) fail(COLLAPSE_ERR_IO, "cannot stat ", what_, " ", path_, ": ", errno_text(errno));
+    if ((size_t)st.st_size != size_)
+        fail(COLLAPSE_ERR_IO, what_, " ", path_, " changed while it was read: its size went from ", size_, " to ",
+             (int64_t)st.st_size, " bytes; rerun on a file that stays unchanged until the run ends");
+    if ((int64_t)st.st_mtim.tv_sec != mtime_sec_ || (int64_t)st.st_mtim.tv_nsec != mtime_nsec_)
+        fail(COLLAPSE_ERR_IO, what_, " ", path_,
+             " changed while it was read: it was modified after it was opened (same size, new modification time); "
+             "rerun on a file that stays unchanged until the run ends");
+}
+
+void MappedFile::read(size_t offset, size_t bytes, void* dst) const {
+    if (offset > size_ || bytes > size_ - offset)
+        fail(COLLAPSE_ERR_IO, "cannot read ", what_, " ", path_, ": bytes [", offset, ", ", offset + bytes,
+             ") lie outside the file's ", size_, " bytes");
+    uint8_t* out = static_cast<uint8_t*>(dst);
+    size_t done = 0;
+    while (done < bytes) {
+        const ssize_t n = ::pread(fd_.get(), out + done, bytes - done, (off_t)(offset + done));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            fail(COLLAPSE_ERR_IO, "cannot read ", what_, " ", path_, " at byte ", offset + done, ": ", errno_text(errno));
+        }
+        if (n == 0) {
+            check_unchanged();  // names the new size
+            fail(COLLAPSE_ERR_IO, what_, " ", path_, " changed while it was read: it ends at byte ", offset + done,
+                 ", it had ", size_, " bytes when it was opened");
+        }
+        done += (size_t)n;
+    }
+    // After the copy: a rewrite in place that raced with it shows in the modification time.
+    check_unchanged();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -424,16 +456,42 @@ void Tensor::release_rows(int64_t r0, int64_t r1) const {
     file->release(offset + (size_t)r0 * row_bytes(), (size_t)(r1 - r0) * row_bytes());
 }
 
+const void* Tensor::read_rows(int64_t r0, int64_t n, std::vector<uint8_t>& buf) const {
+    if (r0 < 0 || n < 0 || r0 > rows() || n > rows() - r0)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "tensor '", name, "': rows [", r0, ", ", r0 + n, ") are outside its ",
+             rows(), " rows");
+    const size_t bytes = (size_t)n * row_bytes();  // within the tensor, whose size was checked at open
+    buf.resize(bytes);
+    file->read(offset + (size_t)r0 * row_bytes(), bytes, buf.data());
+    return buf.data();
+}
+
+void require_label_shape(const Tensor& t, int64_t rows, const std::string& what) {
+    const bool ok = (t.shape.size() == 1 && t.shape[0] == rows) ||
+                    (t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == 1);
+    if (!ok)
+        fail(COLLAPSE_ERR_SHAPE, what, " '", t.name, "' has shape ", shape_text(t.shape), ", expected [", rows,
+             "] or [", rows, ", 1] (one value per feature row)");
+}
+
+void require_shape(const Tensor& t, const std::vector<int64_t>& expected, const std::string& what) {
+    if (t.shape != expected)
+        fail(COLLAPSE_ERR_SHAPE, what, " '", t.name, "' has shape ", shape_text(t.shape), ", expected ",
+             shape_text(expected));
+}
+
 // ---------------------------------------------------------------------------------------------
 // .npy reader
 
 Tensor open_npy(const std::string& path) {
-    auto file = std::make_shared<MappedFile>(path);
-    const uint8_t* p = file->data();
+    auto file = std::make_shared<MappedFile>(path, ".npy file");
     const size_t size = file->size();
     static const uint8_t magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
+    // Headers are read with pread, not through the mapping: a file that shrinks now is an error.
+    uint8_t p[12] = {};
+    file->read(0, std::min<size_t>(size, sizeof p), p);
 
-    if (std::memcmp(p ? p : magic, magic, std::min<size_t>(size, 6)) != 0)
+    if (std::memcmp(p, magic, std::min<size_t>(size, 6)) != 0)
         fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": bad magic (not a .npy file)");
     if (size < 8)
         fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": truncated: file has ", size,
@@ -451,8 +509,14 @@ Tensor open_npy(const std::string& path) {
     if (header_len > size - preamble)
         fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": truncated: the header runs past the end of the file (",
              preamble + header_len, " header bytes declared, file has ", size, ")");
+    // numpy writes a few hundred bytes; the bound keeps a bogus length from allocating gigabytes.
+    if (header_len > kMaxNpyHeader)
+        fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": header length ", header_len, " exceeds the limit of ",
+             kMaxNpyHeader, " bytes");
+    std::string header(header_len, '\0');
+    file->read(preamble, header_len, header.data());
 
-    const NpyHeader h = NpyHeaderParser(path, reinterpret_cast<const char*>(p + preamble), header_len).parse();
+    const NpyHeader h = NpyHeaderParser(path, header.data(), header.size()).parse();
     if (h.fortran_order)
         fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path,
              ": Fortran-order arrays are not supported; save with np.ascontiguousarray");
@@ -477,21 +541,27 @@ Tensor open_npy(const std::string& path) {
 // ---------------------------------------------------------------------------------------------
 // .safetensors reader
 
-SafetensorsFile::SafetensorsFile(const std::string& path) : file_(std::make_shared<MappedFile>(path)) {
-    const uint8_t* p = file_->data();
+SafetensorsFile::SafetensorsFile(const std::string& path)
+    : file_(std::make_shared<MappedFile>(path, ".safetensors file")) {
     const size_t size = file_->size();
 
     if (size < 8) st_fail(path, "truncated: file has ", size, " bytes, too short for the 8-byte header length");
+    uint8_t p[8];
+    file_->read(0, 8, p);  // pread, not the mapping: a file that shrinks now is an error
     const uint64_t header_len = read_le(p, 8);
     if (header_len > size - 8)
         st_fail(path, "header length ", header_len, " runs past the end of the file (", size,
                 " bytes): truncated, or not a .safetensors file");
+    if (header_len > kMaxSafetensorsHeader)
+        st_fail(path, "header length ", header_len, " exceeds the format's limit of ", kMaxSafetensorsHeader, " bytes");
     const size_t data_start = 8 + (size_t)header_len;
     const size_t data_size = size - data_start;
+    std::string text((size_t)header_len, '\0');
+    file_->read(8, text.size(), text.data());
 
     nlohmann::ordered_json header;  // keeps header order, the tie-break for zero-size tensors
     try {
-        header = nlohmann::ordered_json::parse(p + 8, p + data_start);
+        header = nlohmann::ordered_json::parse(text);
     } catch (const nlohmann::ordered_json::exception& e) {
         st_fail(path, "corrupt header JSON: ", e.what());
     }

@@ -1,20 +1,30 @@
-// Memory-mapped tensor files (.npy, .safetensors): the readers the CLI streams from, and the
-// writers `collapse synth` uses. A reader never copies the whole tensor: it maps the file and hands
-// out row ranges; release_rows() tells the kernel a range is done so resident memory stays bounded.
+// Tensor files (.npy, .safetensors): the readers the CLI streams from, and the writers `collapse
+// synth` uses. A reader never copies the whole tensor: it hands out row ranges, either as pointers
+// into a mapping (row(), release_rows()) or copied with pread (read_rows(), which turns a file that
+// changes during the run into an error instead of a SIGBUS).
 #pragma once
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <sys/stat.h>
+
+#include "base/file.hpp"
 #include "collapse/collapse.h"
 
 namespace collapse::internal::io {
 
-// A read-only mapping of a whole file.
+using internal::UniqueFd;           // base/file.hpp
+using internal::open_regular_file;  // base/file.hpp
+
+// A read-only view of a whole regular file: a memory mapping for callers that want pointers, and
+// checked pread() for callers that must survive the file changing under them. Touching the mapping
+// after the file shrank kills the process with SIGBUS; read() instead reports the change as an error.
 class MappedFile {
 public:
-    explicit MappedFile(const std::string& path);  // throws Error(COLLAPSE_ERR_IO) naming the path
+    // Throws Error(COLLAPSE_ERR_IO) naming the path; `what` names the file's role in messages.
+    explicit MappedFile(const std::string& path, const std::string& what = "input file");
     ~MappedFile();
     MappedFile(const MappedFile&) = delete;
     MappedFile& operator=(const MappedFile&) = delete;
@@ -23,11 +33,19 @@ public:
     const std::string& path() const { return path_; }
     // Drop the pages of [offset, offset+bytes) from this process's resident set (madvise).
     void release(size_t offset, size_t bytes) const;
+    // Copies [offset, offset+bytes) into dst with pread. Throws Error(COLLAPSE_ERR_IO) if the range
+    // is outside the file as opened, or if the file is shorter now or its size or modification
+    // time differ from when it was opened ("changed while it was read").
+    void read(size_t offset, size_t bytes, void* dst) const;
+    // Throws the same "changed while it was read" error if the file's size or mtime moved.
+    void check_unchanged() const;
 
 private:
-    std::string path_;
+    std::string path_, what_;
+    UniqueFd fd_;
     const uint8_t* data_ = nullptr;
     size_t size_ = 0;
+    int64_t mtime_sec_ = 0, mtime_nsec_ = 0;
 };
 
 // A tensor inside a mapped file: C-order, little-endian.
@@ -48,7 +66,18 @@ struct Tensor {
     const void* row(int64_t r) const;
     // Tell the OS rows [r0, r1) are no longer needed.
     void release_rows(int64_t r0, int64_t r1) const;
+    // Rows [r0, r0+n) copied into buf (resized to fit) with pread; returns buf.data(). Unlike
+    // row(), a file that shrinks or is rewritten during the run is an Error(COLLAPSE_ERR_IO) that
+    // says so, never a SIGBUS. The copy costs about what faulting the mapped pages in costs.
+    const void* read_rows(int64_t r0, int64_t n, std::vector<uint8_t>& buf) const;
 };
+
+// Shape checks for the command line's inputs: Error(COLLAPSE_ERR_SHAPE) naming `what`, the tensor,
+// its shape and the expected one. Labels (and per-row masks) are [rows] or [rows, 1], nothing else:
+// [rows/2, 2] has the right element count but the wrong row stride, [1, rows] has a single row.
+void require_label_shape(const Tensor& t, int64_t rows, const std::string& what);
+// Exactly this shape, e.g. input_ids and attention_mask [B, T].
+void require_shape(const Tensor& t, const std::vector<int64_t>& expected, const std::string& what);
 
 // .npy versions 1, 2, 3. Accepts <f2 <f4 <f8 <i4 <i8 |u1 |b1 (and '=' / '|' byte orders where
 // unambiguous). Refuses Fortran order, big-endian, other dtypes, and truncated files with a message

@@ -6,7 +6,9 @@
 #include <cstring>
 #include <fstream>
 #include <optional>
+#include <set>
 
+#include "base/atomic_file.hpp"
 #include "base/error.hpp"
 
 namespace collapse::internal {
@@ -18,10 +20,65 @@ nlohmann::json opt(const std::optional<double>& v) {
     return nullptr;
 }
 
+// A reason for every null metric of overall_analysis (and the summary's averages) that the backend
+// left without a note: first the switch that turned it off, then the family's own note, then the
+// counts that were too small.
+void explain_nulls(const Config& cfg, const Counts& counts, const EngineInfo& info, const nlohmann::json& o,
+                   const nlohmann::json& summary, std::map<std::string, std::string>& notes) {
+    // Metrics whose null follows from another's: take that one's note.
+    static const std::map<std::string, std::string> kHead = {
+        {"overall_effective_rank", "overall_svd_entropy"}, {"gnc2_var", "overall_gnc2"},
+        {"gnc2_cov", "overall_gnc2"},                      {"unc3_mean_cos", "overall_unc3"},
+        {"unc3_std_cos", "overall_unc3"},                  {"nc2_equiangular_std", "nc2_equiangular_mean"},
+        {"nc2_equiangular_ideal", "nc2_equiangular_mean"}, {"std_svd_entropy", "avg_svd_entropy"}};
+    static const std::set<std::string> kClassMetrics = {
+        "overall_gnc2", "gnc2_var", "gnc2_cov", "overall_unc3", "unc3_mean_cos", "unc3_std_cos", "nc1_cdnv",
+        "nc2_equinorm_cov", "nc2_log_norm_std", "nc2_equiangular_mean", "nc2_equiangular_std", "nc2_equiangular_ideal",
+        "nc3_self_duality"};
+    auto why = [&](const std::string& key) -> std::string {
+        if (auto it = notes.find(key); it != notes.end()) return it->second;
+        if (auto h = kHead.find(key); h != kHead.end())
+            if (auto it = notes.find(h->second); it != notes.end()) return it->second;
+        if (auto it = notes.find("overall"); it != notes.end()) return it->second;
+        if (counts.classes_kept == 0) return "no kept classes (see counts)";
+        if (key == "overall_svd_entropy" || key == "overall_effective_rank")
+            return cfg.compute_overall_metrics ? "the overall Gram could not be formed" : "compute_overall_metrics is false";
+        if (key == "avg_svd_entropy" || key == "std_svd_entropy") {
+            if (!cfg.compute_token_metrics) return "compute_token_metrics is false";
+            if (cfg.svd_mode == COLLAPSE_SVD_OFF) return "svd_mode is off";
+            return "no kept class has a per-token SVD entropy";
+        }
+        if (key == "nc4_agreement") {
+            if (!cfg.compute_nc4) return "compute_nc4 is false";
+            if (!info.classifier) return "no classifier was given";
+            return "NC4 was not computed (no rows reached it)";
+        }
+        if (kClassMetrics.count(key)) {
+            if (!cfg.compute_class_metrics) return "compute_class_metrics is false";
+            const bool unc3 = key == "overall_unc3" || key == "unc3_mean_cos" || key == "unc3_std_cos" || key == "nc3_self_duality";
+            if (unc3 && !info.classifier) return "no classifier was given";
+            const int64_t need = unc3 ? cfg.min_classes_for_unc3 : std::max<int64_t>(2, cfg.min_classes_for_gnc2);
+            if (counts.classes_kept < need)
+                return "needs at least " + std::to_string(need) + " kept classes, has " + std::to_string(counts.classes_kept);
+        }
+        return "";
+    };
+    for (const auto* sec : {&o, &summary})
+        for (auto it = sec->begin(); it != sec->end(); ++it) {
+            if (!it.value().is_null() || notes.count(it.key())) continue;
+            if (sec == &summary && it.key() != "avg_svd_entropy" && it.key() != "std_svd_entropy") continue;  // follow from counts
+            const std::string reason = why(it.key());
+            notes[it.key()] = reason.empty() ? "not computed for this input" : reason;
+        }
+}
+
 }  // namespace
 
-nlohmann::json build_report(const Config& cfg, const Counts& counts, const MetricValues& mv, const EngineInfo& info) {
+nlohmann::json build_report(const Config& cfg, const Result& result) {
     using nlohmann::json;
+    const Counts& counts = result.counts;
+    const MetricValues& mv = result.metrics;
+    const EngineInfo& info = result.engine;
     json doc;
 
     // summary (seed-compatible): over kept classes; entropies over tokens that have one.
@@ -68,6 +125,10 @@ nlohmann::json build_report(const Config& cfg, const Counts& counts, const Metri
                      {"classes_kept", counts.classes_kept},
                      {"classes_below_min", counts.classes_below_min},
                      {"classes_cut_by_max_tokens", counts.classes_cut}};
+    if (info.batches_failed > 0) {  // continue_on_error dropped rows: say how many
+        doc["counts"]["batches_failed"] = info.batches_failed;
+        doc["counts"]["rows_skipped"] = info.rows_skipped;
+    }
 
     json o;
     o["overall_svd_entropy"] = opt(mv.overall_svd_entropy);
@@ -92,10 +153,13 @@ nlohmann::json build_report(const Config& cfg, const Counts& counts, const Metri
     o["nc4_agreement"] = opt(mv.nc4_agreement);
     o["nc4_rows"] = mv.nc4_rows;
     o["svd_zero_matrices"] = mv.svd_zero_matrices;
-    auto unc3_note = mv.notes.find("overall_unc3");
-    if (unc3_note != mv.notes.end()) o["unc3_note"] = unc3_note->second;
+    // Every null metric says why (issue: a null without a reason reads like a bug).
+    std::map<std::string, std::string> notes = mv.notes;
+    explain_nulls(cfg, counts, info, o, summary, notes);
+    auto unc3_note = notes.find("overall_unc3");
+    if (unc3_note != notes.end()) o["unc3_note"] = unc3_note->second;
     o["notes"] = json::object();
-    for (const auto& n : mv.notes) o["notes"][n.first] = n.second;
+    for (const auto& n : notes) o["notes"][n.first] = n.second;
     doc["overall_analysis"] = o;
 
     json tokens = json::object();
@@ -125,21 +189,7 @@ nlohmann::json build_report(const Config& cfg, const Counts& counts, const Metri
 }
 
 void write_report_file(const nlohmann::json& doc, const std::string& path) {
-    const std::string tmp = path + ".tmp";
-    {
-        std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-        if (!f) fail(COLLAPSE_ERR_IO, "cannot write report to '", path, "': ", std::strerror(errno));
-        f << doc.dump(2) << '\n';
-        f.flush();
-        if (!f) {
-            std::remove(tmp.c_str());
-            fail(COLLAPSE_ERR_IO, "writing report '", path, "' failed: ", std::strerror(errno));
-        }
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-        std::remove(tmp.c_str());
-        fail(COLLAPSE_ERR_IO, "cannot rename '", tmp, "' to '", path, "': ", std::strerror(errno));
-    }
+    write_file_atomically(path, doc.dump(2) + "\n", "report");
 }
 
 bool report_scalar(const nlohmann::json& doc, const std::string& key, double* value, bool* is_null) {

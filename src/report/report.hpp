@@ -12,18 +12,12 @@
 
 namespace collapse::internal {
 
-struct EngineInfo {
-    std::string backend;
-    int64_t dim = 0, num_classes = 0, batches = 0;
-    bool classifier = false;
-    std::map<std::string, double> timings;
-    std::map<std::string, int64_t> row_store;
-};
+// The JSON report of a session's result.
+nlohmann::json build_report(const Config& cfg, const Result& result);
 
-nlohmann::json build_report(const Config& cfg, const Counts& counts, const MetricValues& mv, const EngineInfo& info);
-
-// Writes the report to path through "<path>.tmp" and a rename, so a failed write never leaves a
-// half file under the final name; errors are COLLAPSE_ERR_IO naming the path.
+// Writes the report to path through a unique temp file and a rename (base/atomic_file.hpp), so a
+// failed write never leaves a half file under the final name and no other file is touched;
+// /dev/null, a terminal or a FIFO is written straight through. Errors: COLLAPSE_ERR_IO naming the path.
 void write_report_file(const nlohmann::json& doc, const std::string& path);
 
 // Scalar lookup for collapse_report_get_scalar: "key" searched in overall_analysis, summary, counts

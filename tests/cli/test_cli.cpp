@@ -26,78 +26,21 @@
 #endif
 
 #include "common/capi_helpers.hpp"
+#include "common/cli_fixture.hpp"
 
 namespace {
 
 using testutil::CliRun;
 using testutil::quote;
 using testutil::slurp;
+using testutil::spit;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 
 
 
-void spit(const std::string& path, const std::string& text) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out << text;
-    ASSERT_TRUE(out.good()) << path;
-}
-
-
-class Cli : public ::testing::Test {
-protected:
-    void SetUp() override {
-        if (std::string(COLLAPSE_CLI_PATH).empty() || !fs::exists(COLLAPSE_CLI_PATH))
-            GTEST_SKIP() << "the collapse binary was not built (COLLAPSE_CLI_PATH = '" << COLLAPSE_CLI_PATH << "')";
-        std::string tmpl = (fs::path(::testing::TempDir()) / "collapse_cli_XXXXXX").string();
-        ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-        dir_ = tmpl;
-    }
-    void TearDown() override {
-        if (!dir_.empty()) {
-            std::error_code ec;
-            fs::remove_all(dir_, ec);
-        }
-    }
-
-    std::string path(const std::string& name) const { return (fs::path(dir_) / name).string(); }
-
-    // Runs `collapse <args>` in the temp folder; stdout and stderr captured separately.
-    CliRun run(const std::string& args) const { return testutil::run_cli(COLLAPSE_CLI_PATH, dir_, args); }
-
-    CliRun run_ok(const std::string& args) const {
-        CliRun r = run(args);
-        EXPECT_EQ(r.status, 0) << "collapse " << args << "\nstdout: " << r.out << "\nstderr: " << r.err;
-        return r;
-    }
-
-    // A run that must fail: non-zero exit, exactly one line "collapse: error: ..." holding every needle.
-    void expect_error(const std::string& args, const std::vector<std::string>& needles) const {
-        const CliRun r = run(args);
-        EXPECT_NE(r.status, 0) << "collapse " << args << " succeeded";
-        EXPECT_NE(r.status, -1) << "collapse " << args << " did not exit normally (crash?)";
-        EXPECT_EQ(r.err.rfind("collapse: error: ", 0), 0u) << "stderr: " << r.err;
-        ASSERT_FALSE(r.err.empty());
-        EXPECT_EQ(r.err.back(), '\n') << r.err;
-        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << "one line expected, got:\n" << r.err;
-        for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "stderr lacks '" << n << "': " << r.err;
-    }
-
-    json report(const std::string& name) const {
-        std::ifstream in(path(name));
-        EXPECT_TRUE(in.good()) << "no report " << path(name);
-        if (!in.good()) return json();
-        return json::parse(in);
-    }
-
-    // `collapse synth` into a sub-folder.
-    void synth(const std::string& sub, const std::string& extra) const {
-        run_ok("synth --output-dir " + quote(path(sub)) + " --rows 2000 --dim 8 --classes 40 --seed 5 --quiet " + extra);
-    }
-
-    std::string dir_;
-};
+class Cli : public testutil::CliTest {};
 
 // Numbers within rel (1e-12 absolute near 0), everything else equal; timings are not compared.
 void expect_close(const json& a, const json& b, double rel, const std::string& at = "") {
@@ -202,7 +145,7 @@ TEST_F(Cli, ConfigFileAndBatchRows) {
         EXPECT_NE(id, "3");
         EXPECT_GE(t["num_samples"].get<int64_t>(), 5);
     }
-    // METRICS.md: results do not depend on how rows are split into batches.
+    // docs/METRICS.md "Accuracy contract": results do not depend on how rows are split into batches.
     expect_same_metrics(whole, batched, 1e-9);
     EXPECT_EQ(whole["counts"], batched["counts"]);
     EXPECT_EQ(batched["engine"]["batches"], (2000 + 136) / 137);
@@ -314,9 +257,9 @@ TEST_F(CliSequences, WithAttentionMaskMatchesKeptRows) {
 
 // ------------------------------------------------------------------------------------ default run
 
-TEST_F(Cli, NoInputRunsTheBuiltInData) {
+TEST_F(Cli, SyntheticRunsTheBuiltInData) {
     // The built-in synthetic set (200,000 rows, d = 256): the slowest test here, some seconds.
-    const CliRun r = run_ok("analyze -o default.json");
+    const CliRun r = run_ok("analyze --synthetic -o default.json");
     EXPECT_NE(r.out.find("report written to default.json"), std::string::npos) << r.out;
     for (const char* line : {"rows kept", "overall_svd_entropy", "overall_gnc2", "overall_unc3", "avg_svd_entropy"})
         EXPECT_NE(r.out.find(line), std::string::npos) << "headline lacks " << line << ":\n" << r.out;
@@ -509,10 +452,15 @@ TEST_F(Cli, ContinueOnErrorCountsFailedBatches) {
     collapse::internal::io::write_npy(path("x.npy"), COLLAPSE_F32, {n, d}, x.data());
     collapse::internal::io::write_npy(path("y.npy"), COLLAPSE_I32, {n}, y.data());
     spit(path("c.yaml"), "continue_on_error: true\n");
-    const CliRun r = run_ok("analyze --quiet --features x.npy --labels y.npy --num-classes 4 --batch-rows 10 --config c.yaml -o r.json");
+    const CliRun r = run("analyze --quiet --features x.npy --labels y.npy --num-classes 4 --batch-rows 10 --config c.yaml -o r.json");
+    // Rows were dropped: the report is written, but the exit status says so (3), and so does a
+    // summary line even under --quiet.
+    EXPECT_EQ(r.status, 3) << r.err;
     EXPECT_NE(r.err.find("skipped"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("WARNING: 1 batch(es) with 10 rows were skipped"), std::string::npos) << r.err;
     const json doc = report("r.json");
     EXPECT_EQ(doc["counts"]["batches_failed"], 1);
+    EXPECT_EQ(doc["counts"]["rows_skipped"], 10);
     EXPECT_EQ(doc["counts"]["rows_seen"], 30);
 }
 

@@ -26,6 +26,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/atomic_file.hpp"
 #include "base/error.hpp"
 #include "io/checkpoint_file.hpp"
 #include "io/tensor_file.hpp"
@@ -160,7 +161,16 @@ protected:
         for (const auto& e : fs::directory_iterator(dir_))
             if (e.path().filename().string().rfind(ck, 0) == 0) fs::remove(e.path());
     }
-    static bool temp_exists(const std::string& ck, pid_t pid) { return fs::exists(p(ck + ".tmp." + std::to_string(pid))); }
+    // Temp files of checkpoint ck: "<ck>.tmp.<host>-<pid>-XXXXXX" (base/atomic_file.hpp); of one
+    // pid, or of any.
+    static std::vector<std::string> temp_files(const std::string& ck, pid_t pid = 0) {
+        const std::string stem = ck + ".tmp." + collapse::internal::host_name() + "-" + (pid ? std::to_string(pid) + "-" : "");
+        std::vector<std::string> out;
+        for (const auto& e : fs::directory_iterator(dir_))
+            if (e.path().filename().string().rfind(stem, 0) == 0) out.push_back(e.path().filename().string());
+        return out;
+    }
+    static bool temp_exists(const std::string& ck, pid_t pid) { return !temp_files(ck, pid).empty(); }
 };
 
 std::string CliCheckpoint::dir_;
@@ -217,6 +227,8 @@ TEST_F(CliCheckpoint, SigkillThenResumeEqualsUninterrupted) {
         expect_same(report(out), plain, 0.0);
         expect_absent_or_valid(p(ck));
         ASSERT_TRUE(fs::exists(p(ck)));
+        // A killed run's temp file is removed by the next writer of the checkpoint (issue 15).
+        EXPECT_EQ(temp_files(ck), std::vector<std::string>{});
     };
 
     // Kills at fractions of the normal run time.
@@ -413,16 +425,25 @@ TEST_F(CliCheckpoint, ResumeKeepsFailedBatchCount) {
     }
     std::ofstream(p("cerr.yaml")) << "save_every: 1\ncontinue_on_error: true\nlog_level: error\n";
     const std::string common = " --num-classes 500 --batch-rows 2000 --config cerr.yaml";
-    run_ok("analyze --quiet --features bad/features.npy --labels bad/labels.npy" + common + " -o full.json");
+    // Skipped rows: the report is written and the exit status is 3 (README, exit status).
+    auto run_skipping = [&](const std::string& args) {
+        const CliRun r = sh(args);
+        EXPECT_EQ(r.status, 3) << args << "\n" << r.err;
+    };
+    run_skipping("analyze --quiet --features bad/features.npy --labels bad/labels.npy" + common + " -o full.json");
     const json full = report("full.json");
     ASSERT_EQ(full["counts"]["batches_failed"], 1);
-    run_ok("analyze --quiet --features badpre/features.npy --labels badpre/labels.npy" + common + " --checkpoint e.ckpt -o pre.json");
-    run_ok("analyze --quiet --features bad/features.npy --labels bad/labels.npy" + common + " --checkpoint e.ckpt --resume -o res.json");
-    expect_same(report("res.json"), full, 0.0);
-    // A checkpointing run that is not interrupted agrees, of course.
-    fs::remove(p("e.ckpt"));
-    run_ok("analyze --quiet --features bad/features.npy --labels bad/labels.npy" + common + " --checkpoint e.ckpt -o ck.json");
+    // A checkpointing run agrees, and a resume from its checkpoint keeps the count at 1.
+    run_skipping("analyze --quiet --features bad/features.npy --labels bad/labels.npy" + common + " --checkpoint e.ckpt -o ck.json");
     expect_same(report("ck.json"), full, 0.0);
+    run_skipping("analyze --quiet --features bad/features.npy --labels bad/labels.npy" + common + " --checkpoint e.ckpt --resume -o res.json");
+    expect_same(report("res.json"), full, 0.0);
+    // A checkpoint of the first 10,000 rows (another file) does not resume on the whole file.
+    run_skipping("analyze --quiet --features badpre/features.npy --labels badpre/labels.npy" + common + " --checkpoint p.ckpt -o pre.json");
+    const CliRun r =
+        sh("analyze --quiet --features bad/features.npy --labels bad/labels.npy" + common + " --checkpoint p.ckpt --resume -o mixed.json");
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.err.find("another input"), std::string::npos) << r.err;
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Comparing engine reports with the float64 reference (tests/reference/brute_force.hpp) to the
-// METRICS.md accuracy contract: relative tolerance, with an absolute floor near zero.
+// docs/METRICS.md "Accuracy contract": relative tolerance, with an absolute floor near zero.
 #pragma once
 #include <gtest/gtest.h>
 
@@ -33,8 +33,11 @@ inline ::testing::AssertionResult close(const std::string& what, const nlohmann:
 namespace testutil {
 
 // Structural equality of two report documents, keys named in failures. Numbers: integers exactly;
-// floats exactly when rel = 0, else |a - b| <= rel * max(|a|, |b|, magnitude_floor). A
-// "timings_seconds" key is skipped wherever it stands (wall-clock times never agree).
+// floats exactly when rel = 0, else |a - b| <= rel * max(|a|, |b|, magnitude_floor). The keys of
+// `skipped_key` are skipped wherever they stand: wall-clock times and the provenance of a run (its
+// command line and input files) differ between runs that must give the same numbers.
+inline bool skipped_key(const std::string& k) { return k == "timings_seconds" || k == "run" || k == "input"; }
+
 inline void expect_same_json(const nlohmann::json& a, const nlohmann::json& b, double rel, double magnitude_floor = 0,
                              const std::string& at = "") {
     if (a.is_number() && b.is_number()) {
@@ -54,12 +57,12 @@ inline void expect_same_json(const nlohmann::json& a, const nlohmann::json& b, d
     }
     if (a.is_object()) {
         for (auto it = a.begin(); it != a.end(); ++it) {
-            if (it.key() == "timings_seconds") continue;
+            if (skipped_key(it.key())) continue;
             if (!b.contains(it.key())) ADD_FAILURE() << at << "/" << it.key() << " only in the first report";
             else expect_same_json(it.value(), b[it.key()], rel, magnitude_floor, at + "/" + it.key());
         }
         for (auto it = b.begin(); it != b.end(); ++it)
-            if (it.key() != "timings_seconds" && !a.contains(it.key())) ADD_FAILURE() << at << "/" << it.key() << " only in the second report";
+            if (!skipped_key(it.key()) && !a.contains(it.key())) ADD_FAILURE() << at << "/" << it.key() << " only in the second report";
         return;
     }
     if (a.is_array()) {

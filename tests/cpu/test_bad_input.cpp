@@ -3,6 +3,8 @@
 // call the session ingests good batches and its final report (minus engine.timings_seconds) must
 // equal the report of a session that only ever saw the good batches.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -19,6 +21,8 @@
 #include "base/dtype.hpp"
 
 #include "common/capi_helpers.hpp"
+#include "common/file_helpers.hpp"
+#include "core/config.hpp"
 
 #include "common/compare.hpp"
 
@@ -668,6 +672,117 @@ TEST_F(BadInput, BadShapesAndStrides) {
           COLLAPSE_ERR_SHAPE, {"batch -2", "seq_len -4"});
 }
 
+// Size products that overflow int64 used to wrap and be accepted (COLLAPSE_OK, then garbage or a
+// crash); each is refused with the numbers that overflow.
+TEST_F(BadInput, SizeProductsThatOverflowAreRefused) {
+    const int64_t huge = int64_t(1) << 62;
+    const Batch b = make_batch(8, kD, kV, 33);
+    const auto f = b.features(), l = b.labels();
+    const auto fstride = buf(b.x.data(), COLLAPSE_F32, b.n, kD, huge);
+    check([&](collapse_session* s) { return collapse_session_ingest_rows(s, &fstride, &l, nullptr, nullptr); },
+          COLLAPSE_ERR_SHAPE, {"features", "8 rows", "row_stride 4611686018427387904", "overflows int64"});
+    const auto lstride = buf(b.y.data(), COLLAPSE_I32, b.n, 1, huge);
+    check([&](collapse_session* s) { return collapse_session_ingest_rows(s, &f, &lstride, nullptr, nullptr); },
+          COLLAPSE_ERR_SHAPE, {"labels", "row_stride 4611686018427387904"});
+    std::vector<uint8_t> mask((size_t)b.n, 1);
+    const auto mstride = buf(mask.data(), COLLAPSE_U8, b.n, 1, huge);
+    check([&](collapse_session* s) { return collapse_session_ingest_rows(s, &f, &l, &mstride, nullptr); },
+          COLLAPSE_ERR_SHAPE, {"valid mask", "row_stride 4611686018427387904"});
+    const auto frows = buf(b.x.data(), COLLAPSE_F32, huge, kD);
+    const auto lrows = buf(b.y.data(), COLLAPSE_I32, huge);
+    check([&](collapse_session* s) { return collapse_session_ingest_rows(s, &frows, &lrows, nullptr, nullptr); },
+          COLLAPSE_ERR_SHAPE, {"features", "4611686018427387904 rows", "overflows int64"});
+    // A buffer whose last byte would lie past the top of the address space.
+    const void* top = reinterpret_cast<const void*>(~uintptr_t(0) - 15);
+    const auto ftop = buf(top, COLLAPSE_F32, 2, kD);
+    const auto l2 = buf(b.y.data(), COLLAPSE_I32, 2);
+    check([&](collapse_session* s) { return collapse_session_ingest_rows(s, &ftop, &l2, nullptr, nullptr); },
+          COLLAPSE_ERR_SHAPE, {"features", "address space"});
+
+    // Sequences: batch * seq_len wrapped to 0 and matched an empty hidden buffer.
+    std::vector<int32_t> ids((size_t)(2 * 4), 1);
+    const auto h0 = buf(b.x.data(), COLLAPSE_F32, 0, kD);
+    const auto idhuge = buf(ids.data(), COLLAPSE_I32, huge, 4);
+    check([&](collapse_session* s) { return collapse_session_ingest_sequences(s, &h0, &idhuge, nullptr, huge, 4, nullptr); },
+          COLLAPSE_ERR_SHAPE, {"batch 4611686018427387904", "seq_len 4", "overflows int64"});
+    const auto h = buf(b.x.data(), COLLAPSE_F32, 8, kD);
+    const auto idstride = buf(ids.data(), COLLAPSE_I32, 2, 4, huge);
+    check([&](collapse_session* s) { return collapse_session_ingest_sequences(s, &h, &idstride, nullptr, 2, 4, nullptr); },
+          COLLAPSE_ERR_SHAPE, {"input_ids", "row_stride 4611686018427387904"});
+
+    // The classifier and its bias.
+    std::vector<float> w((size_t)(kV * kD), 0.25f), bias((size_t)kV, 0.f);
+    const auto wstride = buf(w.data(), COLLAPSE_F32, kV, kD, huge);
+    check([&](collapse_session* s) { return collapse_session_set_classifier(s, &wstride, nullptr); }, COLLAPSE_ERR_SHAPE,
+          {"classifier: weight", "row_stride 4611686018427387904", "overflows int64"});
+    const auto wb = buf(w.data(), COLLAPSE_F32, kV, kD);
+    const auto bsquare = buf(bias.data(), COLLAPSE_F32, int64_t(1) << 32, (int64_t(1) << 32) + kV);
+    check([&](collapse_session* s) { return collapse_session_set_classifier(s, &wb, &bsquare); }, COLLAPSE_ERR_SHAPE,
+          {"bias shape [4294967296, 4294967302]", "overflows"});
+}
+
+TEST_F(BadInput, TransposedClassifierIsNamedAsSuch) {
+    // [d, V] used to be taken as [V, d'] and the features were blamed for the width later.
+    std::vector<float> wt((size_t)(kD * kV), 0.5f);
+    const auto w = buf(wt.data(), COLLAPSE_F32, kD, kV);
+    check([&](collapse_session* s) { return collapse_session_set_classifier(s, &w, nullptr); }, COLLAPSE_ERR_SHAPE,
+          {"classifier", "[4, 6]", "looks transposed"});
+    // A classifier set first fixes d; a batch of another width then says where d came from.
+    std::vector<float> wide((size_t)(kV * (kD + 3)), 0.5f);
+    const auto ww = buf(wide.data(), COLLAPSE_F32, kV, kD + 3);
+    SessionPtr s = make_session(o);
+    ASSERT_EQ(collapse_session_set_classifier(s.get(), &ww, nullptr), COLLAPSE_OK) << collapse_last_error();
+    const auto f = A.features(), l = A.labels();
+    expect_error(collapse_session_ingest_rows(s.get(), &f, &l, nullptr, nullptr), COLLAPSE_ERR_SHAPE,
+                 {"features: width 4", "feature width 7", "the classifier's columns"});
+}
+
+TEST_F(BadInput, ClassifierTooLargeForFloat64Sums) {
+    std::vector<double> w((size_t)(kV * kD));
+    for (size_t i = 0; i < w.size(); ++i) w[i] = std::cos((double)i);
+    std::vector<double> w_huge = w, w_sum = w;
+    w_huge[(size_t)(2 * kD + 1)] = 1e200;  // its square alone is infinite
+    for (double& v : w_sum) v = 1e150;      // each square is finite, two of them pass 1e300
+    const auto wh = buf(w_huge.data(), COLLAPSE_F64, kV, kD), ws = buf(w_sum.data(), COLLAPSE_F64, kV, kD);
+    check([&](collapse_session* s) { return collapse_session_set_classifier(s, &wh, nullptr); }, COLLAPSE_ERR_BAD_INPUT,
+          {"classifier", "1e+200", "row 2", "column 1", "overflow"});
+    check([&](collapse_session* s) { return collapse_session_set_classifier(s, &ws, nullptr); }, COLLAPSE_ERR_BAD_INPUT,
+          {"classifier", "1e+150", "row 0", "column 1"});
+    // Large but measurable weights are accepted and give a finite self-duality.
+    std::vector<double> w_big = w;
+    for (double& v : w_big) v *= 1e100;
+    SessionPtr s = make_session(o);
+    ingest_ok(s.get(), A);
+    const auto wbig = buf(w_big.data(), COLLAPSE_F64, kV, kD);
+    ASSERT_EQ(collapse_session_set_classifier(s.get(), &wbig, nullptr), COLLAPSE_OK) << collapse_last_error();
+    const json doc = final_report(s.get());
+    ASSERT_TRUE(doc["overall_analysis"]["nc3_self_duality"].is_number()) << doc["overall_analysis"].dump();
+    EXPECT_TRUE(std::isfinite(doc["overall_analysis"]["nc3_self_duality"].get<double>()));
+}
+
+TEST_F(BadInput, ClassifierBiasHonoursItsRowStride) {
+    // Bias [V, 1] with row_stride 2: every other element. It used to be read as if contiguous.
+    collapse_options on = o;
+    on.compute_nc4 = 1;
+    std::vector<float> w((size_t)(kV * kD));
+    for (size_t i = 0; i < w.size(); ++i) w[i] = (float)std::cos((double)i);
+    // The gaps hold -1e6 but +1e6 at element 1: read flat, class 1 would win every NC4 argmax.
+    std::vector<float> bias = {0.5f, -1.f, 2.f, 0.f, -3.f, 1.f}, strided((size_t)(2 * kV), -1e6f);
+    strided[1] = 1e6f;
+    for (int64_t i = 0; i < kV; ++i) strided[(size_t)(2 * i)] = bias[(size_t)i];
+    const auto wb = buf(w.data(), COLLAPSE_F32, kV, kD);
+    auto report = [&](const collapse_buffer& bb) {
+        SessionPtr s = make_session(on);
+        ingest_ok(s.get(), A);
+        EXPECT_EQ(collapse_session_set_classifier(s.get(), &wb, &bb), COLLAPSE_OK) << collapse_last_error();
+        return final_report(s.get());
+    };
+    const json want = report(buf(bias.data(), COLLAPSE_F32, kV));
+    expect_same_json(report(buf(strided.data(), COLLAPSE_F32, kV, 1, 2)), want);
+    // The flat reading of the same buffer is a different classifier: the comparison above can fail.
+    EXPECT_NE(report(buf(strided.data(), COLLAPSE_F32, kV)).dump(), want.dump());
+}
+
 TEST_F(BadInput, DeviceMemoryOnTheCpuBackend) {
     const Batch b = make_batch(8, kD, kV, 32);
     const auto fd = buf(b.x.data(), COLLAPSE_F32, b.n, kD, 0, COLLAPSE_MEMORY_DEVICE);
@@ -891,6 +1006,31 @@ TEST_F(BadInput, HostMemoryLimitTooSmallForOneBatch) {
     ingest_ok(s3.get(), too_big);
     ingest_ok(s3.get(), small);
     EXPECT_EQ(final_report(s3.get())["counts"]["rows_seen"], 3750);
+}
+
+// ------------------------------------------------------------------------------------ config files
+
+class BadConfigFile : public testutil::TempDirTest {};
+
+TEST_F(BadConfigFile, FifoIsRefusedWithoutBlocking) {
+    // Before the fix fopen() waited forever for a writer.
+    const std::string p = path("config.yaml");
+    ASSERT_EQ(::mkfifo(p.c_str(), 0600), 0);
+    testutil::expect_error([&] { collapse::internal::load_yaml_file(p); }, {"config file", p, "FIFO"});
+}
+
+TEST_F(BadConfigFile, DevZeroIsRefusedNotReadForever) {
+    testutil::expect_error([&] { collapse::internal::load_yaml_file("/dev/zero"); },
+                           {"config file", "/dev/zero", "character device"});
+}
+
+TEST_F(BadConfigFile, OversizedFileIsRefused) {
+    const std::string p = path("big.yaml");
+    testutil::write_file(p, "batch_rows: 1024\n");
+    ASSERT_EQ(::truncate(p.c_str(), (off_t)(17u << 20)), 0);  // sparse: costs no disk
+    testutil::expect_error([&] { collapse::internal::load_yaml_file(p); }, {"config file", p, "17825792 bytes", "16 MiB"});
+    testutil::write_file(p, "batch_rows: 1024\n");
+    EXPECT_EQ(collapse::internal::load_yaml_file(p).batch_rows, 1024);
 }
 
 }  // namespace

@@ -14,6 +14,7 @@
 //  3. Refusals: status code, a message naming the difference, and the session unchanged (proven:
 //     the refused session goes on and its report equals that of a session that never tried).
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -23,6 +24,8 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <limits>
+#include <map>
 #include <memory>
 #include <random>
 #include <set>
@@ -33,6 +36,7 @@
 
 #include "collapse/collapse.h"
 #include "common/file_helpers.hpp"
+#include "base/dtype.hpp"
 #include "base/error.hpp"
 #include "io/checkpoint_file.hpp"
 
@@ -455,6 +459,27 @@ protected:
         expect_same(final_report(s.get()), final_report(ref.get()), 0.0);
     }
 
+    // The good checkpoint rewritten through the container writer, each section's bytes passed
+    // through `edit` first: valid checksums, whatever the content (a crafted file).
+    // `retype` gives sections another element type; a one-dimensional section takes the length
+    // its new bytes give.
+    using Edit = std::function<void(const std::string& name, std::vector<char>& bytes)>;
+    void rewrite(const std::string& out, const Edit& edit, const std::map<std::string, collapse_dtype>& retype = {},
+                 const std::string& from = "") const {
+        collapse::internal::io::CheckpointReader r(from.empty() ? ck_ : from);
+        collapse::internal::io::CheckpointWriter w(out);
+        for (const std::string& name : r.names()) {
+            const auto sec = r.section(name);
+            std::vector<char> bytes(static_cast<const char*>(sec.data), static_cast<const char*>(sec.data) + sec.bytes);
+            edit(name, bytes);
+            const collapse_dtype t = retype.count(name) ? retype.at(name) : (collapse_dtype)sec.dtype_code;
+            std::vector<int64_t> shape = sec.shape;
+            if (shape.size() == 1) shape = {(int64_t)(bytes.size() / collapse::internal::dtype_size(t))};
+            w.add(name, t, shape, bytes.data(), bytes.size());
+        }
+        w.commit();
+    }
+
     Data D_;
     Classifier C_;
     std::string ck_, good_;
@@ -670,19 +695,8 @@ TEST_F(CheckpointRefusal, CorruptSectionPayloads) {
 // through the container writer, every refusal names the sections.
 TEST_F(CheckpointRefusal, InconsistentSections) {
     const std::string bad = path("inconsistent.ckpt");
-    auto rewrite = [&](const std::function<void(const std::string&, std::vector<char>&)>& edit) {
-        collapse::internal::io::CheckpointReader r(ck_);
-        collapse::internal::io::CheckpointWriter w(bad);
-        for (const std::string& name : r.names()) {
-            const auto sec = r.section(name);
-            std::vector<char> bytes(static_cast<const char*>(sec.data), static_cast<const char*>(sec.data) + sec.bytes);
-            edit(name, bytes);
-            w.add(name, sec.dtype_code, sec.shape, bytes.data(), bytes.size());
-        }
-        w.commit();
-    };
     // A row moved from one class's store range to another's: totals agree, classes do not.
-    rewrite([](const std::string& name, std::vector<char>& b) {
+    rewrite(bad, [](const std::string& name, std::vector<char>& b) {
         if (name != "store_offsets") return;
         int64_t* off = reinterpret_cast<int64_t*>(b.data());
         int c = 0;
@@ -691,15 +705,159 @@ TEST_F(CheckpointRefusal, InconsistentSections) {
     });
     expect_refused(base_options(), &C_, true, bad, COLLAPSE_ERR_IO, {"store_offsets", "class_counts", bad});
     // A held-back class id out of range.
-    rewrite([](const std::string& name, std::vector<char>& b) {
+    rewrite(bad, [](const std::string& name, std::vector<char>& b) {
         if (name == "holdback_ids" && !b.empty()) reinterpret_cast<int64_t*>(b.data())[0] = kV + 5;
     });
     expect_refused(base_options(), &C_, false, bad, COLLAPSE_ERR_IO, {"holdback_ids", "inconsistent", bad}, false);
     // A negative class count.
-    rewrite([](const std::string& name, std::vector<char>& b) {
+    rewrite(bad, [](const std::string& name, std::vector<char>& b) {
         if (name == "class_counts") reinterpret_cast<int64_t*>(b.data())[0] = -1;
     });
     expect_refused(base_options(), &C_, true, bad, COLLAPSE_ERR_IO, {"class_counts is negative", bad});
+}
+
+// Issue 15: checkpoints whose checksums are valid but whose content is not (crafted, or written by
+// a bug) are refused naming the check, for load and merge alike, and change nothing; before these
+// checks some of them overflowed the heap (holdback counts, store offsets) or read before the
+// input (a negative position).
+TEST_F(CheckpointRefusal, CraftedContentIsRefusedNamingTheCheck) {
+    const std::string bad = path("crafted.ckpt");
+    struct Case {
+        std::string name;
+        Edit edit;
+        collapse_status status;
+        std::vector<std::string> pieces;
+        int modes = 3;  // 1: load into a new session, 2: merge into one with rows, 3: both
+        std::map<std::string, collapse_dtype> retype = {};
+        bool classifier = true;  // without one, a new session's width is still open
+    };
+    auto section = [](const std::string& which, std::function<void(std::vector<char>&)> f) -> Edit {
+        return [which, f](const std::string& name, std::vector<char>& b) {
+            if (name == which) f(b);
+        };
+    };
+    auto meta = [](std::function<void(json&)> f) -> Edit {
+        return [f](const std::string& name, std::vector<char>& b) {
+            if (name != "meta") return;
+            json j = json::parse(std::string(b.begin(), b.end()));
+            f(j);
+            const std::string t = j.dump();
+            b.assign(t.begin(), t.end());
+        };
+    };
+    auto i64 = [](std::vector<char>& b) { return reinterpret_cast<int64_t*>(b.data()); };
+    auto f64 = [](std::vector<char>& b) { return reinterpret_cast<double*>(b.data()); };
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    const int64_t big = std::numeric_limits<int64_t>::max();
+    const std::vector<Case> cases = {
+        {"negative rows", section("rows", [&](auto& b) { i64(b)[0] = -1; }), COLLAPSE_ERR_IO, {"rows seen is negative"}},
+        {"masked beyond seen", section("rows", [&](auto& b) { i64(b)[1] = i64(b)[0] + 1; }), COLLAPSE_ERR_IO, {"exceed"}},
+        {"counts disagree with rows", section("class_counts", [&](auto& b) { i64(b)[0] += 1; }), COLLAPSE_ERR_IO,
+         {"class_counts adds up to"}},
+        {"rows in an excluded class", section("class_counts", [&](auto& b) { i64(b)[0] -= 1, i64(b)[3] += 1; }), COLLAPSE_ERR_IO,
+         {"excluded class 3"}},
+        {"non-finite class sum", section("class_sums", [&](auto& b) { f64(b)[5] = nan; }), COLLAPSE_ERR_IO, {"class_sums", "non-finite"}},
+        {"negative sum of squares", section("class_sqnorms", [&](auto& b) { f64(b)[0] = -1; }), COLLAPSE_ERR_IO, {"class_sqnorms"}},
+        {"non-finite Gram", section("gram", [&](auto& b) { f64(b)[1] = INFINITY; }), COLLAPSE_ERR_IO, {"gram", "non-finite"}},
+        {"held-back count", section("holdback_counts", [&](auto& b) { i64(b)[0] -= 1; }), COLLAPSE_ERR_IO,
+         {"holdback_ids / holdback_counts", "inconsistent"}},
+        {"held-back ids out of order", section("holdback_ids", [&](auto& b) { std::swap(i64(b)[0], i64(b)[1]); }), COLLAPSE_ERR_IO,
+         {"holdback_ids", "inconsistent"}},
+        {"non-finite held-back row", section("holdback_rows", [&](auto& b) { f64(b)[3] = nan; }), COLLAPSE_ERR_IO,
+         {"holdback_rows", "non-finite"}},
+        {"store offsets not from 0", section("store_offsets", [&](auto& b) { for (size_t k = 0; k < b.size() / 8; ++k) i64(b)[k] += 1; }),
+         COLLAPSE_ERR_IO, {"store_offsets starts at 1"}},
+        {"store offsets descending", section("store_offsets", [&](auto& b) { i64(b)[1] = -7; }), COLLAPSE_ERR_IO,
+         {"store_offsets is not ascending"}},
+        // Found only while the rows are copied in: the merge must roll the row store back.
+        {"non-finite stored row", section("store_rows", [&](auto& b) { f64(b)[b.size() / 8 - 1] = nan; }), COLLAPSE_ERR_IO,
+         {"store_rows", "non-finite"}},
+        {"counts of another type", section("class_counts", [](auto&) {}), COLLAPSE_ERR_IO, {"class_counts has shape [64] and type float64"},
+         3, {{"class_counts", COLLAPSE_F64}}},
+        {"a shorter array", section("class_sqnorms", [](auto& b) { b.resize(b.size() - 8); }), COLLAPSE_ERR_IO,
+         {"class_sqnorms has shape [63]"}},
+        {"meta of another type", meta([](json& j) {
+             for (j["pad"] = ""; j.dump().size() % 8 != 0;) j["pad"] = j["pad"].get<std::string>() + " ";
+         }), COLLAPSE_ERR_IO,
+         {"meta is not a byte string"}, 3, {{"meta", COLLAPSE_I64}}},
+        {"negative input position", meta([](json& j) { j["input_position"] = -5; }), COLLAPSE_ERR_IO, {"input_position = -5", "negative"}},
+        {"negative batches", meta([](json& j) { j["batches"] = -1; }), COLLAPSE_ERR_IO, {"batches = -1"}},
+        {"negative skipped rows", meta([](json& j) { j["rows_skipped"] = -3; }), COLLAPSE_ERR_IO, {"rows_skipped"}},
+        {"missing field", meta([](json& j) { j.erase("batches"); }), COLLAPSE_ERR_IO, {"\"batches\" is missing"}},
+        {"field of another type", meta([](json& j) { j["batches"] = "7"; }), COLLAPSE_ERR_IO, {"batches", "not a 64-bit integer"}},
+        {"field beyond int64", meta([](json& j) { j["input_position"] = UINT64_MAX; }), COLLAPSE_ERR_IO, {"not a 64-bit integer"}},
+        {"newer meta version", meta([](json& j) { j["version"] = 2; }), COLLAPSE_ERR_IO, {"newer collapse", "version 2"}},
+        {"not an object", meta([](json& j) { j = json::array({1, 2}); }), COLLAPSE_ERR_IO, {"not a collapse session checkpoint"}},
+        {"not JSON", [](const std::string& name, std::vector<char>& b) { if (name == "meta") b.resize(b.size() / 2); }, COLLAPSE_ERR_IO,
+         {"not JSON"}},
+        // A width far beyond the arrays': refused before a backend of that size is made.
+        {"huge width", meta([](json& j) { j["dim"] = int64_t(1) << 40; }), COLLAPSE_ERR_IO, {"class_sums has shape [64, 10]"}, 1, {}, false},
+        {"zero width", meta([](json& j) { j["dim"] = 0; }), COLLAPSE_ERR_IO, {"d = 0"}},
+        {"invalid config value", meta([](json& j) { j["config"]["svd_mode"] = "bogus"; }), COLLAPSE_ERR_CONFIG, {"svd_mode", "meta config"}},
+        {"unknown config key", meta([](json& j) { j["config"]["no_such_key"] = 1; }), COLLAPSE_ERR_CONFIG, {"no_such_key"}},
+        {"config disagrees with its V", meta([](json& j) { j["config"]["num_classes"] = 65; }), COLLAPSE_ERR_IO,
+         {"state_config", "num_classes"}},
+        {"state config disagrees", meta([](json& j) { j["state_config"]["seed"] = 99; }), COLLAPSE_ERR_IO, {"state_config", "seed"}},
+        {"classifier hash not a hash", meta([](json& j) { j["classifier_hash"] = "abc"; }), COLLAPSE_ERR_IO, {"classifier_hash"}},
+        {"skipped range reversed", meta([](json& j) { j["skipped_ranges"] = json::array({json::array({5, 2})}); }), COLLAPSE_ERR_IO,
+         {"skipped range 0 [5, 2)"}},
+        {"skipped range not a pair", meta([](json& j) { j["skipped_ranges"] = json::array({json::array({1})}); }), COLLAPSE_ERR_IO,
+         {"skipped_ranges", "[1]"}},
+        // Self-consistent shards whose totals do not fit together.
+        {"rows overflow a merge", section("rows", [&](auto& b) { i64(b)[0] = big - 5, i64(b)[1] = big - 5 - 750; }), COLLAPSE_ERR_IO,
+         {"rows seen", "overflows"}, 2},
+        {"batches overflow a merge", meta([&](json& j) { j["batches"] = big; }), COLLAPSE_ERR_IO, {"batches", "overflows"}, 2},
+    };
+    for (const Case& c : cases) {
+        SCOPED_TRACE(c.name);
+        rewrite(bad, c.edit, c.retype);
+        for (int mode : {1, 2}) {
+            if (!(c.modes & mode)) continue;
+            SCOPED_TRACE(mode == 1 ? "load" : "merge");
+            std::vector<std::string> pieces = c.pieces;
+            pieces.push_back(bad);
+            expect_refused(base_options(), c.classifier ? &C_ : nullptr, mode == 2, bad, c.status, pieces, mode == 2);
+        }
+    }
+    // The unedited rewrite loads: the refusals above come from the edits alone.
+    rewrite(bad, [](const std::string&, std::vector<char>&) {});
+    SessionPtr s = make_session(base_options(), &C_);
+    EXPECT_EQ(collapse_session_load(s.get(), bad.c_str()), COLLAPSE_OK) << collapse_last_error();
+}
+
+// Issue 15: every byte of a checkpoint is covered by a check (header CRC, table CRC, section CRCs,
+// zero padding, the meta inside a checksummed section): a small checkpoint with any one byte
+// changed is refused, and the session that refused all of them is unchanged (it still loads the
+// intact file and gives the same report as a session that only loaded that).
+TEST_F(CheckpointRefusal, AnyByteChangedIsRefusedAndChangesNothing) {
+    const std::string small = path("small.ckpt"), flip = path("flip.ckpt");
+    {
+        SessionPtr s = make_session(base_options(), &C_);
+        ingest(s.get(), D_, 0, 1);
+        ASSERT_EQ(collapse_session_save(s.get(), small.c_str()), COLLAPSE_OK) << collapse_last_error();
+    }
+    const std::string bytes = testutil::read_file(small);
+    testutil::write_file(flip, bytes);
+    const int fd = ::open(flip.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    SessionPtr s = make_session(base_options(), &C_);
+    size_t accepted = 0, other_status = 0;
+    for (size_t i = 0; i < bytes.size(); ++i) {
+        const char changed = (char)(bytes[i] ^ (i % 2 ? 0x01 : 0xFF));
+        ASSERT_EQ(::pwrite(fd, &changed, 1, (off_t)i), 1);
+        const collapse_status st = i % 3 ? collapse_session_load(s.get(), flip.c_str()) : collapse_session_merge(s.get(), flip.c_str());
+        if (st == COLLAPSE_OK && accepted++ < 5) ADD_FAILURE() << "byte " << i << " changed, and the checkpoint was accepted";
+        if (st != COLLAPSE_OK && st != COLLAPSE_ERR_IO && other_status++ < 5)
+            ADD_FAILURE() << "byte " << i << ": status " << st << " " << collapse_last_error();
+        ASSERT_EQ(::pwrite(fd, &bytes[i], 1, (off_t)i), 1);
+    }
+    ::close(fd);
+    EXPECT_EQ(accepted, 0u) << "of " << bytes.size() << " bytes";
+    ASSERT_EQ(collapse_session_load(s.get(), flip.c_str()), COLLAPSE_OK) << collapse_last_error();
+    SessionPtr ref = make_session(base_options(), &C_);
+    ASSERT_EQ(collapse_session_load(ref.get(), small.c_str()), COLLAPSE_OK) << collapse_last_error();
+    expect_same(final_report(s.get()), final_report(ref.get()), 0.0);
+    RecordProperty("bytes_changed", (int)bytes.size());
 }
 
 TEST_F(CheckpointRefusal, CorruptHeaderTableAndMagic) {

@@ -1,4 +1,4 @@
-// METRICS.md "Accuracy contract": results do not depend on how rows are split into batches or
+// docs/METRICS.md "Accuracy contract": results do not depend on how rows are split into batches or
 // ordered, beyond 1e-12 relative on CPU. Every number of the report (every scalar, every per-token
 // value) is compared; integers (counts) exactly.
 //  - exact mode: batch sizes 1, 7, 4096 and a shuffled row order give the same report;

@@ -1,9 +1,9 @@
 // The CPU engine (through the public C++ API, collapse.hpp) against the float64 brute-force
-// reference of METRICS.md (tests/reference/brute_force.hpp) on seeded random inputs.
+// reference of docs/METRICS.md (tests/reference/brute_force.hpp) on seeded random inputs.
 //
-// METRICS.md "Accuracy contract": every metric within 1e-9 relative (1e-12 absolute near zero) of
+// docs/METRICS.md "Accuracy contract": every metric within 1e-9 relative (1e-12 absolute near zero) of
 // the reference; counts exact. The table below sweeps K (classes present), d, N, the input element
-// type, label distributions, the classifier (with bias for NC4) and every option of METRICS.md.
+// type, label distributions, the classifier (with bias for NC4) and every option of docs/METRICS.md.
 //
 // float16 / bfloat16 / float32 inputs: the reference gets the exactly converted values
 // (half_to_float, bf16_to_float, (double)float), as the contract says the engine converts them
@@ -11,7 +11,7 @@
 // (exercises the float64 path) and full-precision doubles (see the comment at that case).
 //
 // Class means are well separated and the kept rows full rank wherever overall_svd_entropy is
-// compared: METRICS.md defines the overall singular values through the eigenvalues of the Gram
+// compared: docs/METRICS.md defines the overall singular values through the eigenvalues of the Gram
 // X^T X, and the Gram route turns exact zero singular values into ~1e-8 * s_max ones, so
 // rank-deficient data cannot meet 1e-9 by construction. OverallEntropyRankDeficient documents that
 // case separately with a looser tolerance.
@@ -60,7 +60,7 @@ public:
     void TearDown() override {
         if (error_log().worst.empty()) return;
         std::cout << "[metrics-reference] max error vs the float64 reference, as |diff| / max(|ref|, 1e-3) "
-                     "(METRICS.md: 1e-9 relative, 1e-12 absolute near zero, so <= 1e-9 is within the contract):\n";
+                     "(docs/METRICS.md: 1e-9 relative, 1e-12 absolute near zero, so <= 1e-9 is within the contract):\n";
         double overall = 0;
         for (const auto& [k, v] : error_log().worst) {
             std::cout << "  " << k << ": " << v.first << "  (" << v.second << ")\n";
@@ -421,7 +421,7 @@ std::vector<Case> cases() {
         c.clf = Clf::WBias; c.nc4 = true; add(c);
     }
     {
-        // float64 inputs with full double precision. METRICS.md's contract names float32 inputs; it
+        // float64 inputs with full double precision. docs/METRICS.md's contract names float32 inputs; it
         // does not say float64 rows may be rounded to float32 anywhere.
         Case c; c.name = "K40_d24_f64_full_precision"; c.V = 40; c.d = 24; c.N = 1500; c.dtype = Dtype::F64Full;
         c.clf = Clf::W; add(c);
@@ -569,7 +569,7 @@ TEST(MetricsReferenceCollapsed, TightClustersCdnv) {
 }
 
 // Rank-deficient kept rows: every row lies exactly in a 6-dimensional subspace of R^32 (small
-// integers, so float32 holds them exactly). METRICS.md defines the overall singular values as
+// integers, so float32 holds them exactly). docs/METRICS.md defines the overall singular values as
 // sqrt(max(lambda, 0)) of the Gram's eigenvalues; an exact zero singular value then comes back as
 // sqrt(|rounding of lambda|) ~ sqrt(eps) * s_max ~ 1e-8 * s_max, and 26 such values each add about
 // -p ln p ~ 1e-8 to the entropy, while the reference's Jacobi SVD of the rows gives ~1e-16 * s_max.

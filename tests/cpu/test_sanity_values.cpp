@@ -1,4 +1,4 @@
-// METRICS.md "Reference sanity values", as exact tests through the engine (public C++ API).
+// docs/METRICS.md "Reference sanity values", as exact tests through the engine (public C++ API).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -285,7 +285,7 @@ TEST(SanityTokens, TwoRowClassesHaveEntropyAtMostLn2) {
 // ---------------------------------------------------------------------------------------------
 // Random directions in high dimension (d = 2000, K = 50). With class-balanced centring the mean
 // cosine is exactly -1/(K-1) for equal norms and ||u_i - u_j||^2 concentrates at 2K/(K-1), so
-// overall_gnc2 ~ -0.5 ln(2K/(K-1)) = -0.3567. METRICS.md's "~ -0.347" is -0.5 ln 2, the value
+// overall_gnc2 ~ -0.5 ln(2K/(K-1)) = -0.3567. docs/METRICS.md's "~ -0.347" is -0.5 ln 2, the value
 // without centring (||u_i - u_j|| ~ sqrt 2); at K = 50 the two differ by 0.01.
 TEST(SanityRandom, HighDimensionalRandomDirectionsGnc2) {
     const int64_t K = 50, d = 2000;
@@ -313,7 +313,7 @@ TEST(SanityRandom, HighDimensionalRandomDirectionsGnc2) {
     const double uncentred = -0.5 * std::log(2.0);
     note("random directions d=2000 K=50 overall_gnc2", gnc2);
     EXPECT_NEAR(gnc2, centred, 2e-3);
-    EXPECT_GT(std::fabs(gnc2 - uncentred), 5e-3) << "the centred value, not METRICS.md's uncentred ~-0.347";
+    EXPECT_GT(std::fabs(gnc2 - uncentred), 5e-3) << "the centred value, not docs/METRICS.md's uncentred ~-0.347";
     EXPECT_NEAR(rep["overall_analysis"]["nc2_equiangular_mean"].get<double>(), -1.0 / (K - 1.0), 1e-3);
     EXPECT_LT(rep["overall_analysis"]["nc2_equiangular_std"].get<double>(), 0.05);  // ~ 1/sqrt(d)
 }

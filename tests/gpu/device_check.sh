@@ -51,7 +51,7 @@ if [ $build_rc -eq 0 ]; then
   grep -E "^\[  FAILED|Failure|error" "$out/test_cuda.log" | head -20
   # 4. Sanitizers on a small case (racecheck sees shared-memory hazards only; initcheck finds
   #    reads of memory nothing wrote). Each bounded so that the whole script stays under 8 minutes.
-  small='Table/CudaVsCpu.SameReport/d31_f16:CudaBackend.DeviceSide*:CudaBackend.RowBufferMovesToHostAndSpills:Modes/CudaCheckpoint.*/exact'
+  small='Table/CudaVsCpu.SameReport/d31_f16:CudaBackend.DeviceSide*:CudaBackend.RowBufferMovesToHostAndSpills:CudaBackend.NoAllocationsAfterWarmUp:Modes/CudaCheckpoint.*/exact'
   for tool in memcheck racecheck initcheck; do
     if [ $SECONDS -gt 400 ] || [ -n "${SKIP_SANITIZERS:-}" ]; then result[$tool]="skipped (time budget)"; continue; fi
     (cd build-gpu && timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 ./tests/test_cuda --gtest_filter="$small" > "$out/$tool.log" 2>&1)

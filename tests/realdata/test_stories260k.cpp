@@ -1,5 +1,5 @@
 // Real hidden states of a real LM (../shared/data/stories260k): the CLI's report against this
-// test's own float64 evaluation of METRICS.md. Skips when the data folder is absent.
+// test's own float64 evaluation of docs/METRICS.md. Skips when the data folder is absent.
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -135,7 +135,7 @@ TEST_F(Stories260k, CliReportMatchesFloat64Reference) {
 
     const nlohmann::json rep = run_cli(dir_.string(), "exclude_token_ids: [0, 1, 2]\ncompute_nc4: true\n", "--batch-rows 50000");
     expect_matches(rep, want);
-    // Published-magnitude sanity (METRICS.md): a tiny LM is far from collapse.
+    // Published-magnitude sanity (docs/METRICS.md, "Reference sanity values"): a tiny LM is far from collapse.
     EXPECT_GT(rep["overall_analysis"]["nc4_agreement"].get<double>(), 0.0);
 }
 

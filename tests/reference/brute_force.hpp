@@ -1,9 +1,9 @@
-// Brute-force float64 reference of /work/shared/docs/METRICS.md, for the test suite.
+// Brute-force float64 reference of docs/METRICS.md, for the test suite.
 //
 // Deliberately naive and independent of the engine: no code from src/, no BLAS/LAPACK, no Gram
-// matrices. Every formula is evaluated as written in METRICS.md (distances as norms of difference
+// matrices. Every formula is evaluated as written in docs/METRICS.md (distances as norms of difference
 // vectors, double loops over pairs i < j, two-pass mean/variance). Long sums are accumulated in
-// long double. Section comments ("METRICS.md: ...") point at the line each block implements.
+// long double. Section comments ("docs/METRICS.md ...") name the section each block implements.
 //
 // Singular values use one-sided (Hestenes) Jacobi. A tall matrix (more rows than columns, after
 // transposing so that the columns are the smaller side) is first reduced to its square triangular
@@ -109,7 +109,7 @@ inline double diff_norm(const double* a, const double* b, int64_t n) {
   return static_cast<double>(std::sqrt(diff_norm2(a, b, n)));
 }
 
-// METRICS.md "Statistics over a set of values": mean; var_pop (divide by count); std_unbiased
+// docs/METRICS.md "Statistics over a set of values": mean; var_pop (divide by count); std_unbiased
 // (divide by count - 1). Two passes.
 inline double mean(const std::vector<double>& v) {
   LD s = 0;
@@ -282,7 +282,7 @@ inline std::vector<double> singular_values_unpreconditioned(const std::vector<do
   return detail::jacobi_column_norms(std::move(B), m, k);
 }
 
-// METRICS.md "SVD entropy": p_k = s_k / sum(s), H = -sum_k p_k ln(p_k + 1e-10); sum(s) = 0 -> 0.
+// docs/METRICS.md "SVD entropy": p_k = s_k / sum(s), H = -sum_k p_k ln(p_k + 1e-10); sum(s) = 0 -> 0.
 inline double svd_entropy(const std::vector<double>& s) {
   detail::LD total = 0;
   for (double x : s) total += x;
@@ -306,7 +306,7 @@ inline void check_inputs(const std::vector<double>& X, const std::vector<int64_t
     if (label < 0 || label >= o.num_classes) throw std::invalid_argument("ref: label out of [0, V)");
 }
 
-// METRICS.md "Inputs and notation": exclusion, n_c, kept classes, max_tokens cut. Fills the counts of
+// docs/METRICS.md "Inputs and notation": exclusion, n_c, kept classes, max_tokens cut. Fills the counts of
 // `r` and returns the kept ids ascending.
 inline std::vector<int64_t> select_classes(const std::vector<int64_t>& y, const Options& o, Result& r) {
   const std::set<int64_t> E(o.exclude.begin(), o.exclude.end());
@@ -350,7 +350,7 @@ inline std::vector<std::vector<int64_t>> rows_by_class(const std::vector<int64_t
   return rows;
 }
 
-// METRICS.md "Inputs and notation": mu_c, var_c, mu_G, m_c, u_c for the kept classes.
+// docs/METRICS.md "Inputs and notation": mu_c, var_c, mu_G, m_c, u_c for the kept classes.
 inline ClassStats class_stats(const std::vector<double>& X, int64_t d, const std::vector<int64_t>& kept,
                               const std::vector<std::vector<int64_t>>& rows, const Options& o) {
   const int64_t K = static_cast<int64_t>(kept.size());

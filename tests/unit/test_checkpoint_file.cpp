@@ -1,6 +1,7 @@
 // Checkpoint container: CRC32C vectors, round trips, every refusal of a damaged file, and the
 // writer's behaviour on write errors, abandonment and crashes.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
@@ -17,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "base/atomic_file.hpp"
 #include "base/error.hpp"
 #include "common/file_helpers.hpp"
 #include "io/checkpoint_file.hpp"
@@ -259,7 +261,10 @@ TEST_F(CheckpointTest, CommitReplacesOldCheckpointAtomically) {
         w.add("v", COLLAPSE_I64, {1}, &two, 8);
         EXPECT_EQ(*static_cast<const int64_t*>(CheckpointReader(p).section("v").data), 1);  // untouched so far
         EXPECT_TRUE(exists(w.temp_path()));
-        EXPECT_EQ(w.temp_path(), p + ".tmp." + std::to_string(::getpid()));
+        // Unique beside it: "<path>.tmp.<host>-<pid>-XXXXXX" (base/atomic_file.hpp).
+        const std::string stem = p + ".tmp." + host_name() + "-" + std::to_string(::getpid()) + "-";
+        EXPECT_EQ(w.temp_path().substr(0, stem.size()), stem);
+        EXPECT_EQ(w.temp_path().size(), stem.size() + 6);
         w.commit();
         EXPECT_FALSE(exists(w.temp_path()));
     }
@@ -582,9 +587,17 @@ TEST_F(CheckpointTest, CrashAtAnyPointLeavesOldOrNewWhole) {
             EXPECT_EQ(WEXITSTATUS(status), 3);
             EXPECT_TRUE(read_file(p) == old_bytes);
             expect_sample(r, old_s);
-            const std::string stale = p + ".tmp." + std::to_string(pid);
-            EXPECT_TRUE(exists(stale));  // a crashed writer's temp file stays; it is never read
-            ::unlink(stale.c_str());
+            // A crashed writer's temp file stays (it is never read) until the next writer of the
+            // path, which removes it: its process is gone and it holds no lock.
+            const std::string stale = p + ".tmp." + host_name() + "-" + std::to_string(pid) + "-";
+            auto stale_left = [&] {
+                for (const auto& e : std::filesystem::directory_iterator(dir_))
+                    if (e.path().string().rfind(stale, 0) == 0) return true;
+                return false;
+            };
+            EXPECT_TRUE(stale_left());
+            old_s.write(p);
+            EXPECT_FALSE(stale_left());
         } else {
             EXPECT_EQ(WEXITSTATUS(status), 0);
             expect_sample(r, new_s);
@@ -623,15 +636,22 @@ TEST_F(CheckpointTest, UnwritableDirectoryIsAnIoError) {
     const std::string p = path("plain/sub.ckpt");
     expect_error([&] { CheckpointWriter w(p); }, {p, std::strerror(ENOTDIR)});
     expect_error([&] { CheckpointWriter w(path("no/such/dir/x.ckpt")); }, {"no/such/dir/x.ckpt", std::strerror(ENOENT)});
-    // The final name is a directory: everything is written, the rename fails, the temp is removed.
+    // The final name is a directory: refused before anything is written.
     ASSERT_EQ(::mkdir(path("taken").c_str(), 0755), 0);
+    expect_error([&] { CheckpointWriter w(path("taken")); }, {path("taken"), std::strerror(EISDIR)});
+    // The temp file removed under the writer (a read-only directory does not stop root): the
+    // rename fails, naming the path and the system error.
+    ASSERT_EQ(::mkdir(path("gone").c_str(), 0755), 0);
     {
-        CheckpointWriter w(path("taken"));
+        CheckpointWriter w(path("gone/c.ckpt"));
         Sample().write(w);
-        expect_error([&] { w.commit(); }, {path("taken"), "rename"});
-        EXPECT_FALSE(exists(w.temp_path()));
+        const std::string tmp = w.temp_path();
+        ASSERT_EQ(::unlink(tmp.c_str()), 0);
+        expect_error([&] { w.commit(); }, {path("gone/c.ckpt"), "rename", std::strerror(ENOENT)});
+        EXPECT_FALSE(exists(tmp));
     }
-    EXPECT_EQ(dir_entries(), 2u);  // "plain" and "taken" only
+    EXPECT_EQ(dir_entries(), 3u);  // "plain", "taken" and "gone" only
+    EXPECT_TRUE(std::filesystem::is_empty(path("gone")));
 }
 
 TEST_F(CheckpointTest, BadArgumentsLeaveTheWriterUsable) {
@@ -661,7 +681,7 @@ TEST_F(CheckpointTest, BadArgumentsLeaveTheWriterUsable) {
     expect_error([&] { w.append(v, 8); }, {"outside a section"}, COLLAPSE_ERR_STATE);
     w.add("x", COLLAPSE_U8, {0}, nullptr, 0);
     expect_error([&] { w.add("y", COLLAPSE_U8, {0}, nullptr, 0); }, {"max_sections = 3"}, inval);
-    // Another writer for the same path in this process would clobber the temp file.
+    // Two writers of one path at once in this process are a mistake (the last commit would win).
     expect_error([&] { CheckpointWriter other(p); }, {p, "another CheckpointWriter"}, COLLAPSE_ERR_STATE);
     w.commit();
     expect_error([&] { w.add("late", COLLAPSE_U8, {0}, nullptr, 0); }, {"already committed"}, COLLAPSE_ERR_STATE);
@@ -671,6 +691,44 @@ TEST_F(CheckpointTest, BadArgumentsLeaveTheWriterUsable) {
     expect_section(r, "v", COLLAPSE_I64, {4}, std::vector<int64_t>(v, v + 4));
     expect_section(r, "w", COLLAPSE_I64, {2}, std::vector<int64_t>(v, v + 2));
     CheckpointWriter again(p);  // the first one is done: a new writer for the path is fine
+}
+
+
+// Issue 15: the temp name is unique and created exclusively, so files that merely look like temp
+// files (an old "<path>.tmp", one of a live process) are never touched.
+TEST_F(CheckpointTest, TempFilesOfOthersAreNeverClobbered) {
+    const std::string p = path("c.ckpt");
+    const std::string live = p + ".tmp." + host_name() + "-" + std::to_string(::getpid()) + "-ABCDEF";
+    write_file(p + ".tmp", "someone's file");
+    write_file(live, "a live writer's temp file");
+    Sample().write(p);
+    expect_sample(CheckpointReader(p), Sample());
+    EXPECT_EQ(read_file(p + ".tmp"), "someone's file");
+    EXPECT_EQ(read_file(live), "a live writer's temp file");
+    EXPECT_EQ(dir_entries(), 3u);
+}
+
+// A path that exists and is not a regular file is written straight through, never replaced:
+// /dev/null stays the device; a FIFO cannot take a checkpoint (it is written out of order).
+TEST_F(CheckpointTest, DevNullIsWrittenThroughAndAFifoIsRefused) {
+    {
+        CheckpointWriter w("/dev/null");
+        EXPECT_EQ(w.temp_path(), "");
+        Sample().write(w);
+        w.commit();
+    }
+    struct stat st;
+    ASSERT_EQ(::stat("/dev/null", &st), 0);
+    EXPECT_TRUE(S_ISCHR(st.st_mode));
+    const std::string fifo = path("fifo");
+    ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+    const int reader = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK);  // so that opening it for writing does not block
+    ASSERT_GE(reader, 0);
+    expect_error([&] { CheckpointWriter w(fifo); }, {fifo, "pipe"});
+    ::close(reader);
+    ASSERT_EQ(::lstat(fifo.c_str(), &st), 0);
+    EXPECT_TRUE(S_ISFIFO(st.st_mode));
+    EXPECT_EQ(dir_entries(), 1u);
 }
 
 }  // namespace

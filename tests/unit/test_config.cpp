@@ -3,10 +3,12 @@
 // conversions with the C options struct.
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
 #include <yaml-cpp/yaml.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <limits>
 #include <set>
@@ -418,6 +420,19 @@ TEST(Config, RepeatedKeysAndSecondDocumentsAreRefused) {
     EXPECT_CONFIG_ERROR("seed: 1\nseed: 2\n", "t.yaml:2: key 'seed' is given twice (first on line 1)");
     EXPECT_CONFIG_ERROR("seed: 1\n---\nseed: 2\n", "t.yaml:3: a config holds one YAML document");
     EXPECT_CONFIG_ERROR("[a]: 1\n", "t.yaml:1: a key must be a plain name");
+}
+
+// yaml-cpp 0.7's LoadAll never returns on these (found by fuzz_config); yaml-cpp reads them as an
+// empty document, which must not mean "all defaults".
+TEST(Config, MalformedTextThatYamlReadsAsEmptyIsRefusedAndDoesNotHang) {
+    for (const char* text : {",", ",\n", "  ,  # c\n", "seed: 1\n,\n"}) {
+        SCOPED_TRACE(text);
+        const Failure f = failure_of([&] { parse_yaml(text, "t.yaml"); });
+        EXPECT_EQ(f.status, COLLAPSE_ERR_CONFIG) << f.message;
+        EXPECT_NE(f.message.find("t.yaml:"), std::string::npos) << f.message;
+    }
+    // Comments and document markers alone are still an empty config: every default.
+    EXPECT_EQ(parse_yaml("# nothing\n---\n...\n", "t.yaml").seed, Config{}.seed);
 }
 
 TEST(Config, UnreadableFileIsAnIoErrorNamingThePath) {

@@ -246,7 +246,7 @@ TEST(ReferenceSvd, EntropyFormula) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// METRICS.md reference sanity values
+// docs/METRICS.md "Reference sanity values"
 // ---------------------------------------------------------------------------------------------
 
 // Simplex ETF: m_c = S (e_c - (1/K) 1) in the first K coordinates, shifted along coordinate K

@@ -283,7 +283,7 @@ TEST(Synth, FullCollapseMeansFormASimplexEtf) {
         SynthGenerator g(s);
         const int64_t d = s.dim;
         const auto& m = g.class_means();
-        // Centred means (class-balanced global mean, as METRICS.md); the ETF already sums to zero.
+        // Centred means (class-balanced global mean, as docs/METRICS.md); the ETF already sums to zero.
         std::vector<double> mu(d, 0.0);
         for (int64_t c = 0; c < V; ++c)
             for (int64_t j = 0; j < d; ++j) mu[(size_t)j] += m[(size_t)(c * d + j)] / (double)V;

@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -628,6 +629,142 @@ TEST_F(TensorFileTest, WriterRefusesBadSpecs) {
 
 // ---------------------------------------------------------------------------------------------
 // The real data set, when present
+
+// ---------------------------------------------------------------------------------------------
+// Hostile inputs: non-regular files, files that change under a run, shapes that only look right
+
+TEST_F(TensorFileTest, OpenRegularFileRefusesFifoWithoutBlocking) {
+    // Before the fix open() waited for a writer forever.
+    const std::string p = path("pipe.npy");
+    ASSERT_EQ(::mkfifo(p.c_str(), 0600), 0);
+    expect_io_error([&] { open_npy(p); }, {p, "FIFO", "not a regular file"});
+    expect_io_error([&] { SafetensorsFile f(p); }, {p, "FIFO"});
+    expect_io_error([&] { open_regular_file(p, "checkpoint"); }, {"checkpoint", p, "FIFO"});
+}
+
+TEST_F(TensorFileTest, OpenRegularFileRefusesDevicesAndDirectories) {
+    expect_io_error([&] { open_npy("/dev/zero"); }, {"/dev/zero", "character device"});
+    expect_io_error([&] { open_regular_file(dir_, "config file"); }, {"config file", dir_, "directory"});
+    expect_io_error([&] { open_regular_file(path("missing"), "config file"); },
+                    {"config file", path("missing"), "No such file or directory"});
+    write_file(path("ok"), "abc");
+    struct stat st;
+    const UniqueFd fd = open_regular_file(path("ok"), "input", &st);
+    EXPECT_GE(fd.get(), 0);
+    EXPECT_EQ(st.st_size, 3);
+}
+
+TEST_F(TensorFileTest, ReadRowsCopiesTheSameBytesAsRow) {
+    std::vector<float> v(5 * 7);
+    for (size_t i = 0; i < v.size(); ++i) v[i] = (float)i * 0.5f;
+    write_npy(path("r.npy"), COLLAPSE_F32, {5, 7}, v.data());
+    const Tensor t = open_npy(path("r.npy"));
+    std::vector<uint8_t> buf;
+    const void* p = t.read_rows(1, 3, buf);
+    ASSERT_EQ(buf.size(), 3u * 7 * 4);
+    EXPECT_EQ(std::memcmp(p, t.row(1), buf.size()), 0);
+    EXPECT_EQ(t.read_rows(5, 0, buf), buf.data());  // an empty range at the end is fine
+    EXPECT_TRUE(buf.empty());
+    for (auto [r0, n] : {std::pair<int64_t, int64_t>{4, 2}, {-1, 1}, {0, -1}, {6, 0}, {2, INT64_MAX}})
+        testutil::expect_error([&] { t.read_rows(r0, n, buf); }, {"r.npy", "outside its 5 rows"},
+                               COLLAPSE_ERR_INVALID_ARGUMENT);
+}
+
+TEST_F(TensorFileTest, ReadRowsOfAFileThatShrankIsAnErrorNotSigbus) {
+    // Touching the mapping here (t.row(3)) would kill the process with SIGBUS.
+    const std::vector<float> v(64 * 1024, 1.0f);
+    for (const char* fmt : {"npy", "safetensors"}) {
+        SCOPED_TRACE(fmt);
+        const std::string p = path(std::string("s.") + fmt);
+        Tensor t;
+        if (std::string(fmt) == "npy") {
+            write_npy(p, COLLAPSE_F32, {64, 1024}, v.data());
+            t = open_npy(p);
+        } else {
+            SafetensorsWriter w(p, {{"x", COLLAPSE_F32, {64, 1024}}});
+            w.append(v.data(), v.size() * 4);
+            w.close();
+            t = SafetensorsFile(p).tensor("x");
+        }
+        std::vector<uint8_t> buf;
+        t.read_rows(0, 2, buf);
+        ASSERT_EQ(::truncate(p.c_str(), 4096), 0);
+        expect_io_error([&] { t.read_rows(32, 8, buf); }, {p, "changed while it was read", "4096"});
+        expect_io_error([&] { t.read_rows(0, 1, buf); }, {p, "changed while it was read"});  // even bytes still there
+    }
+}
+
+TEST_F(TensorFileTest, ReadRowsOfAFileRewrittenInPlaceIsAnError) {
+    const std::vector<int32_t> v(100, 7);
+    write_npy(path("l.npy"), COLLAPSE_I32, {100}, v.data());
+    const Tensor t = open_npy(path("l.npy"));
+    std::vector<uint8_t> buf;
+    t.read_rows(0, 100, buf);
+    {  // same size, new contents, and a modification time that surely differs
+        std::fstream f(path("l.npy"), std::ios::in | std::ios::out | std::ios::binary);
+        f.seekp(200);
+        f.write("\x01\x02\x03\x04", 4);
+    }
+    const struct timespec times[2] = {{0, UTIME_OMIT}, {12345, 678}};
+    ASSERT_EQ(::utimensat(AT_FDCWD, path("l.npy").c_str(), times, 0), 0);
+    expect_io_error([&] { t.read_rows(0, 100, buf); }, {path("l.npy"), "changed while it was read", "modified"});
+}
+
+TEST_F(TensorFileTest, HeaderLengthsAreBounded) {
+    // A bogus header length within a large (sparse) file must not allocate gigabytes.
+    const std::string np = path("h.npy");
+    {
+        std::string b = "\x93NUMPY";
+        b += (char)2;
+        b += (char)0;
+        b += le(uint64_t(3) << 20, 4);
+        write_file(np, b);
+    }
+    ASSERT_EQ(::truncate(np.c_str(), (off_t)(4u << 20)), 0);
+    expect_io_error([&] { open_npy(np); }, {np, "header length 3145728", "limit"});
+    const std::string sp = path("h.safetensors");
+    write_file(sp, le(200000000, 8));
+    ASSERT_EQ(::truncate(sp.c_str(), 200000100), 0);
+    expect_io_error([&] { SafetensorsFile f(sp); }, {sp, "header length 200000000", "limit of 100000000"});
+}
+
+TEST_F(TensorFileTest, EmptyTensorWithOverflowingRowIsRefused) {
+    // Zero rows, but a row of 2^62 * 4 elements: row_elements() and row_bytes() would overflow.
+    const std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 4611686018427387904, 4), }";
+    expect_npy_refused("zero.npy", npy_bytes(1, dict, ""), "overflows");
+    expect_st_refused("zero.safetensors",
+                      st_bytes(R"({"x":{"dtype":"F32","shape":[0,4611686018427387904,4],"data_offsets":[0,0]}})", ""),
+                      {"overflows"});
+    const std::string ok = "{'descr': '<f4', 'fortran_order': False, 'shape': (0, 1024, 4), }";
+    write_file(path("ok.npy"), npy_bytes(1, ok, ""));
+    EXPECT_EQ(open_npy(path("ok.npy")).row_bytes(), 1024u * 16);
+}
+
+TEST_F(TensorFileTest, RequireLabelShapeAcceptsOnlyNAndNBy1) {
+    auto tensor = [](std::vector<int64_t> shape) {
+        Tensor t;
+        t.name = "labels.npy";
+        t.dtype = COLLAPSE_I32;
+        t.shape = std::move(shape);
+        return t;
+    };
+    require_label_shape(tensor({64}), 64, "labels");
+    require_label_shape(tensor({64, 1}), 64, "labels");
+    require_label_shape(tensor({0}), 0, "labels");
+    // [32, 2] has 64 elements but a row stride of 2; [1, 64] has one row: both used to be read.
+    const std::vector<std::vector<int64_t>> bad = {{32, 2}, {1, 64}, {63}, {64, 1, 1}, {}, {64, 2}, {2, 32}};
+    for (const auto& shape : bad) {
+        SCOPED_TRACE(::testing::PrintToString(shape));
+        testutil::expect_error([&] { require_label_shape(tensor(shape), 64, "labels"); },
+                               {"labels 'labels.npy'", "expected [64] or [64, 1]"}, COLLAPSE_ERR_SHAPE);
+    }
+    testutil::expect_error([&] { require_label_shape(tensor({32, 2}), 64, "labels"); }, {"shape [32, 2]"},
+                           COLLAPSE_ERR_SHAPE);
+    require_shape(tensor({4, 9}), {4, 9}, "input_ids");
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{9, 4}, {36}, {4, 9, 1}, {1, 36}})
+        testutil::expect_error([&] { require_shape(tensor(shape), {4, 9}, "input_ids"); },
+                               {"input_ids 'labels.npy'", "expected [4, 9]"}, COLLAPSE_ERR_SHAPE);
+}
 
 TEST(TensorFileRealData, Stories260k) {
     const std::string dir = std::string(COLLAPSE_SHARED_DIR) + "/data/stories260k/";

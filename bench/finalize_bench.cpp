@@ -1,0 +1,182 @@
+// Figures 3 and 4: finalisation. compute() with the pair metrics against the same tile GEMMs alone,
+// and the exact per-token SVD entropies against LAPACK's dgesdd alone on the same matrices.
+#include <cblas.h>
+#include <lapacke.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common.hpp"
+
+namespace bench {
+namespace {
+
+// The pair metrics' tile GEMMs alone, exactly as src/cpu/cpu_metrics.cpp issues them: an OpenMP
+// loop over the upper-triangle tiles of M M^T, one cblas_dgemm per tile. Seconds (best of reps).
+int64_t pair_tile_edge(int64_t K, int64_t host_memory_limit) {
+    const int64_t budget = std::min<int64_t>(int64_t(64) << 20, host_memory_limit / 8);
+    return std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
+}
+// M's values are a fixed pattern: dgemm's speed does not depend on them.
+double tile_gemm_seconds(int64_t K, int64_t d, int64_t T, int reps, double* flops) {
+    std::vector<double> m((size_t)(K * d));
+    for (size_t i = 0; i < m.size(); ++i) m[i] = (double)((i * 2654435761u) % 1000u) * 1e-3 - 0.5;
+    const int64_t nt = (K + T - 1) / T;
+    std::vector<std::pair<int64_t, int64_t>> tiles;
+    for (int64_t bi = 0; bi < nt; ++bi)
+        for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back(bi, bj);
+    *flops = 0;
+    for (const auto& t : tiles)
+        *flops += 2.0 * (double)std::min(T, K - t.first * T) * (double)std::min(T, K - t.second * T) * (double)d;
+    double best = 1e300;
+    for (int r = 0; r < reps; ++r) {
+        const auto t0 = Clock::now();
+        double check = 0;
+#pragma omp parallel reduction(+ : check)
+        {
+            std::vector<double> g((size_t)(T * T));
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < (int64_t)tiles.size(); ++t) {
+                const int64_t i0 = tiles[(size_t)t].first * T, j0 = tiles[(size_t)t].second * T;
+                const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
+                cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ni, (int)nj, (int)d, 1.0, m.data() + (size_t)i0 * d,
+                            (int)d, m.data() + (size_t)j0 * d, (int)d, 0.0, g.data(), (int)nj);
+                check += g[0];
+            }
+        }
+        best = std::min(best, since(t0));
+        g_sink = g_sink + (float)check;
+    }
+    return best;
+}
+
+}  // namespace
+
+// ---- figure 3: finalisation (pair metrics, UNC3) vs. the tile GEMMs alone ---------------------------
+
+void bench_finalize(const Options& o, json& out) {
+    const std::vector<int64_t> Ks = o.quick ? std::vector<int64_t>{1000, 8000} : std::vector<int64_t>{1000, 32000};
+    const int64_t d = 256;
+    std::printf("\n== 3. finalisation: compute() with class metrics (pair metrics GNC2/CDNV/NC2, UNC3 with a classifier),"
+                " svd_mode off, no overall Gram, d=%lld, 2-4 rows per class from SynthGenerator (collapse %.1f) ==\n",
+                (long long)d, kCollapse);
+    std::printf("   GEMM flops counted as the tiles actually computed: sum over upper-triangle tiles (diagonal tiles in full)"
+                " of 2*ni*nj*d\n");
+    for (int64_t K : Ks) {
+        // The figure fixes the rows per class (class c gets 2 + c % 3), which Zipf labels cannot
+        // give: exact labels, the generator's rows and classifier for them.
+        const SynthGenerator& gen = synth_generator(K, d);
+        const Inputs in = Inputs::with_labels(gen, exact_class_labels(K, 2, 4));
+        std::vector<float> w((size_t)(K * d));
+        gen.classifier(w.data());
+        const int reps = K <= 8000 ? 3 : 1;
+        std::vector<double> t, t_class;
+        for (int r = 0; r < reps; ++r) {
+            Config cfg = base_config(o, K, d);
+            cfg.svd_mode = COLLAPSE_SVD_OFF;
+            cfg.compute_overall_metrics = false;
+            cfg.compute_token_metrics = false;
+            cfg.compute_class_metrics = true;
+            cfg.unc3_classifier = COLLAPSE_UNC3_WEIGHTS;
+            Session s(cfg);
+            ingest_pass(s, in, in.n);
+            const collapse_buffer wb{w.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, K, d, 0};
+            s.set_classifier(&wb, nullptr);
+            const auto t0 = Clock::now();
+            auto rep = s.compute(true);
+            t.push_back(since(t0));
+            t_class.push_back(timing_of(rep, "class_metrics"));
+        }
+        const Timing tm = summarize(t);
+        const double pairs = 0.5 * (double)K * (double)(K - 1);
+        double flops = 0;
+        const int64_t T = pair_tile_edge(K, Config{}.host_memory_limit);
+        const double gemm_s = tile_gemm_seconds(K, d, T, reps == 1 ? 2 : 3, &flops);
+        std::printf("final   K=%-6lld d=%lld  seconds=%8.4f (class_metrics phase %8.4f)  pairs/s=%9.3e  |"
+                    " same tile dgemms (T=%lld, %.1f GFLOP) GFLOP/s=%7.2f seconds=%8.4f  ratio gemm/finalize=%.2f\n",
+                    (long long)K, (long long)d, tm.best, summarize(t_class).best, pairs / tm.best, (long long)T,
+                    flops / kGB, flops / gemm_s / kGB, gemm_s, gemm_s / tm.best);
+        std::fflush(stdout);
+        out["finalize"].push_back({{"K", K}, {"d", d}, {"seconds_best", tm.best}, {"seconds_median", tm.median},
+                                   {"class_metrics_seconds", summarize(t_class).best}, {"pairs_per_s", pairs / tm.best},
+                                   {"gemm_tile", T}, {"gemm_flops", flops}, {"gemm_seconds", gemm_s},
+                                   {"gemm_GFLOPs", flops / gemm_s / kGB}, {"ratio_gemm_over_finalize", gemm_s / tm.best}});
+    }
+}
+
+// ---- figure 4: exact per-token SVD vs. LAPACK alone ------------------------------------------------
+
+void bench_svd(const Options& o, json& out) {
+    const int64_t V = 2048, d = 64, n = o.quick ? 50000 : 200000;
+    std::printf("\n== 4. per-token exact SVD: V=%lld, d=%lld, %lld f32 rows from SynthGenerator (Zipf(%.1f), collapse %.1f) ==\n",
+                (long long)V, (long long)d, (long long)n, kZipf, kCollapse);
+    const int reps = o.quick ? 2 : 3;
+    std::printf("   engine: best of %d compute() with svd_mode exact minus best of %d with svd_mode off (same rows); ceiling: best of 3"
+                " LAPACKE_dgesdd('N') alone on the same per-class matrices, already in double\n", reps, reps);
+    const Inputs in = Inputs::synth(synth_generator(V, d), n);
+    auto run = [&](collapse_svd_mode mode, double* token_svd, int64_t* kept) {
+        Config cfg = base_config(o, V, d);
+        cfg.svd_mode = mode;
+        cfg.compute_overall_metrics = false;
+        cfg.compute_class_metrics = false;
+        cfg.compute_token_metrics = true;
+        Session s(cfg);
+        ingest_pass(s, in, 65536);
+        const auto t0 = Clock::now();
+        auto rep = s.compute(true);
+        const double sec = since(t0);
+        *token_svd = timing_of(rep, "token_svd");
+        *kept = rep.counts.classes_kept;
+        return sec;
+    };
+    std::vector<double> te, toff, tsvd;
+    int64_t kept = 0;
+    for (int r = 0; r < reps; ++r) {
+        double ts = 0, dummy = 0;
+        te.push_back(run(COLLAPSE_SVD_EXACT, &ts, &kept));
+        tsvd.push_back(ts);
+        int64_t k2 = 0;
+        toff.push_back(run(COLLAPSE_SVD_OFF, &dummy, &k2));
+    }
+    const double t_exact = summarize(te).best, t_off = summarize(toff).best, t_phase = summarize(tsvd).best;
+    const double t_svd = std::max(t_exact - t_off, 1e-12);
+
+    // Ceiling: dgesdd on the same matrices (classes with >= 2 rows, every row), timed alone.
+    std::vector<std::vector<int64_t>> rows((size_t)V);
+    for (int64_t i = 0; i < n; ++i) rows[(size_t)in.y[(size_t)i]].push_back(i);
+    std::vector<std::vector<double>> mats;
+    for (const auto& r : rows) {
+        if (r.size() < 2) continue;
+        std::vector<double> a(r.size() * (size_t)d);
+        for (size_t i = 0; i < r.size(); ++i)
+            for (int64_t j = 0; j < d; ++j) a[i * (size_t)d + (size_t)j] = in.x[(size_t)(r[i] * d + j)];
+        mats.push_back(std::move(a));
+    }
+    double lapack_s = 1e300;
+    for (int r = 0; r < 3; ++r) {
+        std::vector<std::vector<double>> work = mats;  // dgesdd overwrites its input
+        const auto t0 = Clock::now();
+        for (auto& a : work) {
+            const int64_t m = (int64_t)a.size() / d;
+            std::vector<double> s((size_t)std::min(m, d));
+            LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', (int)d, (int)m, a.data(), (int)d, s.data(), nullptr, 1, nullptr, 1);
+            g_sink = g_sink + (float)s[0];
+        }
+        lapack_s = std::min(lapack_s, since(t0));
+    }
+    std::printf("svd     V=%lld d=%lld rows=%lld kept=%lld  exact-off seconds=%8.4f (token_svd phase %8.4f, compute exact %8.4f,"
+                " off %8.4f)  classes/s=%9.3e  | dgesdd alone classes/s=%9.3e seconds=%8.4f  ratio lapack/engine=%.2f\n",
+                (long long)V, (long long)d, (long long)n, (long long)kept, t_svd, t_phase, t_exact, t_off, (double)kept / t_svd,
+                (double)mats.size() / lapack_s, lapack_s, lapack_s / t_svd);
+    std::fflush(stdout);
+    out["svd"].push_back({{"V", V}, {"d", d}, {"rows", n}, {"classes_kept", kept}, {"seconds_exact_minus_off", t_svd},
+                          {"token_svd_phase_seconds", t_phase}, {"compute_exact_seconds", t_exact}, {"compute_off_seconds", t_off},
+                          {"classes_per_s", (double)kept / t_svd}, {"dgesdd_seconds", lapack_s},
+                          {"ratio_lapack_over_engine", lapack_s / t_svd}});
+}
+
+}  // namespace bench

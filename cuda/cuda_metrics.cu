@@ -1,0 +1,238 @@
+// compute(): every metric of the kept set on the device (the twin of src/cpu/cpu_metrics.cpp).
+// Temporaries are leases from the session's pool (resources.cuh), all used on the session's
+// stream, so a compute of a shape seen before allocates nothing.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "base/error.hpp"
+#include "core/metric_summary.hpp"
+#include "cuda_backend.cuh"
+#include "cuda_check.hpp"
+#include "eigen_solvers.cuh"
+#include "kernels.cuh"
+
+namespace collapse::internal::cuda {
+
+// Per-token SVD entropies from per-class Gram eigenvalues. Sampled: the reservoirs on the device.
+// Exact: the rows are in host memory (or spilled to disk) by now; they come back to the device
+// buffer a group of whole classes at a time, each group solved before the next is uploaded.
+void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues& out) {
+    cudaStream_t s = stream_;
+    const int64_t K = (int64_t)kept.ids.size();
+    const int64_t cap = cfg_.svd_max_rows_per_token;
+    std::vector<int64_t> offset((size_t)K), nrows((size_t)K);
+    std::vector<TokenMetrics> tokens((size_t)K);
+    auto describe = [&](int64_t t) {
+        TokenMetrics& tm = tokens[(size_t)t];
+        tm.id = kept.ids[(size_t)t];
+        tm.num_samples = kept.counts[(size_t)t];
+        tm.svd_rows = nrows[(size_t)t];
+        tm.sampled = tm.svd_rows < tm.num_samples;
+    };
+    if (sampled_) {
+        std::vector<int32_t> h((size_t)(K * cap));
+        std::vector<int64_t> all((size_t)K);
+        for (int64_t t = 0; t < K; ++t) {
+            offset[(size_t)t] = t * cap;
+            nrows[(size_t)t] = std::min<int64_t>(kept.counts[(size_t)t], cap);
+            for (int64_t j = 0; j < cap; ++j) h[(size_t)(t * cap + j)] = (int32_t)((int64_t)kept.ids[(size_t)t] * cap + j);
+            all[(size_t)t] = t;
+            describe(t);
+        }
+        Lease<int32_t> index = res_.take<int32_t>(h.size(), "reservoir index");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(index.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, s));
+        class_spectra(res_, d_, cfg_.svd_center, reservoir_.data(), index.data(), all, offset, nrows, kept, mu, tokens, out);
+    } else {
+        upload_store(kept, offset, nrows, [&](const std::vector<int64_t>& members) {
+            for (int64_t t : members) describe(t);
+            class_spectra(res_, d_, cfg_.svd_center, store_.data(), nullptr, members, offset, nrows, kept, mu, tokens, out);
+        });
+        out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};
+    }
+    out.tokens = std::move(tokens);
+}
+
+MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
+    DeviceGuard guard(cfg_.device_ordinal);
+    sync();
+    MetricValues out;
+    cudaStream_t s = stream_;  // the leases below are used on this stream only (resources.cuh)
+    last_stream_ = s;
+    const int64_t K = (int64_t)kept.ids.size();
+    if (K == 0) {
+        out.notes["overall"] = "no kept classes: every metric is null";
+        return out;
+    }
+    unsigned long long pass2_rows = 0;
+    if (pass2_) COLLAPSE_CUDA_TRY(cudaMemcpy(&pass2_rows, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
+    const int64_t d = d_;
+    Lease<int32_t> ids = res_.take<int32_t>((size_t)K, "kept ids");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(ids.data(), kept.ids.data(), (size_t)K * 4, cudaMemcpyHostToDevice, s));
+    Lease<double> mu = res_.take<double>((size_t)(K * d), "class means [K, d]"), var = res_.take<double>((size_t)K, "variances"),
+                  weight = res_.take<double>((size_t)K, "weights"), mug = res_.take<double>((size_t)d, "global mean"),
+                  m = res_.take<double>((size_t)(K * d), "centred means"), q = res_.take<double>((size_t)K, "norms"),
+                  a = res_.take<double>((size_t)K, "direction scales");
+    const bool token_weighted = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED;
+    launch_means(sum_.data(), sqnorm_.data(), count_.data(), ids.data(), K, d, token_weighted, mu.data(), var.data(), weight.data(), s);
+    launch_column_sums(mu.data(), weight.data(), K, d, mug.data(), s);
+    const double total_weight = token_weighted ? (double)kept.rows : (double)K;
+    launch_center(mu.data(), mug.data(), total_weight, K, d, m.data(), q.data(), a.data(), s);
+
+    using Clock = std::chrono::steady_clock;
+    auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+    auto t_phase = Clock::now();
+    if (cfg_.compute_class_metrics) {
+        ClassVectors v;
+        std::vector<double> hq((size_t)K);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hq.data(), q.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+        const bool use_means = cfg_.unc3_classifier == COLLAPSE_UNC3_CLASS_MEANS;
+        v.duality = use_means || clf.present();
+        Lease<double> W;
+        if (v.duality) {
+            if (!use_means) {
+                W = res_.take<double>(clf.weight.size(), "classifier [V, d] (float64)");
+                COLLAPSE_CUDA_TRY(cudaMemcpyAsync(W.data(), clf.weight.data(), clf.weight.size() * 8, cudaMemcpyHostToDevice, s));
+            }
+            Lease<double> wm = res_.take<double>((size_t)K, "duality"), ww = res_.take<double>((size_t)K, "duality");
+            launch_duality(use_means ? nullptr : W.data(), mu.data(), ids.data(), m.data(), K, d, wm.data(), ww.data(), s);
+            std::vector<double> hwm((size_t)K), hww((size_t)K);
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hwm.data(), wm.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hww.data(), ww.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            double wf2 = 0, mf2 = 0;
+            v.cos.resize((size_t)K);
+            for (int64_t i = 0; i < K; ++i) {
+                v.cos[(size_t)i] = duality_cos(hwm[(size_t)i], std::sqrt(hww[(size_t)i]), std::sqrt(hq[(size_t)i]));
+                wf2 += hww[(size_t)i];
+                mf2 += hq[(size_t)i];
+            }
+            v.w_frobenius = std::sqrt(wf2);
+            v.m_frobenius = std::sqrt(mf2);
+            if (v.w_frobenius > 0 && v.m_frobenius > 0) {
+                launch_self_duality(use_means ? nullptr : W.data(), mu.data(), ids.data(), m.data(), K, d, v.w_frobenius, v.m_frobenius,
+                                    wm.data(), s);
+                COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hwm.data(), wm.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+                double acc = 0;
+                for (double x : hwm) acc += x;
+                v.self_duality_sq = acc;
+            }
+        }
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+        v.norm.resize((size_t)K);
+        for (int64_t i = 0; i < K; ++i) v.norm[(size_t)i] = std::sqrt(hq[(size_t)i]);
+        finish_class_metrics(v, cfg_, out);
+
+        if (K < cfg_.min_classes_for_gnc2) {
+            note_too_few_classes_for_pairs(cfg_, out);
+        } else {
+            // Tiles of M M^T: the edge from a quarter of the free budget, at most 16384.
+            const int64_t free_bytes = budget_.limit() - budget_.used();
+            const int64_t T = std::max<int64_t>(256, std::min<int64_t>({K, int64_t(16384), (int64_t)std::sqrt((double)free_bytes / 4 / 8)}));
+            Lease<double> tile = res_.take<double>((size_t)(std::min(T, K) * std::min(T, K)), "pair tile",
+                                                   "raise device_memory_limit (the tile edge shrinks with the limit)");
+            Lease<double> acc = res_.take<double>((size_t)(kPairBlocks * kPairFields), "pair accumulators");
+            COLLAPSE_CUDA_TRY(cudaMemsetAsync(acc.data(), 0, acc.bytes(), s));
+            const double one = 1.0, zero = 0.0;
+            for (int64_t i0 = 0; i0 < K; i0 += T)
+                for (int64_t j0 = i0; j0 < K; j0 += T) {
+                    const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
+                    // Diagonal tiles: only i < j is read, the upper triangle of a SYRK.
+                    if (i0 == j0)
+                        COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, (int)ni, (int)d, &one,
+                                                        m.data() + i0 * d, (int)d, &zero, tile.data(), (int)ni));
+                    else
+                        COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one,
+                                                        m.data() + i0 * d, (int)d, m.data() + j0 * d, (int)d, &zero, tile.data(),
+                                                        (int)ni));
+                    launch_pair_reduce(tile.data(), i0, j0, ni, nj, q.data(), a.data(), var.data(), cfg_.cdnv_power, acc.data(), s);
+                }
+            std::vector<double> h((size_t)(kPairBlocks * kPairFields));
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), acc.data(), acc.bytes(), cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            PairTotals all;
+            for (int b = 0; b < kPairBlocks; ++b) {
+                const double* f = h.data() + b * kPairFields;
+                PairTotals t;
+                t.l = Moments{f[0], f[1], f[2]};
+                t.c = Moments{f[3], f[4], f[5]};
+                t.n_cdnv = f[6], t.s_cdnv = f[7];
+                t.pairs = (int64_t)f[3];
+                t.skip_l = (int64_t)f[8], t.skip_cdnv = (int64_t)f[9];
+                all.merge(t);
+            }
+            finish_pair_metrics(all, K, out);
+        }
+        out.timings["class_metrics"] = since(t_phase);
+    }
+    t_phase = Clock::now();
+
+    if (cfg_.compute_overall_metrics) {
+        Lease<double> g = res_.take<double>((size_t)(d * d), "overall Gram");
+        bool have = false;
+        if (gram_streaming_) {
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), gram_.data(), g.bytes(), cudaMemcpyDeviceToDevice, s));
+            // Subtract the rows of classes that never reached min_samples_per_token (all in the hold area).
+            const std::vector<int64_t> counts = class_counts();
+            std::vector<int32_t> hold_index;
+            for (int64_t c = 0; c < V_ && hold_rows_ > 0; ++c)
+                if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token)
+                    for (int64_t r = 0; r < counts[(size_t)c]; ++r) hold_index.push_back((int32_t)(c * hold_rows_ + r));
+            if (!hold_index.empty()) {
+                const int64_t nh = (int64_t)hold_index.size();
+                Lease<int32_t> hi = res_.take<int32_t>((size_t)nh, "hold rows");
+                Lease<double> xd = res_.take<double>((size_t)(nh * d), "hold rows (float64)");
+                COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hi.data(), hold_index.data(), (size_t)nh * 4, cudaMemcpyHostToDevice, s));
+                launch_rows_to_double(hold_.data(), hi.data(), nh, d, nullptr, xd.data(), s);
+                const double minus = -1.0, one = 1.0;
+                COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)nh, &minus, xd.data(), (int)d,
+                                                &one, g.data(), (int)d));
+                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+            }
+            have = true;
+        } else if (pass2_ && pass2_gram_ && (int64_t)pass2_rows == kept.rows) {
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), gram2_.data(), g.bytes(), cudaMemcpyDeviceToDevice, s));
+            have = true;
+        } else {
+            out.notes["overall_svd_entropy"] =
+                "max_tokens_to_analyze cuts the kept set: the cuda backend needs a second pass for the Gram of kept rows";
+        }
+        if (have) {
+            const std::vector<double> e = eigenvalues_sym(res_, g.data(), d, s);
+            bool zero = false;
+            const double h = spectrum_entropy(singular_values_from_eigen(e.data(), d, std::min<int64_t>(kept.rows, d)), &zero);
+            out.overall_svd_entropy = h;
+            out.overall_effective_rank = std::exp(h);
+        }
+        out.timings["overall_svd"] = since(t_phase);
+    }
+
+    if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF) {
+        t_phase = Clock::now();
+        per_token(kept, mu.data(), out);
+        out.timings["token_svd"] = since(t_phase);
+    }
+
+    if (cfg_.compute_nc4) {
+        if (!clf.present()) {
+            out.notes["nc4_agreement"] = "no classifier was given";
+        } else if (pass2_ && pass2_nc4_) {
+            unsigned long long agree = 0;
+            COLLAPSE_CUDA_TRY(cudaMemcpy(&agree, agree_.data(), 8, cudaMemcpyDeviceToHost));
+            if ((int64_t)pass2_rows == kept.rows) {
+                out.nc4_agreement = (double)agree / (double)pass2_rows;
+                out.nc4_rows = (int64_t)pass2_rows;
+            } else {
+                out.notes["nc4_agreement"] = "the second pass saw " + std::to_string(pass2_rows) + " kept rows, the first " + std::to_string(kept.rows);
+            }
+        } else {
+            out.notes["nc4_agreement"] = "the cuda backend computes NC4 in a second pass over the rows";
+        }
+    }
+    return out;
+}
+
+}  // namespace collapse::internal::cuda

@@ -1,0 +1,28 @@
+// Eigenvalues on the device: the overall Gram (cusolverDnXsyevd) and per-class Grams grouped by
+// size, each group solved by the solver for its size (syevjBatched up to 32, XsyevBatched up to
+// 512, Xsyevd one at a time beyond). Temporaries come from the session's pool; all work is on
+// res.stream().
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "core/backend.hpp"
+#include "core/metrics.hpp"
+#include "resources.cuh"
+
+namespace collapse::internal::cuda {
+
+// Eigenvalues (ascending) of the symmetric n x n matrix in a (upper triangle, column-major); a is
+// overwritten. Synchronises s.
+std::vector<double> eigenvalues_sym(Resources& res, double* a, int64_t n, cudaStream_t s);
+
+// The entropies of the classes `todo` (positions in kept), whose rows are rows[index[offset[t] ..
+// offset[t] + nrows[t])] of a float32 [*, d] device array (index null: rows offset[t] ..
+// offset[t] + nrows[t]), centred on mu[t] when `center`; into tokens[t] and out.
+void class_spectra(Resources& res, int64_t d, bool center, const float* rows, const int32_t* index,
+                   const std::vector<int64_t>& todo, const std::vector<int64_t>& offset, const std::vector<int64_t>& nrows,
+                   const KeptSet& kept, const double* mu, std::vector<TokenMetrics>& tokens, MetricValues& out);
+
+}  // namespace collapse::internal::cuda

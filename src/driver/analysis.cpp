@@ -1,0 +1,155 @@
+#include "driver/analysis.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <sys/stat.h>
+
+#include "base/error.hpp"
+#include "io/session_checkpoint.hpp"
+#include "report/report.hpp"
+
+namespace collapse::internal::driver {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+nlohmann::json report_of(const Session& s, const Result& r, const RowSource& src, const AnalysisOptions& o) {
+    nlohmann::json doc = build_report(s.config(), r);
+    doc["input"] = to_json(src.info());
+    if (!o.command.empty()) doc["run"] = {{"command", o.command}};
+    return doc;
+}
+
+// One pass over the source. The first pass skips nothing of its own; the second pass skips the
+// ranges the first pass skipped (so NC4 sees exactly the rows the first pass counted).
+void run_pass(Session& session, RowSource& src, const AnalysisOptions& o, bool first, int64_t from) {
+    const Config& cfg = session.config();
+    const char* phase = first ? "ingest" : "second pass";
+    const int64_t total = src.length() * src.rows_per_position();
+    int64_t done = from * src.rows_per_position(), batch_index = 0;
+    // Positions per batch: batch_rows rows, or as many whole sequences as fit (at least one).
+    const int64_t per = src.sequences() ? std::max<int64_t>(1, cfg.batch_rows / std::max<int64_t>(1, src.seq_len())) : cfg.batch_rows;
+    std::vector<std::pair<int64_t, int64_t>> skipped;  // second pass: the first pass's skipped ranges
+    if (!first) skipped = session.skipped_ranges();
+    std::sort(skipped.begin(), skipped.end());
+    size_t next_skip = 0;
+    for (int64_t pos = from; pos < src.length();) {
+        if (o.interrupted)
+            if (const int sig = o.interrupted()) throw AnalysisInterrupted{sig};
+        while (next_skip < skipped.size() && skipped[next_skip].second <= pos) ++next_skip;
+        if (next_skip < skipped.size() && skipped[next_skip].first <= pos) {  // inside a skipped range
+            done += (std::min(skipped[next_skip].second, src.length()) - pos) * src.rows_per_position();
+            pos = skipped[next_skip].second;
+            continue;
+        }
+        int64_t count = std::min(per, src.length() - pos);
+        if (next_skip < skipped.size()) count = std::min(count, skipped[next_skip].first - pos);  // stop before it
+        SourceBatch b = src.batch(pos, count);
+        const int64_t end = b.first + b.count, rows = b.count * src.rows_per_position();
+        {
+            try {
+                const auto t0 = Clock::now();
+                session.set_row_offset(b.first);
+                const collapse_buffer* mask = b.mask ? &*b.mask : nullptr;
+                if (src.sequences())
+                    session.ingest_sequences(&b.x, &b.y, mask, b.count, src.seq_len(), nullptr);
+                else
+                    session.ingest_rows(&b.x, &b.y, mask, nullptr);
+                if (o.debug) {
+                    char line[160];
+                    std::snprintf(line, sizeof line, "%s batch %lld: %lld rows in %.3f s", phase, (long long)batch_index,
+                                  (long long)rows, std::chrono::duration<double>(Clock::now() - t0).count());
+                    o.debug(line);
+                }
+            } catch (const Error& e) {
+                if (!cfg.continue_on_error) throw;
+                if (first) session.skip_batch(b.first, end, rows);
+                if (o.warn)
+                    o.warn("batch " + std::to_string(batch_index) + " (positions " + std::to_string(b.first) + " to " +
+                           std::to_string(end - 1) + ", " + std::to_string(rows) + " rows) skipped (continue_on_error): " + e.what());
+            }
+        }
+        done += rows;
+        pos = end;
+        ++batch_index;
+        if (o.progress) o.progress(phase, done, total);
+        if (first && cfg.save_every > 0 && batch_index % cfg.save_every == 0) {
+            if (!o.checkpoint.empty()) io::save_checkpoint(session, o.checkpoint);
+            if (cfg.save_intermediate_results) {
+                std::filesystem::create_directories(cfg.intermediate_save_dir);
+                const std::string p = cfg.intermediate_save_dir + "/report_batch_" + std::to_string(batch_index) + ".json";
+                write_report_file(report_of(session, session.compute(false), src, o), p);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+std::string input_difference(const std::string& identity, const InputInfo& src) {
+    if (identity.empty()) return "";
+    nlohmann::json was;
+    try {
+        was = nlohmann::json::parse(identity);
+    } catch (const std::exception&) {
+        return "the checkpoint's input record is not readable";
+    }
+    if (was.value("fingerprint", "") == src.fingerprint) return "";
+    const nlohmann::json now = to_json(src);
+    if (was.value("kind", "") != now["kind"].get<std::string>())
+        return "the checkpoint was made from " + was.value("kind", std::string("?")) + " input, this run reads " +
+               now["kind"].get<std::string>() + " input";
+    const auto& a = was["tensors"];
+    const auto& b = now["tensors"];
+    for (size_t i = 0; i < std::max(a.size(), b.size()); ++i) {
+        if (i >= a.size() || i >= b.size()) return "the inputs have different tensors";
+        for (const char* k : {"role", "shape", "dtype", "fingerprint"})
+            if (a[i].value(k, nlohmann::json()) != b[i].value(k, nlohmann::json()))
+                return std::string("the ") + b[i].value("role", std::string("?")) + " differ in " + k + ": checkpoint " +
+                       a[i].value("path", std::string("?")) + " " + a[i].value(k, nlohmann::json()).dump() + ", this run " +
+                       b[i].value("path", std::string("?")) + " " + b[i].value(k, nlohmann::json()).dump();
+    }
+    if (was.contains("synthetic") && now.contains("synthetic") && was["synthetic"] != now["synthetic"])
+        return "the synthetic data sets differ: checkpoint " + was["synthetic"].dump() + ", this run " + now["synthetic"].dump();
+    return "the input fingerprints differ (checkpoint " + was.value("fingerprint", std::string("?")) + ", this run " +
+           src.fingerprint + ")";
+}
+
+AnalysisOutcome run_analysis(Session& session, RowSource& src, const AnalysisOptions& o) {
+    AnalysisOutcome out;
+    session.set_input_identity(to_json(src.info()).dump());
+    int64_t start = 0;
+    if (o.resume) {
+        if (o.checkpoint.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "resume needs a checkpoint path");
+        struct stat st {};
+        if (::stat(o.checkpoint.c_str(), &st) == 0) {
+            io::load_checkpoint(session, o.checkpoint);
+            const std::string diff = input_difference(session.input_identity(), src.info());
+            if (!diff.empty())
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, "cannot resume from ", o.checkpoint, ": it was made from another input (",
+                     diff, ")");
+            start = session.input_position();
+            if (start < 0 || start > src.length())
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, "cannot resume from ", o.checkpoint, ": its input position ", start,
+                     " lies beyond the input's end (", src.length(), src.sequences() ? " sequences)" : " rows)");
+            session.set_input_identity(to_json(src.info()).dump());
+            out.resumed_at = start;
+        }
+    }
+    run_pass(session, src, o, true, start);
+    if (!o.checkpoint.empty()) io::save_checkpoint(session, o.checkpoint);  // the whole first pass
+    if (session.needs_second_pass()) {
+        session.begin_second_pass();
+        run_pass(session, src, o, false, 0);
+    }
+    if (o.interrupted)
+        if (const int sig = o.interrupted()) throw AnalysisInterrupted{sig};
+    out.result = session.compute(true);
+    out.report = report_of(session, out.result, src, o);
+    return out;
+}
+
+}  // namespace collapse::internal::driver
