@@ -166,12 +166,14 @@ void RowStore::flush() {
     std::vector<char>& stage = stage_;
     // The extent lists grow (to list_capacity, reserved once the writes have succeeded) and `added`
     // holds the new extents until then: both, and the write buffer, are counted before anything is
-    // written; a failed flush gives the lists' share back.
+    // written; a failed flush gives the lists' share back. The lists grow by exactly what a flush
+    // adds (not by doubling): every flush adds about one extent per class, and doubled lists of
+    // many classes would take more memory than the rows the budget leaves in memory.
     const size_t extent_rows = std::max<size_t>(1, stage_cap / ((size_t)d_ * 8));
     auto list_capacity = [&](int32_t c) {
         const auto& ex = extents_[(size_t)c];
         const size_t need = ex.size() + (mem_[(size_t)c].size() / (size_t)d_ + extent_rows - 1) / extent_rows;
-        return need <= ex.capacity() ? ex.capacity() : std::max(need, 2 * ex.capacity());
+        return std::max(need, ex.capacity());
     };
     int64_t new_extents = 0, list_growth = 0;
     for (int32_t c = 0; c < V_; ++c) {

@@ -207,8 +207,15 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
             return add;
         });
     held_.update(held_rows_bytes());  // a flush may have given memory back
+    if (has_row_store() && store_->memory_bytes() > 0 && !budget_->fits(growth())) {
+        // Short of host memory as a whole (not only of the store's share): the rows in memory go
+        // to disk first.
+        store_->spill_memory();
+        held_.update(held_rows_bytes());
+    }
     held_.resize(add_bytes(held_.bytes(), growth()), "this batch's rows (reservoirs, the exact row store and rows waiting for min_samples_per_token)",
-                 "lower svd_max_rows_per_token or min_samples_per_token, or raise host_memory_limit");
+                 "lower batch_rows (--batch-rows: the exact store takes a batch's rows in memory before it spills them), "
+                 "svd_max_rows_per_token or min_samples_per_token, or raise host_memory_limit");
     commit(b, rows);
     held_.update(held_rows_bytes());
     rows_.rows_seen += rows.rows_seen;

@@ -283,7 +283,7 @@ TEST_F(CliCheckpoint, SigkillThenResumeEqualsUninterrupted) {
 // spills leaves its spill directory behind; the resumed run reloads the checkpoint's rows (spilling
 // them again), removes the dead run's directory and its own, and its report is the in-memory run's.
 TEST_F(CliCheckpoint, SigkillWhileSpillingThenResume) {
-    std::ofstream(p("spill.yaml")) << "save_every: 3\nhost_memory_limit: 1MiB\nintermediate_save_dir: spill\n";
+    std::ofstream(p("spill.yaml")) << "save_every: 3\nhost_memory_limit: 2MiB\nintermediate_save_dir: spill\n";
     run_ok("analyze --quiet " + kInputA + " --config c.yaml -o plain.json");
     auto comparable = [](json j) {
         j.erase("config");
