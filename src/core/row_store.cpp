@@ -395,7 +395,8 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
             place[k - i] = at;
             int64_t r = at;
             for (const Extent& e : extents_[(size_t)c]) reads.push_back({partition(c), &e, c, r}), r += e.rows * d_;
-            std::memcpy(buf.get() + r, mem_[(size_t)c].data(), mem_[(size_t)c].size() * 8);
+            if (!mem_[(size_t)c].empty())  // an empty vector's data() may be null: not a memcpy source
+                std::memcpy(buf.get() + r, mem_[(size_t)c].data(), mem_[(size_t)c].size() * 8);
             at += rows(c) * d_;
         }
         std::sort(reads.begin(), reads.end(),

@@ -458,8 +458,8 @@ void Tensor::release_rows(int64_t r0, int64_t r1) const {
 
 const void* Tensor::read_rows(int64_t r0, int64_t n, std::vector<uint8_t>& buf) const {
     if (r0 < 0 || n < 0 || r0 > rows() || n > rows() - r0)
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "tensor '", name, "': rows [", r0, ", ", r0 + n, ") are outside its ",
-             rows(), " rows");
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "tensor '", name, "': ", n, " rows from row ", r0, " are outside its ", rows(),
+             " rows");  // (r0 + n may overflow: not printed)
     const size_t bytes = (size_t)n * row_bytes();  // within the tensor, whose size was checked at open
     buf.resize(bytes);
     file->read(offset + (size_t)r0 * row_bytes(), bytes, buf.data());
