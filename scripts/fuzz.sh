@@ -38,8 +38,8 @@ san="-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_C_COMPILER=clang -DCMAKE_CXX_COMPILER=clang++ \
   -DCOLLAPSE_CUDA=OFF -DCOLLAPSE_BUILD_FUZZERS=ON -DCOLLAPSE_BUILD_BENCH=OFF -DCOLLAPSE_BUILD_CLI=OFF \
   -DCMAKE_C_FLAGS="$san" -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=address,undefined" \
-  -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" >"$build.configure.log" 2>&1 \
-  || { cat "$build.configure.log" >&2; exit 1; }
+  -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" >"$root/build-fuzz-configure.log" 2>&1 \
+  || { cat "$root/build-fuzz-configure.log" >&2; exit 1; }
 cmake --build "$build" -j"${COLLAPSE_FUZZ_JOBS:-2}" --target "${targets[@]}" make_fuzz_corpus
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:allocator_may_return_null=1}"
