@@ -49,13 +49,14 @@ int64_t device_free_bytes(int device) {
 
 }  // namespace
 
-CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d)
+CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d, std::shared_ptr<HostBudget> host)
     : cfg_(cfg),
       V_(V),
       d_(d),
       res_(cfg.device_ordinal, cfg.device_memory_limit > 0 ? cfg.device_memory_limit : device_free_bytes(cfg.device_ordinal) / 10 * 9,
-           cfg.allow_tf32),
+           cfg.allow_tf32, host ? std::move(host) : HostBudget::from_config(cfg)),
       budget_(res_.budget()),
+      host_(res_.host()),
       stream_(res_.stream()) {
     DeviceGuard guard(cfg.device_ordinal);
     try {
@@ -81,10 +82,15 @@ void CudaBackend::init() {
     COLLAPSE_CUDA_TRY(cudaMemsetAsync(count_.data(), 0, count_.bytes(), stream_));
     COLLAPSE_CUDA_TRY(cudaMemsetAsync(sum_.data(), 0, sum_.bytes(), stream_));
     COLLAPSE_CUDA_TRY(cudaMemsetAsync(sqnorm_.data(), 0, sqnorm_.bytes(), stream_));
-    std::vector<uint8_t> ex((size_t)V_, 0);
-    for (int64_t e : cfg.exclude_token_ids)
-        if (e >= 0 && e < V_) ex[(size_t)e] = 1;
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(excluded_.data(), ex.data(), ex.size(), cudaMemcpyHostToDevice, stream_));
+    {
+        const HostBudget::Lease lease =
+            host_.reserve(V_, "the excluded-label table of V = " + std::to_string(V_) + " classes (on its way to the device)", kFixNumClasses);
+        std::vector<uint8_t> ex((size_t)V_, 0);
+        for (int64_t e : cfg.exclude_token_ids)
+            if (e >= 0 && e < V_) ex[(size_t)e] = 1;
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(excluded_.data(), ex.data(), ex.size(), cudaMemcpyHostToDevice, stream_));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));  // before `ex` goes
+    }
 
     gram_streaming_ = cfg.compute_overall_metrics && cfg.max_tokens_to_analyze == 0;
     if (gram_streaming_) {
@@ -101,7 +107,7 @@ void CudaBackend::init() {
     exact_store_ = keep_rows && cfg.svd_mode == COLLAPSE_SVD_EXACT;
     sampled_ = keep_rows && cfg.svd_mode == COLLAPSE_SVD_SAMPLED;
     status_.allocate(kStatusSlots, &budget_, "batch status");
-    status_host_.allocate(kStatusSlots, &budget_);
+    status_host_.allocate(kStatusSlots, &budget_, &host_, "the batch status slots");
     if (sampled_) {
         const size_t slots = (size_t)(V_ * cfg.svd_max_rows_per_token);
         reservoir_.allocate(slots * (size_t)d_, &budget_, "reservoirs [V, svd_max_rows_per_token, d]",
@@ -118,9 +124,12 @@ void CudaBackend::init() {
         store_labels_.allocate((size_t)store_capacity_, &budget_, "row store labels", hint);
         store_count_.allocate(1, &budget_, "row store count", hint);
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
-        // Every max_buffer_size rows the buffer moves to host memory, which keeps half of
-        // host_memory_limit and spills the rest under intermediate_save_dir.
-        host_store_ = std::make_unique<RowStore>(V_, d_, cfg.host_memory_limit / 2, cfg.intermediate_save_dir);
+        // Every max_buffer_size rows the buffer moves to host memory, which keeps half of what
+        // host_memory_limit leaves (after the store's own index, which it counts itself) and spills
+        // the rest under intermediate_save_dir, as the CPU backend's store does.
+        const int64_t spill_budget = std::max<int64_t>(0, (host_.available() - RowStore::index_bytes(V_)) / 2);
+        host_store_ = std::make_unique<RowStore>(V_, d_, spill_budget, cfg.intermediate_save_dir, RowStore::WriteFn{}, &host_);
+        store_held_ = host_.lease();
     }
     COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
     last_stream_ = stream_;
@@ -144,20 +153,25 @@ void CudaBackend::release() noexcept {
     (void)cudaSetDevice(previous);
 }
 
+// The V-long result is the caller's to count (the session's kept-class selection does); copied
+// straight into it (a count is far below 2^63, so the bits are the same), with no temporary.
 std::vector<int64_t> CudaBackend::class_counts() {
     DeviceGuard guard(cfg_.device_ordinal);
     sync();
-    std::vector<unsigned long long> c((size_t)V_);
+    static_assert(sizeof(unsigned long long) == sizeof(int64_t), "counts are copied bit for bit");
+    std::vector<int64_t> c((size_t)V_);
     COLLAPSE_CUDA_TRY(cudaMemcpy(c.data(), count_.data(), count_.bytes(), cudaMemcpyDeviceToHost));
-    return std::vector<int64_t>(c.begin(), c.end());
+    return c;
 }
+
+int64_t CudaBackend::load_budget() const { return std::max<int64_t>(d_ * 8, host_.available() / 6); }
 
 }  // namespace cuda
 
-std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim) {
+std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget) {
     if (!cuda_backend_available())
         fail(COLLAPSE_ERR_NO_CUDA, "backend cuda requested, but no CUDA device is usable on this machine");
-    return std::make_unique<cuda::CudaBackend>(cfg, num_classes, dim);
+    return std::make_unique<cuda::CudaBackend>(cfg, num_classes, dim, std::move(budget));
 }
 
 bool cuda_backend_available() {

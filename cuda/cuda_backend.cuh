@@ -44,7 +44,8 @@ constexpr int kStatusSlots = 8;
 
 class CudaBackend final : public Backend {
 public:
-    CudaBackend(const Config& cfg, int64_t V, int64_t d);
+    // host: the session's host budget (null: one made from cfg), as for the CPU backend.
+    CudaBackend(const Config& cfg, int64_t V, int64_t d, std::shared_ptr<HostBudget> host = nullptr);
     ~CudaBackend() override;
     const char* name() const override { return "cuda"; }
     // Allocation calls made for this session so far (tests: none after the first batch and compute
@@ -93,10 +94,14 @@ private:
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     void per_token(const KeptSet& kept, const double* mu, MetricValues& out);
     void move_store_to_host();
+    void hold_store_rows(int64_t growth);
     void upload_store(const KeptSet& kept, std::vector<int64_t>& offset, std::vector<int64_t>& nrows,
                       const std::function<void(const std::vector<int64_t>&)>& solve_group);
     void download_rows(const float* src, const std::vector<int32_t>& index, const std::function<void(const double*, int64_t, int64_t)>& sink);
-    std::vector<double> download_rows(const float* src, const std::vector<int32_t>& index);
+    // Into a host vector, counted in `lease` (grown to hold it) under `what`.
+    std::vector<double> download_rows(const float* src, const std::vector<int32_t>& index, HostBudget::Lease& lease, const std::string& what);
+    // Bytes the exact mode may bring back from the spilled host store at once: a sixth of what is free.
+    int64_t load_budget() const;
     void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst, DeviceBuffer<float>& buf, DeviceBuffer<int64_t>& idx);
 
     Config cfg_;
@@ -104,6 +109,7 @@ private:
     // Before every buffer below: it outlives them (they give their bytes back to its budget).
     Resources res_;
     Budget& budget_;             // res_.budget()
+    HostBudget& host_;           // res_.host(): host_memory_limit
     const cudaStream_t stream_;  // res_.stream()
     cudaStream_t last_stream_ = nullptr;
     cudaEvent_t last_done_ = nullptr;
@@ -124,6 +130,7 @@ private:
     unsigned long long store_bound_ = 0;  // rows the device buffer may hold now (host-side bound)
     // Exact mode: the rows that left the device buffer, in host memory and beyond it on disk.
     std::unique_ptr<RowStore> host_store_;
+    HostBudget::Lease store_held_;  // host_store_'s rows in memory (its index it counts itself)
     PinnedBuffer<double> pinned_;  // rows on their way to the host
     PinnedBuffer<float> upload_stage_;  // rows on their way back at finalisation (grow-only)
     DeviceBuffer<int32_t> dl_index_;
@@ -152,7 +159,8 @@ private:
     // Second pass
     bool pass2_ = false, pass2_nc4_ = false, pass2_gram_ = false;
     KeptSet kept2_;
-    Classifier clf2_;
+    HostBudget::Lease kept2_lease_;  // kept2_'s host memory
+    bool bias2_ = false;             // the classifier has a bias (the second pass needs no host copy of it)
     DeviceBuffer<double> w2_, b2_, mu2_, mu2_sq_, gram2_, xd2_, logits2_, dots2_;
     DeviceBuffer<int32_t> ids2_, slot2_;
     DeviceBuffer<unsigned long long> agree_, pass2_rows_dev_;

@@ -43,12 +43,13 @@ void add_outer_products(const double* rows, int64_t n, int64_t d, double alpha, 
 
 // The device and pinned buffers rows travel through to the host, allocated once (the exact mode
 // allocates them at session creation, so that a move never fails for want of device memory).
+// The pinned buffer takes at most 64 MiB and an eighth of what host_memory_limit leaves (one row at least).
 void CudaBackend::ensure_download_buffers(const std::string& hint) {
     if (dl_index_.size() > 0) return;
-    const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (d_ * 8));
+    const int64_t chunk = std::max<int64_t>(1, std::min(kChunkBytes, host_.available() / 8) / (d_ * 8));
     dl_index_.allocate((size_t)chunk, &budget_, "row index (to host)", hint);
     dl_rows_.allocate((size_t)(chunk * d_), &budget_, "rows on their way to the host (float64)", hint);
-    pinned_.allocate((size_t)(chunk * d_));
+    pinned_.allocate((size_t)(chunk * d_), &budget_, &host_, "rows on their way to the host (" + std::to_string(chunk) + " rows of d = " + std::to_string(d_) + ")");
 }
 
 // Rows src[index[0..n)] of a float32 device array, as float64 on the host: converted on the
@@ -69,7 +70,11 @@ void CudaBackend::download_rows(const float* src, const std::vector<int32_t>& in
     }
 }
 
-std::vector<double> CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index) {
+std::vector<double> CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index, HostBudget::Lease& lease,
+                                               const std::string& what) {
+    if (!lease.bytes()) lease = host_.lease();
+    lease.resize(add_bytes(lease.bytes(), mul_bytes((int64_t)index.size(), d_, 8)),
+                 what + ": " + std::to_string(index.size()) + " rows of d = " + std::to_string(d_) + " in float64", "raise host_memory_limit");
     std::vector<double> out(index.size() * (size_t)d_);
     download_rows(src, index, [&](const double* x, int64_t first, int64_t m) { std::memcpy(out.data() + first * d_, x, (size_t)(m * d_) * 8); });
     return out;
@@ -81,6 +86,7 @@ void CudaBackend::upload_rows(const double* rows, const std::vector<int64_t>& sl
                               DeviceBuffer<int64_t>& idx) {
     const int64_t n = (int64_t)slot.size();
     const int64_t chunk = (int64_t)idx.size();
+    const HostBudget::Lease lease = host_.reserve(mul_bytes(std::min(n, chunk), d_, 4), "checkpoint rows on their way to the device (float32)");
     std::vector<float> f;
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
         const int64_t m = std::min(chunk, n - r0);
@@ -97,23 +103,39 @@ void CudaBackend::upload_rows(const double* rows, const std::vector<int64_t>& sl
 
 void CudaBackend::save_state(StateWriter& w) {
     DeviceGuard guard(cfg_.device_ordinal);
+    // The state comes through host memory: the counts, sums and norms first (V * (d + 2) doubles),
+    // counted before they are downloaded.
+    const std::string vd = "V = " + std::to_string(V_) + ", d = " + std::to_string(d_);
+    const HostBudget::Lease counts_lease = host_.reserve(mul_bytes(V_, 8), "the class counts of V = " + std::to_string(V_) + " on their way to the checkpoint",
+                                                         kFixNumClasses);
     const std::vector<int64_t> counts = class_counts();  // syncs: every batch is in
-    std::vector<double> sums((size_t)(V_ * d_)), sq((size_t)V_);
-    COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
-    COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
-    write_state_core(w, totals_, V_, d_, counts.data(), sums.data(), sq.data());
-    std::vector<double>().swap(sums);
+    {
+        const HostBudget::Lease lease = host_.reserve(mul_bytes(V_, d_ + 1, 8), "the class sums and norms (" + vd + ") on their way to the checkpoint",
+                                                      kFixNumClasses);
+        std::vector<double> sums((size_t)(V_ * d_)), sq((size_t)V_);
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
+        write_state_core(w, totals_, V_, d_, counts.data(), sums.data(), sq.data());
+    }
 
     if (gram_streaming_) {
         // Classes below min_samples_per_token: all their rows are in the hold area.
+        int64_t held_classes = 0, held_rows = 0;
+        for (int64_t c = 0; c < V_; ++c)
+            if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token) ++held_classes, held_rows += counts[(size_t)c];
+        HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(held_classes, 16), add_bytes(mul_bytes(held_rows, 4), mul_bytes(d_, d_, 16))),
+                                                "the overall Gram (d = " + std::to_string(d_) + ", twice) and the index of " + std::to_string(held_rows) +
+                                                    " held-back rows on their way to the checkpoint",
+                                                "raise host_memory_limit");
         std::vector<int64_t> ids, n;
         std::vector<int32_t> index;
+        ids.reserve((size_t)held_classes), n.reserve((size_t)held_classes), index.reserve((size_t)held_rows);
         for (int64_t c = 0; c < V_; ++c)
             if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token) {
                 ids.push_back(c), n.push_back(counts[(size_t)c]);
                 for (int64_t r = 0; r < counts[(size_t)c]; ++r) index.push_back((int32_t)(c * hold_rows_ + r));
             }
-        const std::vector<double> held = download_rows(hold_.data(), index);
+        const std::vector<double> held = download_rows(hold_.data(), index, lease, "the held-back rows on their way to the checkpoint");
         std::vector<double> g((size_t)(d_ * d_)), out((size_t)(d_ * d_), 0.0);
         COLLAPSE_CUDA_TRY(cudaMemcpy(g.data(), gram_.data(), gram_.bytes(), cudaMemcpyDeviceToHost));
         for (int64_t a = 0; a < d_; ++a)
@@ -128,25 +150,33 @@ void CudaBackend::save_state(StateWriter& w) {
     if (exact_store_) {
         // Every row to the host store first; then written class after class, as the CPU does.
         move_store_to_host();
-        write_store(w, *host_store_, V_, d_, std::max<int64_t>(d_ * 8, cfg_.host_memory_limit / 6));
+        write_store(w, *host_store_, V_, d_, load_budget());
     } else if (sampled_) {
-        // The filled reservoir slots, class after class.
+        // The filled reservoir slots, class after class, a chunk of rows at a time.
         const int64_t cap = cfg_.svd_max_rows_per_token;
+        const int64_t chunk = std::max<int64_t>(1, std::min(kChunkBytes, host_.available() / 8) / (d_ * 8));
+        HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(V_ + 1, 8), mul_bytes(chunk, 4)),
+                                                "the reservoirs' offsets of V = " + std::to_string(V_) + " classes on their way to the checkpoint",
+                                                kFixNumClasses);
         std::vector<int64_t> off((size_t)V_ + 1, 0);
-        std::vector<int32_t> index;
-        for (int64_t c = 0; c < V_; ++c) {
-            const int64_t k = std::min(counts[(size_t)c], cap);
-            off[(size_t)c + 1] = off[(size_t)c] + k;
-            for (int64_t j = 0; j < k; ++j) index.push_back((int32_t)(c * cap + j));
-        }
+        for (int64_t c = 0; c < V_; ++c) off[(size_t)c + 1] = off[(size_t)c] + std::min(counts[(size_t)c], cap);
         w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
         w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
-        const size_t chunk = (size_t)std::max<int64_t>(1, kChunkBytes / (d_ * 8));
-        for (size_t r0 = 0; r0 < index.size(); r0 += chunk) {
-            const std::vector<int32_t> part(index.begin() + (ptrdiff_t)r0, index.begin() + (ptrdiff_t)std::min(index.size(), r0 + chunk));
-            const std::vector<double> rows = download_rows(reservoir_.data(), part);
+        std::vector<int32_t> part;
+        part.reserve((size_t)chunk);
+        HostBudget::Lease rows_lease;
+        auto flush = [&] {
+            const std::vector<double> rows = download_rows(reservoir_.data(), part, rows_lease, "reservoir rows on their way to the checkpoint");
             w.append(rows.data(), rows.size() * 8);
-        }
+            rows_lease.reset();
+            part.clear();
+        };
+        for (int64_t c = 0; c < V_; ++c)
+            for (int64_t j = 0; j < std::min(counts[(size_t)c], cap); ++j) {
+                part.push_back((int32_t)(c * cap + j));
+                if ((int64_t)part.size() == chunk) flush();
+            }
+        if (!part.empty()) flush();
         w.end_section();
     }
 }
@@ -157,7 +187,19 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     const StateView v = read_state(r, V_, d_, cfg_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);
 
     // Everything that can fail (room on the device, downloads, allocations) comes before the first
-    // change: a refused checkpoint changes nothing.
+    // change: a refused checkpoint changes nothing. The host copies are counted first, at their
+    // largest: the counts before and after (2 V), the sums and norms (V (d + 1)), the Gram and its
+    // addition (2 d^2), the held-back rows with their slots, and the reservoir rows with their slots
+    // plus one class's merged reservoir.
+    const int64_t row_bytes = (d_ + 1) * 8;
+    int64_t host_bytes = add_bytes(mul_bytes(V_, 16), mul_bytes(V_, row_bytes));
+    if (gram_streaming_) host_bytes = add_bytes(host_bytes, add_bytes(mul_bytes(d_, d_, 16), mul_bytes(v.holdback_total, row_bytes)));
+    if (sampled_)
+        host_bytes = add_bytes(host_bytes, add_bytes(mul_bytes(v.store_offsets[V_], row_bytes), mul_bytes(cfg_.svd_max_rows_per_token, d_, 8)));
+    const HostBudget::Lease host_lease = host_.reserve(host_bytes, "loading " + r.description() + " through host memory (V = " + std::to_string(V_) +
+                                                                       ", d = " + std::to_string(d_) + ": counts, sums, Gram, held-back and reservoir rows)",
+                                                       "raise host_memory_limit");
+    HostBudget::Lease mine_lease;  // this session's reservoir rows, downloaded to be merged
     std::vector<int64_t> before((size_t)V_, 0);
     if (merge) before = class_counts();
     else sync();
@@ -181,13 +223,18 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     std::vector<double> res_rows;
     if (sampled_) {
         const int64_t cap = cfg_.svd_max_rows_per_token;
-        std::vector<int32_t> mine_index;
-        for (int64_t c = 0; c < V_; ++c) {
+        auto mine_rows = [&](int64_t c) {
             const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c], ka = std::min(before[(size_t)c], cap);
-            if (n > 0 && ka + n > cap)
-                for (int64_t j = 0; j < ka; ++j) mine_index.push_back((int32_t)(c * cap + j));
-        }
-        const std::vector<double> mine = download_rows(reservoir_.data(), mine_index);
+            return n > 0 && ka + n > cap ? ka : int64_t(0);
+        };
+        int64_t mine_total = 0;
+        for (int64_t c = 0; c < V_; ++c) mine_total += mine_rows(c);
+        mine_lease = host_.reserve(mul_bytes(mine_total, 4), "the index of this session's reservoir rows to merge", "raise host_memory_limit");
+        std::vector<int32_t> mine_index;
+        mine_index.reserve((size_t)mine_total);
+        for (int64_t c = 0; c < V_; ++c)
+            for (int64_t j = 0; j < mine_rows(c); ++j) mine_index.push_back((int32_t)(c * cap + j));
+        const std::vector<double> mine = download_rows(reservoir_.data(), mine_index, mine_lease, "this session's reservoir rows to merge");
         const double* mp = mine.data();
         for (int64_t c = 0; c < V_; ++c) {
             const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c], ka = std::min(before[(size_t)c], cap);
@@ -233,7 +280,10 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     if (exact_store_) {
         if (merge) move_store_to_host();
         else host_store_->clear();  // a fresh session: nothing to keep
+        store_held_.update(host_store_->memory_bytes());
+        // Kept within the store's share of memory by load_store (it spills the rest); counted after.
         load_store(r, v, *host_store_, V_, d_);
+        store_held_.update(host_store_->memory_bytes());
     }
 
     // From here on only CUDA itself can fail.
@@ -241,7 +291,7 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     COLLAPSE_CUDA_TRY(cudaMemcpy(sum_.data(), sums.data(), sum_.bytes(), cudaMemcpyHostToDevice));
     COLLAPSE_CUDA_TRY(cudaMemcpy(sqnorm_.data(), sq.data(), sqnorm_.bytes(), cudaMemcpyHostToDevice));
     if (!merge) totals_ = Counts{};
-    totals_.rows_seen += v.rows[0], totals_.rows_masked += v.rows[1], totals_.rows_excluded += v.rows[2], totals_.rows_nonfinite += v.rows[3];
+    add_row_counts(totals_, v.rows);
     if (gram_streaming_) {
         COLLAPSE_CUDA_TRY(cudaMemcpy(gram_.data(), g.data(), gram_.bytes(), cudaMemcpyHostToDevice));
         upload_rows(hold_rows.data(), hold_slot, hold_.data(), up_rows, up_slots);

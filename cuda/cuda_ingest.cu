@@ -74,12 +74,18 @@ DeviceBatch CudaBackend::device_view(const BatchDesc& b, cudaStream_t s) {
     const size_t vbytes = (size_t)b.valid.rows * lcols * vsz;
     auto align = [](size_t x) { return (x + 255) & ~size_t(255); };  // int64 labels need aligned loads
     const size_t loff = align(fbytes), voff = align(loff + lbytes), total = voff + vbytes;
-    // Both slots are sized at the first host batch (and again only for a larger batch).
+    // Both slots are sized at the first host batch (and again only for a larger batch). Their
+    // pinned growth is checked against host_memory_limit for both at once, before either changes.
+    int64_t growth = 0;
+    for (const Staging& slot : staging_) growth += std::max<int64_t>(0, (int64_t)total - (int64_t)slot.host.size());
+    const std::string what = "the staging of a host batch of " + std::to_string(db.rows) + " rows (two pinned slots of " +
+                             format_bytes((int64_t)total) + ")";
+    host_.check(growth, "pinned host memory for " + what, kFixBatchRows);
     for (Staging& slot : staging_)
         if (slot.host.size() < total || slot.dev.size() < total) {
             COLLAPSE_CUDA_TRY(cudaEventSynchronize(slot.copied));
             slot.dev.reset();
-            slot.host.allocate(total, &budget_);
+            slot.host.allocate(total, &budget_, &host_, what, kFixBatchRows);
             slot.dev.allocate(total, &budget_, "host-batch staging (two pinned slots)");
         }
     Staging& st = staging_[(size_t)staging_next_];
@@ -127,6 +133,8 @@ int CudaBackend::begin_batch(const BatchDesc& b, cudaStream_t s, bool check_stor
     ip.excluded = excluded_.data();
     ip.nonfinite_skip = cfg_.nonfinite_policy == COLLAPSE_NONFINITE_SKIP_ROW ? 1 : 0;
     ip.sentinel = (int32_t)V_;
+    ip.use_ignore = cfg_.ignore_index ? 1 : 0;
+    ip.ignore_index = cfg_.ignore_index.value_or(0);
     launch_reset_status(st, s);
     group_batch(*db, ip, st, s);
     launch_finish_status(*db, st, check_store ? store_count_.data() : nullptr, store_capacity_, s);
@@ -221,7 +229,8 @@ void CudaBackend::process_slot(int k, bool wait) {
     if (st.error) {
         if (st.bad_label_row != ~0ull)
             errors_.emplace_back(COLLAPSE_ERR_BAD_INPUT, "label " + std::to_string(st.bad_label_value) + " at " + where(st.bad_label_row) +
-                                                             " is outside [0, " + std::to_string(V_) + ") (that batch was not ingested)");
+                                                             " is outside [0, " + std::to_string(V_) + ")" +
+                                                             ignore_hint(cfg_.ignore_index, st.bad_label_value) + " (that batch was not ingested)");
         else if (st.nonfinite_row != ~0ull)
             errors_.emplace_back(COLLAPSE_ERR_BAD_INPUT,
                                  "feature value " + std::to_string(st.nonfinite_value) + " (non-finite or beyond the float32 range) at " +
@@ -237,6 +246,7 @@ void CudaBackend::process_slot(int k, bool wait) {
     if (!slots_[(size_t)k].first_pass) return;  // the second pass sees the same rows again
     totals_.rows_seen += slots_[(size_t)k].rows;
     totals_.rows_masked += (int64_t)st.masked;
+    totals_.rows_ignored += (int64_t)st.ignored;
     totals_.rows_excluded += (int64_t)st.excluded;
     totals_.rows_nonfinite += (int64_t)st.nonfinite_skipped;
 }
@@ -268,12 +278,20 @@ void CudaBackend::sync() {
 void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) {
     DeviceGuard guard(cfg_.device_ordinal);
     sync();
+    const int64_t K = (int64_t)kept.ids.size();
+    // The kept set's copy (its V-long slot table, K ids and counts) and the kept means with their
+    // norms on their way through the host; the classifier is not copied (only whether it has a bias
+    // is kept: its device copy is made below).
+    kept2_lease_ = host_.reserve(add_bytes(mul_bytes(V_, 4), mul_bytes(K, 4 + 8)),
+                                 "the second pass's kept set of K = " + std::to_string(K) + " classes (with its V-long slot table)", kFixKeptClasses);
+    const HostBudget::Lease means_lease = host_.reserve(
+        mul_bytes(K, d_ + 1, 8), "the second pass's means of K = " + std::to_string(K) + " kept classes of width d = " + std::to_string(d_),
+        kFixKeptClasses);
     pass2_ = true;
     pass2_nc4_ = nc4 && clf.present();
     pass2_gram_ = gram;
     kept2_ = kept;
-    clf2_ = clf;
-    const int64_t K = (int64_t)kept.ids.size();
+    bias2_ = !clf.bias.empty();
     cudaStream_t s = stream_;
     ids2_.allocate((size_t)std::max<int64_t>(K, 1), &budget_, "kept ids");
     slot2_.allocate((size_t)V_, &budget_, "kept slots");
@@ -357,7 +375,7 @@ void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
                                             xd2_.data(), (int)d_, &zero, logits2_.data(), (int)V_));
             COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d_, &one, mu2_.data(), (int)d_,
                                             xd2_.data(), (int)d_, &zero, dots2_.data(), (int)K));
-            launch_nc4_compare(logits2_.data(), clf2_.bias.empty() ? nullptr : b2_.data(), V_, dots2_.data(), mu2_sq_.data(),
+            launch_nc4_compare(logits2_.data(), bias2_ ? b2_.data() : nullptr, V_, dots2_.data(), mu2_sq_.data(),
                                ids2_.data(), K, nr, agree_.data(), s, sc.keys_sorted.data() + r0, slot2_.data(), st);
         }
     }

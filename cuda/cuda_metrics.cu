@@ -23,6 +23,12 @@ void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues&
     cudaStream_t s = stream_;
     const int64_t K = (int64_t)kept.ids.size();
     const int64_t cap = cfg_.svd_max_rows_per_token;
+    // The per-token results (handed over in `out`) and their row ranges; sampled: the reservoir index.
+    const HostBudget::Lease lease = host_.reserve(
+        add_bytes(mul_bytes(K, 16 + (int64_t)sizeof(TokenMetrics)), sampled_ ? mul_bytes(K, add_bytes(mul_bytes(cap, 4), 8)) : 0),
+        "the per-token results of K = " + std::to_string(K) + " kept classes" +
+            (sampled_ ? " and their reservoirs' index (" + std::to_string(cap) + " rows each)" : std::string()),
+        kFixKeptClasses);
     std::vector<int64_t> offset((size_t)K), nrows((size_t)K);
     std::vector<TokenMetrics> tokens((size_t)K);
     auto describe = [&](int64_t t) {
@@ -61,10 +67,27 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     MetricValues out;
     cudaStream_t s = stream_;  // the leases below are used on this stream only (resources.cuh)
     last_stream_ = s;
+    // A batch after this compute (a snapshot's session goes on) on another stream waits for its
+    // work: pick_stream waits on last_done_ when the stream changes, so it must mark this work's end.
+    struct RecordDone {
+        cudaEvent_t event;
+        cudaStream_t stream;
+        ~RecordDone() { COLLAPSE_CUDA_TRY_NO_THROW(cudaEventRecord(event, stream)); }
+    } const record_done{last_done_, s};
     const int64_t K = (int64_t)kept.ids.size();
     if (K == 0) {
         out.notes["overall"] = "no kept classes: every metric is null";
         return out;
+    }
+    // Finalisation needs room: as on the CPU, the exact store's rows (those still on the device join
+    // them first) go to disk when they take more host memory than is left free; they come back a
+    // group of classes at a time.
+    if (exact_store_) {
+        move_store_to_host();
+        if (host_store_->memory_bytes() > 0 && host_store_->memory_bytes() >= host_.available()) {
+            host_store_->spill_memory();
+            store_held_.update(host_store_->memory_bytes());
+        }
     }
     unsigned long long pass2_rows = 0;
     if (pass2_) COLLAPSE_CUDA_TRY(cudaMemcpy(&pass2_rows, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
@@ -85,6 +108,9 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
     auto t_phase = Clock::now();
     if (cfg_.compute_class_metrics) {
+        // Five K-long vectors on the host: norms, the two duality terms, cosines and norms' roots.
+        const HostBudget::Lease lease =
+            host_.reserve(mul_bytes(K, 5 * 8), "the class vectors of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
         ClassVectors v;
         std::vector<double> hq((size_t)K);
         COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hq.data(), q.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
@@ -176,8 +202,15 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
         if (gram_streaming_) {
             COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), gram_.data(), g.bytes(), cudaMemcpyDeviceToDevice, s));
             // Subtract the rows of classes that never reached min_samples_per_token (all in the hold area).
+            HostBudget::Lease lease =
+                host_.reserve(mul_bytes(V_, 8), "the class counts of V = " + std::to_string(V_) + " (for the Gram's held-back rows)", kFixNumClasses);
             const std::vector<int64_t> counts = class_counts();
+            int64_t held = 0;
+            for (int64_t c = 0; c < V_ && hold_rows_ > 0; ++c)
+                if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token) held += counts[(size_t)c];
+            lease.resize(add_bytes(lease.bytes(), mul_bytes(held, 4)), "the index of " + std::to_string(held) + " held-back rows", "raise host_memory_limit");
             std::vector<int32_t> hold_index;
+            hold_index.reserve((size_t)held);
             for (int64_t c = 0; c < V_ && hold_rows_ > 0; ++c)
                 if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token)
                     for (int64_t r = 0; r < counts[(size_t)c]; ++r) hold_index.push_back((int32_t)(c * hold_rows_ + r));

@@ -32,16 +32,16 @@ int collapse_cuda_module_available(char* why, size_t n) {
 
 // Throws collapse::internal::Error through this C-linkage function on purpose: the loader is C++
 // and catches it like any backend error (the C API then turns it into a status).
-Backend* collapse_cuda_module_create(const char* version, size_t config_size, const Config* cfg, int64_t num_classes,
-                                     int64_t dim) {
+Backend* collapse_cuda_module_create_v2(const char* version, size_t config_size, const Config* cfg, int64_t num_classes,
+                                        int64_t dim, const std::shared_ptr<collapse::internal::HostBudget>* budget) {
     if (std::strcmp(version, COLLAPSE_VERSION_STRING) != 0 || config_size != sizeof(Config))
         collapse::internal::fail(COLLAPSE_ERR_NO_CUDA, "the CUDA module was built from collapse ", COLLAPSE_VERSION_STRING,
                                  " (Config of ", sizeof(Config), " bytes); this library is ", version, " (", config_size,
                                  " bytes): install the module built with this library");
-    return collapse::internal::make_cuda_backend(*cfg, num_classes, dim).release();
+    return collapse::internal::make_cuda_backend(*cfg, num_classes, dim, budget ? *budget : nullptr).release();
 }
 
 }  // extern "C"
 
 static_assert(std::is_same_v<decltype(&collapse_cuda_module_available), collapse_cuda_module_available_fn>);
-static_assert(std::is_same_v<decltype(&collapse_cuda_module_create), collapse_cuda_module_create_fn>);
+static_assert(std::is_same_v<decltype(&collapse_cuda_module_create_v2), collapse_cuda_module_create_fn>);

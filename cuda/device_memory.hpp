@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "base/bytes.hpp"
+#include "core/host_budget.hpp"
 #include "cuda_check.hpp"
 
 namespace collapse::internal::cuda {
@@ -143,28 +144,42 @@ private:
     Budget* budget_ = nullptr;
 };
 
-// Pinned host memory (not in the device budget; `counter`, when given, counts the calls).
+// Pinned host memory: not in the device budget (`counter`, when given, counts the calls), but in
+// the session's host budget (host_memory_limit) when one is given: the bytes are counted before
+// cudaMallocHost, and a refusal (COLLAPSE_ERR_OUT_OF_MEMORY naming them, `what` and `fix`) leaves
+// the buffer as it was.
 template <class T>
 class PinnedBuffer {
 public:
     PinnedBuffer() = default;
-    explicit PinnedBuffer(size_t n, Budget* counter = nullptr) { allocate(n, counter); }
     ~PinnedBuffer() {
         if (p_) COLLAPSE_CUDA_TRY_NO_THROW(cudaFreeHost(p_));
     }
     PinnedBuffer(const PinnedBuffer&) = delete;
     PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-    void allocate(size_t n, Budget* counter = nullptr) {
+    void allocate(size_t n, Budget* counter, HostBudget* host, const std::string& what, const std::string& fix = "") {
+        // Counted first: the old buffer is given back below, so only the growth has to fit.
+        if (host && !lease_.bytes() && n > 0) lease_ = host->lease();
+        lease_.resize(mul_bytes((int64_t)n, (int64_t)sizeof(T)), "pinned host memory for " + what, fix);
         if (p_) {
             if (counter) counter->count_pinned_call();
             COLLAPSE_CUDA_TRY(cudaFreeHost(p_));
         }
         p_ = nullptr;
         n_ = 0;
-        if (n == 0) return;
+        if (n == 0) {
+            lease_.reset();
+            return;
+        }
         void* p = nullptr;
         if (counter) counter->count_pinned_call();
-        COLLAPSE_CUDA_TRY(cudaMallocHost(&p, n * sizeof(T)));
+        const cudaError_t e = cudaMallocHost(&p, n * sizeof(T));
+        if (e != cudaSuccess) {
+            lease_.reset();
+            (void)cudaGetLastError();
+            fail(COLLAPSE_ERR_OUT_OF_MEMORY, "cudaMallocHost of ", format_bytes((int64_t)(n * sizeof(T))), " for ", what,
+                 " failed: ", cudaGetErrorString(e));
+        }
         p_ = static_cast<T*>(p);
         n_ = n;
     }
@@ -175,6 +190,7 @@ public:
 private:
     T* p_ = nullptr;
     size_t n_ = 0;
+    HostBudget::Lease lease_;  // of host_memory_limit, while the memory is held
 };
 
 }  // namespace collapse::internal::cuda

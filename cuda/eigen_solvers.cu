@@ -23,6 +23,10 @@ std::vector<double> eigenvalues_sym(Resources& res, double* a, int64_t n, cudaSt
                                                       CUDA_R_64F, a, n, CUDA_R_64F, w.data(), CUDA_R_64F, &dev_bytes,
                                                       &host_bytes));
     Lease<uint8_t> work = res.take<uint8_t>(std::max<size_t>(dev_bytes, 1), "eigen-solver workspace");
+    // The solver's host workspace and the n eigenvalues (returned: the caller holds them briefly).
+    const HostBudget::Lease lease = res.host().reserve(add_bytes((int64_t)std::max<size_t>(host_bytes, 1), mul_bytes(n, 8)),
+                                                       "the eigen-solver's host workspace for a Gram of size " + std::to_string(n),
+                                                       "raise host_memory_limit");
     std::vector<uint8_t> host_work(std::max<size_t>(host_bytes, 1));
     COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevd(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, n, CUDA_R_64F,
                                            a, n, CUDA_R_64F, w.data(), CUDA_R_64F, work.data(), dev_bytes,
@@ -41,6 +45,12 @@ void class_spectra(Resources& res, int64_t d, bool center, const float* rows, co
                    const std::vector<int64_t>& todo, const std::vector<int64_t>& offset, const std::vector<int64_t>& nrows,
                    const KeptSet& kept, const double* mu, std::vector<TokenMetrics>& tokens, MetricValues& out) {
     cudaStream_t s = res.stream();
+    // The grouping (a map node per size and an id per class) and, per batched call, the classes'
+    // ranges and eigenvalues: the largest call holds at most 256 MiB of Grams on the device, whose
+    // eigenvalues are a sliver of that.
+    const HostBudget::Lease groups_lease = res.host().reserve(mul_bytes((int64_t)todo.size(), 8 + 64),
+                                                              "the per-token solver groups of " + std::to_string(todo.size()) + " classes",
+                                                              kFixKeptClasses);
     std::map<int64_t, std::vector<int64_t>> groups;
     for (int64_t t : todo) {
         const int64_t m = std::min(nrows[(size_t)t], d);
@@ -53,6 +63,10 @@ void class_spectra(Resources& res, int64_t d, bool center, const float* rows, co
         const int64_t per = std::max<int64_t>(1, std::min<int64_t>({(int64_t)members.size(), (int64_t(256) << 20) / (M * M * 8), int64_t(65535)}));
         for (size_t g0 = 0; g0 < members.size(); g0 += (size_t)per) {
             const int64_t cnt = std::min<int64_t>(per, (int64_t)(members.size() - g0));
+            const HostBudget::Lease call_lease = res.host().reserve(mul_bytes(cnt, 8 + 8 + 4 + 4 + 8 * M),
+                                                                    "the ranges and eigenvalues of " + std::to_string(cnt) + " per-class Grams of size " +
+                                                                        std::to_string(M),
+                                                                    kFixTokenSvd);
             std::vector<int64_t> off((size_t)cnt), nn((size_t)cnt);
             std::vector<int32_t> ctr((size_t)cnt);
             for (int64_t i = 0; i < cnt; ++i) {

@@ -62,7 +62,7 @@ __global__ void reset_status_kernel(BatchStatus* st) {
     st->nonfinite_row = ULLONG_MAX;
     st->nonfinite_col = -1;
     st->nonfinite_value = 0;
-    st->masked = st->excluded = st->nonfinite_skipped = st->accepted = 0;
+    st->masked = st->excluded = st->nonfinite_skipped = st->accepted = st->ignored = 0;
     st->store_overflow = 0;
     st->error = 0;
 }
@@ -78,6 +78,8 @@ __global__ void validate_kernel(DeviceBatch b, IngestParams p, int32_t* keys, in
         bool check = false;
         if (!valid) {
             if (lane == 0) atomicAdd(&st->masked, 1ull);
+        } else if (p.use_ignore && y == p.ignore_index) {
+            if (lane == 0) atomicAdd(&st->ignored, 1ull);
         } else if (y < 0 || y >= p.V) {
             if (lane == 0) atomicMin(&st->bad_label_row, (unsigned long long)r);
         } else if (p.excluded[y]) {

@@ -35,6 +35,7 @@ struct BatchStatus {
     long long nonfinite_col;
     double nonfinite_value;
     unsigned long long masked, excluded, nonfinite_skipped, accepted;
+    unsigned long long ignored;         // label = ignore_index (unmasked rows)
     int store_overflow;  // exact row store would exceed its capacity
     int error;           // nonzero: the batch is a no-op
 };
@@ -44,10 +45,13 @@ struct IngestParams {
     const uint8_t* excluded = nullptr;   // [V]
     int nonfinite_skip = 0;              // nonfinite_policy: skip_row
     int32_t sentinel = 0;                // key of dropped rows (= V)
+    int use_ignore = 0;                  // ignore_index set: rows with that label are dropped and counted
+    long long ignore_index = 0;
 };
 
 void launch_reset_status(BatchStatus* st, cudaStream_t s);
-// One warp per row: label, mask, exclusion, finiteness -> keys[r] (label or sentinel), vals[r] = feature row.
+// One warp per row: mask, ignore_index, label range, exclusion, finiteness (in the order of
+// src/core/batch.cpp accept_rows) -> keys[r] (label or sentinel), vals[r] = feature row.
 void launch_validate(const DeviceBatch& b, const IngestParams& p, int32_t* keys, int32_t* vals, BatchStatus* st, cudaStream_t s);
 // Fills the row/value of the first error, checks the row store's capacity, sets st->error.
 void launch_finish_status(const DeviceBatch& b, BatchStatus* st, const unsigned long long* store_count,

@@ -3,7 +3,8 @@
 
 namespace collapse::internal::cuda {
 
-Resources::Resources(int device, int64_t budget_limit, bool allow_tf32) : device_(device), budget_(budget_limit), pool_(&budget_) {
+Resources::Resources(int device, int64_t budget_limit, bool allow_tf32, std::shared_ptr<HostBudget> host)
+    : device_(device), host_(std::move(host)), budget_(budget_limit), pool_(&budget_) {
     DeviceGuard guard(device);  // the stream and the handles belong to the session's device
     try {
         COLLAPSE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));

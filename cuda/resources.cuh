@@ -1,6 +1,8 @@
 // The device resources of one session, in one object (RAFT's `resources`): the session's stream,
 // the cuBLAS and cuSOLVER handles (bound to the stream of each call on each use), the byte budget
-// of device_memory_limit, and a workspace pool for the temporaries of finalisation.
+// of device_memory_limit, a workspace pool for the temporaries of finalisation, and the session's
+// host budget (host_memory_limit, shared with the session: every host allocation of this backend
+// that grows with V, K, d or rows is counted there first).
 //
 // The pool: slabs allocated with cudaMalloc once and kept, reused by later requests of the same
 // byte size (a compute of the same shape asks for the same sizes), handed out as RAII leases. Exact
@@ -30,6 +32,7 @@
 #include <utility>
 #include <vector>
 
+#include "core/host_budget.hpp"
 #include "cuda_check.hpp"
 #include "device_memory.hpp"
 #include "workspace_pool.hpp"
@@ -55,8 +58,8 @@ private:
 
 class Resources {
 public:
-    // Creates the stream and the handles on `device`.
-    Resources(int device, int64_t budget_limit, bool allow_tf32);
+    // Creates the stream and the handles on `device`. host: the session's host budget.
+    Resources(int device, int64_t budget_limit, bool allow_tf32, std::shared_ptr<HostBudget> host);
     ~Resources();
     Resources(const Resources&) = delete;
     Resources& operator=(const Resources&) = delete;
@@ -64,6 +67,7 @@ public:
     int device() const { return device_; }
     Budget& budget() { return budget_; }
     const Budget& budget() const { return budget_; }
+    HostBudget& host() { return *host_; }
     WorkspacePool& pool() { return pool_; }
     // The session's own stream: blocking, so it orders with the legacy default stream, which callers
     // passing NULL and plain cudaMemcpy use.
@@ -82,6 +86,7 @@ private:
     void release() noexcept;
 
     int device_;
+    std::shared_ptr<HostBudget> host_;  // first: it outlives every lease of the session's buffers
     Budget budget_;
     WorkspacePool pool_;
     cudaStream_t stream_ = nullptr;

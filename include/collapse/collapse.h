@@ -20,10 +20,29 @@
  *    it sees a call still running it frees nothing (the session leaks rather than crashes) and sets
  *    collapse_last_error(); call it again once the other thread's call has returned;
  *  - collapse_last_error() is per thread: it describes the calling thread's last call only;
- *  - a report is read-only once collapse_session_compute has returned it: any number of threads
- *    may call the collapse_report_* getters on it at once (not collapse_report_destroy, which must
- *    come after the last of them). A report does not depend on its session; either may be
- *    destroyed first;
+ *  - a report is read-only once collapse_session_compute or collapse_session_snapshot has
+ *    returned it: any number of threads may call the collapse_report_* getters on it at once (not
+ *    collapse_report_destroy, which must come after the last of them). A report does not depend on
+ *    its session; either may be destroyed first, and a snapshot's report stays as it was while the
+ *    session goes on;
+ *  - collapse_session_snapshot is a session call like the others: it does not run concurrently
+ *    with any other call on the same session (ingest included); one that overlaps it is refused
+ *    with COLLAPSE_ERR_STATE by the rule above, without waiting. Other sessions, and readers of
+ *    reports (earlier snapshots too), are not affected. With the CUDA backend it first waits, on the
+ *    host, for the session's queued work: cudaStreamSynchronize of the stream of the last ingest
+ *    call (the caller's stream, or the session's own when that call passed NULL), which by the
+ *    session's stream ordering covers every earlier batch but also waits for whatever else the
+ *    caller queued on that stream before the snapshot; then it computes on the session's own
+ *    stream (a blocking stream) and waits for that. Its small synchronous copies (class counts;
+ *    in exact mode the row buffer's move to host memory) run on the legacy default stream, so they
+ *    also wait for work queued before them on the caller's blocking streams; work on the caller's
+ *    other streams created with cudaStreamNonBlocking is not waited for (a model running there
+ *    goes on).
+ *    The first snapshot (or one larger than all before it) may allocate its workspace; in exact
+ *    mode that includes a pinned host buffer, and a pinned allocation waits for the whole device;
+ *    later ones reuse it. A batch ingested after a snapshot, on any stream, is ordered after its
+ *    work. A deferred device-side error of an earlier batch is reported by the snapshot (as by
+ *    collapse_session_sync);
  *  - collapse_options_from_yaml_file's exclude_token_ids storage is per thread (see below);
  *    the other functions without a session or report are safe from any thread.
  */
@@ -89,10 +108,11 @@ typedef enum collapse_nonfinite_policy { COLLAPSE_NONFINITE_ERROR = 0, COLLAPSE_
 typedef enum collapse_backend { COLLAPSE_BACKEND_CPU = 0, COLLAPSE_BACKEND_CUDA = 1 } collapse_backend;
 
 /* Options. Set struct_size = sizeof(collapse_options) (collapse_options_default does), so that a
- * later library version can tell which fields an older caller knows. */
+ * later library version can tell which fields an older caller knows: collapse_session_create takes
+ * the struct_size of an earlier version too, and the fields beyond it take their defaults. */
 typedef struct collapse_options {
     uint32_t struct_size;
-    int64_t num_classes;             /* V: labels must lie in [0, V). Required (> 0). */
+    int64_t num_classes;             /* V: labels must lie in [0, V) (or equal ignore_index). Required (> 0). */
     int64_t dim;                     /* d; 0 = taken from the first batch */
     const int64_t* exclude_token_ids;/* copied at session creation; may be NULL */
     int64_t num_exclude_token_ids;
@@ -121,6 +141,13 @@ typedef struct collapse_options {
      * subdirectory of this directory (created when needed, removed with the session). */
     char intermediate_save_dir[1024];/* NUL-terminated, default "collapse_intermediate" */
     int64_t max_buffer_size;         /* CUDA, exact SVD: rows held on the device before they move to host memory, default 10000 */
+    /* Fields appended after collapse 0.1.0 (a caller built against 0.1.0 passes its smaller
+     * struct_size, and these take their defaults). */
+    int64_t ignore_index;            /* label of rows that have no target: dropped and counted in rows_ignored (default -100) */
+    int use_ignore_index;            /* 0: ignore_index off, such a label is refused like any outside [0, V) (default 1) */
+    /* Generation-time window entropy (docs/METRICS.md; see collapse_session_ingest_tagged_rows). */
+    int64_t window_size;             /* W, rows per window (default 64, >= 2) */
+    int compute_window_metrics;      /* -1 = auto (default): on when rows carry sequence ids; 0 off; 1 on */
 } collapse_options;
 
 typedef struct collapse_session collapse_session;
@@ -150,6 +177,23 @@ void collapse_session_destroy(collapse_session* session);
 collapse_status collapse_session_ingest_rows(collapse_session* session, const collapse_buffer* features,
                                              const collapse_buffer* labels, const collapse_buffer* valid,
                                              void* stream);
+/* Tagged rows (generation-time window entropy, docs/METRICS.md): as ingest_rows, and each row's
+ * sequence id sequence_ids [N] (int32|int64, any value; required) and position positions [N]
+ * (int32|int64, >= 0) or NULL (then a row's position is its arrival order within its sequence).
+ * sequence_ids and positions are HOST memory even when the features are device buffers (a device
+ * buffer there is refused). Per sequence, the kept rows (those passing the mask, ignore_index,
+ * exclude_token_ids and the non-finite policy) ordered by position (ties: input order) form windows
+ * of window_size rows; a trailing partial window is dropped. Filtered rows still count as seen
+ * positions. Streaming: a window is reduced once its rows are final (every position below them
+ * seen), so rows may come in any order and across batches; rows after a gap wait until the gap is
+ * filled or compute. A repeated (sequence, position) is accepted after the rows it ties with
+ * unless a window reaching past its position was already reduced: then the batch is refused,
+ * naming the row. The sequences layout tags its rows itself: row (b, t) is sequence
+ * row_offset + b (the i-th sequence a session ingests is sequence i), position t. */
+collapse_status collapse_session_ingest_tagged_rows(collapse_session* session, const collapse_buffer* features,
+                                                    const collapse_buffer* labels, const collapse_buffer* valid,
+                                                    const collapse_buffer* sequence_ids,
+                                                    const collapse_buffer* positions, void* stream);
 /* Sequences: hidden [B*T, d] (row b*T+t), input_ids [B, T], attention_mask [B, T] or NULL.
  * Rows x = hidden[:, :-1], labels y = input_ids[:, 1:], kept where attention_mask[:, 1:] != 0. */
 collapse_status collapse_session_ingest_sequences(collapse_session* session, const collapse_buffer* hidden,
@@ -181,10 +225,21 @@ collapse_status collapse_session_merge(collapse_session* session, const char* pa
 /* Finalise and compute every metric. Allowed once per session. */
 collapse_status collapse_session_compute(collapse_session* session, collapse_report** out);
 
+/* A live snapshot: a report of every first-pass metric on the rows ingested so far, while the
+ * session goes on ingesting (a later snapshot or the final compute sees every row; nothing is
+ * consumed). Allowed any number of times during the first pass; COLLAPSE_ERR_STATE after
+ * begin_second_pass or after compute. It starts no second pass: a metric that needs one (NC4
+ * without a row store, the overall Gram when max_tokens_to_analyze cuts the kept set without a row
+ * store; see collapse_session_needs_second_pass) is null, with the note "needs the second pass; not
+ * in a snapshot" in overall_analysis.notes. Window metrics are those compute would give had the
+ * input ended there (windows still open are evaluated, and stay open). Costs a compute over the
+ * rows so far (the exact row store is read back); see Threads above for what it waits for on CUDA. */
+collapse_status collapse_session_snapshot(collapse_session* session, collapse_report** out);
+
 /* Reports */
 void collapse_report_destroy(collapse_report* report);
 /* A scalar by key: a docs/METRICS.md key of overall_analysis ("overall_gnc2"), of summary or of counts,
- * or a section-qualified key ("counts.rows_kept"). A null metric gives *is_null = 1 and NaN. */
+ * or a section-qualified key ("counts.rows_kept", "window_summary.overall_avg_svd_entropy"). A null metric gives *is_null = 1 and NaN. */
 collapse_status collapse_report_get_scalar(const collapse_report* report, const char* key, double* value,
                                            int* is_null);
 /* Number of tokens (kept classes) in token_analysis. */

@@ -98,6 +98,12 @@ public:
                      const collapse_buffer* valid = nullptr, void* stream = nullptr) {
         check(collapse_session_ingest_rows(s_.get(), &features, &labels, valid, stream));
     }
+    // Rows with sequence ids (and positions, or nullptr: arrival order), both in host memory.
+    void ingest_tagged_rows(const collapse_buffer& features, const collapse_buffer& labels, const collapse_buffer* valid,
+                            const collapse_buffer& sequence_ids, const collapse_buffer* positions = nullptr,
+                            void* stream = nullptr) {
+        check(collapse_session_ingest_tagged_rows(s_.get(), &features, &labels, valid, &sequence_ids, positions, stream));
+    }
     void ingest_sequences(const collapse_buffer& hidden, const collapse_buffer& ids, const collapse_buffer* mask,
                           int64_t batch, int64_t seq_len, void* stream = nullptr) {
         check(collapse_session_ingest_sequences(s_.get(), &hidden, &ids, mask, batch, seq_len, stream));
@@ -118,6 +124,12 @@ public:
     Report compute() {
         collapse_report* r = nullptr;
         check(collapse_session_compute(s_.get(), &r));
+        return Report(r);
+    }
+    // First-pass metrics of the rows so far; the session goes on (collapse_session_snapshot).
+    Report snapshot() {
+        collapse_report* r = nullptr;
+        check(collapse_session_snapshot(s_.get(), &r));
         return Report(r);
     }
 

@@ -134,9 +134,8 @@ collapse_status collapse_session_create(const collapse_options* options, collaps
     return translate([&] {
         require(options, "options");
         require(out, "out");
-        if (options->struct_size != sizeof(collapse_options))
-            collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "options.struct_size is ", options->struct_size, ", expected ",
-                           sizeof(collapse_options), " (initialise the struct with collapse_options_default)");
+        // This version's struct or an older caller's (whose later fields take their defaults).
+        collapse::internal::check_options_size(options->struct_size);
         if (options->num_exclude_token_ids > 0) require(options->exclude_token_ids, "options.exclude_token_ids");
         *out = new collapse_session(collapse::internal::from_options(*options));
     });
@@ -159,6 +158,16 @@ collapse_status collapse_session_ingest_rows(collapse_session* s, const collapse
     return translate([&] {
         const SessionCall call(s);
         s->impl.ingest_rows(features, labels, valid, stream);
+    });
+}
+
+collapse_status collapse_session_ingest_tagged_rows(collapse_session* s, const collapse_buffer* features,
+                                                    const collapse_buffer* labels, const collapse_buffer* valid,
+                                                    const collapse_buffer* sequence_ids, const collapse_buffer* positions,
+                                                    void* stream) {
+    return translate([&] {
+        const SessionCall call(s);
+        s->impl.ingest_tagged_rows(features, labels, valid, sequence_ids, positions, stream);
     });
 }
 
@@ -225,15 +234,29 @@ collapse_status collapse_session_merge(collapse_session* s, const char* path) {
     });
 }
 
+namespace {
+// The report of a result; *out only once everything has succeeded.
+void make_report(const collapse::internal::Session& session, const collapse::internal::Result& res, collapse_report** out) {
+    auto r = std::make_unique<collapse_report>();
+    r->doc = collapse::internal::build_report(session.config(), res);
+    for (const auto& t : res.metrics.tokens) r->token_ids.push_back(t.id);
+    *out = r.release();
+}
+}  // namespace
+
 collapse_status collapse_session_compute(collapse_session* s, collapse_report** out) {
     return translate([&] {
         const SessionCall call(s);
         require(out, "out");
-        auto r = std::make_unique<collapse_report>();
-        const collapse::internal::Result res = s->impl.compute(true);
-        r->doc = collapse::internal::build_report(s->impl.config(), res);
-        for (const auto& t : res.metrics.tokens) r->token_ids.push_back(t.id);
-        *out = r.release();
+        make_report(s->impl, s->impl.compute(true), out);
+    });
+}
+
+collapse_status collapse_session_snapshot(collapse_session* s, collapse_report** out) {
+    return translate([&] {
+        const SessionCall call(s);
+        require(out, "out");
+        make_report(s->impl, s->impl.snapshot(), out);
     });
 }
 

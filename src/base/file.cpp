@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "base/bytes.hpp"
 #include "base/error.hpp"
 
 namespace collapse::internal {
@@ -49,6 +50,28 @@ UniqueFd open_regular_file(const std::string& path, const std::string& what, str
     if (flags >= 0) (void)::fcntl(fd.get(), F_SETFL, flags & ~O_NONBLOCK);
     if (st_out) *st_out = st;
     return fd;
+}
+
+std::string read_regular_file(const std::string& path, const std::string& what, size_t max_bytes) {
+    struct ::stat st;
+    const UniqueFd fd = open_regular_file(path, what, &st);
+    if ((uint64_t)st.st_size > max_bytes)
+        fail(COLLAPSE_ERR_IO, "cannot read ", what, " ", path, ": it has ", (int64_t)st.st_size, " bytes, more than the limit of ",
+             max_bytes, " (", format_bytes((int64_t)max_bytes), ")");
+    std::string text;
+    char buf[65536];
+    while (true) {
+        const ssize_t n = ::read(fd.get(), buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) fail(COLLAPSE_ERR_IO, "cannot read ", what, " ", path, ": ", std::strerror(errno));
+        if (n == 0) break;
+        text.append(buf, (size_t)n);
+        // The file may grow after the size check; the bound holds regardless.
+        if (text.size() > max_bytes)
+            fail(COLLAPSE_ERR_IO, "cannot read ", what, " ", path, ": it grew past the limit of ", max_bytes, " bytes (",
+                 format_bytes((int64_t)max_bytes), ") while it was read");
+    }
+    return text;
 }
 
 }  // namespace collapse::internal

@@ -3,6 +3,7 @@
 #pragma once
 #include <sys/stat.h>
 
+#include <cstddef>
 #include <string>
 
 namespace collapse::internal {
@@ -29,5 +30,10 @@ private:
 // The open itself never blocks: a FIFO without a writer is refused, not waited on. Fills *st with
 // the file's fstat when given. For every reader of input files (tensors, checkpoints, configs).
 UniqueFd open_regular_file(const std::string& path, const std::string& what, struct ::stat* st = nullptr);
+
+// The whole content of a regular file (open_regular_file) of at most max_bytes: a larger file (or
+// one that grows past it while read) is refused with Error(COLLAPSE_ERR_IO) "cannot read <what>
+// <path>: it has N bytes, more than the limit of ...". For small text inputs (configs, reports).
+std::string read_regular_file(const std::string& path, const std::string& what, size_t max_bytes);
 
 }  // namespace collapse::internal

@@ -32,6 +32,7 @@ namespace {
 struct AnalyzeArgs {
     std::string features, labels, mask, classifier, bias, config;
     std::string hidden, input_ids, attention_mask;
+    std::string sequence_ids, positions;  // rows layout: windows (docs/METRICS.md)
     std::string safetensors, features_key = "features", labels_key = "labels", mask_key, classifier_key;
     std::string hidden_key, input_ids_key, attention_mask_key;
     bool keys_given = false;  // a --features-key or --labels-key was given explicitly
@@ -120,6 +121,15 @@ Input open_input(const AnalyzeArgs& a, bool quiet) {
                                    !a.input_ids.empty() || !a.attention_mask.empty()))
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--safetensors reads its tensors by key (--features-key, --hidden-key, ...); ",
              "do not also give .npy files for them");
+    const bool tags = !a.sequence_ids.empty() || !a.positions.empty();
+    if (tags && a.synthetic)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, !a.sequence_ids.empty() ? "--sequence-ids" : "--positions",
+             " tags rows of --features files; --synthetic has none");
+    if (tags && seq_flags)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, !a.sequence_ids.empty() ? "--sequence-ids" : "--positions",
+             " is for the rows layout; the sequence layout (--hidden/--input-ids) tags its rows itself (sequence = its index, position = t)");
+    if (!a.positions.empty() && a.sequence_ids.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--positions needs --sequence-ids");
+    auto npy_opt = [](const std::string& path) { return path.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(path)); };
     if (!a.bias.empty() && a.classifier.empty() && a.classifier_key.empty() && a.safetensors.empty())
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--bias needs a classifier (--classifier)");
 
@@ -136,7 +146,8 @@ Input open_input(const AnalyzeArgs& a, bool quiet) {
             in.rows = driver::tensor_sequences(st.tensor(a.hidden_key), st.tensor(a.input_ids_key), opt(a.attention_mask_key),
                                                "safetensors");
         } else {
-            in.rows = driver::tensor_rows(st.tensor(a.features_key), st.tensor(a.labels_key), opt(a.mask_key), "safetensors");
+            in.rows = driver::tensor_rows(st.tensor(a.features_key), st.tensor(a.labels_key), opt(a.mask_key), "safetensors",
+                                          npy_opt(a.sequence_ids), npy_opt(a.positions));
         }
         if (!a.classifier_key.empty()) {
             in.classifier = need_2d(st.tensor(a.classifier_key), "classifier");
@@ -152,7 +163,8 @@ Input open_input(const AnalyzeArgs& a, bool quiet) {
     } else if (rows_flags) {
         if (a.features.empty() || a.labels.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the rows layout needs both --features and --labels");
         in.rows = driver::tensor_rows(io::open_npy(a.features), io::open_npy(a.labels),
-                                      a.mask.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(a.mask)), "npy");
+                                      a.mask.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(a.mask)), "npy",
+                                      npy_opt(a.sequence_ids), npy_opt(a.positions));
     } else {
         if (a.hidden.empty() || a.input_ids.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the sequence layout needs both --hidden and --input-ids");
         in.rows = driver::tensor_sequences(io::open_npy(a.hidden), io::open_npy(a.input_ids),
@@ -185,8 +197,12 @@ void print_headline(const nlohmann::json& doc, const std::string& path) {
         return buf;
     };
     std::printf("report written to %s\n", path.c_str());
-    std::printf("  rows kept %s of %s, classes kept %s\n", num("counts", "rows_kept").c_str(),
-                num("counts", "rows_seen").c_str(), num("counts", "classes_kept").c_str());
+    // Rows dropped as "no target" (ignore_index) are said, so that a count that looks low is explained.
+    const int64_t ignored = doc["counts"].value("rows_ignored", int64_t(0));
+    const std::string ignored_text =
+        ignored > 0 ? " (" + num("counts", "rows_ignored") + " ignored: label " + doc["config"].value("ignore_index", nlohmann::json()).dump() + ")" : "";
+    std::printf("  rows kept %s of %s%s, classes kept %s\n", num("counts", "rows_kept").c_str(), num("counts", "rows_seen").c_str(),
+                ignored_text.c_str(), num("counts", "classes_kept").c_str());
     std::printf("  overall_svd_entropy %s (effective rank %s)\n", num("overall_analysis", "overall_svd_entropy").c_str(),
                 num("overall_analysis", "overall_effective_rank").c_str());
     std::printf("  overall_gnc2 %s, nc2_equiangular_mean %s (ideal %s), nc1_cdnv %s\n",
@@ -206,7 +222,7 @@ void print_headline(const nlohmann::json& doc, const std::string& path) {
 // --from-checkpoint: the report of a saved (or merged) first pass, with no input rows.
 void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
     if (!a.features.empty() || !a.hidden.empty() || !a.safetensors.empty() || a.synthetic || !a.labels.empty() ||
-        !a.input_ids.empty())
+        !a.input_ids.empty() || !a.sequence_ids.empty() || !a.positions.empty())
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--from-checkpoint takes no input files (the rows are in the checkpoint)");
     if (!a.checkpoint.empty() || a.resume)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--from-checkpoint reads a checkpoint; --checkpoint/--resume do not apply");
@@ -249,7 +265,8 @@ void check_files(const AnalyzeArgs& a) {
     const std::pair<const char*, const std::string*> inputs[] = {
         {"--features", &a.features}, {"--labels", &a.labels}, {"--mask", &a.mask}, {"--classifier", &a.classifier},
         {"--bias", &a.bias}, {"--config", &a.config}, {"--hidden", &a.hidden}, {"--input-ids", &a.input_ids},
-        {"--attention-mask", &a.attention_mask}, {"--safetensors", &a.safetensors}, {"--from-checkpoint", &a.from_checkpoint}};
+        {"--attention-mask", &a.attention_mask}, {"--safetensors", &a.safetensors}, {"--from-checkpoint", &a.from_checkpoint},
+        {"--sequence-ids", &a.sequence_ids}, {"--positions", &a.positions}};
     for (const auto& [what, path] : inputs)
         if (!path->empty()) in.push_back({what, *path});
     out.push_back({"--output", a.output});
@@ -346,6 +363,12 @@ void add_analyze_command(CLI::App& app) {
     sub->add_option("--hidden", args->hidden, "sequence layout: hidden states .npy [B, T, d]");
     sub->add_option("--input-ids", args->input_ids, "sequence layout: token ids .npy [B, T]");
     sub->add_option("--attention-mask", args->attention_mask, "sequence layout: attention mask .npy [B, T]");
+    sub->add_option("--sequence-ids", args->sequence_ids,
+                    "rows layout: sequence id of each row .npy [N] or [N, 1] (int32/int64), for the generation-time window "
+                    "entropy (report sections sequence_analysis, window_summary; config window_size)");
+    sub->add_option("--positions", args->positions,
+                    "rows layout: position of each row within its sequence .npy [N] or [N, 1] (int32/int64, >= 0; default: "
+                    "file order within the sequence)");
     sub->add_option("--safetensors", args->safetensors, "read tensors from this .safetensors file");
     sub->add_option("--features-key", args->features_key, "safetensors: features tensor name")->capture_default_str();
     sub->add_option("--labels-key", args->labels_key, "safetensors: labels tensor name")->capture_default_str();

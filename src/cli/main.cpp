@@ -1,9 +1,11 @@
-// The `collapse` command: analyze (dump -> report) and synth (synthetic dumps).
+// The `collapse` command: analyze (dump -> report), synth (synthetic dumps), merge (checkpoints),
+// compare (two reports).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
 
 #include "cli/analyze_cmd.hpp"
+#include "cli/compare_cmd.hpp"
 #include "cli/merge_cmd.hpp"
 #include "cli/synth_cmd.hpp"
 #include "collapse/collapse.h"
@@ -17,6 +19,7 @@ int main(int argc, char** argv) {
     collapse::internal::add_analyze_command(app);
     collapse::internal::add_synth_command(app);
     collapse::internal::add_merge_command(app);
+    collapse::internal::add_compare_command(app);
     collapse::internal::set_command_line(argc, argv);
     try {
         app.parse(argc, argv);

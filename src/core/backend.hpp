@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "base/error.hpp"
 #include "core/batch.hpp"
 #include "core/config.hpp"
 #include "core/metrics.hpp"
@@ -41,7 +42,7 @@ public:
     // state as it was. `stream` is the caller's CUDA stream (NULL: the backend's own); the CPU
     // backend ignores it. A device-side error may surface at a later call (see sync()).
     virtual void ingest(const BatchDesc& batch, void* stream) = 0;
-    // Row counts (rows_seen, rows_masked, rows_excluded, rows_nonfinite) so far.
+    // Row counts (rows_seen, rows_masked, rows_ignored, rows_excluded, rows_nonfinite) so far.
     virtual Counts row_counts() = 0;
     // n_c for every class, on the host.
     virtual std::vector<int64_t> class_counts() = 0;
@@ -58,6 +59,35 @@ public:
     // Every metric of the kept set. May be called more than once (intermediate saves).
     virtual MetricValues compute(const KeptSet& kept, const Classifier& clf) = 0;
 
+    // --- Generation-time windows (core/windows.hpp decides which rows form which window; the
+    // backend holds their rows in a store of float32 slots and computes the entropies). ---
+    virtual bool supports_windows() const { return false; }
+    // Per batch row, 1 when the last first-pass batch kept the row (mask, ignore_index, excluded
+    // ids, non-finite skip): true when the backend knows at once (CPU); false when the verdicts
+    // come later through window_verdicts (CUDA: they are only known on the device).
+    virtual bool last_batch_kept(std::vector<uint8_t>& kept) { return false; }
+    // Verdicts of stashed rows that became known since the last call (slot, kept).
+    virtual void window_verdicts(std::vector<int64_t>& slots, std::vector<uint8_t>& kept) {}
+    // Bytes the store takes for `capacity` slots (the session counts them before a batch).
+    virtual int64_t window_store_bytes(int64_t capacity) const { return 0; }
+    // Copies batch row r's features (as float32) to slot[r] where slot[r] >= 0, the store grown to
+    // `capacity` slots; ordered after the batch's ingest on `stream` (no host sync).
+    virtual void window_stash(const BatchDesc& batch, const int64_t* slot, int64_t capacity, void* stream) { windows_unsupported(); }
+    // Host rows [n, d] into / out of slots (checkpoints).
+    virtual void window_put(const int64_t* slots, int64_t n, const float* rows, int64_t capacity) { windows_unsupported(); }
+    virtual void window_get(const int64_t* slots, int64_t n, float* rows) { windows_unsupported(); }
+    // Entropies of windows (slots[i W .. (i + 1) W) = window i, rows in window order).
+    // window_reduce may run asynchronously; its entropies come back, in call order, from
+    // window_results (which waits for them). window_evaluate answers at once and keeps nothing.
+    virtual void window_reduce(const int64_t* slots, int64_t windows, int64_t W) { windows_unsupported(); }
+    virtual std::vector<double> window_results() { return {}; }
+    virtual std::vector<double> window_evaluate(const int64_t* slots, int64_t windows, int64_t W) {
+        windows_unsupported();
+    }
+    [[noreturn]] void windows_unsupported() const {
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "window metrics are not implemented on the ", name(), " backend yet");
+    }
+
     // The accumulated state as the arrays of core/state_sections.hpp (the session writes its own
     // meta): load replaces the state, merge adds another shard's; both check everything first.
     virtual void save_state(StateWriter& w) = 0;
@@ -69,7 +99,8 @@ class HostBudget;  // core/host_budget.hpp
 std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget = nullptr);
 // The CUDA backend, from the module libcollapse_cuda.so (src/core/backend_registry.cpp; inside the
 // module: cuda/). Without a module or a usable device: COLLAPSE_ERR_NO_CUDA saying which is missing.
-std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim);
+// budget: the session's account of host memory, as for the CPU backend (null: one made from cfg).
+std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget = nullptr);
 bool cuda_backend_available();
 void require_cuda_backend();  // throws COLLAPSE_ERR_NO_CUDA naming the reason
 

@@ -141,9 +141,9 @@ bool cuda_backend_available() {
     return cuda_usable(cuda_module(), &why);
 }
 
-std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim) {
+std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget) {
     require_cuda_backend();
-    return std::unique_ptr<Backend>(cuda_module().create(COLLAPSE_VERSION_STRING, sizeof(Config), &cfg, num_classes, dim));
+    return std::unique_ptr<Backend>(cuda_module().create(COLLAPSE_VERSION_STRING, sizeof(Config), &cfg, num_classes, dim, &budget));
 }
 
 }  // namespace collapse::internal

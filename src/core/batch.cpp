@@ -163,6 +163,12 @@ BatchDesc describe_sequences(const collapse_buffer* hidden, const collapse_buffe
     return b;
 }
 
+std::string ignore_hint(std::optional<int64_t> ignore_index, int64_t label) {
+    if (label >= 0) return "";
+    if (!ignore_index) return " (ignore_index is null: set ignore_index to " + std::to_string(label) + " to drop such rows)";
+    return " (ignore_index is " + std::to_string(*ignore_index) + ": only that label is dropped)";
+}
+
 int64_t first_nonfinite(const void* row, collapse_dtype t, int64_t d) {
     switch (t) {
         case COLLAPSE_F32: {
@@ -191,7 +197,7 @@ int64_t first_nonfinite(const void* row, collapse_dtype t, int64_t d) {
 }
 
 AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vector<uint8_t>& excluded,
-                         collapse_nonfinite_policy policy, bool check_finite) {
+                         std::optional<int64_t> ignore_index, collapse_nonfinite_policy policy, bool check_finite) {
     AcceptedRows out;
     const int64_t n = b.num_rows();
     out.rows_seen = n;
@@ -204,11 +210,15 @@ AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vec
             continue;
         }
         const int64_t y = b.label_value(r);
+        if (ignore_index && y == *ignore_index) {  // "no target" (Hugging Face: -100); a masked row stays masked
+            ++out.rows_ignored;
+            continue;
+        }
         if (y < 0 || y >= num_classes) {
             if (b.sequences)
                 fail(COLLAPSE_ERR_BAD_INPUT, "label ", y, " at sequence ", where(b, r / (b.seq_len - 1)), ", position ",
-                     r % (b.seq_len - 1) + 1, " of input_ids is outside [0, ", num_classes, ")");
-            fail(COLLAPSE_ERR_BAD_INPUT, "label ", y, " at row ", where(b, r), " is outside [0, ", num_classes, ")");
+                     r % (b.seq_len - 1) + 1, " of input_ids is outside [0, ", num_classes, ")", ignore_hint(ignore_index, y));
+            fail(COLLAPSE_ERR_BAD_INPUT, "label ", y, " at row ", where(b, r), " is outside [0, ", num_classes, ")", ignore_hint(ignore_index, y));
         }
         if (excluded[(size_t)y]) {
             ++out.rows_excluded;

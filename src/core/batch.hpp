@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "collapse/collapse.h"
@@ -63,14 +65,20 @@ BatchDesc describe_sequences(const collapse_buffer* hidden, const collapse_buffe
 struct AcceptedRows {
     std::vector<int64_t> feature_row;  // row index into BatchDesc::features
     std::vector<int32_t> label;
-    int64_t rows_seen = 0, rows_masked = 0, rows_excluded = 0, rows_nonfinite = 0;
+    // rows_seen = rows_masked + rows_ignored + rows_excluded + rows_nonfinite + label.size()
+    int64_t rows_seen = 0, rows_masked = 0, rows_ignored = 0, rows_excluded = 0, rows_nonfinite = 0;
 };
 
-// Host validation: labels in [0, V) on unmasked rows (error names the batch row and the value),
-// excluded labels dropped, non-finite rows an error or skipped per policy. Throws before anything
-// is returned; the caller mutates nothing until this succeeds.
+// Host validation, in this order: masked rows dropped; a label equal to ignore_index (when set)
+// dropped and counted in rows_ignored; other labels must lie in [0, V) (the error names the batch
+// row and the value); excluded labels dropped; non-finite rows an error or skipped per policy.
+// Throws before anything is returned; the caller mutates nothing until this succeeds.
 AcceptedRows accept_rows(const BatchDesc& b, int64_t num_classes, const std::vector<uint8_t>& excluded,
-                         collapse_nonfinite_policy policy, bool check_finite);
+                         std::optional<int64_t> ignore_index, collapse_nonfinite_policy policy, bool check_finite);
+
+// What to add to the message of a label outside [0, V): a negative label is usually a "no target"
+// marker, so say which ignore_index would drop it ("" for a label >= 0). Both backends use it.
+std::string ignore_hint(std::optional<int64_t> ignore_index, int64_t label);
 
 // Index of the first element of a feature row that is not finite or, for float64, lies outside
 // the float32 range (rows are kept as float32 and squared in float64), or -1.

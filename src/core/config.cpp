@@ -9,6 +9,7 @@
 #include <climits>
 #include <charconv>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -49,6 +50,7 @@ const IntKey kIntKeys[] = {
     {"batch_rows", &Config::batch_rows, 1, false},
     {"host_memory_limit", &Config::host_memory_limit, kMiB, true},
     {"device_memory_limit", &Config::device_memory_limit, 0, true},
+    {"window_size", &Config::window_size, 2, false},
 };
 
 struct BoolKey {
@@ -117,7 +119,8 @@ const std::vector<EnumKey>& enum_keys() {
 
 // Keys handled one by one in read_special(); listed here so the unknown-key suggestion sees them.
 const char* const kSpecialKeys[] = {"device", "max_tokens_to_analyze", "cdnv_power", "seed",
-                                    "exclude_token_ids", "intermediate_save_dir"};
+                                    "exclude_token_ids", "intermediate_save_dir", "ignore_index",
+                                    "compute_window_metrics"};
 
 std::vector<std::string> all_keys() {
     std::vector<std::string> keys;
@@ -257,6 +260,13 @@ std::vector<Problem> find_problems(const Config& c) {
     if (c.intermediate_save_dir.size() >= sizeof(collapse_options::intermediate_save_dir))
         out.push_back({"intermediate_save_dir", "expects a path shorter than " + std::to_string(sizeof(collapse_options::intermediate_save_dir)) +
                                                     " bytes, got " + std::to_string(c.intermediate_save_dir.size())});
+    if (c.compute_window_metrics < -1 || c.compute_window_metrics > 1)
+        out.push_back({"compute_window_metrics", "expects true (1), false (0) or auto (-1), got " + std::to_string(c.compute_window_metrics)});
+    // A value that is a class id would drop that class's rows without a word: refused, naming V.
+    if (c.ignore_index && c.num_classes > 0 && *c.ignore_index >= 0 && *c.ignore_index < c.num_classes)
+        out.push_back({"ignore_index", "is " + std::to_string(*c.ignore_index) + ", a class id in [0, num_classes = " + std::to_string(c.num_classes) +
+                                           "): that class's rows would be dropped; give a label outside [0, V) (the Hugging Face convention "
+                                           "is -100) or null to turn it off"});
     for (int64_t id : c.exclude_token_ids) {
         if (id < 0) {
             out.push_back({"exclude_token_ids", "expects token ids >= 0, got " + std::to_string(id)});
@@ -456,6 +466,16 @@ void read_value(const Reader& rd, const std::string& key, const YAML::Node& valu
     } else if (key == "intermediate_save_dir") {
         if (!value.IsScalar()) rd.expected(key, "a directory path", value, line);
         c.intermediate_save_dir = value.Scalar();
+    } else if (key == "compute_window_metrics") {
+        // true, false or auto (on when rows carry sequence ids); null is auto too.
+        bool b = false;
+        if (value.IsNull() || (value.IsScalar() && value.Scalar() == "auto")) c.compute_window_metrics = -1;
+        else if (Reader::plain(value) && YAML::convert<bool>::decode(value, b)) c.compute_window_metrics = b ? 1 : 0;
+        else rd.expected(key, "true, false or auto", value, line);
+    } else if (key == "ignore_index") {
+        // Any integer; null turns it off. One inside [0, num_classes) is refused by find_problems.
+        if (value.IsNull()) c.ignore_index.reset();
+        else c.ignore_index = rd.integer(key, "null (off) or an integer label outside [0, num_classes), e.g. -100", value, line);
     }
 }
 
@@ -524,25 +544,7 @@ Config load_yaml_file(const std::string& path) {
     // A regular file of bounded size: a FIFO would block forever, /dev/zero would never end, and a
     // config has no business being larger than a few kilobytes.
     constexpr size_t kMaxConfigBytes = size_t(16) << 20;
-    struct ::stat st;
-    const UniqueFd fd = open_regular_file(path, "config file", &st);
-    if ((uint64_t)st.st_size > kMaxConfigBytes)
-        fail(COLLAPSE_ERR_IO, "cannot read config file ", path, ": it has ", (int64_t)st.st_size,
-             " bytes, more than the limit of ", kMaxConfigBytes, " (16 MiB)");
-    std::string text;
-    char buf[65536];
-    while (true) {
-        const ssize_t n = ::read(fd.get(), buf, sizeof buf);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) fail(COLLAPSE_ERR_IO, "cannot read config file ", path, ": ", std::strerror(errno));
-        if (n == 0) break;
-        text.append(buf, (size_t)n);
-        // The file may grow after the size check; the bound holds regardless.
-        if (text.size() > kMaxConfigBytes)
-            fail(COLLAPSE_ERR_IO, "cannot read config file ", path, ": it grew past the limit of ", kMaxConfigBytes,
-                 " bytes (16 MiB) while it was read");
-    }
-    return parse_yaml(text, path);
+    return parse_yaml(read_regular_file(path, "config file", kMaxConfigBytes), path);
 }
 
 void validate(const Config& c) {
@@ -561,10 +563,22 @@ E option_enum(const E& field, const char* name, int count) {
     return static_cast<E>(v);
 }
 
+// The struct of collapse 0.1.0 ended with max_buffer_size: a caller built against it passes this
+// size, and the fields appended since take their defaults.
+constexpr size_t kOptionsSize010 = offsetof(collapse_options, max_buffer_size) + sizeof(int64_t);
+
+void check_options_size(uint32_t struct_size) {
+    if (struct_size != sizeof(collapse_options) && struct_size != kOptionsSize010)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "collapse_options.struct_size is ", struct_size, ", expected ", sizeof(collapse_options),
+             " (or ", kOptionsSize010, ", the size of collapse 0.1.0's struct; initialise the struct with collapse_options_default)");
+}
+
+// Whether the caller's struct (of its struct_size) has `field`: an older caller's does not, and
+// its memory ends before it.
+#define COLLAPSE_OPTION_GIVEN(o, field) ((o).struct_size >= offsetof(collapse_options, field) + sizeof((o).field))
+
 Config from_options(const collapse_options& o) {
-    if (o.struct_size != sizeof(collapse_options))
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "collapse_options.struct_size is ", o.struct_size, ", expected ",
-             sizeof(collapse_options), " (initialise the struct with collapse_options_default)");
+    check_options_size(o.struct_size);
     if (o.num_exclude_token_ids < 0 || (o.num_exclude_token_ids > 0 && !o.exclude_token_ids))
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "collapse_options: exclude_token_ids is NULL or num_exclude_token_ids (",
              o.num_exclude_token_ids, ") is negative");
@@ -603,6 +617,14 @@ Config from_options(const collapse_options& o) {
              sizeof o.intermediate_save_dir, " bytes");
     c.intermediate_save_dir.assign(o.intermediate_save_dir, dir_len);
     c.max_buffer_size = o.max_buffer_size;
+    if (COLLAPSE_OPTION_GIVEN(o, compute_window_metrics)) {
+        c.window_size = o.window_size;
+        c.compute_window_metrics = o.compute_window_metrics;
+    }
+    if (COLLAPSE_OPTION_GIVEN(o, use_ignore_index)) {
+        if (!o.use_ignore_index) c.ignore_index.reset();
+        else c.ignore_index = o.ignore_index;
+    }
     return c;
 }
 
@@ -638,6 +660,10 @@ collapse_options to_options(const Config& c) {
     std::memcpy(o.intermediate_save_dir, c.intermediate_save_dir.data(),
                 std::min(c.intermediate_save_dir.size(), sizeof o.intermediate_save_dir - 1));
     o.max_buffer_size = c.max_buffer_size;
+    o.ignore_index = c.ignore_index.value_or(-100);
+    o.use_ignore_index = c.ignore_index.has_value();
+    o.window_size = c.window_size;
+    o.compute_window_metrics = c.compute_window_metrics;
     return o;
 }
 
@@ -656,6 +682,8 @@ nlohmann::json to_json(const Config& c) {
     j["seed"] = c.seed;
     j["exclude_token_ids"] = c.exclude_token_ids;
     j["intermediate_save_dir"] = c.intermediate_save_dir;
+    j["ignore_index"] = c.ignore_index ? nlohmann::json(*c.ignore_index) : nlohmann::json(nullptr);
+    j["compute_window_metrics"] = c.compute_window_metrics < 0 ? nlohmann::json("auto") : nlohmann::json(c.compute_window_metrics == 1);
     return j;
 }
 

@@ -2,6 +2,7 @@
 // memory limits and backend. configs/default.yaml documents every key; parse_yaml validates it.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,12 @@ struct Config {
     collapse_unc3_classifier unc3_classifier = COLLAPSE_UNC3_WEIGHTS;
     bool compute_nc4 = false;
     uint64_t seed = 0;
+    // Rows labelled this value are dropped and counted in rows_ignored (the Hugging Face
+    // convention, -100); nullopt (YAML null): off, such a label is refused like any outside [0, V).
+    std::optional<int64_t> ignore_index = -100;
+    // Generation-time windows: rows per window, and -1 auto (on when rows carry sequence ids), 0 off, 1 on.
+    int64_t window_size = 64;
+    int compute_window_metrics = -1;
 
     // --- engine ---
     int64_t num_classes = 0;  // V; 0 = from the classifier or the labels (CLI)
@@ -61,7 +68,12 @@ Config load_yaml_file(const std::string& path);
 void validate(const Config& c);
 
 // Conversions with the C options struct (exclude ids point into cfg's vector for to_options).
+// from_options takes the struct of an older caller too (a smaller struct_size, see
+// check_options_size): the fields it does not have take their defaults.
 Config from_options(const collapse_options& o);
+// Refuses (COLLAPSE_ERR_INVALID_ARGUMENT) a struct_size that is neither this version's
+// sizeof(collapse_options) nor the size of an earlier version's struct.
+void check_options_size(uint32_t struct_size);
 collapse_options to_options(const Config& c);
 
 // The effective config as it appears in the report's "config" section.

@@ -36,11 +36,20 @@ struct MetricValues {
     std::map<std::string, int64_t> row_store;  // exact row store: spilled_bytes, spill_flushes
 };
 
-// Row and class counts (docs/METRICS.md, "The summary block").
+// Row and class counts (docs/METRICS.md, "The summary block"). Every row seen is masked, ignored
+// (label = ignore_index), excluded, non-finite (skipped) or counted in its class's n_c; rows_kept
+// is the part of the last that belongs to kept classes.
 struct Counts {
     int64_t rows_seen = 0, rows_masked = 0, rows_excluded = 0, rows_nonfinite = 0, rows_kept = 0;
+    int64_t rows_ignored = 0;
     int64_t classes_seen = 0, classes_kept = 0, classes_below_min = 0, classes_cut = 0;
 };
+
+// Adds b's counts of rows seen, masked, ignored, excluded and non-finite to a's (a state loaded or merged).
+inline void add_row_counts(Counts& a, const Counts& b) {
+    a.rows_seen += b.rows_seen, a.rows_masked += b.rows_masked, a.rows_ignored += b.rows_ignored;
+    a.rows_excluded += b.rows_excluded, a.rows_nonfinite += b.rows_nonfinite;
+}
 
 // How the numbers were obtained: backend, shapes, phases.
 struct EngineInfo {
@@ -51,11 +60,31 @@ struct EngineInfo {
     std::map<std::string, int64_t> row_store;
 };
 
+// Generation-time windows (docs/METRICS.md, "Generation-time window entropy"): per sequence and
+// the summary (core/windows.cpp computes them from the window entropies).
+struct SequenceWindows {
+    int64_t id = 0;
+    int64_t tokens = 0;             // total_generated_tokens: n_s, the sequence's kept rows
+    std::vector<double> entropies;  // fixed_chunk_svd_entropies, every window in order
+    double avg = 0, cv = 0, slope = 0;
+};
+struct WindowResult {
+    bool present = false;  // false: the sections are null and `note` says why
+    std::string note;
+    int64_t window_size = 0;
+    std::vector<SequenceWindows> sequences;  // ascending id
+    std::optional<double> overall_avg, overall_cv, overall_slope;  // null without a sequence with a window
+    int64_t valid_samples = 0, total_samples = 0;
+    std::vector<double> chunk_avg;     // per window index i: mean over the sequences that have window i
+    std::vector<int64_t> chunk_count;  // and their number
+};
+
 // What Session::compute returns; src/report/ turns it into the JSON report.
 struct Result {
     Counts counts;
     MetricValues metrics;
     EngineInfo engine;
+    WindowResult windows;
 };
 
 }  // namespace collapse::internal

@@ -65,13 +65,16 @@ Session::Session(const Config& cfg) : cfg_(cfg), V_(cfg.num_classes), d_(cfg.dim
         if (e >= V_) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "exclude_token_ids: ", e, " is not a class id in [0, ", V_, ")");
     if (cfg_.backend == COLLAPSE_BACKEND_CUDA) require_cuda_backend();  // names what is missing
     if (d_ > 0) ensure_backend(d_);
+    if (cfg_.compute_window_metrics == 1 && (backend_ ? !backend_->supports_windows() : cfg_.backend == COLLAPSE_BACKEND_CUDA))
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "window metrics are not implemented on the cuda backend yet (compute_window_metrics: true; "
+                                            "use backend: cpu, or compute_window_metrics: auto to run without them)");
 }
 
 Session::~Session() = default;
 
 void Session::ensure_backend(int64_t d) {
     if (backend_) return;
-    backend_ = cfg_.backend == COLLAPSE_BACKEND_CUDA ? make_cuda_backend(cfg_, V_, d) : make_cpu_backend(cfg_, V_, d, budget_);
+    backend_ = cfg_.backend == COLLAPSE_BACKEND_CUDA ? make_cuda_backend(cfg_, V_, d, budget_) : make_cpu_backend(cfg_, V_, d, budget_);
     d_ = d;
 }
 
@@ -89,7 +92,7 @@ void Session::check_state(const char* call) const {
     if (state_ == State::Done) fail(COLLAPSE_ERR_STATE, call, ": the session has already been computed; create a new session");
 }
 
-void Session::ingest(const BatchDesc& b, void* stream) {
+void Session::ingest(const BatchDesc& b, void* stream, const RowTags* tags) {
     const auto t0 = Clock::now();
     // The first batch fixes d; if it is refused, nothing is fixed.
     const bool first = !backend_ && b.features.rows > 0;
@@ -101,9 +104,33 @@ void Session::ingest(const BatchDesc& b, void* stream) {
     if (state_ == State::SecondPass) {
         backend_->ingest_second_pass(b, stream);
         second_pass_seconds_ += seconds_since(t0);
+        row_offset_ = b.row_offset + (b.sequences ? b.batch : b.features.rows);
         return;
     }
+    // Windows: the batch's tags are checked against the tracker's state, and what it may add is
+    // counted, before the backend takes the batch.
+    std::unique_ptr<WindowTracker> fresh;
+    WindowTracker* tracker = windows_.get();
+    WindowTracker::Plan plan;
+    HostBudget::Lease reserve;
+    bool windows = false;
     try {
+        windows = tags && windows_for(!tags->implicit);
+        if (windows) {
+            if (!tracker) {
+                fresh = std::make_unique<WindowTracker>(cfg_.window_size, budget_);
+                tracker = fresh.get();
+            }
+            plan = tracker->plan(*tags, b.row_offset);
+            const int64_t n = b.num_rows(), W = cfg_.window_size, cap = tracker->slot_capacity();
+            const int64_t store = backend_->window_store_bytes(cap + n) - backend_->window_store_bytes(cap);
+            // A window's entropy: its centred rows in float64, the smaller Gram, eigenvalues.
+            const int64_t M = std::min(W, d_);
+            const int64_t scratch = add_bytes(mul_bytes(W + 1, d_, 8), add_bytes(mul_bytes(M, M, 8), mul_bytes(4 * M + 8, 8)));
+            reserve = budget_->reserve(add_bytes(add_bytes(plan.growth_bytes, store), add_bytes(scratch, n)),
+                                       "the window bookkeeping and the rows of a batch of " + std::to_string(n) + " tagged rows",
+                                       "lower batch_rows (--batch-rows) or window_size, set compute_window_metrics: false, or raise host_memory_limit");
+        }
         backend_->ingest(b, stream);
     } catch (...) {
         if (first) {
@@ -114,7 +141,68 @@ void Session::ingest(const BatchDesc& b, void* stream) {
     }
     ++batches_;
     position_ = b.row_offset + (b.sequences ? b.batch : b.features.rows);
+    // A caller that does not set the offset gets consecutive ones: the i-th sequence of the
+    // sequences layout is sequence i, and messages name input rows.
+    row_offset_ = position_;
+    if (windows) {
+        if (fresh) windows_ = std::move(fresh);
+        reserve.reset();
+        std::vector<uint8_t> kept;
+        const bool known = backend_->last_batch_kept(kept);
+        const std::vector<int64_t> slots = windows_->commit(plan, known ? kept.data() : nullptr);
+        backend_->window_stash(b, slots.data(), windows_->slot_capacity(), stream);
+        pump_windows();
+    }
     ingest_seconds_ += seconds_since(t0);
+}
+
+bool Session::windows_for(bool explicit_tags) {
+    if (cfg_.compute_window_metrics == 0) return false;
+    if (!backend_->supports_windows()) {
+        if (explicit_tags || cfg_.compute_window_metrics == 1) backend_->windows_unsupported();
+        windows_note_ = std::string("window metrics are not implemented on the ") + backend_->name() + " backend yet";
+        return false;  // auto with the sequences layout: off, and the report says why
+    }
+    return true;
+}
+
+// Verdicts that came in, then the windows that became complete.
+void Session::pump_windows() {
+    std::vector<int64_t> slots;
+    std::vector<uint8_t> kept;
+    backend_->window_verdicts(slots, kept);
+    if (!slots.empty()) windows_->verdicts(slots.data(), kept.data(), (int64_t)slots.size());
+    const std::vector<int64_t> ready = windows_->take_ready();
+    const int64_t W = windows_->window_size();
+    if (!ready.empty()) backend_->window_reduce(ready.data(), (int64_t)ready.size() / W, W);
+}
+
+WindowResult Session::window_result() {
+    WindowResult w;
+    if (cfg_.compute_window_metrics == 0) {
+        w.note = "compute_window_metrics is false";
+        return w;
+    }
+    if (!windows_) {
+        w.note = !windows_note_.empty() ? windows_note_
+                                        : "no rows carried sequence ids (collapse_session_ingest_tagged_rows, the sequences layout or "
+                                          "--sequence-ids)";
+        return w;
+    }
+    backend_->sync();
+    pump_windows();
+    windows_->add_entropies(backend_->window_results());
+    // The windows still open, as if the input ended here; the tracker keeps them.
+    const std::vector<int64_t> rest = windows_->rest_windows();
+    const int64_t W = windows_->window_size();
+    const std::vector<double> e = backend_->window_evaluate(rest.data(), (int64_t)rest.size() / W, W);
+    w = windows_->result(e);
+    int64_t windows = 0;
+    for (const SequenceWindows& s : w.sequences) windows += (int64_t)s.entropies.size();
+    budget_->check(add_bytes(mul_bytes((int64_t)w.sequences.size(), 1024), mul_bytes(windows, 64)),
+                   "the report's sequence_analysis of " + std::to_string(w.sequences.size()) + " sequences (an estimate)",
+                   "set compute_window_metrics: false, or raise host_memory_limit");
+    return w;
 }
 
 void Session::ingest_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid,
@@ -125,12 +213,23 @@ void Session::ingest_rows(const collapse_buffer* features, const collapse_buffer
     ingest(b, stream);
 }
 
+void Session::ingest_tagged_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid,
+                                 const collapse_buffer* sequence_ids, const collapse_buffer* positions, void* stream) {
+    check_state("ingest_tagged_rows");
+    BatchDesc b = describe_rows(features, labels, valid, d_);
+    b.row_offset = row_offset_;
+    const RowTags tags = describe_tags(sequence_ids, positions, b.num_rows(), b.row_offset);
+    ingest(b, stream, &tags);
+}
+
 void Session::ingest_sequences(const collapse_buffer* hidden, const collapse_buffer* ids, const collapse_buffer* mask,
                                int64_t batch, int64_t seq_len, void* stream) {
     check_state("ingest_sequences");
     BatchDesc b = describe_sequences(hidden, ids, mask, batch, seq_len, d_);
     b.row_offset = row_offset_;
-    ingest(b, stream);
+    // Row (s, t) is sequence row_offset + s at position t (docs/METRICS.md, windows).
+    const RowTags tags = implicit_tags(b.row_offset, batch, seq_len - 1);
+    ingest(b, stream, seq_len > 1 ? &tags : nullptr);
 }
 
 void Session::set_classifier(const collapse_buffer* weight, const collapse_buffer* bias) {
@@ -222,6 +321,7 @@ void Session::skip_batch(int64_t first, int64_t end, int64_t rows) {
     rows_skipped_ += rows;
     skipped_.emplace_back(first, end);
     position_ = std::max(position_, end);
+    row_offset_ = position_;
 }
 
 Counts Session::row_counts() const {
@@ -252,6 +352,14 @@ void Session::begin_second_pass() {
     state_ = State::SecondPass;
 }
 
+Result Session::snapshot() {
+    check_state("snapshot");
+    if (state_ == State::SecondPass)
+        fail(COLLAPSE_ERR_STATE, "snapshot: not allowed during the second pass (a snapshot is of the first pass; "
+                                 "compute gives the report once the second pass is done)");
+    return compute(false);
+}
+
 Result Session::compute(bool final) {
     check_state("compute");
     const auto t0 = Clock::now();
@@ -261,6 +369,12 @@ Result Session::compute(bool final) {
         // The counts do not change in the second pass: the kept set is the one it was given.
         HostBudget::Lease kept_lease;
         r.metrics = backend_->compute(kept_classes(&r.counts, kept_lease), clf_);
+        // A first-pass compute that is not the last (a snapshot): what only the second pass can
+        // give is null for that reason, whatever the backend's note says of the full protocol.
+        if (!final && state_ == State::Ingest && r.counts.classes_kept > 0) {
+            if (second_pass_nc4()) r.metrics.notes["nc4_agreement"] = kSnapshotNote;
+            if (second_pass_gram()) r.metrics.notes["overall_svd_entropy"] = kSnapshotNote;
+        }
         // The report is built from the result (src/report/): its token_analysis must fit beside
         // what the session holds.
         budget_->check(report_bytes_estimate((int64_t)r.metrics.tokens.size()),
@@ -281,6 +395,8 @@ Result Session::compute(bool final) {
     info.row_store = r.metrics.row_store;
     info.timings["ingest"] = ingest_seconds_;
     if (second_pass_seconds_ > 0) info.timings["second_pass"] = second_pass_seconds_;
+    if (backend_) r.windows = window_result();
+    else r.windows.note = cfg_.compute_window_metrics == 0 ? "compute_window_metrics is false" : "no rows were ingested";
     info.timings["finalize"] = seconds_since(t0);
     if (final) state_ = State::Done;
     return r;

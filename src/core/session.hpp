@@ -12,6 +12,7 @@
 #include "core/host_budget.hpp"
 #include "core/metrics.hpp"
 #include "core/state_io.hpp"
+#include "core/windows.hpp"
 
 namespace collapse::internal {
 
@@ -25,6 +26,9 @@ public:
     ~Session();
 
     void ingest_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid, void* stream);
+    // Rows with a sequence id and a position each (collapse_session_ingest_tagged_rows).
+    void ingest_tagged_rows(const collapse_buffer* features, const collapse_buffer* labels, const collapse_buffer* valid,
+                            const collapse_buffer* sequence_ids, const collapse_buffer* positions, void* stream);
     void ingest_sequences(const collapse_buffer* hidden, const collapse_buffer* ids, const collapse_buffer* mask,
                           int64_t batch, int64_t seq_len, void* stream);
     void set_classifier(const collapse_buffer* weight, const collapse_buffer* bias);
@@ -32,8 +36,15 @@ public:
     bool needs_second_pass() const;
     void begin_second_pass();
     // Every metric of everything seen so far (src/report/ makes the JSON report of it).
-    // final = true ends the session (compute is allowed once).
+    // final = true ends the session (compute is allowed once). final = false in the first pass is a
+    // snapshot (below); it is what the driver's intermediate saves use.
     Result compute(bool final = true);
+    // A live snapshot (collapse_session_snapshot): every first-pass metric of the rows ingested so
+    // far; the session goes on ingesting, and nothing it accumulates is consumed. Metrics that need
+    // the second pass (second_pass_nc4, second_pass_gram) are null with kSnapshotNote; no second
+    // pass is started. First pass only: COLLAPSE_ERR_STATE in the second pass or after compute.
+    Result snapshot();
+    static constexpr const char* kSnapshotNote = "needs the second pass; not in a snapshot";
 
     const Config& config() const { return cfg_; }
     // host_memory_limit's account: what the session and its backend hold now.
@@ -42,7 +53,9 @@ public:
     int64_t dim() const { return d_; }
     bool in_second_pass() const { return state_ == State::SecondPass; }
     // Row (or sequence) number of the next batch's first row in the caller's input, so that errors
-    // name the row of the file rather than of the batch (the CLI sets it; 0 by default).
+    // name the row of the file rather than of the batch, and the sequences layout numbers its
+    // sequences (windows). The CLI sets it per batch; otherwise it starts at 0 and moves past each
+    // accepted (or skipped) batch, so the i-th sequence a session takes is sequence i.
     void set_row_offset(int64_t offset) { row_offset_ = offset; }
     // Input position after the last accepted first-pass batch (row offset + its rows or sequences).
     int64_t input_position() const { return position_; }
@@ -76,7 +89,10 @@ private:
     bool second_pass_nc4() const;
     bool second_pass_gram() const;
     void ensure_backend(int64_t d);
-    void ingest(const BatchDesc& b, void* stream);
+    void ingest(const BatchDesc& b, void* stream, const RowTags* tags = nullptr);
+    bool windows_for(bool explicit_tags);
+    void pump_windows();
+    WindowResult window_result();
     KeptSet kept_classes(Counts* class_counts, HostBudget::Lease& lease);
 
     Config cfg_;
@@ -95,6 +111,9 @@ private:
     std::vector<std::pair<int64_t, int64_t>> skipped_;
     std::string input_identity_;
     std::string checkpoint_classifier_;  // classifier hash of loaded/merged checkpoints ("" = none known)
+    // Generation-time windows (core/windows.hpp): created by the first tagged batch it takes.
+    std::unique_ptr<WindowTracker> windows_;
+    std::string windows_note_;  // why windows are off although rows carried ids
     State state_ = State::Ingest;
     double ingest_seconds_ = 0, second_pass_seconds_ = 0;
     int64_t batches_ = 0;

@@ -65,6 +65,17 @@ void Session::save_state(StateWriter& w) {
     (void)checkpoint_meta();  // the same refusals
     backend_->sync();
     backend_->save_state(w);
+    if (windows_) {
+        // Open windows: every verdict in and every complete window reduced first.
+        pump_windows();
+        windows_->add_entropies(backend_->window_results());
+        const std::vector<int64_t> slots = windows_->pending_slots();
+        const HostBudget::Lease lease = budget_->reserve(mul_bytes((int64_t)slots.size(), d_, 4),
+                                                         "the rows of " + std::to_string(slots.size()) + " open window rows for the checkpoint");
+        std::vector<float> rows(slots.size() * (size_t)d_);
+        backend_->window_get(slots.data(), (int64_t)slots.size(), rows.data());
+        windows_->save(w, d_, rows);
+    }
 }
 
 void Session::load_state(const StateReader& r, const CheckpointMeta& meta, bool merge) {
@@ -129,7 +140,21 @@ void Session::load_state(const StateReader& r, const CheckpointMeta& meta, bool 
 
     const bool created = !backend_;
     ensure_backend(d);
+    const bool windows = WindowTracker::in_state(r);
     try {
+        if (windows) {
+            // Checked whole before the backend takes its arrays: the two change together.
+            if (cfg_.compute_window_metrics == 0)
+                fail(COLLAPSE_ERR_CONFIG, what, " holds open windows (window_* sections) but this session has compute_window_metrics: false");
+            if (!backend_->supports_windows()) backend_->windows_unsupported();
+            if (windows_) {
+                pump_windows();
+                windows_->add_entropies(backend_->window_results());
+                windows_->check(r, d, merge);
+            } else {
+                WindowTracker(cfg_.window_size, budget_).check(r, d, merge);
+            }
+        }
         backend_->load_state(r, merge);
     } catch (...) {
         if (created) {
@@ -137,6 +162,11 @@ void Session::load_state(const StateReader& r, const CheckpointMeta& meta, bool 
             d_ = cfg_.dim;
         }
         throw;
+    }
+    if (windows) {
+        if (!windows_) windows_ = std::make_unique<WindowTracker>(cfg_.window_size, budget_);
+        const std::vector<int64_t> slots = windows_->load(r, d, merge);
+        backend_->window_put(slots.data(), (int64_t)slots.size(), WindowTracker::state_rows(r), windows_->slot_capacity());
     }
     if (!theirs.empty()) checkpoint_classifier_ = theirs;
     if (!merge) {
@@ -147,6 +177,7 @@ void Session::load_state(const StateReader& r, const CheckpointMeta& meta, bool 
         rows_skipped_ = meta.rows_skipped;
         skipped_ = meta.skipped_ranges;
         input_identity_ = meta.input_identity;
+        row_offset_ = position_;  // a resumed C API caller's next sequence continues the numbering
     } else {
         // A shard's positions are positions of its own input: its skipped ranges are kept for the
         // count, and the merged state's input is no longer one identifiable input.

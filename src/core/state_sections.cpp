@@ -51,20 +51,30 @@ void require_finite(const StateReader& r, const char* name, const double* x, int
              " (the engine never accumulates one)");
 }
 
-const char* const kRowNames[4] = {"rows seen", "rows masked", "rows excluded", "rows non-finite"};
+const char* const kRowNames[5] = {"rows seen", "rows masked", "rows excluded", "rows non-finite", "rows ignored"};
+constexpr int64_t kRowCounts = 5;
 
 }  // namespace
 
 Counts read_state_rows(const StateReader& r, int64_t V, int64_t d) {
-    const auto* rows = static_cast<const int64_t*>(expect(r, "rows", COLLAPSE_I64, {4}).data);
-    for (int i = 0; i < 4; ++i)
+    // [4]: written before rows_ignored existed, when no row could be ignored.
+    const StateSection s = r.section("rows");
+    const int64_t n = s.shape == std::vector<int64_t>{4} ? 4 : kRowCounts;
+    int64_t rows[kRowCounts] = {0, 0, 0, 0, 0};
+    std::memcpy(rows, expect(r, "rows", COLLAPSE_I64, {n}).data, (size_t)n * 8);
+    for (int i = 0; i < n; ++i)
         if (rows[i] < 0) fail(COLLAPSE_ERR_IO, r.description(), ": section rows: ", kRowNames[i], " is negative (", rows[i], ")");
-    if (rows[1] > rows[0] || rows[2] > rows[0] - rows[1] || rows[3] > rows[0] - rows[1] - rows[2])
-        fail(COLLAPSE_ERR_IO, r.description(), ": section rows: ", rows[1], " masked + ", rows[2], " excluded + ", rows[3],
-             " non-finite rows exceed the ", rows[0], " rows seen");
+    // Each part at most what the earlier ones leave of rows_seen: no sum below can overflow.
+    int64_t left = rows[0];
+    for (int i = 1; i < n; ++i) {
+        if (rows[i] > left)
+            fail(COLLAPSE_ERR_IO, r.description(), ": section rows: ", rows[1], " masked + ", rows[2], " excluded + ", rows[3],
+                 " non-finite + ", rows[4], " ignored rows exceed the ", rows[0], " rows seen");
+        left -= rows[i];
+    }
     (void)expect(r, "class_sums", COLLAPSE_F64, {V, d});
     Counts c;
-    c.rows_seen = rows[0], c.rows_masked = rows[1], c.rows_excluded = rows[2], c.rows_nonfinite = rows[3];
+    c.rows_seen = rows[0], c.rows_masked = rows[1], c.rows_excluded = rows[2], c.rows_nonfinite = rows[3], c.rows_ignored = rows[4];
     return c;
 }
 
@@ -73,7 +83,7 @@ StateView read_state(const StateReader& r, int64_t V, int64_t d, const Config& c
     const std::string what = r.description();
     StateView v;
     const Counts rows = read_state_rows(r, V, d);
-    v.rows = static_cast<const int64_t*>(r.section("rows").data);
+    v.rows = rows;
     v.counts = static_cast<const int64_t*>(expect(r, "class_counts", COLLAPSE_I64, {V}).data);
     v.sums = static_cast<const double*>(expect(r, "class_sums", COLLAPSE_F64, {V, d}).data);
     v.sqnorms = static_cast<const double*>(expect(r, "class_sqnorms", COLLAPSE_F64, {V}).data);
@@ -91,10 +101,10 @@ StateView read_state(const StateReader& r, int64_t V, int64_t d, const Config& c
         if (__builtin_add_overflow(total, v.counts[c], &total))
             fail(COLLAPSE_ERR_IO, what, ": section class_counts adds up past 2^63 at class ", c);
     }
-    const int64_t counted = rows.rows_seen - rows.rows_masked - rows.rows_excluded - rows.rows_nonfinite;
+    const int64_t counted = rows.rows_seen - rows.rows_masked - rows.rows_excluded - rows.rows_nonfinite - rows.rows_ignored;
     if (total != counted)
         fail(COLLAPSE_ERR_IO, what, ": section class_counts adds up to ", total, " rows, section rows counts ", counted,
-             " (seen - masked - excluded - non-finite)");
+             " (seen - masked - excluded - non-finite - ignored)");
     for (int64_t e : cfg.exclude_token_ids)
         if (e >= 0 && e < V && v.counts[e] != 0)
             fail(COLLAPSE_ERR_IO, what, ": section class_counts gives excluded class ", e, " ", v.counts[e], " rows");
@@ -156,8 +166,8 @@ StateView read_state(const StateReader& r, int64_t V, int64_t d, const Config& c
 
 void write_state_core(StateWriter& w, const Counts& rows, int64_t V, int64_t d, const int64_t* counts, const double* sums,
                       const double* sqnorms) {
-    const int64_t r[4] = {rows.rows_seen, rows.rows_masked, rows.rows_excluded, rows.rows_nonfinite};
-    w.add("rows", COLLAPSE_I64, {4}, r, sizeof r);
+    const int64_t r[kRowCounts] = {rows.rows_seen, rows.rows_masked, rows.rows_excluded, rows.rows_nonfinite, rows.rows_ignored};
+    w.add("rows", COLLAPSE_I64, {kRowCounts}, r, sizeof r);
     w.add("class_counts", COLLAPSE_I64, {V}, counts, (size_t)V * 8);
     w.add("class_sums", COLLAPSE_F64, {V, d}, sums, (size_t)(V * d) * 8);
     w.add("class_sqnorms", COLLAPSE_F64, {V}, sqnorms, (size_t)V * 8);

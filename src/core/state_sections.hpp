@@ -4,8 +4,10 @@
 // cuda/cuda_checkpoint.cu); the arrays go through StateWriter / StateReader (core/state_io.hpp),
 // which a checkpoint file implements (src/io/checkpoint_file.hpp).
 //
-//   rows             i64 [4]        rows seen, masked, excluded, non-finite
-//   class_counts     i64 [V]        sum = seen - masked - excluded - non-finite; 0 for excluded ids
+//   rows             i64 [5]        rows seen, masked, excluded, non-finite, ignored (label = ignore_index);
+//                                   a checkpoint written before ignore_index existed has the first
+//                                   four only ([4]: it ignored no row) and loads as such
+//   class_counts     i64 [V]        sum = seen - masked - excluded - non-finite - ignored; 0 for excluded ids
 //   class_sums       f64 [V, d]
 //   class_sqnorms    f64 [V]        sum of ||x||^2 per class
 //   with a streamed overall Gram (compute_overall_metrics, no max_tokens_to_analyze):
@@ -36,7 +38,7 @@ namespace collapse::internal {
 // Pointers into the reader's arrays, every one checked against this session's V, d and
 // configuration (read_state throws Error(COLLAPSE_ERR_IO) naming the section and the check).
 struct StateView {
-    const int64_t* rows = nullptr;
+    Counts rows;  // the row counts of section rows
     const int64_t* counts = nullptr;
     const double* sums = nullptr;
     const double* sqnorms = nullptr;
@@ -56,7 +58,7 @@ struct StateView {
 StateView read_state(const StateReader& r, int64_t V, int64_t d, const Config& cfg, bool gram_streaming, bool keeps_rows,
                      int64_t reservoir_cap);
 
-// The "rows" array alone (four non-negative counts, consistent among themselves), for the checks a
+// The "rows" array alone (five, or four, non-negative counts, consistent among themselves), for the checks a
 // session makes before it creates a backend; class_sums must be float64 [V, d], so that the
 // backend a load creates is never larger than the state it loads.
 Counts read_state_rows(const StateReader& r, int64_t V, int64_t d);

@@ -66,6 +66,7 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
     scratch_ = budget_->lease();
     stage_sums_ = budget_->lease();
     pass2_lease_ = budget_->lease();
+    window_lease_ = budget_->lease();
     excluded_.assign((size_t)V_, 0);
     for (int64_t e : cfg.exclude_token_ids)
         if (e >= 0 && e < V_) excluded_[(size_t)e] = 1;
@@ -187,7 +188,7 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
         scratch_.resize(batch_index_bytes(n, V_, d_), "the scratch of a batch of " + std::to_string(n) + " rows", kFixBatchRows);
     // float64 values can be finite yet beyond float32 (or square to infinity only at 1e154): check
     // them element by element; other types are caught by their sums of squares below.
-    AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/b.features.dtype == COLLAPSE_F64);
+    AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.ignore_index, cfg_.nonfinite_policy, /*check_finite=*/b.features.dtype == COLLAPSE_F64);
     stage(b, rows);
     // A non-finite value makes its class's sum of squares non-finite (double cannot overflow on
     // sums of float squares), so one check per class finds every bad row without a second read.
@@ -197,7 +198,7 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
         // The rows are accepted again while the first list still exists.
         const HostBudget::Lease again = budget_->reserve(mul_bytes(n, 8 + 4), "re-checking a batch of " + std::to_string(n) + " rows for non-finite values",
                                                          kFixBatchRows);
-        rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, /*check_finite=*/true);  // throws under "error"
+        rows = accept_rows(b, V_, excluded_, cfg_.ignore_index, cfg_.nonfinite_policy, /*check_finite=*/true);  // throws under "error"
         stage(b, rows);
     }
     if (has_row_store())  // spill before anything changes: a disk error refuses the batch whole
@@ -220,8 +221,14 @@ void CpuBackend::ingest(const BatchDesc& b, void*) {
     held_.update(held_rows_bytes());
     rows_.rows_seen += rows.rows_seen;
     rows_.rows_masked += rows.rows_masked;
+    rows_.rows_ignored += rows.rows_ignored;
     rows_.rows_excluded += rows.rows_excluded;
     rows_.rows_nonfinite += rows.rows_nonfinite;
+    // The kept rows, for the window tracker's verdicts (last_batch_kept); counted with the scratch.
+    last_rows_ = std::move(rows.feature_row);
+    last_n_ = n;
+    last_sequences_ = b.sequences;
+    last_seq_len_ = b.seq_len;
 }
 
 // Bytes the staged batch adds when committed: stored rows and held-back Gram rows, plus, at the
@@ -366,7 +373,7 @@ void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
     const int64_t n = b.num_rows();
     const HostBudget::Lease scratch = budget_->reserve(add_bytes(mul_bytes(n, 12), mul_bytes(cap, d_, 8)),
                                                        "the second pass's scratch for a batch of " + std::to_string(n) + " rows", kFixBatchRows);
-    const AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.nonfinite_policy, true);
+    const AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.ignore_index, cfg_.nonfinite_policy, true);
     // Kept rows only, converted to double in blocks.
     std::vector<double> block;
     int64_t nblock = 0;

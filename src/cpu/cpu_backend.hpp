@@ -29,6 +29,17 @@ public:
     void save_state(StateWriter& w) override;
     void load_state(const StateReader& r, bool merge) override;
 
+    // Generation-time windows (cpu_windows.cpp): float32 slots in chunks, entropies at once.
+    bool supports_windows() const override { return true; }
+    bool last_batch_kept(std::vector<uint8_t>& kept) override;
+    int64_t window_store_bytes(int64_t capacity) const override;
+    void window_stash(const BatchDesc& batch, const int64_t* slot, int64_t capacity, void* stream) override;
+    void window_put(const int64_t* slots, int64_t n, const float* rows, int64_t capacity) override;
+    void window_get(const int64_t* slots, int64_t n, float* rows) override;
+    void window_reduce(const int64_t* slots, int64_t windows, int64_t W) override;
+    std::vector<double> window_results() override;
+    std::vector<double> window_evaluate(const int64_t* slots, int64_t windows, int64_t W) override;
+
     // Bytes this backend holds now (accumulators, Gram, row store, reservoirs, scratch).
     int64_t resident_bytes() const;
     const HostBudget& budget() const { return *budget_; }
@@ -104,6 +115,17 @@ private:
     const Classifier* clf2_ = nullptr;
     std::vector<double> gram2_;
     int64_t pass2_rows_ = 0, nc4_agree_ = 0;
+
+    // Windows: the last first-pass batch's kept feature rows (its accepted list), the slot store
+    // (chunks of kWindowChunk rows of d floats) and the entropies not yet taken.
+    std::vector<int64_t> last_rows_;
+    int64_t last_n_ = 0, last_seq_len_ = 0;
+    bool last_sequences_ = false;
+    std::vector<std::vector<float>> window_chunks_;
+    HostBudget::Lease window_lease_;
+    std::vector<double> window_out_;
+    void window_grow(int64_t capacity);
+    float* window_row(int64_t slot) const;
 };
 
 // NC4 on a block of rows: predictions of the classifier and of the nearest kept mean, compared.

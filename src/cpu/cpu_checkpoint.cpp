@@ -64,7 +64,7 @@ void CpuBackend::load_state(const StateReader& r, bool merge) {
         if (store_ && !has_row_store()) store_->clear();
         rows_ = Counts{};
     }
-    rows_.rows_seen += v.rows[0], rows_.rows_masked += v.rows[1], rows_.rows_excluded += v.rows[2], rows_.rows_nonfinite += v.rows[3];
+    add_row_counts(rows_, v.rows);
     const std::vector<int64_t> before = count_;  // n_c before this shard (merge)
     for (int64_t c = 0; c < V_; ++c) count_[(size_t)c] += v.counts[c];
     for (size_t k = 0; k < sum_.size(); ++k) sum_[k] += v.sums[k];

@@ -56,6 +56,8 @@ void run_pass(Session& session, RowSource& src, const AnalysisOptions& o, bool f
                 const collapse_buffer* mask = b.mask ? &*b.mask : nullptr;
                 if (src.sequences())
                     session.ingest_sequences(&b.x, &b.y, mask, b.count, src.seq_len(), nullptr);
+                else if (b.sequence_ids)
+                    session.ingest_tagged_rows(&b.x, &b.y, mask, &*b.sequence_ids, b.positions ? &*b.positions : nullptr, nullptr);
                 else
                     session.ingest_rows(&b.x, &b.y, mask, nullptr);
                 if (o.debug) {

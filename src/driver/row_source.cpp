@@ -74,8 +74,9 @@ int64_t scan_label_bound(const io::Tensor& t) {
 
 class TensorRows : public RowSource {
 public:
-    TensorRows(io::Tensor x, io::Tensor y, std::optional<io::Tensor> valid, const std::string& kind)
-        : x_(std::move(x)), y_(std::move(y)), valid_(std::move(valid)) {
+    TensorRows(io::Tensor x, io::Tensor y, std::optional<io::Tensor> valid, const std::string& kind, std::optional<io::Tensor> seq,
+               std::optional<io::Tensor> pos)
+        : x_(std::move(x)), y_(std::move(y)), valid_(std::move(valid)), seq_(std::move(seq)), pos_(std::move(pos)) {
         if (x_.shape.size() != 2)
             fail(COLLAPSE_ERR_SHAPE, "features '", x_.name, "' must be 2-D [N, d], has shape ", shape_text(x_.shape));
         io::require_label_shape(y_, x_.rows(), "labels");
@@ -85,6 +86,18 @@ public:
         info_.parts.push_back(part_of("features", x_, kind));
         info_.parts.push_back(part_of("labels", y_, kind));
         if (valid_) info_.parts.push_back(part_of("valid", *valid_, kind));
+        // Sequence ids and positions (windows), .npy files checked like the labels.
+        if (pos_ && !seq_) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--positions needs --sequence-ids");
+        if (seq_) {
+            io::require_label_shape(*seq_, x_.rows(), "sequence ids");
+            require_integer(*seq_, "sequence ids");
+            info_.parts.push_back(part_of("sequence_ids", *seq_, "npy"));
+        }
+        if (pos_) {
+            io::require_label_shape(*pos_, x_.rows(), "positions");
+            require_integer(*pos_, "positions");
+            info_.parts.push_back(part_of("positions", *pos_, "npy"));
+        }
         finish_info(info_);
     }
     bool sequences() const override { return false; }
@@ -101,14 +114,16 @@ public:
         b.x = collapse_buffer{x_.read_rows(first, count, xb_), x_.dtype, COLLAPSE_MEMORY_HOST, b.count, dim(), 0};
         b.y = collapse_buffer{y_.read_rows(first, count, yb_), y_.dtype, COLLAPSE_MEMORY_HOST, b.count, 1, 0};
         if (valid_) b.mask = collapse_buffer{valid_->read_rows(first, count, mb_), valid_->dtype, COLLAPSE_MEMORY_HOST, b.count, 1, 0};
+        if (seq_) b.sequence_ids = collapse_buffer{seq_->read_rows(first, count, sb_), seq_->dtype, COLLAPSE_MEMORY_HOST, b.count, 1, 0};
+        if (pos_) b.positions = collapse_buffer{pos_->read_rows(first, count, pb_), pos_->dtype, COLLAPSE_MEMORY_HOST, b.count, 1, 0};
         return b;
     }
     const InputInfo& info() const override { return info_; }
 
 private:
     io::Tensor x_, y_;
-    std::optional<io::Tensor> valid_;
-    std::vector<uint8_t> xb_, yb_, mb_;  // the current batch
+    std::optional<io::Tensor> valid_, seq_, pos_;
+    std::vector<uint8_t> xb_, yb_, mb_, sb_, pb_;  // the current batch
     InputInfo info_;
 };
 
@@ -238,8 +253,10 @@ nlohmann::json to_json(const InputInfo& info) {
 }
 
 std::unique_ptr<RowSource> tensor_rows(io::Tensor features, io::Tensor labels, std::optional<io::Tensor> valid,
-                                       const std::string& kind) {
-    return std::make_unique<TensorRows>(std::move(features), std::move(labels), std::move(valid), kind);
+                                       const std::string& kind, std::optional<io::Tensor> sequence_ids,
+                                       std::optional<io::Tensor> positions) {
+    return std::make_unique<TensorRows>(std::move(features), std::move(labels), std::move(valid), kind, std::move(sequence_ids),
+                                        std::move(positions));
 }
 
 std::unique_ptr<RowSource> tensor_sequences(io::Tensor hidden, io::Tensor input_ids, std::optional<io::Tensor> mask,

@@ -24,6 +24,7 @@ struct SourceBatch {
     collapse_buffer x{};           // rows: features [count, d]; sequences: hidden [count * T, d]
     collapse_buffer y{};           // rows: labels [count]; sequences: input ids [count, T]
     std::optional<collapse_buffer> mask;  // rows: valid [count]; sequences: attention mask [count, T]
+    std::optional<collapse_buffer> sequence_ids, positions;  // rows: [count] each (windows), when given
 };
 
 // What was analysed, recorded in the report and in checkpoints (a resume refuses another input).
@@ -67,9 +68,11 @@ public:
     virtual std::vector<float> built_in_classifier() const { return {}; }
 };
 
-// Rows layout: features [N, d], labels [N] or [N, 1] (int32/int64), optional valid [N] or [N, 1].
+// Rows layout: features [N, d], labels [N] or [N, 1] (int32/int64), optional valid [N] or [N, 1],
+// optional sequence ids and positions [N] or [N, 1] (int32/int64; positions need sequence ids).
 std::unique_ptr<RowSource> tensor_rows(io::Tensor features, io::Tensor labels, std::optional<io::Tensor> valid,
-                                       const std::string& kind);
+                                       const std::string& kind, std::optional<io::Tensor> sequence_ids = std::nullopt,
+                                       std::optional<io::Tensor> positions = std::nullopt);
 // Sequence layout: hidden [B, T, d], input ids [B, T], optional attention mask [B, T].
 std::unique_ptr<RowSource> tensor_sequences(io::Tensor hidden, io::Tensor input_ids, std::optional<io::Tensor> mask,
                                             const std::string& kind);

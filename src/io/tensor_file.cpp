@@ -449,13 +449,6 @@ size_t Tensor::row_bytes() const { return (size_t)row_elements() * dtype_size(dt
 
 const void* Tensor::row(int64_t r) const { return static_cast<const uint8_t*>(data()) + (size_t)r * row_bytes(); }
 
-void Tensor::release_rows(int64_t r0, int64_t r1) const {
-    r0 = std::max<int64_t>(r0, 0);
-    r1 = std::min<int64_t>(r1, rows());
-    if (r0 >= r1) return;
-    file->release(offset + (size_t)r0 * row_bytes(), (size_t)(r1 - r0) * row_bytes());
-}
-
 const void* Tensor::read_rows(int64_t r0, int64_t n, std::vector<uint8_t>& buf) const {
     if (r0 < 0 || n < 0 || r0 > rows() || n > rows() - r0)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "tensor '", name, "': ", n, " rows from row ", r0, " are outside its ", rows(),

@@ -1,6 +1,6 @@
 // Tensor files (.npy, .safetensors): the readers the CLI streams from, and the writers `collapse
 // synth` uses. A reader never copies the whole tensor: it hands out row ranges, either as pointers
-// into a mapping (row(), release_rows()) or copied with pread (read_rows(), which turns a file that
+// into a mapping (row()) or copied with pread (read_rows(), which turns a file that
 // changes during the run into an error instead of a SIGBUS).
 #pragma once
 #include <cstdint>
@@ -64,8 +64,6 @@ struct Tensor {
     size_t row_bytes() const;
     // Pointer to row r.
     const void* row(int64_t r) const;
-    // Tell the OS rows [r0, r1) are no longer needed.
-    void release_rows(int64_t r0, int64_t r1) const;
     // Rows [r0, r0+n) copied into buf (resized to fit) with pread; returns buf.data(). Unlike
     // row(), a file that shrinks or is rewritten during the run is an Error(COLLAPSE_ERR_IO) that
     // says so, never a SIGBUS. The copy costs about what faulting the mapped pages in costs.

@@ -72,6 +72,41 @@ void explain_nulls(const Config& cfg, const Counts& counts, const EngineInfo& in
         }
 }
 
+// sequence_analysis and window_summary (docs/METRICS.md, "Generation-time window entropy"): the
+// seed authors' per-sample keys; null with a note in overall_analysis.notes when there are none.
+void window_sections(const WindowResult& w, nlohmann::json& doc, std::map<std::string, std::string>& notes) {
+    using nlohmann::json;
+    if (!w.present) {
+        doc["sequence_analysis"] = nullptr;
+        doc["window_summary"] = nullptr;
+        notes["sequence_analysis"] = notes["window_summary"] = w.note;
+        return;
+    }
+    json seqs = json::object();
+    for (const SequenceWindows& s : w.sequences)
+        seqs[std::to_string(s.id)] = {{"avg_svd_entropy", s.avg},
+                                      {"cv_svd_entropy", s.cv},
+                                      {"slope_svd_entropy", s.slope},
+                                      {"total_generated_tokens", s.tokens},
+                                      {"chunk_size", w.window_size},
+                                      {"fixed_chunk_svd_entropies", s.entropies},
+                                      {"num_valid_chunks", (int64_t)s.entropies.size()}};
+    doc["sequence_analysis"] = std::move(seqs);
+    json sum;
+    sum["overall_avg_svd_entropy"] = opt(w.overall_avg);
+    sum["overall_avg_cv_svd_entropy"] = opt(w.overall_cv);
+    sum["overall_avg_slope_svd_entropy"] = opt(w.overall_slope);
+    sum["valid_samples_for_summary"] = w.valid_samples;
+    sum["total_processed_samples"] = w.total_samples;
+    sum["chunk_size"] = w.window_size;
+    for (size_t i = 0; i < w.chunk_avg.size(); ++i) {
+        sum["avg_chunk_idx_" + std::to_string(i) + "_svd_entropy"] = w.chunk_avg[i];
+        sum["chunk_idx_" + std::to_string(i) + "_count"] = w.chunk_count[i];
+    }
+    if (!w.overall_avg) notes["window_summary"] = "no sequence has a complete window of window_size = " + std::to_string(w.window_size) + " kept rows";
+    doc["window_summary"] = std::move(sum);
+}
+
 }  // namespace
 
 nlohmann::json build_report(const Config& cfg, const Result& result) {
@@ -118,6 +153,7 @@ nlohmann::json build_report(const Config& cfg, const Result& result) {
 
     doc["counts"] = {{"rows_seen", counts.rows_seen},
                      {"rows_masked", counts.rows_masked},
+                     {"rows_ignored", counts.rows_ignored},
                      {"rows_excluded", counts.rows_excluded},
                      {"rows_nonfinite", counts.rows_nonfinite},
                      {"rows_kept", counts.rows_kept},
@@ -155,6 +191,7 @@ nlohmann::json build_report(const Config& cfg, const Result& result) {
     o["svd_zero_matrices"] = mv.svd_zero_matrices;
     // Every null metric says why (issue: a null without a reason reads like a bug).
     std::map<std::string, std::string> notes = mv.notes;
+    window_sections(result.windows, doc, notes);
     explain_nulls(cfg, counts, info, o, summary, notes);
     auto unc3_note = notes.find("overall_unc3");
     if (unc3_note != notes.end()) o["unc3_note"] = unc3_note->second;
@@ -198,6 +235,8 @@ bool report_scalar(const nlohmann::json& doc, const std::string& key, double* va
     if (dot != std::string::npos) {
         const std::string sec = key.substr(0, dot), k = key.substr(dot + 1);
         if (doc.contains(sec) && doc[sec].is_object() && doc[sec].contains(k)) node = &doc[sec][k];
+        // A section that is null (windows off: window_summary) has null scalars.
+        if (!node && sec == "window_summary" && doc.contains(sec) && doc[sec].is_null()) node = &doc[sec];
     } else {
         for (const char* sec : {"overall_analysis", "summary", "counts"})
             if (doc[sec].contains(key)) {

@@ -74,11 +74,23 @@ int main(void) {
     CHECK(collapse_session_set_classifier(s, &wb, NULL) == COLLAPSE_OK);
     CHECK(collapse_session_ingest_rows(s, &fb, &lb, NULL, NULL) == COLLAPSE_OK);
     CHECK(collapse_session_sync(s) == COLLAPSE_OK);
+    /* A live snapshot of the rows so far; the session goes on and the final report sees them too. */
+    {
+        collapse_report* snap = NULL;
+        CHECK(collapse_session_snapshot(s, &snap) == COLLAPSE_OK && snap != NULL);
+        CHECK(collapse_report_get_scalar(snap, "counts.rows_kept", &v, &is_null) == COLLAPSE_OK && v == N);
+        CHECK(collapse_report_get_scalar(snap, "nc4_agreement", &v, &is_null) == COLLAPSE_OK && !is_null && v == 1.0);
+        CHECK(collapse_session_snapshot(s, NULL) == COLLAPSE_ERR_INVALID_ARGUMENT);
+        collapse_report_destroy(snap);
+    }
     CHECK(collapse_session_compute(s, &r) == COLLAPSE_OK);
-    /* compute twice is refused */
+    /* compute twice is refused, and so is a snapshot after compute */
     {
         collapse_report* r2 = NULL;
         CHECK(collapse_session_compute(s, &r2) == COLLAPSE_ERR_STATE);
+        CHECK(r2 == NULL);
+        CHECK(collapse_session_snapshot(s, &r2) == COLLAPSE_ERR_STATE);
+        CHECK(strstr(collapse_last_error(), "snapshot") != NULL);
         CHECK(r2 == NULL);
     }
 

@@ -70,7 +70,13 @@ void expect_close(const json& a, const json& b, double rel, const std::string& a
 void expect_same_metrics(const json& a, const json& b, double rel) {
     for (const char* sec : {"summary", "overall_analysis", "token_analysis"}) {
         SCOPED_TRACE(sec);
-        expect_close(a[sec], b[sec], rel, sec);
+        // The sequence layout has windows, untagged rows do not: their notes differ
+        // (test_cli_windows.cpp compares the windows of the two layouts).
+        json x = a[sec], y = b[sec];
+        for (json* j : {&x, &y})
+            if (j->contains("notes"))
+                for (const char* k : {"sequence_analysis", "window_summary"}) (*j)["notes"].erase(k);
+        expect_close(x, y, rel, sec);
     }
 }
 

@@ -16,73 +16,31 @@
 // baseline by at most the limit; the unlimited one must exceed it by more than 1 GiB (proof that the
 // measurement sees the row store, so the first check can fail). Reports of the two exact runs must agree.
 #include <gtest/gtest.h>
-#include <fcntl.h>
 #include <sys/statvfs.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "common/compare.hpp"
+#include "common/peak_rss.hpp"
 
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct ChildRun {
-    int status = -1;
-    int64_t peak_anon = 0;  // bytes: the largest RssAnon seen
-    int64_t peak_rss = 0;   // bytes: VmHWM, the peak RSS, printed for comparison only
-};
+using testutil::ChildRun;
 
-// Folds RssAnon and VmHWM of a live process into r (a zombie's status has neither line).
-void poll_status(pid_t pid, ChildRun& r) {
-    std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-    std::string key;
-    int64_t kib = 0;
-    while (in >> key) {
-        if (key == "RssAnon:" && in >> kib) r.peak_anon = std::max(r.peak_anon, kib * 1024);
-        if (key == "VmHWM:" && in >> kib) r.peak_rss = std::max(r.peak_rss, kib * 1024);
-        in.ignore(1 << 12, '\n');
-    }
-}
-
-// Runs the CLI with args (stdout and stderr to dir/out.txt); returns its exit status and the peak of
-// its anonymous resident memory, polled every millisecond until it exits.
+// Runs the CLI with args (stdout and stderr to dir/out.txt): its exit status and memory peaks.
 ChildRun run_cli(const std::string& dir, const std::vector<std::string>& args) {
-    std::vector<std::string> argv_s = {COLLAPSE_CLI_PATH};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (auto& a : argv_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-        const int out = ::open((dir + "/out.txt").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        ::dup2(out, 1);
-        ::dup2(out, 2);
-        ::setenv("OPENBLAS_NUM_THREADS", "1", 1);
-        ::execv(argv[0], argv.data());
-        ::_exit(127);
-    }
-    ChildRun r;
-    if (pid < 0) return r;
-    int status = 0;
-    pid_t done = 0;
-    while ((done = ::waitpid(pid, &status, WNOHANG)) == 0) {
-        poll_status(pid, r);
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    if (done == pid) r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-    return r;
+    std::vector<std::string> argv = {COLLAPSE_CLI_PATH};
+    argv.insert(argv.end(), args.begin(), args.end());
+    return testutil::run_child(argv, dir + "/out.txt");
 }
 
 json load(const std::string& p) {

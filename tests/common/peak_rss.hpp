@@ -1,5 +1,6 @@
 // Peak resident memory, as the kernel measures it: in this process (VmHWM, reset through
-// /proc/self/clear_refs) or of a child process (wait4's ru_maxrss).
+// /proc/self/clear_refs) or of a child process (wait4's ru_maxrss, and the peak of its anonymous
+// resident memory polled from /proc/<pid>/status: file pages a child maps do not count there).
 #pragma once
 #include <fcntl.h>
 #include <malloc.h>
@@ -7,17 +8,20 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace testutil {
 
-// A field of /proc/self/status in bytes ("VmHWM:", "VmRSS:"), or -1.
-inline int64_t proc_status_bytes(const char* field) {
-    std::ifstream f("/proc/self/status");
+// A field of /proc/<pid>/status in bytes ("VmHWM:", "VmRSS:", "RssAnon:"), or -1.
+inline int64_t proc_status_bytes(const char* field, const std::string& pid = "self") {
+    std::ifstream f("/proc/" + pid + "/status");
     std::string line;
     while (std::getline(f, line))
         if (line.rfind(field, 0) == 0) {
@@ -56,6 +60,7 @@ private:
 struct ChildRun {
     int status = -1;        // exit status, -1 when it did not exit normally
     int64_t peak_rss = 0;   // bytes
+    int64_t peak_anon = 0;  // bytes: the largest RssAnon seen, polled every millisecond
 };
 
 // Runs argv[0] with argv (stdout and stderr to `log`, OpenBLAS on one thread) and returns its exit
@@ -75,9 +80,15 @@ inline ChildRun run_child(const std::vector<std::string>& args, const std::strin
         ::_exit(127);
     }
     ChildRun r;
+    if (pid < 0) return r;
     int status = 0;
     struct rusage ru {};
-    if (pid > 0 && ::wait4(pid, &status, 0, &ru) == pid) {
+    pid_t done = 0;
+    while ((done = ::wait4(pid, &status, WNOHANG, &ru)) == 0) {
+        r.peak_anon = std::max(r.peak_anon, proc_status_bytes("RssAnon:", std::to_string(pid)));
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    if (done == pid) {
         r.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
         r.peak_rss = (int64_t)ru.ru_maxrss * 1024;
     }

@@ -114,6 +114,26 @@ void checkpoint(const std::string& dir) {
         check(collapse_session_save(s, (dir + "/svd_mode_" + std::to_string(mode) + ".ckpt").c_str()));
         collapse_session_destroy(s);
     }
+    // Open windows (fuzz_checkpoint.cpp's window_size 4): two sequences, one with reduced windows,
+    // one waiting behind a gap at position 2 (so every window_* section has content).
+    collapse_options o;
+    check(collapse_options_default(&o));
+    o.num_classes = V;
+    o.window_size = 4;
+    collapse_session* s = nullptr;
+    check(collapse_session_create(&o, &s));
+    std::vector<int64_t> seq((size_t)n), pos((size_t)n);
+    for (int64_t i = 0; i < n; ++i) {
+        seq[(size_t)i] = i < 14 ? 3 : -9;
+        pos[(size_t)i] = i < 14 ? i : (i - 14 < 2 ? i - 14 : i - 14 + 1);
+    }
+    const collapse_buffer f{x.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, n, d, 0};
+    const collapse_buffer l{y.data(), COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
+    const collapse_buffer sb{seq.data(), COLLAPSE_I64, COLLAPSE_MEMORY_HOST, n, 1, 0};
+    const collapse_buffer pb{pos.data(), COLLAPSE_I64, COLLAPSE_MEMORY_HOST, n, 1, 0};
+    check(collapse_session_ingest_tagged_rows(s, &f, &l, nullptr, &sb, &pb, nullptr));
+    check(collapse_session_save(s, (dir + "/windows.ckpt").c_str()));
+    collapse_session_destroy(s);
 }
 
 }  // namespace

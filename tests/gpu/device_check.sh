@@ -62,8 +62,14 @@ if [ $build_rc -eq 0 ]; then
   (cd build-gpu && timeout 90 ./bench/collapse_bench --backend cuda --quick --json "$out/bench_cuda.json" > "$out/bench_cuda.txt" 2>&1)
   result[bench]=$([ $? -eq 0 ] && echo "ok (bench_cuda.txt)" || echo "FAILED (bench_cuda.txt)")
   tail -25 "$out/bench_cuda.txt"
+  # 6. collapse_llama2c's CUDA engine: selfcheck, forward vs CPU and dataset, greedy text, bench.
+  if [ $SECONDS -gt 480 ]; then result[llama2c]="skipped (time budget)"; else
+    OUT="$out" timeout 300 tests/gpu/llama2c_check.sh build-gpu > "$out/llama2c.txt" 2>&1
+    rc=$?; result[llama2c]=$([ $rc -eq 0 ] && echo "pass (llama2c.txt)" || echo "rc=$rc: $(grep -c '^FAIL' "$out/llama2c.txt") failed (llama2c.txt)")
+    grep -E '^(PASS|FAIL)' "$out/llama2c.txt"
+  fi
 fi
 
 echo
 echo "== device check =="
-for k in build cuda_tests memcheck racecheck initcheck bench; do printf "%-11s %s\n" "$k" "${result[$k]:-not run}"; done | tee -a "$out/summary.txt"
+for k in build cuda_tests memcheck racecheck initcheck bench llama2c; do printf "%-11s %s\n" "$k" "${result[$k]:-not run}"; done | tee -a "$out/summary.txt"

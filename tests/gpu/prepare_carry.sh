@@ -15,4 +15,11 @@ apt-get update -qq
 (cd .carry/debs && for p in "${pkgs[@]}"; do apt-get download -qq "$p" 2>/dev/null || echo "note: $p not downloadable, skipped"; done)
 shared="$root/../shared/data/stories260k"
 if [ -d "$shared" ]; then cp "$shared"/features.npy "$shared"/labels.npy "$shared"/classifier.npy .carry/data/; fi
+# collapse_llama2c (tests/gpu/llama2c_check.sh): the model, and the arrays of a forward pass (~5 MB).
+models="$root/../shared/models/stories260k"
+if [ -d "$models" ] && [ -d "$shared" ]; then
+  mkdir -p .carry/stories260k/model .carry/stories260k/data
+  cp "$models"/stories260K.bin "$models"/tok512.bin .carry/stories260k/model/
+  cp "$shared"/inputs.npy "$shared"/seq.npy "$shared"/pos.npy "$shared"/labels.npy "$shared"/nll.npy .carry/stories260k/data/
+fi
 du -sh .carry

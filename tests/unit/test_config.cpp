@@ -32,7 +32,8 @@ const std::set<std::string> kAllKeys{
     "min_classes_for_unc3", "continue_on_error", "log_level", "save_intermediate_results",
     "intermediate_save_dir", "exclude_token_ids", "svd_mode", "svd_max_rows_per_token", "svd_center",
     "global_mean", "cdnv_power", "unc3_classifier", "compute_nc4", "seed", "num_classes", "dim",
-    "host_memory_limit", "device_memory_limit", "backend", "nonfinite_policy", "allow_tf32", "batch_rows"};
+    "host_memory_limit", "device_memory_limit", "backend", "nonfinite_policy", "allow_tf32", "batch_rows", "ignore_index",
+    "window_size", "compute_window_metrics"};
 
 // The message and status of the Error that parsing `yaml` throws ("" when it does not throw).
 struct Failure {
@@ -139,6 +140,9 @@ backend: cuda
 nonfinite_policy: skip_row
 allow_tf32: true
 batch_rows: 128
+ignore_index: -7
+window_size: 32
+compute_window_metrics: false
 )",
                           "t.yaml");
     nlohmann::json expected = {{"save_every", 7},
@@ -171,7 +175,10 @@ batch_rows: 128
                                {"backend", "cuda"},
                                {"nonfinite_policy", "skip_row"},
                                {"allow_tf32", true},
-                               {"batch_rows", 128}};
+                               {"batch_rows", 128},
+                               {"ignore_index", -7},
+                               {"window_size", 32},
+                               {"compute_window_metrics", false}};
     EXPECT_EQ(to_json(c), expected);
     EXPECT_EQ(c.device_ordinal, 1);
 }
@@ -258,6 +265,9 @@ const KeyCase kKeyCases[] = {
      "[1, -2]", "key 'exclude_token_ids' expects a sequence of token ids (integers >= 0), got '-2'"},
     {"intermediate_save_dir", "[a]", "key 'intermediate_save_dir' expects a directory path, got a sequence", "\"\"",
      "key 'intermediate_save_dir' expects a non-empty directory path, got an empty string"},
+    {"window_size", "wide", "key 'window_size' expects an integer >= 2, got 'wide'", "1", "key 'window_size' expects an integer >= 2, got 1"},
+    {"compute_window_metrics", "sometimes", "key 'compute_window_metrics' expects true, false or auto, got 'sometimes'", "", ""},
+    {"ignore_index", "x", "key 'ignore_index' expects null (off) or an integer label outside [0, num_classes), e.g. -100, got 'x'", "", ""},
     {"device", "gpu", "key 'device' expects cpu, cuda, cuda:N or a CUDA device ordinal N >= 0, got 'gpu'", "cuda:-1",
      "key 'device' expects cpu, cuda, cuda:N or a CUDA device ordinal N >= 0, got 'cuda:-1'"},
 };
@@ -580,6 +590,7 @@ Config non_default_options_config() {
     c.device = "cuda:2";
     c.nonfinite_policy = COLLAPSE_NONFINITE_SKIP_ROW;
     c.allow_tf32 = true;
+    c.ignore_index = -3;
     return c;
 }
 

@@ -453,4 +453,30 @@ TEST_F(ReportSchema, WrittenFileValidatesToo) {
     std::remove(path.c_str());
 }
 
+// Generation-time windows: sequence_analysis and window_summary as objects, then as nulls.
+TEST_F(ReportSchema, WindowSections) {
+    const Data dt = random_data(90, 4, 5, 12);
+    std::vector<int64_t> seq((size_t)dt.n), pos((size_t)dt.n);
+    for (int64_t i = 0; i < dt.n; ++i) seq[(size_t)i] = i % 3, pos[(size_t)i] = i / 3;
+    auto o = collapse::default_options();
+    o.num_classes = dt.V;
+    o.window_size = 8;
+    collapse::Session s(o);
+    s.ingest_tagged_rows(collapse::host_buffer(dt.x.data(), dt.n, dt.d), collapse::host_buffer(dt.y.data(), dt.n), nullptr,
+                         collapse::host_buffer(static_cast<const void*>(seq.data()), COLLAPSE_I64, dt.n),
+                         nullptr);
+    const json doc = report_json(s);
+    EXPECT_VALID(v(), doc);
+    EXPECT_EQ(doc["sequence_analysis"].size(), 3u);
+    EXPECT_EQ(doc["window_summary"]["chunk_idx_2_count"], 3);
+    EXPECT_INVALID(v(), [&] { json d = doc; d["window_summary"]["chunk_idx_x_count"] = 1; return d; }(), "chunk_idx_x_count");
+    EXPECT_INVALID(v(), [&] { json d = doc; d["sequence_analysis"]["0"].erase("chunk_size"); return d; }(), "chunk_size");
+    o.compute_window_metrics = 0;
+    collapse::Session off(o);
+    off.ingest_rows(collapse::host_buffer(dt.x.data(), dt.n, dt.d), collapse::host_buffer(dt.y.data(), dt.n));
+    const json none = report_json(off);
+    EXPECT_VALID(v(), none);
+    EXPECT_TRUE(none["window_summary"].is_null());
+}
+
 }  // namespace

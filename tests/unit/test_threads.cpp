@@ -118,6 +118,7 @@ TEST(Threads, EverySessionCallIsRefusedWhileAnotherRuns) {
         if (probe == COLLAPSE_ERR_STATE) {
             int needed = 0;
             collapse_report* r = nullptr;
+            collapse_report* snap = nullptr;
             const collapse_buffer w{big.x.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, kV, 64, 0};
             const collapse_buffer ids{small.y.data(), COLLAPSE_I32, COLLAPSE_MEMORY_HOST, 2, 4, 0};
             const collapse_status got[] = {
@@ -130,15 +131,18 @@ TEST(Threads, EverySessionCallIsRefusedWhileAnotherRuns) {
                 collapse_session_load(s.get(), ckpt.c_str()),
                 collapse_session_merge(s.get(), ckpt.c_str()),
                 collapse_session_compute(s.get(), &r),
+                collapse_session_snapshot(s.get(), &snap),
             };
             // Counted only if a's call was still running after the last of them.
             if (collapse_session_sync(s.get()) == COLLAPSE_ERR_STATE) {
                 for (size_t i = 0; i < sizeof got / sizeof got[0]; ++i) EXPECT_EQ(got[i], COLLAPSE_ERR_STATE) << "call " << i;
                 EXPECT_TRUE(says_busy(collapse_last_error())) << collapse_last_error();
                 EXPECT_EQ(r, nullptr);
+                EXPECT_EQ(snap, nullptr);
                 ++checked;
             }
             if (r) collapse_report_destroy(r);
+            if (snap) collapse_report_destroy(snap);
         }
         a.join();
         if (checked) {

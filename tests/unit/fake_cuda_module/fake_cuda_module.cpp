@@ -7,6 +7,7 @@
 //    from inside this module, to be caught by the C API of the library that loaded it.
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 
 #include "base/error.hpp"
 #include "core/backend_module.hpp"
@@ -45,9 +46,12 @@ int collapse_cuda_module_available(char* why, size_t n) {
     return 0;
 }
 
-Backend* collapse_cuda_module_create(const char*, size_t, const Config*, int64_t num_classes, int64_t) {
+Backend* collapse_cuda_module_create_v2(const char*, size_t, const Config*, int64_t num_classes, int64_t,
+                                        const std::shared_ptr<HostBudget>*) {
     if (num_classes == 13) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "fake cuda module: num_classes 13 refused by the factory");
     return new FakeBackend();
 }
 
 }  // extern "C"
+
+static_assert(std::is_same_v<decltype(&collapse_cuda_module_create_v2), collapse_cuda_module_create_fn>);
