@@ -72,6 +72,7 @@ void CudaBackend::init() {
     COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&last_done_, cudaEventDisableTiming));
     for (auto& slot : slots_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&slot.event, cudaEventDisableTiming));
     for (auto& st : staging_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
+    for (auto& w : win_stash_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&w.done, cudaEventDisableTiming));
 
     // Everything that lives as long as the session is sized here, before the first batch.
     const std::string hint = "raise device_memory_limit, or use svd_mode: sampled / off";
@@ -149,6 +150,8 @@ void CudaBackend::release() noexcept {
         if (slot.event) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(slot.event));
     for (auto& st : staging_)
         if (st.copied) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(st.copied));
+    for (auto& w : win_stash_)
+        if (w.done) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(w.done));
     if (last_done_) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(last_done_));
     (void)cudaSetDevice(previous);
 }

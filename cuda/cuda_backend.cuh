@@ -6,6 +6,7 @@
 //   cuda_metrics.cu     compute(): every metric of the kept set
 //   eigen_solvers.cu    eigenvalues of the overall Gram and of per-class Grams (solver by size)
 //   cuda_checkpoint.cu  checkpoints in the shared layout
+//   cuda_windows.cu     generation-time windows: slot store, verdicts, window entropies
 //   ingest_kernels.cu, finalize_kernels.cu (launchers: kernels.cuh)  the kernels
 //
 // Where each metric is computed (src/core/backend.hpp for the whole engine):
@@ -67,6 +68,19 @@ public:
     // Checkpoints in the shared layout (cuda_checkpoint.cu).
     void save_state(StateWriter& w) override;
     void load_state(const StateReader& r, bool merge) override;
+    // Generation-time windows (cuda_windows.cu): a float32 slot store on the device; verdicts come
+    // back with the batch (window_verdicts); each window's entropy from its centred float64 Gram.
+    bool supports_windows() const override { return true; }
+    void window_verdicts(std::vector<int64_t>& slots, std::vector<uint8_t>& kept) override;
+    // The store is device memory (device_memory_limit); its host side is the pinned verdict
+    // buffers, counted as they grow.
+    int64_t window_store_bytes(int64_t capacity) const override { return 0; }
+    void window_stash(const BatchDesc& b, const int64_t* slot, int64_t capacity, void* stream) override;
+    void window_put(const int64_t* slots, int64_t n, const float* rows, int64_t capacity) override;
+    void window_get(const int64_t* slots, int64_t n, float* rows) override;
+    void window_reduce(const int64_t* slots, int64_t windows, int64_t W) override;
+    std::vector<double> window_results() override;
+    std::vector<double> window_evaluate(const int64_t* slots, int64_t windows, int64_t W) override;
 
 private:
     struct Scratch {
@@ -165,6 +179,48 @@ private:
     DeviceBuffer<int32_t> ids2_, slot2_;
     DeviceBuffer<unsigned long long> agree_, pass2_rows_dev_;
     int64_t nc4_chunk_ = 0;
+
+    // Generation-time windows (cuda_windows.cu).
+    void window_grow(int64_t capacity, cudaStream_t s);
+    // Stash i's verdicts appended to the ready lists (its copy has completed).
+    void take_verdicts(int i, std::vector<int64_t>& slots, std::vector<uint8_t>& kept);
+    // Entropies of windows whose rows are src[slots[w W + i]] (host slots), or, slots null, rows
+    // w W .. w W + W - 1 of src; computed now on the session's stream (synchronises it).
+    std::vector<double> window_entropies(const float* src, const int64_t* slots, int64_t windows, int64_t W);
+    // The queued windows' entropies onto win_out_; the queue is empty after.
+    void window_flush();
+    // One stashed batch whose verdicts are on their way: (batch row, slot) pairs and kept flags.
+    struct WindowStash {
+        cudaEvent_t done = nullptr;
+        bool pending = false;
+        int64_t rows = 0;
+        PinnedBuffer<int64_t> pairs;
+        PinnedBuffer<uint8_t> kept;
+        DeviceBuffer<int64_t> pairs_dev;
+        DeviceBuffer<uint8_t> kept_dev;
+    };
+    std::array<WindowStash, kStatusSlots> win_stash_;
+    int win_next_ = 0;
+    DeviceBuffer<float> win_store_;  // [win_slots_, d]
+    int64_t win_slots_ = 0;
+    // The last first-pass batch, for window_stash: its device view and status slot.
+    bool win_batch_ = false;
+    DeviceBatch win_db_;
+    int win_status_ = 0;
+    // Verdicts taken from a reused stash before the session asked for them.
+    std::vector<int64_t> win_ready_slots_;
+    std::vector<uint8_t> win_ready_kept_;
+    HostBudget::Lease win_ready_lease_;
+    // window_reduce's windows: their rows copied (stream-ordered with the stashes, no host sync)
+    // into a queue of win_queue_cap_ windows, reduced when it is full or at window_results. The
+    // slots travel through their own stretch of the pinned buffer, reused only after a flush.
+    DeviceBuffer<float> win_queue_;         // [win_queue_cap_, W, d]
+    DeviceBuffer<int64_t> win_queue_slots_;  // [win_queue_cap_ * W]
+    PinnedBuffer<int64_t> win_queue_host_;   // [win_queue_cap_ * W]
+    int64_t win_queue_cap_ = 0, win_queued_ = 0, win_W_ = 0;
+    // Entropies of reduced windows, until window_results.
+    std::vector<double> win_out_;
+    HostBudget::Lease win_out_lease_;
 };
 
 }  // namespace cuda

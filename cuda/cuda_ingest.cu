@@ -156,6 +156,7 @@ void CudaBackend::group_batch(const DeviceBatch& db, const IngestParams& ip, Bat
 
 void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     DeviceGuard guard(cfg_.device_ordinal);
+    win_batch_ = false;
     raise_pending();
     const int64_t n = b.num_rows();
     if (b.features.rows > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a batch of ", b.features.rows, " feature rows is more than 2^31 - 1 (split it)");
@@ -192,6 +193,10 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
                         exact_store_ ? store_count_.data() : nullptr, exact_store_, st, s);
 
     end_batch(k, b, s, true);
+    // window_stash may follow: it reads this batch's view, keys and status on the same stream.
+    win_batch_ = true;
+    win_db_ = db;
+    win_status_ = k;
 }
 
 // Status back to the host asynchronously; the slot is read at a later call (process_slot).

@@ -40,6 +40,47 @@ std::vector<double> eigenvalues_sym(Resources& res, double* a, int64_t n, cudaSt
     return out;
 }
 
+// Solver by size: syevjBatched up to 32, XsyevBatched up to 512, Xsyevd one at a time beyond.
+void eigenvalues_batched(Resources& res, double* gram, int64_t M, int64_t cnt, double* w, int* info, cudaStream_t s) {
+    if (M <= 32) {
+        syevjInfo_t params = nullptr;
+        COLLAPSE_CUSOLVER_TRY(cusolverDnCreateSyevjInfo(&params));
+        std::unique_ptr<std::remove_pointer_t<syevjInfo_t>, decltype(&cusolverDnDestroySyevjInfo)> params_owner(
+            params, &cusolverDnDestroySyevjInfo);
+        cusolverDnHandle_t solver = res.solver(s);
+        int lwork = 0;
+        COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched_bufferSize(solver, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER,
+                                                                 (int)M, gram, (int)M, w, &lwork, params, (int)cnt));
+        Lease<double> work = res.take<double>((size_t)std::max(lwork, 1), "syevj workspace");
+        COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched(solver, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, (int)M,
+                                                      gram, (int)M, w, work.data(), lwork, info, params,
+                                                      (int)cnt));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    } else if (M <= 512) {
+        cusolverDnHandle_t solver = res.solver(s);
+        size_t dev_bytes = 0, host_bytes = 0;
+        COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched_bufferSize(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR,
+                                                                CUBLAS_FILL_MODE_UPPER, M, CUDA_R_64F, gram, M, CUDA_R_64F,
+                                                                w, CUDA_R_64F, &dev_bytes, &host_bytes, cnt));
+        Lease<uint8_t> work = res.take<uint8_t>(std::max<size_t>(dev_bytes, 1), "syevBatched workspace");
+        std::vector<uint8_t> hw(std::max<size_t>(host_bytes, 1));
+        COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, M,
+                                                     CUDA_R_64F, gram, M, CUDA_R_64F, w, CUDA_R_64F, work.data(),
+                                                     dev_bytes, hw.data(), host_bytes, info, cnt));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    } else {
+        // Large Grams one at a time (Xsyevd reports no info here: its failure throws).
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(info, 0, (size_t)cnt * sizeof(int), s));
+        for (int64_t i = 0; i < cnt; ++i) {
+            Lease<double> one = res.take<double>((size_t)(M * M), "large class Gram");
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(one.data(), gram + i * M * M, (size_t)(M * M) * 8, cudaMemcpyDeviceToDevice, s));
+            const std::vector<double> e = eigenvalues_sym(res, one.data(), M, s);
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(w + i * M, e.data(), (size_t)M * 8, cudaMemcpyHostToDevice, s));
+        }
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    }
+}
+
 // Classes grouped by Gram size M (a power of two >= min(n, d)), each group a handful of batched calls.
 void class_spectra(Resources& res, int64_t d, bool center, const float* rows, const int32_t* index,
                    const std::vector<int64_t>& todo, const std::vector<int64_t>& offset, const std::vector<int64_t>& nrows,
@@ -83,46 +124,11 @@ void class_spectra(Resources& res, int64_t d, bool center, const float* rows, co
             Lease<double> w = res.take<double>((size_t)(cnt * M), "per-class eigenvalues");
             launch_class_gram(rows, index, doff.data(), dn.data(), dctr.data(), mu, cnt, d, M, gram.data(), s);
             Lease<int> info = res.take<int>((size_t)cnt, "solver info");
-            if (M <= 32) {
-                syevjInfo_t params = nullptr;
-                COLLAPSE_CUSOLVER_TRY(cusolverDnCreateSyevjInfo(&params));
-                std::unique_ptr<std::remove_pointer_t<syevjInfo_t>, decltype(&cusolverDnDestroySyevjInfo)> params_owner(
-                    params, &cusolverDnDestroySyevjInfo);
-                cusolverDnHandle_t solver = res.solver(s);
-                int lwork = 0;
-                COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched_bufferSize(solver, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER,
-                                                                         (int)M, gram.data(), (int)M, w.data(), &lwork, params, (int)cnt));
-                Lease<double> work = res.take<double>((size_t)std::max(lwork, 1), "syevj workspace");
-                COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched(solver, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, (int)M,
-                                                              gram.data(), (int)M, w.data(), work.data(), lwork, info.data(), params,
-                                                              (int)cnt));
-                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-            } else if (M <= 512) {
-                cusolverDnHandle_t solver = res.solver(s);
-                size_t dev_bytes = 0, host_bytes = 0;
-                COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched_bufferSize(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR,
-                                                                        CUBLAS_FILL_MODE_UPPER, M, CUDA_R_64F, gram.data(), M, CUDA_R_64F,
-                                                                        w.data(), CUDA_R_64F, &dev_bytes, &host_bytes, cnt));
-                Lease<uint8_t> work = res.take<uint8_t>(std::max<size_t>(dev_bytes, 1), "syevBatched workspace");
-                std::vector<uint8_t> hw(std::max<size_t>(host_bytes, 1));
-                COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, M,
-                                                             CUDA_R_64F, gram.data(), M, CUDA_R_64F, w.data(), CUDA_R_64F, work.data(),
-                                                             dev_bytes, hw.data(), host_bytes, info.data(), cnt));
-                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-            } else {
-                // Large Grams one at a time.
-                for (int64_t i = 0; i < cnt; ++i) {
-                    Lease<double> one = res.take<double>((size_t)(M * M), "large class Gram");
-                    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(one.data(), gram.data() + i * M * M, (size_t)(M * M) * 8, cudaMemcpyDeviceToDevice, s));
-                    const std::vector<double> e = eigenvalues_sym(res, one.data(), M, s);
-                    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(w.data() + i * M, e.data(), (size_t)M * 8, cudaMemcpyHostToDevice, s));
-                }
-                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-            }
+            eigenvalues_batched(res, gram.data(), M, cnt, w.data(), info.data(), s);
             std::vector<double> hw((size_t)(cnt * M));
             std::vector<int> hinfo((size_t)cnt, 0);
             COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hw.data(), w.data(), hw.size() * 8, cudaMemcpyDeviceToHost, s));
-            if (M <= 512) COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hinfo.data(), info.data(), hinfo.size() * sizeof(int), cudaMemcpyDeviceToHost, s));
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hinfo.data(), info.data(), hinfo.size() * sizeof(int), cudaMemcpyDeviceToHost, s));
             COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
             for (int64_t i = 0; i < cnt; ++i)
                 if (hinfo[(size_t)i] != 0)

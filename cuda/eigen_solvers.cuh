@@ -18,6 +18,11 @@ namespace collapse::internal::cuda {
 // overwritten. Synchronises s.
 std::vector<double> eigenvalues_sym(Resources& res, double* a, int64_t n, cudaStream_t s);
 
+// Eigenvalues (ascending) of cnt symmetric M x M matrices (upper triangles, column-major, one after
+// another in gram, which is overwritten) into w [cnt, M], each solver's info into info [cnt] (0:
+// converged), by the solver for the size. Synchronises s.
+void eigenvalues_batched(Resources& res, double* gram, int64_t M, int64_t cnt, double* w, int* info, cudaStream_t s);
+
 // The entropies of the classes `todo` (positions in kept), whose rows are rows[index[offset[t] ..
 // offset[t] + nrows[t])] of a float32 [*, d] device array (index null: rows offset[t] ..
 // offset[t] + nrows[t]), centred on mu[t] when `center`; into tokens[t] and out.

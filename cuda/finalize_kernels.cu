@@ -329,4 +329,43 @@ void launch_class_gram(const float* rows, const int32_t* index, const int64_t* o
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 
+
+namespace {
+
+// Thread per (window, column): the column's mean over the window's rows in row order (as the CPU's
+// window_evaluate sums), then the centred values.
+__global__ void window_center_kernel(const float* store, const int64_t* slots, int64_t windows, int64_t W, int64_t d, double* x) {
+    const int64_t total = windows * d;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t w = e / d, k = e % d;
+        const int64_t* s = slots ? slots + w * W : nullptr;
+        const float* rows = s ? store : store + w * W * d;  // no slots: the window's rows in order
+        double mean = 0;
+        for (int64_t i = 0; i < W; ++i) mean += (double)rows[(s ? s[i] : i) * d + k];
+        mean /= (double)W;
+        double* out = x + w * W * d;
+        for (int64_t i = 0; i < W; ++i) out[i * d + k] = (double)rows[(s ? s[i] : i) * d + k] - mean;
+    }
+}
+
+__global__ void window_gather_kernel(const float* store, const int64_t* slots, int64_t rows, int64_t d, float* out) {
+    const int64_t total = rows * d;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x)
+        out[e] = store[slots[e / d] * d + e % d];
+}
+
+}  // namespace
+
+void launch_window_center(const float* store, const int64_t* slots, int64_t windows, int64_t W, int64_t d, double* x, cudaStream_t s) {
+    if (windows == 0 || d == 0) return;
+    window_center_kernel<<<blocks_for(windows * d, 256, 1 << 20), 256, 0, s>>>(store, slots, windows, W, d, x);
+    COLLAPSE_CUDA_CHECK_LAUNCH();
+}
+
+void launch_window_gather(const float* store, const int64_t* slots, int64_t rows, int64_t d, float* out, cudaStream_t s) {
+    if (rows == 0 || d == 0) return;
+    window_gather_kernel<<<blocks_for(rows * d, 256, 1 << 20), 256, 0, s>>>(store, slots, rows, d, out);
+    COLLAPSE_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace collapse::internal::cuda

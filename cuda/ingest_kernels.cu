@@ -337,4 +337,30 @@ void launch_add_gram(const float* g32, double* g64, int64_t n, const BatchStatus
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 
+
+namespace {
+
+// Window rows: batch row pairs[2i] (its feature row converted to float32 as the ingest converts it)
+// into slot pairs[2i + 1] of the window store; kept[i] = the row's verdict (its key is a class and
+// the batch was not refused).
+__global__ void window_stash_kernel(DeviceBatch b, const int64_t* pairs, int64_t m, const int32_t* keys, int32_t sentinel,
+                                    const BatchStatus* st, float* store, uint8_t* kept) {
+    const int64_t cols = b.d > 0 ? b.d : 1;  // a verdict for every row, even of zero width
+    const int64_t total = m * cols;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = e / cols, k = e % cols, r = pairs[2 * i];
+        if (k < b.d) store[pairs[2 * i + 1] * b.d + k] = (float)load_feature(row_ptr(b, feature_row(b, r)), b.fdtype, k);
+        if (k == 0) kept[i] = (!st->error && keys[r] != sentinel) ? 1 : 0;
+    }
+}
+
+}  // namespace
+
+void launch_window_stash(const DeviceBatch& b, const int64_t* pairs, int64_t m, const int32_t* keys, int32_t sentinel,
+                         const BatchStatus* st, float* store, uint8_t* kept, cudaStream_t s) {
+    if (m == 0) return;
+    window_stash_kernel<<<blocks_for(m * std::max<int64_t>(b.d, 1), 256, 1 << 20), 256, 0, s>>>(b, pairs, m, keys, sentinel, st, store, kept);
+    COLLAPSE_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace collapse::internal::cuda

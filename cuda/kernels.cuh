@@ -104,6 +104,16 @@ void launch_count_kept(const int32_t* keys, int64_t n, int32_t sentinel, const i
 // acc64 += acc32 (d*d), unless the batch was refused.
 void launch_add_gram(const float* g32, double* g64, int64_t n, const BatchStatus* st, cudaStream_t s);
 
+// Generation-time windows: batch rows pairs[2i] -> window store slots pairs[2i + 1] (float32 [*, d]),
+// kept[i] = 1 when the ingest kept the row (keys from launch_validate; 0 for every row of a refused batch).
+void launch_window_stash(const DeviceBatch& b, const int64_t* pairs, int64_t m, const int32_t* keys, int32_t sentinel,
+                         const BatchStatus* st, float* store, uint8_t* kept, cudaStream_t s);
+// Window w's rows store[slots[w W + i]] (slots null: rows w W .. w W + W - 1 of store) centred on
+// their float64 mean: x [windows, W, d] (float64).
+void launch_window_center(const float* store, const int64_t* slots, int64_t windows, int64_t W, int64_t d, double* x, cudaStream_t s);
+// out [rows, d] = store[slots[r]] (float32 rows copied).
+void launch_window_gather(const float* store, const int64_t* slots, int64_t rows, int64_t d, float* out, cudaStream_t s);
+
 // ---- finalisation ----
 // For kept slot s (class ids[s]): mu [K, d], var [K], weight[s] (1 or n_c).
 void launch_means(const double* sum, const double* sqnorm, const unsigned long long* count, const int32_t* ids, int64_t K,

@@ -5,6 +5,7 @@
 //             id and position; live snapshots, final report
 //   bench     decode tokens/s with the session attached vs the same loop without it
 #include <omp.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -137,12 +138,32 @@ private:
 
 // ---------------------------------------------------------------- forward
 
+// Checked before any work: each output's folder exists and is writable, and no output is one of
+// the inputs or another output (a long run must not end in an unwritable path or a destroyed input).
+void check_outputs(const std::vector<std::string>& outputs, const std::vector<std::string>& inputs) {
+    namespace fs = std::filesystem;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+        const std::string& o = outputs[i];
+        if (o.empty()) continue;
+        const fs::path dir = fs::path(o).parent_path().empty() ? fs::path(".") : fs::path(o).parent_path();
+        std::error_code ec;
+        if (!fs::is_directory(dir, ec) || ::access(dir.c_str(), W_OK) != 0)
+            throw std::runtime_error("output " + o + ": folder " + dir.string() + " does not exist or is not writable");
+        auto same = [&](const std::string& other) { return !other.empty() && fs::exists(o, ec) && fs::equivalent(o, other, ec); };
+        for (const std::string& in : inputs)
+            if (same(in)) throw std::runtime_error("output " + o + " is the input " + in + " (it would be overwritten)");
+        for (size_t j = 0; j < i; ++j)
+            if (same(outputs[j]) || o == outputs[j]) throw std::runtime_error("two outputs name the same file " + o);
+    }
+}
+
 int cmd_forward(const Args& a) {
     const std::string model_path = a.need("--model"), in_path = a.need("--inputs"), seq_path = a.need("--seq"),
                       pos_path = a.need("--pos"), out_path = a.need("--output"), nll_path = a.get("--nll"),
                       labels_path = a.get("--labels");
     const collapse_backend backend = parse_backend(a.get("--backend", "cpu"));
     const int batch = (int)a.integer("--batch", 64, 1, 4096);
+    check_outputs({out_path, nll_path}, {model_path, in_path, seq_path, pos_path, labels_path});
     const Model model = load_model(model_path);
     const Config& c = model.config;
 
@@ -334,6 +355,7 @@ int cmd_generate(const Args& a) {
     const int every = (int)a.integer("--snapshot-every", 0, 0, 1 << 30);
     const bool print = a.has("--print-text");
     if (print && tok_path.empty()) throw std::runtime_error("--print-text needs --tokenizer");
+    check_outputs({output}, {model_path, tok_path, config});
 
     const Model model = load_model(model_path);
     if (steps > model.config.seq_len)

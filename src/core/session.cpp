@@ -65,9 +65,7 @@ Session::Session(const Config& cfg) : cfg_(cfg), V_(cfg.num_classes), d_(cfg.dim
         if (e >= V_) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "exclude_token_ids: ", e, " is not a class id in [0, ", V_, ")");
     if (cfg_.backend == COLLAPSE_BACKEND_CUDA) require_cuda_backend();  // names what is missing
     if (d_ > 0) ensure_backend(d_);
-    if (cfg_.compute_window_metrics == 1 && (backend_ ? !backend_->supports_windows() : cfg_.backend == COLLAPSE_BACKEND_CUDA))
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "window metrics are not implemented on the cuda backend yet (compute_window_metrics: true; "
-                                            "use backend: cpu, or compute_window_metrics: auto to run without them)");
+    if (cfg_.compute_window_metrics == 1 && backend_ && !backend_->supports_windows()) backend_->windows_unsupported();
 }
 
 Session::~Session() = default;

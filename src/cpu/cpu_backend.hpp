@@ -134,4 +134,8 @@ int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
                        const std::vector<int32_t>& kept_ids);
 
+// Eigenvalues (ascending) of the symmetric n x n matrix g (upper triangle, row-major; destroyed) into
+// w[n], by LAPACK dsyevd without vectors. `what` names the matrix in the error of a failed solve.
+void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what);
+
 }  // namespace collapse::internal

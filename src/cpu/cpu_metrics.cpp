@@ -31,10 +31,7 @@ int64_t gram_eigen_bytes(int64_t n) { return add_bytes(mul_bytes(n, n, 8), mul_b
 // The r largest singular values from the eigenvalues of a symmetric n x n matrix (upper triangle).
 std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_t r) {
     std::vector<double> w((size_t)n);
-    if (n > 0) {
-        const int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'U', (int)n, g.data(), (int)n, w.data());
-        if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dsyevd failed with info = ", info, " (n = ", n, ")");
-    }
+    if (n > 0) symmetric_eigenvalues(g.data(), n, w.data(), "a Gram");
     return singular_values_from_eigen(w.data(), n, r);
 }
 
@@ -96,6 +93,11 @@ std::vector<double> singular_values(HostBudget& budget, const double* x, int64_t
 }
 
 }  // namespace
+
+void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what) {
+    const int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'U', (int)n, g, (int)n, w);
+    if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dsyevd failed with info = ", info, " (", what, ", n = ", n, ")");
+}
 
 // ---------------------------------------------------------------------------------------------
 int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,

@@ -1,7 +1,6 @@
 // Generation-time windows on the CPU: pending rows as float32 slots, each window's entropy from the
 // eigenvalues of its centred W x W Gram or d x d covariance (the smaller), in float64 with LAPACK.
 #include <cblas.h>
-#include <lapacke.h>
 
 #include <algorithm>
 #include <cstring>
@@ -110,8 +109,7 @@ std::vector<double> CpuBackend::window_evaluate(const int64_t* slots, int64_t wi
                 cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)W, (int)d_, scale, x.data(), (int)d_, 0.0, g.data(), (int)W);
             else
                 cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)W, scale, x.data(), (int)d_, 0.0, g.data(), (int)d_);
-            const int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'U', (int)M, g.data(), (int)M, eig.data());
-            if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dsyevd failed with info = ", info, " (window of W = ", W, ", d = ", d_, ")");
+            symmetric_eigenvalues(g.data(), M, eig.data(), "a window's covariance");
             out[(size_t)w] = window_entropy_from_eigen(eig.data(), M);
         }
     }

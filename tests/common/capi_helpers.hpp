@@ -24,6 +24,19 @@ struct ReportDel {
 using SessionPtr = std::unique_ptr<collapse_session, SessionDel>;
 using ReportPtr = std::unique_ptr<collapse_report, ReportDel>;
 
+// A session of these options (a failed creation is a test failure and gives null).
+inline SessionPtr make_session(const collapse_options& o) {
+    collapse_session* s = nullptr;
+    EXPECT_EQ(collapse_session_create(&o, &s), COLLAPSE_OK) << collapse_last_error();
+    return SessionPtr(s);
+}
+
+// A C API buffer view (host memory and contiguous rows unless told otherwise).
+inline collapse_buffer buf(const void* p, collapse_dtype t, int64_t rows, int64_t cols = 1, int64_t stride = 0,
+                           collapse_memory mem = COLLAPSE_MEMORY_HOST) {
+    return collapse_buffer{p, t, mem, rows, cols, stride};
+}
+
 // One run of the command line tool.
 struct CliRun {
     int status = -1;  // exit status, or -1 when the process did not exit normally

@@ -34,6 +34,8 @@ using nlohmann::json;
 
 using testutil::ReportPtr;
 using testutil::SessionPtr;
+using testutil::make_session;
+using testutil::buf;
 
 collapse_options opts(int64_t V) {
     collapse_options o;
@@ -43,18 +45,6 @@ collapse_options opts(int64_t V) {
     // window sections); windows have their own bad-input tests (test_windows.cpp).
     o.compute_window_metrics = 0;
     return o;
-}
-
-SessionPtr make_session(const collapse_options& o) {
-    collapse_session* s = nullptr;
-    const collapse_status st = collapse_session_create(&o, &s);
-    EXPECT_EQ(st, COLLAPSE_OK) << collapse_last_error();
-    return SessionPtr(s);
-}
-
-collapse_buffer buf(const void* p, collapse_dtype t, int64_t rows, int64_t cols = 1, int64_t stride = 0,
-                    collapse_memory mem = COLLAPSE_MEMORY_HOST) {
-    return collapse_buffer{p, t, mem, rows, cols, stride};
 }
 
 // A batch of rows in float32 (and, on demand, converted to the other float types).

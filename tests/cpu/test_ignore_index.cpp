@@ -31,6 +31,8 @@ namespace {
 
 using nlohmann::json;
 using testutil::SessionPtr;
+using testutil::buf;
+SessionPtr make(const collapse_options& o) { return testutil::make_session(o); }
 namespace ci = collapse::internal;
 
 collapse_options options(int64_t V) {
@@ -41,15 +43,6 @@ collapse_options options(int64_t V) {
     return o;
 }
 
-SessionPtr make(const collapse_options& o) {
-    collapse_session* s = nullptr;
-    EXPECT_EQ(collapse_session_create(&o, &s), COLLAPSE_OK) << collapse_last_error();
-    return SessionPtr(s);
-}
-
-collapse_buffer buf(const void* p, collapse_dtype t, int64_t rows, int64_t cols = 1) {
-    return collapse_buffer{p, t, COLLAPSE_MEMORY_HOST, rows, cols, 0};
-}
 
 std::string error_of(collapse_status st, collapse_status want) {
     EXPECT_EQ(st, want) << collapse_last_error();

@@ -33,6 +33,8 @@ namespace {
 using nlohmann::json;
 using testutil::ReportPtr;
 using testutil::SessionPtr;
+using testutil::buf;
+SessionPtr make(const collapse_options& o) { return testutil::make_session(o); }
 
 // One input row: its tags, whether a filter keeps it, and its features (float32 values).
 struct Row {
@@ -177,15 +179,6 @@ collapse_options opts(int64_t W, int64_t V = 5) {
     return o;
 }
 
-SessionPtr make(const collapse_options& o) {
-    collapse_session* s = nullptr;
-    EXPECT_EQ(collapse_session_create(&o, &s), COLLAPSE_OK) << collapse_last_error();
-    return SessionPtr(s);
-}
-
-collapse_buffer buf(const void* p, collapse_dtype t, int64_t rows, int64_t cols = 1) {
-    return collapse_buffer{p, t, COLLAPSE_MEMORY_HOST, rows, cols, 0};
-}
 
 // Rows [first, first + n) of `rows` as one tagged batch (labels r % V; the mask from valid).
 collapse_status ingest(collapse_session* s, const std::vector<Row>& rows, const std::vector<size_t>& which, int64_t d,

@@ -184,6 +184,16 @@ TEST_F(Llama2c, ForwardKeepsRowOrderOfInterleavedSequences) {
     EXPECT_TRUE(std::isnan(nll[4]) && std::isnan(nll[5]));
 }
 
+// --------------------------------------------------------------------------- engine
+
+// The CPU engine against the self-check's independent float64 forward pass: random model shapes
+// (GQA, MHA, multi-query), slots in random order, sampling, refused calls (and the real model).
+TEST_F(Llama2c, CpuEngineMatchesTheFloat64Reference) {
+    const testutil::CliRun r = run_ok("selfcheck --backend cpu --quick --model " + quote(kModel));
+    EXPECT_NE(r.out.find("selfcheck passed"), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("FAIL"), std::string::npos) << r.out;
+}
+
 // --------------------------------------------------------------------------- generate
 
 TEST_F(Llama2c, GreedyStoryBeginsWithLily) {
@@ -293,6 +303,15 @@ TEST_F(Llama2c, BadForwardInputs) {
     testutil::spit(path("bad.npy"), "not an npy file at all");
     expect_error(forward("bad.npy"), {"bad.npy", "not a .npy file"});
     EXPECT_FALSE(fs::exists(path("f.npy"))) << "no output after an error";
+    // Outputs are checked before the work: never an input, never each other, in a writable folder.
+    write_ints("pos.npy", {0, 1, 2});
+    const std::string ins = "forward --model " + quote(kModel) + " --inputs ok.npy --seq seq.npy --pos pos.npy";
+    expect_error(ins + " --output ok.npy", {"output ok.npy is the input ok.npy"});
+    expect_error(ins + " --output f.npy --nll pos.npy", {"output pos.npy is the input pos.npy"});
+    expect_error(ins + " --output f.npy --nll f.npy", {"two outputs name the same file f.npy"});
+    expect_error(ins + " --output no/such/dir/f.npy", {"no/such/dir", "does not exist or is not writable"});
+    EXPECT_EQ(testutil::slurp(path("ok.npy")).substr(0, 6), "\x93NUMPY") << "the input is intact";
+    expect_error(generate("--batch 1 --steps 2 --output no/such/dir/r.json"), {"no/such/dir", "not writable"});
 }
 
 }  // namespace
