@@ -124,7 +124,8 @@ TEST_F(CliCompare, DifferencesTopTokensAndOutputFollowFromTheFiles) {
     EXPECT_NE(r2.out.find("the 10 tokens"), std::string::npos) << r2.out;
     // A report against itself: every difference is zero.
     run_ok("compare A.json A.json -o self.json");
-    for (const auto& [k, m] : report("self.json")["sections"]["overall_analysis"]["metrics"].items())
+    const json self = report("self.json");  // named: a range-for over a temporary's member dangles
+    for (const auto& [k, m] : self["sections"]["overall_analysis"]["metrics"].items())
         if (!m["diff"].is_null()) EXPECT_EQ(m["diff"].get<double>(), 0.0) << k;
 }
 
