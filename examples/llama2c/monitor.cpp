@@ -71,19 +71,7 @@ void Monitor::ingest(const float* features, const int32_t* labels, collapse_memo
     const auto t0 = std::chrono::steady_clock::now();
     const collapse_buffer s{sequence_ids, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, n, 1, 0};
     const collapse_buffer p{positions, COLLAPSE_I64, COLLAPSE_MEMORY_HOST, n, 1, 0};
-    if (tagged_) {
-        const collapse_status st = collapse_session_ingest_tagged_rows(session_, &f, &y, nullptr, &s, &p, stream);
-        // A backend without window metrics refuses tagged rows (a refused call changes nothing):
-        // go on without sequence ids rather than stop, and say so once.
-        if (st == COLLAPSE_ERR_INVALID_ARGUMENT && rows_ == 0 && std::strstr(collapse_last_error(), "window metrics are not implemented")) {
-            std::fprintf(stderr, "collapse_llama2c: warning: %s; rows go in without sequence ids (no sequence_analysis)\n",
-                         collapse_last_error());
-            tagged_ = false;
-        } else {
-            check(st, "collapse_session_ingest_tagged_rows");
-        }
-    }
-    if (!tagged_) check(collapse_session_ingest_rows(session_, &f, &y, nullptr, stream), "collapse_session_ingest_rows");
+    check(collapse_session_ingest_tagged_rows(session_, &f, &y, nullptr, &s, &p, stream), "collapse_session_ingest_tagged_rows");
     rows_ += n;
     ingest_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

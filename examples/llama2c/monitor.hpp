@@ -33,7 +33,6 @@ private:
     collapse_session* session_ = nullptr;
     int64_t dim_ = 0, rows_ = 0;
     double ingest_seconds_ = 0;
-    bool tagged_ = true;  // false once the backend refused tagged rows (no window metrics there)
 };
 
 }  // namespace llama2c
