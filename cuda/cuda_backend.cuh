@@ -15,6 +15,8 @@
 //                                                      _self_duality; host summary: finish_class_metrics)
 //   GNC2, equiangularity, CDNV (pair metrics)       -> compute: tiles of cublasDsyrk/Dgemm + launch_pair_reduce
 //   overall SVD entropy                             -> compute: streamed (or second-pass) Gram -> eigenvalues_sym
+//   anchor metrics (nc1_*, nc2_etf_err, nc3_dual_err, -> compute: anchor_metrics (d x d products by cublasDsyrk;
+//     nc3u, nc5; the pair ones in launch_pair_reduce)   Sigma_W from the exact row store; host: finish_anchor_metrics)
 //   per-token SVD entropies                         -> compute -> per_token -> class_spectra (eigen_solvers.cu)
 //   NC4                                             -> ingest_second_pass (GEMM chunks + launch_nc4_compare),
 //                                                      reported by compute
@@ -32,6 +34,7 @@
 #include <vector>
 
 #include "core/backend.hpp"
+#include "core/metric_summary.hpp"
 #include "core/row_store.hpp"
 #include "cuda_check.hpp"
 #include "device_memory.hpp"
@@ -107,6 +110,10 @@ private:
     void end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass);
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     void per_token(const KeptSet& kept, const double* mu, MetricValues& out);
+    // The anchor metrics (cuda_metrics.cu) and Sigma_W's scatter (empty with *note when not available).
+    void anchor_metrics(const KeptSet& kept, const Classifier& clf, const double* mu, const double* m, const int32_t* ids,
+                        const ClassVectors& v, MetricValues& out);
+    std::vector<double> within_scatter(const KeptSet& kept, const double* mu, std::string* note);
     void move_store_to_host();
     void hold_store_rows(int64_t growth);
     void upload_store(const KeptSet& kept, std::vector<int64_t>& offset, std::vector<int64_t>& nrows,
@@ -178,6 +185,7 @@ private:
     DeviceBuffer<double> w2_, b2_, mu2_, mu2_sq_, gram2_, xd2_, logits2_, dots2_;
     DeviceBuffer<int32_t> ids2_, slot2_;
     DeviceBuffer<unsigned long long> agree_, pass2_rows_dev_;
+    DeviceBuffer<unsigned long long> nc4_slot_hits_, nc4_slot_rows_;  // [K] each (per_class_arrays)
     int64_t nc4_chunk_ = 0;
 
     // Generation-time windows (cuda_windows.cu).

@@ -325,6 +325,12 @@ void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, 
         }
         agree_.allocate(1, &budget_, "NC4 counter");
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(agree_.data(), 0, 8, s));
+        if (cfg_.per_class_arrays) {
+            nc4_slot_hits_.allocate((size_t)std::max<int64_t>(K, 1), &budget_, "NC4 hits per class");
+            nc4_slot_rows_.allocate((size_t)std::max<int64_t>(K, 1), &budget_, "NC4 rows per class");
+            COLLAPSE_CUDA_TRY(cudaMemsetAsync(nc4_slot_hits_.data(), 0, nc4_slot_hits_.bytes(), s));
+            COLLAPSE_CUDA_TRY(cudaMemsetAsync(nc4_slot_rows_.data(), 0, nc4_slot_rows_.bytes(), s));
+        }
     }
     if (pass2_gram_) {
         gram2_.allocate((size_t)(d_ * d_), &budget_, "second-pass Gram");
@@ -381,7 +387,8 @@ void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
             COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d_, &one, mu2_.data(), (int)d_,
                                             xd2_.data(), (int)d_, &zero, dots2_.data(), (int)K));
             launch_nc4_compare(logits2_.data(), bias2_ ? b2_.data() : nullptr, V_, dots2_.data(), mu2_sq_.data(),
-                               ids2_.data(), K, nr, agree_.data(), s, sc.keys_sorted.data() + r0, slot2_.data(), st);
+                               ids2_.data(), K, nr, agree_.data(), s, sc.keys_sorted.data() + r0, slot2_.data(), st,
+                               cfg_.per_class_arrays ? nc4_slot_hits_.data() : nullptr, cfg_.per_class_arrays ? nc4_slot_rows_.data() : nullptr);
         }
     }
     end_batch(k, b, s, false);

@@ -61,6 +61,106 @@ void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues&
     out.tokens = std::move(tokens);
 }
 
+// The anchor metrics (core/metric_summary.hpp, finish_anchor_metrics): M^T M and W_K^T W_K by
+// cublasDsyrk, column sums and the OoD cosines on the device; the d x d eigen-decomposition on the host.
+void CudaBackend::anchor_metrics(const KeptSet& kept, const Classifier& clf, const double* mu, const double* m, const int32_t* ids,
+                                 const ClassVectors& v, MetricValues& out) {
+    cudaStream_t s = stream_;
+    const int64_t K = (int64_t)kept.ids.size(), d = d_;
+    AnchorInputs in;
+    in.K = K, in.d = d, in.N = kept.rows;
+    if (K < 2) {
+        finish_anchor_metrics(in, cfg_, host_, out);
+        return;
+    }
+    const bool use_means = cfg_.unc3_classifier == COLLAPSE_UNC3_CLASS_MEANS;
+    // Host: M^T M, W_K^T W_K, Sigma_W (d x d each), the gathered W_K [K, d], two column sums, the
+    // OoD dots and norms [K] each.
+    const HostBudget::Lease lease = host_.reserve(
+        add_bytes(mul_bytes(3 * d, d, 8), add_bytes(mul_bytes(v.duality && !use_means ? K : 0, d, 8), mul_bytes(2 * K + 3 * d, 8))),
+        "the anchor metrics' d x d products (d = " + std::to_string(d) + ", K = " + std::to_string(K) + ")",
+        "compute_class_metrics: false skips them; or raise host_memory_limit");
+    const double one = 1.0, zero = 0.0;
+    Lease<double> g = res_.take<double>((size_t)(d * d), "anchor metrics' d x d product");
+    Lease<double> colsum = res_.take<double>((size_t)d, "anchor metrics' column sums");
+    // rows [K, d] row-major is the column-major d x K matrix A: A A^T = rows^T rows.
+    auto gram_of = [&](const double* rows, std::vector<double>& host) {
+        COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)K, &one, rows, (int)d, &zero, g.data(), (int)d));
+        host.resize((size_t)(d * d));
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(host.data(), g.data(), g.bytes(), cudaMemcpyDeviceToHost, s));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+        for (int64_t j = 0; j < d; ++j)  // the upper triangle (column-major) to both
+            for (int64_t i = 0; i < j; ++i) host[(size_t)(j + i * d)] = host[(size_t)(i + j * d)];
+    };
+    auto sums_of = [&](const double* rows, std::vector<double>& host) {
+        launch_column_sums(rows, nullptr, K, d, colsum.data(), s);
+        host.resize((size_t)d);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(host.data(), colsum.data(), colsum.bytes(), cudaMemcpyDeviceToHost, s));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    };
+    gram_of(m, in.gram_m);
+    sums_of(m, in.sum_m);
+    in.duality = v.duality;
+    if (v.duality) {
+        Lease<double> wk;
+        const double* rows = mu;  // class_means mode: w_c = mu_c
+        if (!use_means) {
+            std::vector<double> h((size_t)(K * d));
+            for (int64_t t = 0; t < K; ++t)
+                std::copy(clf.weight.begin() + (std::ptrdiff_t)kept.ids[(size_t)t] * d, clf.weight.begin() + (std::ptrdiff_t)(kept.ids[(size_t)t] + 1) * d,
+                          h.begin() + t * d);
+            wk = res_.take<double>(h.size(), "the kept classifier rows W_K [K, d]");
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(wk.data(), h.data(), h.size() * 8, cudaMemcpyHostToDevice, s));
+            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));  // h goes out of scope
+            rows = wk.data();
+        }
+        gram_of(rows, in.gram_w);
+        sums_of(rows, in.sum_w);
+        in.dot = v.dot;
+    }
+    if (!ood_mean.empty()) {
+        Lease<double> od = res_.take<double>((size_t)d, "the OoD mean"), dots = res_.take<double>((size_t)K, "OoD dots"),
+                      nrm = res_.take<double>((size_t)K, "class mean norms"), nrm2 = res_.take<double>((size_t)K, "class mean norms");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(od.data(), ood_mean.data(), (size_t)d * 8, cudaMemcpyHostToDevice, s));
+        COLLAPSE_CUBLAS_TRY(cublasDgemv(res_.blas(s), CUBLAS_OP_T, (int)d, (int)K, &one, mu, (int)d, od.data(), 1, &zero, dots.data(), 1));
+        launch_duality(nullptr, mu, ids, mu, K, d, nrm.data(), nrm2.data(), s);  // w = m = mu: ||mu_c||^2
+        std::vector<double> hd((size_t)K), hn((size_t)K);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hd.data(), dots.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hn.data(), nrm.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+        double oo = 0;
+        for (double x : ood_mean) oo += x * x;
+        in.ood_cos.resize((size_t)K);
+        for (int64_t t = 0; t < K; ++t)
+            in.ood_cos[(size_t)t] = hn[(size_t)t] > 0 && oo > 0 ? hd[(size_t)t] / std::sqrt(hn[(size_t)t] * oo) : 0.0;
+    }
+    in.within = within_scatter(kept, mu, &in.within_note);
+    finish_anchor_metrics(in, cfg_, host_, out);
+}
+
+// Sigma_W's scatter on this backend: from the exact row store (back on the host by now), about the
+// final means, as the CPU's store route. Not streamed on the device yet: other modes give a note.
+std::vector<double> CudaBackend::within_scatter(const KeptSet& kept, const double* mu, std::string* note) {
+    std::vector<double> w;
+    if (!exact_store_ || !host_store_) {
+        *note = "on the cuda backend Sigma_W comes from the exact row store (svd_mode: exact with compute_token_metrics); it is not streamed on the device yet";
+        return w;
+    }
+    const int64_t K = (int64_t)kept.ids.size(), d = d_;
+    const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(K, d, 8), mul_bytes(512, d, 8)),
+                                                  "Sigma_W's class means [K, d] and block of centred rows", kFixKeptClasses);
+    std::vector<double> muh((size_t)(K * d));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(muh.data(), mu, muh.size() * 8, cudaMemcpyDeviceToHost, stream_));
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
+    w.assign((size_t)(d * d), 0.0);
+    host_store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
+        add_centered_gram(x, n, d, muh.data() + (size_t)kept.slot[(size_t)c] * (size_t)d, w.data());
+    });
+    for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < i; ++j) w[(size_t)(i * d + j)] = w[(size_t)(j * d + i)];
+    return w;
+}
+
 MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     DeviceGuard guard(cfg_.device_ordinal);
     sync();
@@ -103,6 +203,19 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     launch_column_sums(mu.data(), weight.data(), K, d, mug.data(), s);
     const double total_weight = token_weighted ? (double)kept.rows : (double)K;
     launch_center(mu.data(), mug.data(), total_weight, K, d, m.data(), q.data(), a.data(), s);
+    // Per-class arrays and exports: the same variances and means the metrics use, on the host.
+    if (cfg_.per_class_arrays) {
+        host_.check(mul_bytes(K, 8), "the per-class variances of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
+        out.per_class.within_variance.resize((size_t)K);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(out.per_class.within_variance.data(), var.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
+    }
+    if (cfg_.keep_class_means) {
+        host_.check(mul_bytes(K, 2 * d, 8), "a copy of the class means [K, d] = [" + std::to_string(K) + ", " + std::to_string(d) + "] for the exports",
+                    kFixKeptClasses);
+        out.class_means.resize((size_t)(K * d));
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(out.class_means.data(), mu.data(), (size_t)(K * d) * 8, cudaMemcpyDeviceToHost, s));
+    }
+    if (cfg_.per_class_arrays || cfg_.keep_class_means) COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
 
     using Clock = std::chrono::steady_clock;
     auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
@@ -129,6 +242,7 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
             COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hww.data(), ww.data(), (size_t)K * 8, cudaMemcpyDeviceToHost, s));
             COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
             double wf2 = 0, mf2 = 0;
+            v.dot = hwm;  // nc3u_uni_dual and the per-class arrays; before the self-duality terms reuse the buffer
             v.cos.resize((size_t)K);
             for (int64_t i = 0; i < K; ++i) {
                 v.cos[(size_t)i] = duality_cos(hwm[(size_t)i], std::sqrt(hww[(size_t)i]), std::sqrt(hq[(size_t)i]));
@@ -174,7 +288,8 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
                         COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one,
                                                         m.data() + i0 * d, (int)d, m.data() + j0 * d, (int)d, &zero, tile.data(),
                                                         (int)ni));
-                    launch_pair_reduce(tile.data(), i0, j0, ni, nj, q.data(), a.data(), var.data(), cfg_.cdnv_power, acc.data(), s);
+                    launch_pair_reduce(tile.data(), i0, j0, ni, nj, q.data(), a.data(), var.data(), cfg_.cdnv_power,
+                                       1.0 / (double)(K - 1), acc.data(), s);
                 }
             std::vector<double> h((size_t)(kPairBlocks * kPairFields));
             COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), acc.data(), acc.bytes(), cudaMemcpyDeviceToHost, s));
@@ -188,10 +303,13 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
                 t.n_cdnv = f[6], t.s_cdnv = f[7];
                 t.pairs = (int64_t)f[3];
                 t.skip_l = (int64_t)f[8], t.skip_cdnv = (int64_t)f[9];
+                t.dist = Moments{f[10], f[11], f[12]};
+                t.s_etf = f[13], t.max_etf = f[14];
                 all.merge(t);
             }
             finish_pair_metrics(all, K, out);
         }
+        anchor_metrics(kept, clf, mu.data(), m.data(), ids.data(), v, out);
         out.timings["class_metrics"] = since(t_phase);
     }
     t_phase = Clock::now();
@@ -255,9 +373,24 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
         } else if (pass2_ && pass2_nc4_) {
             unsigned long long agree = 0;
             COLLAPSE_CUDA_TRY(cudaMemcpy(&agree, agree_.data(), 8, cudaMemcpyDeviceToHost));
-            if ((int64_t)pass2_rows == kept.rows) {
+            auto per_class = [&] {
+                if (!cfg_.per_class_arrays) return;
+                std::vector<unsigned long long> h((size_t)K), r((size_t)K);
+                COLLAPSE_CUDA_TRY(cudaMemcpy(h.data(), nc4_slot_hits_.data(), (size_t)K * 8, cudaMemcpyDeviceToHost));
+                COLLAPSE_CUDA_TRY(cudaMemcpy(r.data(), nc4_slot_rows_.data(), (size_t)K * 8, cudaMemcpyDeviceToHost));
+                out.per_class.nc4_hits.assign(h.begin(), h.end());
+                out.per_class.nc4_rows.assign(r.begin(), r.end());
+            };
+            if (cfg_.nc4_held_out) {  // held-out rows: the means of this input, the agreement on other rows
+                out.nc4_held_out = true;
+                out.nc4_rows = (int64_t)pass2_rows;
+                if (pass2_rows > 0) out.nc4_agreement = (double)agree / (double)pass2_rows;
+                else out.notes["nc4_agreement"] = "no held-out row belongs to a kept class";
+                per_class();
+            } else if ((int64_t)pass2_rows == kept.rows) {
                 out.nc4_agreement = (double)agree / (double)pass2_rows;
                 out.nc4_rows = (int64_t)pass2_rows;
+                per_class();
             } else {
                 out.notes["nc4_agreement"] = "the second pass saw " + std::to_string(pass2_rows) + " kept rows, the first " + std::to_string(kept.rows);
             }

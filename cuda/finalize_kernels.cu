@@ -75,13 +75,16 @@ __global__ void center_kernel(const double* mu, const double* mu_g_sum, double t
 // Per-thread moments with the thread's first value as shift (no digits lost in the one-pass
 // variance), merged with Chan's formula in a fixed order: warp, block, then the block's slot.
 struct PairAcc {
-    Moments l, c;
-    double n_cdnv, s_cdnv, skip_l, skip_cdnv;
+    Moments l, c, dist;
+    double n_cdnv, s_cdnv, skip_l, skip_cdnv, s_etf, max_etf;
 };
 
 __device__ void merge_acc(PairAcc& a, const PairAcc& b) {
     a.l.merge(b.l);
     a.c.merge(b.c);
+    a.dist.merge(b.dist);
+    a.s_etf += b.s_etf;
+    a.max_etf = fmax(a.max_etf, b.max_etf);
     a.n_cdnv += b.n_cdnv;
     a.s_cdnv += b.s_cdnv;
     a.skip_l += b.skip_l;
@@ -100,21 +103,29 @@ __device__ PairAcc shfl_acc(const PairAcc& a, int o) {
     r.s_cdnv = __shfl_down_sync(0xffffffffu, a.s_cdnv, o);
     r.skip_l = __shfl_down_sync(0xffffffffu, a.skip_l, o);
     r.skip_cdnv = __shfl_down_sync(0xffffffffu, a.skip_cdnv, o);
+    r.dist.n = __shfl_down_sync(0xffffffffu, a.dist.n, o);
+    r.dist.mean = __shfl_down_sync(0xffffffffu, a.dist.mean, o);
+    r.dist.m2 = __shfl_down_sync(0xffffffffu, a.dist.m2, o);
+    r.s_etf = __shfl_down_sync(0xffffffffu, a.s_etf, o);
+    r.max_etf = __shfl_down_sync(0xffffffffu, a.max_etf, o);
     return r;
 }
 
 __global__ void pair_reduce_kernel(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* q,
-                                   const double* a, const double* var, double cdnv_power, double* acc) {
-    double nl = 0, sl = 0, sl2 = 0, shl = 0, nc = 0, sc = 0, sc2 = 0, shc = 0;
+                                   const double* a, const double* var, double cdnv_power, double inv_km1, double* acc) {
+    double nl = 0, sl = 0, sl2 = 0, shl = 0, nc = 0, sc = 0, sc2 = 0, shc = 0, sd = 0, sd2 = 0, shd = 0;
     PairAcc t{};
     const int64_t total = ni * nj;
     for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
         const int64_t i = e % ni, j = e / ni;  // column-major: consecutive threads read consecutive i
         const int64_t gi = i0 + i, gj = j0 + j;
         if (gi >= gj) continue;  // pairs i < j only
-        const PairTerms pt = pair_terms(g[e], q[gi], q[gj], a[gi], a[gj], var[gi], var[gj], cdnv_power);
-        if (nc == 0) shc = pt.cos;
+        const PairTerms pt = pair_terms(g[e], q[gi], q[gj], a[gi], a[gj], var[gi], var[gj], cdnv_power, inv_km1);
+        if (nc == 0) shc = pt.cos, shd = pt.dist;
         nc += 1, sc += pt.cos - shc, sc2 += (pt.cos - shc) * (pt.cos - shc);
+        sd += pt.dist - shd, sd2 += (pt.dist - shd) * (pt.dist - shd);
+        t.s_etf += pt.etf_dev;
+        t.max_etf = fmax(t.max_etf, pt.etf_dev);
         if (pt.gnc2_skip) {
             t.skip_l += 1;
         } else {
@@ -126,6 +137,7 @@ __global__ void pair_reduce_kernel(const double* g, int64_t i0, int64_t j0, int6
     }
     t.l = Moments::from_shifted(nl, sl, sl2, shl);
     t.c = Moments::from_shifted(nc, sc, sc2, shc);
+    t.dist = Moments::from_shifted(nc, sd, sd2, shd);
     for (int o = kWarp / 2; o > 0; o >>= 1) {
         const PairAcc other = shfl_acc(t, o);
         merge_acc(t, other);
@@ -143,9 +155,12 @@ __global__ void pair_reduce_kernel(const double* g, int64_t i0, int64_t j0, int6
         run.l = Moments{slot[0], slot[1], slot[2]};
         run.c = Moments{slot[3], slot[4], slot[5]};
         run.n_cdnv = slot[6], run.s_cdnv = slot[7], run.skip_l = slot[8], run.skip_cdnv = slot[9];
+        run.dist = Moments{slot[10], slot[11], slot[12]};
+        run.s_etf = slot[13], run.max_etf = slot[14];
         merge_acc(run, blk);
         const double vals[kPairFields] = {run.l.n, run.l.mean, run.l.m2, run.c.n, run.c.mean, run.c.m2,
-                                          run.n_cdnv, run.s_cdnv, run.skip_l, run.skip_cdnv};
+                                          run.n_cdnv, run.s_cdnv, run.skip_l, run.skip_cdnv,
+                                          run.dist.n, run.dist.mean, run.dist.m2, run.s_etf, run.max_etf};
         for (int k = 0; k < kPairFields; ++k) slot[k] = vals[k];
     }
 }
@@ -193,7 +208,8 @@ __global__ void self_duality_kernel(const double* W, const double* mu, const int
 // Warp per row: argmax of the logits (ties: smaller id) and argmin of ||mu||^2 - 2 x.mu.
 __global__ void nc4_compare_kernel(const double* logits, const double* bias, int64_t V, const double* dots, const double* mu_sq,
                                    const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, const int32_t* row_keys,
-                                   const int32_t* kept_slot, const BatchStatus* st) {
+                                   const int32_t* kept_slot, const BatchStatus* st, unsigned long long* slot_hits,
+                                   unsigned long long* slot_rows) {
     if (st && st->error) return;
     const int64_t warps = (int64_t)gridDim.x * blockDim.x / kWarp;
     const int lane = threadIdx.x % kWarp;
@@ -219,7 +235,13 @@ __global__ void nc4_compare_kernel(const double* logits, const double* bias, int
             const int64_t os = __shfl_down_sync(0xffffffffu, near_s, o);
             if (on < near || (on == near && os < near_s)) near = on, near_s = os;
         }
-        if (lane == 0 && near_s < K && best_c == ids[near_s]) atomicAdd(agree, 1ull);
+        const bool hit = near_s < K && best_c == ids[near_s];
+        if (lane == 0 && hit) atomicAdd(agree, 1ull);
+        if (lane == 0 && slot_rows && row_keys) {  // per_class_arrays: by the row's class
+            const int32_t slot = kept_slot[row_keys[r]];
+            atomicAdd(slot_rows + slot, 1ull);
+            if (hit) atomicAdd(slot_hits + slot, 1ull);
+        }
     }
 }
 
@@ -286,8 +308,8 @@ void launch_center(const double* mu, const double* mu_g_sum, double total_weight
 }
 
 void launch_pair_reduce(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* q, const double* a,
-                        const double* var, double cdnv_power, double* acc, cudaStream_t s) {
-    pair_reduce_kernel<<<kPairBlocks, 256, 0, s>>>(g, i0, j0, ni, nj, q, a, var, cdnv_power, acc);
+                        const double* var, double cdnv_power, double inv_km1, double* acc, cudaStream_t s) {
+    pair_reduce_kernel<<<kPairBlocks, 256, 0, s>>>(g, i0, j0, ni, nj, q, a, var, cdnv_power, inv_km1, acc);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 
@@ -305,10 +327,11 @@ void launch_self_duality(const double* W, const double* mu, const int32_t* ids, 
 
 void launch_nc4_compare(const double* logits, const double* bias, int64_t V, const double* dots, const double* mu_sq,
                         const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, cudaStream_t s,
-                        const int32_t* row_keys, const int32_t* kept_slot, const BatchStatus* st) {
+                        const int32_t* row_keys, const int32_t* kept_slot, const BatchStatus* st, unsigned long long* slot_hits,
+                        unsigned long long* slot_rows) {
     if (rows == 0) return;
     nc4_compare_kernel<<<blocks_for(rows * kWarp, 256), 256, 0, s>>>(logits, bias, V, dots, mu_sq, ids, K, rows, agree, row_keys,
-                                                                     kept_slot, st);
+                                                                     kept_slot, st, slot_hits, slot_rows);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 

@@ -126,11 +126,12 @@ void launch_center(const double* mu, const double* mu_g_sum, double total_weight
 // Pair terms of one GEMM tile g (column-major ni x nj, g[i + j*ni] = m_{i0+i} . m_{j0+j}), reduced
 // per block and merged into that block's slot acc[block * kPairFields + f] = {log-kernel moments
 // (n, mean, m2), cosine moments (n, mean, m2), cdnv count, cdnv sum, skipped log pairs, skipped
-// cdnv pairs}; slots start at zero, tiles run one after another, the host merges the slots in order.
-constexpr int kPairFields = 10;
+// cdnv pairs, anchor distance moments (n, mean, m2), sum and maximum of |u_i . u_j + 1/(K-1)|};
+// slots start at zero, tiles run one after another, the host merges the slots in order.
+constexpr int kPairFields = 15;
 constexpr int kPairBlocks = 264;
 void launch_pair_reduce(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* q, const double* a,
-                        const double* var, double cdnv_power, double* acc, cudaStream_t s);
+                        const double* var, double cdnv_power, double inv_km1, double* acc, cudaStream_t s);
 
 // Per kept class: wm[s] = w_c . m_s, ww[s] = ||w_c||^2 (w from W rows ids[s], or from mu when W is null).
 void launch_duality(const double* W, const double* mu, const int32_t* ids, const double* m, int64_t K, int64_t d,
@@ -141,10 +142,12 @@ void launch_self_duality(const double* W, const double* mu, const int32_t* ids, 
 
 // NC4 for a block of rows: logits [rows, V] (column-major V x rows), dots [rows, K]; agreement count added.
 // Rows whose key (row_keys, may be null) is the sentinel or not kept are skipped, and so is
-// everything when the batch was refused (st may be null).
+// everything when the batch was refused (st may be null). With slot_rows (and row_keys), each
+// counted row adds 1 to slot_rows[its kept slot] and, when it agrees, to slot_hits[slot].
 void launch_nc4_compare(const double* logits, const double* bias, int64_t V, const double* dots, const double* mu_sq,
                         const int32_t* ids, int64_t K, int64_t rows, unsigned long long* agree, cudaStream_t s,
-                        const int32_t* row_keys = nullptr, const int32_t* kept_slot = nullptr, const BatchStatus* st = nullptr);
+                        const int32_t* row_keys = nullptr, const int32_t* kept_slot = nullptr, const BatchStatus* st = nullptr,
+                        unsigned long long* slot_hits = nullptr, unsigned long long* slot_rows = nullptr);
 // float rows (gathered by index) -> double [rows, d]
 void launch_rows_to_double(const float* src, const int32_t* index, int64_t rows, int64_t d, const double* center,
                            double* dst, cudaStream_t s);

@@ -430,16 +430,15 @@ int cmd_bench(const Args& a) {
             in_ingest = std::min(in_ingest, monitor.ingest_seconds() / on.seconds);
             rows = on.rows;
         }
-        // The engine's share of step time: (with - without) / with. On the CPU the process CPU time
-        // is the figure (the wall clock of a shared machine moves by more than the engine costs);
-        // on CUDA the wall clock (the engine's work is on the device, not in host CPU time).
-        const bool by_cpu = backend == COLLAPSE_BACKEND_CPU;
-        const double share = 100.0 * (by_cpu ? (cpu_on - cpu_off) / cpu_on : (wall_on - wall_off) / wall_on);
+        // The engine's share of step time, (with - without) / with, by the wall clock (what a
+        // server's step takes: the goal) and by process CPU time (what the engine costs in all,
+        // its window worker thread included; on a shared machine it moves less than the wall clock).
+        const double share_wall = 100.0 * (wall_on - wall_off) / wall_on;
+        const double share_cpu = 100.0 * (cpu_on - cpu_off) / cpu_on;
         std::printf("B=%-3d with session %9.0f tokens/s (%9.0f per CPU-s)   ceiling, no session %9.0f tokens/s (%9.0f per CPU-s)   "
-                    "ratio %.3f (%.3f)   engine share of step time %.2f%% (%s)%s\n",
+                    "ratio %.3f (%.3f)   engine share of step time %.2f%% (wall clock), of CPU time %.2f%%%s\n",
                     B, (double)rows / wall_on, (double)rows / cpu_on, (double)rows / wall_off, (double)rows / cpu_off, wall_off / wall_on,
-                    cpu_off / cpu_on, share, by_cpu ? "CPU time" : "wall clock",
-                    B >= 32 ? (share <= 3.0 ? "   goal<=3% met" : "   goal<=3% MISSED") : "");
+                    cpu_off / cpu_on, share_wall, share_cpu, B >= 32 ? (share_wall <= 3.0 ? "   goal<=3% met" : "   goal<=3% MISSED") : "");
         std::printf("      time inside the ingest calls: %.2f%% of the loop's wall clock (best of %d)\n", 100.0 * in_ingest, reps);
         std::fflush(stdout);
     }

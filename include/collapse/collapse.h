@@ -43,7 +43,8 @@
  *    later ones reuse it. A batch ingested after a snapshot, on any stream, is ordered after its
  *    work. A deferred device-side error of an earlier batch is reported by the snapshot (as by
  *    collapse_session_sync);
- *  - collapse_options_from_yaml_file's exclude_token_ids storage is per thread (see below);
+ *  - collapse_options_from_yaml_file's (and _from_yaml_string's) exclude_token_ids storage is per
+ *    thread (see below);
  *    the other functions without a session or report are safe from any thread.
  */
 #ifndef COLLAPSE_COLLAPSE_H
@@ -148,6 +149,9 @@ typedef struct collapse_options {
     /* Generation-time window entropy (docs/METRICS.md; see collapse_session_ingest_tagged_rows). */
     int64_t window_size;             /* W, rows per window (default 64, >= 2) */
     int compute_window_metrics;      /* -1 = auto (default): on when rows carry sequence ids; 0 off; 1 on */
+    /* Per-class arrays (docs/METRICS.md "Anchor metrics") in token_analysis and through
+     * collapse_report_token_array: mean_norm, within_variance, duality_cos, duality_dot, nc4_hit_rate. */
+    int per_class_arrays;            /* default 0 */
 } collapse_options;
 
 typedef struct collapse_session collapse_session;
@@ -247,12 +251,58 @@ collapse_status collapse_report_num_tokens(const collapse_report* report, int64_
 /* Token ids of token_analysis, ascending; capacity is the length of out. */
 collapse_status collapse_report_token_ids(const collapse_report* report, int64_t* out, int64_t capacity);
 /* A per-token array in the order of collapse_report_token_ids: "svd_entropy", "effective_rank",
- * "normalized_entropy", "num_samples", "svd_rows". Null entries are NaN. */
+ * "normalized_entropy", "num_samples", "svd_rows", and with options.per_class_arrays the per-class
+ * arrays "mean_norm" (||m_c||), "within_variance" (Tr(Sigma_c)), "duality_cos" (cos(w_c, m_c)),
+ * "duality_dot" (w_c . m_c), "nc4_hit_rate", "nc4_rows" (docs/METRICS.md "Anchor metrics";
+ * COLLAPSE_ERR_NOT_FOUND without them). Null entries are NaN. */
 collapse_status collapse_report_token_array(const collapse_report* report, const char* key, double* out,
                                             int64_t capacity);
 collapse_status collapse_report_write_json(const collapse_report* report, const char* path);
 /* The report as JSON text; the string is owned by the report. */
 collapse_status collapse_report_json(const collapse_report* report, const char** json);
+
+
+/* ---- Appended after collapse 0.1.0 (the Python package's needs; older entries unchanged) ---- */
+
+/* As collapse_options_from_yaml_file, from YAML text in memory: the same keys, validation and
+ * messages; `source` names the text in messages ("<source>:<line>: ..."; NULL: "config").
+ * exclude_token_ids points into storage owned by the library, valid until the next call of this
+ * function on the same thread. */
+collapse_status collapse_options_from_yaml_string(const char* text, const char* source, collapse_options* options);
+
+/* The offline analysis of .npy files, what `collapse analyze` does with the same flags (the same
+ * driver: batches of batch_rows read with pread, the second pass when a metric needs it, the
+ * report's input provenance): give the rows layout (features + labels, optional valid,
+ * sequence_ids, positions) or the sequence layout (hidden [B, T, d] + input_ids [B, T], optional
+ * attention_mask). Every path not used is NULL. Set struct_size = sizeof(collapse_analysis). */
+typedef struct collapse_analysis {
+    uint32_t struct_size;
+    const char* config_yaml;    /* config as YAML text (configs/default.yaml keys), NULL: defaults */
+    const char* config_source;  /* names config_yaml in messages, NULL: "config" */
+    const char* features;       /* rows layout, .npy [N, d] */
+    const char* labels;         /* .npy [N] or [N, 1], int32|int64 */
+    const char* valid;          /* .npy [N], nonzero = keep */
+    const char* sequence_ids;   /* .npy [N]: generation-time windows */
+    const char* positions;      /* .npy [N], needs sequence_ids */
+    const char* hidden;         /* sequence layout, .npy [B, T, d] */
+    const char* input_ids;      /* .npy [B, T] */
+    const char* attention_mask; /* .npy [B, T] */
+    const char* classifier;     /* .npy [V, d] */
+    const char* bias;           /* .npy [V], needs classifier */
+    int64_t num_classes;        /* V; 0: the config's, else the classifier's rows, else the largest label + 1 */
+    int64_t batch_rows;         /* 0: the config's batch_rows */
+    const char* command;        /* recorded as the report's run.command; NULL: none */
+} collapse_analysis;
+collapse_status collapse_analyze_files(const collapse_analysis* analysis, collapse_report** out);
+
+/* nc5_ood_dev (docs/METRICS.md "Anchor metrics"): the global mean of a second, out-of-distribution
+ * input, `dim` float64 values in host memory (the plain mean of its rows; no labels are needed, so
+ * a caller with OoD rows anywhere reduces them itself). dim must be the session's width d (given
+ * before the width is known, rows of another width are refused later); every value finite. Copied;
+ * may be given at any
+ * time before compute (a later call replaces it). Saved in checkpoints: load takes the file's,
+ * merge refuses a file whose mean differs from the session's. Without it nc5_ood_dev is null. */
+collapse_status collapse_session_set_ood_mean(collapse_session* session, const double* mean, int64_t dim);
 
 #ifdef __cplusplus
 }

@@ -111,6 +111,10 @@ public:
     void set_classifier(const collapse_buffer& w, const collapse_buffer* bias = nullptr) {
         check(collapse_session_set_classifier(s_.get(), &w, bias));
     }
+    // nc5_ood_dev: the global mean [d] of an out-of-distribution input (collapse_session_set_ood_mean).
+    void set_ood_mean(const std::vector<double>& mean) {
+        check(collapse_session_set_ood_mean(s_.get(), mean.data(), (int64_t)mean.size()));
+    }
     void sync() { check(collapse_session_sync(s_.get())); }
     bool needs_second_pass() {
         int n = 0;

@@ -11,7 +11,10 @@
 #include "core/config.hpp"
 #include "base/error.hpp"
 #include "core/session.hpp"
+#include "driver/analysis.hpp"
+#include "driver/row_source.hpp"
 #include "io/session_checkpoint.hpp"
+#include "io/tensor_file.hpp"
 #include "report/report.hpp"
 
 struct collapse_session {
@@ -125,6 +128,10 @@ collapse_status collapse_options_from_yaml_file(const char* path, collapse_optio
         require(path, "path");
         require(options, "options");
         collapse::internal::Config c = collapse::internal::load_yaml_file(path);
+        // The special ids come from a tokenizer, which only the command line reads.
+        if (c.exclude_special_tokens)
+            collapse::internal::fail(COLLAPSE_ERR_CONFIG, path, ": exclude_special_tokens: true needs a tokenizer (collapse analyze ",
+                                     "--tokenizer); through the C API list the ids in exclude_token_ids");
         storage = std::move(c);
         *options = collapse::internal::to_options(storage);
     });
@@ -185,6 +192,13 @@ collapse_status collapse_session_set_classifier(collapse_session* s, const colla
     return translate([&] {
         const SessionCall call(s);
         s->impl.set_classifier(weight, bias);
+    });
+}
+
+collapse_status collapse_session_set_ood_mean(collapse_session* s, const double* mean, int64_t dim) {
+    return translate([&] {
+        const SessionCall call(s);
+        s->impl.set_ood_mean(mean, dim);
     });
 }
 
@@ -301,13 +315,20 @@ collapse_status collapse_report_token_array(const collapse_report* r, const char
         if (capacity < (int64_t)ids.size())
             collapse::internal::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "capacity ", capacity, " is less than the ", ids.size(), " tokens");
         static const char* const keys[] = {"svd_entropy", "effective_rank", "normalized_entropy", "num_samples", "svd_rows"};
-        bool known = false;
+        // The per-class arrays (options.per_class_arrays; docs/METRICS.md "Anchor metrics").
+        static const char* const per_class[] = {"mean_norm", "within_variance", "duality_cos", "duality_dot", "nc4_hit_rate", "nc4_rows"};
+        bool known = false, is_per_class = false;
         for (const char* k : keys) known = known || std::strcmp(k, key) == 0;
-        if (!known)
+        for (const char* k : per_class) is_per_class = is_per_class || std::strcmp(k, key) == 0;
+        if (!known && !is_per_class)
             collapse::internal::fail(COLLAPSE_ERR_NOT_FOUND, "unknown per-token key '", key,
-                           "' (svd_entropy, effective_rank, normalized_entropy, num_samples, svd_rows)");
-        if (!ids.empty()) require(out, "out");
+                           "' (svd_entropy, effective_rank, normalized_entropy, num_samples, svd_rows; with per_class_arrays: "
+                           "mean_norm, within_variance, duality_cos, duality_dot, nc4_hit_rate, nc4_rows)");
         const auto& ta = r->doc["token_analysis"];
+        if (is_per_class && !ids.empty() && !ta[std::to_string(ids[0])].contains(key))
+            collapse::internal::fail(COLLAPSE_ERR_NOT_FOUND, "per-token key '", key,
+                                     "' is a per-class array, which this report does not have (set options.per_class_arrays = 1)");
+        if (!ids.empty()) require(out, "out");
         for (size_t i = 0; i < ids.size(); ++i) {
             const auto& v = ta[std::to_string(ids[i])][key];
             out[i] = v.is_null() ? std::nan("") : v.get<double>();
@@ -332,4 +353,92 @@ collapse_status collapse_report_write_json(const collapse_report* r, const char*
     });
 }
 
+
+collapse_status collapse_options_from_yaml_string(const char* text, const char* source, collapse_options* options) {
+    thread_local collapse::internal::Config storage;  // owns exclude_token_ids for the caller
+    return translate([&] {
+        require(text, "text");
+        require(options, "options");
+        collapse::internal::Config c = collapse::internal::parse_yaml(text, source ? source : "config");
+        storage = std::move(c);
+        *options = collapse::internal::to_options(storage);
+    });
+}
+
+collapse_status collapse_analyze_files(const collapse_analysis* a, collapse_report** out) {
+    namespace ci = collapse::internal;
+    return translate([&] {
+        require(a, "analysis");
+        require(out, "out");
+        if (a->struct_size != sizeof(collapse_analysis))
+            ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "collapse_analysis.struct_size is ", a->struct_size, ", expected ",
+                     sizeof(collapse_analysis));
+        auto given = [](const char* p) { return p && *p; };
+        auto npy = [&](const char* p) { return given(p) ? std::optional<ci::io::Tensor>(ci::io::open_npy(p)) : std::nullopt; };
+        const bool rows = given(a->features) || given(a->labels) || given(a->valid);
+        const bool seqs = given(a->hidden) || given(a->input_ids) || given(a->attention_mask);
+        if (rows == seqs)
+            ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, rows ? "both the rows layout (features/labels/valid) and the sequence layout "
+                                                           "(hidden/input_ids/attention_mask) were given: choose one"
+                                                         : "no input: give features and labels, or hidden and input_ids");
+        if (seqs && (given(a->sequence_ids) || given(a->positions)))
+            ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "sequence_ids/positions are for the rows layout; the sequence layout tags its rows itself");
+        if (given(a->positions) && !given(a->sequence_ids)) ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "positions needs sequence_ids");
+        if (given(a->bias) && !given(a->classifier)) ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "bias needs a classifier");
+        ci::Config cfg = a->config_yaml ? ci::parse_yaml(a->config_yaml, a->config_source ? a->config_source : "config") : ci::Config{};
+        if (a->batch_rows < 0 || a->num_classes < 0)
+            ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, a->batch_rows < 0 ? "batch_rows" : "num_classes", " must be >= 0");
+        if (a->batch_rows > 0) cfg.batch_rows = a->batch_rows;
+
+        std::unique_ptr<ci::driver::RowSource> src;
+        if (rows) {
+            if (!given(a->features) || !given(a->labels)) ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the rows layout needs both features and labels");
+            src = ci::driver::tensor_rows(ci::io::open_npy(a->features), ci::io::open_npy(a->labels), npy(a->valid), "npy",
+                                          npy(a->sequence_ids), npy(a->positions));
+        } else {
+            if (!given(a->hidden) || !given(a->input_ids)) ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the sequence layout needs both hidden and input_ids");
+            src = ci::driver::tensor_sequences(ci::io::open_npy(a->hidden), ci::io::open_npy(a->input_ids), npy(a->attention_mask), "npy");
+        }
+        const std::optional<ci::io::Tensor> w = npy(a->classifier), bias = npy(a->bias);
+        // V as `collapse analyze` takes it: the argument, the config, the classifier, the largest label + 1.
+        int64_t V = a->num_classes > 0 ? a->num_classes : cfg.num_classes;
+        if (w && w->shape.size() != 2)
+            ci::fail(COLLAPSE_ERR_SHAPE, "classifier '", w->name, "' must be 2-D, has ", w->shape.size(), " dimensions");
+        if (V <= 0 && w) V = w->shape[0];
+        if (V <= 0) V = src->label_bound();
+        if (V <= 0) V = 1;
+        if (w && w->shape[0] != V) ci::fail(COLLAPSE_ERR_SHAPE, "classifier '", w->name, "' has ", w->shape[0], " rows, but V = ", V);
+        cfg.num_classes = V;
+        ci::Session session(cfg);
+        if (w) {
+            const collapse_buffer wb{w->data(), w->dtype, COLLAPSE_MEMORY_HOST, w->shape[0], w->shape[1], 0};
+            std::optional<collapse_buffer> bb;
+            if (bias) bb = collapse_buffer{bias->data(), bias->dtype, COLLAPSE_MEMORY_HOST, bias->numel(), 1, 0};
+            session.set_classifier(&wb, bb ? &*bb : nullptr);
+        }
+        ci::driver::AnalysisOptions opt;
+        if (a->command) opt.command = a->command;
+        ci::driver::AnalysisOutcome res = ci::driver::run_analysis(session, *src, opt);
+        auto r = std::make_unique<collapse_report>();
+        r->doc = std::move(res.report);
+        for (const auto& t : res.result.metrics.tokens) r->token_ids.push_back(t.id);
+        *out = r.release();
+    });
+}
+
 }  // extern "C"
+
+#include "api/session_call.hpp"
+
+namespace collapse::internal {
+
+collapse_status run_session_call(collapse_session* s, const std::function<void(Session&)>& body) noexcept {
+    return translate([&] {
+        const SessionCall call(s);
+        body(s->impl);
+    });
+}
+
+collapse_status run_call(const std::function<void()>& body) noexcept { return translate(body); }
+
+}  // namespace collapse::internal

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 #include <optional>
@@ -21,9 +22,16 @@
 #include "driver/analysis.hpp"
 #include "driver/row_source.hpp"
 #include "io/tensor_file.hpp"
+#include "io/tokenizer.hpp"
+#include "core/host_budget.hpp"
+#include "report/exports.hpp"
+#include "driver/ood_mean.hpp"
 #include "io/output_file.hpp"
 #include "io/session_checkpoint.hpp"
 #include "report/report.hpp"
+#if COLLAPSE_HAVE_MPI
+#include "mpi/mpi_cli.hpp"
+#endif
 
 namespace collapse::internal {
 
@@ -44,6 +52,11 @@ struct AnalyzeArgs {
     int64_t batch_rows = 0;
     int64_t num_classes = 0;
     bool quiet = false;
+    bool mpi = false;  // run as a rank of an MPI job (also when a launcher's environment is found)
+    std::string tokenizer;                  // token strings (llama2.c .bin or tokenizer.json)
+    std::string export_dir;                 // class means, ids, per-class arrays, the CSV
+    std::string nc4_features, nc4_labels;   // held-out NC4 rows
+    std::string ood_features;               // nc5_ood_dev: out-of-distribution rows (their mean)
 };
 
 using Clock = std::chrono::steady_clock;
@@ -219,7 +232,77 @@ void print_headline(const nlohmann::json& doc, const std::string& path) {
 }
 
 
+// Config changes that follow from the flags (both the input and the --from-checkpoint paths).
+void apply_run_flags(const AnalyzeArgs& a, Config& cfg) {
+    if (!a.export_dir.empty()) {
+        cfg.per_class_arrays = true;  // what the exports are made of
+        cfg.keep_class_means = true;
+        cfg.keep_sigma_w = true;
+    }
+    if (a.nc4_features.empty() != a.nc4_labels.empty())
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "held-out NC4 needs both --nc4-features and --nc4-labels");
+    if (!a.nc4_features.empty()) {
+        cfg.nc4_held_out = true;
+        cfg.compute_nc4 = true;
+    }
+    if (cfg.exclude_special_tokens && a.tokenizer.empty())
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "exclude_special_tokens: true needs --tokenizer FILE (the special ids come from it)");
+}
+
+// The held-out NC4 rows (null without --nc4-features), checked against V (V < 0: later) before the run.
+std::unique_ptr<driver::RowSource> open_held_out(const AnalyzeArgs& a, const Config& cfg, int64_t dim) {
+    if (a.nc4_features.empty()) return nullptr;
+    auto src = driver::tensor_rows(io::open_npy(a.nc4_features), io::open_npy(a.nc4_labels), std::nullopt, "npy");
+    if (dim > 0 && src->dim() != dim)
+        fail(COLLAPSE_ERR_SHAPE, "--nc4-features ", a.nc4_features, " has rows of width ", src->dim(), ", the input's are ", dim);
+    if (src->label_bound() > cfg.num_classes)
+        fail(COLLAPSE_ERR_BAD_INPUT, "--nc4-labels ", a.nc4_labels, " has label ", src->label_bound() - 1, ", outside [0, V = ",
+             cfg.num_classes, ")");
+    return src;
+}
+
+// --tokenizer, read for V = cfg.num_classes (counted in host_memory_limit first); its special ids
+// join exclude_token_ids under exclude_special_tokens.
+std::optional<io::Tokenizer> open_tokenizer(const AnalyzeArgs& a, Config& cfg) {
+    if (a.tokenizer.empty()) return std::nullopt;
+    constexpr size_t kMaxTokenizerBytes = size_t(1) << 30;
+    std::error_code ec;
+    const auto file_bytes = std::filesystem::file_size(a.tokenizer, ec);
+    const std::shared_ptr<HostBudget> budget = HostBudget::from_config(cfg);
+    budget->check(io::tokenizer_bytes(ec ? 0 : (int64_t)std::min<uintmax_t>(file_bytes, kMaxTokenizerBytes), cfg.num_classes),
+                  "the tokenizer " + a.tokenizer + " (its text and the strings of V = " + std::to_string(cfg.num_classes) + " ids)",
+                  "raise host_memory_limit, or leave out --tokenizer");
+    io::Tokenizer tok = io::load_tokenizer(a.tokenizer, cfg.num_classes, kMaxTokenizerBytes);
+    if (cfg.exclude_special_tokens) {
+        std::vector<int64_t>& ex = cfg.exclude_token_ids;
+        ex.insert(ex.end(), tok.special_ids.begin(), tok.special_ids.end());
+        std::sort(ex.begin(), ex.end());
+        ex.erase(std::unique(ex.begin(), ex.end()), ex.end());
+    }
+    return tok;
+}
+
+// Token strings, the exports, then the report (the last file written says the run is complete).
+void finish_outputs(const AnalyzeArgs& a, const Result& result, nlohmann::json& doc, const std::optional<io::Tokenizer>& tok,
+                    bool quiet) {
+    if (tok) add_token_strings(doc, *tok);
+    if (!a.export_dir.empty()) {
+        const std::vector<std::string> files = write_exports(a.export_dir, result, doc);
+        if (!quiet) std::printf("exports written to %s (%zu files)\n", a.export_dir.c_str(), files.size());
+    }
+    write_report_file(doc, a.output);
+}
+
 // --from-checkpoint: the report of a saved (or merged) first pass, with no input rows.
+// nc5_ood_dev: the mean of --ood-features's rows, of the input's width `dim`.
+void apply_ood_mean(const AnalyzeArgs& a, Session& session, int64_t dim, const char* whose) {
+    if (a.ood_features.empty()) return;
+    const std::vector<double> mean = driver::ood_mean_of_npy(a.ood_features);
+    if ((int64_t)mean.size() != dim)
+        fail(COLLAPSE_ERR_SHAPE, "--ood-features ", a.ood_features, " has rows of width ", mean.size(), ", ", whose, " are ", dim);
+    session.set_ood_mean(mean.data(), (int64_t)mean.size());
+}
+
 void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
     if (!a.features.empty() || !a.hidden.empty() || !a.safetensors.empty() || a.synthetic || !a.labels.empty() ||
         !a.input_ids.empty() || !a.sequence_ids.empty() || !a.positions.empty())
@@ -230,21 +313,37 @@ void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
     if (a.config.empty()) cfg = saved;
     cfg.num_classes = saved.num_classes;
     cfg.batch_rows = saved.batch_rows;
+    apply_run_flags(a, cfg);
+    std::unique_ptr<driver::RowSource> held_out = open_held_out(a, cfg, -1);
+    if (held_out && a.classifier.empty())
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "held-out NC4 (--nc4-features) compares the classifier's predictions: give --classifier");
+    const std::optional<io::Tokenizer> tok = open_tokenizer(a, cfg);
     Session session(cfg);
     if (!a.classifier.empty())
         apply_classifier(session, need_2d(io::open_npy(a.classifier), "classifier"),
                          a.bias.empty() ? std::nullopt : std::optional<io::Tensor>(io::open_npy(a.bias)));
     io::load_checkpoint(session, a.from_checkpoint);
+    apply_ood_mean(a, session, session.dim(), "the checkpoint's");
     if (session.expects_classifier() && cfg.compute_class_metrics)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "checkpoint ", a.from_checkpoint, " was made with a classifier (hash ",
              session.checkpoint_classifier_hash(), "): pass it with --classifier (and --bias) so that UNC3 and NC3 are computed");
-    nlohmann::json doc = build_report(cfg, session.compute(true));
-    if (cfg.compute_nc4)
+    if (held_out) {
+        if (held_out->dim() != session.dim())
+            fail(COLLAPSE_ERR_SHAPE, "--nc4-features has rows of width ", held_out->dim(), ", the checkpoint's are ", session.dim());
+        driver::AnalysisOptions opt;
+        opt.nc4_rows = held_out.get();
+        driver::run_held_out_pass(session, *held_out, opt);
+    }
+    const Result result = session.compute(true);
+    nlohmann::json doc = build_report(cfg, result);
+    if (cfg.compute_nc4 && !held_out)
         doc["overall_analysis"]["notes"]["nc4_agreement"] =
             "computed from a checkpoint: NC4 needs the rows again unless a row store is kept";
     doc["input"] = {{"kind", "checkpoint"}, {"path", a.from_checkpoint}};
+    if (!a.ood_features.empty()) doc["input"]["ood_features"] = a.ood_features;
+    if (held_out) doc["input"]["nc4_held_out"] = driver::to_json(held_out->info());
     doc["run"] = {{"command", g_command_line}};
-    write_report_file(doc, a.output);
+    finish_outputs(a, result, doc, tok, quiet);
     if (!quiet) print_headline(doc, a.output);
 }
 
@@ -266,12 +365,69 @@ void check_files(const AnalyzeArgs& a) {
         {"--features", &a.features}, {"--labels", &a.labels}, {"--mask", &a.mask}, {"--classifier", &a.classifier},
         {"--bias", &a.bias}, {"--config", &a.config}, {"--hidden", &a.hidden}, {"--input-ids", &a.input_ids},
         {"--attention-mask", &a.attention_mask}, {"--safetensors", &a.safetensors}, {"--from-checkpoint", &a.from_checkpoint},
-        {"--sequence-ids", &a.sequence_ids}, {"--positions", &a.positions}};
+        {"--sequence-ids", &a.sequence_ids}, {"--positions", &a.positions}, {"--tokenizer", &a.tokenizer},
+        {"--nc4-features", &a.nc4_features}, {"--nc4-labels", &a.nc4_labels}, {"--ood-features", &a.ood_features}};
     for (const auto& [what, path] : inputs)
         if (!path->empty()) in.push_back({what, *path});
     out.push_back({"--output", a.output});
     if (!a.checkpoint.empty()) out.push_back({"--checkpoint", a.checkpoint});
     io::check_outputs_distinct(in, out);
+}
+
+// MPI (src/mpi/, README "MPI"): set while this process is a rank of an MPI run.
+struct RankRun {
+    bool active = false;
+    int rank = 0, size = 1, local_rank = 0;
+};
+RankRun g_ranks;
+
+// --checkpoint F under MPI is one file per rank, F.rank{r}of{P}; a resume needs the same P. A
+// resume that finds no file of its own but those of another P (or of a run without ranks) is refused.
+std::string rank_checkpoint(const std::string& path, int rank, int size) {
+    return size > 1 || g_ranks.active ? path + ".rank" + std::to_string(rank) + "of" + std::to_string(size) : path;
+}
+void check_rank_checkpoints(const AnalyzeArgs& a) {
+    if (!a.resume || a.checkpoint.empty()) return;
+    const std::string mine = rank_checkpoint(a.checkpoint, g_ranks.rank, g_ranks.size);
+    std::error_code ec;
+    if (std::filesystem::exists(mine, ec)) return;
+    const std::filesystem::path p(a.checkpoint);
+    const std::filesystem::path dir = p.has_parent_path() ? p.parent_path() : std::filesystem::path(".");
+    const std::string stem = p.filename().string() + ".rank";
+    for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+        const std::string n = it->path().filename().string();
+        const size_t of = n.rfind("of");
+        if (n.rfind(stem, 0) != 0 || of == std::string::npos || of < stem.size()) continue;
+        const std::string P = n.substr(of + 2);
+        if (P.empty() || P.find_first_not_of("0123456789") != std::string::npos || P == std::to_string(g_ranks.size)) continue;
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "cannot resume: ", it->path().string(), " is a checkpoint of a run on ", P,
+             " MPI ranks, this run has ", g_ranks.size, g_ranks.active ? "" : " (no MPI)", "; resume with the same number of ranks (",
+             "mpirun -np ", P, ")");
+    }
+    if (g_ranks.active && std::filesystem::exists(a.checkpoint, ec))
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "cannot resume: ", a.checkpoint, " is a checkpoint of a run without MPI, this run has ",
+             g_ranks.size, " ranks (their checkpoints are ", a.checkpoint, ".rank{r}of", g_ranks.size, ")");
+}
+
+// This rank's share of the input, its checkpoint file, the combine hooks, and its messages.
+void apply_ranks(driver::RowSource& src, driver::AnalysisOptions& opt) {
+    if (!g_ranks.active) return;
+#if COLLAPSE_HAVE_MPI
+    const auto [first, end] = driver::rank_share(src, g_ranks.rank, g_ranks.size);
+    opt.first = first, opt.end = end;
+    if (!opt.checkpoint.empty()) opt.checkpoint = rank_checkpoint(opt.checkpoint, g_ranks.rank, g_ranks.size);
+    opt.ranks = mpi::world_hooks(mpi::World{g_ranks.rank, g_ranks.size, g_ranks.local_rank});
+    if (opt.warn) {
+        const std::string prefix = "rank " + std::to_string(g_ranks.rank) + ": ";
+        opt.warn = [w = opt.warn, prefix](const std::string& m) { w(prefix + m); };
+    }
+    // Tests: COLLAPSE_TEST_MPI_KILL_RANK=r makes rank r die (SIGKILL) after its first batch.
+    if (const char* k = std::getenv("COLLAPSE_TEST_MPI_KILL_RANK"); k && std::atoi(k) == g_ranks.rank)
+        opt.progress = [p = opt.progress](const char* phase, int64_t done, int64_t total) {
+            if (p) p(phase, done, total);
+            std::raise(SIGKILL);
+        };
+#endif
 }
 
 int run_analyze(const AnalyzeArgs& a) {
@@ -281,13 +437,22 @@ int run_analyze(const AnalyzeArgs& a) {
     if (a.backend == "cuda") cfg.backend = COLLAPSE_BACKEND_CUDA;
     else if (a.backend == "cpu") cfg.backend = COLLAPSE_BACKEND_CPU;
     // --quiet, or a log_level above info, silences progress and informational lines.
-    const bool quiet = a.quiet || cfg.log_level == "warning" || cfg.log_level == "error";
+    // Under MPI only rank 0 shows progress and the summary.
+    const bool quiet = a.quiet || cfg.log_level == "warning" || cfg.log_level == "error" || g_ranks.rank > 0;
     const bool debug = !a.quiet && cfg.log_level == "debug";
 
+    if (!a.export_dir.empty()) prepare_export_dir(a.export_dir);  // before any work
+    if (g_ranks.active && cfg.backend == COLLAPSE_BACKEND_CUDA && cfg.device_ordinal == 0) {
+#if COLLAPSE_HAVE_MPI
+        cfg.device_ordinal = mpi::local_device(g_ranks.local_rank);  // ranks of a node on different GPUs
+#endif
+    }
     if (!a.from_checkpoint.empty()) {
+        if (g_ranks.active) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--from-checkpoint reads one file: run it without mpirun/srun");
         analyze_checkpoint(a, cfg, quiet);
         return 0;
     }
+    apply_run_flags(a, cfg);
     if (a.resume && a.checkpoint.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--resume needs --checkpoint FILE");
     Input in = open_input(a, quiet);
     driver::RowSource& src = *in.rows;
@@ -304,7 +469,12 @@ int run_analyze(const AnalyzeArgs& a) {
         fail(COLLAPSE_ERR_SHAPE, "classifier '", in.classifier->name, "' has ", s[0], " rows, but V = ", V);
     }
     cfg.num_classes = V;
+    std::unique_ptr<driver::RowSource> held_out = open_held_out(a, cfg, src.dim());
+    const std::optional<io::Tokenizer> tok = open_tokenizer(a, cfg);
     Session session(cfg);
+    apply_ood_mean(a, session, src.dim(), "the input's");
+    if (held_out && !in.classifier && src.built_in_classifier().empty())
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "held-out NC4 (--nc4-features) compares the classifier's predictions: give --classifier");
 
     if (in.classifier) {
         apply_classifier(session, *in.classifier, in.bias);
@@ -320,17 +490,22 @@ int run_analyze(const AnalyzeArgs& a) {
     opt.checkpoint = a.checkpoint;
     opt.resume = a.resume;
     opt.command = g_command_line;
+    opt.nc4_rows = held_out.get();
     Progress progress(quiet);
     opt.progress = [&](const char* phase, int64_t done, int64_t total) { progress.update(done, total, phase); };
     if (cfg.log_level != "error") opt.warn = [](const std::string& m) { std::fprintf(stderr, "collapse: %s\n", m.c_str()); };
     if (debug) opt.debug = [](const std::string& m) { std::fprintf(stderr, "collapse: %s\n", m.c_str()); };
     opt.interrupted = [] { return (int)g_signal; };
+    check_rank_checkpoints(a);
+    apply_ranks(src, opt);
     install_signal_handlers();
     driver::AnalysisOutcome out = driver::run_analysis(session, src, opt);
     progress.finish();
+    if (!out.computed) return 0;  // an MPI rank other than 0: its rows are in rank 0's report
+    if (!a.ood_features.empty()) out.report["input"]["ood_features"] = a.ood_features;
     if (out.resumed_at >= 0 && !quiet)
         std::fprintf(stderr, "resumed from %s at input position %lld\n", a.checkpoint.c_str(), (long long)out.resumed_at);
-    write_report_file(out.report, a.output);
+    finish_outputs(a, out.result, out.report, tok, quiet);
     if (!quiet) print_headline(out.report, a.output);
     const EngineInfo& e = out.result.engine;
     if (e.batches_failed > 0) {
@@ -342,6 +517,42 @@ int run_analyze(const AnalyzeArgs& a) {
         return kExitRowsSkipped;
     }
     return 0;
+}
+
+// Under mpirun/srun (a launcher's environment) or --mpi: MPI is started, and an error on any rank
+// ends every rank (printed, then MPI_Abort), so that no rank waits forever for another.
+int run_analyze_ranks(const AnalyzeArgs& a) {
+#if COLLAPSE_HAVE_MPI
+    if (!a.mpi && mpi::launcher_variable().empty()) return run_analyze(a);
+    const mpi::World w = mpi::start();
+    g_ranks = RankRun{true, w.rank, w.size, w.local_rank};
+    int status = 0;
+    try {
+        status = run_analyze(a);
+    } catch (const driver::AnalysisInterrupted& e) {
+        std::fprintf(stderr, "collapse: rank %d of %d interrupted by signal %d: ending every rank, no report written\n", w.rank, w.size, e.signal);
+        std::fflush(stderr);
+        mpi::abort_all(128 + e.signal);
+    } catch (const std::exception& e) {
+        if (!mpi::collective(e)) {
+            std::fprintf(stderr, "collapse: error: rank %d of %d: %s\n", w.rank, w.size, e.what());
+            std::fflush(stderr);
+            mpi::abort_all(1);
+        }
+        // Every rank has the same error (a shared outcome): rank 0 says it, all end normally.
+        if (w.rank == 0) std::fprintf(stderr, "collapse: error: %s\n", e.what());
+        status = 1;
+    }
+    mpi::finish();
+    return status;
+#else
+    if (a.mpi) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--mpi: this collapse was built without MPI (install libopenmpi-dev and rebuild)");
+    for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
+        if (const char* n = std::getenv(v); n && std::atoi(n) > 1)
+            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "started by an MPI launcher (", v, " = ", n, ") but this collapse was built without MPI: ",
+                 "every process would analyse every row (install libopenmpi-dev and rebuild)");
+    return run_analyze(a);
+#endif
 }
 
 }  // namespace
@@ -390,11 +601,25 @@ void add_analyze_command(CLI::App& app) {
     sub->add_option("--checkpoint", args->checkpoint,
                     "write a crash-safe checkpoint of the first pass here every save_every batches and at its end");
     sub->add_flag("--resume", args->resume, "continue from --checkpoint if it exists (same input and config)");
+    sub->add_flag("--mpi", args->mpi,
+                  "run as one rank of an MPI job (implied under mpirun/srun): each rank reads its share of the rows, rank 0 "
+                  "writes the report; --checkpoint F becomes F.rank{r}of{P}");
     sub->add_option("--from-checkpoint", args->from_checkpoint, "report of a saved or merged checkpoint, without input files");
+    sub->add_option("--tokenizer", args->tokenizer,
+                    "token strings in token_analysis and the CSV: a llama2.c tokenizer (.bin) or a Hugging Face tokenizer.json "
+                    "(config exclude_special_tokens drops its special ids)");
+    sub->add_option("--export-dir", args->export_dir,
+                    "write class_means.npy [K, d], class_ids.npy [K], the per-class arrays (.npy) and token_analysis.csv here "
+                    "(turns on per_class_arrays)");
+    sub->add_option("--nc4-features", args->nc4_features,
+                    "held-out NC4: features .npy [N2, d]; the means and W come from the input, the agreement from these rows");
+    sub->add_option("--nc4-labels", args->nc4_labels, "held-out NC4: labels .npy [N2] or [N2, 1] of --nc4-features");
+    sub->add_option("--ood-features", args->ood_features,
+                    "nc5_ood_dev: out-of-distribution features .npy [N3, d] (no labels; their plain mean is the OoD global mean)");
     sub->callback([args, sub] {
         refuse_empty_paths(*sub);
         args->keys_given = sub->count("--features-key") + sub->count("--labels-key") + sub->count("--mask-key") > 0;
-        const int status = run_analyze(*args);
+        const int status = run_analyze_ranks(*args);
         if (status != 0) throw CLI::RuntimeError(status);
     });
 }

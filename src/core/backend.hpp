@@ -5,6 +5,8 @@
 //   counts, kept-class selection, report assembly  -> src/core/session.cpp, src/report/report.cpp
 //   per-class sums, Gram, row store, reservoirs    -> <backend>::ingest
 //   pair metrics, UNC3, NC3, NC4, SVD entropies    -> <backend>::compute (CPU: src/cpu/cpu_metrics.cpp)
+//   anchor metrics (Sigma_W, d x d products)       -> ingest (Sigma_W's shifted scatter) and compute, finished by
+//                                                     core/metric_summary.cpp finish_anchor_metrics
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -92,6 +94,21 @@ public:
     // meta): load replaces the state, merge adds another shard's; both check everything first.
     virtual void save_state(StateWriter& w) = 0;
     virtual void load_state(const StateReader& r, bool merge) = 0;
+
+    // The global mean [d] of an out-of-distribution input for nc5_ood_dev (docs/METRICS.md, "Anchor
+    // metrics"); empty: none. The session sets it before compute.
+    std::vector<double> ood_mean;
+
+    // --- Ranks (src/mpi/): a rank whose first-pass state went to the root runs its second pass on
+    // its own rows with the combined class counts and sums (so its kept set and means are the
+    // root's); the second pass's partial results (rows seen, NC4 agreements, the kept Gram) then go
+    // to the root and are added there. ---
+    virtual void adopt_class_sums(const int64_t* counts, const double* sums) { ranks_unsupported(); }
+    virtual void save_second_pass(StateWriter& w) { ranks_unsupported(); }
+    virtual void merge_second_pass(const StateReader& r) { ranks_unsupported(); }
+    [[noreturn]] void ranks_unsupported() const {
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a second pass spread over MPI ranks is not implemented on the ", name(), " backend yet");
+    }
 };
 
 class HostBudget;  // core/host_budget.hpp

@@ -66,6 +66,8 @@ const BoolKey kBoolKeys[] = {
     {"svd_center", &Config::svd_center},
     {"compute_nc4", &Config::compute_nc4},
     {"allow_tf32", &Config::allow_tf32},
+    {"per_class_arrays", &Config::per_class_arrays},
+    {"exclude_special_tokens", &Config::exclude_special_tokens},
 };
 
 // Keys whose value is one of a few names. Values are listed in enum order; get() gives the index
@@ -551,6 +553,12 @@ void validate(const Config& c) {
     std::vector<Problem> problems = find_problems(c);
     if (!problems.empty())
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "invalid configuration: key '", problems[0].key, "' ", problems[0].what);
+    // One second pass cannot serve both: the Gram needs the input's rows, held-out NC4 other rows.
+    const bool row_store = c.svd_mode == COLLAPSE_SVD_EXACT && c.compute_token_metrics;
+    if (c.nc4_held_out && c.compute_overall_metrics && c.max_tokens_to_analyze > 0 && !row_store)
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "held-out NC4 (--nc4-features) measures NC4 in the second pass, which max_tokens_to_analyze ",
+             "without a row store needs for the overall Gram: use svd_mode: exact (with compute_token_metrics), or ",
+             "compute_overall_metrics: false");
 }
 
 // An enum field of a C caller's options: any int may be stored there; refuse what is out of range
@@ -621,6 +629,7 @@ Config from_options(const collapse_options& o) {
         c.window_size = o.window_size;
         c.compute_window_metrics = o.compute_window_metrics;
     }
+    if (COLLAPSE_OPTION_GIVEN(o, per_class_arrays)) c.per_class_arrays = o.per_class_arrays != 0;
     if (COLLAPSE_OPTION_GIVEN(o, use_ignore_index)) {
         if (!o.use_ignore_index) c.ignore_index.reset();
         else c.ignore_index = o.ignore_index;
@@ -664,6 +673,7 @@ collapse_options to_options(const Config& c) {
     o.use_ignore_index = c.ignore_index.has_value();
     o.window_size = c.window_size;
     o.compute_window_metrics = c.compute_window_metrics;
+    o.per_class_arrays = c.per_class_arrays;
     return o;
 }
 

@@ -46,6 +46,10 @@ struct Config {
     // Generation-time windows: rows per window, and -1 auto (on when rows carry sequence ids), 0 off, 1 on.
     int64_t window_size = 64;
     int compute_window_metrics = -1;
+    // Per-class arrays in token_analysis (docs/METRICS.md, "Anchor metrics"): opt-in.
+    bool per_class_arrays = false;
+    // Exclude the tokenizer's special ids too (CLI --tokenizer; the C API has no tokenizer and refuses it).
+    bool exclude_special_tokens = false;
 
     // --- engine ---
     int64_t num_classes = 0;  // V; 0 = from the classifier or the labels (CLI)
@@ -57,6 +61,12 @@ struct Config {
     collapse_nonfinite_policy nonfinite_policy = COLLAPSE_NONFINITE_ERROR;
     bool allow_tf32 = false;
     int64_t batch_rows = 65536;  // rows per batch fed by the readers (CLI --batch-rows overrides)
+    // Not a key: the result carries the kept class means [K, d] (CLI --export-dir).
+    bool keep_class_means = false;
+    // Not a key: NC4's second pass runs over held-out rows (CLI --nc4-features), not the input's.
+    bool nc4_held_out = false;
+    // Not a key: the result carries Sigma_W [d, d] (MetricValues::sigma_w; CLI --export-dir).
+    bool keep_sigma_w = false;
 };
 
 // Parse YAML text. `source` names the file in messages. Errors are collapse::internal::Error with

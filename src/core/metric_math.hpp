@@ -27,11 +27,23 @@ struct PairTerms {
     bool gnc2_skip;   // ||u_i - u_j|| < 1e-6
     double cdnv;      // (v_i + v_j) / (2 ||mu_i - mu_j||^(2p))
     bool cdnv_skip;   // equal means
+    // Anchor metrics (docs/METRICS.md, "Anchor metrics"), with the library's directions
+    // u_c = m_c / ||m_c|| (no 1e-8; a zero mean has u_c = 0):
+    double dist;      // ||u_i - u_j||                   (nc2g_dist_mean, nc2g_dist_var)
+    double etf_dev;   // |u_i . u_j + 1/(K-1)|           (nc2_equiangular_absdev, nc2_max_equiangular_dev)
 };
 
+// inv_km1 = 1 / (K - 1).
 COLLAPSE_HD PairTerms pair_terms(double g, double qi, double qj, double ai, double aj, double vi, double vj,
-                                 double cdnv_power) {
+                                 double cdnv_power, double inv_km1) {
     PairTerms t;
+    {
+        const double ni = qi > 0 ? 1.0 : 0.0, nj = qj > 0 ? 1.0 : 0.0;
+        const double c = (qi > 0 && qj > 0) ? g / sqrt(qi * qj) : 0.0;
+        const double d2 = ni + nj - 2.0 * c;
+        t.dist = d2 > 0 ? sqrt(d2) : 0.0;
+        t.etf_dev = fabs(c + inv_km1);
+    }
     t.cos = g / (ai * aj);
     // ||u_i - u_j||^2 = ||u_i||^2 + ||u_j||^2 - 2 u_i.u_j, with ||u||^2 = q / a^2 (not exactly 1).
     const double du2 = qi / (ai * ai) + qj / (aj * aj) - 2.0 * t.cos;

@@ -15,6 +15,18 @@ struct TokenMetrics {
     bool sampled = false;
     bool zero_matrix = false;
     std::optional<double> svd_entropy, effective_rank, normalized_entropy;
+    // Per-class arrays (per_class_arrays; docs/METRICS.md "Anchor metrics"): ||m_c||, Tr(Sigma_c),
+    // cos(w_c, m_c), w_c . m_c, and NC4's hits and rows of the class (hit rate = hits / rows).
+    std::optional<double> mean_norm, within_variance, duality_cos, duality_dot;
+    int64_t nc4_hits = 0, nc4_rows = 0;
+    bool has_per_class = false;
+};
+
+// The per-class arrays as the backends produce them, one entry per kept class (ascending id);
+// empty vectors where not computed. The session moves them into `tokens`.
+struct PerClassArrays {
+    std::vector<double> mean_norm, within_variance, duality_cos, duality_dot;
+    std::vector<int64_t> nc4_hits, nc4_rows;
 };
 
 struct MetricValues {
@@ -27,9 +39,17 @@ struct MetricValues {
     std::optional<double> nc2_equinorm_cov, nc2_log_norm_std;
     std::optional<double> nc2_equiangular_mean, nc2_equiangular_std, nc2_equiangular_ideal;
     std::optional<double> nc3_self_duality;
+    // Anchor metrics (docs/METRICS.md, "Anchor metrics"; metric_summary.hpp finish_anchor_metrics).
+    std::optional<double> nc1_pinv, nc1_svd, nc1_quot, nc2_etf_err, nc3_dual_err, nc3u_uni_dual;
+    std::optional<double> nc2g_dist_mean, nc2g_dist_var, nc2_equiangular_absdev, nc2_max_equiangular_dev;
+    std::optional<double> nc5_ood_dev;
+    std::vector<double> sigma_w;  // [d, d] within-class covariance Sigma_W, full (keep_sigma_w; empty when null)
     std::optional<double> nc4_agreement;
     int64_t nc4_rows = 0;
+    bool nc4_held_out = false;  // nc4_rows are held-out rows (not the rows the means came from)
     int64_t svd_zero_matrices = 0;
+    PerClassArrays per_class;         // per_class_arrays
+    std::vector<double> class_means;  // [K, d] uncentred mu_c, kept ids ascending (keep_class_means)
     std::vector<TokenMetrics> tokens;          // kept classes, ascending id
     std::map<std::string, std::string> notes;  // metric key -> why it is null (or how it was computed)
     std::map<std::string, double> timings;     // phase -> seconds

@@ -57,6 +57,28 @@ KeptSet select_kept(const std::vector<int64_t>& counts, const Config& cfg, Count
     return k;
 }
 
+// The backends' per-class vectors into the tokens (one per kept class, ascending id): a class
+// without a per-token SVD (svd_mode: off) gets an entry with its count only.
+static void attach_per_class_arrays(const KeptSet& kept, MetricValues& mv) {
+    const size_t K = kept.ids.size();
+    if (mv.tokens.size() != K) {
+        mv.tokens.assign(K, TokenMetrics{});
+        for (size_t s = 0; s < K; ++s) mv.tokens[s].id = kept.ids[s], mv.tokens[s].num_samples = kept.counts[s];
+    }
+    const PerClassArrays& p = mv.per_class;
+    auto at = [K](const std::vector<double>& v, size_t s) { return v.size() == K ? std::optional<double>(v[s]) : std::nullopt; };
+    for (size_t s = 0; s < K; ++s) {
+        TokenMetrics& t = mv.tokens[s];
+        if (t.id != kept.ids[s]) fail(COLLAPSE_ERR_INTERNAL, "per-class arrays: token ", s, " is ", t.id, ", expected ", kept.ids[s]);
+        t.has_per_class = true;
+        t.mean_norm = at(p.mean_norm, s);
+        t.within_variance = at(p.within_variance, s);
+        t.duality_cos = at(p.duality_cos, s);
+        t.duality_dot = at(p.duality_dot, s);
+        if (p.nc4_rows.size() == K) t.nc4_hits = p.nc4_hits[s], t.nc4_rows = p.nc4_rows[s];
+    }
+}
+
 Session::Session(const Config& cfg) : cfg_(cfg), V_(cfg.num_classes), d_(cfg.dim), budget_(HostBudget::from_config(cfg)) {
     validate(cfg_);
     if (V_ <= 0) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "num_classes (V) must be given and > 0, got ", V_);
@@ -72,6 +94,8 @@ Session::~Session() = default;
 
 void Session::ensure_backend(int64_t d) {
     if (backend_) return;
+    if (!ood_mean_.empty() && (int64_t)ood_mean_.size() != d)
+        fail(COLLAPSE_ERR_SHAPE, "rows of width ", d, " do not match the out-of-distribution mean's ", ood_mean_.size(), " values (set_ood_mean)");
     backend_ = cfg_.backend == COLLAPSE_BACKEND_CUDA ? make_cuda_backend(cfg_, V_, d, budget_) : make_cpu_backend(cfg_, V_, d, budget_);
     d_ = d;
 }
@@ -331,7 +355,10 @@ Counts Session::row_counts() const {
 
 // What the second pass is for: NC4 without a row store, and the Gram of a kept set that is only
 // known at the end (max_tokens_to_analyze) without a row store.
-bool Session::second_pass_nc4() const { return cfg_.compute_nc4 && clf_.present() && !backend_->has_row_store(); }
+// Held-out NC4 (nc4_held_out) always takes its rows from the second pass.
+bool Session::second_pass_nc4() const {
+    return cfg_.compute_nc4 && clf_.present() && (!backend_->has_row_store() || cfg_.nc4_held_out);
+}
 bool Session::second_pass_gram() const {
     return cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();
 }
@@ -358,6 +385,16 @@ Result Session::snapshot() {
     return compute(false);
 }
 
+void Session::set_ood_mean(const double* mean, int64_t dim) {
+    check_state("set_ood_mean");
+    if (!mean) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "set_ood_mean: the mean is null");
+    if (dim <= 0) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "set_ood_mean: dim = ", dim, ", must be the rows' width d > 0");
+    if (d_ > 0 && dim != d_) fail(COLLAPSE_ERR_SHAPE, "set_ood_mean: the out-of-distribution mean has ", dim, " values, the rows have width d = ", d_);
+    for (int64_t j = 0; j < dim; ++j)
+        if (!std::isfinite(mean[j])) fail(COLLAPSE_ERR_BAD_INPUT, "set_ood_mean: value ", j, " of the out-of-distribution mean is not finite (", mean[j], ")");
+    ood_mean_.assign(mean, mean + dim);
+}
+
 Result Session::compute(bool final) {
     check_state("compute");
     const auto t0 = Clock::now();
@@ -366,12 +403,17 @@ Result Session::compute(bool final) {
     if (backend_) {
         // The counts do not change in the second pass: the kept set is the one it was given.
         HostBudget::Lease kept_lease;
-        r.metrics = backend_->compute(kept_classes(&r.counts, kept_lease), clf_);
+        const KeptSet kept = kept_classes(&r.counts, kept_lease);
+        backend_->ood_mean = ood_mean_;
+        r.metrics = backend_->compute(kept, clf_);
+        if (cfg_.per_class_arrays) attach_per_class_arrays(kept, r.metrics);
         // A first-pass compute that is not the last (a snapshot): what only the second pass can
         // give is null for that reason, whatever the backend's note says of the full protocol.
         if (!final && state_ == State::Ingest && r.counts.classes_kept > 0) {
             if (second_pass_nc4()) r.metrics.notes["nc4_agreement"] = kSnapshotNote;
             if (second_pass_gram()) r.metrics.notes["overall_svd_entropy"] = kSnapshotNote;
+            if (second_pass_gram() && cfg_.compute_class_metrics && !r.metrics.nc1_pinv)  // Sigma_W of the cut kept set
+                for (const char* k : {"nc1_pinv", "nc1_svd", "nc1_quot"}) r.metrics.notes[k] = kSnapshotNote;
         }
         // The report is built from the result (src/report/): its token_analysis must fit beside
         // what the session holds.

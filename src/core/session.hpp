@@ -32,6 +32,11 @@ public:
     void ingest_sequences(const collapse_buffer* hidden, const collapse_buffer* ids, const collapse_buffer* mask,
                           int64_t batch, int64_t seq_len, void* stream);
     void set_classifier(const collapse_buffer* weight, const collapse_buffer* bias);
+    // The global mean [d] of a second, out-of-distribution input (nc5_ood_dev; the plain mean of its
+    // rows, no labels). Of width d (before the width is known, rows of another width are refused);
+    // kept in checkpoints.
+    void set_ood_mean(const double* mean, int64_t dim);
+    const std::vector<double>& ood_mean() const { return ood_mean_; }
     void sync();
     bool needs_second_pass() const;
     void begin_second_pass();
@@ -68,6 +73,18 @@ public:
     CheckpointMeta checkpoint_meta() const;
     void save_state(StateWriter& w);
     void load_state(const StateReader& r, const CheckpointMeta& meta, bool merge);
+    // Ranks (src/mpi/, src/core/session_ranks.cpp). After the first-pass states went to the root:
+    // class_sums writes the combined class_counts and class_sums sections (the root's), and a rank
+    // adopts them before begin_second_pass so that its kept set and means are the root's. The
+    // second pass's partial results out (every rank) and in (the root, in rank order).
+    void write_class_sums(StateWriter& w);
+    void adopt_class_sums(const StateReader& r);
+    void save_second_pass(StateWriter& w);
+    void merge_second_pass(const StateReader& r);
+    bool has_backend() const { return backend_ != nullptr; }
+    // The account itself, for components that hold copies on the session's behalf (src/mpi/).
+    std::shared_ptr<HostBudget> budget_account() const { return budget_; }
+
     // A first-pass batch the caller skipped under continue_on_error: positions [first, end). Counted,
     // and the input position moves past it, so a resumed run neither re-runs nor re-counts it; the
     // ranges are kept in checkpoints so a second pass can skip the same rows.
@@ -102,6 +119,7 @@ private:
     std::shared_ptr<HostBudget> budget_;
     std::unique_ptr<Backend> backend_;
     Classifier clf_;
+    std::vector<double> ood_mean_;  // [d] or empty (set_ood_mean)
     HostBudget::Lease clf_lease_;
     int64_t rows_before_backend_ = 0;
     int64_t row_offset_ = 0;

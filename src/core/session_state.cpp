@@ -1,6 +1,7 @@
 // A session's state out and in, through StateWriter / StateReader (core/state_io.hpp): the meta
 // (core/checkpoint_meta.hpp) and the backend's arrays (core/state_sections.hpp). The checkpoint
 // file around them is src/io/session_checkpoint.cpp.
+#include <cmath>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -65,6 +66,8 @@ void Session::save_state(StateWriter& w) {
     (void)checkpoint_meta();  // the same refusals
     backend_->sync();
     backend_->save_state(w);
+    // The out-of-distribution mean (nc5_ood_dev) travels with the state.
+    if (!ood_mean_.empty()) w.add("ood_mean", COLLAPSE_F64, {d_}, ood_mean_.data(), ood_mean_.size() * 8);
     if (windows_) {
         // Open windows: every verdict in and every complete window reduced first.
         pump_windows();
@@ -118,6 +121,19 @@ void Session::load_state(const StateReader& r, const CheckpointMeta& meta, bool 
              clf_.present() ? "this session's classifier" : "the checkpoints already merged", ": ", ours, ")");
     if (!merge && backend_ && row_counts().rows_seen > 0)
         fail(COLLAPSE_ERR_STATE, "load_checkpoint: the session has already ingested rows; load into a new session or merge");
+    // Its out-of-distribution mean: one of width d, finite, and in a merge the same as this session's.
+    std::vector<double> ood;
+    if (r.has("ood_mean")) {
+        const StateSection sec = r.section("ood_mean");
+        if (sec.dtype_code != (uint32_t)COLLAPSE_F64 || sec.shape != std::vector<int64_t>{d})
+            fail(COLLAPSE_ERR_IO, what, ": section ood_mean is not [", d, "] float64");
+        const double* x = static_cast<const double*>(sec.data);
+        for (int64_t j = 0; j < d; ++j)
+            if (!std::isfinite(x[j])) fail(COLLAPSE_ERR_IO, what, ": section ood_mean holds a non-finite value at ", j);
+        ood.assign(x, x + d);
+        if (merge && !ood_mean_.empty() && ood != ood_mean_)
+            fail(COLLAPSE_ERR_INVALID_ARGUMENT, what, " has another out-of-distribution mean (nc5_ood_dev) than this session's");
+    }
 
     // Before a backend is created for it (its size follows V and d) and before anything changes:
     // the arrays' shape, and totals that a merge adds to this session's without overflow.
@@ -169,6 +185,7 @@ void Session::load_state(const StateReader& r, const CheckpointMeta& meta, bool 
         backend_->window_put(slots.data(), (int64_t)slots.size(), WindowTracker::state_rows(r), windows_->slot_capacity());
     }
     if (!theirs.empty()) checkpoint_classifier_ = theirs;
+    if (!ood.empty()) ood_mean_ = std::move(ood);
     if (!merge) {
         batches_failed_ = meta.batches_failed;
         position_ = meta.input_position;

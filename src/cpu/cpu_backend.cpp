@@ -52,6 +52,7 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
     // Without max_tokens_to_analyze the kept set's rows are known as they stream; with it, the
     // Gram comes from the row store or a second pass (docs/METRICS.md, "The overall Gram while streaming").
     gram_streaming_ = cfg.compute_overall_metrics && cfg.max_tokens_to_analyze == 0;
+    within_streaming_ = gram_streaming_ && cfg.compute_class_metrics;
     // Everything that grows with V and d is counted before any of it exists (the row store's index
     // too, which the store reserves itself below): one stray label can make V large enough for
     // these alone to pass the limit.
@@ -59,7 +60,8 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
     const std::string what = "the CPU backend's per-class state for V = " + std::to_string(V_) + " classes of width d = " + std::to_string(d_) +
                              " (class sums " + format_bytes(mul_bytes(V_, d_, 8)) + ", counts, norms and flags " + format_bytes(mul_bytes(V_, 21)) +
                              (keep_rows ? ", the row store's index " + format_bytes(RowStore::index_bytes(V_)) : std::string()) +
-                             (gram_streaming_ ? ", the d x d Gram" : "") + ")";
+                             (gram_streaming_ ? ", the d x d Gram" : "") +
+                             (within_streaming_ ? ", Sigma_W's d x d scatter and its [V, d] float32 reference rows" : "") + ")";
     budget_->check(add_bytes(fixed_bytes(), keep_rows ? RowStore::index_bytes(V_) : 0), what, kFixNumClasses);
     fixed_ = budget_->reserve(fixed_bytes(), what, kFixNumClasses);
     held_ = budget_->lease();
@@ -75,6 +77,7 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
     sqnorm_.assign((size_t)V_, 0.0);
     run_of_label_.assign((size_t)V_, -1);
     if (gram_streaming_) gram_.assign((size_t)(d_ * d_), 0.0);
+    if (within_streaming_) shift_.assign((size_t)(V_ * d_), 0.0f), within_.assign((size_t)(d_ * d_), 0.0);
     // The exact row store keeps half of what is left (after its own index) in memory and spills
     // the rest under intermediate_save_dir; the other half is for batches and finalisation. Its
     // index is counted by the store itself.
@@ -88,8 +91,9 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
 // sum_ [V, d]; count_, sqnorm_ (8 bytes a class), excluded_ (1), run_of_label_ (4); the Gram and
 // its block of rows waiting for dsyrk.
 int64_t CpuBackend::fixed_bytes() const {
-    const int64_t gram = gram_streaming_ ? add_bytes(mul_bytes(d_, d_, 8), mul_bytes(kGramBlockRows, d_, 8)) : 0;
-    return add_bytes(add_bytes(mul_bytes(V_, d_, 8), mul_bytes(V_, 21)), gram);
+    const int64_t gram = gram_streaming_ ? add_bytes(mul_bytes(d_, d_, 8), mul_bytes(kGramBlockRows, d_ * 8 + 4)) : 0;
+    const int64_t within = within_streaming_ ? add_bytes(mul_bytes(V_, d_, 4), mul_bytes(d_, d_, 8)) : 0;
+    return add_bytes(add_bytes(add_bytes(mul_bytes(V_, d_, 8), mul_bytes(V_, 21)), gram), within);
 }
 
 // The rows this backend holds between batches: the row store's memory (capacity) and the rows
@@ -256,9 +260,13 @@ int64_t CpuBackend::growth() const {
     return bytes + moving;
 }
 
-void CpuBackend::gram_add_row(const double* x) {
-    if (gram_block_.empty()) gram_block_.resize((size_t)(kGramBlockRows * d_));
+// A row of class c for the Gram; with Sigma_W streaming, the same block (its rows' classes kept
+// beside it) is shifted in place by each row's reference row after the Gram's dsyrk and goes to
+// the within scatter: one block of memory for both.
+void CpuBackend::gram_add(int32_t c, const double* x) {
+    if (gram_block_.empty()) gram_block_.resize((size_t)(kGramBlockRows * d_)), gram_block_class_.resize((size_t)kGramBlockRows);
     std::memcpy(gram_block_.data() + gram_block_rows_ * d_, x, (size_t)d_ * sizeof(double));
+    gram_block_class_[(size_t)gram_block_rows_] = c;
     if (++gram_block_rows_ == kGramBlockRows) gram_flush();
 }
 
@@ -266,6 +274,15 @@ void CpuBackend::gram_flush() {
     if (gram_block_rows_ == 0) return;
     cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)gram_block_rows_, 1.0, gram_block_.data(),
                 (int)d_, 1.0, gram_.data(), (int)d_);
+    if (within_streaming_) {
+        for (int64_t r = 0; r < gram_block_rows_; ++r) {
+            double* x = gram_block_.data() + r * d_;
+            const float* sc = shift_.data() + (size_t)gram_block_class_[(size_t)r] * (size_t)d_;
+            for (int64_t j = 0; j < d_; ++j) x[j] -= (double)sc[j];
+        }
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)gram_block_rows_, 1.0, gram_block_.data(), (int)d_, 1.0,
+                    within_.data(), (int)d_);
+    }
     gram_block_rows_ = 0;
 }
 
@@ -313,6 +330,8 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
             double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
             load_row_double(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
             const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)
+            if (within_streaming_ && i == 0)  // the class's reference row s_c
+                for (int64_t j = 0; j < d_; ++j) shift_[(size_t)c * (size_t)d_ + (size_t)j] = (float)xr[j];
             if (gram_streaming_) {
                 if (i + 1 < min_n) {
                     auto& h = holdback_[c];
@@ -321,11 +340,11 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
                     if (i + 1 == min_n) {
                         auto it = holdback_.find(c);
                         if (it != holdback_.end()) {
-                            for (size_t r = 0; r < it->second.size(); r += (size_t)d_) gram_add_row(it->second.data() + r);
+                            for (size_t r = 0; r < it->second.size(); r += (size_t)d_) gram_add(c, it->second.data() + r);
                             holdback_.erase(it);
                         }
                     }
-                    gram_add_row(xr);
+                    gram_add(c, xr);
                 }
             }
             if (!keep_rows || exact) continue;
@@ -339,8 +358,11 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
 
 void CpuBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) {
     const size_t K = kept.ids.size();
-    // The kept set's copy (with its V-long slot table), the kept means and the second Gram.
-    const int64_t bytes = add_bytes(add_bytes(mul_bytes(V_, 4), mul_bytes((int64_t)K, 8 * d_ + 4 + 8 + 8)), gram ? mul_bytes(d_, d_, 8) : 0);
+    // The kept set's copy (with its V-long slot table), the kept means and the second Gram (and
+    // Sigma_W's scatter of the kept set about the final means).
+    const bool within = gram && cfg_.compute_class_metrics;
+    const int64_t bytes = add_bytes(add_bytes(mul_bytes(V_, 4), mul_bytes((int64_t)K, 8 * d_ + 4 + 8 + 8 + (cfg_.per_class_arrays ? 16 : 0))),
+                                    mul_bytes(gram ? 1 + within : 0, d_, 8 * d_));
     pass2_lease_.resize(bytes, "the second pass's kept set of K = " + std::to_string(K) + " classes (their means [K, d], the V-long slot table" +
                              (gram ? ", the d x d Gram)" : ")"),
                   kFixKeptClasses);
@@ -362,8 +384,11 @@ void CpuBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, b
         mu2_sq_[s] = q;
     }
     if (pass2_gram_) gram2_.assign((size_t)(d_ * d_), 0.0);
+    if (within) within2_.assign((size_t)(d_ * d_), 0.0);
     pass2_rows_ = 0;
     nc4_agree_ = 0;
+    nc4_hits2_.assign(cfg_.per_class_arrays && pass2_nc4_ ? K : 0, 0);
+    nc4_rows2_.assign(nc4_hits2_.size(), 0);
 }
 
 void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
@@ -371,25 +396,42 @@ void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory");
     const int64_t cap = kGramBlockRows;
     const int64_t n = b.num_rows();
-    const HostBudget::Lease scratch = budget_->reserve(add_bytes(mul_bytes(n, 12), mul_bytes(cap, d_, 8)),
+    const bool within = !within2_.empty();
+    const HostBudget::Lease scratch = budget_->reserve(add_bytes(mul_bytes(n, 12), mul_bytes(cap, d_ * (within ? 16 : 8) + 4)),
                                                        "the second pass's scratch for a batch of " + std::to_string(n) + " rows", kFixBatchRows);
     const AcceptedRows rows = accept_rows(b, V_, excluded_, cfg_.ignore_index, cfg_.nonfinite_policy, true);
     // Kept rows only, converted to double in blocks.
     std::vector<double> block;
+    std::vector<int32_t> block_slot((size_t)cap);  // each row's kept slot (NC4 hits by class)
+    const bool by_class = !nc4_hits2_.empty();
     int64_t nblock = 0;
     block.resize((size_t)(cap * d_));
+    std::vector<double> centred(within ? (size_t)(cap * d_) : 0);
     auto flush = [&]() {
         if (nblock == 0) return;
+        if (within)
+            cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)nblock, 1.0, centred.data(), (int)d_, 1.0, within2_.data(),
+                        (int)d_);
         if (pass2_gram_)
             cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)nblock, 1.0, block.data(), (int)d_, 1.0,
                         gram2_.data(), (int)d_);
-        if (pass2_nc4_) nc4_agree_ += nc4_agreements(*budget_, block.data(), nblock, d_, *clf2_, V_, mu2_, mu2_sq_, kept2_.ids);
+        if (pass2_nc4_)
+            nc4_agree_ += nc4_agreements(*budget_, block.data(), nblock, d_, *clf2_, V_, mu2_, mu2_sq_, kept2_.ids,
+                                         by_class ? block_slot.data() : nullptr, by_class ? nc4_hits2_.data() : nullptr);
         pass2_rows_ += nblock;
         nblock = 0;
     };
     for (size_t i = 0; i < rows.label.size(); ++i) {
-        if (kept2_.slot[(size_t)rows.label[i]] < 0) continue;
-        load_row_double(b.features.row(rows.feature_row[i]), b.features.dtype, d_, block.data() + nblock * d_);
+        const int32_t slot = kept2_.slot[(size_t)rows.label[i]];
+        if (slot < 0) continue;
+        double* x = block.data() + nblock * d_;
+        load_row_double(b.features.row(rows.feature_row[i]), b.features.dtype, d_, x);
+        if (within) {
+            const double* mu = mu2_.data() + (size_t)slot * (size_t)d_;
+            for (int64_t j = 0; j < d_; ++j) centred[(size_t)(nblock * d_ + j)] = x[j] - mu[j];
+        }
+        block_slot[(size_t)nblock] = slot;
+        if (by_class) ++nc4_rows2_[(size_t)slot];
         if (++nblock == cap) flush();
     }
     flush();

@@ -9,9 +9,15 @@
 
 #include "core/backend.hpp"
 #include "core/host_budget.hpp"
+#include "core/metric_summary.hpp"
 #include "core/row_store.hpp"
 
 namespace collapse::internal {
+
+class WindowWorker;  // cpu_windows.cpp
+struct WindowWorkerStop {  // defined where WindowWorker is complete
+    void operator()(WindowWorker* w) const;
+};
 
 class CpuBackend final : public Backend {
 public:
@@ -28,8 +34,12 @@ public:
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
     void save_state(StateWriter& w) override;
     void load_state(const StateReader& r, bool merge) override;
+    void adopt_class_sums(const int64_t* counts, const double* sums) override;
+    void save_second_pass(StateWriter& w) override;
+    void merge_second_pass(const StateReader& r) override;
 
-    // Generation-time windows (cpu_windows.cpp): float32 slots in chunks, entropies at once.
+    // Generation-time windows (cpu_windows.cpp): float32 slots in chunks; window_reduce hands the
+    // windows to a background thread, window_evaluate answers at once.
     bool supports_windows() const override { return true; }
     bool last_batch_kept(std::vector<uint8_t>& kept) override;
     int64_t window_store_bytes(int64_t capacity) const override;
@@ -49,8 +59,11 @@ private:
     // --- ingest helpers (cpu_backend.cpp) ---
     void stage(const BatchDesc& b, const AcceptedRows& rows);
     void commit(const BatchDesc& b, const AcceptedRows& rows);
-    void gram_add_row(const double* x);
+    // A row of class c enters the overall Gram, and shifted by c's reference row the within scatter.
+    void gram_add(int32_t c, const double* x);
     void gram_flush();
+    // Sigma_W's sum over kept rows (full d x d) for the anchor metrics, or empty with *note.
+    std::vector<double> within_scatter(const KeptSet& kept, const std::vector<double>& mu, std::string* note) const;
     int64_t growth() const;
     int64_t fixed_bytes() const;
     int64_t held_rows_bytes() const;
@@ -61,6 +74,8 @@ private:
                        const std::vector<double>& m, const std::vector<double>& var, MetricValues& out) const;
     void pair_metrics(const KeptSet& kept, const std::vector<double>& m, const std::vector<double>& var,
                       MetricValues& out) const;
+    void anchor_metrics(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu, const std::vector<double>& m,
+                        const ClassVectors& v, MetricValues& out) const;
     void token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const;
     void overall_entropy(const KeptSet& kept, MetricValues& out) const;
     void nc4_from_store(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
@@ -88,7 +103,17 @@ private:
     std::vector<double> gram_;
     std::unordered_map<int32_t, std::vector<double>> holdback_;
     std::vector<double> gram_block_;  // rows waiting for the next dsyrk
+    std::vector<int32_t> gram_block_class_;  // and their classes
     int64_t gram_block_rows_ = 0;
+
+    // Within-class scatter for Sigma_W (docs/METRICS.md, "Anchor metrics"), streamed with the
+    // Gram: rows shifted by their class's reference row s_c (its first row, as float32: any shift
+    // is exact, this one makes x - s_c exact for float32 inputs), so that tight classes lose no
+    // digits; compute() subtracts sum_c n_c (mu_c - s_c)(mu_c - s_c)^T. Same kept-row rules as the Gram.
+    bool within_streaming_ = false;
+    bool within_valid_ = true;        // false after loading a checkpoint without the within sections
+    std::vector<float> shift_;        // [V, d] s_c
+    std::vector<double> within_;      // [d, d] upper: sum (x - s_c)(x - s_c)^T
 
     // Exact mode: every accepted row, by class, spilled to disk beyond its memory budget; sampled
     // mode: reservoirs of at most svd_max_rows_per_token rows. Null when no rows are kept. Kept in
@@ -114,7 +139,9 @@ private:
     // refused during the second pass, so it cannot change under it.
     const Classifier* clf2_ = nullptr;
     std::vector<double> gram2_;
+    std::vector<double> within2_;  // second pass: sum (x - mu_c)(x - mu_c)^T of kept rows (upper)
     int64_t pass2_rows_ = 0, nc4_agree_ = 0;
+    std::vector<int64_t> nc4_hits2_, nc4_rows2_;  // per kept slot (per_class_arrays)
 
     // Windows: the last first-pass batch's kept feature rows (its accepted list), the slot store
     // (chunks of kWindowChunk rows of d floats) and the entropies not yet taken.
@@ -126,13 +153,16 @@ private:
     std::vector<double> window_out_;
     void window_grow(int64_t capacity);
     float* window_row(int64_t slot) const;
+    // Declared last, so that it stops (and its jobs give their leases back) before anything else goes.
+    std::unique_ptr<WindowWorker, WindowWorkerStop> window_worker_;
 };
 
 // NC4 on a block of rows: predictions of the classifier and of the nearest kept mean, compared.
 // Shared by the row-store path and the second pass. Its logits are counted in `budget`.
+// With row_slot (each row's kept slot), slot_hits[slot] counts the agreements by class.
 int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
-                       const std::vector<int32_t>& kept_ids);
+                       const std::vector<int32_t>& kept_ids, const int32_t* row_slot = nullptr, int64_t* slot_hits = nullptr);
 
 // Eigenvalues (ascending) of the symmetric n x n matrix g (upper triangle, row-major; destroyed) into
 // w[n], by LAPACK dsyevd without vectors. `what` names the matrix in the error of a failed solve.

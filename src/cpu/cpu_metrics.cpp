@@ -35,18 +35,6 @@ std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_
     return singular_values_from_eigen(w.data(), n, r);
 }
 
-// g (d x d, upper) += (X - center)^T (X - center) over n rows, in blocks of centred copies.
-void add_centered_gram(const double* x, int64_t n, int64_t d, const double* center, double* g) {
-    const int64_t B = 512;
-    std::vector<double> blk((size_t)(std::min(B, n) * d));
-    for (int64_t i0 = 0; i0 < n; i0 += B) {
-        const int64_t nb = std::min(B, n - i0);
-        for (int64_t i = 0; i < nb; ++i)
-            for (int64_t j = 0; j < d; ++j) blk[(size_t)(i * d + j)] = x[(i0 + i) * d + j] - (center ? center[j] : 0.0);
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)nb, 1.0, blk.data(), (int)d, 1.0, g, (int)d);
-    }
-}
-
 // All min(n, d) singular values of an n x d matrix (row-major), minus `center` per row if
 // given. Small matrices go straight to LAPACK's SVD; large ones through the Gram of the smaller
 // side, and so do small ones whose SVD (a copy and LAPACK's workspace) would not fit the budget.
@@ -95,14 +83,17 @@ std::vector<double> singular_values(HostBudget& budget, const double* x, int64_t
 }  // namespace
 
 void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what) {
-    const int info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'U', (int)n, g, (int)n, w);
+    // A row-major upper triangle is LAPACK's column-major lower one: asking for that spares
+    // LAPACKE's transposed n x n copy (memory the budget does not count, and time: a third of a
+    // 64 x 64 window's eigenvalues).
+    const int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'L', (int)n, g, (int)n, w);
     if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dsyevd failed with info = ", info, " (", what, ", n = ", n, ")");
 }
 
 // ---------------------------------------------------------------------------------------------
 int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
-                       const std::vector<int32_t>& kept_ids) {
+                       const std::vector<int32_t>& kept_ids, const int32_t* row_slot, int64_t* slot_hits) {
     const int64_t K = (int64_t)kept_ids.size();
     if (rows <= 0) return 0;
     // Rows per chunk so that the logits stay near 32 MiB.
@@ -136,7 +127,9 @@ int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_
                 const double v = mu_sq[(size_t)s] - 2.0 * g[s];
                 if (v < near_v) near_v = v, near = s;  // kept ids ascend: ties keep the smaller id
             }
-            agree += (best == kept_ids[(size_t)near]) ? 1 : 0;
+            const bool hit = best == kept_ids[(size_t)near];
+            agree += hit ? 1 : 0;
+            if (hit && row_slot) ++slot_hits[row_slot[r0 + i]];
         }
     }
     return agree;
@@ -194,6 +187,13 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
     for (size_t j = 0; j < d; ++j) mu_g[j] = weight_total > 0 ? mu_g[j] / weight_total : 0.0;
     for (size_t s = 0; s < K; ++s)
         for (size_t j = 0; j < d; ++j) m[s * d + j] = mu[s * d + j] - mu_g[j];
+    if (cfg_.per_class_arrays) out.per_class.within_variance = var;
+    if (cfg_.keep_class_means) {
+        // The result carries them past this call (the exports).
+        budget_->check(mul_bytes((int64_t)K, 2 * d_, 8), "a copy of the class means [K, d] = [" + std::to_string(K) + ", " + std::to_string(d_) + "] for the exports",
+                       kFixKeptClasses);
+        out.class_means = mu;
+    }
     out.timings["means"] = seconds_since(t0);
 
     if (K == 0) out.notes["overall"] = "no kept classes: every metric is null";
@@ -217,12 +217,22 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
         const auto t = Clock::now();
         if (!clf.present()) {
             out.notes["nc4_agreement"] = "no classifier was given";
+        } else if (pass2_ && pass2_nc4_ && cfg_.nc4_held_out) {
+            // Held-out rows: the means of this input, the agreement on another one's rows.
+            out.nc4_held_out = true;
+            out.nc4_rows = pass2_rows_;
+            if (pass2_rows_ > 0) out.nc4_agreement = (double)nc4_agree_ / (double)pass2_rows_;
+            else out.notes["nc4_agreement"] = "no held-out row belongs to a kept class";
+            out.per_class.nc4_hits = nc4_hits2_, out.per_class.nc4_rows = nc4_rows2_;
+        } else if (cfg_.nc4_held_out) {
+            out.notes["nc4_agreement"] = "held-out NC4 is measured in the second pass over the held-out rows";
         } else if (has_row_store()) {
             nc4_from_store(kept, clf, mu, out);
         } else if (pass2_ && pass2_nc4_) {
             if (pass2_rows_ == kept.rows) {
                 out.nc4_agreement = (double)nc4_agree_ / (double)pass2_rows_;
                 out.nc4_rows = pass2_rows_;
+                out.per_class.nc4_hits = nc4_hits2_, out.per_class.nc4_rows = nc4_rows2_;
             } else {
                 out.notes["nc4_agreement"] = "the second pass saw " + std::to_string(pass2_rows_) +
                                              " kept rows, the first " + std::to_string(kept.rows);
@@ -240,7 +250,7 @@ void CpuBackend::class_metrics(const KeptSet& kept, const Classifier& clf, const
     const size_t K = kept.ids.size();
     const size_t d = (size_t)d_;
     // Norms, UNC3 cosines and finish_class_metrics's log norms.
-    const HostBudget::Lease lease = budget_->reserve(mul_bytes((int64_t)K, 3 * 8),
+    const HostBudget::Lease lease = budget_->reserve(mul_bytes((int64_t)K, (cfg_.per_class_arrays ? 4 : 3) * 8),
                                                      "the class vectors of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
     ClassVectors v;
     v.norm.resize(K);
@@ -255,12 +265,14 @@ void CpuBackend::class_metrics(const KeptSet& kept, const Classifier& clf, const
     if (v.duality) {
         auto w_row = [&](size_t s) { return use_means ? mu.data() + s * d : clf.weight.data() + (size_t)kept.ids[s] * d; };
         v.cos.resize(K);
+        v.dot.resize(K);  // nc3u_uni_dual, and the per-class arrays
         double w_f2 = 0, m_f2 = 0;
         for (size_t s = 0; s < K; ++s) {
             const double* w = w_row(s);
             double wm = 0, ww = 0;
             for (size_t j = 0; j < d; ++j) wm += w[j] * m[s * d + j], ww += w[j] * w[j];
             v.cos[s] = duality_cos(wm, std::sqrt(ww), v.norm[s]);
+            if (!v.dot.empty()) v.dot[s] = wm;
             w_f2 += ww;
             m_f2 += v.norm[s] * v.norm[s];
         }
@@ -281,6 +293,114 @@ void CpuBackend::class_metrics(const KeptSet& kept, const Classifier& clf, const
     finish_class_metrics(v, cfg_, out);
     if ((int64_t)K < cfg_.min_classes_for_gnc2) note_too_few_classes_for_pairs(cfg_, out);
     else pair_metrics(kept, m, var, out);
+    anchor_metrics(kept, clf, mu, m, v, out);
+}
+
+// The anchor metrics from d x d products (metric_summary.hpp, finish_anchor_metrics).
+void CpuBackend::anchor_metrics(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
+                                const std::vector<double>& m, const ClassVectors& v, MetricValues& out) const {
+    const int64_t K = (int64_t)kept.ids.size(), d = d_;
+    if (K < 2) {
+        AnchorInputs in;
+        in.K = K;
+        finish_anchor_metrics(in, cfg_, *budget_, out);
+        return;
+    }
+    const bool use_means = cfg_.unc3_classifier == COLLAPSE_UNC3_CLASS_MEANS;
+    // M^T M, W_K^T W_K and Sigma_W's scatter (d x d each), W_K gathered [K, d] (the classifier's
+    // rows are not contiguous), the two column sums, and the K cosines against the OoD mean.
+    const HostBudget::Lease lease = budget_->reserve(
+        add_bytes(mul_bytes(3 * d, d, 8), add_bytes(mul_bytes(v.duality && !use_means ? K : 0, d, 8), mul_bytes(K + 2 * d, 8))),
+        "the anchor metrics' d x d products (d = " + std::to_string(d) + ", K = " + std::to_string(K) + ")",
+        "compute_class_metrics: false skips them; or raise host_memory_limit");
+    AnchorInputs in;
+    in.K = K, in.d = d, in.N = kept.rows;
+    auto full_gram = [&](const double* a, std::vector<double>& g) {  // g = a^T a, a [K, d] row-major; both triangles
+        g.assign((size_t)(d * d), 0.0);
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)K, 1.0, a, (int)d, 0.0, g.data(), (int)d);
+        for (int64_t i = 0; i < d; ++i)
+            for (int64_t j = 0; j < i; ++j) g[(size_t)(i * d + j)] = g[(size_t)(j * d + i)];
+    };
+    auto column_sums = [&](const double* a, std::vector<double>& sum) {
+        sum.assign((size_t)d, 0.0);
+        for (int64_t s = 0; s < K; ++s)
+            for (int64_t j = 0; j < d; ++j) sum[(size_t)j] += a[s * d + j];
+    };
+    full_gram(m.data(), in.gram_m);
+    column_sums(m.data(), in.sum_m);
+    in.duality = v.duality;
+    if (v.duality) {
+        std::vector<double> wk;
+        if (!use_means) {
+            wk.resize((size_t)(K * d));
+            for (int64_t s = 0; s < K; ++s)
+                std::memcpy(wk.data() + s * d, clf.weight.data() + (size_t)kept.ids[(size_t)s] * (size_t)d, (size_t)d * 8);
+        }
+        const double* w = use_means ? mu.data() : wk.data();
+        full_gram(w, in.gram_w);
+        column_sums(w, in.sum_w);
+        in.dot = v.dot;
+    }
+    if (!ood_mean.empty()) {
+        double oo = 0;
+        for (int64_t j = 0; j < d; ++j) oo += ood_mean[(size_t)j] * ood_mean[(size_t)j];
+        in.ood_cos.resize((size_t)K);
+        for (int64_t s = 0; s < K; ++s) {
+            double dot = 0, mm = 0;
+            for (int64_t j = 0; j < d; ++j) dot += mu[(size_t)(s * d + j)] * ood_mean[(size_t)j], mm += mu[(size_t)(s * d + j)] * mu[(size_t)(s * d + j)];
+            in.ood_cos[(size_t)s] = mm > 0 && oo > 0 ? dot / std::sqrt(mm * oo) : 0.0;
+        }
+    }
+    in.within = within_scatter(kept, mu, &in.within_note);
+    finish_anchor_metrics(in, cfg_, *budget_, out);
+}
+
+// Sigma_W's scatter sum_{kept rows} (x - mu_y)(x - mu_y)^T, full d x d (its d x d is counted by the
+// caller), from the stream, the row store or the second pass (the overall Gram's three routes).
+std::vector<double> CpuBackend::within_scatter(const KeptSet& kept, const std::vector<double>& mu, std::string* note) const {
+    const int64_t K = (int64_t)kept.ids.size(), d = d_;
+    std::vector<double> w;
+    auto mirror = [&] {
+        for (int64_t i = 0; i < d; ++i)
+            for (int64_t j = 0; j < i; ++j) w[(size_t)(i * d + j)] = w[(size_t)(j * d + i)];
+    };
+    if (within_streaming_) {
+        if (!within_valid_) {
+            *note = "a loaded or merged checkpoint has no within-class scatter (written by a build or backend without it)";
+            return w;
+        }
+        // sum (x - s)(x - s)^T = sum (x - mu)(x - mu)^T + n (mu - s)(mu - s)^T per class; with
+        // e_c = (S_c - n_c s_c) / sqrt(n_c) (S_c the class sum: S_c - n_c s_c is exact for float32
+        // rows) the correction is sum_c e_c e_c^T, one dsyrk.
+        const HostBudget::Lease lease = budget_->reserve(mul_bytes(K, d, 8), "Sigma_W's correction rows [K, d] (K = " + std::to_string(K) + ")",
+                                                         kFixKeptClasses);
+        std::vector<double> e((size_t)(K * d));
+        for (int64_t s = 0; s < K; ++s) {
+            const size_t c = (size_t)kept.ids[(size_t)s];
+            const double n = (double)count_[c], rn = 1.0 / std::sqrt(n);
+            for (int64_t j = 0; j < d; ++j)
+                e[(size_t)(s * d + j)] = (sum_[c * (size_t)d + (size_t)j] - n * (double)shift_[c * (size_t)d + (size_t)j]) * rn;
+        }
+        w = within_;
+        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)K, -1.0, e.data(), (int)d, 1.0, w.data(), (int)d);
+    } else if (has_row_store()) {
+        // The kept set is known only now (max_tokens_to_analyze) or nothing streamed: from the rows, about the final means.
+        const HostBudget::Lease lease = budget_->reserve(mul_bytes(std::min<int64_t>(512, std::max<int64_t>(kept.rows, 1)), d, 8),
+                                                         "Sigma_W's block of centred rows", kFixBatchRows);
+        w.assign((size_t)(d * d), 0.0);
+        store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
+            add_centered_gram(x, n, d, mu.data() + (size_t)kept.slot[(size_t)c] * (size_t)d, w.data());
+        });
+    } else if (pass2_ && !within2_.empty() && pass2_rows_ == kept.rows) {
+        w = within2_;
+    } else {
+        *note = cfg_.max_tokens_to_analyze > 0
+                    ? "max_tokens_to_analyze cuts the kept set, so Sigma_W of kept rows needs the row store (svd_mode: exact) or a second pass"
+                    : "Sigma_W streams with the overall Gram: it needs compute_overall_metrics (or the row store, svd_mode: exact)";
+        return w;
+    }
+    mirror();
+    return w;
 }
 
 // Pair reductions over P = {(i, j): i < j} by square tiles of the K x K product M M^T.
@@ -324,6 +444,7 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
         for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back(bi, bj);
     std::vector<TileSum> sums(tiles.size());
     const double p = cfg_.cdnv_power;
+    const double inv_km1 = K > 1 ? 1.0 / (double)(K - 1) : 0.0;
 
 #pragma omp parallel
     {
@@ -339,15 +460,19 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
                 const int64_t gi = i0 + i;
                 const int64_t jstart = (i0 == j0) ? i + 1 : 0;  // i < j only
                 double n_l = 0, s_l = 0, s_l2 = 0, s_c = 0, s_c2 = 0, n_cd = 0, s_cd = 0;
-                double l_shift = 0, c_shift = 0;
+                double l_shift = 0, c_shift = 0, s_d = 0, s_d2 = 0, d_shift = 0, s_e = 0, max_e = 0;
                 for (int64_t j = jstart; j < nj; ++j) {
                     const int64_t gj = j0 + j;
                     const PairTerms pt = pair_terms(g[(size_t)(i * nj + j)], q[(size_t)gi], q[(size_t)gj], a[(size_t)gi],
-                                                    a[(size_t)gj], var[(size_t)gi], var[(size_t)gj], p);
-                    if (j == jstart) c_shift = pt.cos;
-                    const double dc = pt.cos - c_shift;
+                                                    a[(size_t)gj], var[(size_t)gi], var[(size_t)gj], p, inv_km1);
+                    if (j == jstart) c_shift = pt.cos, d_shift = pt.dist;
+                    const double dc = pt.cos - c_shift, dd = pt.dist - d_shift;
                     s_c += dc;
                     s_c2 += dc * dc;
+                    s_d += dd;
+                    s_d2 += dd * dd;
+                    s_e += pt.etf_dev;
+                    max_e = std::max(max_e, pt.etf_dev);
                     if (!pt.gnc2_skip) {
                         if (n_l == 0) l_shift = pt.log_kernel;
                         const double dl = pt.log_kernel - l_shift;
@@ -361,6 +486,9 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
                 ts.skip_cdnv += np - (int64_t)n_cd;
                 ts.l.merge(Moments::from_shifted(n_l, s_l, s_l2, l_shift));
                 ts.c.merge(Moments::from_shifted((double)np, s_c, s_c2, c_shift));
+                ts.dist.merge(Moments::from_shifted((double)np, s_d, s_d2, d_shift));
+                ts.s_etf += s_e;
+                ts.max_etf = std::max(ts.max_etf, max_e);
                 ts.n_cdnv += n_cd, ts.s_cdnv += s_cd;
             }
             sums[(size_t)t] = ts;
@@ -451,9 +579,15 @@ void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, cons
     for (size_t s = 0; s < K; ++s)
         for (int64_t j = 0; j < d_; ++j) mu_sq[s] += mu[s * (size_t)d_ + (size_t)j] * mu[s * (size_t)d_ + (size_t)j];
     int64_t agree = 0, rows = 0;
-    store_->for_each_class(kept.ids, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) {
-        agree += nc4_agreements(*budget_, x, n, d_, clf, V_, mu, mu_sq, kept.ids);
+    if (cfg_.per_class_arrays) out.per_class.nc4_hits.assign(K, 0), out.per_class.nc4_rows.assign(K, 0);
+    store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
+        const int64_t a = nc4_agreements(*budget_, x, n, d_, clf, V_, mu, mu_sq, kept.ids);
+        agree += a;
         rows += n;
+        if (cfg_.per_class_arrays) {
+            const size_t s = (size_t)kept.slot[(size_t)c];
+            out.per_class.nc4_hits[s] += a, out.per_class.nc4_rows[s] += n;
+        }
     });
     out.nc4_rows = rows;
     if (rows > 0) out.nc4_agreement = (double)agree / (double)rows;

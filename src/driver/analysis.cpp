@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <sys/stat.h>
 
+#include "base/dtype.hpp"
 #include "base/error.hpp"
 #include "io/session_checkpoint.hpp"
 #include "report/report.hpp"
@@ -19,33 +20,39 @@ using Clock = std::chrono::steady_clock;
 nlohmann::json report_of(const Session& s, const Result& r, const RowSource& src, const AnalysisOptions& o) {
     nlohmann::json doc = build_report(s.config(), r);
     doc["input"] = to_json(src.info());
+    if (o.nc4_rows) doc["input"]["nc4_held_out"] = to_json(o.nc4_rows->info());
     if (!o.command.empty()) doc["run"] = {{"command", o.command}};
     return doc;
 }
 
 // One pass over the source. The first pass skips nothing of its own; the second pass skips the
-// ranges the first pass skipped (so NC4 sees exactly the rows the first pass counted).
-void run_pass(Session& session, RowSource& src, const AnalysisOptions& o, bool first, int64_t from) {
+// ranges the first pass skipped (so NC4 sees exactly the rows the first pass counted), unless it
+// reads held-out rows.
+// Positions [from, stop) (stop < 0: to the source's end); progress counts from `begin` (a rank's
+// share begins there).
+void run_pass(Session& session, RowSource& src, const AnalysisOptions& o, bool first, int64_t from, bool held_out = false,
+              int64_t begin = 0, int64_t stop = -1) {
     const Config& cfg = session.config();
     const char* phase = first ? "ingest" : "second pass";
-    const int64_t total = src.length() * src.rows_per_position();
-    int64_t done = from * src.rows_per_position(), batch_index = 0;
+    if (stop < 0) stop = src.length();
+    const int64_t total = (stop - begin) * src.rows_per_position();
+    int64_t done = (from - begin) * src.rows_per_position(), batch_index = 0;
     // Positions per batch: batch_rows rows, or as many whole sequences as fit (at least one).
     const int64_t per = src.sequences() ? std::max<int64_t>(1, cfg.batch_rows / std::max<int64_t>(1, src.seq_len())) : cfg.batch_rows;
     std::vector<std::pair<int64_t, int64_t>> skipped;  // second pass: the first pass's skipped ranges
-    if (!first) skipped = session.skipped_ranges();
+    if (!first && !held_out) skipped = session.skipped_ranges();
     std::sort(skipped.begin(), skipped.end());
     size_t next_skip = 0;
-    for (int64_t pos = from; pos < src.length();) {
+    for (int64_t pos = from; pos < stop;) {
         if (o.interrupted)
             if (const int sig = o.interrupted()) throw AnalysisInterrupted{sig};
         while (next_skip < skipped.size() && skipped[next_skip].second <= pos) ++next_skip;
         if (next_skip < skipped.size() && skipped[next_skip].first <= pos) {  // inside a skipped range
-            done += (std::min(skipped[next_skip].second, src.length()) - pos) * src.rows_per_position();
+            done += (std::min(skipped[next_skip].second, stop) - pos) * src.rows_per_position();
             pos = skipped[next_skip].second;
             continue;
         }
-        int64_t count = std::min(per, src.length() - pos);
+        int64_t count = std::min(per, stop - pos);
         if (next_skip < skipped.size()) count = std::min(count, skipped[next_skip].first - pos);  // stop before it
         SourceBatch b = src.batch(pos, count);
         const int64_t end = b.first + b.count, rows = b.count * src.rows_per_position();
@@ -120,10 +127,46 @@ std::string input_difference(const std::string& identity, const InputInfo& src) 
            src.fingerprint + ")";
 }
 
+void run_held_out_pass(Session& session, RowSource& held_out, const AnalysisOptions& o) {
+    if (!session.config().nc4_held_out) fail(COLLAPSE_ERR_INTERNAL, "held-out rows for a session without nc4_held_out");
+    if (!session.needs_second_pass()) return;
+    session.begin_second_pass();
+    run_pass(session, held_out, o, false, 0, true);
+}
+
+std::pair<int64_t, int64_t> rank_share(RowSource& src, int rank, int P) {
+    const int64_t N = src.length();
+    auto cut = [&](int r) -> int64_t {
+        if (r <= 0) return 0;
+        if (r >= P) return N;
+        int64_t b = (int64_t)((__int128)N * r / P);
+        if (b == 0 || b >= N || src.sequences()) return b;
+        // Rows layout: past the rows that continue the sequence of row b - 1.
+        constexpr int64_t kBlock = 4096;
+        const SourceBatch before = src.batch(b - 1, 1);
+        if (!before.sequence_ids) return b;
+        const int64_t id = load_as_int(before.sequence_ids->data, before.sequence_ids->dtype, 0);
+        while (b < N) {
+            const int64_t n = std::min(kBlock, N - b);
+            const SourceBatch blk = src.batch(b, n);
+            int64_t i = 0;
+            while (i < n && load_as_int(blk.sequence_ids->data, blk.sequence_ids->dtype, i) == id) ++i;
+            b += i;
+            if (i < n) break;
+        }
+        return b;
+    };
+    const int64_t lo = cut(rank), hi = cut(rank + 1);
+    return {std::min(lo, hi), hi};
+}
+
 AnalysisOutcome run_analysis(Session& session, RowSource& src, const AnalysisOptions& o) {
     AnalysisOutcome out;
     session.set_input_identity(to_json(src.info()).dump());
-    int64_t start = 0;
+    const int64_t stop = o.end < 0 ? src.length() : o.end;
+    if (o.first < 0 || o.first > stop || stop > src.length())
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "positions [", o.first, ", ", stop, ") are not a range of the input's ", src.length());
+    int64_t start = o.first;
     if (o.resume) {
         if (o.checkpoint.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "resume needs a checkpoint path");
         struct stat st {};
@@ -137,13 +180,29 @@ AnalysisOutcome run_analysis(Session& session, RowSource& src, const AnalysisOpt
             if (start < 0 || start > src.length())
                 fail(COLLAPSE_ERR_INVALID_ARGUMENT, "cannot resume from ", o.checkpoint, ": its input position ", start,
                      " lies beyond the input's end (", src.length(), src.sequences() ? " sequences)" : " rows)");
+            if (start < o.first || start > stop)
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, "cannot resume from ", o.checkpoint, ": its input position ", start,
+                     " lies outside this process's share [", o.first, ", ", stop, ")");
             session.set_input_identity(to_json(src.info()).dump());
             out.resumed_at = start;
         }
     }
-    run_pass(session, src, o, true, start);
+    run_pass(session, src, o, true, start, false, o.first, stop);
     if (!o.checkpoint.empty()) io::save_checkpoint(session, o.checkpoint);  // the whole first pass
-    if (session.needs_second_pass()) {
+    if (o.ranks) {
+        if (o.nc4_rows) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "held-out NC4 rows are not supported across MPI ranks yet");
+        o.ranks->combine(session);
+        if (o.ranks->begin_second_pass(session)) {
+            run_pass(session, src, o, false, o.first, false, o.first, stop);
+            o.ranks->end_second_pass(session);
+        }
+        if (!o.ranks->root) {
+            out.computed = false;
+            return out;
+        }
+    } else if (o.nc4_rows) {
+        run_held_out_pass(session, *o.nc4_rows, o);
+    } else if (session.needs_second_pass()) {
         session.begin_second_pass();
         run_pass(session, src, o, false, 0);
     }

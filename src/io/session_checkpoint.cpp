@@ -140,11 +140,18 @@ CheckpointMeta read_checkpoint_meta(const StateReader& r) {
     return m;
 }
 
-void save_checkpoint(Session& session, const std::string& path) {
-    const std::string text = meta_text(session.checkpoint_meta());  // refuses before a file is made
-    CheckpointWriter w(path);
+void write_session_state(Session& session, StateWriter& w) {
+    const std::string text = meta_text(session.checkpoint_meta());
     w.add("meta", COLLAPSE_U8, {(int64_t)text.size()}, text.data(), text.size());
     session.save_state(w);
+}
+
+void merge_session_state(Session& session, const StateReader& r) { session.load_state(r, read_checkpoint_meta(r), true); }
+
+void save_checkpoint(Session& session, const std::string& path) {
+    (void)session.checkpoint_meta();  // refuses before a file is made
+    CheckpointWriter w(path);
+    write_session_state(session, w);
     w.commit();
 }
 

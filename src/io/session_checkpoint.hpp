@@ -20,6 +20,10 @@ namespace collapse::internal::io {
 
 // The whole first-pass state, atomically (a temp file renamed over `path`).
 void save_checkpoint(Session& session, const std::string& path);
+// The same sections (meta first) into any StateWriter, and a shard's state from any StateReader
+// merged as merge_checkpoint merges a file (MPI ranks stream them: src/mpi/).
+void write_session_state(Session& session, StateWriter& w);
+void merge_session_state(Session& session, const StateReader& r);
 // Replaces the state of a session that has seen no rows.
 void load_checkpoint(Session& session, const std::string& path);
 // Adds a shard's state.

@@ -749,6 +749,15 @@ void SafetensorsWriter::append(const void* data, size_t bytes) { impl_->out->app
 
 void SafetensorsWriter::close() { impl_->out->commit(); }
 
+std::string npy_bytes(collapse_dtype dtype, const std::vector<int64_t>& shape, const void* data) {
+    check_dtype("a .npy file", dtype);
+    if (dtype == COLLAPSE_BF16) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "bfloat16 cannot be stored in a .npy file (numpy has no bfloat16)");
+    const size_t bytes = declared_bytes("a .npy file", "", dtype, shape);
+    std::string out = npy_header(dtype, shape);
+    if (bytes > 0) out.append(static_cast<const char*>(data), bytes);
+    return out;
+}
+
 void write_npy(const std::string& path, collapse_dtype dtype, const std::vector<int64_t>& shape, const void* data) {
     NpyWriter w(path, dtype, shape);
     size_t bytes = 0;

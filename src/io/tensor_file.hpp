@@ -133,5 +133,7 @@ private:
 
 // Convenience: whole tensors at once.
 void write_npy(const std::string& path, collapse_dtype dtype, const std::vector<int64_t>& shape, const void* data);
+// A whole .npy file in memory (header and data), for writers that go through base/atomic_file.hpp.
+std::string npy_bytes(collapse_dtype dtype, const std::vector<int64_t>& shape, const void* data);
 
 }  // namespace collapse::internal::io

@@ -10,6 +10,7 @@
 
 #include "base/atomic_file.hpp"
 #include "base/error.hpp"
+#include "io/tokenizer.hpp"
 
 namespace collapse::internal {
 
@@ -30,11 +31,14 @@ void explain_nulls(const Config& cfg, const Counts& counts, const EngineInfo& in
         {"overall_effective_rank", "overall_svd_entropy"}, {"gnc2_var", "overall_gnc2"},
         {"gnc2_cov", "overall_gnc2"},                      {"unc3_mean_cos", "overall_unc3"},
         {"unc3_std_cos", "overall_unc3"},                  {"nc2_equiangular_std", "nc2_equiangular_mean"},
-        {"nc2_equiangular_ideal", "nc2_equiangular_mean"}, {"std_svd_entropy", "avg_svd_entropy"}};
+        {"nc2_equiangular_ideal", "nc2_equiangular_mean"}, {"std_svd_entropy", "avg_svd_entropy"},
+        {"nc1_svd", "nc1_pinv"},                           {"nc2g_dist_var", "nc2g_dist_mean"},
+        {"nc2_max_equiangular_dev", "nc2_equiangular_absdev"}};
     static const std::set<std::string> kClassMetrics = {
         "overall_gnc2", "gnc2_var", "gnc2_cov", "overall_unc3", "unc3_mean_cos", "unc3_std_cos", "nc1_cdnv",
         "nc2_equinorm_cov", "nc2_log_norm_std", "nc2_equiangular_mean", "nc2_equiangular_std", "nc2_equiangular_ideal",
-        "nc3_self_duality"};
+        "nc3_self_duality", "nc1_pinv", "nc1_svd", "nc1_quot", "nc2_etf_err", "nc3_dual_err", "nc3u_uni_dual", "nc2g_dist_mean",
+        "nc2g_dist_var", "nc2_equiangular_absdev", "nc2_max_equiangular_dev", "nc5_ood_dev"};
     auto why = [&](const std::string& key) -> std::string {
         if (auto it = notes.find(key); it != notes.end()) return it->second;
         if (auto h = kHead.find(key); h != kHead.end())
@@ -55,7 +59,8 @@ void explain_nulls(const Config& cfg, const Counts& counts, const EngineInfo& in
         }
         if (kClassMetrics.count(key)) {
             if (!cfg.compute_class_metrics) return "compute_class_metrics is false";
-            const bool unc3 = key == "overall_unc3" || key == "unc3_mean_cos" || key == "unc3_std_cos" || key == "nc3_self_duality";
+            const bool unc3 = key == "overall_unc3" || key == "unc3_mean_cos" || key == "unc3_std_cos" || key == "nc3_self_duality" ||
+                              key == "nc3_dual_err" || key == "nc3u_uni_dual";
             if (unc3 && !info.classifier) return "no classifier was given";
             const int64_t need = unc3 ? cfg.min_classes_for_unc3 : std::max<int64_t>(2, cfg.min_classes_for_gnc2);
             if (counts.classes_kept < need)
@@ -186,8 +191,22 @@ nlohmann::json build_report(const Config& cfg, const Result& result) {
     o["nc2_equiangular_std"] = opt(mv.nc2_equiangular_std);
     o["nc2_equiangular_ideal"] = opt(mv.nc2_equiangular_ideal);
     o["nc3_self_duality"] = opt(mv.nc3_self_duality);
+    // The neural_collapse library's measures (docs/METRICS.md, "Anchor metrics").
+    o["nc1_pinv"] = opt(mv.nc1_pinv);
+    o["nc1_svd"] = opt(mv.nc1_svd);
+    o["nc1_quot"] = opt(mv.nc1_quot);
+    o["nc2_etf_err"] = opt(mv.nc2_etf_err);
+    o["nc3_dual_err"] = opt(mv.nc3_dual_err);
+    o["nc3u_uni_dual"] = opt(mv.nc3u_uni_dual);
+    o["nc2g_dist_mean"] = opt(mv.nc2g_dist_mean);
+    o["nc2g_dist_var"] = opt(mv.nc2g_dist_var);
+    o["nc2_equiangular_absdev"] = opt(mv.nc2_equiangular_absdev);
+    o["nc2_max_equiangular_dev"] = opt(mv.nc2_max_equiangular_dev);
+    o["nc5_ood_dev"] = opt(mv.nc5_ood_dev);
     o["nc4_agreement"] = opt(mv.nc4_agreement);
     o["nc4_rows"] = mv.nc4_rows;
+    // Which rows NC4 was measured on (with a value only): the input's own, or held-out rows.
+    if (mv.nc4_agreement) o["nc4_measured_on"] = mv.nc4_held_out ? "held_out_rows" : "input_rows";
     o["svd_zero_matrices"] = mv.svd_zero_matrices;
     // Every null metric says why (issue: a null without a reason reads like a bug).
     std::map<std::string, std::string> notes = mv.notes;
@@ -207,6 +226,15 @@ nlohmann::json build_report(const Config& cfg, const Result& result) {
                                         {"num_samples", t.num_samples},
                                         {"svd_rows", t.svd_rows},
                                         {"sampled", t.sampled}};
+        if (t.has_per_class) {  // per_class_arrays (docs/METRICS.md "Anchor metrics")
+            json& e = tokens[std::to_string(t.id)];
+            e["mean_norm"] = opt(t.mean_norm);
+            e["within_variance"] = opt(t.within_variance);
+            e["duality_cos"] = opt(t.duality_cos);
+            e["duality_dot"] = opt(t.duality_dot);
+            e["nc4_hit_rate"] = t.nc4_rows > 0 ? json((double)t.nc4_hits / (double)t.nc4_rows) : json(nullptr);
+            e["nc4_rows"] = t.nc4_rows;
+        }
     }
     doc["token_analysis"] = tokens;
 
@@ -223,6 +251,44 @@ nlohmann::json build_report(const Config& cfg, const Result& result) {
     if (!info.row_store.empty()) engine["row_store"] = info.row_store;
     doc["engine"] = engine;
     return doc;
+}
+
+namespace {
+// JSON text must be UTF-8, but a llama2.c piece can be half a character: each byte that does not
+// start a well-formed sequence becomes U+FFFD.
+std::string valid_utf8(const std::string& s) {
+    std::string out;
+    const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+    const size_t n = s.size();
+    for (size_t i = 0; i < n;) {
+        const unsigned char c = p[i];
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+        bool ok = len > 0 && i + len <= n;
+        for (size_t k = 1; ok && k < len; ++k) ok = (p[i + k] & 0xC0) == 0x80;
+        if (ok && len == 2) ok = c >= 0xC2;                                            // overlong
+        if (ok && len == 3) ok = !(c == 0xE0 && p[i + 1] < 0xA0) && !(c == 0xED && p[i + 1] >= 0xA0);  // overlong, surrogates
+        if (ok && len == 4) ok = c <= 0xF4 && !(c == 0xF0 && p[i + 1] < 0x90) && !(c == 0xF4 && p[i + 1] >= 0x90);
+        if (ok) {
+            out.append(s, i, len);
+            i += len;
+        } else {
+            out += "\xEF\xBF\xBD";
+            ++i;
+        }
+    }
+    return out;
+}
+}  // namespace
+
+void add_token_strings(nlohmann::json& doc, const io::Tokenizer& tok) {
+    for (auto it = doc["token_analysis"].begin(); it != doc["token_analysis"].end(); ++it) {
+        const size_t id = std::stoul(it.key());
+        if (id < tok.text.size() && tok.has_text[id]) it.value()["token"] = valid_utf8(tok.text[id]);
+    }
+    doc["input"]["tokenizer"] = {{"path", tok.path},
+                                 {"format", tok.format},
+                                 {"vocab_size", (int64_t)tok.text.size()},
+                                 {"special_ids", tok.special_ids}};
 }
 
 void write_report_file(const nlohmann::json& doc, const std::string& path) {

@@ -12,6 +12,10 @@
 
 namespace collapse::internal {
 
+namespace io {
+struct Tokenizer;  // io/tokenizer.hpp
+}
+
 // The JSON report of a session's result.
 nlohmann::json build_report(const Config& cfg, const Result& result);
 
@@ -19,6 +23,10 @@ nlohmann::json build_report(const Config& cfg, const Result& result);
 // failed write never leaves a half file under the final name and no other file is touched;
 // /dev/null, a terminal or a FIFO is written straight through. Errors: COLLAPSE_ERR_IO naming the path.
 void write_report_file(const nlohmann::json& doc, const std::string& path);
+
+// collapse analyze --tokenizer: "token" (the id's text) in every token_analysis entry that has
+// one, and input.tokenizer (path, format, vocab size, special ids).
+void add_token_strings(nlohmann::json& doc, const io::Tokenizer& tok);
 
 // Scalar lookup for collapse_report_get_scalar: "key" searched in overall_analysis, summary, counts
 // (in that order), or "section.key". Returns false when the key does not exist; *is_null for null.

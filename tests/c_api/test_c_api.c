@@ -112,6 +112,33 @@ int main(void) {
     CHECK(collapse_report_write_json(r, "/nonexistent-dir/report.json") == COLLAPSE_ERR_IO);
     CHECK(strstr(collapse_last_error(), "/nonexistent-dir/report.json") != NULL);
 
+    /* Appended entries: options from YAML text (the file reader's checks and messages), and the
+     * offline analysis of .npy paths (its results: tests/python/test_api.py against the CLI). */
+    {
+        collapse_options y;
+        collapse_analysis a;
+        collapse_report* ar = NULL;
+        CHECK(collapse_options_from_yaml_string("min_samples_per_token: 3\nexclude_token_ids: [1]\n", "t.yaml", &y) == COLLAPSE_OK);
+        CHECK(y.min_samples_per_token == 3 && y.num_exclude_token_ids == 1 && y.exclude_token_ids[0] == 1);
+        CHECK(collapse_options_from_yaml_string("min_samples_per_tokn: 3\n", "t.yaml", &y) == COLLAPSE_ERR_CONFIG);
+        CHECK(strstr(collapse_last_error(), "t.yaml:1: unknown key 'min_samples_per_tokn'") != NULL);
+        CHECK(collapse_options_from_yaml_string(NULL, NULL, &y) == COLLAPSE_ERR_INVALID_ARGUMENT);
+        memset(&a, 0, sizeof a);
+        a.struct_size = sizeof a;
+        CHECK(collapse_analyze_files(&a, &ar) == COLLAPSE_ERR_INVALID_ARGUMENT && ar == NULL);
+        CHECK(strstr(collapse_last_error(), "no input") != NULL);
+        a.features = "/nonexistent-dir/f.npy";
+        a.labels = "/nonexistent-dir/l.npy";
+        CHECK(collapse_analyze_files(&a, &ar) == COLLAPSE_ERR_IO && ar == NULL);
+        CHECK(strstr(collapse_last_error(), "/nonexistent-dir/") != NULL);
+        a.hidden = "/nonexistent-dir/h.npy";
+        CHECK(collapse_analyze_files(&a, &ar) == COLLAPSE_ERR_INVALID_ARGUMENT && ar == NULL);
+        CHECK(strstr(collapse_last_error(), "choose one") != NULL);
+        a.struct_size = 8;
+        CHECK(collapse_analyze_files(&a, &ar) == COLLAPSE_ERR_INVALID_ARGUMENT && ar == NULL);
+        CHECK(collapse_analyze_files(NULL, &ar) == COLLAPSE_ERR_INVALID_ARGUMENT);
+    }
+
     /* NULL arguments are errors, not crashes. */
     CHECK(collapse_session_ingest_rows(NULL, &fb, &lb, NULL, NULL) == COLLAPSE_ERR_INVALID_ARGUMENT);
     CHECK(collapse_report_get_scalar(r, NULL, &v, &is_null) == COLLAPSE_ERR_INVALID_ARGUMENT);

@@ -670,7 +670,8 @@ TEST_F(CheckpointRefusal, CorruptSectionPayloads) {
             if (s.bytes) EXPECT_EQ(static_cast<const char*>(r.section(s.name).data) - base, (ptrdiff_t)s.offset) << s.name;
     }
     std::set<std::string> expected = {"meta", "rows", "class_counts", "class_sums", "class_sqnorms", "gram",
-                                      "holdback_ids", "holdback_counts", "holdback_rows", "store_offsets", "store_rows"};
+                                      "holdback_ids", "holdback_counts", "holdback_rows", "store_offsets", "store_rows",
+                                      "within_scatter", "within_shift"};  // Sigma_W (anchor metrics)
     std::set<std::string> got;
     for (const auto& s : secs) got.insert(s.name);
     EXPECT_EQ(got, expected);

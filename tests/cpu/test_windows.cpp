@@ -396,6 +396,29 @@ TEST(Windows, SnapshotThenContinueEqualsOneRun) {
     check_report(report_of(s.get()), rows, W, d);
 }
 
+// The CPU backend hands reduced windows to a worker thread: hundreds of windows in flight, results
+// taken in between by snapshots and a checkpoint save, must still come back in order.
+TEST(Windows, ManyWindowsInFlightKeepTheirOrder) {
+    std::mt19937 rng(41);
+    const int64_t W = 3, d = 4;
+    const std::vector<Row> rows = make_rows(rng, 40, 90, d, 0.05);
+    const std::vector<size_t> order = arrival(rng, rows, 2);
+    const SessionPtr s = make(opts(W));
+    const std::string ckpt = testing::TempDir() + "collapse_windows_inflight_" + std::to_string(::getpid()) + ".ckpt";
+    std::vector<Row> so_far;
+    for (size_t i = 0, batch = 0; i < order.size(); ++batch) {
+        const size_t n = std::min(order.size() - i, (size_t)17);
+        const std::vector<size_t> part(order.begin() + (ptrdiff_t)i, order.begin() + (ptrdiff_t)(i + n));
+        ASSERT_EQ(ingest(s.get(), rows, part, d), COLLAPSE_OK) << collapse_last_error();
+        for (size_t k : part) so_far.push_back(rows[k]);
+        i += n;
+        if (batch % 37 == 36) check_report(report_of(s.get(), true), so_far, W, d);
+        if (batch == 60) ASSERT_EQ(collapse_session_save(s.get(), ckpt.c_str()), COLLAPSE_OK) << collapse_last_error();
+    }
+    check_report(report_of(s.get()), rows, W, d);
+    std::remove(ckpt.c_str());
+}
+
 TEST(Windows, SequencesLayoutEqualsTaggedRows) {
     std::mt19937 rng(4);
     const int64_t B = 5, T = 13, d = 6, W = 4, V = 7;

@@ -68,8 +68,19 @@ if [ $build_rc -eq 0 ]; then
     rc=$?; result[llama2c]=$([ $rc -eq 0 ] && echo "pass (llama2c.txt)" || echo "rc=$rc: $(grep -c '^FAIL' "$out/llama2c.txt") failed (llama2c.txt)")
     grep -E '^(PASS|FAIL)' "$out/llama2c.txt"
   fi
+  # 7. The Python package's torch CUDA tensor path (tests/python -k cuda), when this machine's
+  #    python3 has torch with CUDA and pybind11 (its CMake files: python3 -m pybind11 --cmakedir).
+  if [ $SECONDS -gt 500 ]; then result[python_cuda]="skipped (time budget)"
+  elif python3 -c "import torch, pybind11, pytest, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    rm -rf build-gpu/pylib
+    COLLAPSE_CUDA=ON COLLAPSE_PY_BUILD_DIR="$root/build-gpu/python" pybind11_ROOT="$(python3 -m pybind11 --cmakedir)" \
+      COLLAPSE_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH=$prefix/usr;$prefix/usr/share/cmake;$prefix/usr/lib/x86_64-linux-gnu/cmake -DCMAKE_INCLUDE_PATH=$prefix/usr/include;$prefix/usr/include/x86_64-linux-gnu/openblas-pthread -DCMAKE_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu;$prefix/usr/lib/x86_64-linux-gnu/openblas-pthread -DCMAKE_CXX_FLAGS=-I$prefix/usr/include -DCMAKE_CUDA_FLAGS=-I$prefix/usr/include" \
+      timeout 300 python3 -m pip install --no-build-isolation --no-index --no-deps --target build-gpu/pylib . > "$out/python_cuda.log" 2>&1 \
+      && (cd /tmp && PYTHONPATH="$root/build-gpu/pylib" timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda -rs "$root/tests/python" >> "$out/python_cuda.log" 2>&1)
+    rc=$?; result[python_cuda]=$([ $rc -eq 0 ] && echo "$(tail -1 "$out/python_cuda.log")" || echo "rc=$rc (python_cuda.log)")
+  else result[python_cuda]="skipped (no python3 with torch CUDA and pybind11)"; fi
 fi
 
 echo
 echo "== device check =="
-for k in build cuda_tests memcheck racecheck initcheck bench llama2c; do printf "%-11s %s\n" "$k" "${result[$k]:-not run}"; done | tee -a "$out/summary.txt"
+for k in build cuda_tests memcheck racecheck initcheck bench llama2c python_cuda; do printf "%-11s %s\n" "$k" "${result[$k]:-not run}"; done | tee -a "$out/summary.txt"

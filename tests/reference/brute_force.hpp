@@ -576,4 +576,176 @@ inline Result compute(const std::vector<double>& X, const std::vector<int64_t>& 
   return r;
 }
 
+// ---- docs/METRICS.md "Anchor metrics": the neural_collapse library's measures ----
+// Explicit K x K matrices, Sigma_W from the rows about their class means, and Sigma_B's
+// pseudo-inverse from a cyclic Jacobi eigen-decomposition (no Gram shortcut, no BLAS/LAPACK).
+struct Anchors {
+  std::optional<double> nc1_pinv, nc1_svd, nc1_quot, nc2_etf_err, nc3_dual_err, nc3u_uni_dual;
+  std::optional<double> nc2g_dist_mean, nc2g_dist_var, nc2_equiangular_absdev, nc2_max_equiangular_dev;
+  std::optional<double> nc5_ood_dev;
+  std::vector<double> sigma_w, sigma_b;  // d x d
+};
+
+namespace detail {
+
+// Eigenpairs of the symmetric n x n row-major A by cyclic Jacobi rotations: values[k] with
+// vectors in column k of V (row-major), unsorted.
+inline void jacobi_eigen(std::vector<double> A, int64_t n, std::vector<double>& values, std::vector<double>& V) {
+  V.assign(static_cast<size_t>(n * n), 0.0);
+  for (int64_t i = 0; i < n; ++i) V[i * n + i] = 1.0;
+  for (int sweep = 0; sweep < 100; ++sweep) {
+    LD off = 0, total = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        total += static_cast<LD>(A[i * n + j]) * A[i * n + j];
+        if (i != j) off += static_cast<LD>(A[i * n + j]) * A[i * n + j];
+      }
+    if (off <= 1e-32L * total || off == 0) break;
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t q = p + 1; q < n; ++q) {
+        const double apq = A[p * n + q];
+        if (apq == 0) continue;
+        const double theta = (A[q * n + q] - A[p * n + p]) / (2.0 * apq);
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1.0));
+        const double c = 1.0 / std::sqrt(t * t + 1.0), sn = t * c;
+        for (int64_t k = 0; k < n; ++k) {  // A <- A J (columns p, q)
+          const double akp = A[k * n + p], akq = A[k * n + q];
+          A[k * n + p] = c * akp - sn * akq;
+          A[k * n + q] = sn * akp + c * akq;
+        }
+        for (int64_t k = 0; k < n; ++k) {  // A <- J^T A (rows p, q)
+          const double apk = A[p * n + k], aqk = A[q * n + k];
+          A[p * n + k] = c * apk - sn * aqk;
+          A[q * n + k] = sn * apk + c * aqk;
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          const double vkp = V[k * n + p], vkq = V[k * n + q];
+          V[k * n + p] = c * vkp - sn * vkq;
+          V[k * n + q] = sn * vkp + c * vkq;
+        }
+      }
+  }
+  values.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) values[i] = A[i * n + i];
+}
+
+// ||S - (I - J/K)/sqrt(K-1)||_F with S = A / ||A||_F, A given entry by entry (K x K, explicit).
+template <class F>
+std::optional<double> etf_error(int64_t K, F a) {
+  LD fa = 0;
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) fa += static_cast<LD>(a(i, j)) * a(i, j);
+  if (!(fa > 0)) return std::nullopt;
+  const LD f = std::sqrt(fa), c = std::sqrt(static_cast<LD>(K - 1));
+  LD e = 0;
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) {
+      const LD target = ((i == j ? 1.0L : 0.0L) - 1.0L / K) / c;
+      const LD diff = a(i, j) / f - target;
+      e += diff * diff;
+    }
+  return static_cast<double>(std::sqrt(e));
+}
+
+}  // namespace detail
+
+// X: N x d, y: N labels; W: V x d or nullptr; ood_mean: d values or nullptr.
+inline Anchors anchors(const std::vector<double>& X, const std::vector<int64_t>& y, int64_t d, const double* W,
+                       const double* ood_mean, const Options& o) {
+  using detail::LD;
+  Anchors a;
+  const ClassStats cs = class_stats(X, y, d, o);
+  const int64_t K = static_cast<int64_t>(cs.kept.size());
+  if (K < 2) return a;
+  const auto rows = detail::rows_by_class(y, cs.kept, o.num_classes);
+  const double Kd = static_cast<double>(K);
+  // Sigma_W = (1/N) sum over kept rows (x - mu_y)(x - mu_y)^T, Sigma_B = M^T M / K.
+  std::vector<LD> sw(static_cast<size_t>(d * d), 0), sb(static_cast<size_t>(d * d), 0);
+  int64_t N = 0;
+  std::vector<double> diff(static_cast<size_t>(d));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t i : rows[k]) {
+      ++N;
+      for (int64_t t = 0; t < d; ++t) diff[t] = X[i * d + t] - cs.mu[k * d + t];
+      for (int64_t p = 0; p < d; ++p)
+        for (int64_t q = 0; q < d; ++q) sw[p * d + q] += static_cast<LD>(diff[p]) * diff[q];
+    }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t p = 0; p < d; ++p)
+      for (int64_t q = 0; q < d; ++q) sb[p * d + q] += static_cast<LD>(cs.m[k * d + p]) * cs.m[k * d + q];
+  a.sigma_w.resize(static_cast<size_t>(d * d));
+  a.sigma_b.resize(static_cast<size_t>(d * d));
+  for (int64_t e = 0; e < d * d; ++e) {
+    a.sigma_w[e] = static_cast<double>(sw[e] / static_cast<LD>(N));
+    a.sigma_b[e] = static_cast<double>(sb[e] / static_cast<LD>(K));
+  }
+  // nc1_pinv: Sigma_B^+ = V diag(1/s, s > max(d, K) eps s_max) V^T, then Tr(Sigma_B^+ Sigma_W) / K.
+  std::vector<double> ev, V;
+  detail::jacobi_eigen(a.sigma_b, d, ev, V);
+  double smax = 0;
+  for (double v : ev) smax = std::max(smax, v);
+  const double tol = static_cast<double>(std::max(d, K)) * 2.220446049250313e-16 * smax;
+  std::vector<int64_t> order(static_cast<size_t>(d));
+  for (int64_t k = 0; k < d; ++k) order[k] = k;
+  std::sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return ev[p] > ev[q]; });
+  LD tr_w = 0, tr_b = 0;
+  for (int64_t t = 0; t < d; ++t) tr_w += a.sigma_w[t * d + t], tr_b += a.sigma_b[t * d + t];
+  if (tr_b > 0) a.nc1_quot = static_cast<double>(tr_w / tr_b);
+  if (smax > 0) {
+    auto trace_with = [&](int64_t limit) {  // Tr(Sigma_W P) with P = sum over the first `limit` eigenpairs of v v^T / s
+      std::vector<LD> P(static_cast<size_t>(d * d), 0);
+      for (int64_t r = 0; r < limit; ++r) {
+        const int64_t k = order[r];
+        if (!(ev[k] > tol)) continue;
+        for (int64_t p = 0; p < d; ++p)
+          for (int64_t q = 0; q < d; ++q) P[p * d + q] += static_cast<LD>(V[p * d + k]) * V[q * d + k] / ev[k];
+      }
+      LD tr = 0;
+      for (int64_t p = 0; p < d; ++p)
+        for (int64_t q = 0; q < d; ++q) tr += P[p * d + q] * a.sigma_w[q * d + p];
+      return static_cast<double>(tr / static_cast<LD>(K));
+    };
+    a.nc1_pinv = trace_with(d);
+    a.nc1_svd = trace_with(std::min(K - 1, d));
+  }
+  // nc2_etf_err from the explicit K x K M M^T.
+  a.nc2_etf_err = detail::etf_error(K, [&](int64_t i, int64_t j) { return static_cast<double>(detail::dot(&cs.m[i * d], &cs.m[j * d], d)); });
+  // Directions of the library: u_c = m_c / ||m_c|| (0 for a zero mean).
+  std::vector<double> u(static_cast<size_t>(K * d), 0.0);
+  for (int64_t k = 0; k < K; ++k)
+    if (cs.m_norm[k] > 0)
+      for (int64_t t = 0; t < d; ++t) u[k * d + t] = cs.m[k * d + t] / cs.m_norm[k];
+  const auto dist = detail::pair_stats(K, [&](int64_t i, int64_t j) -> std::optional<double> { return detail::diff_norm(&u[i * d], &u[j * d], d); });
+  a.nc2g_dist_mean = dist.mean;
+  a.nc2g_dist_var = dist.var_pop;
+  double mx = 0;
+  const auto dev = detail::pair_stats(K, [&](int64_t i, int64_t j) -> std::optional<double> {
+    const double v = std::fabs(static_cast<double>(detail::dot(&u[i * d], &u[j * d], d)) + 1.0 / (Kd - 1.0));
+    mx = std::max(mx, v);
+    return v;
+  });
+  a.nc2_equiangular_absdev = dev.mean;
+  a.nc2_max_equiangular_dev = mx;
+  // Duality: w_c the classifier row (or the uncentred mean in class_means mode).
+  const bool duality = W || o.unc3_class_means;
+  if (duality) {
+    const auto w = [&](int64_t k) { return o.unc3_class_means ? &cs.mu[k * d] : W + cs.kept[k] * d; };
+    a.nc3_dual_err = detail::etf_error(K, [&](int64_t i, int64_t j) { return static_cast<double>(detail::dot(w(i), &cs.m[j * d], d)); });
+    std::vector<double> dots(static_cast<size_t>(K));
+    for (int64_t k = 0; k < K; ++k) dots[k] = static_cast<double>(detail::dot(w(k), &cs.m[k * d], d));
+    const double sd = detail::std_unbiased(dots);
+    a.nc3u_uni_dual = sd * sd;
+  }
+  if (ood_mean) {
+    LD acc = 0;
+    const double on = detail::norm(ood_mean, d);
+    for (int64_t k = 0; k < K; ++k) {
+      const double mn = detail::norm(&cs.mu[k * d], d);
+      acc += (mn > 0 && on > 0) ? std::fabs(static_cast<double>(detail::dot(&cs.mu[k * d], ood_mean, d)) / (mn * on)) : 0.0;
+    }
+    a.nc5_ood_dev = static_cast<double>(acc / static_cast<LD>(K));
+  }
+  return a;
+}
+
 }  // namespace ref

@@ -33,7 +33,7 @@ const std::set<std::string> kAllKeys{
     "intermediate_save_dir", "exclude_token_ids", "svd_mode", "svd_max_rows_per_token", "svd_center",
     "global_mean", "cdnv_power", "unc3_classifier", "compute_nc4", "seed", "num_classes", "dim",
     "host_memory_limit", "device_memory_limit", "backend", "nonfinite_policy", "allow_tf32", "batch_rows", "ignore_index",
-    "window_size", "compute_window_metrics"};
+    "window_size", "compute_window_metrics", "per_class_arrays", "exclude_special_tokens"};
 
 // The message and status of the Error that parsing `yaml` throws ("" when it does not throw).
 struct Failure {
@@ -143,6 +143,8 @@ batch_rows: 128
 ignore_index: -7
 window_size: 32
 compute_window_metrics: false
+per_class_arrays: true
+exclude_special_tokens: true
 )",
                           "t.yaml");
     nlohmann::json expected = {{"save_every", 7},
@@ -178,7 +180,9 @@ compute_window_metrics: false
                                {"batch_rows", 128},
                                {"ignore_index", -7},
                                {"window_size", 32},
-                               {"compute_window_metrics", false}};
+                               {"compute_window_metrics", false},
+                               {"per_class_arrays", true},
+                               {"exclude_special_tokens", true}};
     EXPECT_EQ(to_json(c), expected);
     EXPECT_EQ(c.device_ordinal, 1);
 }
@@ -252,6 +256,8 @@ const KeyCase kKeyCases[] = {
     {"svd_center", "0", "key 'svd_center' expects true or false, got '0'", "", ""},
     {"compute_nc4", "nope", "key 'compute_nc4' expects true or false, got 'nope'", "", ""},
     {"allow_tf32", "2", "key 'allow_tf32' expects true or false, got '2'", "", ""},
+    {"per_class_arrays", "all", "key 'per_class_arrays' expects true or false, got 'all'", "", ""},
+    {"exclude_special_tokens", "[1]", "key 'exclude_special_tokens' expects true or false, got a sequence", "", ""},
     {"log_level", "loud", "key 'log_level' expects one of debug, info, warning, error, got 'loud'", "", ""},
     {"svd_mode", "[exact]", "key 'svd_mode' expects one of exact, sampled, off, got a sequence", "", ""},
     {"global_mean", "mean", "key 'global_mean' expects one of class_balanced, token_weighted, got 'mean'", "", ""},

@@ -1,0 +1,454 @@
+#include "mpi/mpi_state.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "base/error.hpp"
+#include "core/host_budget.hpp"
+#include "io/checkpoint_file.hpp"
+#include "io/session_checkpoint.hpp"
+
+namespace collapse::internal::mpi {
+
+namespace {
+
+constexpr int kTagGo = 0x6c01, kTagFrame = 0x6c02, kTagData = 0x6c03;
+enum Kind : uint32_t { kSection = 1, kEnd = 2, kError = 3, kEmpty = 4 };
+
+// One frame: a section's header, the end of a state, or a rank's error.
+struct Frame {
+    uint32_t kind = 0, dtype = 0, ndim = 0;
+    int32_t status = 0;
+    int64_t shape[4] = {0, 0, 0, 0};
+    uint64_t bytes = 0;
+    std::string text;  // the section's name, or the error message
+};
+constexpr size_t kFrameHead = 4 * 4 + 4 * 8 + 8;
+
+std::vector<uint8_t> encode(const Frame& f) {
+    std::vector<uint8_t> b(kFrameHead + f.text.size());
+    uint8_t* p = b.data();
+    auto put = [&](const void* v, size_t n) { std::memcpy(p, v, n), p += n; };
+    put(&f.kind, 4), put(&f.dtype, 4), put(&f.ndim, 4), put(&f.status, 4), put(f.shape, 32), put(&f.bytes, 8);
+    put(f.text.data(), f.text.size());
+    return b;
+}
+
+Frame decode(const std::vector<uint8_t>& b) {
+    if (b.size() < kFrameHead) fail(COLLAPSE_ERR_INTERNAL, "MPI state transfer: a frame of ", b.size(), " bytes is too short");
+    Frame f;
+    const uint8_t* p = b.data();
+    auto get = [&](void* v, size_t n) { std::memcpy(v, p, n), p += n; };
+    get(&f.kind, 4), get(&f.dtype, 4), get(&f.ndim, 4), get(&f.status, 4), get(f.shape, 32), get(&f.bytes, 8);
+    f.text.assign(reinterpret_cast<const char*>(p), b.size() - kFrameHead);
+    if (f.ndim > 4) fail(COLLAPSE_ERR_INTERNAL, "MPI state transfer: a frame with ", f.ndim, " dimensions");
+    return f;
+}
+
+}  // namespace
+
+// Packets to one peer (point to point) or from the root to all (broadcast).
+class Channel {
+public:
+    static Channel p2p(MPI_Comm c, int peer) { return Channel(c, peer, false); }
+    static Channel bcast(MPI_Comm c, int root) { return Channel(c, root, true); }
+
+    void send_frame(const Frame& f) {
+        const std::vector<uint8_t> b = encode(f);
+        send(b.data(), true, b.size());
+    }
+    void send_data(const void* p, size_t n) { send(p, false, n); }
+    // The next packet: a frame (true, in f) or data (false, in data).
+    bool recv(Frame& f, std::vector<uint8_t>& data) {
+        if (bcast_) {
+            uint64_t word = 0;
+            MPI_Bcast(&word, 1, MPI_UINT64_T, peer_, comm_);
+            const bool frame = word >> 63;
+            data.resize((size_t)(word & ~(uint64_t(1) << 63)));
+            MPI_Bcast(data.data(), (int)data.size(), MPI_BYTE, peer_, comm_);
+            if (frame) f = decode(data);
+            return frame;
+        }
+        MPI_Status st;
+        MPI_Probe(peer_, MPI_ANY_TAG, comm_, &st);
+        int n = 0;
+        MPI_Get_count(&st, MPI_BYTE, &n);
+        data.resize((size_t)n);
+        MPI_Recv(data.data(), n, MPI_BYTE, peer_, st.MPI_TAG, comm_, MPI_STATUS_IGNORE);
+        if (st.MPI_TAG == kTagFrame) f = decode(data);
+        return st.MPI_TAG == kTagFrame;
+    }
+
+private:
+    Channel(MPI_Comm c, int peer, bool bcast) : comm_(c), peer_(peer), bcast_(bcast) {}
+    void send(const void* p, bool frame, size_t n) {
+        if (bcast_) {
+            uint64_t word = (uint64_t)n | (frame ? uint64_t(1) << 63 : 0);
+            MPI_Bcast(&word, 1, MPI_UINT64_T, peer_, comm_);
+            MPI_Bcast(const_cast<void*>(p), (int)n, MPI_BYTE, peer_, comm_);
+        } else {
+            MPI_Send(p, (int)n, MPI_BYTE, peer_, frame ? kTagFrame : kTagData, comm_);
+        }
+    }
+    MPI_Comm comm_;
+    int peer_;
+    bool bcast_;
+};
+
+namespace {
+
+// A state written into packets: section frames and their bytes in pieces of at most `chunk`.
+class PacketWriter final : public StateWriter {
+public:
+    PacketWriter(Channel& ch, size_t chunk) : ch_(ch), chunk_(chunk) {}
+    void add(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, const void* data, size_t bytes) override {
+        begin_section(name, t, shape, bytes);
+        append(data, bytes);
+        end_section();
+    }
+    void begin_section(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, size_t bytes) override {
+        Frame f;
+        f.kind = kSection, f.dtype = t, f.ndim = (uint32_t)shape.size(), f.bytes = bytes, f.text = name;
+        if (shape.size() > 4) fail(COLLAPSE_ERR_INTERNAL, "section ", name, " has more than 4 dimensions");
+        for (size_t i = 0; i < shape.size(); ++i) f.shape[i] = shape[i];
+        ch_.send_frame(f);
+    }
+    void append(const void* data, size_t bytes) override {
+        const uint8_t* p = static_cast<const uint8_t*>(data);
+        while (bytes > 0) {
+            const size_t n = std::min(bytes, chunk_);
+            ch_.send_data(p, n);
+            p += n, bytes -= n;
+        }
+    }
+    void end_section() override {}
+
+private:
+    Channel& ch_;
+    size_t chunk_;
+};
+
+// Small states (class sums, second-pass partial results) held in memory, counted in the session's
+// host_memory_limit account.
+class MemoryState final : public StateWriter, public StateReader {
+public:
+    MemoryState(std::string what, std::shared_ptr<HostBudget> budget) : what_(std::move(what)), budget_(std::move(budget)) {}
+    void add(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, const void* data, size_t bytes) override {
+        begin_section(name, t, shape, bytes);
+        append(data, bytes);
+        end_section();
+    }
+    void begin_section(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, size_t bytes) override {
+        leases_.push_back(budget_->reserve((int64_t)bytes, "section " + name + " of " + what_));
+        Sec& s = secs_[name];
+        s.dtype = t, s.shape = shape, s.want = bytes;
+        s.bytes.clear();
+        s.bytes.reserve(bytes);
+        cur_ = &s;
+        cur_name_ = name;
+    }
+    void append(const void* data, size_t bytes) override {
+        if (!cur_ || cur_->bytes.size() + bytes > cur_->want) fail(COLLAPSE_ERR_INTERNAL, what_, ": more bytes than declared");
+        const uint8_t* p = static_cast<const uint8_t*>(data);
+        cur_->bytes.insert(cur_->bytes.end(), p, p + bytes);
+    }
+    void end_section() override {
+        if (cur_ && cur_->bytes.size() != cur_->want) fail(COLLAPSE_ERR_INTERNAL, what_, ": section ", cur_name_, " is short");
+        cur_ = nullptr;
+    }
+    std::string description() const override { return what_; }
+    bool has(const std::string& name) const override { return secs_.count(name) > 0; }
+    StateSection section(const std::string& name) const override {
+        const auto it = secs_.find(name);
+        if (it == secs_.end()) fail(COLLAPSE_ERR_IO, what_, ": missing section ", name);
+        StateSection s;
+        s.name = name, s.dtype_code = it->second.dtype, s.shape = it->second.shape, s.bytes = it->second.bytes.size();
+        s.data = s.bytes ? it->second.bytes.data() : nullptr;
+        return s;
+    }
+
+private:
+    struct Sec {
+        uint32_t dtype = 0;
+        std::vector<int64_t> shape;
+        size_t want = 0;
+        std::vector<uint8_t> bytes;
+    };
+    std::string what_;
+    std::shared_ptr<HostBudget> budget_;
+    std::vector<HostBudget::Lease> leases_;
+    std::map<std::string, Sec> secs_;
+    Sec* cur_ = nullptr;
+    std::string cur_name_;
+};
+
+struct Outcome {
+    bool empty = false;
+    collapse_status status = COLLAPSE_OK;
+    std::string error;
+};
+
+// Everything one state sends, into `into` (nullptr: drained and dropped). A sender's error frame
+// ends it with that error; an error of `into` (a full disk) is kept and the rest is drained, so
+// that the sender never waits on a receiver that has given up.
+int64_t g_received = 0;  // bytes this process took in (received_bytes)
+
+Outcome receive_state(Channel& ch, StateWriter* into) {
+    Outcome out;
+    Frame f;
+    std::vector<uint8_t> data;
+    auto writer_failed = [&](const Error& e) {
+        if (out.status == COLLAPSE_OK) out.status = e.status(), out.error = e.what();
+        into = nullptr;
+    };
+    for (;;) {
+        if (!ch.recv(f, data)) fail(COLLAPSE_ERR_INTERNAL, "MPI state transfer: data where a frame was expected");
+        if (f.kind == kEnd) return out;
+        if (f.kind == kEmpty) {
+            out.empty = true;
+            return out;
+        }
+        if (f.kind == kError) {
+            out.status = (collapse_status)f.status, out.error = f.text;
+            return out;
+        }
+        if (f.kind != kSection) fail(COLLAPSE_ERR_INTERNAL, "MPI state transfer: frame of unknown kind ", f.kind);
+        const std::vector<int64_t> shape(f.shape, f.shape + f.ndim);
+        try {
+            if (into) into->begin_section(f.text, f.dtype, shape, (size_t)f.bytes);
+        } catch (const Error& e) {
+            writer_failed(e);
+        }
+        for (uint64_t left = f.bytes; left > 0;) {
+            Frame g;
+            if (ch.recv(g, data)) {  // the sender failed inside the section
+                if (g.kind != kError) fail(COLLAPSE_ERR_INTERNAL, "MPI state transfer: a frame inside section ", f.text);
+                out.status = (collapse_status)g.status, out.error = g.text;
+                return out;
+            }
+            if (data.size() > left) fail(COLLAPSE_ERR_INTERNAL, "MPI state transfer: section ", f.text, " longer than declared");
+            left -= data.size();
+            g_received += (int64_t)data.size();
+            try {
+                if (into) into->append(data.data(), data.size());
+            } catch (const Error& e) {
+                writer_failed(e);
+            }
+        }
+        try {
+            if (into) into->end_section();
+        } catch (const Error& e) {
+            writer_failed(e);
+        }
+    }
+}
+
+// What a rank sends: its sections then the end, or (nothing written) kEmpty, or its error (which
+// is also returned).
+Outcome send_state(Channel& ch, size_t chunk, int rank, const std::function<bool(StateWriter&)>& body) {
+    PacketWriter w(ch, chunk);
+    Frame end;
+    try {
+        end.kind = body(w) ? kEnd : kEmpty;
+    } catch (const Error& e) {
+        end.kind = kError, end.status = e.status(), end.text = "rank " + std::to_string(rank) + ": " + e.what();
+    } catch (const std::bad_alloc&) {
+        end.kind = kError, end.status = COLLAPSE_ERR_OUT_OF_MEMORY, end.text = "rank " + std::to_string(rank) + ": out of memory";
+    } catch (const std::exception& e) {
+        end.kind = kError, end.status = COLLAPSE_ERR_INTERNAL, end.text = "rank " + std::to_string(rank) + ": internal error: " + e.what();
+    }
+    ch.send_frame(end);
+    Outcome o;
+    if (end.kind == kError) o.status = (collapse_status)end.status, o.error = end.text;
+    return o;
+}
+
+// The root's verdict to every rank; thrown everywhere when it is an error.
+void share_outcome(MPI_Comm comm, int root, collapse_status status, const std::string& msg) {
+    int code = (int)status;
+    MPI_Bcast(&code, 1, MPI_INT, root, comm);
+    uint64_t n = msg.size();
+    MPI_Bcast(&n, 1, MPI_UINT64_T, root, comm);
+    std::string text = msg;
+    text.resize((size_t)n);
+    MPI_Bcast(text.data(), (int)n, MPI_BYTE, root, comm);
+    if (code != 0) throw CollectiveError((collapse_status)code, text);
+}
+
+// The root takes every other rank's state in rank order, asking each in turn ("go"), so that it
+// holds at most one incoming state; after an error it asks no further rank (they send nothing).
+void gather(MPI_Comm comm, int root, size_t chunk, const std::function<bool(StateWriter&)>& send,
+            const std::function<void(int, Channel&)>& take) {
+    int rank = 0, P = 1;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &P);
+    collapse_status status = COLLAPSE_OK;
+    std::string msg;
+    if (rank == root) {
+        for (int r = 0; r < P; ++r) {
+            if (r == root) continue;
+            int go = status == COLLAPSE_OK ? 1 : 0;
+            MPI_Send(&go, 1, MPI_INT, r, kTagGo, comm);
+            if (!go) continue;
+            Channel ch = Channel::p2p(comm, r);
+            try {
+                take(r, ch);
+            } catch (const Error& e) {
+                status = e.status(), msg = e.what();
+            } catch (const std::bad_alloc&) {
+                status = COLLAPSE_ERR_OUT_OF_MEMORY, msg = "rank " + std::to_string(root) + " (root): out of memory";
+            }
+        }
+    } else {
+        int go = 0;
+        MPI_Recv(&go, 1, MPI_INT, root, kTagGo, comm, MPI_STATUS_IGNORE);
+        if (go) {
+            Channel ch = Channel::p2p(comm, root);
+            send_state(ch, chunk, rank, send);
+        }
+    }
+    share_outcome(comm, root, status, msg);
+}
+
+// A private spool file in intermediate_save_dir for rank r's incoming state, removed on scope exit.
+struct Spool {
+    std::string path;
+    explicit Spool(const Config& cfg, int r) {
+        std::filesystem::path dir = cfg.intermediate_save_dir.empty() ? std::filesystem::path(".") : std::filesystem::path(cfg.intermediate_save_dir);
+        std::error_code ec;
+        std::filesystem::create_directories(dir, ec);
+        if (ec) fail(COLLAPSE_ERR_IO, "cannot create intermediate_save_dir ", dir.string(), " for the ranks' states: ", ec.message());
+        path = (dir / ("mpi_state_rank" + std::to_string(r) + "_pid" + std::to_string(::getpid()) + ".ckpt")).string();
+    }
+    ~Spool() {
+        std::error_code ec;
+        std::filesystem::remove(path, ec);
+    }
+};
+
+}  // namespace
+
+int64_t received_bytes() { return g_received; }
+
+size_t chunk_bytes() {
+    if (const char* e = std::getenv("COLLAPSE_MPI_CHUNK_BYTES")) {
+        char* end = nullptr;
+        const long long v = std::strtoll(e, &end, 10);
+        if (end && *end == 0 && v >= 64 && v <= (1ll << 30)) return (size_t)v;
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "COLLAPSE_MPI_CHUNK_BYTES=", e, " is not a byte count in [64, 2^30]");
+    }
+    return kDefaultChunk;
+}
+
+void agree(MPI_Comm comm, const std::function<void()>& body) {
+    int rank = 0;
+    MPI_Comm_rank(comm, &rank);
+    int code = 0;
+    std::string msg;
+    try {
+        body();
+    } catch (const Error& e) {
+        code = e.status(), msg = e.what();
+    } catch (const std::bad_alloc&) {
+        code = COLLAPSE_ERR_OUT_OF_MEMORY, msg = "out of memory";
+    } catch (const std::exception& e) {
+        code = COLLAPSE_ERR_INTERNAL, msg = std::string("internal error: ") + e.what();
+    }
+    int mine = code ? rank : INT_MAX, first = INT_MAX;
+    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm);
+    if (first == INT_MAX) return;
+    MPI_Bcast(&code, 1, MPI_INT, first, comm);
+    uint64_t n = msg.size();
+    MPI_Bcast(&n, 1, MPI_UINT64_T, first, comm);
+    msg.resize((size_t)n);
+    MPI_Bcast(msg.data(), (int)n, MPI_BYTE, first, comm);
+    // A message that already names its rank (a forwarded one) keeps its own prefix.
+    throw CollectiveError((collapse_status)code, msg.rfind("rank ", 0) == 0 ? msg : "rank " + std::to_string(first) + ": " + msg);
+}
+
+void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    auto send = [&](StateWriter& w) {
+        if (!s.has_backend()) return false;  // no rows yet: nothing to add
+        io::write_session_state(s, w);
+        return true;
+    };
+    auto take = [&](int r, Channel& ch) {
+        Outcome o;
+        std::unique_ptr<Spool> spool;
+        std::unique_ptr<io::CheckpointWriter> w;
+        try {
+            spool = std::make_unique<Spool>(s.config(), r);
+            w = std::make_unique<io::CheckpointWriter>(spool->path);
+        } catch (const Error& e) {
+            o.status = e.status(), o.error = e.what();
+        }
+        const Outcome got = receive_state(ch, w.get());
+        if (o.status == COLLAPSE_OK) o = got;
+        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error.rfind("rank ", 0) == 0 ? o.error : "rank " + std::to_string(r) + "'s state could not be spooled on the root: " + o.error);
+        if (o.empty) return;
+        try {
+            w->commit();
+            const io::CheckpointReader reader(spool->path);
+            io::merge_session_state(s, reader);
+        } catch (const Error& e) {
+            throw Error(e.status(), "rank " + std::to_string(r) + "'s state was refused by the root: " + e.what());
+        }
+    };
+    gather(comm, root, chunk, send, take);
+}
+
+bool begin_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    int rank = 0;
+    MPI_Comm_rank(comm, &rank);
+    int needed = 0;
+    agree(comm, [&] { needed = rank == root && s.needs_second_pass() ? 1 : 0; });
+    MPI_Bcast(&needed, 1, MPI_INT, root, comm);
+    if (!needed) return false;
+    // The root's combined class counts and sums to every rank.
+    Channel ch = Channel::bcast(comm, root);
+    Outcome o;
+    MemoryState sums("the root's combined class sums", s.budget_account());
+    if (rank == root) {
+        o = send_state(ch, chunk, rank, [&](StateWriter& w) {
+            s.write_class_sums(w);
+            return true;
+        });
+    } else {
+        o = receive_state(ch, &sums);
+    }
+    agree(comm, [&] {
+        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
+        if (rank != root) s.adopt_class_sums(sums);
+        s.begin_second_pass();
+    });
+    return true;
+}
+
+void end_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    auto send = [&](StateWriter& w) {
+        s.save_second_pass(w);
+        return true;
+    };
+    auto take = [&](int r, Channel& ch) {
+        MemoryState part("rank " + std::to_string(r) + "'s second pass", s.budget_account());
+        const Outcome o = receive_state(ch, &part);
+        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
+        try {
+            s.merge_second_pass(part);
+        } catch (const Error& e) {
+            throw Error(e.status(), "rank " + std::to_string(r) + "'s second pass was refused by the root: " + e.what());
+        }
+    };
+    gather(comm, root, chunk, send, take);
+}
+
+}  // namespace collapse::internal::mpi

@@ -1,0 +1,129 @@
+#include "report/exports.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+#include "base/atomic_file.hpp"
+#include "base/error.hpp"
+#include "io/tensor_file.hpp"
+
+namespace collapse::internal {
+
+namespace {
+
+// Per-token keys in the CSV's column order (after token_id and token).
+const char* const kColumns[] = {"num_samples",     "svd_rows",    "sampled",     "svd_entropy",  "effective_rank",
+                                "normalized_entropy", "mean_norm", "within_variance", "duality_cos", "duality_dot",
+                                "nc4_hit_rate",    "nc4_rows"};
+
+// RFC 4180: a field with a comma, quote or line break is quoted, its quotes doubled.
+std::string csv_field(const std::string& s) {
+    if (s.find_first_of(",\"\r\n") == std::string::npos) return s;
+    std::string out = "\"";
+    for (char c : s) out += c == '"' ? std::string("\"\"") : std::string(1, c);
+    return out + "\"";
+}
+
+std::string csv_value(const nlohmann::json& v) {
+    if (v.is_null()) return "";
+    if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+    if (v.is_number_integer()) return std::to_string(v.get<int64_t>());
+    if (v.is_number()) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%.17g", v.get<double>());
+        return buf;
+    }
+    if (v.is_string()) return csv_field(v.get<std::string>());
+    return csv_field(v.dump());
+}
+
+void write_npy_file(const std::string& dir, const std::string& name, collapse_dtype dtype, const std::vector<int64_t>& shape,
+                    const void* data, std::vector<std::string>& written) {
+    write_file_atomically(dir + "/" + name, io::npy_bytes(dtype, shape, data), "export");
+    written.push_back(name);
+}
+
+}  // namespace
+
+void prepare_export_dir(const std::string& dir) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const fs::file_status st = fs::status(dir, ec);
+    if (fs::exists(st) && !fs::is_directory(st))
+        fail(COLLAPSE_ERR_IO, "--export-dir ", dir, " exists and is not a directory");
+    if (!fs::exists(st)) {
+        fs::create_directories(dir, ec);
+        if (ec) fail(COLLAPSE_ERR_IO, "--export-dir ", dir, ": cannot create the directory: ", ec.message());
+    }
+    // Writable: a probe file (access() says yes to root even on a read-only mount).
+    std::string probe = dir + "/.collapse-export-probe-XXXXXX";
+    const int fd = ::mkstemp(probe.data());
+    if (fd < 0) fail(COLLAPSE_ERR_IO, "--export-dir ", dir, ": cannot create a file there: ", std::strerror(errno));
+    ::close(fd);
+    ::unlink(probe.c_str());
+}
+
+std::string token_table_csv(const nlohmann::json& doc, const std::vector<int64_t>& ids) {
+    const nlohmann::json& ta = doc.at("token_analysis");
+    bool strings = false;
+    for (auto it = ta.begin(); it != ta.end() && !strings; ++it) strings = it.value().contains("token");
+    std::string out = "token_id";
+    if (strings) out += ",token";
+    for (const char* c : kColumns) out += std::string(",") + c;
+    out += "\n";
+    for (int64_t id : ids) {
+        const nlohmann::json& e = ta.at(std::to_string(id));
+        out += std::to_string(id);
+        if (strings) out += "," + (e.contains("token") ? csv_value(e["token"]) : std::string());
+        for (const char* c : kColumns) out += "," + (e.contains(c) ? csv_value(e[c]) : std::string());
+        out += "\n";
+    }
+    return out;
+}
+
+std::vector<std::string> write_exports(const std::string& dir, const Result& r, const nlohmann::json& doc) {
+    const MetricValues& mv = r.metrics;
+    const int64_t K = (int64_t)mv.tokens.size(), d = r.engine.dim;
+    if (K != r.counts.classes_kept || (int64_t)mv.class_means.size() != K * d)
+        fail(COLLAPSE_ERR_INTERNAL, "exports: the result has ", K, " tokens and ", mv.class_means.size(), " mean values for ",
+             r.counts.classes_kept, " kept classes of width ", d);
+    std::vector<std::string> written;
+    std::vector<int64_t> ids, n, nc4_rows;
+    std::vector<double> mean_norm, within, cosv, dot, hit, entropy;
+    auto val = [](const std::optional<double>& v) { return v ? *v : std::nan(""); };
+    for (const TokenMetrics& t : mv.tokens) {
+        ids.push_back(t.id);
+        n.push_back(t.num_samples);
+        mean_norm.push_back(val(t.mean_norm));
+        within.push_back(val(t.within_variance));
+        cosv.push_back(val(t.duality_cos));
+        dot.push_back(val(t.duality_dot));
+        hit.push_back(t.nc4_rows > 0 ? (double)t.nc4_hits / (double)t.nc4_rows : std::nan(""));
+        nc4_rows.push_back(t.nc4_rows);
+        entropy.push_back(val(t.svd_entropy));
+    }
+    write_npy_file(dir, "class_means.npy", COLLAPSE_F64, {K, d}, mv.class_means.data(), written);
+    write_npy_file(dir, "class_ids.npy", COLLAPSE_I64, {K}, ids.data(), written);
+    write_npy_file(dir, "num_samples.npy", COLLAPSE_I64, {K}, n.data(), written);
+    write_npy_file(dir, "mean_norm.npy", COLLAPSE_F64, {K}, mean_norm.data(), written);
+    write_npy_file(dir, "within_variance.npy", COLLAPSE_F64, {K}, within.data(), written);
+    write_npy_file(dir, "duality_cos.npy", COLLAPSE_F64, {K}, cosv.data(), written);
+    write_npy_file(dir, "duality_dot.npy", COLLAPSE_F64, {K}, dot.data(), written);
+    write_npy_file(dir, "nc4_hit_rate.npy", COLLAPSE_F64, {K}, hit.data(), written);
+    write_npy_file(dir, "nc4_rows.npy", COLLAPSE_I64, {K}, nc4_rows.data(), written);
+    write_npy_file(dir, "svd_entropy.npy", COLLAPSE_F64, {K}, entropy.data(), written);
+    // Sigma_W [d, d] (the anchors' within-class covariance), when the run computed it.
+    if ((int64_t)mv.sigma_w.size() == d * d && d > 0) write_npy_file(dir, "sigma_w.npy", COLLAPSE_F64, {d, d}, mv.sigma_w.data(), written);
+    write_file_atomically(dir + "/token_analysis.csv", token_table_csv(doc, ids), "export");
+    written.push_back("token_analysis.csv");
+    return written;
+}
+
+}  // namespace collapse::internal

@@ -1,0 +1,174 @@
+// `mpirun -np P collapse analyze` against the single-process report (README "MPI"): equal within
+// 1e-12 relative, counts exactly, for P = 1..4 and every svd_mode, with NC4, windows and
+// max_tokens_to_analyze; an error on one rank, a rank killed mid-run, per-rank checkpoints.
+// Registered only when MPI is found (tests/CMakeLists.txt); every mpirun runs under `timeout`.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "common/cli_fixture.hpp"
+#include "common/compare.hpp"
+#include "io/tensor_file.hpp"
+
+#ifndef COLLAPSE_MPIEXEC
+#define COLLAPSE_MPIEXEC "mpirun"
+#endif
+
+namespace {
+
+using testutil::quote;
+
+class MpiCli : public testutil::CliTest {
+protected:
+    void SetUp() override {
+        CliTest::SetUp();
+        if (IsSkipped()) return;
+        // 2,000 rows in sequences of 30 (the rank cuts at 2000 r / P fall inside sequences).
+        synth("d", "");
+        const int64_t N = 2000;
+        std::vector<int32_t> seq(N), pos(N);
+        for (int64_t i = 0; i < N; ++i) seq[i] = (int32_t)(i / 30), pos[i] = (int32_t)(i % 30);
+        collapse::internal::io::write_npy(path("d/seq.npy"), COLLAPSE_I32, {N}, seq.data());
+        collapse::internal::io::write_npy(path("d/pos.npy"), COLLAPSE_I32, {N}, pos.data());
+    }
+
+    // `mpirun -np P collapse <args>` with a hard time limit; env: extra -x VAR=value for every rank.
+    testutil::CliRun mpirun(int P, const std::string& args, const std::string& env = "", int limit = 60) const {
+        const std::string out = path(".mpi_out"), err = path(".mpi_err");
+        const std::string cmd = "cd " + quote(dir_) +
+                                " && OPENBLAS_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout -k 5 " +
+                                std::to_string(limit) + " " + quote(COLLAPSE_MPIEXEC) + " --oversubscribe -np " + std::to_string(P) +
+                                " -x OPENBLAS_NUM_THREADS -x COLLAPSE_MPI_CHUNK_BYTES=512 " + env + " " + quote(COLLAPSE_CLI_PATH) + " " +
+                                args + " >" + quote(out) + " 2>" + quote(err) + " </dev/null";
+        const int rc = std::system(cmd.c_str());
+        testutil::CliRun r;
+        r.status = (rc != -1 && WIFEXITED(rc)) ? WEXITSTATUS(rc) : -1;
+        r.out = testutil::slurp(out);
+        r.err = testutil::slurp(err);
+        return r;
+    }
+
+    std::string input(bool windows = true) const {
+        return "--features d/features.npy --labels d/labels.npy --classifier d/classifier.npy --batch-rows 150 " +
+               std::string(windows ? "--sequence-ids d/seq.npy --positions d/pos.npy " : "");
+    }
+
+    // The report without what differs between any two runs (engine: batches per process, spill
+    // and timings; run, input: provenance).
+    nlohmann::json numbers(const std::string& name) const {
+        nlohmann::json j = report(name);
+        j.erase("engine");
+        return j;
+    }
+
+    void expect_equal_for_every_p(const std::string& config) {
+        testutil::spit(path("c.yaml"), config);
+        run_ok("analyze " + input() + "--config c.yaml -q -o single.json");
+        const nlohmann::json single = numbers("single.json");
+        ASSERT_FALSE(single["window_summary"].is_null()) << "the input must give window metrics";
+        ASSERT_FALSE(single["overall_analysis"]["nc4_agreement"].is_null());
+        for (int P = 1; P <= 4; ++P) {
+            const std::string out = "mpi" + std::to_string(P) + ".json";
+            const testutil::CliRun r = mpirun(P, "analyze " + input() + "--config c.yaml -q -o " + out);
+            ASSERT_EQ(r.status, 0) << "P = " << P << "\n" << r.err;
+            SCOPED_TRACE("P = " + std::to_string(P));
+            testutil::expect_same_json(single, numbers(out), 1e-12);
+        }
+    }
+};
+
+TEST_F(MpiCli, ExactEqualsSingleProcessForP1To4) {
+    expect_equal_for_every_p("svd_mode: exact\ncompute_nc4: true\nmax_tokens_to_analyze: 25\nwindow_size: 8\n");
+}
+
+// Reservoirs larger than every class: they hold every row, so sampling is exact too.
+TEST_F(MpiCli, SampledEqualsSingleProcessForP1To4) {
+    expect_equal_for_every_p(
+        "svd_mode: sampled\nsvd_max_rows_per_token: 1000\ncompute_nc4: true\nmax_tokens_to_analyze: 25\nwindow_size: 8\n");
+}
+
+// No row store: NC4 and the kept set's Gram come from every rank's second pass over its own rows.
+TEST_F(MpiCli, OffEqualsSingleProcessForP1To4) {
+    expect_equal_for_every_p("svd_mode: off\ncompute_nc4: true\nmax_tokens_to_analyze: 25\nwindow_size: 8\n");
+}
+
+// The sequences layout: whole sequences per rank, numbered by their index in the file.
+TEST_F(MpiCli, SequencesLayoutEqualsSingleProcess) {
+    synth("q", "--sequences 40");
+    testutil::spit(path("c.yaml"), "svd_mode: off\ncompute_nc4: true\nwindow_size: 8\n");
+    const std::string in = "analyze --hidden q/hidden_states.npy --input-ids q/input_ids.npy --batch-rows 300 --config c.yaml -q ";
+    run_ok(in + "-o single.json");
+    const nlohmann::json single = numbers("single.json");
+    ASSERT_FALSE(single["window_summary"].is_null());
+    const testutil::CliRun r = mpirun(3, in + "-o mpi.json");
+    ASSERT_EQ(r.status, 0) << r.err;
+    testutil::expect_same_json(single, numbers("mpi.json"), 1e-12);
+}
+
+// Reservoirs smaller than the classes are merged as checkpoint merge merges them: the MPI report's
+// per-token numbers equal those of `collapse merge` of the ranks' own checkpoints, in rank order.
+TEST_F(MpiCli, SmallReservoirsMergeAsCheckpointMergeDoes) {
+    testutil::spit(path("c.yaml"), "svd_mode: sampled\nsvd_max_rows_per_token: 12\n");
+    const testutil::CliRun r = mpirun(3, "analyze " + input(false) + "--config c.yaml -q -o mpi.json --checkpoint run.ckpt");
+    ASSERT_EQ(r.status, 0) << r.err;
+    for (int k = 0; k < 3; ++k) EXPECT_TRUE(std::filesystem::exists(path("run.ckpt.rank" + std::to_string(k) + "of3")));
+    EXPECT_FALSE(std::filesystem::exists(path("run.ckpt")));
+    run_ok("merge run.ckpt.rank0of3 run.ckpt.rank1of3 run.ckpt.rank2of3 -o all.ckpt -q");
+    run_ok("analyze --from-checkpoint all.ckpt --classifier d/classifier.npy -q -o merged.json");
+    const nlohmann::json a = numbers("mpi.json"), b = numbers("merged.json");
+    testutil::expect_same_json(a["token_analysis"], b["token_analysis"], 1e-12);
+    testutil::expect_same_json(a["summary"], b["summary"], 1e-12);
+    testutil::expect_same_json(a["counts"], b["counts"], 0);
+}
+
+// Checkpoints per rank; a resume with the same P gives the same report, another P is refused
+// naming both.
+TEST_F(MpiCli, CheckpointPerRankAndResume) {
+    testutil::spit(path("c.yaml"), "svd_mode: off\ncompute_nc4: true\nwindow_size: 8\nsave_every: 2\n");
+    run_ok("analyze " + input() + "--config c.yaml -q -o single.json");
+    testutil::CliRun r = mpirun(2, "analyze " + input() + "--config c.yaml -q -o first.json --checkpoint run.ckpt");
+    ASSERT_EQ(r.status, 0) << r.err;
+    r = mpirun(2, "analyze " + input() + "--config c.yaml -o resumed.json --checkpoint run.ckpt --resume");
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_NE(r.err.find("resumed from run.ckpt"), std::string::npos) << r.err;
+    testutil::expect_same_json(numbers("single.json"), numbers("resumed.json"), 1e-12);
+    r = mpirun(3, "analyze " + input() + "--config c.yaml -q -o other.json --checkpoint run.ckpt --resume");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.status, 124) << "timed out";
+    EXPECT_NE(r.err.find("run on 2 MPI ranks, this run has 3"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(path("other.json")));
+    // Without MPI the rank files are not a checkpoint of this run either.
+    expect_error("analyze " + input() + "--config c.yaml -q -o plain.json --checkpoint run.ckpt --resume",
+                 {"run on 2 MPI ranks, this run has 1 (no MPI)"});
+}
+
+// A bad label only in rank 2's share: every rank ends, nonzero, with rank 2's message.
+TEST_F(MpiCli, ErrorOnOneRankEndsAllWithItsMessage) {
+    std::vector<int32_t> labels(2000);
+    for (int i = 0; i < 2000; ++i) labels[i] = i % 40;
+    labels[1700] = 77;  // rank 2 of 3 reads rows [1333, 2000)
+    collapse::internal::io::write_npy(path("bad_labels.npy"), COLLAPSE_I32, {2000}, labels.data());
+    const testutil::CliRun r =
+        mpirun(3, "analyze --features d/features.npy --labels bad_labels.npy --num-classes 40 --batch-rows 150 -q -o bad.json", "", 30);
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.status, 124) << "timed out: a rank waited for the failed one";
+    EXPECT_NE(r.err.find("collapse: error: rank 2 of 3:"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("1700"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(path("bad.json")));
+}
+
+// Rank 1 dies (SIGKILL after its first batch): the others end within the time limit, and the
+// launcher says which rank died.
+TEST_F(MpiCli, KilledRankEndsTheOthers) {
+    const testutil::CliRun r =
+        mpirun(3, "analyze " + input() + "-q -o killed.json", "-x COLLAPSE_TEST_MPI_KILL_RANK=1", 30);
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.status, 124) << "timed out: the other ranks waited for the dead one";
+    EXPECT_NE(r.err.find("rank 1"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("signal 9"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(path("killed.json")));
+}
+
+}  // namespace
