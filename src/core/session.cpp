@@ -404,6 +404,13 @@ Result Session::compute(bool final) {
         // The counts do not change in the second pass: the kept set is the one it was given.
         HostBudget::Lease kept_lease;
         const KeptSet kept = kept_classes(&r.counts, kept_lease);
+        // The report is built from the result (src/report/): its token_analysis (an entry per kept
+        // class with per-token metrics or per-class arrays) must fit beside what the session
+        // holds. Checked before the backend computes anything for those classes.
+        const bool entries = cfg_.per_class_arrays || (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF);
+        const int64_t entry_count = entries ? (int64_t)kept.ids.size() : 0;
+        budget_->check(report_bytes_estimate(entry_count),
+                       "the report's token_analysis of K = " + std::to_string(entry_count) + " kept classes (an estimate)", kFixKeptClasses);
         backend_->ood_mean = ood_mean_;
         r.metrics = backend_->compute(kept, clf_);
         if (cfg_.per_class_arrays) attach_per_class_arrays(kept, r.metrics);
@@ -415,11 +422,6 @@ Result Session::compute(bool final) {
             if (second_pass_gram() && cfg_.compute_class_metrics && !r.metrics.nc1_pinv)  // Sigma_W of the cut kept set
                 for (const char* k : {"nc1_pinv", "nc1_svd", "nc1_quot"}) r.metrics.notes[k] = kSnapshotNote;
         }
-        // The report is built from the result (src/report/): its token_analysis must fit beside
-        // what the session holds.
-        budget_->check(report_bytes_estimate((int64_t)r.metrics.tokens.size()),
-                       "the report's token_analysis of K = " + std::to_string(r.metrics.tokens.size()) + " kept classes (an estimate)",
-                       kFixKeptClasses);
     } else {
         r.metrics.notes["overall"] = "no rows were ingested: every metric is null";
     }
