@@ -400,14 +400,9 @@ collapse_status collapse_analyze_files(const collapse_analysis* a, collapse_repo
             src = ci::driver::tensor_sequences(ci::io::open_npy(a->hidden), ci::io::open_npy(a->input_ids), npy(a->attention_mask), "npy");
         }
         const std::optional<ci::io::Tensor> w = npy(a->classifier), bias = npy(a->bias);
-        // V as `collapse analyze` takes it: the argument, the config, the classifier, the largest label + 1.
-        int64_t V = a->num_classes > 0 ? a->num_classes : cfg.num_classes;
         if (w && w->shape.size() != 2)
             ci::fail(COLLAPSE_ERR_SHAPE, "classifier '", w->name, "' must be 2-D, has ", w->shape.size(), " dimensions");
-        if (V <= 0 && w) V = w->shape[0];
-        if (V <= 0) V = src->label_bound();
-        if (V <= 0) V = 1;
-        if (w && w->shape[0] != V) ci::fail(COLLAPSE_ERR_SHAPE, "classifier '", w->name, "' has ", w->shape[0], " rows, but V = ", V);
+        const int64_t V = ci::driver::resolve_num_classes(a->num_classes, cfg.num_classes, w ? &*w : nullptr, *src);
         cfg.num_classes = V;
         ci::Session session(cfg);
         if (w) {

@@ -456,18 +456,7 @@ int run_analyze(const AnalyzeArgs& a) {
     if (a.resume && a.checkpoint.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--resume needs --checkpoint FILE");
     Input in = open_input(a, quiet);
     driver::RowSource& src = *in.rows;
-    // V: the flag, the config, the classifier, or the largest label + 1.
-    int64_t V = a.num_classes > 0 ? a.num_classes : cfg.num_classes;
-    if (V <= 0 && in.classifier) V = in.classifier->shape[0];
-    if (V <= 0) V = src.label_bound();
-    if (V <= 0) V = 1;  // no labels at all: an empty report
-    if (in.classifier && in.classifier->shape[0] != V) {
-        const auto& s = in.classifier->shape;
-        if (s[1] == V && s[0] == src.dim())
-            fail(COLLAPSE_ERR_SHAPE, "classifier '", in.classifier->name, "' has shape [", s[0], ", ", s[1], "]: it looks transposed; ",
-                 "expected [V, d] = [", V, ", ", src.dim(), "]");
-        fail(COLLAPSE_ERR_SHAPE, "classifier '", in.classifier->name, "' has ", s[0], " rows, but V = ", V);
-    }
+    const int64_t V = driver::resolve_num_classes(a.num_classes, cfg.num_classes, in.classifier ? &*in.classifier : nullptr, src);
     cfg.num_classes = V;
     std::unique_ptr<driver::RowSource> held_out = open_held_out(a, cfg, src.dim());
     const std::optional<io::Tokenizer> tok = open_tokenizer(a, cfg);

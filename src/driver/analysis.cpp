@@ -134,6 +134,21 @@ void run_held_out_pass(Session& session, RowSource& held_out, const AnalysisOpti
     run_pass(session, held_out, o, false, 0, true);
 }
 
+int64_t resolve_num_classes(int64_t given, int64_t configured, const io::Tensor* classifier, RowSource& src) {
+    int64_t V = given > 0 ? given : configured;
+    if (V <= 0 && classifier) V = classifier->shape[0];
+    if (V <= 0) V = src.label_bound();
+    if (V <= 0) V = 1;
+    if (classifier && classifier->shape[0] != V) {
+        const auto& s = classifier->shape;
+        if (s[1] == V && s[0] == src.dim())
+            fail(COLLAPSE_ERR_SHAPE, "classifier '", classifier->name, "' has shape [", s[0], ", ", s[1], "]: it looks transposed; ",
+                 "expected [V, d] = [", V, ", ", src.dim(), "]");
+        fail(COLLAPSE_ERR_SHAPE, "classifier '", classifier->name, "' has ", s[0], " rows, but V = ", V);
+    }
+    return V;
+}
+
 std::pair<int64_t, int64_t> rank_share(RowSource& src, int rank, int P) {
     const int64_t N = src.length();
     auto cut = [&](int r) -> int64_t {

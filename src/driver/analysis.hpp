@@ -66,6 +66,11 @@ AnalysisOutcome run_analysis(Session& session, RowSource& source, const Analysis
 // whose first pass is done (run_analysis, or a loaded checkpoint). Nothing when no second pass is needed.
 void run_held_out_pass(Session& session, RowSource& held_out, const AnalysisOptions& options);
 
+// V as `collapse analyze` takes it: `given` (flag or argument), else the config's, else the
+// classifier's rows, else the largest label + 1, else 1 (no labels at all: an empty report). A 2-D
+// classifier whose row count is not V is refused, saying so when it looks transposed.
+int64_t resolve_num_classes(int64_t given, int64_t configured, const io::Tensor* classifier, RowSource& source);
+
 // Rank `rank` of P's contiguous share of the source's positions: [N r / P, N (r + 1) / P), each
 // cut moved forward past rows of the sequence it would split (rows layout with sequence ids, whose
 // sequences must then be contiguous in the file; interleaved ones make the combine refuse the
