@@ -100,12 +100,14 @@ void bench_ingest(const Options& o, json& out);      // ingest_bench.cpp: 1. ing
 void bench_gram(const Options& o, json& out);        //                   2. ingest with the Gram vs. dsyrk
 void bench_finalize(const Options& o, json& out);    // finalize_bench.cpp: 3. pair metrics vs. tile GEMMs
 void bench_svd(const Options& o, json& out);         //                     4. per-token SVD vs. dgesdd
+void bench_nc4(const Options& o, json& out);         //                     7. NC4 from the row store vs. the GEMM floor
 void bench_spill(const Options& o, json& out);       // storage_bench.cpp: 5. row-store spill vs. plain file I/O
 void bench_checkpoint(const Options& o, json& out);  //                    6. checkpoint vs. plain file I/O
 #ifdef COLLAPSE_BENCH_CUDA
 void cuda_ingest(const Options& o, json& out);     // cuda_bench.cpp: C1. fp16 device ingest vs. D2D copy
 void cuda_pairs(const Options& o, json& out);      //                 C2. pair metrics vs. tile cublasDgemm
 void cuda_token_svd(const Options& o, json& out);  //                 C3. per-token SVD and its cuSOLVER share
+void cuda_end_to_end(const Options& o, json& out);  //                 C4. analyze file -> report vs. read + solver + GEMM floor
 #endif
 
 }  // namespace bench

@@ -2,9 +2,13 @@
 // a D2D copy of the same buffer, C2 pair metrics vs. the same tile GEMMs, C3 per-token SVD and its
 // cuSOLVER share. Built only with the CUDA toolkit; the device side is in cuda_helpers.cu, so this
 // file includes no CUDA header.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -13,6 +17,7 @@
 
 #include "base/dtype.hpp"
 #include "common.hpp"
+#include "io/tensor_file.hpp"
 #include "cuda_helpers.hpp"
 
 namespace bench {
@@ -272,5 +277,116 @@ void cuda_token_svd(const Options& o, json& out) {
                              {"compute_exact_seconds", t_exact}, {"compute_off_seconds", t_off},
                              {"classes_per_s", (double)kept / t_engine}, {"cusolver_seconds", eig.seconds},
                              {"cusolver_share", share}, {"groups", jg}};
+}
+// C4. End to end (issue 11): `collapse analyze --backend cuda` through the same driver
+// (collapse_analyze_files) on synthetic .npy files in the page cache, exact per-token SVD, classifier
+// and NC4, file -> report; next to its floor: reading the files from the page cache + the bare
+// cuSOLVER calls of the per-token SVD (figure 3's ceiling on the report's classes) + the NC4
+// logits GEMMs of the second pass (cublasDgemm over every row in the engine's chunks).
+void cuda_end_to_end(const Options& o, json& out) {
+    const int64_t n = o.quick ? 100000 : 300000, d = 1024, V = o.quick ? 8000 : 32000;
+    const int reps = o.quick ? 2 : 3;
+    std::printf("\n== C4. cuda end to end: collapse analyze --backend cuda (collapse_analyze_files), %lld x %lld fp16 rows, V=%lld"
+                " Zipf(1.1), svd_mode exact + classifier + NC4, files in the page cache ==\n", (long long)n, (long long)d, (long long)V);
+    std::printf("   engine: the whole call, file -> report (host clock), one warm-up, best of %d; floor: page-cache read of the"
+                " files (pread, best of %d) + the per-token cuSOLVER calls alone + NC4's logits DGEMMs alone (events); goal (issue 11,"
+                " 300k rows on an H200): <= 1.0 s\n", reps, reps);
+    collapse::internal::SynthSpec spec;
+    spec.rows = n, spec.dim = d, spec.classes = V, spec.zipf_s = kZipf, spec.collapse = kCollapse, spec.dtype = COLLAPSE_F16, spec.seed = 11;
+    const SynthGenerator gen(spec);
+    const std::filesystem::path dir = std::filesystem::path(o.scratch) / ("collapse_bench_e2e_" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir);
+    struct RemoveDir {
+        std::filesystem::path p;
+        ~RemoveDir() {
+            std::error_code ec;
+            std::filesystem::remove_all(p, ec);
+        }
+    } const remove_dir{dir};
+    const std::string fx = (dir / "features.npy").string(), fy = (dir / "labels.npy").string(), fw = (dir / "classifier.npy").string();
+    {  // written as `collapse synth` writes them, a chunk at a time
+        collapse::internal::io::NpyWriter xw(fx, COLLAPSE_F16, {n, d});
+        collapse::internal::io::NpyWriter yw(fy, COLLAPSE_I32, {n});
+        const int64_t chunk = 16384;
+        std::vector<int32_t> y((size_t)chunk);
+        std::vector<uint16_t> x((size_t)(chunk * d));
+        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+            const int64_t m = std::min(chunk, n - r0);
+            gen.labels(r0, m, y.data());
+            gen.features(r0, m, y.data(), x.data());
+            xw.append(x.data(), (size_t)(m * d) * 2);
+            yw.append(y.data(), (size_t)m * 4);
+        }
+        xw.close();
+        yw.close();
+        std::vector<float> w((size_t)(V * d));
+        gen.classifier(w.data());
+        collapse::internal::io::write_npy(fw, COLLAPSE_F32, {V, d}, w.data());
+    }
+    // The file part of the floor: every byte of the three files through pread (page cache).
+    std::vector<char> buf((size_t)(64 * kMiB));
+    auto read_files = [&] {
+        const auto t0 = Clock::now();
+        for (const std::string& f : {fx, fy, fw}) {
+            const int fd = ::open(f.c_str(), O_RDONLY);
+            if (fd < 0) throw std::runtime_error("cannot open " + f);
+            off_t at = 0;
+            for (ssize_t got; (got = ::pread(fd, buf.data(), buf.size(), at)) > 0;) at += got;
+            ::close(fd);
+        }
+        return since(t0);
+    };
+    std::vector<double> tr;
+    for (int r = 0; r <= reps; ++r) tr.push_back(read_files());  // r = 0 fills the page cache
+    tr.erase(tr.begin());
+    const double t_read = summarize(tr).best;
+
+    collapse_analysis a{};
+    a.struct_size = sizeof a;
+    a.config_yaml = "backend: cuda\nsvd_mode: exact\ncompute_nc4: true\n";
+    a.config_source = "collapse_bench C4";
+    a.features = fx.c_str(), a.labels = fy.c_str(), a.classifier = fw.c_str();
+    std::vector<double> t;
+    json report, timings = json::object();
+    for (int r = 0; r <= reps; ++r) {  // r = 0 warms up (module load, pool)
+        collapse_report* rep = nullptr;
+        const auto t0 = Clock::now();
+        const collapse_status st = collapse_analyze_files(&a, &rep);
+        const double sec = since(t0);
+        if (st != COLLAPSE_OK) throw std::runtime_error(std::string("collapse_analyze_files: ") + collapse_last_error());
+        const char* js = nullptr;
+        if (r == reps && collapse_report_json(rep, &js) == COLLAPSE_OK) report = json::parse(js);
+        collapse_report_destroy(rep);
+        if (r > 0) t.push_back(sec);
+    }
+    const Timing tm = summarize(t);
+    if (report.contains("engine") && report["engine"].contains("timings_seconds")) timings = report["engine"]["timings_seconds"];
+    // The per-token solver calls on the report's classes (figure 3's groups), and NC4's GEMMs.
+    std::map<int64_t, bench_cuda::EigGroup> by_m;
+    int64_t K = 0;
+    for (auto it = report["token_analysis"].begin(); it != report["token_analysis"].end(); ++it, ++K) {
+        const int m = (int)std::min<int64_t>(it.value()["svd_rows"].get<int64_t>(), d);
+        int64_t M = 2;
+        while (M < m) M *= 2;
+        by_m[M].M = M;
+        by_m[M].m.push_back(m);
+    }
+    std::vector<bench_cuda::EigGroup> groups;
+    for (auto& [M, g] : by_m) groups.push_back(std::move(g));
+    const double t_eig = groups.empty() ? 0.0 : bench_cuda::eig_solver_seconds(groups, reps).seconds;
+    const int64_t nc4_chunk = std::max<int64_t>(1, std::min<int64_t>(65536, (int64_t(64) << 20) / (8 * std::max(V, K))));
+    const double t_gemm = bench_cuda::chunked_gemm_seconds(V, nc4_chunk, d, n, reps);
+    const double floor_s = t_read + t_eig + t_gemm, ratio = tm.best / floor_s;
+    std::printf("cuda-e2e     f16 n=%lld d=%lld V=%lld kept=%lld  file->report seconds=%8.4f (median %8.4f)  | floor=%8.4f (read %.4f +"
+                " cuSOLVER %.4f + NC4 DGEMM %.4f)  ratio=%.2f  goal (300k, H200) <= 1.0 s %s\n",
+                (long long)n, (long long)d, (long long)V, (long long)K, tm.best, tm.median, floor_s, t_read, t_eig, t_gemm, ratio,
+                o.quick ? "(quick: not the goal's size)" : tm.best <= 1.0 ? "met" : "MISSED");
+    std::printf("             phases: %s\n", timings.dump().c_str());
+    std::fflush(stdout);
+    out["cuda_end_to_end"] = {{"rows", n}, {"d", d}, {"V", V}, {"dtype", "f16"}, {"classes_kept", K}, {"seconds_best", tm.best},
+                              {"seconds_median", tm.median}, {"phases", timings}, {"floor_seconds", floor_s}, {"read_seconds", t_read},
+                              {"file_bytes", (double)(std::filesystem::file_size(fx) + std::filesystem::file_size(fy) + std::filesystem::file_size(fw))},
+                              {"cusolver_seconds", t_eig}, {"nc4_gemm_seconds", t_gemm}, {"ratio_over_floor", ratio},
+                              {"goal", "<= 1.0 s at 300k rows on an H200"}, {"goal_met", !o.quick && tm.best <= 1.0}};
 }
 }  // namespace bench

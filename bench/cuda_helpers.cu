@@ -91,6 +91,19 @@ struct Stream {
     Stream& operator=(const Stream&) = delete;
 };
 
+// A cuBLAS handle on a stream, in the engine's default math mode (allow_tf32: false).
+struct Cublas {
+    cublasHandle_t h = nullptr;
+    explicit Cublas(cudaStream_t s) {
+        check(cublasCreate(&h), "cublasCreate");
+        check(cublasSetStream(h, s), "cublasSetStream");
+        check(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");
+    }
+    ~Cublas() { cublasDestroy(h); }
+    Cublas(const Cublas&) = delete;
+    Cublas& operator=(const Cublas&) = delete;
+};
+
 }  // namespace
 
 bool device_info(std::string* name, double* mem_gib, std::string* why) {
@@ -159,14 +172,8 @@ double d2d_copy_gbps(const void* src, size_t bytes, int reps) {
 
 double pair_gemm_seconds(int64_t K, int64_t d, int64_t T, int reps, double* flops, int64_t* tiles) {
     Stream st;
-    cublasHandle_t h = nullptr;
-    check(cublasCreate(&h), "cublasCreate");
-    struct HandleGuard {
-        cublasHandle_t h;
-        ~HandleGuard() { cublasDestroy(h); }
-    } guard{h};
-    check(cublasSetStream(h, st.s), "cublasSetStream");
-    check(cublasSetMathMode(h, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");  // the engine's default (allow_tf32: false)
+    const Cublas blas(st.s);
+    const cublasHandle_t h = blas.h;
     const int64_t te = std::min(T, K);
     Dev<double> m((size_t)(K * d)), tile((size_t)(te * te));
     fill_f64_kernel<<<grid_for((size_t)(K * d)), 256>>>(m.p, (size_t)(K * d), 0x5eedull);
@@ -191,6 +198,33 @@ double pair_gemm_seconds(int64_t K, int64_t d, int64_t T, int reps, double* flop
                                   (int)d, &zero, tile.p, (int)ni),
                       "cublasDgemm");
             }
+        check(cudaEventRecord(ev.b, st.s), "cudaEventRecord");
+        const double s = ev.seconds();
+        if (r > 0) best = std::min(best, s);
+    }
+    return best;
+}
+
+double chunked_gemm_seconds(int64_t m, int64_t chunk, int64_t k, int64_t n, int reps) {
+    Stream st;
+    const Cublas blas(st.s);
+    const cublasHandle_t h = blas.h;
+    chunk = std::max<int64_t>(1, std::min(chunk, n));
+    Dev<double> a((size_t)(m * k)), b((size_t)(chunk * k)), c((size_t)(m * chunk));
+    fill_f64_kernel<<<grid_for((size_t)(m * k)), 256>>>(a.p, (size_t)(m * k), 0xa11ull);
+    fill_f64_kernel<<<grid_for((size_t)(chunk * k)), 256>>>(b.p, (size_t)(chunk * k), 0xb22ull);
+    check(cudaGetLastError(), "fill_f64_kernel");
+    check(cudaDeviceSynchronize(), "fill_f64_kernel");
+    const double one = 1.0, zero = 0.0;
+    Events ev;
+    double best = 1e300;
+    for (int r = 0; r <= reps; ++r) {
+        check(cudaEventRecord(ev.a, st.s), "cudaEventRecord");
+        for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+            const int64_t nr = std::min(chunk, n - r0);
+            check(cublasDgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)nr, (int)k, &one, a.p, (int)k, b.p, (int)k, &zero, c.p, (int)m),
+                  "cublasDgemm");
+        }
         check(cudaEventRecord(ev.b, st.s), "cudaEventRecord");
         const double s = ev.seconds();
         if (r > 0) best = std::min(best, s);

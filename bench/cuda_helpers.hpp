@@ -37,6 +37,11 @@ double d2d_copy_gbps(const void* src, size_t bytes, int reps);
 // tiles of 2*ni*nj*d, *tiles = the number of GEMMs.
 double pair_gemm_seconds(int64_t K, int64_t d, int64_t T, int reps, double* flops, int64_t* tiles);
 
+// Part of figure 4's floor: NC4's logits GEMMs of the second pass alone, cublasDgemm(OP_T, OP_N, m,
+// nr, k) over n columns in chunks of `chunk` (the engine's nc4 chunk), random float64 operands,
+// events around the loop, one warm-up then best of `reps`: seconds.
+double chunked_gemm_seconds(int64_t m, int64_t chunk, int64_t k, int64_t n, int reps);
+
 // Ceiling of figure 3: the batched eigen-solver calls of CudaBackend::per_token alone.
 // One group per Gram size M (a power of two); m[i] = min(rows, d) of its i-th class: the matrix is
 // random symmetric in its top-left m x m block and zero elsewhere (the engine's zero padding).

@@ -4,11 +4,12 @@
 // timing starts. This file holds the options, the header of the output, the JSON file and the
 // dispatch; each figure family is in its own file (common.hpp lists them).
 //
-//   collapse_bench [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd|spill|checkpoint]
+//   collapse_bench [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd|nc4|spill|checkpoint|e2e]
 //                  [--scratch DIR] [--json FILE]
 //
 // --backend cuda measures a different set of figures (C1 fp16 device ingest vs. D2D copy, C2 pair
-// metrics vs. the same tile GEMMs, C3 per-token SVD and its cuSOLVER share: cuda_bench.cpp).
+// metrics vs. the same tile GEMMs, C3 per-token SVD and its cuSOLVER share, C4 end to end file ->
+// report vs. read + solver + GEMM floor: cuda_bench.cpp).
 #include <cblas.h>
 #include <omp.h>
 #include <sys/utsname.h>
@@ -62,7 +63,7 @@ std::string now_string() {
 
 int usage(const char* argv0, const char* why) {
     if (why) std::fprintf(stderr, "collapse_bench: %s\n", why);
-    std::fprintf(stderr, "usage: %s [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd|spill|checkpoint]"
+    std::fprintf(stderr, "usage: %s [--quick] [--backend cpu|cuda] [--only ingest|gram|finalize|pairs|svd|nc4|spill|checkpoint|e2e]"
                          " [--scratch DIR] [--json FILE]\n", argv0);
     return 2;
 }
@@ -86,9 +87,9 @@ int main(int argc, char** argv) {
             } else if (a == "--only") {
                 o.only = value("--only");
                 if (o.only == "pairs") o.only = "finalize";
-                if (o.only != "ingest" && o.only != "gram" && o.only != "finalize" && o.only != "svd" && o.only != "spill" &&
-                    o.only != "checkpoint")
-                    return usage(argv[0], "--only must be ingest, gram, finalize (or pairs), svd, spill or checkpoint");
+                if (o.only != "ingest" && o.only != "gram" && o.only != "finalize" && o.only != "svd" && o.only != "nc4" && o.only != "spill" &&
+                    o.only != "checkpoint" && o.only != "e2e")
+                    return usage(argv[0], "--only must be ingest, gram, finalize (or pairs), svd, nc4, spill, checkpoint or e2e (cuda)");
             } else if (a == "--json") o.json_path = value("--json");
             else if (a == "--scratch") o.scratch = value("--scratch");
             else if (a == "-h" || a == "--help") return usage(argv[0], nullptr), 0;
@@ -153,12 +154,15 @@ int main(int argc, char** argv) {
             if (o.only.empty() || o.only == "ingest") cuda_ingest(o, out);
             if (o.only.empty() || o.only == "finalize") cuda_pairs(o, out);
             if (o.only.empty() || o.only == "svd") cuda_token_svd(o, out);
+            // C4 writes and analyses files (tens of seconds): in a full run, or asked for (--only e2e).
+            if ((o.only.empty() && !o.quick) || o.only == "e2e") cuda_end_to_end(o, out);
 #endif
         } else {
             if (o.only.empty() || o.only == "ingest") bench_ingest(o, out);
             if (o.only.empty() || o.only == "gram") bench_gram(o, out);
             if (o.only.empty() || o.only == "finalize") bench_finalize(o, out);
             if (o.only.empty() || o.only == "svd") bench_svd(o, out);
+            if (o.only.empty() || o.only == "nc4") bench_nc4(o, out);
             if (o.only.empty() || o.only == "spill") bench_spill(o, out);
             if (o.only.empty() || o.only == "checkpoint") bench_checkpoint(o, out);
         }

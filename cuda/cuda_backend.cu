@@ -7,18 +7,20 @@
 //   validate (warp per row) -> CUB radix sort of (label, row) on ceil(log2(V+1)) bits -> run starts
 //   (max-scan) -> row buffer / reservoirs / hold rows -> class sums (fp64 registers, one atomicAdd per
 //   class piece and column) -> Gram (gather + cublasSsyrk, fp32 into an fp64 accumulator) -> counts.
-// Exact mode: every max_buffer_size rows the row buffer moves to the host store (RowStore: host
-// memory, spilled to disk beyond host_memory_limit); finalisation uploads it back a group of whole
-// classes at a time. A move waits for the batches before it (a sync): with max_buffer_size below
-// the batch size that is every batch, and ingest no longer overlaps the next batch's copy with the
-// previous batch's work. Rows must cross PCIe anyway; an asynchronous move is future work.
+// Exact mode: rows stay in the device row buffer (float16/bfloat16 rows as they came, 2 bytes an
+// element; others as float32) while it has room within device_memory_limit, and finalisation
+// computes the per-token SVD there (token_svd_device.cu). Only when the buffer is full do its rows
+// move to the host store (RowStore: host memory, spilled to disk beyond host_memory_limit): that is
+// the spill path, and finalisation then uploads the rows back a group of whole classes at a time.
+// A move waits for the batches before it (a sync); an asynchronous move is future work.
 // A batch refused on the device (label out of range, non-finite value) is a no-op: every mutating
 // kernel reads the batch's status first. The error reaches the caller at the next call or sync().
 //
 // Finalisation: means and centring by kernels; pair metrics by tiles of cublasDgemm followed by a
 // fused reduction kernel (never a K x K buffer); UNC3/NC3 warp-per-class; NC4 by GEMM chunks and an
 // arg-max kernel; SVD entropies from Gram eigenvalues (cusolverDnXsyevd for the overall Gram,
-// syevjBatched / XsyevBatched / Xsyevd for per-class Grams grouped by size). Its temporaries are
+// syevjBatched / XsyevBatched / Xsyevd for per-class Grams grouped by size; in exact mode those
+// Grams come from the device row buffer by batched DGEMMs, token_svd_device.cu). Its temporaries are
 // pool leases (resources.cuh): no cudaMalloc/cudaFree after the first compute of a shape.
 #include <algorithm>
 #include <string>
@@ -78,11 +80,15 @@ void CudaBackend::init() {
     const std::string hint = "raise device_memory_limit, or use svd_mode: sampled / off";
     count_.allocate((size_t)V_, &budget_, "class counts", hint);
     sum_.allocate((size_t)(V_ * d_), &budget_, "per-class sums [V, d] (float64)", hint);
-    sqnorm_.allocate((size_t)V_, &budget_, "per-class squared norms", hint);
+    sqdev_.allocate((size_t)V_, &budget_, "per-class sums of squares", hint);
     excluded_.allocate((size_t)V_, &budget_, "excluded-label table", hint);
     COLLAPSE_CUDA_TRY(cudaMemsetAsync(count_.data(), 0, count_.bytes(), stream_));
     COLLAPSE_CUDA_TRY(cudaMemsetAsync(sum_.data(), 0, sum_.bytes(), stream_));
-    COLLAPSE_CUDA_TRY(cudaMemsetAsync(sqnorm_.data(), 0, sqnorm_.bytes(), stream_));
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(sqdev_.data(), 0, sqdev_.bytes(), stream_));
+    if (cfg.compute_class_metrics) {
+        shift_.allocate((size_t)(V_ * d_), &budget_, "the classes' reference rows [V, d] (float32)", hint);
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(shift_.data(), 0, shift_.bytes(), stream_));
+    }
     {
         const HostBudget::Lease lease =
             host_.reserve(V_, "the excluded-label table of V = " + std::to_string(V_) + " classes (on its way to the device)", kFixNumClasses);
@@ -99,6 +105,11 @@ void CudaBackend::init() {
         gram32_.allocate((size_t)(d_ * d_), &budget_, "the batch Gram d x d (float32)", hint);
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram_.data(), 0, gram_.bytes(), stream_));
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(gram32_.data(), 0, gram32_.bytes(), stream_));
+        within_streaming_ = cfg.compute_class_metrics;
+        if (within_streaming_) {
+            within_.allocate((size_t)(d_ * d_), &budget_, "Sigma_W's scatter d x d (float64)", hint);
+            COLLAPSE_CUDA_TRY(cudaMemsetAsync(within_.data(), 0, within_.bytes(), stream_));
+        }
         hold_rows_ = cfg.min_samples_per_token - 1;
         if (hold_rows_ > 0)
             hold_.allocate((size_t)(V_ * hold_rows_ * d_), &budget_,
@@ -118,14 +129,16 @@ void CudaBackend::init() {
     }
     if (exact_store_) {
         ensure_download_buffers(hint);  // first: a move to the host must never lack device memory
-        // The row buffer takes half of what is left; the rest is for batches and finalisation.
+        // The row buffer takes half of what is left; the rest is for batches and finalisation. Its
+        // bytes hold that many 2-byte rows (float16/bfloat16 input), or half as many float32 rows.
         const int64_t left = budget_.limit() - budget_.used();
-        store_capacity_ = (unsigned long long)std::min<int64_t>(INT32_MAX, std::max<int64_t>(0, left / 2 / (d_ * 4 + 4)));
-        store_.allocate((size_t)store_capacity_ * (size_t)d_, &budget_, "the exact row store", hint);
-        store_labels_.allocate((size_t)store_capacity_, &budget_, "row store labels", hint);
+        const int64_t rows16 = std::min<int64_t>(INT32_MAX, std::max<int64_t>(0, left / 2 / (d_ * 2 + 4)));
+        store_.allocate((size_t)(rows16 * d_ * 2), &budget_, "the exact row store", hint);
+        store_labels_.allocate((size_t)rows16, &budget_, "row store labels", hint);
+        store_capacity_ = (unsigned long long)(store_.size() / (size_t)(d_ * 4));  // float32 until the first batch says
         store_count_.allocate(1, &budget_, "row store count", hint);
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
-        // Every max_buffer_size rows the buffer moves to host memory, which keeps half of what
+        // When the buffer is full its rows move to host memory, which keeps half of what
         // host_memory_limit leaves (after the store's own index, which it counts itself) and spills
         // the rest under intermediate_save_dir, as the CPU backend's store does.
         const int64_t spill_budget = std::max<int64_t>(0, (host_.available() - RowStore::index_bytes(V_)) / 2);
@@ -168,6 +181,25 @@ std::vector<int64_t> CudaBackend::class_counts() {
 }
 
 int64_t CudaBackend::load_budget() const { return std::max<int64_t>(d_ * 8, host_.available() / 6); }
+
+void CudaBackend::set_store_dtype(collapse_dtype input) {
+    const collapse_dtype want = row_buffer_dtype(input);
+    if (store_dtype_set_ && (store_dtype_ == COLLAPSE_F32 || store_dtype_ == want)) return;  // float32 holds every input
+    if (store_dtype_set_) {
+        move_store_to_host();  // 2-byte rows of one kind meet another: the buffer becomes float32
+        store_dtype_ = COLLAPSE_F32;
+    } else {
+        store_dtype_ = want;
+    }
+    store_dtype_set_ = true;
+    store_capacity_ = (unsigned long long)std::min<size_t>(store_labels_.size(), store_.size() / (size_t)(d_ * row_buffer_elem_bytes(store_dtype_)));
+}
+
+DeviceRows CudaBackend::device_rows() {
+    unsigned long long n = 0;
+    COLLAPSE_CUDA_TRY(cudaMemcpy(&n, store_count_.data(), 8, cudaMemcpyDeviceToHost));
+    return DeviceRows{store_.data(), store_dtype_, store_labels_.data(), (int64_t)n, d_};
+}
 
 }  // namespace cuda
 

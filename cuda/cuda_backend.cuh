@@ -2,7 +2,9 @@
 //   cuda_backend.cu     construction, sync, class counts, the backend's factory
 //   resources.{cuh,cu}  the session's stream, cuBLAS/cuSOLVER handles, budget and workspace pool
 //   cuda_ingest.cu      first and second pass: staging, validation, grouping, accumulation
-//   row_transport.cu    exact mode: device row buffer -> pinned -> host RowStore, and back at the end
+//   row_transport.cu    exact mode: device row buffer -> pinned -> host RowStore (the spill path),
+//                       and back at the end
+//   token_svd_device.cu exact mode: per-token SVD of the rows still in the device row buffer
 //   cuda_metrics.cu     compute(): every metric of the kept set
 //   eigen_solvers.cu    eigenvalues of the overall Gram and of per-class Grams (solver by size)
 //   cuda_checkpoint.cu  checkpoints in the shared layout
@@ -10,14 +12,17 @@
 //   ingest_kernels.cu, finalize_kernels.cu (launchers: kernels.cuh)  the kernels
 //
 // Where each metric is computed (src/core/backend.hpp for the whole engine):
-//   class sums, squared norms, counts, Gram, rows  -> ingest (cuda_ingest.cu; kernels in ingest_kernels.cu)
+//   class sums, sums of squares about reference rows, counts, Gram, Sigma_W's scatter, rows -> ingest (cuda_ingest.cu; kernels in ingest_kernels.cu)
 //   means, centring; equinorm; UNC3, NC3 duality    -> compute (cuda_metrics.cu; launch_means, _center, _duality,
 //                                                      _self_duality; host summary: finish_class_metrics)
 //   GNC2, equiangularity, CDNV (pair metrics)       -> compute: tiles of cublasDsyrk/Dgemm + launch_pair_reduce
 //   overall SVD entropy                             -> compute: streamed (or second-pass) Gram -> eigenvalues_sym
 //   anchor metrics (nc1_*, nc2_etf_err, nc3_dual_err, -> compute: anchor_metrics (d x d products by cublasDsyrk;
-//     nc3u, nc5; the pair ones in launch_pair_reduce)   Sigma_W from the exact row store; host: finish_anchor_metrics)
-//   per-token SVD entropies                         -> compute -> per_token -> class_spectra (eigen_solvers.cu)
+//     nc3u, nc5; the pair ones in launch_pair_reduce)   Sigma_W streamed at ingest (add_centered_scatter), else from
+//                                                      the exact rows or the second pass; host: finish_anchor_metrics)
+//   per-token SVD entropies                         -> compute -> per_token: rows in the device buffer ->
+//                                                      DeviceClassRows (token_svd_device.cu); spilled rows or
+//                                                      sampled -> class_spectra (eigen_solvers.cu)
 //   NC4                                             -> ingest_second_pass (GEMM chunks + launch_nc4_compare),
 //                                                      reported by compute
 #pragma once
@@ -25,6 +30,7 @@
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
+#include <algorithm>
 #include <array>
 #include <deque>
 #include <functional>
@@ -40,11 +46,14 @@
 #include "device_memory.hpp"
 #include "kernels.cuh"
 #include "resources.cuh"
+#include "token_svd_device.cuh"
 
 namespace collapse::internal {
 namespace cuda {
 
 constexpr int kStatusSlots = 8;
+// Rows of Sigma_W's float64 workspaces: about 32 MiB (the dsyrk of a chunk is still large).
+inline int64_t within_chunk_rows(int64_t d) { return std::max<int64_t>(1, (int64_t(32) << 20) / (8 * std::max<int64_t>(d, 1))); }
 
 class CudaBackend final : public Backend {
 public:
@@ -90,6 +99,7 @@ private:
         DeviceBuffer<int32_t> keys, vals, keys_sorted, vals_sorted, heads, run_start;
         DeviceBuffer<uint8_t> cub_temp;
         DeviceBuffer<float> gram_rows;
+        DeviceBuffer<double> within_rows;  // Sigma_W's rows less their reference rows (or means), a chunk at a time
         int64_t rows = 0;
     };
     // Host batches travel through two pinned + device staging slots (double buffering).
@@ -114,11 +124,31 @@ private:
     void anchor_metrics(const KeptSet& kept, const Classifier& clf, const double* mu, const double* m, const int32_t* ids,
                         const ClassVectors& v, MetricValues& out);
     std::vector<double> within_scatter(const KeptSet& kept, const double* mu, std::string* note);
+    // The streamed scatter as a checkpoint has it (row-major upper; rows of classes with
+    // min_samples_per_token rows): within_ less the held rows of the classes below (counts: n_c).
+    // With `kept`, less sum_c n_c (mu_c - s_c)(mu_c - s_c)^T over its classes: the scatter about the means.
+    std::vector<double> streamed_within(const std::vector<int64_t>& counts, const KeptSet* kept);
+    // x_i - center of rows p0.. of the sorted batch into scratch_.within_rows, added to acc (column-major
+    // upper d x d) by cublasDsyrk a chunk at a time (cuda_ingest.cu).
+    void add_centered_scatter(const DeviceBatch& db, const float* shift, const double* mean, const int32_t* kept_slot, const BatchStatus* st,
+                              double* acc, cudaStream_t s);
     void move_store_to_host();
+    // Exact mode: every stored row is still in the device buffer (none went to the host store), and
+    // the buffer's rows as the kernels read them.
+    bool rows_on_device() const { return exact_store_ && host_store_ && host_store_->total_rows() == 0; }
+    DeviceRows device_rows();
+    // The dtype the device buffer keeps the next batch's rows in: moves the rows to the host store
+    // first when it changes (a float16 buffer meeting a bfloat16 or float32 batch becomes float32).
+    void set_store_dtype(collapse_dtype input);
+    // Checkpoint: the device buffer's rows in the shared store layout, left on the device
+    // (cuda_checkpoint.cu); false when its grouping does not fit (then they move to the host store).
+    bool save_device_store(StateWriter& w, const std::vector<int64_t>& counts);
     void hold_store_rows(int64_t growth);
     void upload_store(const KeptSet& kept, std::vector<int64_t>& offset, std::vector<int64_t>& nrows,
                       const std::function<void(const std::vector<int64_t>&)>& solve_group);
-    void download_rows(const float* src, const std::vector<int32_t>& index, const std::function<void(const double*, int64_t, int64_t)>& sink);
+    // src is float32 unless `dtype` says otherwise (the row buffer: store_dtype_).
+    void download_rows(const void* src, const std::vector<int32_t>& index, const std::function<void(const double*, int64_t, int64_t)>& sink,
+                       collapse_dtype dtype = COLLAPSE_F32);
     // Into a host vector, counted in `lease` (grown to hold it) under `what`.
     std::vector<double> download_rows(const float* src, const std::vector<int32_t>& index, HostBudget::Lease& lease, const std::string& what);
     // Bytes the exact mode may bring back from the spilled host store at once: a sixth of what is free.
@@ -136,7 +166,13 @@ private:
     cudaEvent_t last_done_ = nullptr;
 
     DeviceBuffer<unsigned long long> count_;
-    DeviceBuffer<double> sum_, sqnorm_;
+    DeviceBuffer<double> sum_, sqdev_;  // sqdev_: sum ||x - s_c||^2 per class (core/shifted_sums.hpp)
+    // Each class's reference row s_c (compute_class_metrics): var_c about it, and with a streamed Gram
+    // Sigma_W's scatter of every accepted row less s_c (column-major upper, as gram_), as on the CPU.
+    DeviceBuffer<float> shift_;
+    bool within_streaming_ = false;
+    bool within_valid_ = true;  // false after loading a checkpoint without within_scatter
+    DeviceBuffer<double> within_;
     DeviceBuffer<uint8_t> excluded_;
     bool gram_streaming_ = false;
     DeviceBuffer<double> gram_;
@@ -144,10 +180,16 @@ private:
     int64_t hold_rows_ = 0;
     DeviceBuffer<float> hold_;
     bool exact_store_ = false, sampled_ = false;
-    DeviceBuffer<float> store_;
+    // The exact mode's device row buffer: rows in store_dtype_ (row_buffer_dtype of the batches:
+    // float16/bfloat16 as they came, else float32), its bytes sized at creation for 2-byte rows.
+    DeviceBuffer<uint8_t> store_;
+    collapse_dtype store_dtype_ = COLLAPSE_F32;
+    bool store_dtype_set_ = false;  // by the first batch (set_store_dtype)
     DeviceBuffer<int32_t> store_labels_;
     DeviceBuffer<unsigned long long> store_count_;
-    unsigned long long store_capacity_ = 0;
+    unsigned long long store_capacity_ = 0;  // rows of store_dtype_ the buffer holds
+    // During compute: the device rows grouped by kept class (per-token SVD, Sigma_W), or null.
+    DeviceClassRows* grouped_ = nullptr;
     unsigned long long store_bound_ = 0;  // rows the device buffer may hold now (host-side bound)
     // Exact mode: the rows that left the device buffer, in host memory and beyond it on disk.
     std::unique_ptr<RowStore> host_store_;
@@ -183,6 +225,7 @@ private:
     HostBudget::Lease kept2_lease_;  // kept2_'s host memory
     bool bias2_ = false;             // the classifier has a bias (the second pass needs no host copy of it)
     DeviceBuffer<double> w2_, b2_, mu2_, mu2_sq_, gram2_, xd2_, logits2_, dots2_;
+    DeviceBuffer<double> within2_;  // Sigma_W's scatter about the kept means (a cut kept set)
     DeviceBuffer<int32_t> ids2_, slot2_;
     DeviceBuffer<unsigned long long> agree_, pass2_rows_dev_;
     DeviceBuffer<unsigned long long> nc4_slot_hits_, nc4_slot_rows_;  // [K] each (per_class_arrays)

@@ -8,9 +8,15 @@
 //     sit in a hold area to subtract those of classes that never qualify; the file's Gram holds the
 //     rows of qualifying classes, the others are held back in the file. Saving subtracts the held
 //     rows of classes below the threshold, loading adds them and fills the hold area;
+//   - Sigma_W's shifted scatter (within_scatter) likewise holds every row on the device; saving
+//     subtracts the held rows (streamed_within), loading adds the file's held-back rows, each less
+//     its class's reference row; the per-class sums of squares and reference rows merge as on the
+//     CPU (core/shifted_sums.hpp);
 //   - rows (reservoirs, hold area) are float32 on the device, float64 in the file;
-//   - the exact rows are in the host store (RowStore, as on the CPU) once the device buffer has
-//     moved to it, which saving does first.
+//   - the exact rows: while every one is still in the device buffer they are written from there,
+//     grouped by class on the device (save_device_store), and stay there; otherwise the buffer
+//     moves to the host store (RowStore, as on the CPU) first. The file has float64 rows whatever
+//     dtype the buffer keeps.
 #include <cblas.h>
 
 #include <algorithm>
@@ -19,6 +25,7 @@
 #include <vector>
 
 #include "base/error.hpp"
+#include "core/shifted_sums.hpp"
 #include "core/state_sections.hpp"
 #include "cuda_backend.cuh"
 
@@ -52,10 +59,11 @@ void CudaBackend::ensure_download_buffers(const std::string& hint) {
     pinned_.allocate((size_t)(chunk * d_), &budget_, &host_, "rows on their way to the host (" + std::to_string(chunk) + " rows of d = " + std::to_string(d_) + ")");
 }
 
-// Rows src[index[0..n)] of a float32 device array, as float64 on the host: converted on the
-// device, copied through a pinned buffer a chunk at a time, and handed to `sink` (rows, first, count).
-void CudaBackend::download_rows(const float* src, const std::vector<int32_t>& index,
-                                const std::function<void(const double*, int64_t, int64_t)>& sink) {
+// Rows src[index[0..n)] of a device array (float32, or the row buffer's `dtype`), as float64 on the
+// host: converted on the device, copied through a pinned buffer a chunk at a time, and handed to
+// `sink` (rows, first, count).
+void CudaBackend::download_rows(const void* src, const std::vector<int32_t>& index,
+                                const std::function<void(const double*, int64_t, int64_t)>& sink, collapse_dtype dtype) {
     const int64_t n = (int64_t)index.size();
     if (n == 0) return;
     ensure_download_buffers("");
@@ -63,7 +71,7 @@ void CudaBackend::download_rows(const float* src, const std::vector<int32_t>& in
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {
         const int64_t m = std::min(chunk, n - r0);
         COLLAPSE_CUDA_TRY(cudaMemcpyAsync(dl_index_.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, stream_));
-        launch_rows_to_double(src, dl_index_.data(), m, d_, nullptr, dl_rows_.data(), stream_);
+        launch_buffer_rows_to_double(src, dtype, dl_index_.data(), m, d_, dl_rows_.data(), stream_);
         COLLAPSE_CUDA_TRY(cudaMemcpyAsync(pinned_.data(), dl_rows_.data(), (size_t)(m * d_) * 8, cudaMemcpyDeviceToHost, stream_));
         COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
         sink(pinned_.data(), r0, m);
@@ -101,6 +109,33 @@ void CudaBackend::upload_rows(const double* rows, const std::vector<int64_t>& sl
     }
 }
 
+// The exact rows of the device buffer in write_store's layout (store_offsets [V + 1], then
+// store_rows [N, d] float64 class after class, each in arrival order: the sort is stable), grouped
+// on the device with every class kept; false (nothing written) when that grouping does not fit the
+// device budget, and the caller moves the rows to the host store instead.
+bool CudaBackend::save_device_store(StateWriter& w, const std::vector<int64_t>& counts) {
+    const DeviceRows rows = device_rows();
+    if (DeviceClassRows::grouping_bytes(rows.n, V_, V_) > budget_.limit() - budget_.used()) return false;
+    // Host: the all-classes kept set (ids, counts, slots) and the row order.
+    const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(V_, 16), mul_bytes(rows.n, 4)),
+                                                  "the order of the " + std::to_string(rows.n) + " device rows (V = " + std::to_string(V_) +
+                                                      ") on their way to the checkpoint",
+                                                  kFixNumClasses);
+    KeptSet all;
+    all.ids.resize((size_t)V_);
+    all.slot.resize((size_t)V_);
+    for (int64_t c = 0; c < V_; ++c) all.ids[(size_t)c] = all.slot[(size_t)c] = (int32_t)c;
+    all.counts = counts;
+    all.rows = rows.n;
+    const DeviceClassRows grouped(res_, rows, rows.n, all);  // checks every class's rows against its count
+    const std::vector<int64_t>& off = grouped.offsets();
+    w.add("store_offsets", COLLAPSE_I64, {V_ + 1}, off.data(), off.size() * 8);
+    w.begin_section("store_rows", COLLAPSE_F64, {off.back(), d_}, (size_t)(off.back() * d_) * 8);
+    download_rows(store_.data(), grouped.order(), [&](const double* x, int64_t, int64_t m) { w.append(x, (size_t)(m * d_) * 8); }, store_dtype_);
+    w.end_section();
+    return true;
+}
+
 void CudaBackend::save_state(StateWriter& w) {
     DeviceGuard guard(cfg_.device_ordinal);
     // The state comes through host memory: the counts, sums and norms first (V * (d + 2) doubles),
@@ -110,12 +145,19 @@ void CudaBackend::save_state(StateWriter& w) {
                                                          kFixNumClasses);
     const std::vector<int64_t> counts = class_counts();  // syncs: every batch is in
     {
-        const HostBudget::Lease lease = host_.reserve(mul_bytes(V_, d_ + 1, 8), "the class sums and norms (" + vd + ") on their way to the checkpoint",
-                                                      kFixNumClasses);
-        std::vector<double> sums((size_t)(V_ * d_)), sq((size_t)V_);
+        // With the class metrics, the reference rows [V, d] (float32) and Sigma_W's scatter (d x d) too.
+        const bool scatter = within_streaming_ && within_valid_;
+        const HostBudget::Lease lease = host_.reserve(
+            add_bytes(mul_bytes(V_, d_ + 1, 8), add_bytes(mul_bytes(V_, d_, shift_.data() ? 4 : 0), mul_bytes(d_, d_, scatter ? 8 : 0))),
+            "the class sums, norms and reference rows (" + vd + ") on their way to the checkpoint", kFixNumClasses);
+        std::vector<double> sums((size_t)(V_ * d_)), sq((size_t)V_), within;
+        std::vector<float> shift(shift_.data() ? (size_t)(V_ * d_) : 0);
         COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
-        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
-        write_state_core(w, totals_, V_, d_, counts.data(), sums.data(), sq.data());
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqdev_.data(), sqdev_.bytes(), cudaMemcpyDeviceToHost));
+        if (!shift.empty()) COLLAPSE_CUDA_TRY(cudaMemcpy(shift.data(), shift_.data(), shift_.bytes(), cudaMemcpyDeviceToHost));
+        if (scatter) within = streamed_within(counts, nullptr);
+        write_shifted_state(w, host_, totals_, V_, d_, counts.data(), sums.data(), shift.empty() ? nullptr : shift.data(), sq.data(),
+                            scatter ? within.data() : nullptr);
     }
 
     if (gram_streaming_) {
@@ -147,7 +189,9 @@ void CudaBackend::save_state(StateWriter& w) {
         w.add("holdback_rows", COLLAPSE_F64, {(int64_t)index.size(), d_}, held.data(), held.size() * 8);
     }
 
-    if (exact_store_) {
+    if (exact_store_ && rows_on_device() && save_device_store(w, counts)) {
+        // Written from the device buffer, where the rows stay (the per-token SVD still runs there).
+    } else if (exact_store_) {
         // Every row to the host store first; then written class after class, as the CPU does.
         move_store_to_host();
         write_store(w, *host_store_, V_, d_, load_budget());
@@ -185,6 +229,9 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     DeviceGuard guard(cfg_.device_ordinal);
     const bool keeps_rows = exact_store_ || sampled_;
     const StateView v = read_state(r, V_, d_, cfg_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);
+    const ShiftedSections shifted = read_shifted_sections(r, V_, d_);
+    // Sigma_W's scatter merges when both states have one (a resume takes the file's).
+    const bool within_merge = within_streaming_ && (within_valid_ || !merge) && shifted.scatter != nullptr;
 
     // Everything that can fail (room on the device, downloads, allocations) comes before the first
     // change: a refused checkpoint changes nothing. The host copies are counted first, at their
@@ -194,6 +241,10 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     const int64_t row_bytes = (d_ + 1) * 8;
     int64_t host_bytes = add_bytes(mul_bytes(V_, 16), mul_bytes(V_, row_bytes));
     if (gram_streaming_) host_bytes = add_bytes(host_bytes, add_bytes(mul_bytes(d_, d_, 16), mul_bytes(v.holdback_total, row_bytes)));
+    // The reference rows, and Sigma_W's scatter (twice) with the shifted held-back rows.
+    if (shift_.data()) host_bytes = add_bytes(host_bytes, mul_bytes(V_, d_, 4));
+    if (within_merge)
+        host_bytes = add_bytes(add_bytes(host_bytes, merge_shifted_bytes(V_, d_, true)), add_bytes(mul_bytes(d_, d_, 16), mul_bytes(v.holdback_total, d_, 8)));
     if (sampled_)
         host_bytes = add_bytes(host_bytes, add_bytes(mul_bytes(v.store_offsets[V_], row_bytes), mul_bytes(cfg_.svd_max_rows_per_token, d_, 8)));
     const HostBudget::Lease host_lease = host_.reserve(host_bytes, "loading " + r.description() + " through host memory (V = " + std::to_string(V_) +
@@ -258,13 +309,36 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     // The new accumulators, prepared on the host (downloads and allocations can still fail here).
     std::vector<unsigned long long> cnt((size_t)V_);
     for (int64_t c = 0; c < V_; ++c) cnt[(size_t)c] = (unsigned long long)(before[(size_t)c] + v.counts[c]);
-    std::vector<double> sums((size_t)(V_ * d_), 0.0), sq((size_t)V_, 0.0), g;
+    std::vector<double> sums((size_t)(V_ * d_), 0.0), sq((size_t)V_, 0.0), g, within(within_merge ? (size_t)(d_ * d_) : 0, 0.0);
+    std::vector<float> shift(shift_.data() ? (size_t)(V_ * d_) : 0, 0.0f);
     if (merge) {
         COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
-        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqnorm_.data(), sqnorm_.bytes(), cudaMemcpyDeviceToHost));
+        COLLAPSE_CUDA_TRY(cudaMemcpy(sq.data(), sqdev_.data(), sqdev_.bytes(), cudaMemcpyDeviceToHost));
+        if (!shift.empty()) COLLAPSE_CUDA_TRY(cudaMemcpy(shift.data(), shift_.data(), shift_.bytes(), cudaMemcpyDeviceToHost));
+        if (within_merge) {  // column-major upper on the device, row-major upper in merge_shifted_state
+            std::vector<double> h((size_t)(d_ * d_));
+            COLLAPSE_CUDA_TRY(cudaMemcpy(h.data(), within_.data(), within_.bytes(), cudaMemcpyDeviceToHost));
+            for (int64_t a = 0; a < d_; ++a)
+                for (int64_t b = a; b < d_; ++b) within[(size_t)(a * d_ + b)] = h[(size_t)(a + b * d_)];
+        }
+    }
+    // The shard's sums of squares and scatter move to this session's reference rows (a class new
+    // here takes the shard's), as on the CPU and in the MPI combine (core/shifted_sums.hpp).
+    merge_shifted_state(host_, V_, d_, cfg_.min_samples_per_token, before.data(), v, shifted, shift.empty() ? nullptr : shift.data(), sq.data(),
+                        within_merge ? within.data() : nullptr);
+    if (within_merge && v.holdback_total > 0) {
+        // The device scatter holds every row: the shard's held-back rows too, less their reference rows.
+        std::vector<double> x((size_t)(v.holdback_total * d_));
+        const double* hr = v.holdback_rows;
+        double* xr = x.data();
+        for (int64_t i = 0; i < v.holdback_classes; ++i) {
+            const float* sc = shift.data() + v.holdback_ids[i] * d_;
+            for (int64_t k = 0; k < v.holdback_counts[i]; ++k, hr += d_, xr += d_)
+                for (int64_t j = 0; j < d_; ++j) xr[j] = hr[j] - (double)sc[j];
+        }
+        add_outer_products(x.data(), v.holdback_total, d_, 1.0, within.data());
     }
     for (size_t k = 0; k < sums.size(); ++k) sums[k] += v.sums[k];
-    for (int64_t c = 0; c < V_; ++c) sq[(size_t)c] += v.sqnorms[c];
     if (gram_streaming_) {
         // The device Gram holds every row: the file's Gram plus its held-back rows.
         std::vector<double> add((size_t)(d_ * d_), 0.0);
@@ -289,7 +363,17 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     // From here on only CUDA itself can fail.
     COLLAPSE_CUDA_TRY(cudaMemcpy(count_.data(), cnt.data(), count_.bytes(), cudaMemcpyHostToDevice));
     COLLAPSE_CUDA_TRY(cudaMemcpy(sum_.data(), sums.data(), sum_.bytes(), cudaMemcpyHostToDevice));
-    COLLAPSE_CUDA_TRY(cudaMemcpy(sqnorm_.data(), sq.data(), sqnorm_.bytes(), cudaMemcpyHostToDevice));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(sqdev_.data(), sq.data(), sqdev_.bytes(), cudaMemcpyHostToDevice));
+    if (!shift.empty()) COLLAPSE_CUDA_TRY(cudaMemcpy(shift_.data(), shift.data(), shift_.bytes(), cudaMemcpyHostToDevice));
+    if (within_streaming_) {
+        within_valid_ = within_merge;
+        if (within_merge) {
+            std::vector<double> h((size_t)(d_ * d_), 0.0);
+            for (int64_t a = 0; a < d_; ++a)
+                for (int64_t b = a; b < d_; ++b) h[(size_t)(a + b * d_)] = within[(size_t)(a * d_ + b)];
+            COLLAPSE_CUDA_TRY(cudaMemcpy(within_.data(), h.data(), within_.bytes(), cudaMemcpyHostToDevice));
+        }
+    }
     if (!merge) totals_ = Counts{};
     add_row_counts(totals_, v.rows);
     if (gram_streaming_) {

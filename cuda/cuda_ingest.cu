@@ -116,7 +116,23 @@ void CudaBackend::ensure_scratch(int64_t rows) {
     COLLAPSE_CUDA_TRY(cub::DeviceScan::InclusiveScan(nullptr, scan_bytes, s.heads.data(), s.run_start.data(), MaxOp{}, (int)n));
     s.cub_temp.allocate(std::max(sort_bytes, scan_bytes), &budget_, what);
     if (gram_streaming_ || pass2_) s.gram_rows.allocate((size_t)(n * d_), &budget_, what + " (gathered rows)");
+    if (within_streaming_ || within2_.data())
+        s.within_rows.allocate((size_t)(std::min(n, within_chunk_rows(d_)) * d_), &budget_, what + " (Sigma_W's centred rows, float64)");
     s.rows = n;
+}
+
+void CudaBackend::add_centered_scatter(const DeviceBatch& db, const float* shift, const double* mean, const int32_t* kept_slot,
+                                       const BatchStatus* st, double* acc, cudaStream_t s) {
+    const Scratch& sc = scratch_;
+    const int64_t chunk = std::min(db.rows, within_chunk_rows(d_));
+    const double one = 1.0;
+    for (int64_t p0 = 0; p0 < db.rows; p0 += chunk) {
+        const int64_t m = std::min(chunk, db.rows - p0);
+        launch_centered_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), (int32_t)V_, p0, m, shift, mean, kept_slot, st,
+                             scratch_.within_rows.data(), s);
+        COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d_, (int)m, &one, scratch_.within_rows.data(),
+                                        (int)d_, &one, acc, (int)d_));
+    }
 }
 
 // Both passes: a status slot, the device view, validation, grouping. Returns the status slot.
@@ -162,9 +178,10 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     if (b.features.rows > INT32_MAX) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a batch of ", b.features.rows, " feature rows is more than 2^31 - 1 (split it)");
     if (n == 0) return;
     if (exact_store_) {
-        // The device buffer holds max_buffer_size rows (at least one batch) before they move on.
-        const unsigned long long limit = std::min<unsigned long long>(store_capacity_, (unsigned long long)std::max<int64_t>(cfg_.max_buffer_size, 1));
-        if (store_bound_ > 0 && store_bound_ + (unsigned long long)n > limit) move_store_to_host();
+        // Rows stay in the device buffer while it has room (the per-token SVD then runs there); a
+        // full buffer moves to the host store (the spill path). max_buffer_size no longer applies.
+        set_store_dtype(b.features.dtype);
+        if (store_bound_ > 0 && store_bound_ + (unsigned long long)n > store_capacity_) move_store_to_host();
         store_bound_ += (unsigned long long)n;
     }
     cudaStream_t s = pick_stream(stream);
@@ -174,12 +191,18 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     const int32_t sentinel = (int32_t)V_;
     Scratch& sc = scratch_;
     RowSinks sinks;
-    if (exact_store_) sinks.store = store_.data(), sinks.store_labels = store_labels_.data(), sinks.store_count = store_count_.data();
+    if (exact_store_) {
+        sinks.store = store_.data(), sinks.store_labels = store_labels_.data(), sinks.store_count = store_count_.data();
+        sinks.store_raw16 = store_dtype_ != COLLAPSE_F32;  // set_store_dtype: the batch's own 2-byte dtype
+    }
     if (sampled_) sinks.reservoir = reservoir_.data(), sinks.winner = winner_.data(), sinks.cap = cfg_.svd_max_rows_per_token, sinks.seed = cfg_.seed;
     if (hold_rows_ > 0) sinks.hold = hold_.data(), sinks.hold_rows = hold_rows_;
+    sinks.shift = shift_.data();  // null without the class metrics
     launch_place_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sc.run_start.data(), sentinel, count_.data(), sinks, st, s);
     launch_class_sums(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sentinel,
-                      ClassState{sum_.data(), sqnorm_.data(), count_.data()}, st, s);
+                      ClassState{sum_.data(), sqdev_.data(), count_.data(), shift_.data()}, st, s);
+    // Sigma_W: every accepted row less its class's reference row, as the Gram below takes every row.
+    if (within_streaming_) add_centered_scatter(db, shift_.data(), nullptr, nullptr, st, within_.data(), s);
     if (gram_streaming_) {
         // Every accepted row enters the Gram; rows of classes that never reach min_samples_per_token
         // are subtracted at the end from the hold area.
@@ -306,7 +329,7 @@ void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, 
     // Leases on the session's stream, which s is (resources.cuh).
     Lease<double> var = res_.take<double>((size_t)std::max<int64_t>(K, 1), "variances"),
                   weight = res_.take<double>((size_t)std::max<int64_t>(K, 1), "weights");
-    launch_means(sum_.data(), sqnorm_.data(), count_.data(), ids2_.data(), K, d_, false, mu2_.data(), var.data(), weight.data(), s);
+    launch_means(sum_.data(), sqdev_.data(), shift_.data(), count_.data(), ids2_.data(), K, d_, false, mu2_.data(), var.data(), weight.data(), s);
     // ||mu||^2 = (sqnorm - n var) / n is not what we want; recompute from mu on the host side is
     // simpler: copy mu once.
     std::vector<double> mu((size_t)(K * d_)), mu_sq((size_t)K, 0.0);
@@ -331,6 +354,12 @@ void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, 
             COLLAPSE_CUDA_TRY(cudaMemsetAsync(nc4_slot_hits_.data(), 0, nc4_slot_hits_.bytes(), s));
             COLLAPSE_CUDA_TRY(cudaMemsetAsync(nc4_slot_rows_.data(), 0, nc4_slot_rows_.bytes(), s));
         }
+    }
+    if (pass2_gram_ && cfg_.compute_class_metrics) {  // Sigma_W of the cut kept set, about its means (as the CPU)
+        within2_.allocate((size_t)(d_ * d_), &budget_, "second-pass Sigma_W scatter");
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(within2_.data(), 0, within2_.bytes(), s));
+    } else {
+        within2_.reset();
     }
     if (pass2_gram_) {
         gram2_.allocate((size_t)(d_ * d_), &budget_, "second-pass Gram");
@@ -370,6 +399,7 @@ void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
     const int32_t sentinel = (int32_t)V_;
     launch_gather_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sentinel, sc.gram_rows.data(), s, slot2_.data());
     launch_count_kept(sc.keys_sorted.data(), n, sentinel, slot2_.data(), pass2_rows_dev_.data(), st, s);
+    if (within2_.data()) add_centered_scatter(db, nullptr, mu2_.data(), slot2_.data(), st, within2_.data(), s);
     if (pass2_gram_) {
         const float one = 1.0f, zero = 0.0f;
         COLLAPSE_CUBLAS_TRY(cublasSsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d_, (int)n, &one, sc.gram_rows.data(), (int)d_,

@@ -4,10 +4,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "base/error.hpp"
+#include "core/metric_math.hpp"
 #include "core/metric_summary.hpp"
 #include "cuda_backend.cuh"
 #include "cuda_check.hpp"
@@ -17,8 +19,9 @@
 namespace collapse::internal::cuda {
 
 // Per-token SVD entropies from per-class Gram eigenvalues. Sampled: the reservoirs on the device.
-// Exact: the rows are in host memory (or spilled to disk) by now; they come back to the device
-// buffer a group of whole classes at a time, each group solved before the next is uploaded.
+// Exact, every row still in the device buffer: grouped_ (token_svd_device.cu). Exact after a spill
+// (or when that path's workspace does not fit): the rows are in host memory or on disk; they come
+// back to the device buffer a group of whole classes at a time, each group solved before the next.
 void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues& out) {
     cudaStream_t s = stream_;
     const int64_t K = (int64_t)kept.ids.size();
@@ -52,10 +55,20 @@ void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues&
         COLLAPSE_CUDA_TRY(cudaMemcpyAsync(index.data(), h.data(), h.size() * 4, cudaMemcpyHostToDevice, s));
         class_spectra(res_, d_, cfg_.svd_center, reservoir_.data(), index.data(), all, offset, nrows, kept, mu, tokens, out);
     } else {
-        upload_store(kept, offset, nrows, [&](const std::vector<int64_t>& members) {
-            for (int64_t t : members) describe(t);
-            class_spectra(res_, d_, cfg_.svd_center, store_.data(), nullptr, members, offset, nrows, kept, mu, tokens, out);
-        });
+        bool done = false;
+        if (grouped_) {
+            for (int64_t t = 0; t < K; ++t) {
+                nrows[(size_t)t] = kept.counts[(size_t)t];
+                describe(t);
+            }
+            done = grouped_->token_entropies(cfg_.svd_center, mu, tokens, out);
+        }
+        if (!done)
+            upload_store(kept, offset, nrows, [&](const std::vector<int64_t>& members) {
+                for (int64_t t : members) describe(t);
+                class_spectra(res_, d_, cfg_.svd_center, reinterpret_cast<const float*>(store_.data()), nullptr, members, offset, nrows, kept,
+                              mu, tokens, out);
+            });
         out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};
     }
     out.tokens = std::move(tokens);
@@ -138,15 +151,44 @@ void CudaBackend::anchor_metrics(const KeptSet& kept, const Classifier& clf, con
     finish_anchor_metrics(in, cfg_, host_, out);
 }
 
-// Sigma_W's scatter on this backend: from the exact row store (back on the host by now), about the
-// final means, as the CPU's store route. Not streamed on the device yet: other modes give a note.
+// Sigma_W's scatter on this backend, by the CPU's routes (src/cpu/cpu_metrics.cpp): streamed on the
+// device; else from the exact rows (on the device, or back on the host) or the second pass, about
+// the final means.
 std::vector<double> CudaBackend::within_scatter(const KeptSet& kept, const double* mu, std::string* note) {
     std::vector<double> w;
-    if (!exact_store_ || !host_store_) {
-        *note = "on the cuda backend Sigma_W comes from the exact row store (svd_mode: exact with compute_token_metrics); it is not streamed on the device yet";
+    const int64_t d = d_;
+    auto mirror = [&] { mirror_upper(w.data(), d); };
+    if (within_streaming_) {
+        if (!within_valid_) {
+            *note = "a loaded or merged checkpoint has no within-class scatter (written by a build or backend without it)";
+            return w;
+        }
+        const HostBudget::Lease counts = host_.reserve(mul_bytes(V_, 8), "the class counts of V = " + std::to_string(V_) + " (Sigma_W)", kFixNumClasses);
+        w = streamed_within(class_counts(), &kept);
+        mirror();
         return w;
     }
-    const int64_t K = (int64_t)kept.ids.size(), d = d_;
+    if (grouped_) return grouped_->within_scatter(mu);  // every row still on the device
+    unsigned long long pass2_rows = 0;
+    if (pass2_ && within2_.data()) COLLAPSE_CUDA_TRY(cudaMemcpy(&pass2_rows, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
+    if (!(exact_store_ && host_store_) && within2_.data() && (int64_t)pass2_rows == kept.rows) {
+        // The second pass's scatter about the kept means (column-major upper on the device).
+        const HostBudget::Lease lease = host_.reserve(mul_bytes(d, d, 8), "the second pass's Sigma_W d x d on its way to the host", kFixKeptClasses);
+        std::vector<double> h((size_t)(d * d));
+        COLLAPSE_CUDA_TRY(cudaMemcpy(h.data(), within2_.data(), within2_.bytes(), cudaMemcpyDeviceToHost));
+        w.assign((size_t)(d * d), 0.0);
+        for (int64_t a = 0; a < d; ++a)
+            for (int64_t b = a; b < d; ++b) w[(size_t)(a * d + b)] = h[(size_t)(a + b * d)];
+        mirror();
+        return w;
+    }
+    if (!exact_store_ || !host_store_) {
+        *note = cfg_.max_tokens_to_analyze > 0
+                    ? "max_tokens_to_analyze cuts the kept set, so Sigma_W of kept rows needs the row store (svd_mode: exact) or a second pass"
+                    : "Sigma_W streams with the overall Gram: it needs compute_overall_metrics (or the row store, svd_mode: exact)";
+        return w;
+    }
+    const int64_t K = (int64_t)kept.ids.size();
     const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(K, d, 8), mul_bytes(512, d, 8)),
                                                   "Sigma_W's class means [K, d] and block of centred rows", kFixKeptClasses);
     std::vector<double> muh((size_t)(K * d));
@@ -156,9 +198,57 @@ std::vector<double> CudaBackend::within_scatter(const KeptSet& kept, const doubl
     host_store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
         add_centered_gram(x, n, d, muh.data() + (size_t)kept.slot[(size_t)c] * (size_t)d, w.data());
     });
-    for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = 0; j < i; ++j) w[(size_t)(i * d + j)] = w[(size_t)(j * d + i)];
+    mirror();
     return w;
+}
+
+std::vector<double> CudaBackend::streamed_within(const std::vector<int64_t>& counts, const KeptSet* kept) {
+    cudaStream_t s = stream_;  // leases: the session's stream only (resources.cuh)
+    const int64_t d = d_;
+    const double one = 1.0, minus = -1.0;
+    Lease<double> g = res_.take<double>((size_t)(d * d), "Sigma_W's scatter d x d");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), within_.data(), within_.bytes(), cudaMemcpyDeviceToDevice, s));
+    // The rows of classes below min_samples_per_token (all of them in the hold area) come out, as
+    // the Gram's do (cuda_checkpoint.cu).
+    int64_t held = 0;
+    for (int64_t c = 0; c < V_; ++c)
+        if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token) held += counts[(size_t)c];
+    const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(held, 4), mul_bytes(d, d, 8)),
+                                                  "Sigma_W's d x d on its way to the host and the index of " + std::to_string(held) + " held-back rows",
+                                                  kFixNumClasses);
+    if (held > 0) {
+        std::vector<int32_t> index;
+        index.reserve((size_t)held);
+        for (int64_t c = 0; c < V_; ++c)
+            if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token)
+                for (int64_t r = 0; r < counts[(size_t)c]; ++r) index.push_back((int32_t)(c * hold_rows_ + r));
+        const int64_t chunk = std::min(held, within_chunk_rows(d));
+        Lease<double> x = res_.take<double>((size_t)(chunk * d), "Sigma_W's held-back rows less their reference rows");
+        Lease<int32_t> idx = res_.take<int32_t>((size_t)chunk, "Sigma_W's held-back row index");
+        for (int64_t r0 = 0; r0 < held; r0 += chunk) {
+            const int64_t m = std::min(chunk, held - r0);
+            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, s));
+            launch_held_shifted_rows(hold_.data(), idx.data(), m, hold_rows_, d, shift_.data(), x.data(), s);
+            COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)m, &minus, x.data(), (int)d, &one,
+                                            g.data(), (int)d));
+        }
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));  // before `index` goes
+    }
+    const int64_t K = kept ? (int64_t)kept->ids.size() : 0;
+    if (K > 0) {  // about the means: unshift_scatter (core/shifted_sums.hpp) on the device
+        Lease<int32_t> ids = res_.take<int32_t>((size_t)K, "kept ids (Sigma_W)");
+        Lease<double> e = res_.take<double>((size_t)(K * d), "Sigma_W's correction rows [K, d]");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(ids.data(), kept->ids.data(), (size_t)K * 4, cudaMemcpyHostToDevice, s));
+        launch_unshift_rows(sum_.data(), shift_.data(), count_.data(), ids.data(), K, d, e.data(), s);
+        COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)K, &minus, e.data(), (int)d, &one, g.data(),
+                                        (int)d));
+    }
+    std::vector<double> h((size_t)(d * d)), out((size_t)(d * d), 0.0);
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), g.data(), (size_t)(d * d) * 8, cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    for (int64_t a = 0; a < d; ++a)
+        for (int64_t b = a; b < d; ++b) out[(size_t)(a * d + b)] = h[(size_t)(a + b * d)];
+    return out;
 }
 
 MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
@@ -179,10 +269,29 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
         out.notes["overall"] = "no kept classes: every metric is null";
         return out;
     }
-    // Finalisation needs room: as on the CPU, the exact store's rows (those still on the device join
-    // them first) go to disk when they take more host memory than is left free; they come back a
-    // group of classes at a time.
-    if (exact_store_) {
+    // Exact mode with every row still in the device buffer: grouped by kept class there, for the
+    // per-token SVD and Sigma_W (grouped_, for this compute only).
+    std::optional<DeviceClassRows> grouping;
+    struct ResetGrouped {
+        DeviceClassRows*& p;
+        ~ResetGrouped() { p = nullptr; }
+    } const reset_grouped{grouped_};
+    if (rows_on_device()) {
+        const DeviceRows rows = device_rows();
+        // Row-long workspaces for a power of two of rows (at least 2^20, at most the buffer's
+        // capacity), so that later computes with more rows mostly reuse the same pool slabs.
+        int64_t max_rows = int64_t(1) << 20;
+        while (max_rows < rows.n) max_rows *= 2;
+        max_rows = std::min<int64_t>(max_rows, std::max<int64_t>((int64_t)store_labels_.size(), rows.n));
+        if (DeviceClassRows::grouping_bytes(max_rows, V_, K) <= budget_.limit() - budget_.used()) {
+            grouping.emplace(res_, rows, max_rows, kept);
+            grouped_ = &*grouping;
+        }
+    }
+    // Otherwise finalisation needs room: as on the CPU, the exact store's rows (those still on the
+    // device join them first) go to disk when they take more host memory than is left free; they
+    // come back a group of classes at a time.
+    if (exact_store_ && !grouped_) {
         move_store_to_host();
         if (host_store_->memory_bytes() > 0 && host_store_->memory_bytes() >= host_.available()) {
             host_store_->spill_memory();
@@ -199,7 +308,7 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
                   m = res_.take<double>((size_t)(K * d), "centred means"), q = res_.take<double>((size_t)K, "norms"),
                   a = res_.take<double>((size_t)K, "direction scales");
     const bool token_weighted = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED;
-    launch_means(sum_.data(), sqnorm_.data(), count_.data(), ids.data(), K, d, token_weighted, mu.data(), var.data(), weight.data(), s);
+    launch_means(sum_.data(), sqdev_.data(), shift_.data(), count_.data(), ids.data(), K, d, token_weighted, mu.data(), var.data(), weight.data(), s);
     launch_column_sums(mu.data(), weight.data(), K, d, mug.data(), s);
     const double total_weight = token_weighted ? (double)kept.rows : (double)K;
     launch_center(mu.data(), mug.data(), total_weight, K, d, m.data(), q.data(), a.data(), s);

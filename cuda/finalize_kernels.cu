@@ -23,22 +23,23 @@ int blocks_for(int64_t work, int threads, int cap = 65535) {
 }
 
 // Warp per kept class.
-__global__ void means_kernel(const double* sum, const double* sqnorm, const unsigned long long* count, const int32_t* ids,
+__global__ void means_kernel(const double* sum, const double* sqdev, const float* shift, const unsigned long long* count, const int32_t* ids,
                              int64_t K, int64_t d, int token_weighted, double* mu, double* var, double* weight) {
     const int64_t warps = (int64_t)gridDim.x * blockDim.x / kWarp;
     const int lane = threadIdx.x % kWarp;
     for (int64_t s = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / kWarp; s < K; s += warps) {
         const int32_t c = ids[s];
         const double n = (double)count[c];
-        double q = 0;
+        double dd = 0;  // ||S - n s||^2 (core/shifted_sums.hpp: var_c about the reference row)
         for (int64_t j = lane; j < d; j += kWarp) {
-            const double v = sum[(int64_t)c * d + j] / n;
-            mu[s * d + j] = v;
-            q += v * v;
+            const double S = sum[(int64_t)c * d + j];
+            mu[s * d + j] = S / n;
+            const double e = S - n * (shift ? (double)shift[(int64_t)c * d + j] : 0.0);
+            dd += e * e;
         }
-        q = warp_sum(q);
+        dd = warp_sum(dd);
         if (lane == 0) {
-            var[s] = fmax(0.0, sqnorm[c] / n - q);  // E||x||^2 - ||mu||^2
+            var[s] = shifted_variance(sqdev[c], n, dd);
             weight[s] = token_weighted ? n : 1.0;
         }
     }
@@ -290,9 +291,9 @@ __global__ void class_gram_kernel(const float* rows, const int32_t* index, const
 
 }  // namespace
 
-void launch_means(const double* sum, const double* sqnorm, const unsigned long long* count, const int32_t* ids, int64_t K,
+void launch_means(const double* sum, const double* sqdev, const float* shift, const unsigned long long* count, const int32_t* ids, int64_t K,
                   int64_t d, bool token_weighted, double* mu, double* var, double* weight, cudaStream_t s) {
-    means_kernel<<<blocks_for(K * kWarp, 256), 256, 0, s>>>(sum, sqnorm, count, ids, K, d, token_weighted ? 1 : 0, mu, var, weight);
+    means_kernel<<<blocks_for(K * kWarp, 256), 256, 0, s>>>(sum, sqdev, shift, count, ids, K, d, token_weighted ? 1 : 0, mu, var, weight);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 
@@ -388,6 +389,41 @@ void launch_window_center(const float* store, const int64_t* slots, int64_t wind
 void launch_window_gather(const float* store, const int64_t* slots, int64_t rows, int64_t d, float* out, cudaStream_t s) {
     if (rows == 0 || d == 0) return;
     window_gather_kernel<<<blocks_for(rows * d, 256, 1 << 20), 256, 0, s>>>(store, slots, rows, d, out);
+    COLLAPSE_CUDA_CHECK_LAUNCH();
+}
+
+// Sigma_W's streamed scatter made the scatter about the means (cuda_metrics.cu, within_scatter).
+namespace {
+
+__global__ void held_shifted_rows_kernel(const float* hold, const int32_t* index, int64_t m, int64_t hold_rows, int64_t d, const float* shift,
+                                         double* x) {
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < m * d; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t i = e / d, k = e % d, slot = index[i], c = slot / hold_rows;
+        x[e] = (double)hold[slot * d + k] - (double)shift[c * d + k];
+    }
+}
+
+__global__ void unshift_rows_kernel(const double* sum, const float* shift, const unsigned long long* count, const int32_t* ids, int64_t K,
+                                    int64_t d, double* e) {
+    for (int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; t < K * d; t += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t s = t / d, k = t % d, c = ids[s];
+        e[t] = unshift_term(sum[c * d + k], (double)count[c], (double)shift[c * d + k]);
+    }
+}
+
+}  // namespace
+
+void launch_held_shifted_rows(const float* hold, const int32_t* index, int64_t m, int64_t hold_rows, int64_t d, const float* shift,
+                              double* x, cudaStream_t s) {
+    if (m <= 0 || d == 0) return;
+    held_shifted_rows_kernel<<<blocks_for(m * d, 256, 1 << 20), 256, 0, s>>>(hold, index, m, hold_rows, d, shift, x);
+    COLLAPSE_CUDA_CHECK_LAUNCH();
+}
+
+void launch_unshift_rows(const double* sum, const float* shift, const unsigned long long* count, const int32_t* ids, int64_t K, int64_t d,
+                         double* e, cudaStream_t s) {
+    if (K <= 0 || d == 0) return;
+    unshift_rows_kernel<<<blocks_for(K * d, 256, 1 << 20), 256, 0, s>>>(sum, shift, count, ids, K, d, e);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 

@@ -159,17 +159,20 @@ __global__ void class_sums_kernel(DeviceBatch b, const int32_t* keys, const int3
         const int32_t c = keys[p];
         if (c == sentinel) break;  // dropped rows sort last
         double acc = 0, sq = 0;
+        // The class's reference row (place_rows wrote it for a class new in this batch).
+        const double s = cs.shift && active ? (double)cs.shift[(int64_t)c * b.d + col] : 0.0;
         int64_t q = p;
         for (; q < p1 && keys[q] == c; ++q) {
             if (active) {
                 const double v = load_feature(row_ptr(b, vals[q]), b.fdtype, col);
                 acc += v;
-                sq += v * v;
+                const double dv = v - s;
+                sq += dv * dv;
             }
         }
         if (active) atomicAdd(&cs.sum[(int64_t)c * b.d + col], acc);
         sq = warp_sum(sq);
-        if (lane == 0) atomicAdd(&cs.sqnorm[c], sq);
+        if (lane == 0) atomicAdd(&cs.sqdev[c], sq);
         p = q;
     }
 }
@@ -188,10 +191,19 @@ __global__ void place_rows_kernel(DeviceBatch b, const int32_t* keys, const int3
         const int64_t i = (int64_t)count[c] + (p - run_start[p]);  // this row is the class's i-th
         const void* row = row_ptr(b, vals[p]);
         if (phase == 0) {
-            if (sk.store) {
-                float* dst = sk.store + (size_t)(base + p) * b.d;
+            if (sk.store && sk.store_raw16) {
+                uint16_t* dst = static_cast<uint16_t*>(sk.store) + (size_t)(base + p) * b.d;
+                const uint16_t* src = static_cast<const uint16_t*>(row);
+                for (int64_t k = lane; k < b.d; k += kWarp) dst[k] = src[k];
+                if (lane == 0) sk.store_labels[base + p] = c;
+            } else if (sk.store) {
+                float* dst = static_cast<float*>(sk.store) + (size_t)(base + p) * b.d;
                 for (int64_t k = lane; k < b.d; k += kWarp) dst[k] = (float)load_feature(row, b.fdtype, k);
                 if (lane == 0) sk.store_labels[base + p] = c;
+            }
+            if (sk.shift && i == 0) {  // as shift_value (core/shifted_sums.hpp): accepted rows are finite
+                float* dst = sk.shift + (size_t)c * b.d;
+                for (int64_t k = lane; k < b.d; k += kWarp) dst[k] = (float)load_feature(row, b.fdtype, k);
             }
             if (sk.hold && i < sk.hold_rows) {
                 float* dst = sk.hold + ((size_t)c * sk.hold_rows + i) * b.d;
@@ -239,6 +251,25 @@ __global__ void gather_rows_kernel(DeviceBatch b, const int32_t* keys, const int
         const int64_t p = e / b.d, k = e % b.d;
         const bool drop = keys[p] == sentinel || (kept_slot && kept_slot[keys[p]] < 0);
         x[e] = drop ? 0.0f : (float)load_feature(row_ptr(b, vals[p]), b.fdtype, k);
+    }
+}
+
+__global__ void centered_rows_kernel(DeviceBatch b, const int32_t* keys, const int32_t* vals, int32_t sentinel, int64_t p0, int64_t m,
+                                     const float* shift, const double* mean, const int32_t* kept_slot, const BatchStatus* st, double* x) {
+    const int64_t total = m * b.d;
+    const bool refused = st->error != 0;
+    for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t p = p0 + e / b.d, k = e % b.d;
+        const int32_t c = keys[p];
+        const int32_t slot = c == sentinel ? -1 : kept_slot ? kept_slot[c] : c;
+        double v = 0;
+        if (!refused && slot >= 0) {
+            const double xv = load_feature(row_ptr(b, vals[p]), b.fdtype, k);
+            // Less the reference row, as float32 like the hold area whose rows come out again
+            // (cuda_metrics.cu, streamed_within); less the mean in float64.
+            v = mean ? xv - mean[(int64_t)slot * b.d + k] : (double)(float)xv - (double)shift[(int64_t)c * b.d + k];
+        }
+        x[e] = v;
     }
 }
 
@@ -298,7 +329,7 @@ void launch_class_sums(const DeviceBatch& b, const int32_t* keys, const int32_t*
 void launch_place_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, const int32_t* run_start,
                        int32_t sentinel, const unsigned long long* count, RowSinks sinks, const BatchStatus* st,
                        cudaStream_t s) {
-    if (b.rows == 0 || (!sinks.store && !sinks.hold && !sinks.reservoir)) return;
+    if (b.rows == 0 || (!sinks.store && !sinks.hold && !sinks.reservoir && !sinks.shift)) return;
     const int grid = blocks_for(b.rows * kWarp, 256);
     place_rows_kernel<<<grid, 256, 0, s>>>(b, keys, vals, run_start, sentinel, count, sinks, st, 0);
     COLLAPSE_CUDA_CHECK_LAUNCH();
@@ -322,6 +353,13 @@ void launch_gather_rows(const DeviceBatch& b, const int32_t* keys, const int32_t
                         cudaStream_t s, const int32_t* kept_slot) {
     if (b.rows == 0) return;
     gather_rows_kernel<<<blocks_for(b.rows * b.d, 256, 1 << 20), 256, 0, s>>>(b, keys, vals, sentinel, x, kept_slot);
+    COLLAPSE_CUDA_CHECK_LAUNCH();
+}
+
+void launch_centered_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, int32_t sentinel, int64_t p0, int64_t m,
+                          const float* shift, const double* mean, const int32_t* kept_slot, const BatchStatus* st, double* x, cudaStream_t s) {
+    if (m <= 0 || b.d == 0) return;
+    centered_rows_kernel<<<blocks_for(m * b.d, 256, 1 << 20), 256, 0, s>>>(b, keys, vals, sentinel, p0, m, shift, mean, kept_slot, st, x);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 

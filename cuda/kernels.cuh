@@ -62,8 +62,9 @@ void launch_run_heads(const int32_t* keys, int64_t n, int32_t* run_head, cudaStr
 
 struct ClassState {
     double* sum;                       // [V, d]
-    double* sqnorm;                    // [V]
+    double* sqdev;                     // [V] sum of ||x - s_c||^2 (core/shifted_sums.hpp)
     unsigned long long* count;         // [V]
+    const float* shift = nullptr;      // [V, d] reference rows s_c (null: the zero row)
 };
 
 // Sorted rows in chunks; per run piece: fp64 register sums, one atomicAdd per piece and column.
@@ -71,8 +72,10 @@ void launch_class_sums(const DeviceBatch& b, const int32_t* keys, const int32_t*
                        const BatchStatus* st, cudaStream_t s);
 
 struct RowSinks {
-    // exact row store: rows appended in sorted order at *store_count
-    float* store = nullptr;
+    // exact row store: rows appended in sorted order at *store_count, as float32, or with
+    // store_raw16 as the batch's own 2-byte elements (float16/bfloat16 kept exactly)
+    void* store = nullptr;
+    bool store_raw16 = false;
     int32_t* store_labels = nullptr;
     unsigned long long* store_count = nullptr;
     // sampled reservoirs [V, cap, d] and the winner of each slot in this batch
@@ -83,9 +86,11 @@ struct RowSinks {
     // the first (min_samples - 1) rows of every class, for the Gram correction
     float* hold = nullptr;
     int64_t hold_rows = 0;             // min_samples - 1
+    // each class's reference row s_c [V, d]: its first row, written when the class has none yet
+    float* shift = nullptr;
 };
 
-// Places rows into the row store / reservoirs / hold area. Reads the class counts before this batch,
+// Places rows into the row store / reservoirs / hold area / reference rows. Reads the class counts before this batch,
 // so it runs before launch_count_update.
 void launch_place_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, const int32_t* run_start,
                        int32_t sentinel, const unsigned long long* count, RowSinks sinks, const BatchStatus* st,
@@ -101,6 +106,12 @@ void launch_gather_rows(const DeviceBatch& b, const int32_t* keys, const int32_t
 // Adds the number of rows of kept classes to *counter, unless the batch was refused.
 void launch_count_kept(const int32_t* keys, int64_t n, int32_t sentinel, const int32_t* kept_slot, unsigned long long* counter,
                        const BatchStatus* st, cudaStream_t s);
+// Sigma_W's rows: x [m, d] (float64) = sorted rows p0 .. p0 + m - 1 less their class's reference row
+// shift[c] (float32 [V, d]) or, with kept_slot, their kept class's mean[kept_slot[c]] (float64 [K, d]);
+// zero rows for dropped rows, classes outside kept_slot, and every row of a refused batch (so that
+// a cublasDsyrk of x into the accumulator adds nothing then).
+void launch_centered_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, int32_t sentinel, int64_t p0, int64_t m,
+                          const float* shift, const double* mean, const int32_t* kept_slot, const BatchStatus* st, double* x, cudaStream_t s);
 // acc64 += acc32 (d*d), unless the batch was refused.
 void launch_add_gram(const float* g32, double* g64, int64_t n, const BatchStatus* st, cudaStream_t s);
 
@@ -116,8 +127,16 @@ void launch_window_gather(const float* store, const int64_t* slots, int64_t rows
 
 // ---- finalisation ----
 // For kept slot s (class ids[s]): mu [K, d], var [K], weight[s] (1 or n_c).
-void launch_means(const double* sum, const double* sqnorm, const unsigned long long* count, const int32_t* ids, int64_t K,
+// var from the sums of squares about the reference rows shift [V, d] (null: the zero row).
+void launch_means(const double* sum, const double* sqdev, const float* shift, const unsigned long long* count, const int32_t* ids, int64_t K,
                   int64_t d, bool token_weighted, double* mu, double* var, double* weight, cudaStream_t s);
+// Sigma_W's scatter from the streamed one (core/shifted_sums.hpp): x [m, d] = the held rows
+// hold[index[i]] (index = c * hold_rows + r) less shift[c], and e [K, d] = (S_c - n_c s_c) / sqrt(n_c)
+// for the kept classes ids (unshift_scatter's rows); both subtracted by cublasDsyrk.
+void launch_held_shifted_rows(const float* hold, const int32_t* index, int64_t m, int64_t hold_rows, int64_t d, const float* shift,
+                              double* x, cudaStream_t s);
+void launch_unshift_rows(const double* sum, const float* shift, const unsigned long long* count, const int32_t* ids, int64_t K, int64_t d,
+                         double* e, cudaStream_t s);
 // out[j] = sum_s w[s] * x[s, j] (w may be null: all ones), column by column, in a fixed order.
 void launch_column_sums(const double* x, const double* w, int64_t K, int64_t d, double* out, cudaStream_t s);
 // m = mu - mu_g / total_weight; q = ||m||^2; a = ||m|| + 1e-8.

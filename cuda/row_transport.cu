@@ -1,7 +1,8 @@
-// Exact mode's rows between the device and the host: the device row buffer moves to the host
-// RowStore (through the pinned download buffers of cuda_checkpoint.cu) every max_buffer_size rows
-// and before finalisation, and at finalisation the kept classes' rows come back into the device
-// row buffer a group of whole classes at a time.
+// Exact mode's spill path: when the device row buffer is full (or its dtype changes, or a checkpoint
+// cannot group them on the device), its rows move to the host RowStore (through the pinned download buffers of
+// cuda_checkpoint.cu), and at finalisation the kept classes' rows come back into the device row
+// buffer (as float32) a group of whole classes at a time. While no row has left the device, the
+// per-token SVD reads the buffer itself (token_svd_device.cu) and none of this runs.
 #include <algorithm>
 #include <cstring>
 #include <functional>
@@ -27,7 +28,7 @@ void CudaBackend::move_store_to_host() {
         const HostBudget::Lease grouping = host_.reserve(
             add_bytes(mul_bytes((int64_t)stored, 8), mul_bytes(V_ + 1, 16)),
             "grouping the " + std::to_string(stored) + " rows of the device row buffer by class (V = " + std::to_string(V_) + ")",
-            "lower max_buffer_size (rows the device buffer holds before they move to host memory); or raise host_memory_limit");
+            "lower device_memory_limit (the device row buffer's rows move to host memory at once); or raise host_memory_limit");
         std::vector<int32_t> labels((size_t)stored);
         COLLAPSE_CUDA_TRY(cudaMemcpy(labels.data(), store_labels_.data(), labels.size() * 4, cudaMemcpyDeviceToHost));
         std::vector<int64_t> off((size_t)V_ + 1, 0);
@@ -70,7 +71,7 @@ void CudaBackend::move_store_to_host() {
                     std::memcpy(dst + (r - off[(size_t)c]) * d_, x + (r - first) * d_, (size_t)(k * d_) * 8);
                     r += k;
                 }
-            });
+            }, store_dtype_);
             COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
             COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
         } catch (...) {
@@ -95,7 +96,7 @@ void CudaBackend::hold_store_rows(int64_t growth) {
         store_held_.update(host_store_->memory_bytes());
     }
     store_held_.resize(add_bytes(store_held_.bytes(), growth), "the rows of the exact row store in host memory",
-                       "lower max_buffer_size (the rows the device buffer moves to host memory at once), or raise host_memory_limit");
+                       "lower device_memory_limit (the device row buffer's rows move to host memory at once), or raise host_memory_limit");
 }
 
 // The rows of the kept classes back into the device row buffer, a group of whole classes at a time:
@@ -106,7 +107,9 @@ void CudaBackend::hold_store_rows(int64_t growth) {
 void CudaBackend::upload_store(const KeptSet& kept, std::vector<int64_t>& offset, std::vector<int64_t>& nrows,
                                const std::function<void(const std::vector<int64_t>&)>& solve_group) {
     move_store_to_host();
-    const int64_t room = std::min<int64_t>((int64_t)store_capacity_, std::max<int64_t>(kept.rows, 1));
+    // The buffer's bytes as float32 rows (whatever dtype ingest keeps in it: it is empty now).
+    float* const buffer = reinterpret_cast<float*>(store_.data());
+    const int64_t room = std::min<int64_t>((int64_t)(store_.size() / (size_t)(d_ * 4)), std::max<int64_t>(kept.rows, 1));
     const int64_t K = (int64_t)kept.ids.size();
     const HostBudget::Lease members_lease =
         host_.reserve(mul_bytes(K, 8), "the upload groups of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
@@ -126,7 +129,7 @@ void CudaBackend::upload_store(const KeptSet& kept, std::vector<int64_t>& offset
     const int64_t stage_cap = (int64_t)stage_size / d_;
     auto upload = [&] {
         if (filled > staged_from)
-            COLLAPSE_CUDA_TRY(cudaMemcpy(store_.data() + staged_from * d_, stage, (size_t)((filled - staged_from) * d_) * 4,
+            COLLAPSE_CUDA_TRY(cudaMemcpy(buffer + staged_from * d_, stage, (size_t)((filled - staged_from) * d_) * 4,
                                          cudaMemcpyHostToDevice));
         staged_from = filled;
     };

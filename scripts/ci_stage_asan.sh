@@ -25,7 +25,9 @@ san="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DCOLLAPSE_CUDA=OFF -DCOLLAPSE_BUILD_BENCH=OFF \
   -DCOLLAPSE_BUILD_TESTS=ON -DCMAKE_CXX_FLAGS="-O1 $san" -DCMAKE_C_FLAGS="-O1 $san" \
   -DCMAKE_EXE_LINKER_FLAGS="$san" -DCMAKE_SHARED_LINKER_FLAGS="$san"
+t0=$SECONDS
 cmake --build "$build" -j"$(nproc)"
+echo "asan: build took $((SECONDS - t0)) s"
 
 logs="$build/sanitizer-logs"
 rm -rf "$logs"

@@ -12,5 +12,7 @@ build="$root/build-debug"
 exclude="${COLLAPSE_DEBUG_EXCLUDE:-^(CliSpill|SanityScale|Stories260k)\.}"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DCOLLAPSE_CUDA=OFF -DCOLLAPSE_BUILD_BENCH=OFF \
   -DCOLLAPSE_BUILD_TESTS=ON
+t0=$SECONDS
 cmake --build "$build" -j"$(nproc)"
+echo "debug: build took $((SECONDS - t0)) s"
 ctest --test-dir "$build" --output-on-failure -j2 --timeout 900 -E "$exclude"

@@ -22,6 +22,15 @@
  * rank at a time and spools its state into a private file in the session's intermediate_save_dir
  * (removed after the merge), so no rank holds another's row store in memory.
  *
+ * An exact row store (svd_mode exact, CPU sessions on every rank) is not sent to the root: the
+ * combine gives every rank the combined class counts and sums, moves each kept class's rows to
+ * an owner rank (rank order kept, in pieces), and every rank computes the row-store metrics of
+ * its classes (per-token SVDs, within-class variances, NC4, a cut kept set's Gram and scatter)
+ * at once; the root adds them. Every session in the communicator then takes no more rows, and
+ * collapse_session_save refuses (COLLAPSE_ERR_STATE): checkpoint before the combine. The
+ * classifier must be set on every rank before the combine (the owners' NC4 needs it).
+ * After an error of any of these functions the sessions are fit only for destroy.
+ *
  * Every function is collective over `comm` and returns the same status on every rank: an error on
  * any rank (a refused state, a full disk) is every rank's error, with that rank's message in
  * collapse_last_error() ("rank r: ..."). A rank that dies is the MPI runtime's matter (mpirun and

@@ -284,10 +284,10 @@ std::optional<io::Tokenizer> open_tokenizer(const AnalyzeArgs& a, Config& cfg) {
 
 // Token strings, the exports, then the report (the last file written says the run is complete).
 void finish_outputs(const AnalyzeArgs& a, const Result& result, nlohmann::json& doc, const std::optional<io::Tokenizer>& tok,
-                    bool quiet) {
+                    HostBudget& budget, bool quiet) {
     if (tok) add_token_strings(doc, *tok);
     if (!a.export_dir.empty()) {
-        const std::vector<std::string> files = write_exports(a.export_dir, result, doc);
+        const std::vector<std::string> files = write_exports(a.export_dir, result, doc, budget);
         if (!quiet) std::printf("exports written to %s (%zu files)\n", a.export_dir.c_str(), files.size());
     }
     write_report_file(doc, a.output);
@@ -297,7 +297,7 @@ void finish_outputs(const AnalyzeArgs& a, const Result& result, nlohmann::json& 
 // nc5_ood_dev: the mean of --ood-features's rows, of the input's width `dim`.
 void apply_ood_mean(const AnalyzeArgs& a, Session& session, int64_t dim, const char* whose) {
     if (a.ood_features.empty()) return;
-    const std::vector<double> mean = driver::ood_mean_of_npy(a.ood_features);
+    const std::vector<double> mean = driver::ood_mean_of_npy(a.ood_features, *session.budget_account());
     if ((int64_t)mean.size() != dim)
         fail(COLLAPSE_ERR_SHAPE, "--ood-features ", a.ood_features, " has rows of width ", mean.size(), ", ", whose, " are ", dim);
     session.set_ood_mean(mean.data(), (int64_t)mean.size());
@@ -343,7 +343,7 @@ void analyze_checkpoint(const AnalyzeArgs& a, Config cfg, bool quiet) {
     if (!a.ood_features.empty()) doc["input"]["ood_features"] = a.ood_features;
     if (held_out) doc["input"]["nc4_held_out"] = driver::to_json(held_out->info());
     doc["run"] = {{"command", g_command_line}};
-    finish_outputs(a, result, doc, tok, quiet);
+    finish_outputs(a, result, doc, tok, *session.budget_account(), quiet);
     if (!quiet) print_headline(doc, a.output);
 }
 
@@ -494,7 +494,7 @@ int run_analyze(const AnalyzeArgs& a) {
     if (!a.ood_features.empty()) out.report["input"]["ood_features"] = a.ood_features;
     if (out.resumed_at >= 0 && !quiet)
         std::fprintf(stderr, "resumed from %s at input position %lld\n", a.checkpoint.c_str(), (long long)out.resumed_at);
-    finish_outputs(a, out.result, out.report, tok, quiet);
+    finish_outputs(a, out.result, out.report, tok, *session.budget_account(), quiet);
     if (!quiet) print_headline(out.report, a.output);
     const EngineInfo& e = out.result.engine;
     if (e.batches_failed > 0) {

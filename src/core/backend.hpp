@@ -9,6 +9,7 @@
 //                                                     core/metric_summary.cpp finish_anchor_metrics
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -109,6 +110,29 @@ public:
     [[noreturn]] void ranks_unsupported() const {
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a second pass spread over MPI ranks is not implemented on the ", name(), " backend yet");
     }
+
+    // --- The exact row store spread over ranks by class (src/mpi/, core/session_ranks.cpp): the
+    // first-pass states go to the root without their rows; every kept class gets an owner rank,
+    // which receives the class's rows from every rank in rank order (its arrival order in one
+    // process) and computes what needs them (within variances, per-token SVDs, NC4, the Gram and
+    // Sigma_W's scatter of a cut kept set); the root adds these parts and compute() takes them in
+    // place of its row store. A backend without it combines as before (the store to the root). ---
+    virtual bool can_spread_rows() const { return false; }
+    // From now on save_state writes no row store and load_state expects none.
+    virtual void begin_rows_spread() { ranks_unsupported(); }
+    // The rows have moved to their owners (spread_close): the state is no longer one process's.
+    virtual bool rows_spread() const { return false; }
+    // This rank's rows of classes `ids` (ascending), in pieces of at most max_rows rows.
+    using RowsFn = std::function<void(int32_t c, const double* rows, int64_t n)>;
+    virtual void spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) { ranks_unsupported(); }
+    // The new store of the classes this rank owns, filled in rank order, then put in the old one's place.
+    virtual void spread_open(const std::vector<int32_t>& owned) { ranks_unsupported(); }
+    virtual void spread_append(int32_t c, const double* rows, int64_t n) { ranks_unsupported(); }
+    virtual void spread_close() { ranks_unsupported(); }
+    // This rank's part for the kept classes it owns (its store holds all of their rows; the class
+    // counts and sums are the combined ones), and the root's sum of every rank's part.
+    virtual void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) { ranks_unsupported(); }
+    virtual void spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) { ranks_unsupported(); }
 };
 
 class HostBudget;  // core/host_budget.hpp

@@ -12,10 +12,43 @@ constexpr double kNormEps = 1e-8;          // u_c = m_c / (||m_c|| + 1e-8), UNC3
 constexpr double kEntropyEps = 1e-10;      // -sum p ln(p + 1e-10)
 constexpr double kGnc2MinDistance = 1e-6;  // GNC2 pairs closer than this are skipped
 
+// Copies the upper triangle of a row-major d x d matrix into its lower one (after a dsyrk that
+// wrote only the upper; host only).
+inline void mirror_upper(double* a, int64_t d) {
+    for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < i; ++j) a[i * d + j] = a[j * d + i];
+}
+
 // Contribution of one singular value: -p ln(p + 1e-10) with p = s / sum.
 COLLAPSE_HD double entropy_term(double s, double sum) {
     const double p = s / sum;
     return -p * log(p + kEntropyEps);
+}
+
+// Singular values from the eigenvalues of a Gram of size M (zero-padded past the class's own
+// size): an eigenvalue at or below M eps max(lambda) is rounding, a zero singular value.
+COLLAPSE_HD double eigen_floor(double max_eigenvalue, int64_t M) {
+    return (double)M * 2.220446049250313e-16 /* DBL_EPSILON */ * (max_eigenvalue > 0 ? max_eigenvalue : 0.0);
+}
+COLLAPSE_HD double singular_from_eigen(double eigenvalue, double floor) { return eigenvalue > floor ? sqrt(eigenvalue) : 0.0; }
+
+// SVD entropy of the top r singular values from eigenvalues eig[0..M) (ascending), summed from the
+// largest down (the order of singular_values_from_eigen + spectrum_entropy, so host and device
+// agree to the bit); *zero_matrix when their sum is 0 (H = 0).
+COLLAPSE_HD double entropy_from_eigen(const double* eig, int64_t M, int64_t r, bool* zero_matrix) {
+    if (M <= 0 || r <= 0) {
+        *zero_matrix = true;
+        return 0.0;
+    }
+    const double floor = eigen_floor(eig[M - 1], M);
+    const int64_t last = M - r > 0 ? M - r : 0;
+    double sum = 0;
+    for (int64_t k = M - 1; k >= last; --k) sum += singular_from_eigen(eig[k], floor);
+    *zero_matrix = !(sum > 0);
+    if (*zero_matrix) return 0.0;
+    double h = 0;
+    for (int64_t k = M - 1; k >= last; --k) h += entropy_term(singular_from_eigen(eig[k], floor), sum);
+    return h;
 }
 
 
@@ -56,6 +89,18 @@ COLLAPSE_HD PairTerms pair_terms(double g, double qi, double qj, double ai, doub
     t.cdnv = t.cdnv_skip ? 0.0 : (vi + vj) / (2.0 * (cdnv_power == 1.0 ? dm2 : pow(dm2, cdnv_power)));
     return t;
 }
+
+// var_c from sums about the class's reference row s_c (core/shifted_sums.hpp): q = sum ||x - s_c||^2,
+// dd = ||S_c - n s_c||^2 with S_c the class sum, so that var_c = q/n - ||mu_c - s_c||^2. Both terms
+// are small for a tight class, where E||x||^2 - ||mu_c||^2 would cancel.
+COLLAPSE_HD double shifted_variance(double q, double n, double dd) {
+    const double v = (q - dd / n) / n;
+    return v > 0 ? v : 0.0;
+}
+
+// A kept class's row e_c of Sigma_W's correction: sum (x - s)(x - s)^T = sum (x - mu)(x - mu)^T + e e^T
+// with e = (S - n s) / sqrt(n) = sqrt(n) (mu - s), element by element.
+COLLAPSE_HD double unshift_term(double sum, double n, double shift) { return (sum - n * shift) / sqrt(n); }
 
 // UNC3's per-class cosine between classifier row w_c and centred mean m_c.
 COLLAPSE_HD double duality_cos(double w_dot_m, double w_norm, double m_norm) {

@@ -38,8 +38,8 @@ Stats stats_of(const std::vector<double>& v) {
 std::vector<double> singular_values_from_eigen(const double* eig, int64_t M, int64_t r) {
     std::vector<double> s;
     if (M <= 0) return s;
-    const double floor = (double)M * DBL_EPSILON * std::max(eig[M - 1], 0.0);
-    for (int64_t k = M - 1; k >= 0 && (int64_t)s.size() < r; --k) s.push_back(eig[k] > floor ? std::sqrt(eig[k]) : 0.0);
+    const double floor = eigen_floor(eig[M - 1], M);
+    for (int64_t k = M - 1; k >= 0 && (int64_t)s.size() < r; --k) s.push_back(singular_from_eigen(eig[k], floor));
     return s;
 }
 
@@ -54,7 +54,13 @@ double spectrum_entropy(const std::vector<double>& s, bool* zero_matrix) {
 }
 
 void token_from_spectrum(const std::vector<double>& s, int64_t n, int64_t d, TokenMetrics& tm, MetricValues& out) {
-    const double h = spectrum_entropy(s, &tm.zero_matrix);
+    bool zero = false;
+    const double h = spectrum_entropy(s, &zero);
+    token_from_entropy(h, zero, n, d, tm, out);
+}
+
+void token_from_entropy(double h, bool zero_matrix, int64_t n, int64_t d, TokenMetrics& tm, MetricValues& out) {
+    tm.zero_matrix = zero_matrix;
     tm.svd_entropy = h;
     tm.effective_rank = std::exp(h);
     const int64_t r = n < d ? n : d;

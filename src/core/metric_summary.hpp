@@ -22,6 +22,8 @@ double spectrum_entropy(const std::vector<double>& s, bool* zero_matrix);
 
 // Per-token values from the spectrum of a class's n x d rows.
 void token_from_spectrum(const std::vector<double>& s, int64_t n, int64_t d, TokenMetrics& tm, MetricValues& out);
+// The same from an entropy already reduced (entropy_from_eigen, on the device).
+void token_from_entropy(double h, bool zero_matrix, int64_t n, int64_t d, TokenMetrics& tm, MetricValues& out);
 
 // Pair reductions (GNC2, equiangularity, CDNV) accumulated over tiles, merged in a fixed order.
 struct PairTotals {

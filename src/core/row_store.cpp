@@ -306,7 +306,8 @@ void RowStore::check_crc(int p, const Extent& e, int32_t c, uint32_t crc) const 
              " has checksum ", crc, ", written as ", e.crc);
 }
 
-void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, const ClassFn& fn) const {
+void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, const ClassFn& fn,
+                              const std::function<void()>& group_end) const {
     std::sort(ids.begin(), ids.end());
     const int64_t row_bytes = d_ * 8;
     const int64_t budget = std::max(load_budget, row_bytes);
@@ -371,6 +372,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
             }
             if (first + filled != n) fail(COLLAPSE_ERR_INTERNAL, "row store: class ", c, " gave ", first + filled, " rows of ", n);
             emit(true);
+            if (group_end) group_end();
             i = j;
             continue;
         }
@@ -423,6 +425,7 @@ void RowStore::for_each_class(std::vector<int32_t> ids, int64_t load_budget, con
             const double* x = place[k - i] >= 0 ? buf.get() + place[k - i] : mem_[(size_t)c].data();
             fn(c, rows(c) > 0 ? x : nullptr, rows(c), 0, true);
         }
+        if (group_end) group_end();
         i = j;
     }
 }

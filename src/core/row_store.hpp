@@ -99,8 +99,12 @@ public:
     // class whole (first = 0, last = true) when it fits in `load_budget` bytes, else in pieces of at
     // most that size, in order. Classes without rows get one call with n = 0. Throws
     // Error(COLLAPSE_ERR_IO) on a read error or a checksum mismatch, naming the file and class.
+    // group_end (optional) is called after each group of classes read back together: the rows
+    // handed to fn stay valid until then, so a caller may keep the pointers and work on the whole
+    // group at once (the per-token SVDs go to threads that way).
     using ClassFn = std::function<void(int32_t c, const double* rows, int64_t n, int64_t first, bool last)>;
-    void for_each_class(std::vector<int32_t> ids, int64_t load_budget, const ClassFn& fn) const;
+    void for_each_class(std::vector<int32_t> ids, int64_t load_budget, const ClassFn& fn,
+                        const std::function<void()>& group_end = {}) const;
 
     // A point to roll back to (loading a checkpoint): rows added after mark() are dropped by
     // rollback(). mark(growth) first makes room for the incoming rows, so that no later flush mixes

@@ -45,6 +45,9 @@ CheckpointMeta Session::checkpoint_meta() const {
     check_state("save_checkpoint");
     if (state_ != State::Ingest) fail(COLLAPSE_ERR_STATE, "save_checkpoint: only the first pass can be checkpointed");
     if (!backend_) fail(COLLAPSE_ERR_STATE, "save_checkpoint: the session has seen no rows yet (its width is unknown)");
+    if (backend_->rows_spread())
+        fail(COLLAPSE_ERR_STATE, "save_checkpoint: the session's exact row store has been spread over MPI ranks by class "
+                                 "(collapse_session_mpi_combine), so its state is no longer one process's; checkpoint before the combine");
     CheckpointMeta m;
     m.num_classes = V_;
     m.dim = d_;

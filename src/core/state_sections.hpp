@@ -10,6 +10,8 @@
 //   class_counts     i64 [V]        sum = seen - masked - excluded - non-finite - ignored; 0 for excluded ids
 //   class_sums       f64 [V, d]
 //   class_sqnorms    f64 [V]        sum of ||x||^2 per class
+//   with the class metrics: within_shift, class_sqdev and (streamed) within_scatter, the sums
+//                                   about each class's reference row (core/shifted_sums.hpp)
 //   with a streamed overall Gram (compute_overall_metrics, no max_tokens_to_analyze):
 //   gram             f64 [d, d]     row-major, upper triangle (the lower one is ignored): the rows of
 //                                   classes that reached min_samples_per_token

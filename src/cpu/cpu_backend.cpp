@@ -7,10 +7,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 
 #include "base/dtype.hpp"
 #include "base/error.hpp"
 #include "core/sampling.hpp"
+#include "core/shifted_sums.hpp"
 #include "cpu/row_kernels.hpp"
 
 namespace collapse::internal {
@@ -52,7 +54,8 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
     // Without max_tokens_to_analyze the kept set's rows are known as they stream; with it, the
     // Gram comes from the row store or a second pass (docs/METRICS.md, "The overall Gram while streaming").
     gram_streaming_ = cfg.compute_overall_metrics && cfg.max_tokens_to_analyze == 0;
-    within_streaming_ = gram_streaming_ && cfg.compute_class_metrics;
+    shifted_ = cfg.compute_class_metrics;
+    within_streaming_ = gram_streaming_ && shifted_;
     // Everything that grows with V and d is counted before any of it exists (the row store's index
     // too, which the store reserves itself below): one stray label can make V large enough for
     // these alone to pass the limit.
@@ -61,7 +64,7 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
                              " (class sums " + format_bytes(mul_bytes(V_, d_, 8)) + ", counts, norms and flags " + format_bytes(mul_bytes(V_, 21)) +
                              (keep_rows ? ", the row store's index " + format_bytes(RowStore::index_bytes(V_)) : std::string()) +
                              (gram_streaming_ ? ", the d x d Gram" : "") +
-                             (within_streaming_ ? ", Sigma_W's d x d scatter and its [V, d] float32 reference rows" : "") + ")";
+                             (shifted_ ? ", the classes' [V, d] float32 reference rows" : "") + (within_streaming_ ? ", Sigma_W's d x d scatter" : "") + ")";
     budget_->check(add_bytes(fixed_bytes(), keep_rows ? RowStore::index_bytes(V_) : 0), what, kFixNumClasses);
     fixed_ = budget_->reserve(fixed_bytes(), what, kFixNumClasses);
     held_ = budget_->lease();
@@ -74,10 +77,11 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
         if (e >= 0 && e < V_) excluded_[(size_t)e] = 1;
     count_.assign((size_t)V_, 0);
     sum_.assign((size_t)(V_ * d_), 0.0);
-    sqnorm_.assign((size_t)V_, 0.0);
+    sqdev_.assign((size_t)V_, 0.0);
     run_of_label_.assign((size_t)V_, -1);
     if (gram_streaming_) gram_.assign((size_t)(d_ * d_), 0.0);
-    if (within_streaming_) shift_.assign((size_t)(V_ * d_), 0.0f), within_.assign((size_t)(d_ * d_), 0.0);
+    if (shifted_) shift_.assign((size_t)(V_ * d_), 0.0f);
+    if (within_streaming_) within_.assign((size_t)(d_ * d_), 0.0);
     // The exact row store keeps half of what is left (after its own index) in memory and spills
     // the rest under intermediate_save_dir; the other half is for batches and finalisation. Its
     // index is counted by the store itself.
@@ -88,20 +92,58 @@ CpuBackend::CpuBackend(const Config& cfg, int64_t num_classes, int64_t dim, std:
     }
 }
 
-// sum_ [V, d]; count_, sqnorm_ (8 bytes a class), excluded_ (1), run_of_label_ (4); the Gram and
+// sum_ [V, d]; count_, sqdev_ (8 bytes a class), excluded_ (1), run_of_label_ (4); the Gram and
 // its block of rows waiting for dsyrk.
 int64_t CpuBackend::fixed_bytes() const {
     const int64_t gram = gram_streaming_ ? add_bytes(mul_bytes(d_, d_, 8), mul_bytes(kGramBlockRows, d_ * 8 + 4)) : 0;
-    const int64_t within = within_streaming_ ? add_bytes(mul_bytes(V_, d_, 4), mul_bytes(d_, d_, 8)) : 0;
+    const int64_t within = add_bytes(shifted_ ? mul_bytes(V_, d_, 4) : 0, within_streaming_ ? mul_bytes(d_, d_, 8) : 0);
     return add_bytes(add_bytes(add_bytes(mul_bytes(V_, d_, 8), mul_bytes(V_, 21)), gram), within);
 }
 
 // The rows this backend holds between batches: the row store's memory (capacity) and the rows
 // held back from the Gram.
 int64_t CpuBackend::held_rows_bytes() const {
-    int64_t held = store_ ? store_->memory_bytes() : 0;
+#ifndef NDEBUG
+    if (holdback_bytes_ != holdback_bytes_walked())
+        fail(COLLAPSE_ERR_INTERNAL, "held-back rows: running count ", holdback_bytes_, " bytes, the map holds ", holdback_bytes_walked());
+#endif
+    return (store_ ? store_->memory_bytes() : 0) + holdback_bytes_;
+}
+
+int64_t CpuBackend::holdback_bytes_walked() const {
+    int64_t held = 0;
     for (const auto& h : holdback_) held += (int64_t)h.second.capacity() * 8 + kHoldbackEntryBytes;
     return held;
+}
+
+std::vector<double>& CpuBackend::holdback_entry(int32_t c) {
+    const auto [it, added] = holdback_.try_emplace(c);
+    if (added) holdback_bytes_ += kHoldbackEntryBytes;
+    return it->second;
+}
+
+void CpuBackend::holdback_reserve(int32_t c, size_t capacity) {
+    std::vector<double>& h = holdback_entry(c);
+    const size_t before = h.capacity();
+    h.reserve(capacity);
+    holdback_bytes_ += ((int64_t)h.capacity() - (int64_t)before) * 8;
+}
+
+void CpuBackend::holdback_append(int32_t c, const double* x, int64_t values) {
+    std::vector<double>& h = holdback_entry(c);
+    const size_t before = h.capacity();
+    h.insert(h.end(), x, x + values);
+    holdback_bytes_ += ((int64_t)h.capacity() - (int64_t)before) * 8;
+}
+
+void CpuBackend::holdback_erase(std::unordered_map<int32_t, std::vector<double>>::iterator it) {
+    holdback_bytes_ -= (int64_t)it->second.capacity() * 8 + kHoldbackEntryBytes;
+    holdback_.erase(it);
+}
+
+void CpuBackend::holdback_clear() {
+    holdback_.clear();
+    holdback_bytes_ = 0;
 }
 
 int64_t CpuBackend::resident_bytes() const {
@@ -153,6 +195,16 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
     }
     std::fill(stage_sum_.begin(), stage_sum_.begin() + staged * d_, 0.0);
     for (int32_t k = 0; k < (int32_t)runs; ++k) run_of_label_[(size_t)run_label_[(size_t)k]] = k;
+    // A class's reference row is its first row (in class order, as commit and the CUDA ingest take
+    // them). Set for classes without rows only: if the batch is refused, nothing uses it.
+    if (shifted_)
+        for (size_t k = 0; k < runs; ++k) {
+            const int32_t c = run_label_[k];
+            if (count_[(size_t)c] > 0) continue;
+            const void* x = b.features.row(rows.feature_row[(size_t)order_[(size_t)run_begin_[k]]]);
+            float* sc = shift_.data() + (size_t)c * (size_t)d_;
+            for (int64_t j = 0; j < d_; ++j) sc[j] = shift_value(load_as_double(x, b.features.dtype, j));
+        }
     // Classes are split between threads (run k to thread k mod T): each class is still summed by
     // one thread in row order, so the result does not depend on the thread count. Short rows are
     // faster on one thread (every thread scans all labels).
@@ -166,9 +218,9 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
         int64_t prev = -1;
         double* prev_acc = nullptr;
         auto sum_prev = [&](const double* next_acc) {
-            const int32_t k = run_of_label_[(size_t)rows.label[(size_t)prev]];
+            const int32_t c = rows.label[(size_t)prev], k = run_of_label_[(size_t)c];
             sq[(size_t)k] += cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)prev]), b.features.dtype, d_, prev_acc,
-                                                 nullptr, next_acc);
+                                                 nullptr, next_acc, shifted_ ? shift_.data() + (size_t)c * (size_t)d_ : nullptr);
         };
         for (int64_t i = 0; i < n; ++i) {
             const int32_t k = run_of_label_[(size_t)rows.label[(size_t)i]];
@@ -185,6 +237,7 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
 }
 
 void CpuBackend::ingest(const BatchDesc& b, void*) {
+    refuse_if_spread("it takes no more first-pass rows");
     if (b.features.memory != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory (use backend: cuda)");
     const int64_t n = b.num_rows();
@@ -303,7 +356,7 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
             cpu::add_into(s, stage_sum_.data() + stage_slot_[(size_t)k] * d_, d_);
         else
             cpu::accumulate_row(b.features.row(rows.feature_row[(size_t)order_[(size_t)run_begin_[(size_t)k]]]), b.features.dtype, d_, s);
-        sqnorm_[(size_t)c] += stage_sq_[(size_t)k];
+        sqdev_[(size_t)c] += stage_sq_[(size_t)k];
     }
     if (!gram_streaming_ && !keep_rows) {
         for (size_t k = 0; k < runs; ++k) count_[(size_t)run_label_[k]] += run_begin_[k + 1] - run_begin_[k];
@@ -322,26 +375,23 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
         // Rows held back from the Gram: their vector grows once, as growth() counted it.
         const int64_t held = gram_streaming_ ? std::max<int64_t>(0, std::min(len, min_n - 1 - count_[(size_t)c])) : 0;
         if (held > 0) {
-            auto& h = holdback_[c];
-            h.reserve(grown_capacity(h.size(), h.capacity(), (size_t)(held * d_)));
+            const std::vector<double>& h = holdback_entry(c);
+            holdback_reserve(c, grown_capacity(h.size(), h.capacity(), (size_t)(held * d_)));
         }
         if (keep_rows && !exact && count_[(size_t)c] < cap) store_->append(c, std::min(len, cap - count_[(size_t)c]));
         for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
             double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
             load_row_double(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
             const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)
-            if (within_streaming_ && i == 0)  // the class's reference row s_c
-                for (int64_t j = 0; j < d_; ++j) shift_[(size_t)c * (size_t)d_ + (size_t)j] = (float)xr[j];
             if (gram_streaming_) {
                 if (i + 1 < min_n) {
-                    auto& h = holdback_[c];
-                    h.insert(h.end(), xr, xr + d_);
+                    holdback_append(c, xr, d_);
                 } else {
                     if (i + 1 == min_n) {
                         auto it = holdback_.find(c);
                         if (it != holdback_.end()) {
                             for (size_t r = 0; r < it->second.size(); r += (size_t)d_) gram_add(c, it->second.data() + r);
-                            holdback_.erase(it);
+                            holdback_erase(it);
                         }
                     }
                     gram_add(c, xr);
@@ -407,6 +457,10 @@ void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
     int64_t nblock = 0;
     block.resize((size_t)(cap * d_));
     std::vector<double> centred(within ? (size_t)(cap * d_) : 0);
+    // NC4 gathers the batch's kept rows into its own larger blocks (one GEMM against W per block).
+    std::optional<Nc4Blocks> nc4;
+    if (pass2_nc4_ && !kept2_.ids.empty())
+        nc4.emplace(*budget_, d_, *clf2_, V_, mu2_, mu2_sq_, kept2_.ids, (int64_t)rows.label.size(), by_class ? nc4_hits2_.data() : nullptr);
     auto flush = [&]() {
         if (nblock == 0) return;
         if (within)
@@ -415,9 +469,7 @@ void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
         if (pass2_gram_)
             cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)nblock, 1.0, block.data(), (int)d_, 1.0,
                         gram2_.data(), (int)d_);
-        if (pass2_nc4_)
-            nc4_agree_ += nc4_agreements(*budget_, block.data(), nblock, d_, *clf2_, V_, mu2_, mu2_sq_, kept2_.ids,
-                                         by_class ? block_slot.data() : nullptr, by_class ? nc4_hits2_.data() : nullptr);
+        if (nc4) nc4->add(block.data(), nblock, block_slot.data());
         pass2_rows_ += nblock;
         nblock = 0;
     };
@@ -435,6 +487,7 @@ void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
         if (++nblock == cap) flush();
     }
     flush();
+    if (nc4) nc4_agree_ += nc4->finish();
 }
 
 }  // namespace collapse::internal

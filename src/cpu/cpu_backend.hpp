@@ -37,6 +37,16 @@ public:
     void adopt_class_sums(const int64_t* counts, const double* sums) override;
     void save_second_pass(StateWriter& w) override;
     void merge_second_pass(const StateReader& r) override;
+    // The exact row store spread over ranks by class (cpu_ranks.cpp).
+    bool can_spread_rows() const override { return has_row_store() && spread_phase_ == SpreadPhase::None; }
+    void begin_rows_spread() override;
+    bool rows_spread() const override { return spread_phase_ == SpreadPhase::Spread; }
+    void spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) override;
+    void spread_open(const std::vector<int32_t>& owned) override;
+    void spread_append(int32_t c, const double* rows, int64_t n) override;
+    void spread_close() override;
+    void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) override;
+    void spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) override;
 
     // Generation-time windows (cpu_windows.cpp): float32 slots in chunks; window_reduce hands the
     // windows to a background thread, window_evaluate answers at once.
@@ -53,6 +63,9 @@ public:
     // Bytes this backend holds now (accumulators, Gram, row store, reservoirs, scratch).
     int64_t resident_bytes() const;
     const HostBudget& budget() const { return *budget_; }
+    // The held-back rows' bytes: the running count, and the same walked from the map (tests).
+    int64_t holdback_bytes() const { return holdback_bytes_; }
+    int64_t holdback_bytes_walked() const;
     const RowStore* row_store() const { return store_.get(); }
 
 private:
@@ -78,6 +91,15 @@ private:
                         const ClassVectors& v, MetricValues& out) const;
     void token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const;
     void overall_entropy(const KeptSet& kept, MetricValues& out) const;
+    // The row-store passes of compute() that spread_part runs on a rank's own classes too:
+    // within-class variances about the means mu (by kept.slot), the Gram of the rows of `ids`
+    // (upper triangle, added to g [d, d]), and the scatter about the means (added to w [d, d]).
+    void store_variances(const KeptSet& kept, const std::vector<double>& mu, std::vector<double>& var) const;
+    void store_gram(const std::vector<int32_t>& ids, std::vector<double>& g) const;
+    void store_scatter(const KeptSet& kept, const std::vector<double>& mu, std::vector<double>& w) const;
+    // compute()'s parts from the ranks' sums (spread_merge) in place of the row store.
+    bool spread_ready() const { return spread_ != nullptr; }
+    void spread_results(const KeptSet& kept, std::vector<double>* var, MetricValues* tokens_out) const;
     void nc4_from_store(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu,
                         MetricValues& out) const;
 
@@ -95,24 +117,34 @@ private:
     Counts rows_;                   // row counts of the first pass
     std::vector<int64_t> count_;    // n_c
     std::vector<double> sum_;       // [V, d] sum of rows
-    std::vector<double> sqnorm_;    // [V] sum of ||x||^2
+    std::vector<double> sqdev_;     // [V] sum of ||x - s_c||^2 (s_c: shift_, or 0 without it; core/shifted_sums.hpp)
 
     // Overall Gram of rows of qualifying classes (upper triangle, row-major d x d). Rows of a class
     // below min_samples_per_token wait in holdback_ until it qualifies.
     bool gram_streaming_ = false;
     std::vector<double> gram_;
     std::unordered_map<int32_t, std::vector<double>> holdback_;
+    // Bytes of holdback_ (each entry's capacity and kHoldbackEntryBytes), kept exact by the helpers
+    // below, the only places that change it: held_rows_bytes() runs every batch and must not walk V.
+    int64_t holdback_bytes_ = 0;
+    std::vector<double>& holdback_entry(int32_t c);
+    void holdback_reserve(int32_t c, size_t capacity);
+    void holdback_append(int32_t c, const double* x, int64_t values);
+    void holdback_erase(std::unordered_map<int32_t, std::vector<double>>::iterator it);
+    void holdback_clear();
     std::vector<double> gram_block_;  // rows waiting for the next dsyrk
     std::vector<int32_t> gram_block_class_;  // and their classes
     int64_t gram_block_rows_ = 0;
 
-    // Within-class scatter for Sigma_W (docs/METRICS.md, "Anchor metrics"), streamed with the
-    // Gram: rows shifted by their class's reference row s_c (its first row, as float32: any shift
-    // is exact, this one makes x - s_c exact for float32 inputs), so that tight classes lose no
-    // digits; compute() subtracts sum_c n_c (mu_c - s_c)(mu_c - s_c)^T. Same kept-row rules as the Gram.
+    // Each class's reference row s_c (its first row, as float32: any shift is exact, this one makes
+    // x - s_c exact for float32 inputs), kept with the class metrics: var_c comes from sqdev_ and
+    // the within-class scatter for Sigma_W (docs/METRICS.md, "Anchor metrics") streams with the
+    // Gram, rows shifted by s_c, so that tight classes lose no digits; compute() subtracts
+    // sum_c n_c (mu_c - s_c)(mu_c - s_c)^T. Same kept-row rules as the Gram.
+    bool shifted_ = false;
     bool within_streaming_ = false;
     bool within_valid_ = true;        // false after loading a checkpoint without the within sections
-    std::vector<float> shift_;        // [V, d] s_c
+    std::vector<float> shift_;        // [V, d] s_c (shifted_)
     std::vector<double> within_;      // [d, d] upper: sum (x - s_c)(x - s_c)^T
 
     // Exact mode: every accepted row, by class, spilled to disk beyond its memory budget; sampled
@@ -125,7 +157,7 @@ private:
     std::vector<int32_t> run_label_;
     std::vector<int64_t> run_begin_;
     std::vector<double> stage_sum_;    // [staged runs, d] sums of classes seen more than once
-    std::vector<double> stage_sq_;     // [runs] sum of squared norms
+    std::vector<double> stage_sq_;     // [runs] sum of ||x - s_c||^2
     std::vector<int64_t> stage_slot_;  // [runs] row in stage_sum_, -1 for a single row
     std::vector<int64_t> bucket_;
     std::vector<int32_t> run_of_label_;  // [V], -1 outside stage()
@@ -153,13 +185,67 @@ private:
     std::vector<double> window_out_;
     void window_grow(int64_t capacity);
     float* window_row(int64_t slot) const;
+
+    // Rows spread over ranks (cpu_ranks.cpp). Gathering: states leave the row store out; Spread:
+    // store_ holds every row of the kept classes this rank owns and nothing else.
+    enum class SpreadPhase { None, Gathering, Spread };
+    SpreadPhase spread_phase_ = SpreadPhase::None;
+    std::unique_ptr<RowStore> spread_store_;  // being filled (spread_open .. spread_close)
+    std::vector<uint8_t> spread_owned_;       // [V] while it is
+    HostBudget::Lease spread_lease_;          // its rows in memory and the flags
+    // The root's sum of every rank's part, per kept slot.
+    struct SpreadResults {
+        std::vector<int32_t> ids;  // the kept set they are of
+        std::vector<uint8_t> seen;  // [K] a part has given the slot
+        std::vector<double> var;    // [K]
+        std::vector<TokenMetrics> tokens;  // [K] with per-token metrics
+        bool nc4 = false;
+        int64_t nc4_agree = 0, nc4_rows = 0;
+        std::vector<int64_t> nc4_hits, nc4_class_rows;  // [K] (per_class_arrays)
+        std::vector<double> gram, within;  // [d, d] upper, when made
+    };
+    std::unique_ptr<SpreadResults> spread_;
+    // Once the rows have moved, the state is no longer one process's: no checkpoint, no more rows.
+    void refuse_if_spread(const char* what) const;
+    HostBudget::Lease spread_results_lease_;
     // Declared last, so that it stops (and its jobs give their leases back) before anything else goes.
     std::unique_ptr<WindowWorker, WindowWorkerStop> window_worker_;
 };
 
-// NC4 on a block of rows: predictions of the classifier and of the nearest kept mean, compared.
-// Shared by the row-store path and the second pass. Its logits are counted in `budget`.
-// With row_slot (each row's kept slot), slot_hits[slot] counts the agreements by class.
+// NC4 over rows gathered from many classes: rows are copied into a block of up to block_rows()
+// rows, and each full block costs one GEMM against the classifier and one against the kept means
+// (W is read once per block, never once per class), then a classifier argmax and a nearest-mean
+// argmin per row. The row-store path and the second pass both go through it. The block and its
+// logits are counted in `budget` when it is made (on the calling thread).
+class Nc4Blocks {
+public:
+    // rows_hint: at most how many rows will come (bounds the block). slot_hits (may be null): the
+    // agreements by kept slot, for rows added with their slots.
+    Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64_t V, const std::vector<double>& mu_kept,
+              const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits = nullptr);
+    // n rows (row-major, d wide): all of kept slot `slot`, or row i of slots[i] (slots may be null).
+    void add(const double* x, int64_t n, int32_t slot);
+    void add(const double* x, int64_t n, const int32_t* slots);
+    // Runs the rows still waiting; the agreements of every row added.
+    int64_t finish();
+    int64_t block_rows() const { return B_; }
+
+private:
+    void run(const double* x, int64_t n, const int32_t* slots);
+    int64_t d_, V_, K_, B_ = 0, waiting_ = 0, agree_ = 0;
+    const Classifier& clf_;
+    const std::vector<double>& mu_;
+    const std::vector<double>& mu_sq_;
+    const std::vector<int32_t>& ids_;
+    int64_t* slot_hits_;
+    HostBudget::Lease lease_;
+    std::vector<double> block_, logits_, dots_, neg_mu_sq_;
+    std::vector<int32_t> slot_;
+    std::vector<uint8_t> hit_;
+};
+
+// NC4 on rows of one array (an Nc4Blocks of them). With row_slot (each row's kept slot),
+// slot_hits[slot] counts the agreements by class.
 int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
                        const std::vector<int32_t>& kept_ids, const int32_t* row_slot = nullptr, int64_t* slot_hits = nullptr);

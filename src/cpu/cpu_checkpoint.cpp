@@ -8,19 +8,17 @@
 #include <map>
 
 #include "base/error.hpp"
+#include "core/shifted_sums.hpp"
 #include "core/state_sections.hpp"
 #include "cpu/cpu_backend.hpp"
 
 namespace collapse::internal {
 
 void CpuBackend::save_state(StateWriter& w) {
-    write_state_core(w, rows_, V_, d_, count_.data(), sum_.data(), sqnorm_.data());
-    if (within_streaming_ && within_valid_) {
-        // Sigma_W's shifted scatter (upper triangle) and the reference rows it is shifted by.
-        gram_flush();
-        w.add("within_scatter", COLLAPSE_F64, {d_, d_}, within_.data(), within_.size() * 8);
-        w.add("within_shift", COLLAPSE_F32, {V_, d_}, shift_.data(), shift_.size() * 4);
-    }
+    // The reference rows, the sums of squares about them and Sigma_W's shifted scatter (upper triangle).
+    if (within_streaming_) gram_flush();
+    write_shifted_state(w, *budget_, rows_, V_, d_, count_.data(), sum_.data(), shifted_ ? shift_.data() : nullptr, sqdev_.data(),
+                        within_streaming_ && within_valid_ ? within_.data() : nullptr);
     if (gram_streaming_) {
         gram_flush();
         w.add("gram", COLLAPSE_F64, {d_, d_}, gram_.data(), gram_.size() * 8);
@@ -40,42 +38,32 @@ void CpuBackend::save_state(StateWriter& w) {
         }
         w.end_section();
     }
-    if (store_) write_store(w, *store_, V_, d_, load_budget());  // spilled rows are copied in: a checkpoint stands alone
+    // Rows spread over ranks (cpu_ranks.cpp): the state goes to the root without them.
+    if (store_ && spread_phase_ == SpreadPhase::None) write_store(w, *store_, V_, d_, load_budget());  // spilled rows are copied in: a checkpoint stands alone
 }
 
 void CpuBackend::load_state(const StateReader& r, bool merge) {
+    refuse_if_spread(merge ? "no checkpoint can be merged into it" : "no checkpoint can be loaded into it");
     // Check every section first: a refused checkpoint changes nothing.
     const StateView v =
-        read_state(r, V_, d_, cfg_, gram_streaming_, store_ != nullptr, has_row_store() ? 0 : cfg_.svd_max_rows_per_token);
+        read_state(r, V_, d_, cfg_, gram_streaming_, store_ != nullptr && spread_phase_ == SpreadPhase::None, has_row_store() ? 0 : cfg_.svd_max_rows_per_token);
     const int64_t* off = v.store_offsets;
     // Reservoirs and held-back rows stay in memory (the exact store spills what does not fit), and
     // the counts before this shard are copied: counted before any of it is allocated.
     const int64_t extra = add_bytes(mul_bytes(v.holdback_total, d_, 8) + mul_bytes(v.holdback_classes, 64),
                                     has_row_store() || !off ? 0 : mul_bytes(off[V_], d_, 8));
-    budget_->check(add_bytes(extra, mul_bytes(V_, 8)), "loading " + r.description() + " (its reservoirs, held-back rows and V-long counts)",
+    budget_->check(add_bytes(add_bytes(extra, mul_bytes(V_, 8)), merge_shifted_bytes(V_, d_, within_streaming_)),
+                   "loading " + r.description() + " (its reservoirs, held-back rows and V-long counts)",
                    "raise host_memory_limit (or use svd_mode: exact, whose rows spill to disk)");
     const HostBudget::Lease counts_copy = budget_->reserve(mul_bytes(V_, 8), "the counts before " + r.description());
-    // Sigma_W's sections (optional: a checkpoint without them leaves nc1_* null with a note).
-    const double* wsc = nullptr;
-    const float* wsh = nullptr;
-    if (within_streaming_ && r.has("within_scatter") && r.has("within_shift")) {
-        const StateSection a = r.section("within_scatter"), b = r.section("within_shift");
-        if (a.dtype_code != (uint32_t)COLLAPSE_F64 || a.shape != std::vector<int64_t>{d_, d_})
-            fail(COLLAPSE_ERR_IO, r.description(), ": section within_scatter is not float64 [d, d] with d = ", d_);
-        if (b.dtype_code != (uint32_t)COLLAPSE_F32 || b.shape != std::vector<int64_t>{V_, d_})
-            fail(COLLAPSE_ERR_IO, r.description(), ": section within_shift is not float32 [V, d] with V = ", V_, ", d = ", d_);
-        wsc = static_cast<const double*>(a.data);
-        wsh = static_cast<const float*>(b.data);
-        for (int64_t i = 0; i < d_; ++i)
-            for (int64_t j = i; j < d_; ++j)
-                if (!std::isfinite(wsc[i * d_ + j])) fail(COLLAPSE_ERR_IO, r.description(), ": section within_scatter holds a non-finite value at (", i, ", ", j, ")");
-        for (int64_t k = 0; k < V_ * d_; ++k)
-            if (!std::isfinite(wsh[k])) fail(COLLAPSE_ERR_IO, r.description(), ": section within_shift holds a non-finite value at row ", k / d_);
-    }
+    // The reference-row sections (optional: without class_sqdev the sums of squares are about the
+    // zero row; without within_scatter nc1_* are null with a note).
+    const ShiftedSections shifted = read_shifted_sections(r, V_, d_);
+    const bool within_merge = within_streaming_ && (within_valid_ || !merge) && shifted.scatter != nullptr;
 
     // The exact store first: it is the only part that can fail (a full disk while spilling), and
     // then it is rolled back, so a refused checkpoint changes nothing.
-    if (has_row_store()) {
+    if (has_row_store() && spread_phase_ == SpreadPhase::None) {
         if (!merge) store_->clear();  // resume: a fresh session, nothing to keep
         load_store(r, v, *store_, V_, d_);
     }
@@ -83,48 +71,24 @@ void CpuBackend::load_state(const StateReader& r, bool merge) {
     if (!merge) {
         std::fill(count_.begin(), count_.end(), 0);
         std::fill(sum_.begin(), sum_.end(), 0.0);
-        std::fill(sqnorm_.begin(), sqnorm_.end(), 0.0);
+        std::fill(sqdev_.begin(), sqdev_.end(), 0.0);
         std::fill(gram_.begin(), gram_.end(), 0.0);
         std::fill(within_.begin(), within_.end(), 0.0);
         std::fill(shift_.begin(), shift_.end(), 0.0f);
         within_valid_ = true;
-        holdback_.clear();
+        holdback_clear();
         if (store_ && !has_row_store()) store_->clear();
         rows_ = Counts{};
     }
     add_row_counts(rows_, v.rows);
     const std::vector<int64_t> before = count_;  // n_c before this shard (merge)
-    if (within_streaming_) {
-        within_valid_ = within_valid_ && wsc != nullptr;
-        if (within_valid_) {
-            // This session's reference row s_c stays where it has one; the shard's scatter of a class it
-            // kept (n_c >= min_samples_per_token there) is moved from its shift b_c to s_c:
-            // sum (x - s)(x - s)^T = sum (x - b)(x - b)^T + D t^T + t D^T + n t t^T, t = b - s,
-            // D = sum (x - b) = S_c - n b. Held-back rows enter later with the merged shift.
-            for (int64_t a = 0; a < d_; ++a)
-                for (int64_t b = a; b < d_; ++b) within_[(size_t)(a * d_ + b)] += wsc[a * d_ + b];
-            std::vector<double> D((size_t)d_), t((size_t)d_);
-            for (int64_t c = 0; c < V_; ++c) {
-                const size_t o = (size_t)c * (size_t)d_;
-                if (v.counts[c] == 0) continue;
-                if (before[(size_t)c] == 0) {
-                    std::copy(wsh + o, wsh + o + (size_t)d_, shift_.begin() + (std::ptrdiff_t)o);
-                    continue;
-                }
-                if (v.counts[c] < cfg_.min_samples_per_token) continue;
-                const double n = (double)v.counts[c];
-                for (int64_t j = 0; j < d_; ++j) {
-                    D[(size_t)j] = v.sums[o + (size_t)j] - n * (double)wsh[o + (size_t)j];
-                    t[(size_t)j] = (double)wsh[o + (size_t)j] - (double)shift_[o + (size_t)j];
-                }
-                cblas_dsyr2(CblasRowMajor, CblasUpper, (int)d_, 1.0, D.data(), 1, t.data(), 1, within_.data(), (int)d_);
-                cblas_dsyr(CblasRowMajor, CblasUpper, (int)d_, n, t.data(), 1, within_.data(), (int)d_);
-            }
-        }
-    }
+    // This session's reference row s_c stays where it has one (a class new here takes the shard's);
+    // the shard's sums of squares and scatter move to it. Held-back rows enter later, with the merged rows.
+    within_valid_ = within_merge;
+    merge_shifted_state(*budget_, V_, d_, cfg_.min_samples_per_token, before.data(), v, shifted, shifted_ ? shift_.data() : nullptr,
+                        sqdev_.data(), within_merge ? within_.data() : nullptr);
     for (int64_t c = 0; c < V_; ++c) count_[(size_t)c] += v.counts[c];
     for (size_t k = 0; k < sum_.size(); ++k) sum_[k] += v.sums[k];
-    for (int64_t c = 0; c < V_; ++c) sqnorm_[(size_t)c] += v.sqnorms[c];
 
     if (gram_streaming_) {
         for (int64_t a = 0; a < d_; ++a)  // upper triangle only: the lower one is not part of the format
@@ -133,14 +97,15 @@ void CpuBackend::load_state(const StateReader& r, bool merge) {
         // both shards) to the Gram, as one run over all rows would have.
         const double* hr = v.holdback_rows;
         for (int64_t i = 0; i < v.holdback_classes; ++i) {
-            auto& h = holdback_[(int32_t)v.holdback_ids[i]];
-            h.insert(h.end(), hr, hr + v.holdback_counts[i] * d_);
+            holdback_append((int32_t)v.holdback_ids[i], hr, v.holdback_counts[i] * d_);
             hr += v.holdback_counts[i] * d_;
         }
         for (auto it = holdback_.begin(); it != holdback_.end();) {
             if (count_[(size_t)it->first] >= cfg_.min_samples_per_token) {
                 for (size_t k = 0; k < it->second.size(); k += (size_t)d_) gram_add(it->first, it->second.data() + k);
-                it = holdback_.erase(it);
+                const auto next = std::next(it);
+                holdback_erase(it);
+                it = next;
             } else {
                 ++it;
             }

@@ -9,12 +9,14 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <string>
 
 #include "base/error.hpp"
 #include "core/metric_math.hpp"
 #include "core/metric_summary.hpp"
+#include "core/shifted_sums.hpp"
 #include "cpu/cpu_backend.hpp"
 
 namespace collapse::internal {
@@ -23,6 +25,45 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// OpenBLAS (the pthreads build) on one thread while our own threads each call it on small
+// matrices: its threads only spin there (measured: per-token SVDs at d = 1024 ran faster on one
+// thread than on two). The count is process-wide, so it is restored when the phase ends.
+class OneBlasThread {
+public:
+    explicit OneBlasThread(bool on) : before_(on ? openblas_get_num_threads() : 0) {
+        if (before_ > 1) openblas_set_num_threads(1);
+    }
+    ~OneBlasThread() {
+        if (before_ > 1) openblas_set_num_threads(before_);
+    }
+    OneBlasThread(const OneBlasThread&) = delete;
+    OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+private:
+    int before_;
+};
+
+// Index of the largest of a * v[c] + b[c] over c < n (b may be null: 0), the first one on ties, 0
+// when the first value is NaN: what a strict left-to-right scan gives. Two passes, the maximum in
+// four independent lanes (a maximum is exact in any order), then the first index that holds it.
+int64_t first_argmax(const double* v, double a, const double* b, int64_t n) {
+    auto at = [&](int64_t c) { return a * v[c] + (b ? b[c] : 0.0); };
+    const double v0 = at(0);
+    if (std::isnan(v0)) return 0;
+    double m[4] = {v0, v0, v0, v0};
+    int64_t c = 1;
+    for (; c + 4 <= n; c += 4)
+        for (int k = 0; k < 4; ++k) {
+            const double x = at(c + k);
+            m[k] = x > m[k] ? x : m[k];
+        }
+    for (; c < n; ++c) m[0] = at(c) > m[0] ? at(c) : m[0];
+    const double best = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
+    for (c = 0; c < n; ++c)
+        if (at(c) == best) return c;
+    return 0;
+}
 
 // LAPACK's dsyevd (jobz = 'N') allocates its own workspace of 2n + 1 doubles; with the eigenvalues
 // and the n x n matrix this is what an eigen-decomposition of a Gram costs.
@@ -39,28 +80,40 @@ std::vector<double> singular_from_gram(std::vector<double>& g, int64_t n, int64_
 // given. Small matrices go straight to LAPACK's SVD; large ones through the Gram of the smaller
 // side, and so do small ones whose SVD (a copy and LAPACK's workspace) would not fit the budget.
 // `what` names the matrix in a refusal.
+constexpr int64_t kDirectElements = int64_t(1) << 25;  // 256 MiB of doubles
+
+// dgesdd with jobz = 'N' on an n x d matrix: the copy, the singular values, an integer workspace of
+// 8r and (the optimal) real workspace of about 3r + max(n, d, 7r) + (n + d) * 64 doubles.
+int64_t direct_svd_bytes(int64_t n, int64_t d) {
+    const int64_t r = std::min(n, d), mx = std::max(n, d);
+    return add_bytes(mul_bytes(n, d, 8), mul_bytes(add_bytes(4 * r + std::max(mx, 7 * r), mul_bytes(n + d, 64)), 8) + 32 * r);
+}
+
+// All min(n, d) singular values by LAPACK's SVD of a centred copy, made in `a` (the caller counts
+// direct_svd_bytes). Touches no budget: the per-token threads call it.
+std::vector<double> direct_singular_values(const double* x, int64_t n, int64_t d, const double* center, std::vector<double>& a) {
+    const int64_t r = std::min(n, d);
+    a.resize((size_t)(n * d));
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = x[i * d + j] - (center ? center[j] : 0.0);
+    std::vector<double> s((size_t)r);
+    // The row-major n x d matrix is the column-major d x n one: same singular values, and
+    // column-major takes the dummy leading dimensions of jobz = 'N'.
+    const int info = LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', (int)d, (int)n, a.data(), (int)d, s.data(), nullptr, 1, nullptr, 1);
+    if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dgesdd failed with info = ", info, " (", n, " x ", d, ")");
+    return s;
+}
+
 std::vector<double> singular_values(HostBudget& budget, const double* x, int64_t n, int64_t d, const double* center,
                                     const std::function<std::string()>& what) {
     const int64_t r = std::min(n, d);
     if (r == 0) return {};
-    constexpr int64_t kDirectElements = int64_t(1) << 25;  // 256 MiB of doubles
-    // dgesdd with jobz = 'N': the copy, the singular values, an integer workspace of 8r and (the
-    // optimal) real workspace of about 3r + max(n, d, 7r) + (n + d) * 64 doubles.
-    const int64_t mx = std::max(n, d);
-    const int64_t direct = add_bytes(mul_bytes(n, d, 8), mul_bytes(add_bytes(4 * r + std::max(mx, 7 * r), mul_bytes(n + d, 64)), 8) + 32 * r);
+    const int64_t direct = direct_svd_bytes(n, d);
     HostBudget::Lease lease;
     if (n * d <= kDirectElements && budget.fits(direct)) {
         lease = budget.reserve(direct, what());
-        std::vector<double> a((size_t)(n * d));
-        for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = 0; j < d; ++j) a[(size_t)(i * d + j)] = x[i * d + j] - (center ? center[j] : 0.0);
-        std::vector<double> s((size_t)r);
-        // The row-major n x d matrix is the column-major d x n one: same singular values, and
-        // column-major takes the dummy leading dimensions of jobz = 'N'.
-        const int info = LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', (int)d, (int)n, a.data(), (int)d, s.data(), nullptr, 1,
-                                        nullptr, 1);
-        if (info != 0) fail(COLLAPSE_ERR_INTERNAL, "LAPACKE_dgesdd failed with info = ", info, " (", n, " x ", d, ")");
-        return s;
+        std::vector<double> a;
+        return direct_singular_values(x, n, d, center, a);
     }
     // Gram of the smaller side.
     const bool rows_side = n < d;  // X X^T (n x n) when n < d, else X^T X (d x d)
@@ -91,48 +144,118 @@ void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what) {
 }
 
 // ---------------------------------------------------------------------------------------------
+Nc4Blocks::Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64_t V, const std::vector<double>& mu_kept,
+                     const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits)
+    : d_(d), V_(V), K_((int64_t)kept_ids.size()), clf_(clf), mu_(mu_kept), mu_sq_(mu_sq), ids_(kept_ids), slot_hits_(slot_hits) {
+    if (rows_hint <= 0) return;
+    // A block row: the row, its logits, its distances to the kept means, its slot and verdict. The
+    // block is up to 4096 rows or 256 MiB when they fit: W is streamed once per block, so larger
+    // blocks bring the pass to the GEMM floor; beyond a few thousand rows they gain nothing. Short
+    // of memory it shrinks to 16 rows (fewer when 32 MiB of logits hold fewer), and is refused below.
+    const int64_t per_row = add_bytes(mul_bytes(V_ + K_ + d_, 8), 5);  // (and -||mu||^2, K more, below)
+    const int64_t least =
+        std::max<int64_t>(1, std::min<int64_t>({rows_hint, 16, (int64_t(4) << 20) / std::max<int64_t>(1, std::max(V_, K_))}));
+    int64_t B = std::max(least, std::min<int64_t>({rows_hint, 4096, (int64_t(256) << 20) / per_row}));
+    while (B > least && !budget.fits(add_bytes(mul_bytes(B, per_row), mul_bytes(K_, 8)))) B = std::max(least, B / 2);
+    lease_ = budget.reserve(add_bytes(mul_bytes(B, per_row), mul_bytes(K_, 8)), "NC4's logits of " + std::to_string(B) + " rows against V = " + std::to_string(V_) +
+                                                       " classifier rows and K = " + std::to_string(K_) + " kept means",
+                            "compute_nc4: false skips NC4; or raise host_memory_limit");
+    B_ = B;
+    neg_mu_sq_.resize((size_t)K_);
+    for (int64_t s = 0; s < K_; ++s) neg_mu_sq_[(size_t)s] = -mu_sq[(size_t)s];
+    block_.resize((size_t)(B * d_));
+    logits_.resize((size_t)(B * V_));
+    dots_.resize((size_t)(B * K_));
+    slot_.resize((size_t)B);
+    hit_.resize((size_t)B);
+}
+
+void Nc4Blocks::add(const double* x, int64_t n, int32_t slot) {
+    if (n > 0 && B_ == 0) fail(COLLAPSE_ERR_INTERNAL, "NC4: rows beyond the rows announced");
+    // Rows of one class: the slots of a block's worth at a time.
+    for (int64_t r0 = 0; r0 < n;) {
+        const int64_t k = waiting_ > 0 ? std::min(n - r0, B_ - waiting_) : std::min(n - r0, B_);
+        std::vector<int32_t>& s = slot_;
+        if (waiting_ == 0 && k == B_) {  // a whole block straight from the caller's rows
+            std::fill(s.begin(), s.begin() + k, slot);
+            run(x + r0 * d_, k, s.data());
+        } else {
+            std::memcpy(block_.data() + waiting_ * d_, x + r0 * d_, (size_t)(k * d_) * 8);
+            std::fill(s.begin() + waiting_, s.begin() + waiting_ + k, slot);
+            if ((waiting_ += k) == B_) run(block_.data(), B_, s.data()), waiting_ = 0;
+        }
+        r0 += k;
+    }
+}
+
+void Nc4Blocks::add(const double* x, int64_t n, const int32_t* slots) {
+    if (n > 0 && B_ == 0) fail(COLLAPSE_ERR_INTERNAL, "NC4: rows beyond the rows announced");
+    for (int64_t r0 = 0; r0 < n;) {
+        const int64_t k = std::min(n - r0, B_ - waiting_);
+        std::memcpy(block_.data() + waiting_ * d_, x + r0 * d_, (size_t)(k * d_) * 8);
+        for (int64_t i = 0; i < k; ++i) slot_[(size_t)(waiting_ + i)] = slots ? slots[r0 + i] : -1;
+        if ((waiting_ += k) == B_) run(block_.data(), B_, slot_.data()), waiting_ = 0;
+        r0 += k;
+    }
+}
+
+int64_t Nc4Blocks::finish() {
+    if (waiting_ > 0) run(block_.data(), waiting_, slot_.data()), waiting_ = 0;
+    return agree_;
+}
+
+// One block, in sub-blocks of rows: each sub-block's logits and mean distances by one GEMM each,
+// then each row's verdict. When W and the means are small enough to stay in cache, sub-blocks are
+// small (their logits stay in cache too) and go to the threads, each calling BLAS on one thread;
+// else W is streamed once per block by BLAS's own threads. Rows are independent, so the split
+// changes no verdict; the hits are counted in row order.
+void Nc4Blocks::run(const double* x, int64_t n, const int32_t* slots) {
+    if (n <= 0) return;
+    const int64_t V = V_, K = K_, d = d_;
+    const bool small = mul_bytes(V + K, d, 8) <= (int64_t(8) << 20);
+    const int64_t R = small ? std::max<int64_t>(16, (int64_t(1) << 20) / ((V + K) * 8)) : n;
+    const int64_t subs = (n + R - 1) / R;
+    const bool pooled = small && subs > 1 && omp_get_max_threads() > 1;
+    const double* bias = clf_.bias.empty() ? nullptr : clf_.bias.data();
+    int64_t agree = 0;
+    const OneBlasThread one(pooled);
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : agree) if (pooled)
+    for (int64_t sb = 0; sb < subs; ++sb) {
+        const int64_t r0 = sb * R, nr = std::min(R, n - r0);
+        double* lg = logits_.data() + r0 * V;
+        double* dt = dots_.data() + r0 * K;
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)V, (int)d, 1.0, x + r0 * d, (int)d, clf_.weight.data(), (int)d, 0.0,
+                    lg, (int)V);
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)K, (int)d, 1.0, x + r0 * d, (int)d, mu_.data(), (int)d, 0.0, dt,
+                    (int)K);
+        // A streamed block's verdicts go to the threads here (a pooled sub-block is one thread's).
+        int64_t sub_agree = 0;
+#pragma omp parallel for schedule(static) reduction(+ : sub_agree) if (!pooled && nr * (V + K) >= (int64_t(1) << 20))
+        for (int64_t i = 0; i < nr; ++i) {
+            const int64_t best = first_argmax(lg + i * V, 1.0, bias, V);  // ties: the smaller id
+            // The nearest mean: ||x - mu||^2 = ||x||^2 - 2 x.mu + ||mu||^2, ||x||^2 the same for every
+            // class, so the largest 2 x.mu - ||mu||^2 (exactly minus ||mu||^2 - 2 x.mu, rounding is
+            // symmetric); kept ids ascend, so ties keep the smaller id.
+            const int64_t near = first_argmax(dt + i * K, 2.0, neg_mu_sq_.data(), K);
+            const bool hit = best == ids_[(size_t)near];
+            hit_[(size_t)(r0 + i)] = hit ? 1 : 0;
+            sub_agree += hit ? 1 : 0;
+        }
+        agree += sub_agree;
+    }
+    agree_ += agree;
+    if (slot_hits_)
+        for (int64_t i = 0; i < n; ++i)
+            if (hit_[(size_t)i] && slots[i] >= 0) ++slot_hits_[slots[i]];
+}
+
 int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_t d, const Classifier& clf, int64_t V,
                        const std::vector<double>& mu_kept, const std::vector<double>& mu_sq,
                        const std::vector<int32_t>& kept_ids, const int32_t* row_slot, int64_t* slot_hits) {
-    const int64_t K = (int64_t)kept_ids.size();
-    if (rows <= 0) return 0;
-    // Rows per chunk so that the logits stay near 32 MiB.
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t(4) << 20) / std::max(V, K)));
-    const HostBudget::Lease lease =
-        budget.reserve(mul_bytes(chunk, V + K, 8), "NC4's logits of " + std::to_string(chunk) + " rows against V = " + std::to_string(V) +
-                                                       " classifier rows and K = " + std::to_string(K) + " kept means",
-                       "compute_nc4: false skips NC4; or raise host_memory_limit");
-    std::vector<double> logits((size_t)(chunk * V)), dots((size_t)(chunk * K));
-    int64_t agree = 0;
-    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-        const int64_t nr = std::min(chunk, rows - r0);
-        const double* xb = x + r0 * d;
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)V, (int)d, 1.0, xb, (int)d,
-                    clf.weight.data(), (int)d, 0.0, logits.data(), (int)V);
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)K, (int)d, 1.0, xb, (int)d, mu_kept.data(),
-                    (int)d, 0.0, dots.data(), (int)K);
-        for (int64_t i = 0; i < nr; ++i) {
-            const double* l = logits.data() + i * V;
-            int64_t best = 0;
-            double best_v = l[0] + (clf.bias.empty() ? 0.0 : clf.bias[0]);
-            for (int64_t c = 1; c < V; ++c) {
-                const double v = l[c] + (clf.bias.empty() ? 0.0 : clf.bias[(size_t)c]);
-                if (v > best_v) best_v = v, best = c;  // ties: the smaller id stays
-            }
-            // ||x - mu||^2 = ||x||^2 - 2 x.mu + ||mu||^2; ||x||^2 is the same for every class.
-            const double* g = dots.data() + i * K;
-            int64_t near = 0;
-            double near_v = mu_sq[0] - 2.0 * g[0];
-            for (int64_t s = 1; s < K; ++s) {
-                const double v = mu_sq[(size_t)s] - 2.0 * g[s];
-                if (v < near_v) near_v = v, near = s;  // kept ids ascend: ties keep the smaller id
-            }
-            const bool hit = best == kept_ids[(size_t)near];
-            agree += hit ? 1 : 0;
-            if (hit && row_slot) ++slot_hits[row_slot[r0 + i]];
-        }
-    }
-    return agree;
+    if (rows <= 0 || kept_ids.empty()) return 0;
+    Nc4Blocks nc4(budget, d, clf, V, mu_kept, mu_sq, kept_ids, rows, row_slot ? slot_hits : nullptr);
+    nc4.add(x, rows, row_slot);
+    return nc4.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -159,31 +282,17 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
     for (size_t s = 0; s < K; ++s) {
         const int32_t c = kept.ids[s];
         const double n = (double)count_[(size_t)c];
-        double q = 0;
-        for (size_t j = 0; j < d; ++j) {
-            const double v = sum_[(size_t)c * d + j] / n;
-            mu[s * d + j] = v;
-            q += v * v;
-        }
-        var[s] = std::max(0.0, sqnorm_[(size_t)c] / n - q);  // E||x||^2 - ||mu||^2
+        for (size_t j = 0; j < d; ++j) mu[s * d + j] = sum_[(size_t)c * d + j] / n;
+        // About the class's reference row: E||x||^2 - ||mu||^2 would cancel for tight classes.
+        var[s] = class_variance(sqdev_[(size_t)c], count_[(size_t)c], sum_.data() + (size_t)c * d, shifted_ ? shift_.data() + (size_t)c * d : nullptr, d_);
         const double w = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED ? n : 1.0;
         for (size_t j = 0; j < d; ++j) mu_g[j] += w * mu[s * d + j];
         weight_total += w;
     }
-    // With every row kept (exact mode), the within-class variance is taken about the final mean:
-    // E||x||^2 - ||mu||^2 loses digits in proportion to ||mu||^2 / var_c for tight classes.
-    if (has_row_store()) {
-        std::vector<double> acc(K, 0.0);
-        store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
-            const size_t s = (size_t)kept.slot[(size_t)c];
-            for (int64_t r = 0; r < n; ++r)
-                for (size_t j = 0; j < d; ++j) {
-                    const double dv = x[(size_t)r * d + j] - mu[s * d + j];
-                    acc[s] += dv * dv;
-                }
-            if (last) var[s] = first + n > 0 ? acc[s] / (double)(first + n) : 0.0;
-        });
-    }
+    // With every row kept (exact mode), the within-class variance is taken about the final mean.
+    // Rows spread over ranks: their owners' variances (cpu_ranks.cpp).
+    if (spread_ready()) spread_results(kept, &var, nullptr);
+    else if (has_row_store()) store_variances(kept, mu, var);
     for (size_t j = 0; j < d; ++j) mu_g[j] = weight_total > 0 ? mu_g[j] / weight_total : 0.0;
     for (size_t s = 0; s < K; ++s)
         for (size_t j = 0; j < d; ++j) m[s * d + j] = mu[s * d + j] - mu_g[j];
@@ -210,7 +319,8 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
     if (has_row_store()) out.row_store = {{"spilled_bytes", store_->disk_bytes()}, {"spill_flushes", store_->flushes()}};
     if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF && K > 0) {
         const auto t = Clock::now();
-        token_metrics(kept, mu, out);
+        if (spread_ready()) spread_results(kept, nullptr, &out);  // the owners' SVDs
+        else token_metrics(kept, mu, out);
         out.timings["token_svd"] = seconds_since(t);
     }
     if (cfg_.compute_nc4 && K > 0) {
@@ -226,6 +336,11 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
             out.per_class.nc4_hits = nc4_hits2_, out.per_class.nc4_rows = nc4_rows2_;
         } else if (cfg_.nc4_held_out) {
             out.notes["nc4_agreement"] = "held-out NC4 is measured in the second pass over the held-out rows";
+        } else if (spread_ready()) {
+            // Every owner's NC4 over its classes' rows (cpu_ranks.cpp).
+            out.nc4_rows = spread_->nc4_rows;
+            if (spread_->nc4_rows > 0) out.nc4_agreement = (double)spread_->nc4_agree / (double)spread_->nc4_rows;
+            if (cfg_.per_class_arrays) out.per_class.nc4_hits = spread_->nc4_hits, out.per_class.nc4_rows = spread_->nc4_class_rows;
         } else if (has_row_store()) {
             nc4_from_store(kept, clf, mu, out);
         } else if (pass2_ && pass2_nc4_) {
@@ -318,8 +433,7 @@ void CpuBackend::anchor_metrics(const KeptSet& kept, const Classifier& clf, cons
     auto full_gram = [&](const double* a, std::vector<double>& g) {  // g = a^T a, a [K, d] row-major; both triangles
         g.assign((size_t)(d * d), 0.0);
         cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)K, 1.0, a, (int)d, 0.0, g.data(), (int)d);
-        for (int64_t i = 0; i < d; ++i)
-            for (int64_t j = 0; j < i; ++j) g[(size_t)(i * d + j)] = g[(size_t)(j * d + i)];
+        mirror_upper(g.data(), d);
     };
     auto column_sums = [&](const double* a, std::vector<double>& sum) {
         sum.assign((size_t)d, 0.0);
@@ -358,39 +472,23 @@ void CpuBackend::anchor_metrics(const KeptSet& kept, const Classifier& clf, cons
 // Sigma_W's scatter sum_{kept rows} (x - mu_y)(x - mu_y)^T, full d x d (its d x d is counted by the
 // caller), from the stream, the row store or the second pass (the overall Gram's three routes).
 std::vector<double> CpuBackend::within_scatter(const KeptSet& kept, const std::vector<double>& mu, std::string* note) const {
-    const int64_t K = (int64_t)kept.ids.size(), d = d_;
+    const int64_t d = d_;
     std::vector<double> w;
-    auto mirror = [&] {
-        for (int64_t i = 0; i < d; ++i)
-            for (int64_t j = 0; j < i; ++j) w[(size_t)(i * d + j)] = w[(size_t)(j * d + i)];
-    };
+    auto mirror = [&] { mirror_upper(w.data(), d); };
     if (within_streaming_) {
         if (!within_valid_) {
             *note = "a loaded or merged checkpoint has no within-class scatter (written by a build or backend without it)";
             return w;
         }
-        // sum (x - s)(x - s)^T = sum (x - mu)(x - mu)^T + n (mu - s)(mu - s)^T per class; with
-        // e_c = (S_c - n_c s_c) / sqrt(n_c) (S_c the class sum: S_c - n_c s_c is exact for float32
-        // rows) the correction is sum_c e_c e_c^T, one dsyrk.
-        const HostBudget::Lease lease = budget_->reserve(mul_bytes(K, d, 8), "Sigma_W's correction rows [K, d] (K = " + std::to_string(K) + ")",
-                                                         kFixKeptClasses);
-        std::vector<double> e((size_t)(K * d));
-        for (int64_t s = 0; s < K; ++s) {
-            const size_t c = (size_t)kept.ids[(size_t)s];
-            const double n = (double)count_[c], rn = 1.0 / std::sqrt(n);
-            for (int64_t j = 0; j < d; ++j)
-                e[(size_t)(s * d + j)] = (sum_[c * (size_t)d + (size_t)j] - n * (double)shift_[c * (size_t)d + (size_t)j]) * rn;
-        }
+        // sum (x - s)(x - s)^T = sum (x - mu)(x - mu)^T + n (mu - s)(mu - s)^T per class.
         w = within_;
-        cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d, (int)K, -1.0, e.data(), (int)d, 1.0, w.data(), (int)d);
+        unshift_scatter(*budget_, w.data(), d, kept.ids, count_.data(), sum_.data(), shift_.data());
+    } else if (spread_ready()) {
+        w = spread_->within;  // the owners' scatters, added (cpu_ranks.cpp)
     } else if (has_row_store()) {
         // The kept set is known only now (max_tokens_to_analyze) or nothing streamed: from the rows, about the final means.
-        const HostBudget::Lease lease = budget_->reserve(mul_bytes(std::min<int64_t>(512, std::max<int64_t>(kept.rows, 1)), d, 8),
-                                                         "Sigma_W's block of centred rows", kFixBatchRows);
         w.assign((size_t)(d * d), 0.0);
-        store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
-            add_centered_gram(x, n, d, mu.data() + (size_t)kept.slot[(size_t)c] * (size_t)d, w.data());
-        });
+        store_scatter(kept, mu, w);
     } else if (pass2_ && !within2_.empty() && pass2_rows_ == kept.rows) {
         w = within2_;
     } else {
@@ -506,12 +604,12 @@ void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
     std::vector<double> g;
     if (gram_streaming_) {
         g = gram_;
+    } else if (spread_ready()) {
+        g = spread_->gram;  // the owners' Grams, added (cpu_ranks.cpp)
     } else if (has_row_store()) {
         // max_tokens_to_analyze: the kept set is known only now; the Gram comes from the rows.
         g.assign((size_t)(d_ * d_), 0.0);
-        store_->for_each_class(kept.ids, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) {
-            if (n > 0) cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)n, 1.0, x, (int)d_, 1.0, g.data(), (int)d_);
-        });
+        store_gram(kept.ids, g);
     } else if (pass2_ && pass2_gram_ && pass2_rows_ == kept.rows) {
         g = gram2_;
     } else {
@@ -528,24 +626,106 @@ void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
 
 void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const {
     const size_t d = (size_t)d_;
-    const HostBudget::Lease lease = budget_->reserve(mul_bytes((int64_t)kept.ids.size(), (int64_t)sizeof(TokenMetrics)),
-                                                     "the per-token results of K = " + std::to_string(kept.ids.size()) + " kept classes", kFixKeptClasses);
-    std::vector<TokenMetrics> tokens(kept.ids.size());
+    const int64_t K = (int64_t)kept.ids.size();
+    // Whole classes wait in `jobs` until their group of the row store has been read (their rows stay
+    // valid until then), and then go to the threads.
+    struct Job {
+        int32_t c;
+        const double* x;
+        int64_t n;
+    };
+    const HostBudget::Lease lease =
+        budget_->reserve(mul_bytes(K, (int64_t)(sizeof(TokenMetrics) + sizeof(Job) + sizeof(std::exception_ptr) + 3 * 8 + 1)),
+                         "the per-token results of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
+    std::vector<TokenMetrics> tokens((size_t)K);
+    std::vector<Job> jobs;
+    jobs.reserve((size_t)K);
     HostBudget::Lease g_lease = budget_->lease();
     std::vector<double> g;  // Gram of a class too large to load at once
     const int64_t load = load_budget();
-    store_->for_each_class(kept.ids, load, [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
-        const size_t s = (size_t)kept.slot[(size_t)c];
-        const double* center = cfg_.svd_center ? mu.data() + s * d : nullptr;
-        TokenMetrics& tm = tokens[s];
-        std::vector<double> sv;
-        auto what = [&] {
-            return "the per-token SVD of class " + std::to_string(c) + " (" + std::to_string(n) + " rows of width " + std::to_string(d_) + ")";
-        };
-        if (first == 0 && last) {
-            sv = singular_values(*budget_, x, n, d_, center, what);
-        } else {
+    auto center_of = [&](int32_t c) { return cfg_.svd_center ? mu.data() + (size_t)kept.slot[(size_t)c] * d : nullptr; };
+    auto record = [&](int32_t c, int64_t n, double h, bool zero) {
+        TokenMetrics& tm = tokens[(size_t)kept.slot[(size_t)c]];
+        tm.id = c;
+        tm.num_samples = count_[(size_t)c];
+        tm.svd_rows = n;
+        tm.sampled = n < tm.num_samples;
+        token_from_entropy(h, zero, n, d_, tm, out);
+    };
+    auto record_spectrum = [&](int32_t c, int64_t n, const std::vector<double>& sv) {
+        bool zero = false;
+        const double h = spectrum_entropy(sv, &zero);
+        record(c, n, h, zero);
+    };
+    // A group's whole classes. Classes of at most kPooledElements go to the threads, largest first,
+    // each SVD on one BLAS thread: OpenBLAS's threads only spin on matrices this small (measured:
+    // 1 thread beat 2 on 8 x 1024 classes), while classes are independent. Larger ones run one at a
+    // time with BLAS's threads, which pay off there (blocked bidiagonalisation of a few thousand
+    // rows) and would otherwise leave the other threads idle behind one long job; so do classes
+    // whose LAPACK workspace does not fit (singular_values then goes through the Gram). Which path
+    // a class takes does not depend on the thread count, so neither do the results.
+    constexpr int64_t kPooledElements = int64_t(1) << 22;  // 32 MiB of doubles
+    auto run_group = [&] {
+        std::vector<size_t> pool;
+        int64_t most = 0;
+        for (size_t k = 0; k < jobs.size(); ++k) {
+            const Job& j = jobs[k];
+            const int64_t bytes = direct_svd_bytes(j.n, d_);
+            if (j.n > 0 && j.n * d_ <= kPooledElements && budget_->fits(bytes)) {
+                pool.push_back(k);
+                most = std::max(most, bytes);
+                continue;
+            }
+            auto what = [&] {
+                return "the per-token SVD of class " + std::to_string(j.c) + " (" + std::to_string(j.n) + " rows of width " + std::to_string(d_) + ")";
+            };
+            record_spectrum(j.c, j.n, singular_values(*budget_, j.x, j.n, d_, center_of(j.c), what));
+        }
+        if (!pool.empty()) {
+            // Each thread's copy and LAPACK workspace, counted here on the calling thread (the budget is
+            // not thread-safe): as many threads as fit.
+            int64_t T = std::min<int64_t>(std::max(1, omp_get_max_threads()), (int64_t)pool.size());
+            while (T > 1 && !budget_->fits(mul_bytes(T, most))) --T;
+            const HostBudget::Lease work = budget_->reserve(
+                mul_bytes(T, most), "the per-token SVDs' workspace (" + std::to_string(T) + " threads, " + format_bytes(most) + " each)", kFixTokenSvd);
+            auto cost = [&](size_t k) { return (double)jobs[k].n * (double)d_ * (double)std::min<int64_t>(jobs[k].n, d_); };
+            std::stable_sort(pool.begin(), pool.end(), [&](size_t a, size_t b) { return cost(a) > cost(b); });
+            std::vector<double> h(pool.size());
+            std::vector<uint8_t> zero(pool.size());
+            std::vector<std::exception_ptr> err(pool.size());
+            {
+                const OneBlasThread one(true);
+#pragma omp parallel num_threads((int)T)
+                {
+                    std::vector<double> a;  // this thread's copy of a class
+#pragma omp for schedule(dynamic, 1)
+                    for (int64_t q = 0; q < (int64_t)pool.size(); ++q) {
+                        const Job& j = jobs[pool[(size_t)q]];
+                        try {
+                            bool z = false;
+                            h[(size_t)q] = spectrum_entropy(direct_singular_values(j.x, j.n, d_, center_of(j.c), a), &z);
+                            zero[(size_t)q] = z ? 1 : 0;
+                        } catch (...) {
+                            err[(size_t)q] = std::current_exception();
+                        }
+                    }
+                }
+            }
+            for (const std::exception_ptr& e : err)
+                if (e) std::rethrow_exception(e);
+            for (size_t q = 0; q < pool.size(); ++q) record(jobs[pool[q]].c, jobs[pool[q]].n, h[q], zero[q] != 0);
+        }
+        jobs.clear();
+    };
+    store_->for_each_class(
+        kept.ids, load,
+        [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
+            if (first == 0 && last) {
+                jobs.push_back({c, x, n});
+                return;
+            }
             // Spilled and larger than the load budget: its d x d Gram, piece by piece.
+            const double* center = center_of(c);
             if (first == 0) {
                 // add_centered_gram's block is at most a piece: the load budget.
                 g_lease.resize(add_bytes(gram_eigen_bytes(d_), std::min(mul_bytes(512, d_, 8), load)),
@@ -560,14 +740,10 @@ void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& m
             if (n < d_)
                 fail(COLLAPSE_ERR_OUT_OF_MEMORY, "class ", c, " has ", n, " rows of width ", d_, " (", format_bytes(n * d_ * 8),
                      "): with fewer rows than columns its exact SVD needs every row in memory at once; raise host_memory_limit");
-            sv = singular_from_gram(g, d_, d_);
-        }
-        tm.id = c;
-        tm.num_samples = count_[(size_t)c];
-        tm.svd_rows = n;
-        tm.sampled = n < tm.num_samples;
-        token_from_spectrum(sv, n, d_, tm, out);
-    });
+            record_spectrum(c, n, singular_from_gram(g, d_, d_));
+        },
+        run_group);
+    run_group();
     out.tokens = std::move(tokens);
 }
 
@@ -578,19 +754,48 @@ void CpuBackend::nc4_from_store(const KeptSet& kept, const Classifier& clf, cons
     std::vector<double> mu_sq(K, 0.0);
     for (size_t s = 0; s < K; ++s)
         for (int64_t j = 0; j < d_; ++j) mu_sq[s] += mu[s * (size_t)d_ + (size_t)j] * mu[s * (size_t)d_ + (size_t)j];
-    int64_t agree = 0, rows = 0;
+    int64_t rows = 0;
     if (cfg_.per_class_arrays) out.per_class.nc4_hits.assign(K, 0), out.per_class.nc4_rows.assign(K, 0);
+    // Rows of many classes per block: one pass of W per block, not per class (most classes have a few rows).
+    Nc4Blocks nc4(*budget_, d_, clf, V_, mu, mu_sq, kept.ids, kept.rows, cfg_.per_class_arrays ? out.per_class.nc4_hits.data() : nullptr);
     store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
-        const int64_t a = nc4_agreements(*budget_, x, n, d_, clf, V_, mu, mu_sq, kept.ids);
-        agree += a;
+        const int32_t s = kept.slot[(size_t)c];
+        nc4.add(x, n, s);
         rows += n;
-        if (cfg_.per_class_arrays) {
-            const size_t s = (size_t)kept.slot[(size_t)c];
-            out.per_class.nc4_hits[s] += a, out.per_class.nc4_rows[s] += n;
-        }
+        if (cfg_.per_class_arrays) out.per_class.nc4_rows[(size_t)s] += n;
     });
+    const int64_t agree = nc4.finish();
     out.nc4_rows = rows;
     if (rows > 0) out.nc4_agreement = (double)agree / (double)rows;
+}
+
+// compute()'s passes over the row store, also run by a rank on the classes it owns (cpu_ranks.cpp).
+void CpuBackend::store_variances(const KeptSet& kept, const std::vector<double>& mu, std::vector<double>& var) const {
+    const size_t d = (size_t)d_;
+    std::vector<double> acc(kept.ids.size(), 0.0);
+    store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t first, bool last) {
+        const size_t s = (size_t)kept.slot[(size_t)c];
+        for (int64_t r = 0; r < n; ++r)
+            for (size_t j = 0; j < d; ++j) {
+                const double dv = x[(size_t)r * d + j] - mu[s * d + j];
+                acc[s] += dv * dv;
+            }
+        if (last) var[s] = first + n > 0 ? acc[s] / (double)(first + n) : 0.0;
+    });
+}
+
+void CpuBackend::store_gram(const std::vector<int32_t>& ids, std::vector<double>& g) const {
+    store_->for_each_class(ids, load_budget(), [&](int32_t, const double* x, int64_t n, int64_t, bool) {
+        if (n > 0) cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (int)d_, (int)n, 1.0, x, (int)d_, 1.0, g.data(), (int)d_);
+    });
+}
+
+void CpuBackend::store_scatter(const KeptSet& kept, const std::vector<double>& mu, std::vector<double>& w) const {
+    const HostBudget::Lease lease = budget_->reserve(mul_bytes(std::min<int64_t>(512, std::max<int64_t>(kept.rows, 1)), d_, 8),
+                                                     "Sigma_W's block of centred rows", kFixBatchRows);
+    store_->for_each_class(kept.ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
+        add_centered_gram(x, n, d_, mu.data() + (size_t)kept.slot[(size_t)c] * (size_t)d_, w.data());
+    });
 }
 
 }  // namespace collapse::internal

@@ -7,63 +7,64 @@ namespace collapse::internal::cpu {
 namespace {
 
 // Eight independent partial sums of squares: no loop-carried dependency, so the compiler
-// vectorises without reassociating anything (no -ffast-math).
-template <class T, class Load>
-inline double accumulate_impl(const T* __restrict x, int64_t d, double* __restrict acc, const T* next, const double* next_acc,
-                              Load load) {
+// vectorises without reassociating anything (no -ffast-math). kAcc: add x into acc; kShift:
+// squares of x - shift instead of x.
+template <bool kAcc, bool kShift, class T, class Load>
+inline double accumulate_loop(const T* __restrict x, int64_t d, double* __restrict acc, const float* __restrict shift, Load load) {
     double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t k = 0;
+    for (; k + 8 <= d; k += 8)
+        for (int l = 0; l < 8; ++l) {
+            const double v = load(x[k + l]);
+            if (kAcc) acc[k + l] += v;
+            const double dv = kShift ? v - (double)shift[k + l] : v;
+            part[l] += dv * dv;
+        }
+    double tail = 0;
+    for (; k < d; ++k) {
+        const double v = load(x[k]);
+        if (kAcc) acc[k] += v;
+        const double dv = kShift ? v - (double)shift[k] : v;
+        tail += dv * dv;
+    }
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
+}
+
+template <class T, class Load>
+inline double accumulate_impl(const T* __restrict x, int64_t d, double* __restrict acc, const T* next, const double* next_acc,
+                              const float* shift, Load load) {
     constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
     if (next)
         for (int64_t e = 0; e < d; e += kLine) __builtin_prefetch(next + e);
     if (next_acc)
         for (int64_t e = 0; e < d; e += 8) __builtin_prefetch(next_acc + e, 1);
-    if (acc) {
-        for (; k + 8 <= d; k += 8)
-            for (int l = 0; l < 8; ++l) {
-                const double v = load(x[k + l]);
-                acc[k + l] += v;
-                part[l] += v * v;
-            }
-    } else {
-        for (; k + 8 <= d; k += 8)
-            for (int l = 0; l < 8; ++l) {
-                const double v = load(x[k + l]);
-                part[l] += v * v;
-            }
-    }
-    double tail = 0;
-    for (; k < d; ++k) {
-        const double v = load(x[k]);
-        if (acc) acc[k] += v;
-        tail += v * v;
-    }
-    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])) + tail;
+    if (acc) return shift ? accumulate_loop<true, true>(x, d, acc, shift, load) : accumulate_loop<true, false>(x, d, acc, shift, load);
+    return shift ? accumulate_loop<false, true>(x, d, acc, shift, load) : accumulate_loop<false, false>(x, d, acc, shift, load);
 }
 
 }  // namespace
 
 #define COLLAPSE_CLONES __attribute__((target_clones("avx2", "default")))
 
-COLLAPSE_CLONES double accumulate_f32(const float* x, int64_t d, double* acc, const float* next, const double* next_acc) {
-    return accumulate_impl(x, d, acc, next, next_acc, [](float v) { return (double)v; });
+COLLAPSE_CLONES double accumulate_f32(const float* x, int64_t d, double* acc, const float* next, const double* next_acc, const float* shift) {
+    return accumulate_impl(x, d, acc, next, next_acc, shift, [](float v) { return (double)v; });
 }
-COLLAPSE_CLONES double accumulate_f64(const double* x, int64_t d, double* acc, const double* next, const double* next_acc) {
-    return accumulate_impl(x, d, acc, next, next_acc, [](double v) { return v; });
+COLLAPSE_CLONES double accumulate_f64(const double* x, int64_t d, double* acc, const double* next, const double* next_acc, const float* shift) {
+    return accumulate_impl(x, d, acc, next, next_acc, shift, [](double v) { return v; });
 }
-COLLAPSE_CLONES double accumulate_f16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next, const double* next_acc) {
-    return accumulate_impl(x, d, acc, next, next_acc, [](uint16_t v) { return (double)half_to_float(v); });
+COLLAPSE_CLONES double accumulate_f16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next, const double* next_acc, const float* shift) {
+    return accumulate_impl(x, d, acc, next, next_acc, shift, [](uint16_t v) { return (double)half_to_float(v); });
 }
-COLLAPSE_CLONES double accumulate_bf16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next, const double* next_acc) {
-    return accumulate_impl(x, d, acc, next, next_acc, [](uint16_t v) { return (double)bf16_to_float(v); });
+COLLAPSE_CLONES double accumulate_bf16(const uint16_t* x, int64_t d, double* acc, const uint16_t* next, const double* next_acc, const float* shift) {
+    return accumulate_impl(x, d, acc, next, next_acc, shift, [](uint16_t v) { return (double)bf16_to_float(v); });
 }
 
-double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, const void* next, const double* next_acc) {
+double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, const void* next, const double* next_acc, const float* shift) {
     switch (t) {
-        case COLLAPSE_F32: return accumulate_f32(static_cast<const float*>(x), d, acc, static_cast<const float*>(next), next_acc);
-        case COLLAPSE_F64: return accumulate_f64(static_cast<const double*>(x), d, acc, static_cast<const double*>(next), next_acc);
-        case COLLAPSE_F16: return accumulate_f16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next), next_acc);
-        case COLLAPSE_BF16: return accumulate_bf16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next), next_acc);
+        case COLLAPSE_F32: return accumulate_f32(static_cast<const float*>(x), d, acc, static_cast<const float*>(next), next_acc, shift);
+        case COLLAPSE_F64: return accumulate_f64(static_cast<const double*>(x), d, acc, static_cast<const double*>(next), next_acc, shift);
+        case COLLAPSE_F16: return accumulate_f16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next), next_acc, shift);
+        case COLLAPSE_BF16: return accumulate_bf16(static_cast<const uint16_t*>(x), d, acc, static_cast<const uint16_t*>(next), next_acc, shift);
         default: return 0.0;
     }
 }

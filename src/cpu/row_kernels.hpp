@@ -8,12 +8,13 @@
 
 namespace collapse::internal::cpu {
 
-// acc[k] += x[k] for k < d (acc may be null: squared norm only); returns sum_k x[k]^2 in float64.
+// acc[k] += x[k] for k < d (acc may be null: squared norm only); returns sum_k x[k]^2 in float64,
+// or, with `shift` (a float32 row), sum_k (x[k] - shift[k])^2.
 // `next` (may be null) is a row that will be read soon: its cache lines are prefetched as this row
 // is consumed, which keeps enough loads in flight when rows are visited in a scattered order.
 // `next_acc` (may be null) is an accumulator row that will be updated soon; prefetched for writing.
 double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, const void* next = nullptr,
-                      const double* next_acc = nullptr);
+                      const double* next_acc = nullptr, const float* shift = nullptr);
 
 // dst[k] += src[k] for k < d.
 void add_into(double* dst, const double* src, int64_t d);

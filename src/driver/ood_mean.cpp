@@ -9,7 +9,7 @@
 
 namespace collapse::internal::driver {
 
-std::vector<double> ood_mean_of_npy(const std::string& path, const std::string& flag) {
+std::vector<double> ood_mean_of_npy(const std::string& path, HostBudget& budget, const std::string& flag) {
     if (path.empty()) fail(COLLAPSE_ERR_INVALID_ARGUMENT, flag, " is an empty path");
     const io::Tensor t = io::open_npy(path);
     if (t.shape.size() != 2 || t.shape[0] < 1 || t.shape[1] < 1)
@@ -17,7 +17,11 @@ std::vector<double> ood_mean_of_npy(const std::string& path, const std::string& 
     if (t.dtype != COLLAPSE_F32 && t.dtype != COLLAPSE_F64 && t.dtype != COLLAPSE_F16 && t.dtype != COLLAPSE_BF16)
         fail(COLLAPSE_ERR_BAD_INPUT, flag, " ", path, " holds ", dtype_name(t.dtype), ", not floating-point features");
     const int64_t n = t.shape[0], d = t.shape[1];
-    const int64_t chunk = std::max<int64_t>(1, (int64_t(4) << 20) / (int64_t)t.row_bytes());
+    const int64_t chunk = std::min(n, std::max<int64_t>(1, (int64_t(4) << 20) / (int64_t)t.row_bytes()));
+    const HostBudget::Lease lease = budget.reserve(add_bytes(mul_bytes(chunk, (int64_t)t.row_bytes()), mul_bytes(d, 8)),
+                                                   flag + " " + path + ": the read buffer of " + std::to_string(chunk) + " rows and the sums of width d = " +
+                                                       std::to_string(d),
+                                                   "raise host_memory_limit, or leave out " + flag);
     std::vector<double> sum((size_t)d, 0.0);
     std::vector<uint8_t> buf;
     for (int64_t r0 = 0; r0 < n; r0 += chunk) {

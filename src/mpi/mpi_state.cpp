@@ -4,8 +4,10 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -166,6 +168,10 @@ public:
         cur_ = nullptr;
     }
     std::string description() const override { return what_; }
+    // Every section, to another writer (a part computed ahead of the root's asking).
+    void write_to(StateWriter& w) const {
+        for (const auto& [name, sec] : secs_) w.add(name, sec.dtype, sec.shape, sec.bytes.data(), sec.bytes.size());
+    }
     bool has(const std::string& name) const override { return secs_.count(name) > 0; }
     StateSection section(const std::string& name) const override {
         const auto it = secs_.find(name);
@@ -375,7 +381,201 @@ void agree(MPI_Comm comm, const std::function<void()>& body) {
     throw CollectiveError((collapse_status)code, msg.rfind("rank ", 0) == 0 ? msg : "rank " + std::to_string(first) + ": " + msg);
 }
 
+namespace {
+
+// The root's combined class counts and sums to every rank, which adopts them (its kept set and
+// means become the root's).
+void share_class_sums(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    int rank = 0;
+    MPI_Comm_rank(comm, &rank);
+    Channel ch = Channel::bcast(comm, root);
+    Outcome o;
+    MemoryState sums("the root's combined class sums", s.budget_account());
+    if (rank == root) {
+        o = send_state(ch, chunk, rank, [&](StateWriter& w) {
+            s.write_class_sums(w);
+            return true;
+        });
+    } else {
+        o = receive_state(ch, &sums);
+    }
+    agree(comm, [&] {
+        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
+        if (rank != root) s.adopt_class_sums(sums);
+    });
+}
+
+// Rows arriving at the rank that owns their class: sections "rows" of shape [c, n, d] (n whole
+// rows of class c, at most a piece), each appended to the session's new store when complete.
+class RowsIn final : public StateWriter {
+public:
+    RowsIn(Session& s) : s_(s), lease_(s.budget_account()->lease()) {}
+    void add(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, const void* data, size_t bytes) override {
+        begin_section(name, t, shape, bytes);
+        append(data, bytes);
+        end_section();
+    }
+    void begin_section(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, size_t bytes) override {
+        if (name != "rows" || t != (uint32_t)COLLAPSE_F64 || shape.size() != 3 || shape[1] < 0 || shape[2] != s_.dim() ||
+            bytes != (size_t)(shape[1] * shape[2]) * 8)
+            fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: section ", name, " is not float64 [class, rows, d = ", s_.dim(), "]");
+        c_ = (int32_t)shape[0], n_ = shape[1], want_ = bytes;
+        lease_.resize((int64_t)bytes, "a piece of " + std::to_string(n_) + " rows of class " + std::to_string(c_) + " moving to the rank that owns it");
+        buf_.clear();
+        buf_.reserve(bytes);
+    }
+    void append(const void* data, size_t bytes) override {
+        if (buf_.size() + bytes > want_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: more bytes than declared");
+        const uint8_t* p = static_cast<const uint8_t*>(data);
+        buf_.insert(buf_.end(), p, p + bytes);
+    }
+    void end_section() override {
+        if (buf_.size() != want_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: a piece is short");
+        s_.spread_append(c_, reinterpret_cast<const double*>(buf_.data()), n_);
+    }
+
+private:
+    Session& s_;
+    HostBudget::Lease lease_;
+    std::vector<uint8_t> buf_;
+    int32_t c_ = 0;
+    int64_t n_ = 0;
+    size_t want_ = 0;
+};
+
+// The exact row store spread over the ranks by class (core/backend.hpp, "spread"), after the
+// first-pass states without their rows were combined on the root: every kept class's rows go to
+// its owner rank, in rank order (rank src sends its rows of each owner's classes in round src, so
+// an owner appends them in the order one process would have seen them); every rank computes its
+// part of the metrics that need the rows at the same time; the root adds the parts in rank order.
+void spread_rows(Session& s, MPI_Comm comm, int root, size_t chunk, double t0, int64_t b0) {
+    int rank = 0, P = 1;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &P);
+    // COLLAPSE_MPI_STATS: the root says what each step took (bench/mpi_scale.sh).
+    const bool stats = rank == root && std::getenv("COLLAPSE_MPI_STATS");
+    double t = t0;
+    int64_t b = b0;
+    auto step = [&](const char* what) {
+        if (stats)
+            std::fprintf(stderr, "collapse: mpi combine, %s: %.4f s, %lld bytes received by rank %d\n", what, MPI_Wtime() - t,
+                         (long long)(g_received - b), rank);
+        t = MPI_Wtime(), b = g_received;
+    };
+    step("the states without their rows to the root");
+    share_class_sums(s, comm, root, chunk);
+    // The root's assignment (every rank could make it, but one made once cannot differ).
+    std::vector<int32_t> ids, owner;
+    agree(comm, [&] {
+        if (rank == root) owner = s.spread_owners(P, ids);
+    });
+    uint64_t K = ids.size();
+    MPI_Bcast(&K, 1, MPI_UINT64_T, root, comm);
+    HostBudget::Lease owners_lease;
+    agree(comm, [&] {
+        // ids, owners and the lists by owner, 4 bytes each per class (the root's are counted late).
+        owners_lease = s.budget_account()->reserve(mul_bytes((int64_t)K, 12), "the owner ranks of " + std::to_string(K) + " kept classes");
+        ids.resize((size_t)K), owner.resize((size_t)K);
+    });
+    MPI_Bcast(ids.data(), (int)K, MPI_INT32_T, root, comm);
+    MPI_Bcast(owner.data(), (int)K, MPI_INT32_T, root, comm);
+    std::vector<std::vector<int32_t>> owned((size_t)P);
+    for (size_t i = 0; i < ids.size(); ++i) owned[(size_t)owner[i]].push_back(ids[i]);
+    agree(comm, [&] { s.spread_open(owned[(size_t)rank]); });
+
+    const int64_t d = s.dim();
+    const int64_t piece = std::max<int64_t>(1, (int64_t)chunk / (d * 8));  // whole rows, at most a chunk when a row fits in one
+    RowsIn in(s);
+    collapse_status status = COLLAPSE_OK;
+    std::string msg;
+    auto keep = [&](collapse_status st, const std::string& m) {
+        if (status == COLLAPSE_OK && st != COLLAPSE_OK) status = st, msg = m;
+    };
+    for (int src = 0; src < P; ++src) {
+        if (rank != src) {
+            // After an error of this rank the rest is drained (the sender never waits on us).
+            Channel ch = Channel::p2p(comm, src);
+            const Outcome o = receive_state(ch, status == COLLAPSE_OK ? &in : nullptr);
+            keep(o.status, o.error);
+            continue;
+        }
+        for (int dst = 0; dst < P; ++dst) {
+            if (dst == src) continue;
+            Channel ch = Channel::p2p(comm, dst);
+            const Outcome o = send_state(ch, chunk, rank, [&](StateWriter& w) {
+                if (status != COLLAPSE_OK) throw Error(status, msg);
+                s.spread_read(owned[(size_t)dst], piece, [&](int32_t c, const double* x, int64_t n) {
+                    w.add("rows", COLLAPSE_F64, {c, n, d}, x, (size_t)(n * d) * 8);
+                });
+                return true;
+            });
+            keep(o.status, o.error);
+        }
+        // Its own classes' rows last: the others need not wait for them.
+        try {
+            if (status == COLLAPSE_OK) s.spread_read(owned[(size_t)rank], piece, [&](int32_t c, const double* x, int64_t n) { s.spread_append(c, x, n); });
+        } catch (const Error& e) {
+            keep(e.status(), e.what());
+        } catch (const std::bad_alloc&) {
+            keep(COLLAPSE_ERR_OUT_OF_MEMORY, "out of memory");
+        }
+    }
+    agree(comm, [&] {
+        if (status != COLLAPSE_OK) throw Error(status, msg);
+        s.spread_close();
+    });
+    step("class sums to every rank, rows to their owners");
+
+    // Every rank's part at once, then to the root, which adds them in rank order (its own first).
+    MemoryState mine("rank " + std::to_string(rank) + "'s part of the row-store metrics", s.budget_account());
+    const std::clock_t cpu0 = std::clock();
+    agree(comm, [&] { s.save_spread_part(mine); });
+    // The parts' processor seconds, slowest rank and all ranks (the work the owners split; wall
+    // time on a shared machine says less).
+    const double cpu = (double)(std::clock() - cpu0) / CLOCKS_PER_SEC;
+    double cpu_max = 0, cpu_sum = 0;
+    MPI_Reduce(&cpu, &cpu_max, 1, MPI_DOUBLE, MPI_MAX, root, comm);
+    MPI_Reduce(&cpu, &cpu_sum, 1, MPI_DOUBLE, MPI_SUM, root, comm);
+    if (stats) std::fprintf(stderr, "collapse: mpi combine, the parts' processor time: %.4f s on the busiest rank, %.4f s on all\n", cpu_max, cpu_sum);
+    step("every rank's part (the slowest rank's time)");
+    bool own_added = false;
+    auto add_own = [&] {
+        if (own_added) return;
+        own_added = true;
+        s.merge_spread_part(mine);
+    };
+    auto send = [&](StateWriter& w) {
+        mine.write_to(w);
+        return true;
+    };
+    auto take = [&](int r, Channel& ch) {
+        MemoryState part("rank " + std::to_string(r) + "'s part of the row-store metrics", s.budget_account());
+        const Outcome o = receive_state(ch, &part);
+        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
+        try {
+            add_own();
+            s.merge_spread_part(part);
+        } catch (const Error& e) {
+            throw Error(e.status(), "rank " + std::to_string(r) + "'s part was refused by the root: " + e.what());
+        }
+    };
+    gather(comm, root, chunk, send, take);
+    step("the parts added on the root");
+}
+
+}  // namespace
+
 void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    int P = 1;
+    MPI_Comm_size(comm, &P);
+    // An exact row store on every rank is spread over the ranks by class (spread_rows); otherwise
+    // the root takes every rank's whole state.
+    const double t0 = MPI_Wtime();
+    const int64_t b0 = g_received;
+    int spread = 0;
+    agree(comm, [&] { spread = P > 1 && s.can_spread_rows() ? 1 : 0; });
+    MPI_Allreduce(MPI_IN_PLACE, &spread, 1, MPI_INT, MPI_MIN, comm);
+    if (spread) agree(comm, [&] { s.begin_rows_spread(); });
     auto send = [&](StateWriter& w) {
         if (!s.has_backend()) return false;  // no rows yet: nothing to add
         io::write_session_state(s, w);
@@ -404,6 +604,7 @@ void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
         }
     };
     gather(comm, root, chunk, send, take);
+    if (spread) spread_rows(s, comm, root, chunk, t0, b0);
 }
 
 bool begin_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
@@ -413,23 +614,8 @@ bool begin_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
     agree(comm, [&] { needed = rank == root && s.needs_second_pass() ? 1 : 0; });
     MPI_Bcast(&needed, 1, MPI_INT, root, comm);
     if (!needed) return false;
-    // The root's combined class counts and sums to every rank.
-    Channel ch = Channel::bcast(comm, root);
-    Outcome o;
-    MemoryState sums("the root's combined class sums", s.budget_account());
-    if (rank == root) {
-        o = send_state(ch, chunk, rank, [&](StateWriter& w) {
-            s.write_class_sums(w);
-            return true;
-        });
-    } else {
-        o = receive_state(ch, &sums);
-    }
-    agree(comm, [&] {
-        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
-        if (rank != root) s.adopt_class_sums(sums);
-        s.begin_second_pass();
-    });
+    share_class_sums(s, comm, root, chunk);
+    agree(comm, [&] { s.begin_second_pass(); });
     return true;
 }
 

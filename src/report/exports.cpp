@@ -11,6 +11,8 @@
 #include <filesystem>
 
 #include "base/atomic_file.hpp"
+#include <algorithm>
+
 #include "base/error.hpp"
 #include "io/tensor_file.hpp"
 
@@ -88,18 +90,43 @@ std::string token_table_csv(const nlohmann::json& doc, const std::vector<int64_t
     return out;
 }
 
-std::vector<std::string> write_exports(const std::string& dir, const Result& r, const nlohmann::json& doc) {
+int64_t token_table_csv_bound(const nlohmann::json& doc, const std::vector<int64_t>& ids) {
+    const nlohmann::json& ta = doc.at("token_analysis");
+    constexpr int64_t kField = 1 + 32;  // a comma and a number (%.17g, an int64 or a bool)
+    int64_t bytes = 16 + 2 * (int64_t)(sizeof kColumns / sizeof kColumns[0]) * kField;  // the header
+    for (int64_t id : ids) {
+        bytes = add_bytes(bytes, kField * (2 + (int64_t)(sizeof kColumns / sizeof kColumns[0])));
+        const auto it = ta.find(std::to_string(id));
+        if (it != ta.end() && it->contains("token") && (*it)["token"].is_string())  // quoted, its quotes doubled
+            bytes = add_bytes(bytes, 2 * (int64_t)(*it)["token"].get_ref<const std::string&>().size() + 3);
+    }
+    return bytes;
+}
+
+std::vector<std::string> write_exports(const std::string& dir, const Result& r, const nlohmann::json& doc, HostBudget& budget) {
     const MetricValues& mv = r.metrics;
     const int64_t K = (int64_t)mv.tokens.size(), d = r.engine.dim;
     if (K != r.counts.classes_kept || (int64_t)mv.class_means.size() != K * d)
         fail(COLLAPSE_ERR_INTERNAL, "exports: the result has ", K, " tokens and ", mv.class_means.size(), " mean values for ",
              r.counts.classes_kept, " kept classes of width ", d);
+    // At the peak: the ten per-class vectors and either the largest .npy image (a header of at
+    // most 4 KiB and the data) or the CSV text; all counted before the first file is written.
+    const bool sigma = (int64_t)mv.sigma_w.size() == d * d && d > 0;
+    const int64_t image = add_bytes(4096, std::max(mul_bytes(K, d, 8), sigma ? mul_bytes(d, d, 8) : 0));
+    std::vector<int64_t> ids;
+    const HostBudget::Lease ids_lease = budget.reserve(mul_bytes(K, 8), "--export-dir " + dir + ": the ids of K = " + std::to_string(K) + " kept classes",
+                                                       "raise host_memory_limit, or leave out --export-dir");
+    for (const TokenMetrics& t : mv.tokens) ids.push_back(t.id);
+    const HostBudget::Lease lease = budget.reserve(
+        add_bytes(mul_bytes(K, 8 * 8), std::max(image, token_table_csv_bound(doc, ids))),
+        "--export-dir " + dir + ": the exports of K = " + std::to_string(K) + " kept classes of width d = " + std::to_string(d) +
+            " (eight per-class vectors, the largest .npy image and the CSV text; no file was written)",
+        "raise host_memory_limit, or leave out --export-dir");
     std::vector<std::string> written;
-    std::vector<int64_t> ids, n, nc4_rows;
+    std::vector<int64_t> n, nc4_rows;
     std::vector<double> mean_norm, within, cosv, dot, hit, entropy;
     auto val = [](const std::optional<double>& v) { return v ? *v : std::nan(""); };
     for (const TokenMetrics& t : mv.tokens) {
-        ids.push_back(t.id);
         n.push_back(t.num_samples);
         mean_norm.push_back(val(t.mean_norm));
         within.push_back(val(t.within_variance));
@@ -120,7 +147,7 @@ std::vector<std::string> write_exports(const std::string& dir, const Result& r, 
     write_npy_file(dir, "nc4_rows.npy", COLLAPSE_I64, {K}, nc4_rows.data(), written);
     write_npy_file(dir, "svd_entropy.npy", COLLAPSE_F64, {K}, entropy.data(), written);
     // Sigma_W [d, d] (the anchors' within-class covariance), when the run computed it.
-    if ((int64_t)mv.sigma_w.size() == d * d && d > 0) write_npy_file(dir, "sigma_w.npy", COLLAPSE_F64, {d, d}, mv.sigma_w.data(), written);
+    if (sigma) write_npy_file(dir, "sigma_w.npy", COLLAPSE_F64, {d, d}, mv.sigma_w.data(), written);
     write_file_atomically(dir + "/token_analysis.csv", token_table_csv(doc, ids), "export");
     written.push_back("token_analysis.csv");
     return written;

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/host_budget.hpp"
 #include "core/metrics.hpp"
 
 namespace collapse::internal {
@@ -18,8 +19,13 @@ void prepare_export_dir(const std::string& dir);
 // token (only when the report has token strings), then every per-token key; null is empty.
 std::string token_table_csv(const nlohmann::json& doc, const std::vector<int64_t>& ids);
 
+// An upper bound of token_table_csv's length, from the same document (nothing allocated).
+int64_t token_table_csv_bound(const nlohmann::json& doc, const std::vector<int64_t>& ids);
+
 // Writes every export of a result (each file atomically) and returns the file names. The result
-// must carry the class means (Config::keep_class_means) and the per-class arrays.
-std::vector<std::string> write_exports(const std::string& dir, const Result& r, const nlohmann::json& doc);
+// must carry the class means (Config::keep_class_means) and the per-class arrays. The host memory
+// of the exports (the per-class vectors, the largest .npy image, the CSV text) is counted in
+// `budget` before any of it exists: a refusal names --export-dir and leaves no file written.
+std::vector<std::string> write_exports(const std::string& dir, const Result& r, const nlohmann::json& doc, HostBudget& budget);
 
 }  // namespace collapse::internal

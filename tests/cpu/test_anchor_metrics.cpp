@@ -273,6 +273,79 @@ TEST(AnchorMetrics, TightClusters_Nc1MatchesLibraryCovariancePinv_WhereTheNaiveF
     EXPECT_LT(engine_err, 1e-9);  // ... the engine keeps them
 }
 
+// Per-class variances of tight classes far from the origin (|mu_c| ~ 2e3, rows 1e-4 around them):
+// E||x||^2 - ||mu_c||^2 (the old route) cancels about 14 digits there; the sums about each class's
+// reference row (core/shifted_sums.hpp) keep them. nc1_cdnv (Galanti et al.'s variability_cdnv in
+// the library) and the per-class within_variance against the float64 brute force, in every
+// svd_mode (exact takes var_c from its row store, sampled and off from the sums alone), and after a
+// checkpoint merge of the rows split over two sessions (whose reference rows differ).
+json full_report(collapse::Session& s) { return json::parse(s.compute().json()); }
+
+void expect_tight_variances(const json& rep, const Input& in, const std::string& what) {
+    std::vector<double> x(in.x.begin(), in.x.end()), w(in.w.begin(), in.w.end());
+    std::vector<int64_t> y(in.y.begin(), in.y.end());
+    ref::Options o;
+    o.num_classes = in.V;
+    const ref::Result want = ref::compute(x, y, in.d, w.data(), nullptr, o);
+    const ref::ClassStats cs = ref::class_stats(x, y, in.d, o);
+    EXPECT_TRUE(near("nc1_cdnv (tight, relative)", rep["overall_analysis"]["nc1_cdnv"], want.nc1_cdnv, 1e-9, 0.0)) << what;
+    ASSERT_EQ(rep["token_analysis"].size(), cs.kept.size()) << what;
+    for (size_t k = 0; k < cs.kept.size(); ++k)
+        EXPECT_TRUE(near("within_variance (tight, relative)", rep["token_analysis"][std::to_string(cs.kept[k])]["within_variance"], cs.var[k], 1e-9, 0.0))
+            << what << ", class " << cs.kept[k];
+}
+
+TEST(AnchorMetrics, TightClustersFarFromOrigin_CdnvAndWithinVariance_MatchBruteForce) {
+    const Input in = make(12, 6, 600, 23, /*sep=*/1.0, /*noise=*/1e-4, /*offset=*/2000.0);
+    for (collapse_svd_mode mode : {COLLAPSE_SVD_OFF, COLLAPSE_SVD_SAMPLED, COLLAPSE_SVD_EXACT}) {
+        RunSpec r;
+        r.batch = 97;
+        r.tweak = [mode](collapse_options& o) {
+            o.svd_mode = mode;
+            o.per_class_arrays = 1;
+        };
+        collapse::Session s(options_for(in, r));
+        s.set_classifier(collapse::host_buffer(in.w.data(), in.V, in.d));
+        ingest_all(s, in, r);
+        expect_tight_variances(full_report(s), in, "svd_mode " + std::to_string((int)mode));
+    }
+}
+
+TEST(AnchorMetrics, TightClustersFarFromOrigin_CheckpointMergeOfTwoSessions_MatchesBruteForce) {
+    const Input in = make(12, 6, 600, 24, /*sep=*/1.0, /*noise=*/1e-4, /*offset=*/2000.0);
+    RunSpec r;
+    r.tweak = [](collapse_options& o) {
+        o.svd_mode = COLLAPSE_SVD_OFF;
+        o.per_class_arrays = 1;
+    };
+    const std::string dir = ::testing::TempDir() + "anchors_tight_" + std::to_string(::getpid());
+    std::filesystem::create_directories(dir);
+    // Each half starts every class with another first row: the two reference rows differ.
+    Input a = in, b = in;
+    const int64_t half = in.N / 2;
+    a.N = half, b.N = in.N - half;
+    a.x.assign(in.x.begin(), in.x.begin() + half * in.d), a.y.assign(in.y.begin(), in.y.begin() + half);
+    b.x.assign(in.x.begin() + half * in.d, in.x.end()), b.y.assign(in.y.begin() + half, in.y.end());
+    for (const Input* part : {&a, &b}) {
+        collapse::Session s(options_for(in, r));
+        s.set_classifier(collapse::host_buffer(in.w.data(), in.V, in.d));
+        ingest_all(s, *part, r);
+        s.save(dir + (part == &a ? "/a.ckpt" : "/b.ckpt"));
+    }
+    collapse::Session m(options_for(in, r));
+    m.set_classifier(collapse::host_buffer(in.w.data(), in.V, in.d));
+    m.load(dir + "/b.ckpt");
+    m.merge(dir + "/a.ckpt");  // b's reference rows stay; a's sums of squares move to them
+    // Saved again and resumed: the merged state goes through a checkpoint whole.
+    m.save(dir + "/ab.ckpt");
+    expect_tight_variances(full_report(m), in, "b.ckpt + a.ckpt");
+    collapse::Session resumed(options_for(in, r));
+    resumed.set_classifier(collapse::host_buffer(in.w.data(), in.V, in.d));
+    resumed.load(dir + "/ab.ckpt");
+    expect_tight_variances(full_report(resumed), in, "ab.ckpt resumed");
+    std::filesystem::remove_all(dir);
+}
+
 // Simplex ETF (docs/METRICS.md "Reference sanity values"): rows e_c + 3 (every row equal to its
 // class mean), W rows e_c (so W_K M^T = I - J/K), K = 5 in d = 8.
 TEST(AnchorMetrics, SimplexEtf_SanityValuesOfLibraryFormulas) {

@@ -671,7 +671,7 @@ TEST_F(CheckpointRefusal, CorruptSectionPayloads) {
     }
     std::set<std::string> expected = {"meta", "rows", "class_counts", "class_sums", "class_sqnorms", "gram",
                                       "holdback_ids", "holdback_counts", "holdback_rows", "store_offsets", "store_rows",
-                                      "within_scatter", "within_shift"};  // Sigma_W (anchor metrics)
+                                      "within_scatter", "within_shift", "class_sqdev"};  // Sigma_W, var_c about reference rows
     std::set<std::string> got;
     for (const auto& s : secs) got.insert(s.name);
     EXPECT_EQ(got, expected);
@@ -759,6 +759,9 @@ TEST_F(CheckpointRefusal, CraftedContentIsRefusedNamingTheCheck) {
          {"excluded class 3"}},
         {"non-finite class sum", section("class_sums", [&](auto& b) { f64(b)[5] = nan; }), COLLAPSE_ERR_IO, {"class_sums", "non-finite"}},
         {"negative sum of squares", section("class_sqnorms", [&](auto& b) { f64(b)[0] = -1; }), COLLAPSE_ERR_IO, {"class_sqnorms"}},
+        {"negative shifted sum of squares", section("class_sqdev", [&](auto& b) { f64(b)[0] = -1; }), COLLAPSE_ERR_IO, {"class_sqdev", "negative"}},
+        {"non-finite reference row", section("within_shift", [&](auto& b) { reinterpret_cast<float*>(b.data())[2] = NAN; }), COLLAPSE_ERR_IO,
+         {"within_shift", "non-finite"}},
         {"non-finite Gram", section("gram", [&](auto& b) { f64(b)[1] = INFINITY; }), COLLAPSE_ERR_IO, {"gram", "non-finite"}},
         {"held-back count", section("holdback_counts", [&](auto& b) { i64(b)[0] -= 1; }), COLLAPSE_ERR_IO,
          {"holdback_ids / holdback_counts", "inconsistent"}},

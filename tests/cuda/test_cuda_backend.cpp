@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -73,7 +74,10 @@ Data make_data(int64_t n, int64_t d, int64_t V, collapse_dtype t, uint64_t seed)
 
 // Runs one backend over the data in batches (device buffers when `device`), with the CLI's
 // two-pass protocol, and returns the report.
-json run(const Data& D, collapse_options o, int64_t batch, bool device, cudaStream_t stream = nullptr) {
+// save_midway: a checkpoint there after half of the batches. tail (host batches only): the rows
+// from half-way on come from it (the same rows in another dtype).
+json run(const Data& D, collapse_options o, int64_t batch, bool device, cudaStream_t stream = nullptr, const std::string& save_midway = "",
+         const Data* tail = nullptr) {
     o.num_classes = D.V;
     collapse::Session s(o);
     const collapse_buffer w = collapse::host_buffer(D.w.data(), COLLAPSE_F32, D.V, D.d);
@@ -90,11 +94,14 @@ json run(const Data& D, collapse_options o, int64_t batch, bool device, cudaStre
     auto pass = [&] {
         for (int64_t r0 = 0; r0 < D.n; r0 += batch) {
             const int64_t nb = std::min(batch, D.n - r0);
-            const void* xp = device ? (const void*)((uint8_t*)dx + (size_t)(r0 * D.d) * es) : (const void*)(D.x.data() + (size_t)(r0 * D.d) * es);
+            const Data& src = tail && !device && r0 >= D.n / 2 ? *tail : D;
+            const size_t ses = collapse::internal::dtype_size(src.dtype);
+            const void* xp = device ? (const void*)((uint8_t*)dx + (size_t)(r0 * D.d) * es) : (const void*)(src.x.data() + (size_t)(r0 * D.d) * ses);
             const void* yp = device ? (const void*)((int32_t*)dy + r0) : (const void*)(D.y.data() + r0);
             const collapse_memory mem = device ? COLLAPSE_MEMORY_DEVICE : COLLAPSE_MEMORY_HOST;
-            const collapse_buffer fx{xp, D.dtype, mem, nb, D.d, 0}, fy{yp, COLLAPSE_I32, mem, nb, 1, 0};
+            const collapse_buffer fx{xp, src.dtype, mem, nb, D.d, 0}, fy{yp, COLLAPSE_I32, mem, nb, 1, 0};
             s.ingest_rows(fx, fy, nullptr, stream);
+            if (!save_midway.empty() && r0 < D.n / 2 && r0 + batch >= D.n / 2 && !s.needs_second_pass()) s.save(save_midway);
         }
         s.sync();
     };
@@ -241,25 +248,40 @@ TEST(CudaBackend, RealDataMatchesCpu) {
     expect_close(cpu, run(D, o, 65536, true));
 }
 
-// Exact mode: the rows leave the device every max_buffer_size rows and, beyond host_memory_limit,
-// go to disk under intermediate_save_dir; the report is still the CPU's, and nothing is left behind.
+// Exact mode: rows stay in the device buffer until something moves them (here float16 rows meeting
+// float32 ones half-way; a full buffer does the same); then, beyond host_memory_limit, they go to
+// disk under intermediate_save_dir, and the per-token SVD takes that spill path for every row
+// (those still on the device join the host store). With device batches a checkpoint is saved
+// half-way instead: written from the device buffer, whose rows stay there. Either way the report
+// is the CPU's, and nothing is left behind.
 TEST(CudaBackend, RowBufferMovesToHostAndSpills) {
     SKIP_WITHOUT_DEVICE();
-    const Data D = make_data(8000, 64, 300, COLLAPSE_F32, 5);
+    const Data D = make_data(8000, 64, 300, COLLAPSE_F16, 5);
+    Data D32 = D;  // the same values as float32 (exact)
+    D32.dtype = COLLAPSE_F32;
+    D32.x.resize((size_t)(D.n * D.d) * 4);
+    for (int64_t k = 0; k < D.n * D.d; ++k) {
+        uint16_t h;
+        std::memcpy(&h, D.x.data() + (size_t)k * 2, 2);
+        const float f = collapse::internal::half_to_float(h);
+        std::memcpy(D32.x.data() + (size_t)k * 4, &f, 4);
+    }
     collapse_options o = collapse::default_options();
     const json cpu = run(D, o, 700, false);
     o.backend = COLLAPSE_BACKEND_CUDA;
-    o.max_buffer_size = 1000;
     o.host_memory_limit = int64_t(1) << 20;  // 512 KiB of rows in host memory: 4 MB spill
     const std::string dir = ::testing::TempDir() + "/cuda_spill";
     std::snprintf(o.intermediate_save_dir, sizeof o.intermediate_save_dir, "%s", dir.c_str());
+    const std::string ckpt = ::testing::TempDir() + "/cuda_spill_midway.ckpt";
     for (bool device : {false, true}) {
-        const json gpu = run(D, o, 700, device);
+        const json gpu = device ? run(D, o, 700, true, nullptr, ckpt) : run(D, o, 700, false, nullptr, "", &D32);
         expect_close(cpu, gpu);
-        EXPECT_GT(gpu["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 0);
+        if (!device) EXPECT_GT(gpu["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 0);
+        else EXPECT_EQ(gpu["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 0) << "the checkpoint moved the rows off the device";
     }
     struct stat st;
     EXPECT_NE(::stat(dir.c_str(), &st), 0) << "spill directory left behind";
+    std::remove(ckpt.c_str());
 }
 
 // ------------------------------------------------------------------------- pooled device resources
@@ -293,7 +315,7 @@ TEST(CudaBackend, NoAllocationsAfterWarmUp) {
         o.num_classes = D.V;
         o.svd_mode = svd;
         o.svd_max_rows_per_token = 16;
-        o.max_buffer_size = 1500;  // exact: the row buffer also moves to the host during ingest
+        // exact: the rows stay in the device buffer; both computes group them there
         const ci::Config cfg = ci::from_options(o);
         const std::unique_ptr<ci::Backend> cpu = ci::make_cpu_backend(cfg, D.V, D.d);
         const std::unique_ptr<ci::Backend> gpu = ci::make_cuda_backend(cfg, D.V, D.d);

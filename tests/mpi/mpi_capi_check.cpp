@@ -7,6 +7,12 @@
 //   mpi_capi_check mismatch OUT_DIR
 // Rank 1's session has another V: every rank must get the same error from the combine; each rank
 // writes OUT_DIR/status.<rank> ("<status> <message>").
+//   mpi_capi_check noclassifier OUT_DIR
+// Exact mode, rank 1's session has no classifier: its part of the spread row store has no NC4, and
+// every rank gets the root's refusal (status.<rank> as above).
+//   mpi_capi_check spread OUT_DIR
+// Exact mode, combined: the root's session, whose rows now live on their owner ranks, refuses a
+// checkpoint and more rows; it writes OUT_DIR/save and OUT_DIR/ingest ("<status> <message>").
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -28,7 +34,7 @@ float feature(int64_t i, int64_t k) {
     return (float)(std::cos((double)(c * D + k)) * 3.0 + (double)(h % 1000) / 1000.0 - 0.5);
 }
 
-collapse_session* make_session(const std::string& mode, int64_t classes) {
+collapse_session* make_session(const std::string& mode, int64_t classes, bool classifier = true) {
     collapse_options o;
     collapse_options_default(&o);
     o.num_classes = classes;
@@ -41,6 +47,7 @@ collapse_session* make_session(const std::string& mode, int64_t classes) {
         std::fprintf(stderr, "create: %s\n", collapse_last_error());
         std::exit(2);
     }
+    if (!classifier) return s;
     std::vector<float> w((size_t)(classes * D));
     for (int64_t c = 0; c < classes; ++c)
         for (int64_t k = 0; k < D; ++k) w[(size_t)(c * D + k)] = (float)std::cos((double)(c * D + k));
@@ -87,11 +94,32 @@ int main(int argc, char** argv) {
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &P);
     const int64_t lo = N * rank / P, hi = N * (rank + 1) / P;
-    if (mode == "mismatch") {
-        collapse_session* s = make_session("exact", rank == 1 ? V + 1 : V);
+    if (mode == "mismatch" || mode == "noclassifier") {
+        collapse_session* s = mode == "mismatch" ? make_session("exact", rank == 1 ? V + 1 : V) : make_session("exact", V, rank != 1);
         ingest(s, lo, hi);
         const collapse_status st = collapse_session_mpi_combine(s, MPI_COMM_WORLD, 0);
         std::ofstream(dir + "/status." + std::to_string(rank)) << (int)st << " " << collapse_last_error();
+        collapse_session_destroy(s);
+        MPI_Finalize();
+        return 0;
+    }
+    if (mode == "spread") {
+        collapse_session* s = make_session("exact", V);
+        ingest(s, lo, hi);
+        if (collapse_session_mpi_combine(s, MPI_COMM_WORLD, 0) != COLLAPSE_OK) {
+            std::fprintf(stderr, "rank %d: %s\n", rank, collapse_last_error());
+            MPI_Abort(MPI_COMM_WORLD, 2);
+        }
+        if (rank == 0) {
+            collapse_status st = collapse_session_save(s, (dir + "/after.ckpt").c_str());
+            std::ofstream(dir + "/save") << (int)st << " " << collapse_last_error();
+            const std::vector<float> x(D, 1.0f);
+            const int32_t y = 0;
+            const collapse_buffer xb = {x.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, 1, D, 0};
+            const collapse_buffer yb = {&y, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, 1, 1, 0};
+            st = collapse_session_ingest_rows(s, &xb, &yb, nullptr, nullptr);
+            std::ofstream(dir + "/ingest") << (int)st << " " << collapse_last_error();
+        }
         collapse_session_destroy(s);
         MPI_Finalize();
         return 0;

@@ -69,6 +69,40 @@ TEST_F(MpiCapi, CombinedEqualsOneSessionEveryMode) {
         }
 }
 
+// Exact mode spreads the row store over the ranks by class: a rank without the classifier has no
+// NC4 for its classes, which the root refuses, on every rank.
+TEST_F(MpiCapi, PartWithoutNc4IsEveryRanksError) {
+    std::string err;
+    ASSERT_EQ(run(3, "noclassifier", &err), 0) << err;
+    for (int r = 0; r < 3; ++r) {
+        std::ifstream in(dir_ + "/status." + std::to_string(r));
+        int st = 0;
+        in >> st;
+        std::string msg;
+        std::getline(in, msg);
+        EXPECT_EQ(st, (int)COLLAPSE_ERR_IO) << "rank " << r << ": " << msg;
+        EXPECT_NE(msg.find("rank 1's part was refused by the root"), std::string::npos) << "rank " << r << ": " << msg;
+        EXPECT_NE(msg.find("lacks section part_nc4 (was a classifier set on every rank?)"), std::string::npos) << msg;
+    }
+}
+
+// After the rows moved to their owners the root's state is no longer one process's: no checkpoint
+// of it, and no more first-pass rows.
+TEST_F(MpiCapi, SpreadSessionRefusesCheckpointAndRows) {
+    std::string err;
+    ASSERT_EQ(run(2, "spread", &err), 0) << err;
+    for (const char* what : {"save", "ingest"}) {
+        std::ifstream in(dir_ + "/" + what);
+        int st = 0;
+        in >> st;
+        std::string msg;
+        std::getline(in, msg);
+        EXPECT_EQ(st, (int)COLLAPSE_ERR_STATE) << what << ": " << msg;
+        EXPECT_NE(msg.find("spread over MPI ranks by class"), std::string::npos) << what << ": " << msg;
+    }
+    EXPECT_FALSE(std::filesystem::exists(dir_ + "/after.ckpt"));
+}
+
 TEST_F(MpiCapi, RefusedStateIsEveryRanksError) {
     std::string err;
     ASSERT_EQ(run(3, "mismatch", &err), 0) << err;

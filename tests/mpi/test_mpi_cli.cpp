@@ -83,6 +83,37 @@ TEST_F(MpiCli, ExactEqualsSingleProcessForP1To4) {
     expect_equal_for_every_p("svd_mode: exact\ncompute_nc4: true\nmax_tokens_to_analyze: 25\nwindow_size: 8\n");
 }
 
+// The exact store spread over the ranks by class without a cut kept set (the Gram streams): the
+// owners' per-token SVDs, within variances and NC4 hits per class.
+TEST_F(MpiCli, ExactPerClassArraysEqualsSingleProcessForP1To4) {
+    expect_equal_for_every_p("svd_mode: exact\ncompute_nc4: true\nper_class_arrays: true\nwindow_size: 8\n");
+}
+
+// Stores that spill (the ranks' own and the owners' new ones) under a small host_memory_limit;
+// rank 0 takes in less than the other rank's rows: only those of the classes it owns come.
+TEST_F(MpiCli, ExactSpilledStoresEqualSingleProcess) {
+    run_ok("synth --output-dir " + quote(path("big")) + " --rows 20000 --dim 32 --classes 64 --seed 5 --quiet");
+    testutil::spit(path("c.yaml"), "svd_mode: exact\nper_class_arrays: true\nhost_memory_limit: 6MiB\nmax_tokens_to_analyze: 50\n");
+    const std::string args = "analyze --features big/features.npy --labels big/labels.npy --classifier big/classifier.npy --batch-rows 1000 "
+                             "--config c.yaml -q -o ";
+    run_ok(args + "single.json");
+    ASSERT_GT(report("single.json")["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 0);
+    const nlohmann::json single = numbers("single.json");
+    for (int P : {2, 3}) {
+        SCOPED_TRACE("P = " + std::to_string(P));
+        const std::string out = "spilled" + std::to_string(P) + ".json";
+        const testutil::CliRun r = mpirun(P, args + out, "-x COLLAPSE_MPI_STATS=1");
+        ASSERT_EQ(r.status, 0) << r.err;
+        testutil::expect_same_json(single, numbers(out), 1e-12);
+        EXPECT_GT(report(out)["engine"]["row_store"]["spilled_bytes"].get<int64_t>(), 0);
+        const size_t at = r.err.find("collapse: mpi combine: ");
+        ASSERT_NE(at, std::string::npos) << r.err;
+        const int64_t received = std::stoll(r.err.substr(r.err.find(" s, ", at) + 4));
+        const int64_t other_rows = 20000 - 20000 / P;  // rows of the other ranks, 32 float64 each
+        EXPECT_LT(received, other_rows * 32 * 8 * 3 / 4) << r.err;
+    }
+}
+
 // Reservoirs larger than every class: they hold every row, so sampling is exact too.
 TEST_F(MpiCli, SampledEqualsSingleProcessForP1To4) {
     expect_equal_for_every_p(

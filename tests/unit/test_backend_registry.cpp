@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -91,6 +92,27 @@ TEST(BackendRegistry, CpuAnalysisMapsNoCudaLibrary) {
     ASSERT_FALSE(maps.empty());
     for (const char* lib : kCudaLibraries) EXPECT_EQ(maps.find(lib), std::string::npos) << lib << " is mapped:\n" << maps;
     EXPECT_EQ(maps.find("libcollapse_cuda"), std::string::npos) << "the CUDA module was opened by a CPU analysis";
+}
+
+// Without an NVIDIA driver (no /dev/nvidiactl, /proc/driver/nvidia or /dev/dxg) and without
+// $COLLAPSE_CUDA_MODULE, asking whether CUDA is available opens no module (that maps the CUDA
+// runtime: 0.2-0.8 s measured on a machine without a GPU); backend cuda still looks for it and says
+// what it found.
+TEST(BackendRegistry, NoDriverAnswersWithoutLoadingTheModule) {
+    for (const char* p : {"/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg"})
+        if (access(p, F_OK) == 0) GTEST_SKIP() << p << " exists: this machine has an NVIDIA driver";
+    if (testutil::read_file("/proc/self/maps").find("libcollapse_cuda") != std::string::npos)
+        GTEST_SKIP() << "the CUDA module was opened by an earlier test in this process";
+    ScopedEnv env("COLLAPSE_CUDA_MODULE", nullptr);
+    EXPECT_EQ(collapse_backend_available("cuda"), 0);
+    const std::string maps = testutil::read_file("/proc/self/maps");
+    ASSERT_FALSE(maps.empty());
+    EXPECT_EQ(maps.find("libcollapse_cuda"), std::string::npos) << "the CUDA module was opened without a driver";
+    for (const char* lib : kCudaLibraries) EXPECT_EQ(maps.find(lib), std::string::npos) << lib << " is mapped";
+    SessionPtr s;
+    std::string msg;
+    EXPECT_EQ(create_cuda(4, 2, &s, &msg), COLLAPSE_ERR_NO_CUDA);
+    EXPECT_NE(msg.find("the CUDA module"), std::string::npos) << msg;
 }
 
 TEST(BackendRegistry, MissingModuleFileIsNamed) {
