@@ -133,6 +133,16 @@ public:
     // counts and sums are the combined ones), and the root's sum of every rank's part.
     virtual void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) { ranks_unsupported(); }
     virtual void spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) { ranks_unsupported(); }
+
+    // --- Pair-metric tiles spread over ranks (src/mpi/): the root writes what every rank needs
+    // (pair_inputs: the centred kept means, their variances, the tile edge; false: no pair metrics),
+    // every rank reduces its contiguous share of the tiles (pair_part, by pair count in tile order;
+    // the single process is the share of rank 0 of 1), the root merges the shares in rank order
+    // (pair_merge) and compute() takes them for this kept set. ---
+    virtual bool can_spread_pairs() const { return false; }
+    virtual bool pair_inputs(const KeptSet& kept, StateWriter& w) { return false; }  // only asked when can_spread_pairs
+    virtual void pair_part(const StateReader& inputs, int rank, int P, StateWriter& w) { ranks_unsupported(); }
+    virtual void pair_merge(const KeptSet& kept, const StateReader& part) { ranks_unsupported(); }
 };
 
 class HostBudget;  // core/host_budget.hpp

@@ -97,6 +97,13 @@ public:
     void spread_close();
     void save_spread_part(StateWriter& w);
     void merge_spread_part(const StateReader& r);
+    // Pair-metric tiles spread over ranks (Backend, "pairs"; src/mpi/ moves the inputs and shares):
+    // can_spread_pairs on every rank; the root's save_pair_inputs (false: no pair metrics), every
+    // rank's save_pair_part of those inputs, the root's merge_pair_part of each share in rank order.
+    bool can_spread_pairs() const;
+    bool save_pair_inputs(StateWriter& w);
+    void save_pair_part(const StateReader& inputs, int rank, int P, StateWriter& w);
+    void merge_pair_part(const StateReader& r);
     // The account itself, for components that hold copies on the session's behalf (src/mpi/).
     std::shared_ptr<HostBudget> budget_account() const { return budget_; }
 

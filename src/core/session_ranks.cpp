@@ -1,6 +1,7 @@
 // A session's part in a run spread over ranks (src/mpi/): the combined class sums for the second
 // pass of every rank, and the second pass's partial results; the exact row store spread over the
-// ranks by class (the owners, the rows in and out, each rank's part of the row-store metrics).
+// ranks by class (the owners, the rows in and out, each rank's part of the row-store metrics);
+// the pair-metric tiles spread over the ranks.
 // The first-pass state itself moves as checkpoint sections (session_state.cpp).
 #include <algorithm>
 #include <numeric>
@@ -151,6 +152,28 @@ void Session::merge_spread_part(const StateReader& r) {
     check_state("merge_spread_part");
     HostBudget::Lease kept_lease;
     backend_->spread_merge(kept_classes(nullptr, kept_lease), clf_, r);
+}
+
+bool Session::can_spread_pairs() const { return backend_ && backend_->can_spread_pairs(); }
+
+bool Session::save_pair_inputs(StateWriter& w) {
+    check_state("save_pair_inputs");
+    if (!backend_) fail(COLLAPSE_ERR_STATE, "save_pair_inputs: the session has seen no rows yet");
+    backend_->sync();
+    HostBudget::Lease kept_lease;
+    return backend_->pair_inputs(kept_classes(nullptr, kept_lease), w);
+}
+
+void Session::save_pair_part(const StateReader& inputs, int rank, int P, StateWriter& w) {
+    check_state("save_pair_part");
+    if (!backend_) fail(COLLAPSE_ERR_STATE, "save_pair_part: the session has seen no rows yet");
+    backend_->pair_part(inputs, rank, P, w);
+}
+
+void Session::merge_pair_part(const StateReader& r) {
+    check_state("merge_pair_part");
+    HostBudget::Lease kept_lease;
+    backend_->pair_merge(kept_classes(nullptr, kept_lease), r);
 }
 
 }  // namespace collapse::internal

@@ -238,6 +238,7 @@ void CpuBackend::stage(const BatchDesc& b, const AcceptedRows& rows) {
 
 void CpuBackend::ingest(const BatchDesc& b, void*) {
     refuse_if_spread("it takes no more first-pass rows");
+    pair_spread_.reset();  // the ranks' pair shares are of the rows before these
     if (b.features.memory != COLLAPSE_MEMORY_HOST)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "the cpu backend takes host buffers; this batch is in device memory (use backend: cuda)");
     const int64_t n = b.num_rows();

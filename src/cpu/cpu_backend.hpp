@@ -47,6 +47,11 @@ public:
     void spread_close() override;
     void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) override;
     void spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) override;
+    // Pair-metric tiles spread over ranks (cpu_ranks.cpp).
+    bool can_spread_pairs() const override { return true; }
+    bool pair_inputs(const KeptSet& kept, StateWriter& w) override;
+    void pair_part(const StateReader& inputs, int rank, int P, StateWriter& w) override;
+    void pair_merge(const KeptSet& kept, const StateReader& part) override;
 
     // Generation-time windows (cpu_windows.cpp): float32 slots in chunks; window_reduce hands the
     // windows to a background thread, window_evaluate answers at once.
@@ -87,6 +92,14 @@ private:
                        const std::vector<double>& m, const std::vector<double>& var, MetricValues& out) const;
     void pair_metrics(const KeptSet& kept, const std::vector<double>& m, const std::vector<double>& var,
                       MetricValues& out) const;
+    // The kept means mu, within-class variances var and centred means m [K, d] as compute() takes them.
+    void class_means(const KeptSet& kept, std::vector<double>& mu, std::vector<double>& var, std::vector<double>& m) const;
+    // The pair tiles' edge for K kept classes, and the merged moments of the contiguous share of
+    // rank `rank` of P of the tiles (by pair count, in tile order; P = 1: every tile): the one pair
+    // reduction of the single process and of the ranks. m [K, d], var [K]; range: the share's first
+    // tile, its end and the number of tiles.
+    int64_t pair_tile_edge(int64_t K) const;
+    PairTotals pair_tiles(const double* m, const double* var, int64_t K, int64_t T, int rank, int P, int64_t* range = nullptr) const;
     void anchor_metrics(const KeptSet& kept, const Classifier& clf, const std::vector<double>& mu, const std::vector<double>& m,
                         const ClassVectors& v, MetricValues& out) const;
     void token_metrics(const KeptSet& kept, const std::vector<double>& mu, MetricValues& out) const;
@@ -208,6 +221,13 @@ private:
     // Once the rows have moved, the state is no longer one process's: no checkpoint, no more rows.
     void refuse_if_spread(const char* what) const;
     HostBudget::Lease spread_results_lease_;
+    // The ranks' pair-metric shares merged on the root (pair_merge), for this kept set and rows.
+    struct PairSpread {
+        std::vector<int32_t> ids;
+        int64_t rows = 0, parts = 0;
+        PairTotals all;
+    };
+    std::unique_ptr<PairSpread> pair_spread_;
     // Declared last, so that it stops (and its jobs give their leases back) before anything else goes.
     std::unique_ptr<WindowWorker, WindowWorkerStop> window_worker_;
 };

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -258,25 +259,12 @@ int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_
     return nc4.finish();
 }
 
-// ---------------------------------------------------------------------------------------------
-MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
-    MetricValues out;
-    const auto t0 = Clock::now();
+// The kept means, their within-class variances and the centred means (compute() and the root's
+// pair_inputs: one expression, so the same bits).
+void CpuBackend::class_means(const KeptSet& kept, std::vector<double>& mu, std::vector<double>& var, std::vector<double>& m) const {
     const size_t K = kept.ids.size();
     const size_t d = (size_t)d_;
-    // Finalisation needs room: rows the exact store still holds in memory go to disk when they
-    // take more than is left free (they come back a group of classes at a time).
-    if (has_row_store() && store_->memory_bytes() > 0 && store_->memory_bytes() >= budget_->available()) {
-        store_->spill_memory();
-        held_.update(held_rows_bytes());
-    }
-
-    // Class means, within-class variances, global mean, centred means (and the copy of the kept
-    // ids each pass over the row store sorts).
-    const HostBudget::Lease means = budget_->reserve(
-        add_bytes(mul_bytes((int64_t)K, 2 * d_ + 2, 8), mul_bytes((int64_t)K, 4) + 8 * d_),
-        "the means of K = " + std::to_string(K) + " kept classes of width d = " + std::to_string(d_) + " (two [K, d] matrices)", kFixKeptClasses);
-    std::vector<double> mu(K * d), var(K), m(K * d);
+    mu.assign(K * d, 0.0), var.assign(K, 0.0), m.assign(K * d, 0.0);
     std::vector<double> mu_g(d, 0.0);
     double weight_total = 0;
     for (size_t s = 0; s < K; ++s) {
@@ -296,6 +284,27 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
     for (size_t j = 0; j < d; ++j) mu_g[j] = weight_total > 0 ? mu_g[j] / weight_total : 0.0;
     for (size_t s = 0; s < K; ++s)
         for (size_t j = 0; j < d; ++j) m[s * d + j] = mu[s * d + j] - mu_g[j];
+}
+
+// ---------------------------------------------------------------------------------------------
+MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
+    MetricValues out;
+    const auto t0 = Clock::now();
+    const size_t K = kept.ids.size();
+    // Finalisation needs room: rows the exact store still holds in memory go to disk when they
+    // take more than is left free (they come back a group of classes at a time).
+    if (has_row_store() && store_->memory_bytes() > 0 && store_->memory_bytes() >= budget_->available()) {
+        store_->spill_memory();
+        held_.update(held_rows_bytes());
+    }
+
+    // Class means, within-class variances, global mean, centred means (and the copy of the kept
+    // ids each pass over the row store sorts).
+    const HostBudget::Lease means = budget_->reserve(
+        add_bytes(mul_bytes((int64_t)K, 2 * d_ + 2, 8), mul_bytes((int64_t)K, 4) + 8 * d_),
+        "the means of K = " + std::to_string(K) + " kept classes of width d = " + std::to_string(d_) + " (two [K, d] matrices)", kFixKeptClasses);
+    std::vector<double> mu, var, m;
+    class_means(kept, mu, var, m);
     if (cfg_.per_class_arrays) out.per_class.within_variance = var;
     if (cfg_.keep_class_means) {
         // The result carries them past this call (the exports).
@@ -501,10 +510,46 @@ std::vector<double> CpuBackend::within_scatter(const KeptSet& kept, const std::v
     return w;
 }
 
-// Pair reductions over P = {(i, j): i < j} by square tiles of the K x K product M M^T.
+// Pair reductions over P = {(i, j): i < j} by square tiles of the K x K product M M^T: the
+// ranks' merged shares when they made them for this kept set (cpu_ranks.cpp), else every tile here.
 void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m, const std::vector<double>& var,
                               MetricValues& out) const {
     const int64_t K = (int64_t)kept.ids.size();
+    if (pair_spread_ && pair_spread_->parts > 0 && pair_spread_->ids == kept.ids && pair_spread_->rows == kept.rows) {
+        if (pair_spread_->all.pairs != K * (K - 1) / 2)
+            fail(COLLAPSE_ERR_INTERNAL, "the ranks' pair-metric shares hold ", pair_spread_->all.pairs, " pairs of K = ", K, " kept classes");
+        finish_pair_metrics(pair_spread_->all, K, out);
+        return;
+    }
+    finish_pair_metrics(pair_tiles(m.data(), var.data(), K, pair_tile_edge(K), 0, 1), K, out);
+}
+
+// Tile edge from a 64 MiB budget per tile (a fraction of the memory limit when that is small),
+// smaller when every thread's tile and the list of tile sums would not fit what is left (the
+// tiling only moves rounding). Never a K x K matrix. COLLAPSE_PAIR_TILE_EDGE (tests) sets it.
+namespace {
+int64_t pair_tiles_bytes(int64_t K, int64_t t, int64_t threads) {
+    const int64_t n = (K + t - 1) / t;
+    return add_bytes(mul_bytes(t, t, 8 * threads), mul_bytes(n * (n + 1) / 2, (int64_t)(sizeof(PairTotals) + sizeof(std::pair<int64_t, int64_t>) + 8)));
+}
+}  // namespace
+
+int64_t CpuBackend::pair_tile_edge(int64_t K) const {
+    if (const char* e = std::getenv("COLLAPSE_PAIR_TILE_EDGE")) {
+        char* end = nullptr;
+        const long long v = std::strtoll(e, &end, 10);
+        if (!end || *end != 0 || v < 1 || v > (1ll << 20)) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "COLLAPSE_PAIR_TILE_EDGE=", e, " is not an edge in [1, 2^20]");
+        return std::min<int64_t>((int64_t)v, std::max<int64_t>(K, 1));  // no tile beyond K
+    }
+    const int64_t threads = omp_get_max_threads();
+    const int64_t budget = std::min<int64_t>(int64_t(64) << 20, cfg_.host_memory_limit / 8);
+    int64_t T = std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
+    // pair_tiles holds the K norms (16 K bytes) beside the tiles.
+    while (T > 64 && !budget_->fits(add_bytes(pair_tiles_bytes(K, T, threads), mul_bytes(K, 16)))) T = std::max<int64_t>(64, T / 2);
+    return T;
+}
+
+PairTotals CpuBackend::pair_tiles(const double* m, const double* var, int64_t K, int64_t T, int rank, int P, int64_t* range) const {
     const size_t d = (size_t)d_;
     const HostBudget::Lease norms =
         budget_->reserve(mul_bytes(K, 2 * 8), "the pair metrics' norms of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
@@ -518,29 +563,35 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
     // Mean and variance of the cosines and log kernels: each row of a tile sums deviations from its
     // own first value (so the one-pass variance loses no digits), then rows and tiles merge in a
     // fixed order with Chan's formula.
-
-    // Tile edge from a 64 MiB budget per tile (a fraction of the memory limit when that is small),
-    // smaller when every thread's tile and the list of tile sums would not fit what is left (the
-    // tiling only moves rounding). Never a K x K matrix.
     const int64_t threads = omp_get_max_threads();
-    auto tiles_bytes = [&](int64_t t) {
-        const int64_t n = (K + t - 1) / t;
-        return add_bytes(mul_bytes(t, t, 8 * threads), mul_bytes(n * (n + 1) / 2, (int64_t)(sizeof(PairTotals) + sizeof(std::pair<int64_t, int64_t>))));
-    };
-    const int64_t budget = std::min<int64_t>(int64_t(64) << 20, cfg_.host_memory_limit / 8);
-    int64_t T = std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
-    while (T > 64 && !budget_->fits(tiles_bytes(T))) T = std::max<int64_t>(64, T / 2);
     const HostBudget::Lease tiles_lease =
-        budget_->reserve(tiles_bytes(T), "the pair metrics' tiles (" + std::to_string(threads) + " threads' " + std::to_string(T) + " x " +
-                                             std::to_string(T) + " blocks of M M^T for K = " + std::to_string(K) + " kept classes)",
+        budget_->reserve(pair_tiles_bytes(K, T, threads), "the pair metrics' tiles (" + std::to_string(threads) + " threads' " + std::to_string(T) + " x " +
+                                                              std::to_string(T) + " blocks of M M^T for K = " + std::to_string(K) + " kept classes)",
                          kFixKeptClasses);
     const int64_t nt = (K + T - 1) / T;
 
     using TileSum = PairTotals;
+    // Every tile in a fixed order and the pairs before it; this rank's share is the tiles from the
+    // first with at least rank/P of all pairs before it up to the next rank's first.
     std::vector<std::pair<int64_t, int64_t>> tiles;
+    std::vector<int64_t> before;
+    int64_t total = 0;
     for (int64_t bi = 0; bi < nt; ++bi)
-        for (int64_t bj = bi; bj < nt; ++bj) tiles.emplace_back(bi, bj);
-    std::vector<TileSum> sums(tiles.size());
+        for (int64_t bj = bi; bj < nt; ++bj) {
+            tiles.emplace_back(bi, bj);
+            before.push_back(total);
+            const int64_t ni = std::min(T, K - bi * T), nj = std::min(T, K - bj * T);
+            total += bi == bj ? ni * (ni - 1) / 2 : ni * nj;
+        }
+    auto first_of = [&](int r) {
+        if (r >= P) return (int64_t)tiles.size();
+        int64_t t = 0;
+        while (t < (int64_t)tiles.size() && (double)before[(size_t)t] * (double)P < (double)r * (double)total) ++t;
+        return t;
+    };
+    const int64_t t_begin = first_of(rank), t_end = first_of(rank + 1);
+    if (range) range[0] = t_begin, range[1] = t_end, range[2] = (int64_t)tiles.size();
+    std::vector<TileSum> sums((size_t)std::max<int64_t>(0, t_end - t_begin));
     const double p = cfg_.cdnv_power;
     const double inv_km1 = K > 1 ? 1.0 / (double)(K - 1) : 0.0;
 
@@ -548,11 +599,11 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
     {
         std::vector<double> g((size_t)(T * T));
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t t = 0; t < (int64_t)tiles.size(); ++t) {
+        for (int64_t t = t_begin; t < t_end; ++t) {
             const int64_t i0 = tiles[(size_t)t].first * T, j0 = tiles[(size_t)t].second * T;
             const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
-            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ni, (int)nj, (int)d, 1.0, m.data() + (size_t)i0 * d,
-                        (int)d, m.data() + (size_t)j0 * d, (int)d, 0.0, g.data(), (int)nj);
+            cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ni, (int)nj, (int)d, 1.0, m + (size_t)i0 * d,
+                        (int)d, m + (size_t)j0 * d, (int)d, 0.0, g.data(), (int)nj);
             TileSum ts;
             for (int64_t i = 0; i < ni; ++i) {
                 const int64_t gi = i0 + i;
@@ -562,7 +613,7 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
                 for (int64_t j = jstart; j < nj; ++j) {
                     const int64_t gj = j0 + j;
                     const PairTerms pt = pair_terms(g[(size_t)(i * nj + j)], q[(size_t)gi], q[(size_t)gj], a[(size_t)gi],
-                                                    a[(size_t)gj], var[(size_t)gi], var[(size_t)gj], p, inv_km1);
+                                                    a[(size_t)gj], var[gi], var[gj], p, inv_km1);
                     if (j == jstart) c_shift = pt.cos, d_shift = pt.dist;
                     const double dc = pt.cos - c_shift, dd = pt.dist - d_shift;
                     s_c += dc;
@@ -589,13 +640,13 @@ void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m,
                 ts.max_etf = std::max(ts.max_etf, max_e);
                 ts.n_cdnv += n_cd, ts.s_cdnv += s_cd;
             }
-            sums[(size_t)t] = ts;
+            sums[(size_t)(t - t_begin)] = ts;
         }
     }
     // Merge in tile order: the same result whatever the thread count.
     PairTotals all;
     for (const PairTotals& ts : sums) all.merge(ts);
-    finish_pair_metrics(all, K, out);
+    return all;
 }
 
 void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {

@@ -266,4 +266,77 @@ void CpuBackend::spread_results(const KeptSet& kept, std::vector<double>* var, M
     }
 }
 
+// --- Pair-metric tiles spread over ranks (core/backend.hpp, "pairs"). ---
+
+namespace {
+constexpr int kPairF = 13, kPairI = 3;  // PairTotals as float64 and int64 values
+}  // namespace
+
+bool CpuBackend::pair_inputs(const KeptSet& kept, StateWriter& w) {
+    const int64_t K = (int64_t)kept.ids.size();
+    pair_spread_.reset();
+    // compute()'s condition for the pair metrics.
+    if (!cfg_.compute_class_metrics || K == 0 || K < cfg_.min_classes_for_gnc2) return false;
+    const HostBudget::Lease lease = budget_->reserve(
+        add_bytes(mul_bytes(K, 2 * d_ + 1, 8), mul_bytes((int64_t)kept.ids.size(), 4)),
+        "the pair metrics' inputs for the ranks (the means of K = " + std::to_string(K) + " kept classes, twice [K, d])", kFixKeptClasses);
+    std::vector<double> mu, var, m;
+    class_means(kept, mu, var, m);
+    const int64_t T = pair_tile_edge(K);
+    w.add("pair_m", COLLAPSE_F64, {K, d_}, m.data(), m.size() * 8);
+    w.add("pair_var", COLLAPSE_F64, {K}, var.data(), var.size() * 8);
+    w.add("pair_tile", COLLAPSE_I64, {1}, &T, 8);
+    auto ps = std::make_unique<PairSpread>();
+    ps->ids = kept.ids, ps->rows = kept.rows;
+    pair_spread_ = std::move(ps);
+    pair_spread_->parts = -1;  // not complete until pair_merge has taken a part
+    return true;
+}
+
+void CpuBackend::pair_part(const StateReader& in, int rank, int P, StateWriter& w) {
+    const std::string what = in.description();
+    const StateSection v = in.section("pair_var"), mm = in.section("pair_m"), t = in.section("pair_tile");
+    if (v.dtype_code != (uint32_t)COLLAPSE_F64 || v.shape.size() != 1) fail(COLLAPSE_ERR_IO, what, ": section pair_var is not float64 [K]");
+    const int64_t K = v.shape[0];
+    if (mm.dtype_code != (uint32_t)COLLAPSE_F64 || mm.shape != std::vector<int64_t>{K, d_})
+        fail(COLLAPSE_ERR_IO, what, ": section pair_m is not float64 [K, d] = [", K, ", ", d_, "]");
+    if (t.dtype_code != (uint32_t)COLLAPSE_I64 || t.shape != std::vector<int64_t>{1} || *static_cast<const int64_t*>(t.data) < 1)
+        fail(COLLAPSE_ERR_IO, what, ": section pair_tile is not an int64 edge >= 1");
+    if (rank < 0 || rank >= P) fail(COLLAPSE_ERR_INTERNAL, "pair_part: rank ", rank, " of ", P);
+    int64_t range[3] = {0, 0, 0};
+    const PairTotals a = pair_tiles(static_cast<const double*>(mm.data), static_cast<const double*>(v.data), K,
+                                    *static_cast<const int64_t*>(t.data), rank, P, range);
+    const double f[kPairF] = {a.l.n, a.l.mean, a.l.m2, a.c.n, a.c.mean, a.c.m2, a.dist.n, a.dist.mean, a.dist.m2,
+                              a.s_etf, a.max_etf, a.n_cdnv, a.s_cdnv};
+    const int64_t i[kPairI] = {a.pairs, a.skip_l, a.skip_cdnv};
+    w.add("pair_totals_f", COLLAPSE_F64, {kPairF}, f, sizeof f);
+    w.add("pair_totals_i", COLLAPSE_I64, {kPairI}, i, sizeof i);
+    w.add("pair_tiles", COLLAPSE_I64, {3}, range, sizeof range);
+}
+
+void CpuBackend::pair_merge(const KeptSet& kept, const StateReader& r) {
+    const std::string what = r.description();
+    if (!pair_spread_ || pair_spread_->ids != kept.ids || pair_spread_->rows != kept.rows)
+        fail(COLLAPSE_ERR_STATE, "pair_merge: the pair inputs were not written for this kept set");
+    const StateSection f = r.section("pair_totals_f"), i = r.section("pair_totals_i");
+    if (f.dtype_code != (uint32_t)COLLAPSE_F64 || f.shape != std::vector<int64_t>{kPairF} || i.dtype_code != (uint32_t)COLLAPSE_I64 ||
+        i.shape != std::vector<int64_t>{kPairI})
+        fail(COLLAPSE_ERR_IO, what, ": sections pair_totals_f/_i are not float64 [", kPairF, "] and int64 [", kPairI, "]");
+    const double* x = static_cast<const double*>(f.data);
+    const int64_t* n = static_cast<const int64_t*>(i.data);
+    for (int k = 0; k < kPairF; ++k)
+        if (std::isnan(x[k])) fail(COLLAPSE_ERR_IO, what, ": section pair_totals_f holds NaN at ", k);
+    if (n[0] < 0 || n[1] < 0 || n[2] < 0 || n[1] > n[0] || n[2] > n[0])
+        fail(COLLAPSE_ERR_IO, what, ": section pair_totals_i holds ", n[0], " pairs, ", n[1], " and ", n[2], " skipped");
+    PairTotals a;
+    a.l = {x[0], x[1], x[2]}, a.c = {x[3], x[4], x[5]}, a.dist = {x[6], x[7], x[8]};
+    a.s_etf = x[9], a.max_etf = x[10], a.n_cdnv = x[11], a.s_cdnv = x[12];
+    a.pairs = n[0], a.skip_l = n[1], a.skip_cdnv = n[2];
+    PairSpread& ps = *pair_spread_;
+    const int64_t K = (int64_t)kept.ids.size();
+    if (ps.all.pairs + a.pairs > K * (K - 1) / 2) fail(COLLAPSE_ERR_IO, what, ": more pairs than K = ", K, " classes have");
+    ps.all.merge(a);
+    ps.parts = std::max<int64_t>(ps.parts, 0) + 1;
+}
+
 }  // namespace collapse::internal

@@ -563,6 +563,87 @@ void spread_rows(Session& s, MPI_Comm comm, int root, size_t chunk, double t0, i
     step("the parts added on the root");
 }
 
+// The pair-metric tiles spread over the ranks (core/backend.hpp, "pairs"), after the combine (the
+// root's kept means and variances are final): the root's centred means, variances and tile edge
+// to every rank, every rank's contiguous share of the tiles at once, the shares merged on the root
+// in rank order; compute() on the root takes them. Skipped when a rank cannot (no rows, or a
+// backend without it): the root then reduces every tile itself.
+void spread_pairs(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    int rank = 0, P = 1;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &P);
+    int can = 0;
+    agree(comm, [&] { can = P > 1 && s.can_spread_pairs() ? 1 : 0; });
+    MPI_Allreduce(MPI_IN_PLACE, &can, 1, MPI_INT, MPI_MIN, comm);
+    if (!can) return;
+    const bool stats = rank == root && std::getenv("COLLAPSE_MPI_STATS");
+    const double t0 = MPI_Wtime();
+    const int64_t b0 = g_received;
+    auto in = std::make_unique<MemoryState>("the root's pair-metric inputs", s.budget_account());
+    Outcome o;
+    bool needed = false;
+    if (rank == root) {
+        collapse_status st = COLLAPSE_OK;
+        std::string msg;
+        try {
+            needed = s.save_pair_inputs(*in);
+        } catch (const Error& e) {
+            st = e.status(), msg = e.what();
+        } catch (const std::bad_alloc&) {
+            st = COLLAPSE_ERR_OUT_OF_MEMORY, msg = "out of memory";
+        }
+        Channel ch = Channel::bcast(comm, root);
+        o = send_state(ch, chunk, rank, [&](StateWriter& w) {
+            if (st != COLLAPSE_OK) throw Error(st, msg);
+            if (!needed) return false;
+            in->write_to(w);
+            return true;
+        });
+    } else {
+        Channel ch = Channel::bcast(comm, root);
+        o = receive_state(ch, in.get());
+        needed = !o.empty;
+    }
+    agree(comm, [&] {
+        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
+    });
+    if (!needed) return;
+    MemoryState mine("rank " + std::to_string(rank) + "'s share of the pair-metric tiles", s.budget_account());
+    agree(comm, [&] { s.save_pair_part(*in, rank, P, mine); });
+    in.reset();
+    if (stats) {
+        const int64_t* r = static_cast<const int64_t*>(mine.section("pair_tiles").data);
+        std::fprintf(stderr, "collapse: mpi combine, pair tiles %lld..%lld of %lld on rank %d: %.4f s, %lld bytes received by rank %d\n",
+                     (long long)r[0], (long long)r[1], (long long)r[2], rank, MPI_Wtime() - t0, (long long)(g_received - b0), rank);
+    }
+    // The root's own share in its rank's place.
+    bool own_added = false;
+    auto add_own = [&] {
+        if (own_added) return;
+        own_added = true;
+        s.merge_pair_part(mine);
+    };
+    auto send = [&](StateWriter& w) {
+        mine.write_to(w);
+        return true;
+    };
+    auto take = [&](int r, Channel& ch) {
+        MemoryState part("rank " + std::to_string(r) + "'s share of the pair-metric tiles", s.budget_account());
+        const Outcome got = receive_state(ch, &part);
+        if (got.status != COLLAPSE_OK) throw Error(got.status, got.error);
+        try {
+            if (r > root) add_own();
+            s.merge_pair_part(part);
+        } catch (const Error& e) {
+            throw Error(e.status(), "rank " + std::to_string(r) + "'s pair-metric share was refused by the root: " + e.what());
+        }
+    };
+    gather(comm, root, chunk, send, take);
+    agree(comm, [&] {
+        if (rank == root) add_own();
+    });
+}
+
 }  // namespace
 
 void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
@@ -605,6 +686,7 @@ void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
     };
     gather(comm, root, chunk, send, take);
     if (spread) spread_rows(s, comm, root, chunk, t0, b0);
+    spread_pairs(s, comm, root, chunk);
 }
 
 bool begin_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {

@@ -4,6 +4,7 @@
 // Registered only when MPI is found (tests/CMakeLists.txt); every mpirun runs under `timeout`.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -111,6 +112,44 @@ TEST_F(MpiCli, ExactSpilledStoresEqualSingleProcess) {
         const int64_t received = std::stoll(r.err.substr(r.err.find(" s, ", at) + 4));
         const int64_t other_rows = 20000 - 20000 / P;  // rows of the other ranks, 32 float64 each
         EXPECT_LT(received, other_rows * 32 * 8 * 3 / 4) << r.err;
+    }
+}
+
+// Pair-metric tiles spread over the ranks: 16-class tiles (COLLAPSE_PAIR_TILE_EDGE) of 120 kept
+// classes, every rank reduces its share of the pairs, rank 0 merges the moments in rank order; the
+// exact store (owners' variances) with a cut kept set for P = 1..4, and the sampled one (the
+// root's variances) for P = 3.
+TEST_F(MpiCli, PairTilesSpreadOverRanksEqualSingleProcess) {
+    run_ok("synth --output-dir " + quote(path("k")) + " --rows 3000 --dim 12 --classes 160 --seed 11 --quiet");
+    const std::string args = "analyze --features k/features.npy --labels k/labels.npy --batch-rows 400 --config c.yaml -q -o ";
+    // For the single runs here too (same tiles); unset however the test ends.
+    struct TileEdge {
+        TileEdge() { ::setenv("COLLAPSE_PAIR_TILE_EDGE", "16", 1); }
+        ~TileEdge() { ::unsetenv("COLLAPSE_PAIR_TILE_EDGE"); }
+    } tile_edge;
+    for (const std::string config : {"svd_mode: exact\nmax_tokens_to_analyze: 120\n", "svd_mode: sampled\nsvd_max_rows_per_token: 1000\nmax_tokens_to_analyze: 120\n"}) {
+        SCOPED_TRACE(config);
+        testutil::spit(path("c.yaml"), config);
+        run_ok(args + "single.json");
+        const nlohmann::json single = numbers("single.json");
+        ASSERT_EQ(single["overall_analysis"]["gnc2_pairs"].get<int64_t>() + single["overall_analysis"]["gnc2_skipped_pairs"].get<int64_t>(), 120 * 119 / 2);
+        ASSERT_FALSE(single["overall_analysis"]["overall_gnc2"].is_null());
+        for (int P = 1; P <= 4; ++P) {
+            if (config.rfind("svd_mode: sampled", 0) == 0 && P != 3) continue;  // the root's variances: one P suffices
+            SCOPED_TRACE("P = " + std::to_string(P));
+            const std::string out = "pairs" + std::to_string(P) + ".json";
+            const testutil::CliRun r = mpirun(P, args + out, "-x COLLAPSE_PAIR_TILE_EDGE -x COLLAPSE_MPI_STATS=1");
+            ASSERT_EQ(r.status, 0) << r.err;
+            testutil::expect_same_json(single, numbers(out), 1e-12);
+            if (P == 1) continue;
+            // Rank 0 reduced a first part of the 8 * 9 / 2 = 36 tiles, not all of them.
+            const size_t at = r.err.find("collapse: mpi combine, pair tiles 0..");
+            ASSERT_NE(at, std::string::npos) << r.err;
+            const int64_t end = std::stoll(r.err.substr(at + 37));
+            EXPECT_GT(end, 0) << r.err;
+            EXPECT_LE(end, 36 / P + 3) << r.err;
+            EXPECT_NE(r.err.find(" of 36 on rank 0"), std::string::npos) << r.err;
+        }
     }
 }
 
