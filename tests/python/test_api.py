@@ -7,7 +7,7 @@ import pytest
 
 import collapse
 from collapse import _collapse as native
-from conftest import assert_reports_equal, make_rows, run_cli
+from conftest import METRIC_SECTIONS, assert_reports_equal, make_rows, run_cli
 
 CFG = dict(exclude_token_ids=[0], compute_nc4=True, min_samples_per_token=3)
 
@@ -168,8 +168,12 @@ def test_sequences_layout_and_strided_hidden():
     c = s.compute().to_dict()
     for r in (a, b, c):
         r.pop("engine")
-    assert a == b
-    assert_reports_equal(a, c, rel=0)
+    # The strided hidden goes in one call per sequence, the contiguous one in one call: another
+    # batch split, which METRICS.md's accuracy contract allows to move the float64 sums by 1e-12
+    # relative (Sigma_W's scatter does, by an ulp). Everything outside the metrics is equal.
+    assert_reports_equal(a, b, rel=1e-12)
+    assert {k: v for k, v in a.items() if k not in METRIC_SECTIONS} == {k: v for k, v in b.items() if k not in METRIC_SECTIONS}
+    assert_reports_equal(b, c, rel=0)  # both one call
     assert a["window_summary"] is not None
 
 
