@@ -255,7 +255,6 @@ private:
     int64_t d_, V_, K_, B_ = 0, waiting_ = 0, agree_ = 0;
     const Classifier& clf_;
     const std::vector<double>& mu_;
-    const std::vector<double>& mu_sq_;
     const std::vector<int32_t>& ids_;
     int64_t* slot_hits_;
     HostBudget::Lease lease_;

@@ -147,7 +147,7 @@ void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what) {
 // ---------------------------------------------------------------------------------------------
 Nc4Blocks::Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64_t V, const std::vector<double>& mu_kept,
                      const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits)
-    : d_(d), V_(V), K_((int64_t)kept_ids.size()), clf_(clf), mu_(mu_kept), mu_sq_(mu_sq), ids_(kept_ids), slot_hits_(slot_hits) {
+    : d_(d), V_(V), K_((int64_t)kept_ids.size()), clf_(clf), mu_(mu_kept), ids_(kept_ids), slot_hits_(slot_hits) {
     if (rows_hint <= 0) return;
     // A block row: the row, its logits, its distances to the kept means, its slot and verdict. The
     // block is up to 4096 rows or 256 MiB when they fit: W is streamed once per block, so larger
