@@ -83,6 +83,21 @@ int64_t cuda_pair_tile_edge(int64_t V, int64_t K, int64_t d, int64_t scratch_row
     return std::max<int64_t>(256, std::min<int64_t>({K, int64_t(16384), edge}));
 }
 
+// The engine's eigen groups for classes of m rows (m = min(rows, d)), in the given order:
+// M = the smallest power of two >= m, from 2; groups by ascending M.
+std::vector<bench_cuda::EigGroup> eig_groups(const std::vector<int>& sizes) {
+    std::map<int64_t, bench_cuda::EigGroup> by_m;
+    for (const int m : sizes) {
+        int64_t M = 2;
+        while (M < m) M *= 2;
+        by_m[M].M = M;
+        by_m[M].m.push_back(m);
+    }
+    std::vector<bench_cuda::EigGroup> groups;
+    for (auto& [M, g] : by_m) groups.push_back(std::move(g));
+    return groups;
+}
+
 }  // namespace
 
 // C1. fp16 ingest (sums, squared norms, counts) from device buffers vs. D2D copy of the same buffer.
@@ -243,15 +258,9 @@ void cuda_token_svd(const Options& o, json& out) {
     std::vector<std::pair<int64_t, int>> rows_by_id;
     for (const auto& t : tokens) rows_by_id.emplace_back(t.id, (int)std::min<int64_t>(t.svd_rows, d));
     std::sort(rows_by_id.begin(), rows_by_id.end());
-    std::map<int64_t, bench_cuda::EigGroup> by_m;
-    for (const auto& [id, m] : rows_by_id) {
-        int64_t M = 2;
-        while (M < m) M *= 2;
-        by_m[M].M = M;
-        by_m[M].m.push_back(m);
-    }
-    std::vector<bench_cuda::EigGroup> groups;
-    for (auto& [M, g] : by_m) groups.push_back(std::move(g));
+    std::vector<int> sizes;
+    for (const auto& [id, m] : rows_by_id) sizes.push_back(m);
+    const std::vector<bench_cuda::EigGroup> groups = eig_groups(sizes);
     const bench_cuda::EigTiming eig = bench_cuda::eig_solver_seconds(groups, reps);
     const double share = eig.seconds / t_engine;
     std::string per_group;
@@ -362,17 +371,11 @@ void cuda_end_to_end(const Options& o, json& out) {
     const Timing tm = summarize(t);
     if (report.contains("engine") && report["engine"].contains("timings_seconds")) timings = report["engine"]["timings_seconds"];
     // The per-token solver calls on the report's classes (figure 3's groups), and NC4's GEMMs.
-    std::map<int64_t, bench_cuda::EigGroup> by_m;
-    int64_t K = 0;
-    for (auto it = report["token_analysis"].begin(); it != report["token_analysis"].end(); ++it, ++K) {
-        const int m = (int)std::min<int64_t>(it.value()["svd_rows"].get<int64_t>(), d);
-        int64_t M = 2;
-        while (M < m) M *= 2;
-        by_m[M].M = M;
-        by_m[M].m.push_back(m);
-    }
-    std::vector<bench_cuda::EigGroup> groups;
-    for (auto& [M, g] : by_m) groups.push_back(std::move(g));
+    std::vector<int> sizes;
+    for (auto it = report["token_analysis"].begin(); it != report["token_analysis"].end(); ++it)
+        sizes.push_back((int)std::min<int64_t>(it.value()["svd_rows"].get<int64_t>(), d));
+    const int64_t K = (int64_t)sizes.size();
+    const std::vector<bench_cuda::EigGroup> groups = eig_groups(sizes);
     const double t_eig = groups.empty() ? 0.0 : bench_cuda::eig_solver_seconds(groups, reps).seconds;
     const int64_t nc4_chunk = std::max<int64_t>(1, std::min<int64_t>(65536, (int64_t(64) << 20) / (8 * std::max(V, K))));
     const double t_gemm = bench_cuda::chunked_gemm_seconds(V, nc4_chunk, d, n, reps);

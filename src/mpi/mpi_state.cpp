@@ -381,6 +381,40 @@ void agree(MPI_Comm comm, const std::function<void()>& body) {
     throw CollectiveError((collapse_status)code, msg.rfind("rank ", 0) == 0 ? msg : "rank " + std::to_string(first) + ": " + msg);
 }
 
+// Every rank's part (mine) to the root, which merges them in rank order: its own first
+// (own_first), or in its rank's place. `what` names a part ("rank r's <what>"), `short_name` a
+// refused one ("rank r's <short_name> was refused by the root: ...").
+void gather_parts(Session& s, MPI_Comm comm, int root, size_t chunk, const MemoryState& mine, bool own_first, const std::string& what,
+                  const std::string& short_name, const std::function<void(const MemoryState&)>& merge) {
+    int rank = 0;
+    MPI_Comm_rank(comm, &rank);
+    bool own_added = false;
+    auto add_own = [&] {
+        if (own_added) return;
+        own_added = true;
+        merge(mine);
+    };
+    auto send = [&](StateWriter& w) {
+        mine.write_to(w);
+        return true;
+    };
+    auto take = [&](int r, Channel& ch) {
+        MemoryState part("rank " + std::to_string(r) + "'s " + what, s.budget_account());
+        const Outcome got = receive_state(ch, &part);
+        if (got.status != COLLAPSE_OK) throw Error(got.status, got.error);
+        try {
+            if (own_first || r > root) add_own();
+            merge(part);
+        } catch (const Error& e) {
+            throw Error(e.status(), "rank " + std::to_string(r) + "'s " + short_name + " was refused by the root: " + e.what());
+        }
+    };
+    gather(comm, root, chunk, send, take);
+    agree(comm, [&] {
+        if (rank == root) add_own();
+    });
+}
+
 namespace {
 
 // The root's combined class counts and sums to every rank, which adopts them (its kept set and
@@ -538,28 +572,8 @@ void spread_rows(Session& s, MPI_Comm comm, int root, size_t chunk, double t0, i
     MPI_Reduce(&cpu, &cpu_sum, 1, MPI_DOUBLE, MPI_SUM, root, comm);
     if (stats) std::fprintf(stderr, "collapse: mpi combine, the parts' processor time: %.4f s on the busiest rank, %.4f s on all\n", cpu_max, cpu_sum);
     step("every rank's part (the slowest rank's time)");
-    bool own_added = false;
-    auto add_own = [&] {
-        if (own_added) return;
-        own_added = true;
-        s.merge_spread_part(mine);
-    };
-    auto send = [&](StateWriter& w) {
-        mine.write_to(w);
-        return true;
-    };
-    auto take = [&](int r, Channel& ch) {
-        MemoryState part("rank " + std::to_string(r) + "'s part of the row-store metrics", s.budget_account());
-        const Outcome o = receive_state(ch, &part);
-        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
-        try {
-            add_own();
-            s.merge_spread_part(part);
-        } catch (const Error& e) {
-            throw Error(e.status(), "rank " + std::to_string(r) + "'s part was refused by the root: " + e.what());
-        }
-    };
-    gather(comm, root, chunk, send, take);
+    gather_parts(s, comm, root, chunk, mine, /*own_first=*/true, "part of the row-store metrics", "part",
+                 [&](const MemoryState& part) { s.merge_spread_part(part); });
     step("the parts added on the root");
 }
 
@@ -617,31 +631,8 @@ void spread_pairs(Session& s, MPI_Comm comm, int root, size_t chunk) {
                      (long long)r[0], (long long)r[1], (long long)r[2], rank, MPI_Wtime() - t0, (long long)(g_received - b0), rank);
     }
     // The root's own share in its rank's place.
-    bool own_added = false;
-    auto add_own = [&] {
-        if (own_added) return;
-        own_added = true;
-        s.merge_pair_part(mine);
-    };
-    auto send = [&](StateWriter& w) {
-        mine.write_to(w);
-        return true;
-    };
-    auto take = [&](int r, Channel& ch) {
-        MemoryState part("rank " + std::to_string(r) + "'s share of the pair-metric tiles", s.budget_account());
-        const Outcome got = receive_state(ch, &part);
-        if (got.status != COLLAPSE_OK) throw Error(got.status, got.error);
-        try {
-            if (r > root) add_own();
-            s.merge_pair_part(part);
-        } catch (const Error& e) {
-            throw Error(e.status(), "rank " + std::to_string(r) + "'s pair-metric share was refused by the root: " + e.what());
-        }
-    };
-    gather(comm, root, chunk, send, take);
-    agree(comm, [&] {
-        if (rank == root) add_own();
-    });
+    gather_parts(s, comm, root, chunk, mine, /*own_first=*/false, "share of the pair-metric tiles", "pair-metric share",
+                 [&](const MemoryState& part) { s.merge_pair_part(part); });
 }
 
 }  // namespace

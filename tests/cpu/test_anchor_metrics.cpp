@@ -66,6 +66,16 @@ struct Input {
     std::vector<float> w;    // V x d
 };
 
+// The first and the second half of in's rows (two shards of one input).
+std::pair<Input, Input> halves(const Input& in) {
+    Input a = in, b = in;
+    const int64_t half = in.N / 2;
+    a.N = half, b.N = in.N - half;
+    a.x.assign(in.x.begin(), in.x.begin() + half * in.d), a.y.assign(in.y.begin(), in.y.begin() + half);
+    b.x.assign(in.x.begin() + half * in.d, in.x.end()), b.y.assign(in.y.begin() + half, in.y.end());
+    return {a, b};
+}
+
 // Class means with per-coordinate std `sep` around `offset`, rows with std `noise` around them;
 // labels uniform over [0, used) (used = V), or Zipf-like when zipf (a tail below min_samples).
 Input make(int64_t V, int64_t d, int64_t N, uint64_t seed, double sep = 3.0, double noise = 1.0, double offset = 2.0, bool zipf = false) {
@@ -321,11 +331,7 @@ TEST(AnchorMetrics, TightClustersFarFromOrigin_CheckpointMergeOfTwoSessions_Matc
     const std::string dir = ::testing::TempDir() + "anchors_tight_" + std::to_string(::getpid());
     std::filesystem::create_directories(dir);
     // Each half starts every class with another first row: the two reference rows differ.
-    Input a = in, b = in;
-    const int64_t half = in.N / 2;
-    a.N = half, b.N = in.N - half;
-    a.x.assign(in.x.begin(), in.x.begin() + half * in.d), a.y.assign(in.y.begin(), in.y.begin() + half);
-    b.x.assign(in.x.begin() + half * in.d, in.x.end()), b.y.assign(in.y.begin() + half, in.y.end());
+    const auto [a, b] = halves(in);
     for (const Input* part : {&a, &b}) {
         collapse::Session s(options_for(in, r));
         s.set_classifier(collapse::host_buffer(in.w.data(), in.V, in.d));
@@ -405,11 +411,7 @@ TEST(AnchorMetrics, CheckpointSaveLoadMerge_MatchesOneSessionAndBruteForce) {
     const ref::Anchors want = run_ref(in, r, ro);
     const std::string dir = ::testing::TempDir() + "anchors_ckpt_" + std::to_string(::getpid());
     std::filesystem::create_directories(dir);
-    Input a = in, b = in;
-    const int64_t half = in.N / 2;
-    a.N = half, b.N = in.N - half;
-    a.x.assign(in.x.begin(), in.x.begin() + half * in.d), a.y.assign(in.y.begin(), in.y.begin() + half);
-    b.x.assign(in.x.begin() + half * in.d, in.x.end()), b.y.assign(in.y.begin() + half, in.y.end());
+    const auto [a, b] = halves(in);
     {
         collapse::Session s(options_for(in, r));
         s.set_classifier(collapse::host_buffer(in.w.data(), in.V, in.d));

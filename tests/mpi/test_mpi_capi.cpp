@@ -32,6 +32,15 @@ protected:
         std::error_code ec;
         std::filesystem::remove_all(dir_, ec);
     }
+    // A rank's "<status> <message>" file, written by mpi_capi_check.
+    static std::pair<int, std::string> read_status(const std::string& path) {
+        std::ifstream in(path);
+        int st = 0;
+        in >> st;
+        std::string msg;
+        std::getline(in, msg);
+        return {st, msg};
+    }
     int run(int P, const std::string& mode, std::string* err) const {
         const std::string e = dir_ + "/.err";
         const std::string cmd = "cd " + quote(dir_) +
@@ -75,11 +84,7 @@ TEST_F(MpiCapi, PartWithoutNc4IsEveryRanksError) {
     std::string err;
     ASSERT_EQ(run(3, "noclassifier", &err), 0) << err;
     for (int r = 0; r < 3; ++r) {
-        std::ifstream in(dir_ + "/status." + std::to_string(r));
-        int st = 0;
-        in >> st;
-        std::string msg;
-        std::getline(in, msg);
+        const auto [st, msg] = read_status(dir_ + "/status." + std::to_string(r));
         EXPECT_EQ(st, (int)COLLAPSE_ERR_IO) << "rank " << r << ": " << msg;
         EXPECT_NE(msg.find("rank 1's part was refused by the root"), std::string::npos) << "rank " << r << ": " << msg;
         EXPECT_NE(msg.find("lacks section part_nc4 (was a classifier set on every rank?)"), std::string::npos) << msg;
@@ -92,11 +97,7 @@ TEST_F(MpiCapi, SpreadSessionRefusesCheckpointAndRows) {
     std::string err;
     ASSERT_EQ(run(2, "spread", &err), 0) << err;
     for (const char* what : {"save", "ingest"}) {
-        std::ifstream in(dir_ + "/" + what);
-        int st = 0;
-        in >> st;
-        std::string msg;
-        std::getline(in, msg);
+        const auto [st, msg] = read_status(dir_ + "/" + what);
         EXPECT_EQ(st, (int)COLLAPSE_ERR_STATE) << what << ": " << msg;
         EXPECT_NE(msg.find("spread over MPI ranks by class"), std::string::npos) << what << ": " << msg;
     }
@@ -107,11 +108,7 @@ TEST_F(MpiCapi, RefusedStateIsEveryRanksError) {
     std::string err;
     ASSERT_EQ(run(3, "mismatch", &err), 0) << err;
     for (int r = 0; r < 3; ++r) {
-        std::ifstream in(dir_ + "/status." + std::to_string(r));
-        int st = 0;
-        in >> st;
-        std::string msg;
-        std::getline(in, msg);
+        const auto [st, msg] = read_status(dir_ + "/status." + std::to_string(r));
         EXPECT_EQ(st, (int)COLLAPSE_ERR_INVALID_ARGUMENT) << "rank " << r << ": " << msg;
         EXPECT_NE(msg.find("rank 1's state was refused by the root"), std::string::npos) << "rank " << r << ": " << msg;
         EXPECT_NE(msg.find("V = 11"), std::string::npos) << msg;
