@@ -39,9 +39,7 @@ int64_t batch_index_bytes(int64_t n, int64_t V, int64_t d) {
     return add_bytes(add_bytes(mul_bytes(n, 8 + 4 + 8), mul_bytes(std::min(n, V) + 1, per_run)), 8 * d);
 }
 
-void load_row_double(const void* x, collapse_dtype t, int64_t d, double* out) {
-    for (int64_t k = 0; k < d; ++k) out[k] = load_as_double(x, t, k);
-}
+void load_row_double(const void* x, collapse_dtype t, int64_t d, double* out) { cpu::convert_row(x, t, d, out); }
 
 }  // namespace
 
@@ -366,6 +364,8 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
     // Rows in class order, for the Gram (with the rows held back below min_samples_per_token) and
     // the row store: positions depend on each class's count.
     std::vector<double> xd((size_t)d_);
+    constexpr int64_t kCommitAhead = 4;
+    const int64_t row_bytes = d_ * (int64_t)dtype_size(b.features.dtype);
     for (size_t k = 0; k < runs; ++k) {
         const int32_t c = run_label_[k];
         // Exact: the class's rows go straight into the store, converted once. Sampled: the slots
@@ -381,6 +381,13 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
         }
         if (keep_rows && !exact && count_[(size_t)c] < cap) store_->append(c, std::min(len, cap - count_[(size_t)c]));
         for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
+            // Rows are visited in class order, scattered over the batch: the row a few places
+            // ahead is fetched while this one is converted (a profile put 58% of the conversion's
+            // samples on the instruction after its load).
+            if (p + kCommitAhead < run_begin_[runs]) {
+                const char* ahead = static_cast<const char*>(b.features.row(rows.feature_row[(size_t)order_[(size_t)(p + kCommitAhead)]]));
+                for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(ahead + e);
+            }
             double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
             load_row_double(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
             const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)

@@ -37,14 +37,17 @@ public:
     void adopt_class_sums(const int64_t* counts, const double* sums) override;
     void save_second_pass(StateWriter& w) override;
     void merge_second_pass(const StateReader& r) override;
-    // The exact row store spread over ranks by class (cpu_ranks.cpp).
-    bool can_spread_rows() const override { return has_row_store() && spread_phase_ == SpreadPhase::None; }
+    // The exact row store, or the sampled reservoirs, spread over ranks by class (cpu_ranks.cpp).
+    bool can_spread_rows() const override { return store_ != nullptr && spread_phase_ == SpreadPhase::None; }
     void begin_rows_spread() override;
     bool rows_spread() const override { return spread_phase_ == SpreadPhase::Spread; }
     void spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) override;
     void spread_open(const std::vector<int32_t>& owned) override;
-    void spread_append(int32_t c, const double* rows, int64_t n) override;
+    void spread_append(int32_t c, const double* rows, int64_t n, const int64_t* slots) override;
     void spread_close() override;
+    bool spread_samples() const override { return store_ != nullptr && !has_row_store(); }
+    void spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w) override;
+    void spread_take_picks(const StateReader& r) override;
     void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) override;
     void spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) override;
     // Pair-metric tiles spread over ranks (cpu_ranks.cpp).
@@ -205,7 +208,20 @@ private:
     SpreadPhase spread_phase_ = SpreadPhase::None;
     std::unique_ptr<RowStore> spread_store_;  // being filled (spread_open .. spread_close)
     std::vector<uint8_t> spread_owned_;       // [V] while it is
-    HostBudget::Lease spread_lease_;          // its rows in memory and the flags
+    std::vector<int64_t> spread_filled_;      // [V] reservoirs: the slots filled so far
+    HostBudget::Lease spread_lease_;          // its rows in memory, the flags and the filled counts
+    // Reservoirs: the root's merged sample of every class as it merges the states without rows,
+    // each entry (merge source << kPickShift) | row in that source's reservoir, in sample order;
+    // this rank's picks (spread_take_picks): by class (pick_at_ [V + 1]), its row and its slot.
+    static constexpr int kPickShift = 44;
+    std::vector<std::vector<uint64_t>> picks_;  // [V] on the root
+    int64_t pick_sources_ = 0;                  // merge sources taken so far (0: none yet)
+    HostBudget::Lease picks_lease_;
+    std::vector<int64_t> pick_at_, pick_row_, pick_slot_;
+    HostBudget::Lease my_picks_lease_;
+    // load_state's part while gathering reservoirs: the shard's counts (theirs) merged into picks_,
+    // this session's counts being `before`.
+    void merge_picks(const int64_t* theirs, const std::vector<int64_t>& before);
     // The root's sum of every rank's part, per kept slot.
     struct SpreadResults {
         std::vector<int32_t> ids;  // the kept set they are of
@@ -233,16 +249,19 @@ private:
 };
 
 // NC4 over rows gathered from many classes: rows are copied into a block of up to block_rows()
-// rows, and each full block costs one GEMM against the classifier and one against the kept means
-// (W is read once per block, never once per class), then a classifier argmax and a nearest-mean
-// argmin per row. The row-store path and the second pass both go through it. The block and its
-// logits are counted in `budget` when it is made (on the calling thread).
+// rows, cut into tiles of rows on the threads; a tile is multiplied by W (and by the kept means) a
+// cache-sized chunk at a time, each chunk's argmax taken while it is in cache (W is read once per
+// tile of many classes' rows, never once per class; the logits never go through memory). The
+// row-store path and the second pass both go through it. The block and the tiles are counted in
+// `budget` when it is made (on the calling thread).
 class Nc4Blocks {
 public:
     // rows_hint: at most how many rows will come (bounds the block). slot_hits (may be null): the
-    // agreements by kept slot, for rows added with their slots.
+    // agreements by kept slot, for rows added with their slots. max_block: the largest block (tests
+    // make it small to put block boundaries inside classes).
     Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64_t V, const std::vector<double>& mu_kept,
-              const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits = nullptr);
+              const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits = nullptr,
+              int64_t max_block = 4096);
     // n rows (row-major, d wide): all of kept slot `slot`, or row i of slots[i] (slots may be null).
     void add(const double* x, int64_t n, int32_t slot);
     void add(const double* x, int64_t n, const int32_t* slots);
@@ -252,13 +271,14 @@ public:
 
 private:
     void run(const double* x, int64_t n, const int32_t* slots);
-    int64_t d_, V_, K_, B_ = 0, waiting_ = 0, agree_ = 0;
+    int64_t d_, V_, K_, B_ = 0, waiting_ = 0, agree_ = 0, R_ = 0, Cv_ = 0, Ck_ = 0;
+    int threads_ = 1;
     const Classifier& clf_;
     const std::vector<double>& mu_;
     const std::vector<int32_t>& ids_;
     int64_t* slot_hits_;
     HostBudget::Lease lease_;
-    std::vector<double> block_, logits_, dots_, neg_mu_sq_;
+    std::vector<double> block_, tiles_, neg_mu_sq_;
     std::vector<int32_t> slot_;
     std::vector<uint8_t> hit_;
 };
@@ -272,5 +292,14 @@ int64_t nc4_agreements(HostBudget& budget, const double* x, int64_t rows, int64_
 // Eigenvalues (ascending) of the symmetric n x n matrix g (upper triangle, row-major; destroyed) into
 // w[n], by LAPACK dsyevd without vectors. `what` names the matrix in the error of a failed solve.
 void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what);
+
+// All min(n, d) singular values of one class's rows (n x d row-major, minus `center` per row when
+// not null), descending: CholeskyQR2 for tall classes (n >= 2d), dgesdd otherwise and whenever
+// CholeskyQR2's check fails (cpu_metrics.cpp says why that keeps the accuracy contract). `a` is
+// scratch; *cholqr (may be null) says which route gave the values. Touches no budget (the caller
+// counts token_svd_bytes); the per-token threads call it.
+std::vector<double> class_singular_values(const double* x, int64_t n, int64_t d, const double* center, std::vector<double>& a,
+                                          bool* cholqr = nullptr);
+int64_t token_svd_bytes(int64_t n, int64_t d);
 
 }  // namespace collapse::internal

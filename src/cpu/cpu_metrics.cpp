@@ -4,6 +4,9 @@
 #include <cblas.h>
 #include <lapacke.h>
 #include <omp.h>
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -45,26 +48,93 @@ private:
     int before_;
 };
 
-// Index of the largest of a * v[c] + b[c] over c < n (b may be null: 0), the first one on ties, 0
-// when the first value is NaN: what a strict left-to-right scan gives. Two passes, the maximum in
-// four independent lanes (a maximum is exact in any order), then the first index that holds it.
-int64_t first_argmax(const double* v, double a, const double* b, int64_t n) {
-    auto at = [&](int64_t c) { return a * v[c] + (b ? b[c] : 0.0); };
-    const double v0 = at(0);
-    if (std::isnan(v0)) return 0;
-    double m[4] = {v0, v0, v0, v0};
-    int64_t c = 1;
-    for (; c + 4 <= n; c += 4)
-        for (int k = 0; k < 4; ++k) {
-            const double x = at(c + k);
-            m[k] = x > m[k] ? x : m[k];
-        }
-    for (; c < n; ++c) m[0] = at(c) > m[0] ? at(c) : m[0];
-    const double best = std::max(std::max(m[0], m[1]), std::max(m[2], m[3]));
-    for (c = 0; c < n; ++c)
-        if (at(c) == best) return c;
-    return 0;
+// A running first argmax: the largest value seen so far and its index. scan_argmax(v, a, b, n, off, r)
+// is a strict left-to-right scan of x_c = a * v[c] + b[c] (b may be null: 0), c < n, at indices
+// off + c: r takes x_c when x_c > r.v, so ties keep the earlier index and NaNs never win (a NaN in
+// r.v keeps it: what a scan that starts at a NaN gives). a * v is exact for the a = 1 and 2 used.
+struct ArgBest {
+    double v;
+    int64_t i;
+};
+
+void scan_argmax_scalar(const double* v, double a, const double* b, int64_t n, int64_t off, ArgBest& r) {
+    for (int64_t c = 0; c < n; ++c) {
+        const double x = a * v[c] + (b ? b[c] : 0.0);
+        if (x > r.v) r.v = x, r.i = off + c;
+    }
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The same scan in SIMD lanes: each lane keeps its own strict running maximum and the index where
+// it was reached (-1: never above r.v); the lanes merge to the largest value and, among lanes that
+// hold it, the smallest index, which is the first occurrence overall; the tail then scans on.
+// Compiled for AVX2 / AVX-512 by function attributes and picked at run time, so the build needs no
+// -march flag and runs on any x86-64.
+void merge_lanes(const double* mv, const int64_t* iv, int lanes, ArgBest& r) {
+    for (int k = 0; k < lanes; ++k)
+        if (iv[k] >= 0 && (mv[k] > r.v || (mv[k] == r.v && iv[k] < r.i))) r.v = mv[k], r.i = iv[k];
+}
+
+__attribute__((target("avx512f"))) void scan_argmax_avx512(const double* v, double a, const double* b, int64_t n, int64_t off,
+                                                           ArgBest& r) {
+    const __m512d va = _mm512_set1_pd(a), zero = _mm512_setzero_pd();
+    __m512d m0 = _mm512_set1_pd(r.v), m1 = m0;
+    __m512i i0 = _mm512_set1_epi64(-1), i1 = i0;
+    __m512i c0 = _mm512_add_epi64(_mm512_set1_epi64(off), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    __m512i c1 = _mm512_add_epi64(c0, _mm512_set1_epi64(8));
+    const __m512i step = _mm512_set1_epi64(16);
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+        const __m512d x0 = _mm512_add_pd(_mm512_mul_pd(va, _mm512_loadu_pd(v + c)), b ? _mm512_loadu_pd(b + c) : zero);
+        const __m512d x1 = _mm512_add_pd(_mm512_mul_pd(va, _mm512_loadu_pd(v + c + 8)), b ? _mm512_loadu_pd(b + c + 8) : zero);
+        const __mmask8 k0 = _mm512_cmp_pd_mask(x0, m0, _CMP_GT_OQ), k1 = _mm512_cmp_pd_mask(x1, m1, _CMP_GT_OQ);
+        m0 = _mm512_mask_mov_pd(m0, k0, x0), i0 = _mm512_mask_mov_epi64(i0, k0, c0);
+        m1 = _mm512_mask_mov_pd(m1, k1, x1), i1 = _mm512_mask_mov_epi64(i1, k1, c1);
+        c0 = _mm512_add_epi64(c0, step), c1 = _mm512_add_epi64(c1, step);
+    }
+    alignas(64) double mv[16];
+    alignas(64) int64_t iv[16];
+    _mm512_store_pd(mv, m0), _mm512_store_pd(mv + 8, m1);
+    _mm512_store_si512((void*)iv, i0), _mm512_store_si512((void*)(iv + 8), i1);
+    merge_lanes(mv, iv, 16, r);
+    scan_argmax_scalar(v + c, a, b ? b + c : nullptr, n - c, off + c, r);
+}
+
+__attribute__((target("avx2"))) void scan_argmax_avx2(const double* v, double a, const double* b, int64_t n, int64_t off, ArgBest& r) {
+    const __m256d va = _mm256_set1_pd(a), zero = _mm256_setzero_pd();
+    __m256d m0 = _mm256_set1_pd(r.v), m1 = m0;
+    __m256d i0 = _mm256_castsi256_pd(_mm256_set1_epi64x(-1)), i1 = i0;  // indices, moved as bits
+    __m256i c0 = _mm256_add_epi64(_mm256_set1_epi64x(off), _mm256_setr_epi64x(0, 1, 2, 3));
+    __m256i c1 = _mm256_add_epi64(c0, _mm256_set1_epi64x(4));
+    const __m256i step = _mm256_set1_epi64x(8);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256d x0 = _mm256_add_pd(_mm256_mul_pd(va, _mm256_loadu_pd(v + c)), b ? _mm256_loadu_pd(b + c) : zero);
+        const __m256d x1 = _mm256_add_pd(_mm256_mul_pd(va, _mm256_loadu_pd(v + c + 4)), b ? _mm256_loadu_pd(b + c + 4) : zero);
+        const __m256d k0 = _mm256_cmp_pd(x0, m0, _CMP_GT_OQ), k1 = _mm256_cmp_pd(x1, m1, _CMP_GT_OQ);
+        m0 = _mm256_blendv_pd(m0, x0, k0), i0 = _mm256_blendv_pd(i0, _mm256_castsi256_pd(c0), k0);
+        m1 = _mm256_blendv_pd(m1, x1, k1), i1 = _mm256_blendv_pd(i1, _mm256_castsi256_pd(c1), k1);
+        c0 = _mm256_add_epi64(c0, step), c1 = _mm256_add_epi64(c1, step);
+    }
+    alignas(32) double mv[8];
+    alignas(32) int64_t iv[8];
+    _mm256_store_pd(mv, m0), _mm256_store_pd(mv + 4, m1);
+    _mm256_store_si256((__m256i*)iv, _mm256_castpd_si256(i0)), _mm256_store_si256((__m256i*)(iv + 4), _mm256_castpd_si256(i1));
+    merge_lanes(mv, iv, 8, r);
+    scan_argmax_scalar(v + c, a, b ? b + c : nullptr, n - c, off + c, r);
+}
+#endif
+
+using ScanArgmax = void (*)(const double*, double, const double*, int64_t, int64_t, ArgBest&);
+ScanArgmax pick_scan_argmax() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return scan_argmax_avx512;
+    if (__builtin_cpu_supports("avx2")) return scan_argmax_avx2;
+#endif
+    return scan_argmax_scalar;
+}
+const ScanArgmax scan_argmax = pick_scan_argmax();
 
 // LAPACK's dsyevd (jobz = 'N') allocates its own workspace of 2n + 1 doubles; with the eigenvalues
 // and the n x n matrix this is what an eigen-decomposition of a Gram costs.
@@ -105,16 +175,73 @@ std::vector<double> direct_singular_values(const double* x, int64_t n, int64_t d
     return s;
 }
 
+// Tall classes (n >= kCholQrRowsPerCol * d) go through CholeskyQR2 first: dgesdd reduces a tall
+// matrix by an unblocked LQ (LAPACK's crossover keeps d = 64 on level-2 code: 64 sweeps over the
+// rows), while CholeskyQR2 is three level-3 sweeps (dsyrk, dtrsm, dsyrk) and an SVD of d x d.
+constexpr int64_t kCholQrRowsPerCol = 2;
+
+// The centred copy, two d x d triangles and dgesdd of the d x d product.
+int64_t cholqr_svd_bytes(int64_t n, int64_t d) { return add_bytes(mul_bytes(n, d, 8), add_bytes(mul_bytes(2 * d, d, 8), direct_svd_bytes(d, d))); }
+
+// CholeskyQR2 (Yamamoto, Nakatsukasa, Yanagisawa, Fukaya 2015) on the centred copy of X in `a`,
+// stored column-major n x d (the transpose of the store's layout: OpenBLAS's right-side dtrsm and
+// transposed dsyrk on a tall column-major matrix ran 2.3x and 1.4x faster than the left-side ones
+// on the row-major rows, d = 64): G1 = X^T X = U1^T U1, Y = X U1^-1, G2 = Y^T Y = U2^T U2, and
+// X = (Y U2^-1)(U2 U1): the singular values of X are those of R = U2 U1 (d x d). Returns false
+// (and leaves s alone) when the result cannot be trusted; the caller then runs dgesdd.
+// The test: both Choleskys succeed and ||G2 - I||_F <= 1/2, i.e. every eigenvalue of G2 lies in
+// [1/2, 3/2], so cond(Y) <= sqrt(3). That is measured, not estimated: G2 is Y^T Y up to rounding of
+// O(n eps) on a matrix of norm ~1. With Y that well conditioned the second step is Householder-like
+// (orthogonality and backward error O(poly(d) eps), Yamamoto et al. Thm 3.3), and the first step's
+// triangular solve has a row-wise backward error O(d eps |U1|), so X = Q R + E with
+// ||E|| = O(poly(d) eps ||X||) whatever cond(X) is, as for dgesdd. The test fails around
+// cond(X) ~ 1e7..1e8 (G1's rounding, eps cond(X)^2, reaches G2's diagonal): rank-deficient
+// classes (repeated rows, rows in a subspace) and very tight clusters far from the origin go to
+// dgesdd (tests/cpu/test_token_svd_tall.cpp checks both routes against the float64 reference).
+bool cholqr2_singular_values(const double* x, int64_t n, int64_t d, const double* center, std::vector<double>& a, std::vector<double>& s) {
+    a.resize((size_t)(n * d + 2 * d * d));
+    double* y = a.data();
+    double* g1 = y + n * d;
+    double* g2 = g1 + d * d;
+    // The transposed copy, 8 rows at a time: each column gets a whole cache line per step.
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {
+        const int64_t i1 = std::min(n, i0 + 8);
+        for (int64_t j = 0; j < d; ++j) {
+            const double c = center ? center[j] : 0.0;
+            for (int64_t i = i0; i < i1; ++i) y[j * n + i] = x[i * d + j] - c;
+        }
+    }
+    const int D = (int)d, N = (int)n;
+    cblas_dsyrk(CblasColMajor, CblasUpper, CblasTrans, D, N, 1.0, y, N, 0.0, g1, D);
+    if (LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', D, g1, D) != 0) return false;
+    cblas_dtrsm(CblasColMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, N, D, 1.0, g1, D, y, N);  // Y = X U1^-1
+    cblas_dsyrk(CblasColMajor, CblasUpper, CblasTrans, D, N, 1.0, y, N, 0.0, g2, D);
+    double off = 0;
+    for (int64_t j = 0; j < d; ++j)
+        for (int64_t i = 0; i <= j; ++i) {
+            const double e = g2[j * d + i] - (i == j ? 1.0 : 0.0);
+            off += (i == j ? 1.0 : 2.0) * e * e;
+        }
+    if (!(off <= 0.25)) return false;  // NaN and Inf fail too
+    if (LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'U', D, g2, D) != 0) return false;
+    for (int64_t j = 0; j < d; ++j)
+        for (int64_t i = j + 1; i < d; ++i) g1[j * d + i] = 0.0;  // U1's strict lower part, for dtrmm
+    cblas_dtrmm(CblasColMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, D, D, 1.0, g2, D, g1, D);  // g1 = U2 U1
+    std::vector<double> r;
+    s = direct_singular_values(g1, d, d, nullptr, r);
+    return true;
+}
+
 std::vector<double> singular_values(HostBudget& budget, const double* x, int64_t n, int64_t d, const double* center,
                                     const std::function<std::string()>& what) {
     const int64_t r = std::min(n, d);
     if (r == 0) return {};
-    const int64_t direct = direct_svd_bytes(n, d);
+    const int64_t direct = token_svd_bytes(n, d);
     HostBudget::Lease lease;
     if (n * d <= kDirectElements && budget.fits(direct)) {
         lease = budget.reserve(direct, what());
         std::vector<double> a;
-        return direct_singular_values(x, n, d, center, a);
+        return class_singular_values(x, n, d, center, a);
     }
     // Gram of the smaller side.
     const bool rows_side = n < d;  // X X^T (n x n) when n < d, else X^T X (d x d)
@@ -136,6 +263,18 @@ std::vector<double> singular_values(HostBudget& budget, const double* x, int64_t
 
 }  // namespace
 
+// What class_singular_values may hold at once (CholeskyQR2 and, if its check fails, dgesdd).
+int64_t token_svd_bytes(int64_t n, int64_t d) {
+    return n >= kCholQrRowsPerCol * d ? std::max(direct_svd_bytes(n, d), cholqr_svd_bytes(n, d)) : direct_svd_bytes(n, d);
+}
+
+std::vector<double> class_singular_values(const double* x, int64_t n, int64_t d, const double* center, std::vector<double>& a, bool* cholqr) {
+    std::vector<double> s;
+    const bool tall = n >= kCholQrRowsPerCol * d && cholqr2_singular_values(x, n, d, center, a, s);
+    if (cholqr) *cholqr = tall;
+    return tall ? s : direct_singular_values(x, n, d, center, a);
+}
+
 void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what) {
     // A row-major upper triangle is LAPACK's column-major lower one: asking for that spares
     // LAPACKE's transposed n x n copy (memory the budget does not count, and time: a third of a
@@ -145,28 +284,51 @@ void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// NC4's tiles: a tile is kTileRows rows of the block times a chunk of classifier rows (or kept
+// means) whose products fill kTileElems doubles (1 MiB: they stay in L2/L3 while the argmax reads
+// them, so the logits never go through memory). W is read once per tile of rows from many
+// classes; taller tiles amortise BLAS's packing of W's chunk, smaller ones stay in cache. (Measured
+// on figure 7: 128 x 1024 beat 64 x 1024, 128 x 512, 256 x 256 and 192 x 512; 256 x 1024 was even.)
+constexpr int64_t kTileRows = 128, kTileElems = 131072;
+
 Nc4Blocks::Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64_t V, const std::vector<double>& mu_kept,
-                     const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits)
+                     const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits,
+                     int64_t max_block)
     : d_(d), V_(V), K_((int64_t)kept_ids.size()), clf_(clf), mu_(mu_kept), ids_(kept_ids), slot_hits_(slot_hits) {
     if (rows_hint <= 0) return;
-    // A block row: the row, its logits, its distances to the kept means, its slot and verdict. The
-    // block is up to 4096 rows or 256 MiB when they fit: W is streamed once per block, so larger
-    // blocks bring the pass to the GEMM floor; beyond a few thousand rows they gain nothing. Short
-    // of memory it shrinks to 16 rows (fewer when 32 MiB of logits hold fewer), and is refused below.
-    const int64_t per_row = add_bytes(mul_bytes(V_ + K_ + d_, 8), 5);  // (and -||mu||^2, K more, below)
-    const int64_t least =
-        std::max<int64_t>(1, std::min<int64_t>({rows_hint, 16, (int64_t(4) << 20) / std::max<int64_t>(1, std::max(V_, K_))}));
-    int64_t B = std::max(least, std::min<int64_t>({rows_hint, 4096, (int64_t(256) << 20) / per_row}));
-    while (B > least && !budget.fits(add_bytes(mul_bytes(B, per_row), mul_bytes(K_, 8)))) B = std::max(least, B / 2);
-    lease_ = budget.reserve(add_bytes(mul_bytes(B, per_row), mul_bytes(K_, 8)), "NC4's logits of " + std::to_string(B) + " rows against V = " + std::to_string(V_) +
-                                                       " classifier rows and K = " + std::to_string(K_) + " kept means",
+    threads_ = std::max(1, omp_get_max_threads());
+    // A block row: the row, its slot and verdict; each thread's tile. The
+    // block is up to 4096 rows (max_block) or 256 MiB: rows of many classes gathered so that tiles
+    // are full. Short of memory the block shrinks to 16 rows, then the tile to 8 columns, and is
+    // refused below.
+    const int64_t per_row = add_bytes(mul_bytes(d_, 8), 5);
+    const int64_t least = std::max<int64_t>(1, std::min<int64_t>(rows_hint, 16));
+    int64_t B = std::max(least, std::min<int64_t>({rows_hint, max_block, (int64_t(256) << 20) / per_row}));
+    int64_t E = kTileElems;
+    auto shape = [&](int64_t b, int64_t e, int64_t& R, int64_t& Cv, int64_t& Ck) {
+        R = std::min(b, kTileRows);
+        Cv = std::min(V_, std::max<int64_t>(8, e / R)), Ck = std::min(K_, std::max<int64_t>(8, e / R));
+    };
+    auto bytes = [&](int64_t b, int64_t e) {
+        int64_t R, Cv, Ck;
+        shape(b, e, R, Cv, Ck);
+        return add_bytes(add_bytes(mul_bytes(b, per_row), mul_bytes(K_, 8)), mul_bytes(mul_bytes(threads_, R), mul_bytes(std::max(Cv, Ck), 8)));
+    };
+    while (!budget.fits(bytes(B, E)) && (B > least || E > 8 * std::min(B, kTileRows))) {
+        if (B > least) B = std::max(least, B / 2);
+        else E = std::max(8 * std::min(B, kTileRows), E / 2);
+    }
+    shape(B, E, R_, Cv_, Ck_);
+    lease_ = budget.reserve(bytes(B, E), "NC4's logits tiles (" + std::to_string(threads_) + " x " + std::to_string(R_) + " rows x " +
+                                             std::to_string(std::max(Cv_, Ck_)) + " of V = " + std::to_string(V_) +
+                                             " classifier rows and K = " + std::to_string(K_) + " kept means) and a block of " +
+                                             std::to_string(B) + " rows",
                             "compute_nc4: false skips NC4; or raise host_memory_limit");
     B_ = B;
     neg_mu_sq_.resize((size_t)K_);
     for (int64_t s = 0; s < K_; ++s) neg_mu_sq_[(size_t)s] = -mu_sq[(size_t)s];
     block_.resize((size_t)(B * d_));
-    logits_.resize((size_t)(B * V_));
-    dots_.resize((size_t)(B * K_));
+    tiles_.resize((size_t)(threads_ * R_ * std::max(Cv_, Ck_)));
     slot_.resize((size_t)B);
     hit_.resize((size_t)B);
 }
@@ -205,44 +367,46 @@ int64_t Nc4Blocks::finish() {
     return agree_;
 }
 
-// One block, in sub-blocks of rows: each sub-block's logits and mean distances by one GEMM each,
-// then each row's verdict. When W and the means are small enough to stay in cache, sub-blocks are
-// small (their logits stay in cache too) and go to the threads, each calling BLAS on one thread;
-// else W is streamed once per block by BLAS's own threads. Rows are independent, so the split
-// changes no verdict; the hits are counted in row order.
+// One block, tile by tile: each tile of rows goes to a thread (BLAS on one thread inside), which
+// multiplies it by W a chunk of classifier rows at a time and carries each row's running argmax
+// over the chunks (ascending, so ties keep the smaller id), then the same over the kept means.
+// Rows are independent, so the tiling changes no verdict; the hits are counted in row order.
 void Nc4Blocks::run(const double* x, int64_t n, const int32_t* slots) {
     if (n <= 0) return;
-    const int64_t V = V_, K = K_, d = d_;
-    const bool small = mul_bytes(V + K, d, 8) <= (int64_t(8) << 20);
-    const int64_t R = small ? std::max<int64_t>(16, (int64_t(1) << 20) / ((V + K) * 8)) : n;
-    const int64_t subs = (n + R - 1) / R;
-    const bool pooled = small && subs > 1 && omp_get_max_threads() > 1;
+    const int64_t V = V_, K = K_, d = d_, R = R_, tiles = (n + R - 1) / R;
+    const int threads = (int)std::min<int64_t>(threads_, tiles);
     const double* bias = clf_.bias.empty() ? nullptr : clf_.bias.data();
     int64_t agree = 0;
-    const OneBlasThread one(pooled);
-#pragma omp parallel for schedule(dynamic, 1) reduction(+ : agree) if (pooled)
-    for (int64_t sb = 0; sb < subs; ++sb) {
-        const int64_t r0 = sb * R, nr = std::min(R, n - r0);
-        double* lg = logits_.data() + r0 * V;
-        double* dt = dots_.data() + r0 * K;
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)V, (int)d, 1.0, x + r0 * d, (int)d, clf_.weight.data(), (int)d, 0.0,
-                    lg, (int)V);
-        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)K, (int)d, 1.0, x + r0 * d, (int)d, mu_.data(), (int)d, 0.0, dt,
-                    (int)K);
-        // A streamed block's verdicts go to the threads here (a pooled sub-block is one thread's).
-        int64_t sub_agree = 0;
-#pragma omp parallel for schedule(static) reduction(+ : sub_agree) if (!pooled && nr * (V + K) >= (int64_t(1) << 20))
+    const OneBlasThread one(threads > 1);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : agree) if (threads > 1)
+    for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t r0 = t * R, nr = std::min(R, n - r0);
+        const double* xt = x + r0 * d;
+        double* tile = tiles_.data() + (size_t)omp_get_thread_num() * (size_t)(R * std::max(Cv_, Ck_));
+        ArgBest best[kTileRows], near[kTileRows];
+        // The largest of `scale` * (x . m_c) + add[c] over the m_c (rows of m, `count` of them), chunk by chunk.
+        auto argmax_over = [&](const double* m, int64_t count, int64_t chunk, double scale, const double* add, ArgBest* r) {
+            for (int64_t c0 = 0; c0 < count; c0 += chunk) {
+                const int64_t nc = std::min(chunk, count - c0);
+                cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, (int)nc, (int)d, 1.0, xt, (int)d, m + c0 * d, (int)d, 0.0, tile,
+                            (int)nc);
+                for (int64_t i = 0; i < nr; ++i) {
+                    const double* v = tile + i * nc;
+                    if (c0 == 0) r[i] = ArgBest{scale * v[0] + (add ? add[0] : 0.0), 0};  // the scan starts at c = 0
+                    scan_argmax(v, scale, add ? add + c0 : nullptr, nc, c0, r[i]);
+                }
+            }
+        };
+        argmax_over(clf_.weight.data(), V, Cv_, 1.0, bias, best);
+        // The nearest mean: ||x - mu||^2 = ||x||^2 - 2 x.mu + ||mu||^2, ||x||^2 the same for every
+        // class, so the largest 2 x.mu - ||mu||^2 (exactly minus ||mu||^2 - 2 x.mu, rounding is
+        // symmetric); kept ids ascend, so ties keep the smaller id.
+        argmax_over(mu_.data(), K, Ck_, 2.0, neg_mu_sq_.data(), near);
         for (int64_t i = 0; i < nr; ++i) {
-            const int64_t best = first_argmax(lg + i * V, 1.0, bias, V);  // ties: the smaller id
-            // The nearest mean: ||x - mu||^2 = ||x||^2 - 2 x.mu + ||mu||^2, ||x||^2 the same for every
-            // class, so the largest 2 x.mu - ||mu||^2 (exactly minus ||mu||^2 - 2 x.mu, rounding is
-            // symmetric); kept ids ascend, so ties keep the smaller id.
-            const int64_t near = first_argmax(dt + i * K, 2.0, neg_mu_sq_.data(), K);
-            const bool hit = best == ids_[(size_t)near];
+            const bool hit = best[i].i == ids_[(size_t)near[i].i];
             hit_[(size_t)(r0 + i)] = hit ? 1 : 0;
-            sub_agree += hit ? 1 : 0;
+            agree += hit ? 1 : 0;
         }
-        agree += sub_agree;
     }
     agree_ += agree;
     if (slot_hits_)
@@ -278,8 +442,8 @@ void CpuBackend::class_means(const KeptSet& kept, std::vector<double>& mu, std::
         weight_total += w;
     }
     // With every row kept (exact mode), the within-class variance is taken about the final mean.
-    // Rows spread over ranks: their owners' variances (cpu_ranks.cpp).
-    if (spread_ready()) spread_results(kept, &var, nullptr);
+    // Rows spread over ranks: their owners' variances (cpu_ranks.cpp; reservoirs give none).
+    if (spread_ready() && has_row_store()) spread_results(kept, &var, nullptr);
     else if (has_row_store()) store_variances(kept, mu, var);
     for (size_t j = 0; j < d; ++j) mu_g[j] = weight_total > 0 ? mu_g[j] / weight_total : 0.0;
     for (size_t s = 0; s < K; ++s)
@@ -345,7 +509,7 @@ MetricValues CpuBackend::compute(const KeptSet& kept, const Classifier& clf) {
             out.per_class.nc4_hits = nc4_hits2_, out.per_class.nc4_rows = nc4_rows2_;
         } else if (cfg_.nc4_held_out) {
             out.notes["nc4_agreement"] = "held-out NC4 is measured in the second pass over the held-out rows";
-        } else if (spread_ready()) {
+        } else if (spread_ready() && has_row_store()) {
             // Every owner's NC4 over its classes' rows (cpu_ranks.cpp).
             out.nc4_rows = spread_->nc4_rows;
             if (spread_->nc4_rows > 0) out.nc4_agreement = (double)spread_->nc4_agree / (double)spread_->nc4_rows;
@@ -492,7 +656,7 @@ std::vector<double> CpuBackend::within_scatter(const KeptSet& kept, const std::v
         // sum (x - s)(x - s)^T = sum (x - mu)(x - mu)^T + n (mu - s)(mu - s)^T per class.
         w = within_;
         unshift_scatter(*budget_, w.data(), d, kept.ids, count_.data(), sum_.data(), shift_.data());
-    } else if (spread_ready()) {
+    } else if (spread_ready() && has_row_store()) {
         w = spread_->within;  // the owners' scatters, added (cpu_ranks.cpp)
     } else if (has_row_store()) {
         // The kept set is known only now (max_tokens_to_analyze) or nothing streamed: from the rows, about the final means.
@@ -655,7 +819,7 @@ void CpuBackend::overall_entropy(const KeptSet& kept, MetricValues& out) const {
     std::vector<double> g;
     if (gram_streaming_) {
         g = gram_;
-    } else if (spread_ready()) {
+    } else if (spread_ready() && has_row_store()) {
         g = spread_->gram;  // the owners' Grams, added (cpu_ranks.cpp)
     } else if (has_row_store()) {
         // max_tokens_to_analyze: the kept set is known only now; the Gram comes from the rows.
@@ -721,7 +885,7 @@ void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& m
         int64_t most = 0;
         for (size_t k = 0; k < jobs.size(); ++k) {
             const Job& j = jobs[k];
-            const int64_t bytes = direct_svd_bytes(j.n, d_);
+            const int64_t bytes = token_svd_bytes(j.n, d_);
             if (j.n > 0 && j.n * d_ <= kPooledElements && budget_->fits(bytes)) {
                 pool.push_back(k);
                 most = std::max(most, bytes);
@@ -754,7 +918,7 @@ void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& m
                         const Job& j = jobs[pool[(size_t)q]];
                         try {
                             bool z = false;
-                            h[(size_t)q] = spectrum_entropy(direct_singular_values(j.x, j.n, d_, center_of(j.c), a), &z);
+                            h[(size_t)q] = spectrum_entropy(class_singular_values(j.x, j.n, d_, center_of(j.c), a), &z);
                             zero[(size_t)q] = z ? 1 : 0;
                         } catch (...) {
                             err[(size_t)q] = std::current_exception();

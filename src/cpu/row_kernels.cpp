@@ -69,6 +69,33 @@ double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, c
     }
 }
 
+COLLAPSE_CLONES void convert_row(const void* x, collapse_dtype t, int64_t d, double* __restrict out) {
+    switch (t) {
+        case COLLAPSE_F32: {
+            const float* p = static_cast<const float*>(x);
+            for (int64_t k = 0; k < d; ++k) out[k] = (double)p[k];
+            return;
+        }
+        case COLLAPSE_F64: {
+            const double* p = static_cast<const double*>(x);
+            for (int64_t k = 0; k < d; ++k) out[k] = p[k];
+            return;
+        }
+        case COLLAPSE_F16: {
+            const uint16_t* p = static_cast<const uint16_t*>(x);
+            for (int64_t k = 0; k < d; ++k) out[k] = (double)half_to_float(p[k]);
+            return;
+        }
+        case COLLAPSE_BF16: {
+            const uint16_t* p = static_cast<const uint16_t*>(x);
+            for (int64_t k = 0; k < d; ++k) out[k] = (double)bf16_to_float(p[k]);
+            return;
+        }
+        default:
+            for (int64_t k = 0; k < d; ++k) out[k] = 0.0;
+    }
+}
+
 COLLAPSE_CLONES void add_into(double* __restrict dst, const double* __restrict src, int64_t d) {
     for (int64_t k = 0; k < d; ++k) dst[k] += src[k];
 }

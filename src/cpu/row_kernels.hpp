@@ -19,4 +19,8 @@ double accumulate_row(const void* x, collapse_dtype t, int64_t d, double* acc, c
 // dst[k] += src[k] for k < d.
 void add_into(double* dst, const double* src, int64_t d);
 
+// out[k] = x[k] as double (exact) for k < d: one row of any float dtype, with one dispatch on the
+// dtype per row (load_as_double switches per element).
+void convert_row(const void* x, collapse_dtype t, int64_t d, double* out);
+
 }  // namespace collapse::internal::cpu

@@ -1,6 +1,6 @@
 // The CPU backend's blocked paths (issue 11): NC4 over blocks of rows of many classes (Nc4Blocks:
-// tiny classes, a block boundary inside a class, the cache-resident and the streamed-W branch,
-// against a float64 brute force), per-token SVDs on threads (bit-identical to one thread, spilled
+// tiny classes, a block boundary inside a class, W and the means in several chunks of a tile, exact
+// ties, against a float64 brute force), per-token SVDs on threads (bit-identical to one thread, spilled
 // or not, and to the float64 reference), and the held-back rows' running byte count under every
 // path that changes them (ingest, a class reaching min_samples_per_token, checkpoint load and merge).
 #include <gtest/gtest.h>
@@ -79,7 +79,7 @@ struct Nc4Case {
     const char* name;
     int64_t V, K, d, classes;
     bool bias;
-    int64_t limit_mib;  // host budget: small enough to force a small block
+    int64_t max_block;  // small: block boundaries fall inside classes
 };
 
 class Nc4BlocksTest : public ::testing::TestWithParam<Nc4Case> {};
@@ -124,11 +124,11 @@ TEST_P(Nc4BlocksTest, TinyClassesAcrossBlockBoundariesMatchTheBruteForce) {
     ASSERT_GT(want.agree, 0);
     ASSERT_LT(want.agree, rows);
 
-    ci::HostBudget budget(c.limit_mib << 20);
+    ci::HostBudget budget(int64_t(256) << 20);
     std::vector<int64_t> hits((size_t)c.K, 0);
     int64_t agree = 0, block = 0;
     {
-        ci::Nc4Blocks nc4(budget, c.d, clf, c.V, mu, mu_sq, ids, rows, hits.data());
+        ci::Nc4Blocks nc4(budget, c.d, clf, c.V, mu, mu_sq, ids, rows, hits.data(), c.max_block);
         block = nc4.block_rows();
         const double* p = x.data();
         for (size_t s = 0; s < class_rows.size(); ++s) {
@@ -146,7 +146,7 @@ TEST_P(Nc4BlocksTest, TinyClassesAcrossBlockBoundariesMatchTheBruteForce) {
     EXPECT_TRUE(straddles);
     EXPECT_EQ(agree, want.agree);
     EXPECT_EQ(hits, want.hits);
-    // The one-call form (rows with their slots, blocks of its own size) agrees too.
+    // The one-call form (rows with their slots, blocks of the default size) agrees too.
     std::vector<int64_t> hits2((size_t)c.K, 0);
     EXPECT_EQ(ci::nc4_agreements(budget, x.data(), rows, c.d, clf, c.V, mu, mu_sq, ids, slot.data(), hits2.data()), want.agree);
     EXPECT_EQ(hits2, want.hits);
@@ -155,15 +155,91 @@ TEST_P(Nc4BlocksTest, TinyClassesAcrossBlockBoundariesMatchTheBruteForce) {
 INSTANTIATE_TEST_SUITE_P(
     Cpu, Nc4BlocksTest,
     ::testing::Values(
-        // W and the means fit in cache: sub-blocks of 16 rows on the threads; the budget cuts the
-        // block to 93 rows.
-        Nc4Case{"cached_w_small_block", 40000, 500, 2, 150, true, 40},
-        // W too large for cache (9.6 MB): one GEMM per block on BLAS's threads; the budget cuts the
-        // block to 13 rows.
-        Nc4Case{"streamed_w", 600000, 100, 2, 20, false, 100}),
+        // V in 40 chunks of 1024 (the last one 64), blocks of 93 rows (tiles shorter than 128).
+        Nc4Case{"many_v_chunks_small_block", 40000, 500, 2, 150, true, 93},
+        // W of 9.6 MB in 586 chunks (the last one 64), blocks of 13 rows.
+        Nc4Case{"large_w_tiny_block", 600000, 100, 2, 20, false, 13},
+        // d odd; V = 3001 and K = 1100 not multiples of the 1024-wide chunk (a short last chunk of
+        // each, the scan's SIMD tail); blocks of 300 rows cut into tiles of 128 + 128 + 44, each
+        // tile holding rows of many classes.
+        Nc4Case{"d_odd_v_and_k_not_chunk_multiples", 3001, 1100, 7, 400, true, 300},
+        // V and K under one SIMD step: the scan's scalar tail alone.
+        Nc4Case{"v_and_k_below_the_simd_width", 13, 5, 3, 40, true, 16}),
     [](const ::testing::TestParamInfo<Nc4Case>& i) { return std::string(i.param.name); });
 
-// Through a session: 1200 classes of 2-8 rows, V = 1500 (two blocks of rows, sub-blocks of 48),
+// Exact ties: small integers everywhere, so every logit and distance is exact in any summation
+// order; W's rows repeat 1024 rows apart (ties across the chunks of a tile) and two kept means are
+// equal. Ties must go to the smaller id on both sides, as in the brute force; the test checks that
+// ties occur across chunks and that the rule decides some verdicts (the larger id would give
+// another count).
+TEST(CpuBlocks, Nc4TiesGoToTheSmallerIdAcrossChunks) {
+    const int64_t V = 2500, K = 40, d = 3, n = 700;
+    std::mt19937_64 rng(17);
+    std::uniform_int_distribution<int> small(-2, 2);
+    std::vector<int32_t> ids((size_t)K);
+    for (int64_t s = 0; s < K; ++s) ids[(size_t)s] = (int32_t)(s * 50);
+    std::vector<double> mu((size_t)(K * d)), mu_sq((size_t)K, 0.0);
+    for (auto& v : mu) v = (double)small(rng);
+    for (int64_t j = 0; j < d; ++j) mu[(size_t)(7 * d + j)] = mu[(size_t)(3 * d + j)];  // slots 3 and 7: one mean
+    // W: rows of -1, 0, 1, the kept ids below 1024 get 3 x their mean (so verdicts often agree),
+    // then rows c >= 1024 repeat row c - 1024.
+    ci::Classifier clf;
+    clf.weight.resize((size_t)(V * d));
+    for (auto& v : clf.weight) v = (double)(small(rng) / 2);
+    for (int64_t s = 0; s < K && ids[(size_t)s] < 1024; ++s)
+        for (int64_t j = 0; j < d; ++j) clf.weight[(size_t)(ids[(size_t)s] * d + j)] = 3.0 * mu[(size_t)(s * d + j)];
+    for (int64_t c = 1024; c < V; ++c)
+        for (int64_t j = 0; j < d; ++j) clf.weight[(size_t)(c * d + j)] = clf.weight[(size_t)((c - 1024) * d + j)];
+    clf.bias.assign((size_t)V, 0.0);
+    for (int64_t s = 0; s < K; ++s)
+        for (int64_t j = 0; j < d; ++j) mu_sq[(size_t)s] += mu[(size_t)(s * d + j)] * mu[(size_t)(s * d + j)];
+    std::vector<double> x((size_t)(n * d));
+    std::vector<int32_t> slot((size_t)n);
+    for (int64_t i = 0; i < n; ++i) {
+        slot[(size_t)i] = (int32_t)(i % K);
+        for (int64_t j = 0; j < d; ++j) x[(size_t)(i * d + j)] = mu[(size_t)(slot[(size_t)i] * d + j)] + (double)small(rng);
+    }
+    // The verdicts with ties to the smaller (want) and to the larger id (other), exactly.
+    int64_t want = 0, other = 0, cross_chunk_ties = 0;
+    std::vector<int64_t> want_hits((size_t)K, 0);
+    for (int64_t i = 0; i < n; ++i) {
+        const double* xi = x.data() + i * d;
+        auto logit = [&](int64_t c) {
+            double v = 0;
+            for (int64_t j = 0; j < d; ++j) v += clf.weight[(size_t)(c * d + j)] * xi[j];
+            return v;
+        };
+        auto dist = [&](int64_t s) {
+            double v = 0;
+            for (int64_t j = 0; j < d; ++j) v += (xi[j] - mu[(size_t)(s * d + j)]) * (xi[j] - mu[(size_t)(s * d + j)]);
+            return v;
+        };
+        int64_t b_first = 0, b_last = 0, n_first = 0, n_last = 0;
+        for (int64_t c = 1; c < V; ++c) {
+            if (logit(c) > logit(b_first)) b_first = c;
+            if (logit(c) >= logit(b_last)) b_last = c;
+        }
+        for (int64_t s = 1; s < K; ++s) {
+            if (dist(s) < dist(n_first)) n_first = s;
+            if (dist(s) <= dist(n_last)) n_last = s;
+        }
+        cross_chunk_ties += b_first < 1024 && b_last >= 1024 ? 1 : 0;
+        if (b_first == ids[(size_t)n_first]) ++want, ++want_hits[(size_t)slot[(size_t)i]];
+        other += b_last == ids[(size_t)n_last] ? 1 : 0;
+    }
+    ASSERT_GT(cross_chunk_ties, 0);
+    ASSERT_NE(want, other);
+    ASSERT_GT(want, 0);
+    ci::HostBudget budget(int64_t(64) << 20);
+    std::vector<int64_t> hits((size_t)K, 0);
+    EXPECT_EQ(ci::nc4_agreements(budget, x.data(), n, d, clf, V, mu, mu_sq, ids, slot.data(), hits.data()), want);
+    EXPECT_EQ(hits, want_hits);
+    // Without a bias (the scan's other form), the same: the bias was all zeros.
+    clf.bias.clear();
+    EXPECT_EQ(ci::nc4_agreements(budget, x.data(), n, d, clf, V, mu, mu_sq, ids), want);
+}
+
+// Through a session: 1200 classes of 2-8 rows, V = 1500 (two blocks of rows, tiles of 128 rows),
 // NC4 from the row store (every row) and per class, against the float64 reference.
 TEST(CpuBlocks, Nc4OfManyTinyClassesMatchesTheReference) {
     const int64_t V = 1500, d = 8, classes = 1200;

@@ -16,6 +16,7 @@
 #include "common/peak_rss.hpp"
 #include "core/host_budget.hpp"
 #include "core/session.hpp"
+#include "cpu/cpu_backend.hpp"
 
 namespace {
 
@@ -193,21 +194,31 @@ TEST(MemoryBudget, ClassifierIsRefusedAndTheSessionGoesOnWithoutIt) {
     EXPECT_EQ(r.metrics.notes.count("overall_unc3"), 1u);
 }
 
-// NC4's logits (rows x V) at compute, beside a classifier that fits.
-TEST(MemoryBudget, Nc4LogitsAreRefusedAtCompute) {
-    const int64_t V = 1000000, d = 4;
-    Config c = config(V, 168 * MiB);
-    c.compute_nc4 = true;
-    c.compute_overall_metrics = false;
-    c.dim = d;
-    Session s(c);
-    std::vector<float> w((size_t)(V * d), 0.25f);
-    const collapse_buffer wb{w.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, V, d, 0};
-    s.set_classifier(&wb, nullptr);
-    ingest(s, Data(10, 8, d), 80);
-    // compute selects the kept set first (13 bytes a class, 13 MB here: legitimately taken).
-    expect_refused_without_taking([&] { (void)s.compute(true); }, {"NC4's logits", "V = 1000000", "compute_nc4: false"}, 4 * V * 8,
-                                  24 * MiB);
+// NC4's scratch (a block of rows and each thread's tile of logits, which shrink to 16 rows and
+// 8 columns when memory is short) is refused when even the smallest does not fit, naming V and K,
+// and nothing stays taken.
+TEST(MemoryBudget, Nc4TilesAreRefusedWhenTheSmallestDoesNotFit) {
+    const int64_t V = 1000000, d = 4, K = 10;
+    collapse::internal::Classifier clf;
+    clf.weight.assign((size_t)(V * d), 0.25);
+    std::vector<double> mu((size_t)(K * d), 0.5), mu_sq((size_t)K, 1.0);
+    std::vector<int32_t> ids((size_t)K);
+    for (int64_t s = 0; s < K; ++s) ids[(size_t)s] = (int32_t)s;
+    HostBudget b(MiB);
+    const HostBudget::Lease held = b.reserve(MiB - 512, "what the session holds");
+    expect_error([&] { collapse::internal::Nc4Blocks nc4(b, d, clf, V, mu, mu_sq, ids, 80); },
+                 {"NC4's logits tiles", "V = 1000000", "K = 10", "compute_nc4: false"}, COLLAPSE_ERR_OUT_OF_MEMORY);
+    EXPECT_EQ(b.held(), MiB - 512);
+    // With 128 KiB left, the same NC4 shrinks its block from 80 rows to 16 and its tiles (1 MiB a
+    // thread at first) until they fit, and gives all of it back.
+    HostBudget roomy(MiB);
+    const HostBudget::Lease most = roomy.reserve(MiB - 128 * 1024, "what the session holds");
+    {
+        collapse::internal::Nc4Blocks nc4(roomy, d, clf, V, mu, mu_sq, ids, 80);
+        EXPECT_EQ(nc4.block_rows(), 16);
+        EXPECT_GT(roomy.held(), MiB - 128 * 1024);
+    }
+    EXPECT_EQ(roomy.held(), MiB - 128 * 1024);
 }
 
 // The report: K token_analysis entries (an estimate per entry) that would not fit beside what the
