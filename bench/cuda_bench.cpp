@@ -291,7 +291,8 @@ void cuda_token_svd(const Options& o, json& out) {
 // (collapse_analyze_files) on synthetic .npy files in the page cache, exact per-token SVD, classifier
 // and NC4, file -> report; next to its floor: reading the files from the page cache + the bare
 // cuSOLVER calls of the per-token SVD (figure 3's ceiling on the report's classes) + the NC4
-// logits GEMMs of the second pass (cublasDgemm over every row in the engine's chunks).
+// logits GEMMs (cublasDgemm over every row in the engine's blocks; the rows stay on the device, so
+// compute() takes NC4 from them and there is no second pass over the files).
 void cuda_end_to_end(const Options& o, json& out) {
     const int64_t n = o.quick ? 100000 : 300000, d = 1024, V = o.quick ? 8000 : 32000;
     const int reps = o.quick ? 2 : 3;
@@ -377,7 +378,8 @@ void cuda_end_to_end(const Options& o, json& out) {
     const int64_t K = (int64_t)sizes.size();
     const std::vector<bench_cuda::EigGroup> groups = eig_groups(sizes);
     const double t_eig = groups.empty() ? 0.0 : bench_cuda::eig_solver_seconds(groups, reps).seconds;
-    const int64_t nc4_chunk = std::max<int64_t>(1, std::min<int64_t>(65536, (int64_t(64) << 20) / (8 * std::max(V, K))));
+    // NC4's blocks as compute() takes them from the device rows (cuda_metrics.cu, nc4_from_device).
+    const int64_t nc4_chunk = std::max<int64_t>(1, (int64_t(256) << 20) / (8 * (V + K + d)));
     const double t_gemm = bench_cuda::chunked_gemm_seconds(V, nc4_chunk, d, n, reps);
     const double floor_s = t_read + t_eig + t_gemm, ratio = tm.best / floor_s;
     std::printf("cuda-e2e     f16 n=%lld d=%lld V=%lld kept=%lld  file->report seconds=%8.4f (median %8.4f)  | floor=%8.4f (read %.4f +"

@@ -3,7 +3,8 @@
 // cuda_backend.cuh.
 //
 // Ingest (per batch, asynchronous on the caller's stream, no device-wide sync, no allocation after
-// the first batch unless a batch is larger than all before it):
+// the first batch unless a batch is larger than all before it; a host batch is copied into a pinned
+// slot on host threads and uploaded on a copy stream, overlapping the previous batch's kernels):
 //   validate (warp per row) -> CUB radix sort of (label, row) on ceil(log2(V+1)) bits -> run starts
 //   (max-scan) -> row buffer / reservoirs / hold rows -> class sums (fp64 registers, one atomicAdd per
 //   class piece and column) -> Gram (gather + cublasSsyrk, fp32 into an fp64 accumulator) -> counts.
@@ -18,8 +19,9 @@
 //
 // Finalisation: means and centring by kernels; pair metrics by tiles of cublasDgemm followed by a
 // fused reduction kernel (never a K x K buffer); UNC3/NC3 warp-per-class; NC4 by GEMM chunks and an
-// arg-max kernel; SVD entropies from Gram eigenvalues (cusolverDnXsyevd for the overall Gram,
-// syevjBatched / XsyevBatched / Xsyevd for per-class Grams grouped by size; in exact mode those
+// arg-max kernel (from the device row buffer when it holds every row, else in the second pass); SVD
+// entropies from Gram eigenvalues (cusolverDnXsyevd for the overall Gram, syevjBatched /
+// XsyevBatched for per-class Grams grouped by size; in exact mode those
 // Grams come from the device row buffer by batched DGEMMs, token_svd_device.cu). Its temporaries are
 // pool leases (resources.cuh): no cudaMalloc/cudaFree after the first compute of a shape.
 #include <algorithm>
@@ -73,7 +75,12 @@ void CudaBackend::init() {
     const Config& cfg = cfg_;
     COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&last_done_, cudaEventDisableTiming));
     for (auto& slot : slots_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&slot.event, cudaEventDisableTiming));
-    for (auto& st : staging_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
+    for (auto& st : staging_) {
+        COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&st.copied, cudaEventDisableTiming));
+        COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&st.consumed, cudaEventDisableTiming));
+    }
+    // Non-blocking: uploads order with the batches by events only, not through the legacy stream.
+    COLLAPSE_CUDA_TRY(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
     for (auto& w : win_stash_) COLLAPSE_CUDA_TRY(cudaEventCreateWithFlags(&w.done, cudaEventDisableTiming));
 
     // Everything that lives as long as the session is sized here, before the first batch.
@@ -159,10 +166,16 @@ void CudaBackend::release() noexcept {
     (void)cudaSetDevice(cfg_.device_ordinal);
     if (last_stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(last_stream_));
     if (stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(stream_));
+    if (copy_stream_) {
+        COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(copy_stream_));
+        COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamDestroy(copy_stream_));
+    }
     for (auto& slot : slots_)
         if (slot.event) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(slot.event));
-    for (auto& st : staging_)
+    for (auto& st : staging_) {
         if (st.copied) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(st.copied));
+        if (st.consumed) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(st.consumed));
+    }
     for (auto& w : win_stash_)
         if (w.done) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(w.done));
     if (last_done_) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(last_done_));

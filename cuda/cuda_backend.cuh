@@ -24,7 +24,8 @@
 //                                                      DeviceClassRows (token_svd_device.cu); spilled rows or
 //                                                      sampled -> class_spectra (eigen_solvers.cu)
 //   NC4                                             -> ingest_second_pass (GEMM chunks + launch_nc4_compare),
-//                                                      reported by compute
+//                                                      reported by compute; every row still in the device
+//                                                      buffer: compute -> nc4_from_device (no second pass)
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -74,6 +75,9 @@ public:
     // NC4 and the Gram of a cut kept set come from a second pass on this backend; the row store
     // serves the per-token entropies.
     bool has_row_store() const override { return false; }
+    // NC4 from the device row buffer while it holds every row (nc4_from_device): no second pass.
+    // Rows spread over ranks: NC4 is in the owners' parts (cuda_ranks.cu).
+    bool nc4_from_rows() const override { return rows_on_device() || spread_phase_ == SpreadPhase::Spread; }
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
     void ingest_second_pass(const BatchDesc& b, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
@@ -93,6 +97,20 @@ public:
     void window_reduce(const int64_t* slots, int64_t windows, int64_t W) override;
     std::vector<double> window_results() override;
     std::vector<double> window_evaluate(const int64_t* slots, int64_t windows, int64_t W) override;
+    // The exact row store spread over MPI ranks by class (cuda_ranks.cu): the device buffer's rows
+    // go to the host store first, then move as on the CPU; an owner's part is its classes' per-token
+    // SVDs (per_token) and NC4 over its rows (the second pass's kernels). Sampled reservoirs are not
+    // spread (the root gathers them).
+    bool can_spread_rows() const override;
+    void begin_rows_spread() override;
+    bool rows_spread() const override { return spread_phase_ == SpreadPhase::Spread; }
+    void adopt_class_sums(const int64_t* counts, const double* sums) override;
+    void spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) override;
+    void spread_open(const std::vector<int32_t>& owned) override;
+    void spread_append(int32_t c, const double* rows, int64_t n, const int64_t* slots) override;
+    void spread_close() override;
+    void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) override;
+    void spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) override;
 
 private:
     struct Scratch {
@@ -102,11 +120,14 @@ private:
         DeviceBuffer<double> within_rows;  // Sigma_W's rows less their reference rows (or means), a chunk at a time
         int64_t rows = 0;
     };
-    // Host batches travel through two pinned + device staging slots (double buffering).
+    // Host batches travel through two pinned + device staging slots (double buffering): the rows
+    // are copied into the pinned slot on host threads, then to the device slot on copy_stream_, so
+    // that batch k + 1's host copy and upload overlap batch k's kernels.
     struct Staging {
         PinnedBuffer<uint8_t> host;
         DeviceBuffer<uint8_t> dev;
-        cudaEvent_t copied = nullptr;
+        cudaEvent_t copied = nullptr;    // its upload is done (the pinned slot may be refilled)
+        cudaEvent_t consumed = nullptr;  // the kernels that read the device slot are done
     };
 
     void init();
@@ -120,6 +141,8 @@ private:
     void end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass);
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     void per_token(const KeptSet& kept, const double* mu, MetricValues& out);
+    // NC4 of the rows in the device row buffer (rows_on_device), in blocks of rows (cuda_metrics.cu).
+    void nc4_from_device(const KeptSet& kept, const Classifier& clf, const double* mu, const int32_t* ids, MetricValues& out);
     // The anchor metrics (cuda_metrics.cu) and Sigma_W's scatter (empty with *note when not available).
     void anchor_metrics(const KeptSet& kept, const Classifier& clf, const double* mu, const double* m, const int32_t* ids,
                         const ClassVectors& v, MetricValues& out);
@@ -135,7 +158,7 @@ private:
     void move_store_to_host();
     // Exact mode: every stored row is still in the device buffer (none went to the host store), and
     // the buffer's rows as the kernels read them.
-    bool rows_on_device() const { return exact_store_ && host_store_ && host_store_->total_rows() == 0; }
+    bool rows_on_device() const { return exact_store_ && host_store_ && host_store_->total_rows() == 0 && spread_phase_ == SpreadPhase::None; }
     DeviceRows device_rows();
     // The dtype the device buffer keeps the next batch's rows in: moves the rows to the host store
     // first when it changes (a float16 buffer meeting a bfloat16 or float32 batch becomes float32).
@@ -202,9 +225,38 @@ private:
     DeviceBuffer<float> reservoir_;
     DeviceBuffer<long long> winner_;
 
+    // Rows spread over ranks (cuda_ranks.cu). Gathering: states leave the row store out; Spread:
+    // host_store_ holds every row of the kept classes this rank owns and nothing else.
+    enum class SpreadPhase { None, Gathering, Spread };
+    SpreadPhase spread_phase_ = SpreadPhase::None;
+    std::unique_ptr<RowStore> spread_store_;  // being filled (spread_open .. spread_close)
+    std::vector<uint8_t> spread_owned_;       // [V] while it is
+    std::vector<int64_t> spread_counts_;      // [V] the combined n_c, on the host while it is
+    HostBudget::Lease spread_lease_;          // its rows in memory, the flags and the counts
+    // The root's sum of the ranks' parts: per kept slot, its per-token results (spread_merge).
+    std::vector<int32_t> spread_ids_;
+    std::vector<uint8_t> spread_seen_;
+    std::vector<TokenMetrics> spread_tokens_;
+    HostBudget::Lease spread_results_lease_;
+    // NC4 summed over the parts (spread_merge): agreements and rows, and per kept slot (per_class_arrays).
+    bool spread_nc4_ = false;
+    int64_t spread_nc4_agree_ = 0, spread_nc4_rows_ = 0;
+    std::vector<int64_t> spread_nc4_hits_, spread_nc4_class_rows_;
+    // compute()'s per-token results from the ranks' parts (rows spread), in place of per_token's.
+    void spread_tokens(const KeptSet& kept, MetricValues& out) const;
+    // compute()'s NC4 from the ranks' parts; false when there are none.
+    bool spread_nc4(const KeptSet& kept, MetricValues& out) const;
+    // NC4 of the rows in the host store (this owner's classes) against every kept mean, by the
+    // second pass's kernels: (agreements, rows), and per kept slot when per_class_arrays.
+    void spread_part_nc4(const KeptSet& kept, const Classifier& clf, int64_t n[2], std::vector<int64_t>& hits, std::vector<int64_t>& rows);
+
     Scratch scratch_;
     std::array<Staging, 2> staging_;
     int staging_next_ = 0;
+    int batch_staging_ = -1;  // the staging slot of the last batch (-1: a device batch)
+    cudaStream_t copy_stream_ = nullptr;  // uploads of host batches
+    // Marks the end (so far, on stream s) of the work reading the last batch's staging slot.
+    void mark_staging_consumed(cudaStream_t s);
 
     DeviceBuffer<BatchStatus> status_;
     PinnedBuffer<BatchStatus> status_host_;

@@ -189,7 +189,9 @@ void CudaBackend::save_state(StateWriter& w) {
         w.add("holdback_rows", COLLAPSE_F64, {(int64_t)index.size(), d_}, held.data(), held.size() * 8);
     }
 
-    if (exact_store_ && rows_on_device() && save_device_store(w, counts)) {
+    if (spread_phase_ != SpreadPhase::None) {
+        // The rows go to their owner ranks, not into the state (cuda_ranks.cu).
+    } else if (exact_store_ && rows_on_device() && save_device_store(w, counts)) {
         // Written from the device buffer, where the rows stay (the per-token SVD still runs there).
     } else if (exact_store_) {
         // Every row to the host store first; then written class after class, as the CPU does.
@@ -227,7 +229,7 @@ void CudaBackend::save_state(StateWriter& w) {
 
 void CudaBackend::load_state(const StateReader& r, bool merge) {
     DeviceGuard guard(cfg_.device_ordinal);
-    const bool keeps_rows = exact_store_ || sampled_;
+    const bool keeps_rows = (exact_store_ || sampled_) && spread_phase_ == SpreadPhase::None;  // spread: states come without rows
     const StateView v = read_state(r, V_, d_, cfg_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);
     const ShiftedSections shifted = read_shifted_sections(r, V_, d_);
     // Sigma_W's scatter merges when both states have one (a resume takes the file's).
@@ -351,7 +353,7 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
             for (int64_t b = a; b < d_; ++b) g[(size_t)(a + b * d_)] += add[(size_t)(a * d_ + b)];
     }
     // The exact rows go to the host store (spilling as needed), rolled back if the disk refuses.
-    if (exact_store_) {
+    if (exact_store_ && keeps_rows) {
         if (merge) move_store_to_host();
         else host_store_->clear();  // a fresh session: nothing to keep
         store_held_.update(host_store_->memory_bytes());
@@ -361,6 +363,13 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     }
 
     // From here on only CUDA itself can fail.
+    if (exact_store_ && keeps_rows && !merge) {
+        // A replaced state keeps none of the rows before it: the device row buffer empties too (a
+        // merge moved them to the host store above), and its dtype is the next batch's again.
+        COLLAPSE_CUDA_TRY(cudaMemsetAsync(store_count_.data(), 0, 8, stream_));
+        store_bound_ = 0;
+        store_dtype_set_ = false;
+    }
     COLLAPSE_CUDA_TRY(cudaMemcpy(count_.data(), cnt.data(), count_.bytes(), cudaMemcpyHostToDevice));
     COLLAPSE_CUDA_TRY(cudaMemcpy(sum_.data(), sums.data(), sum_.bytes(), cudaMemcpyHostToDevice));
     COLLAPSE_CUDA_TRY(cudaMemcpy(sqdev_.data(), sq.data(), sqdev_.bytes(), cudaMemcpyHostToDevice));

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "base/dtype.hpp"
@@ -42,14 +43,48 @@ cudaStream_t CudaBackend::pick_stream(void* s) {
     return st;
 }
 
-// Device view of a batch; host batches are copied through pinned double buffers so that the CPU copy
-// of batch k+1 overlaps the GPU work of batch k.
+// The feature rows of a host batch, packed, into the pinned slot: on several host threads for a
+// large batch (one memcpy thread reaches a fraction of the host's memory bandwidth), in pieces of
+// whole rows; on the caller's thread for a small one.
+static void copy_rows_to_pinned(const MatrixView& x, uint8_t* dst) {
+    const size_t row_bytes = (size_t)x.cols * dtype_size(x.dtype);
+    const size_t total = (size_t)x.rows * row_bytes;
+    constexpr size_t kPerThread = size_t(16) << 20;
+    const unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>({(int64_t)(total / kPerThread), (int64_t)std::min(8u, hw), x.rows}));
+    auto copy = [&](int64_t r0, int64_t r1) {
+        if (r1 <= r0) return;
+        if (x.stride == x.cols) {
+            std::memcpy(dst + (size_t)r0 * row_bytes, x.row(r0), (size_t)(r1 - r0) * row_bytes);
+            return;
+        }
+        for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + (size_t)r * row_bytes, x.row(r), row_bytes);
+    };
+    if (threads == 1) {
+        copy(0, x.rows);
+        return;
+    }
+    auto cut = [&](int64_t t) { return x.rows * t / threads; };
+    std::vector<std::thread> pool;
+    try {
+        pool.reserve((size_t)threads - 1);
+        for (int64_t t = 1; t < threads; ++t) pool.emplace_back(copy, cut(t), cut(t + 1));
+    } catch (...) {  // no thread to be had: the pieces not started are copied here
+    }
+    copy(0, cut(1));
+    copy(cut((int64_t)pool.size() + 1), x.rows);
+    for (std::thread& th : pool) th.join();
+}
+
+// Device view of a batch; host batches are copied through pinned double buffers and uploaded on the
+// copy stream, so that the host copy and upload of batch k+1 overlap the kernels of batch k.
 DeviceBatch CudaBackend::device_view(const BatchDesc& b, cudaStream_t s) {
     DeviceBatch db;
     db.rows = b.num_rows();
     db.d = b.features.cols;
     db.sequences = b.sequences;
     db.seq_len = b.seq_len;
+    batch_staging_ = -1;
     if (b.features.memory == COLLAPSE_MEMORY_DEVICE) {
         const std::pair<const void*, const char*> bufs[] = {{b.features.data, "features"}, {b.labels.data, "labels"}, {b.valid.data, "mask"}};
         for (const auto& [ptr, what] : bufs) {
@@ -84,19 +119,26 @@ DeviceBatch CudaBackend::device_view(const BatchDesc& b, cudaStream_t s) {
     for (Staging& slot : staging_)
         if (slot.host.size() < total || slot.dev.size() < total) {
             COLLAPSE_CUDA_TRY(cudaEventSynchronize(slot.copied));
+            COLLAPSE_CUDA_TRY(cudaEventSynchronize(slot.consumed));
             slot.dev.reset();
             slot.host.allocate(total, &budget_, &host_, what, kFixBatchRows);
             slot.dev.allocate(total, &budget_, "host-batch staging (two pinned slots)");
         }
-    Staging& st = staging_[(size_t)staging_next_];
+    const int k = staging_next_;
+    Staging& st = staging_[(size_t)k];
     staging_next_ ^= 1;
-    COLLAPSE_CUDA_TRY(cudaEventSynchronize(st.copied));  // the pinned slot's previous copy is done
+    COLLAPSE_CUDA_TRY(cudaEventSynchronize(st.copied));  // the pinned slot's previous upload is done
     uint8_t* h = st.host.data();
-    for (int64_t r = 0; r < b.features.rows; ++r) std::memcpy(h + (size_t)r * frow, b.features.row(r), frow);
+    copy_rows_to_pinned(b.features, h);
     for (int64_t r = 0; r < b.labels.rows; ++r) std::memcpy(h + loff + (size_t)r * lcols * lsz, b.labels.row(r), lcols * lsz);
     for (int64_t r = 0; r < b.valid.rows && vsz; ++r) std::memcpy(h + voff + (size_t)r * lcols * vsz, b.valid.row(r), lcols * vsz);
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(st.dev.data(), h, total, cudaMemcpyHostToDevice, s));
-    COLLAPSE_CUDA_TRY(cudaEventRecord(st.copied, s));
+    // The upload on the copy stream, after the kernels that read this device slot two batches ago
+    // (so it overlaps the last batch's kernels); this batch's kernels on s wait for it.
+    COLLAPSE_CUDA_TRY(cudaStreamWaitEvent(copy_stream_, st.consumed, 0));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(st.dev.data(), h, total, cudaMemcpyHostToDevice, copy_stream_));
+    COLLAPSE_CUDA_TRY(cudaEventRecord(st.copied, copy_stream_));
+    COLLAPSE_CUDA_TRY(cudaStreamWaitEvent(s, st.copied, 0));
+    batch_staging_ = k;
     db.features = st.dev.data(), db.fdtype = b.features.dtype, db.fstride = b.features.cols;
     db.labels = st.dev.data() + loff, db.ldtype = b.labels.dtype, db.lstride = (int64_t)lcols;
     if (vsz) db.valid = st.dev.data() + voff, db.vdtype = b.valid.dtype, db.vstride = (int64_t)lcols;
@@ -222,8 +264,13 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     win_status_ = k;
 }
 
+void CudaBackend::mark_staging_consumed(cudaStream_t s) {
+    if (batch_staging_ >= 0) COLLAPSE_CUDA_TRY(cudaEventRecord(staging_[(size_t)batch_staging_].consumed, s));
+}
+
 // Status back to the host asynchronously; the slot is read at a later call (process_slot).
 void CudaBackend::end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass) {
+    mark_staging_consumed(s);  // window_stash marks it again after its own reads
     COLLAPSE_CUDA_TRY(cudaMemcpyAsync(status_host_.data() + k, status_.data() + k, sizeof(BatchStatus), cudaMemcpyDeviceToHost, s));
     Slot& slot = slots_[(size_t)k];
     COLLAPSE_CUDA_TRY(cudaEventRecord(slot.event, s));

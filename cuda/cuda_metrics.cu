@@ -23,6 +23,7 @@ namespace collapse::internal::cuda {
 // (or when that path's workspace does not fit): the rows are in host memory or on disk; they come
 // back to the device buffer a group of whole classes at a time, each group solved before the next.
 void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues& out) {
+    if (spread_phase_ == SpreadPhase::Spread && !spread_ids_.empty()) return spread_tokens(kept, out);  // the ranks' parts (cuda_ranks.cu)
     cudaStream_t s = stream_;
     const int64_t K = (int64_t)kept.ids.size();
     const int64_t cap = cfg_.svd_max_rows_per_token;
@@ -72,6 +73,66 @@ void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues&
         out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};
     }
     out.tokens = std::move(tokens);
+}
+
+// NC4 of the rows in the device row buffer (every row is there: rows_on_device), the twin of the CPU's
+// nc4_from_store: blocks of rows (of every class; rows outside the kept set are skipped by the
+// compare) converted exactly to float64, one cublasDgemm of each block against W (W read once per
+// block, the logits in a bounded scratch) and one against the kept means, then argmax, nearest mean,
+// agreement and per-class hits on the device (launch_nc4_compare, as the second pass). Only the
+// counts come back.
+void CudaBackend::nc4_from_device(const KeptSet& kept, const Classifier& clf, const double* mu, const int32_t* ids, MetricValues& out) {
+    cudaStream_t s = stream_;  // leases: the session's stream only (resources.cuh)
+    const int64_t K = (int64_t)kept.ids.size(), d = d_, V = V_;
+    const DeviceRows rows = device_rows();
+    // Rows per block: the block's logits, means' dots and float64 rows within 256 MiB (less under a
+    // small device_memory_limit); fixed per session, so a later compute reuses the same pool slabs.
+    const int64_t block_bytes = std::min<int64_t>(int64_t(256) << 20, budget_.limit() / 8);
+    const int64_t block = std::max<int64_t>(1, std::min<int64_t>(INT32_MAX / std::max(V, K), block_bytes / (8 * (V + K + d))));
+    const HostBudget::Lease lease = host_.reserve(mul_bytes(2 * K + 1, 8), "NC4's per-class counts of K = " + std::to_string(K) + " kept classes",
+                                                  kFixKeptClasses);
+    Lease<double> W = res_.take<double>(clf.weight.size(), "classifier [V, d] (float64, NC4)");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(W.data(), clf.weight.data(), clf.weight.size() * 8, cudaMemcpyHostToDevice, s));
+    Lease<double> bias;
+    if (!clf.bias.empty()) {
+        bias = res_.take<double>(clf.bias.size(), "classifier bias (NC4)");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(bias.data(), clf.bias.data(), clf.bias.size() * 8, cudaMemcpyHostToDevice, s));
+    }
+    Lease<int32_t> slot = res_.take<int32_t>((size_t)V, "kept slots (NC4)");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(slot.data(), kept.slot.data(), (size_t)V * 4, cudaMemcpyHostToDevice, s));
+    Lease<double> mu_sq = res_.take<double>((size_t)K, "NC4's kept mean norms"), unused = res_.take<double>((size_t)K, "NC4's kept mean norms");
+    launch_duality(nullptr, mu, ids, mu, K, d, mu_sq.data(), unused.data(), s);  // w = m = mu: ||mu_c||^2
+    Lease<unsigned long long> counts = res_.take<unsigned long long>((size_t)(2 * K + 1), "NC4 counters");
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(counts.data(), 0, counts.bytes(), s));
+    unsigned long long *hits = counts.data(), *per_rows = counts.data() + K, *agree = counts.data() + 2 * K;
+    Lease<double> xd = res_.take<double>((size_t)(block * d), "NC4 rows (float64)", "raise device_memory_limit");
+    Lease<double> logits = res_.take<double>((size_t)(block * V), "NC4 logits", "raise device_memory_limit");
+    Lease<double> dots = res_.take<double>((size_t)(block * K), "NC4 distances", "raise device_memory_limit");
+    const double one = 1.0, zero = 0.0;
+    const int64_t elem = row_buffer_elem_bytes(rows.dtype);
+    for (int64_t r0 = 0; r0 < rows.n; r0 += block) {
+        const int64_t nr = std::min(block, rows.n - r0);
+        launch_buffer_rows_to_double(static_cast<const uint8_t*>(rows.data) + r0 * d * elem, rows.dtype, nullptr, nr, d, xd.data(), s);
+        COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)V, (int)nr, (int)d, &one, W.data(), (int)d, xd.data(),
+                                        (int)d, &zero, logits.data(), (int)V));
+        COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d, &one, mu, (int)d, xd.data(), (int)d,
+                                        &zero, dots.data(), (int)K));
+        launch_nc4_compare(logits.data(), bias.data(), V, dots.data(), mu_sq.data(), ids, K, nr, agree, s, rows.labels + r0, slot.data(),
+                           nullptr, hits, per_rows);
+    }
+    std::vector<unsigned long long> h((size_t)(2 * K + 1));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), counts.data(), counts.bytes(), cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    int64_t total = 0;
+    for (int64_t t = 0; t < K; ++t) total += (int64_t)h[(size_t)(K + t)];
+    if (total != kept.rows)
+        fail(COLLAPSE_ERR_INTERNAL, "NC4 from the device row buffer saw ", total, " kept rows, the class counts say ", kept.rows);
+    out.nc4_rows = total;
+    if (total > 0) out.nc4_agreement = (double)h[(size_t)(2 * K)] / (double)total;
+    if (cfg_.per_class_arrays) {
+        out.per_class.nc4_hits.assign(h.begin(), h.begin() + K);
+        out.per_class.nc4_rows.assign(h.begin() + K, h.begin() + 2 * K);
+    }
 }
 
 // The anchor metrics (core/metric_summary.hpp, finish_anchor_metrics): M^T M and W_K^T W_K by
@@ -288,16 +349,9 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
             grouped_ = &*grouping;
         }
     }
-    // Otherwise finalisation needs room: as on the CPU, the exact store's rows (those still on the
-    // device join them first) go to disk when they take more host memory than is left free; they
-    // come back a group of classes at a time.
-    if (exact_store_ && !grouped_) {
-        move_store_to_host();
-        if (host_store_->memory_bytes() > 0 && host_store_->memory_bytes() >= host_.available()) {
-            host_store_->spill_memory();
-            store_held_.update(host_store_->memory_bytes());
-        }
-    }
+    using Clock = std::chrono::steady_clock;
+    auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+    Clock::time_point t_nc4;
     unsigned long long pass2_rows = 0;
     if (pass2_) COLLAPSE_CUDA_TRY(cudaMemcpy(&pass2_rows, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
     const int64_t d = d_;
@@ -312,6 +366,24 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     launch_column_sums(mu.data(), weight.data(), K, d, mug.data(), s);
     const double total_weight = token_weighted ? (double)kept.rows : (double)K;
     launch_center(mu.data(), mug.data(), total_weight, K, d, m.data(), q.data(), a.data(), s);
+    // NC4 from the device row buffer (the session skipped the second pass: nc4_from_rows), before
+    // anything below may move the rows to the host.
+    const bool nc4_here = cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && !(pass2_ && pass2_nc4_) && rows_on_device();
+    if (nc4_here) {
+        t_nc4 = Clock::now();
+        nc4_from_device(kept, clf, mu.data(), ids.data(), out);
+        out.timings["nc4"] = since(t_nc4);
+    }
+    // Otherwise finalisation needs room: as on the CPU, the exact store's rows (those still on the
+    // device join them first) go to disk when they take more host memory than is left free; they
+    // come back a group of classes at a time.
+    if (exact_store_ && !grouped_) {
+        move_store_to_host();
+        if (host_store_->memory_bytes() > 0 && host_store_->memory_bytes() >= host_.available()) {
+            host_store_->spill_memory();
+            store_held_.update(host_store_->memory_bytes());
+        }
+    }
     // Per-class arrays and exports: the same variances and means the metrics use, on the host.
     if (cfg_.per_class_arrays) {
         host_.check(mul_bytes(K, 8), "the per-class variances of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
@@ -326,8 +398,6 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     }
     if (cfg_.per_class_arrays || cfg_.keep_class_means) COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
 
-    using Clock = std::chrono::steady_clock;
-    auto since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
     auto t_phase = Clock::now();
     if (cfg_.compute_class_metrics) {
         // Five K-long vectors on the host: norms, the two duality terms, cosines and norms' roots.
@@ -479,6 +549,10 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     if (cfg_.compute_nc4) {
         if (!clf.present()) {
             out.notes["nc4_agreement"] = "no classifier was given";
+        } else if (nc4_here) {
+            // nc4_from_device filled it in
+        } else if (!cfg_.nc4_held_out && spread_nc4(kept, out)) {
+            // the owners' parts (cuda_ranks.cu)
         } else if (pass2_ && pass2_nc4_) {
             unsigned long long agree = 0;
             COLLAPSE_CUDA_TRY(cudaMemcpy(&agree, agree_.data(), 8, cudaMemcpyDeviceToHost));

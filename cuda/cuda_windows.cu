@@ -89,6 +89,7 @@ void CudaBackend::window_stash(const BatchDesc& b, const int64_t* slot, int64_t 
     COLLAPSE_CUDA_TRY(cudaEventRecord(w.done, s));
     // The next batch (on any stream) reuses the scratch keys and the staging the stash reads.
     COLLAPSE_CUDA_TRY(cudaEventRecord(last_done_, s));
+    mark_staging_consumed(s);  // the upload two batches on waits for the stash's reads too
     w.pending = true;
     w.rows = m;
     win_next_ = (win_next_ + 1) % kStatusSlots;

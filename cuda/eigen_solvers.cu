@@ -40,7 +40,8 @@ std::vector<double> eigenvalues_sym(Resources& res, double* a, int64_t n, cudaSt
     return out;
 }
 
-// Solver by size: syevjBatched up to 32, XsyevBatched up to 512, Xsyevd one at a time beyond.
+// Solver by size: syevjBatched up to 32, XsyevBatched beyond (Xsyevd one at a time only past its
+// int32 extent).
 void eigenvalues_batched(Resources& res, double* gram, int64_t M, int64_t cnt, double* w, int* info, cudaStream_t s) {
     if (M <= 32) {
         syevjInfo_t params = nullptr;
@@ -56,20 +57,29 @@ void eigenvalues_batched(Resources& res, double* gram, int64_t M, int64_t cnt, d
                                                       gram, (int)M, w, work.data(), lwork, info, params,
                                                       (int)cnt));
         COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-    } else if (M <= 512) {
+    } else if (M * M <= INT32_MAX) {
+        // XsyevBatched at every larger size (CUDA 13: no size limit, but n * lda * batch within
+        // int32): sub-batches of that many matrices, one workspace sized for the largest, one sync.
+        const int64_t per = std::max<int64_t>(1, std::min<int64_t>(cnt, INT32_MAX / (M * M)));
         cusolverDnHandle_t solver = res.solver(s);
         size_t dev_bytes = 0, host_bytes = 0;
         COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched_bufferSize(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR,
                                                                 CUBLAS_FILL_MODE_UPPER, M, CUDA_R_64F, gram, M, CUDA_R_64F,
-                                                                w, CUDA_R_64F, &dev_bytes, &host_bytes, cnt));
+                                                                w, CUDA_R_64F, &dev_bytes, &host_bytes, per));
         Lease<uint8_t> work = res.take<uint8_t>(std::max<size_t>(dev_bytes, 1), "syevBatched workspace");
+        const HostBudget::Lease lease = res.host().reserve((int64_t)std::max<size_t>(host_bytes, 1),
+                                                           "the batched eigen-solver's host workspace (Gram size " + std::to_string(M) + ")",
+                                                           "raise host_memory_limit");
         std::vector<uint8_t> hw(std::max<size_t>(host_bytes, 1));
-        COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, M,
-                                                     CUDA_R_64F, gram, M, CUDA_R_64F, w, CUDA_R_64F, work.data(),
-                                                     dev_bytes, hw.data(), host_bytes, info, cnt));
-        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+        for (int64_t i0 = 0; i0 < cnt; i0 += per) {
+            const int64_t n = std::min(per, cnt - i0);
+            COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, M,
+                                                         CUDA_R_64F, gram + i0 * M * M, M, CUDA_R_64F, w + i0 * M, CUDA_R_64F, work.data(),
+                                                         dev_bytes, hw.data(), host_bytes, info + i0, n));
+        }
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));  // before hw goes
     } else {
-        // Large Grams one at a time (Xsyevd reports no info here: its failure throws).
+        // Beyond XsyevBatched's int32 extent (M > 46340): one at a time (Xsyevd's failure throws).
         COLLAPSE_CUDA_TRY(cudaMemsetAsync(info, 0, (size_t)cnt * sizeof(int), s));
         for (int64_t i = 0; i < cnt; ++i) {
             Lease<double> one = res.take<double>((size_t)(M * M), "large class Gram");

@@ -1,6 +1,6 @@
 // Eigenvalues on the device: the overall Gram (cusolverDnXsyevd) and per-class Grams grouped by
-// size, each group solved by the solver for its size (syevjBatched up to 32, XsyevBatched up to
-// 512, Xsyevd one at a time beyond). Temporaries come from the session's pool; all work is on
+// size, each group solved by the solver for its size (syevjBatched up to 32, XsyevBatched beyond,
+// in sub-batches within its int32 extent). Temporaries come from the session's pool; all work is on
 // res.stream().
 #pragma once
 #include <cuda_runtime.h>

@@ -12,7 +12,7 @@
 //      X X^T (M x M, zero-padded); classes with n_c > d: X^T X (d x d in an M x M slot) by
 //      cublasDsyrk over pieces of rows. Float64 products of exactly converted rows: the accuracy of
 //      the host path (docs/METRICS.md, "Accuracy contract").
-//   3. eigenvalues_batched (syevjBatched / XsyevBatched / Xsyevd by size), then one thread per class
+//   3. eigenvalues_batched (syevjBatched up to 32, XsyevBatched beyond), then one thread per class
 //      reduces its eigenvalues to the entropy (entropy_from_eigen, core/metric_math.hpp: the host's
 //      formula and summation order) into [K] results; only those come back.
 // Every workspace is a pool lease (resources.cuh) sized once per compute from the plan and the free

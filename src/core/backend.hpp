@@ -54,6 +54,9 @@ public:
 
     // What the backend can answer without seeing the rows again.
     virtual bool has_row_store() const = 0;
+    // NC4 comes from rows the backend holds at compute(), so the second pass is not needed for it:
+    // the exact row store on the CPU; on CUDA, while every row is still in the device row buffer.
+    virtual bool nc4_from_rows() const { return has_row_store(); }
 
     // Second pass (NC4, or the Gram of a kept set only known at the end).
     virtual void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) = 0;
@@ -116,19 +119,31 @@ public:
     // which receives the class's rows from every rank in rank order (its arrival order in one
     // process) and computes what needs them (within variances, per-token SVDs, NC4, the Gram and
     // Sigma_W's scatter of a cut kept set); the root adds these parts and compute() takes them in
-    // place of its row store. A backend without it combines as before (the store to the root). ---
+    // place of its row store. Sampled reservoirs go the same way, only the rows of each class's
+    // merged sample, and their part is the per-token SVDs. A backend without it combines as before
+    // (the store to the root). ---
     virtual bool can_spread_rows() const { return false; }
     // From now on save_state writes no row store and load_state expects none.
     virtual void begin_rows_spread() { ranks_unsupported(); }
     // The rows have moved to their owners (spread_close): the state is no longer one process's.
     virtual bool rows_spread() const { return false; }
-    // This rank's rows of classes `ids` (ascending), in pieces of at most max_rows rows.
-    using RowsFn = std::function<void(int32_t c, const double* rows, int64_t n)>;
+    // This rank's rows of classes `ids` (ascending), in pieces of at most max_rows rows; slots:
+    // null (the exact store: rows in arrival order), or (reservoirs) each row's place in its
+    // class's merged sample.
+    using RowsFn = std::function<void(int32_t c, const double* rows, int64_t n, const int64_t* slots)>;
     virtual void spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) { ranks_unsupported(); }
     // The new store of the classes this rank owns, filled in rank order, then put in the old one's place.
     virtual void spread_open(const std::vector<int32_t>& owned) { ranks_unsupported(); }
-    virtual void spread_append(int32_t c, const double* rows, int64_t n) { ranks_unsupported(); }
+    virtual void spread_append(int32_t c, const double* rows, int64_t n, const int64_t* slots) { ranks_unsupported(); }
     virtual void spread_close() { ranks_unsupported(); }
+    // Sampled reservoirs (spread_samples): the root decides every class's merged sample as it
+    // merges the states without rows (load_state in rank order, as a checkpoint merge would pick
+    // the rows: (merge source, row) pairs); spread_write_picks gives the picks of one merge source
+    // (0: the root's own) among the classes `ids`, spread_take_picks gives them to that rank,
+    // whose spread_read then sends only those rows, each with its slot in the merged sample.
+    virtual bool spread_samples() const { return false; }
+    virtual void spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w) { ranks_unsupported(); }
+    virtual void spread_take_picks(const StateReader& r) { ranks_unsupported(); }
     // This rank's part for the kept classes it owns (its store holds all of their rows; the class
     // counts and sums are the combined ones), and the root's sum of every rank's part.
     virtual void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) { ranks_unsupported(); }

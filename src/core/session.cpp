@@ -353,11 +353,11 @@ Counts Session::row_counts() const {
     return c;
 }
 
-// What the second pass is for: NC4 without a row store, and the Gram of a kept set that is only
-// known at the end (max_tokens_to_analyze) without a row store.
+// What the second pass is for: NC4 without the rows at hand (Backend::nc4_from_rows), and the Gram
+// of a kept set that is only known at the end (max_tokens_to_analyze) without a row store.
 // Held-out NC4 (nc4_held_out) always takes its rows from the second pass.
 bool Session::second_pass_nc4() const {
-    return cfg_.compute_nc4 && clf_.present() && (!backend_->has_row_store() || cfg_.nc4_held_out);
+    return cfg_.compute_nc4 && clf_.present() && (!backend_->nc4_from_rows() || cfg_.nc4_held_out);
 }
 bool Session::second_pass_gram() const {
     return cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0 && !backend_->has_row_store();

@@ -223,6 +223,35 @@ TEST(DeviceTokenSvd, MixedDtypesSwitchTheBufferToFloat32) {
     }
 }
 
+// Grams larger than 512 (d = 520: classes with more rows than d have a d x d Gram in a 1024 slot)
+// go through the batched solver like the small ones (eigen_solvers.cu: XsyevBatched beyond 32, in
+// sub-batches within its int32 extent); their entropies are the CPU's (LAPACK), centred or not.
+TEST(DeviceTokenSvd, GramsLargerThan512MatchCpu) {
+    SKIP_WITHOUT_DEVICE();
+    const int64_t d = 520;
+    const std::vector<int64_t> sizes = {600, 530, 40, 3, 0, 700, 9};
+    const Rows R = make_rows(sizes, d, {COLLAPSE_F16}, 512, 21);
+    for (bool center : {false, true}) {
+        SCOPED_TRACE(center ? "svd_center" : "uncentred");
+        collapse_options o = collapse::default_options();
+        o.svd_center = center;
+        const ci::Config cfg = ci::from_options(o);
+        const Both r = run_both(R, cfg);
+        ASSERT_EQ(r.gpu.tokens.size(), r.cpu.tokens.size());
+        int64_t large = 0;
+        for (size_t t = 0; t < r.gpu.tokens.size(); ++t) {
+            const ci::TokenMetrics &g = r.gpu.tokens[t], &c = r.cpu.tokens[t];
+            SCOPED_TRACE("token " + std::to_string(g.id) + " (" + std::to_string(g.num_samples) + " rows)");
+            EXPECT_EQ(g.id, c.id);
+            EXPECT_EQ(g.svd_rows, g.num_samples);
+            large += g.num_samples > 512 ? 1 : 0;
+            ASSERT_TRUE(g.svd_entropy && c.svd_entropy);
+            EXPECT_NEAR(*g.svd_entropy, *c.svd_entropy, 1e-5);
+        }
+        EXPECT_EQ(large, 3) << "three classes with Grams of size 520 (in 1024 slots)";
+    }
+}
+
 // A compute, more rows, a compute again (a server's snapshot): both from the device rows, both the
 // CPU's, and the second allocates nothing on the device (the grouping and the workspaces are pool
 // slabs sized with room to grow).
