@@ -2,7 +2,7 @@
 # `collapse analyze` on one process against `mpirun -np 2` on this machine (README "MPI",
 # bench/README.md "MPI scaling"): wall time, speedup next to the 2-core ceiling of 2.0, and what the
 # combine moved and cost (COLLAPSE_MPI_STATS) next to the model of bench/README.md.
-#   bash bench/mpi_scale.sh [build-dir] [rows] [dim] [classes]
+#   bash bench/mpi_scale.sh [build-dir] [rows] [dim] [classes]     (MODES="off exact sampled" by default)
 # Each rank is one thread (OPENBLAS_NUM_THREADS=1, OMP_NUM_THREADS=1), so -np 1 uses one core and
 # -np 2 two. Results: bench/results/mpi_scale_cpu.txt.
 set -euo pipefail
@@ -39,8 +39,9 @@ mpi() { mpirun --oversubscribe -np "$1" -x OPENBLAS_NUM_THREADS -x OMP_NUM_THREA
 echo "# collapse MPI scaling on one machine ($(date -u +%Y-%m-%dT%H:%MZ))"
 echo "# cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'), $(nproc --all) logical cores, load average $(cut -d" " -f1-3 /proc/loadavg) (other jobs share this machine); $(mpirun --version | head -1)"
 echo "# input: collapse synth --rows $rows --dim $dim --classes $classes (float32, $(du -h "$work/d/features.npy" | cut -f1)); one thread per rank; best of 3"
-for mode in off exact; do
-  printf "svd_mode: %s\ncompute_nc4: true\n" "$mode" > "$work/c.yaml"
+for mode in ${MODES:-off exact sampled}; do
+  # sampled: reservoirs of 256 rows, below the classes' ~780 rows (the merged samples decided on rank 0)
+  printf "svd_mode: %s\ncompute_nc4: true\nsvd_max_rows_per_token: 256\n" "$mode" > "$work/c.yaml"
   t1=$(best "$cli" analyze $in --config "$work/c.yaml" -q -o "$work/r1.json")
   t2=$(best mpi 2 analyze $in --config "$work/c.yaml" -q -o "$work/r2.json")
   stats=$(grep "collapse: mpi" "$work/err" | sed 's/^collapse: mpi /  /')

@@ -24,9 +24,12 @@
  *
  * An exact row store (svd_mode exact, CPU sessions on every rank) is not sent to the root: the
  * combine gives every rank the combined class counts and sums, moves each kept class's rows to
- * an owner rank (rank order kept, in pieces), and every rank computes the row-store metrics of
- * its classes (per-token SVDs, within-class variances, NC4, a cut kept set's Gram and scatter)
- * at once; the root adds them. Every session in the communicator then takes no more rows, and
+ * an owner rank (rank order kept, in pieces, every rank sending and receiving at once), and every
+ * rank computes the row-store metrics of its classes (per-token SVDs, within-class variances,
+ * NC4, a cut kept set's Gram and scatter) at once; the root adds them. Sampled reservoirs (CPU)
+ * go the same way: the root decides each class's merged sample from the counts (the rows
+ * collapse_session_merge would keep), only those rows move to the owners, which compute the
+ * per-token SVDs. Every session in the communicator then takes no more rows, and
  * collapse_session_save refuses (COLLAPSE_ERR_STATE): checkpoint before the combine. The
  * classifier must be set on every rank before the combine (the owners' NC4 needs it).
  * After an error of any of these functions the sessions are fit only for destroy.

@@ -83,17 +83,22 @@ public:
     void merge_second_pass(const StateReader& r);
     bool has_backend() const { return backend_ != nullptr; }
     // The exact row store spread over ranks by class (Backend, "spread"; src/mpi/ moves the rows).
-    // can_spread_rows: first pass, and the backend keeps an exact row store it can spread.
+    // can_spread_rows: first pass, and the backend keeps an exact row store (or reservoirs) it can spread.
     // spread_owners (the root's combined counts; src/mpi/ broadcasts the result): the kept ids,
     // and each one's owner rank among P (the largest work first, each to the rank with the least
     // work so far). spread_open takes the classes this rank owns, spread_append their rows (in
-    // rank order), spread_close puts the new store in the old one's place.
+    // rank order; reservoir rows with their slots), spread_close puts the new store in the old one's place.
     bool can_spread_rows() const;
     void begin_rows_spread();
     std::vector<int32_t> spread_owners(int P, std::vector<int32_t>& ids);
     void spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const Backend::RowsFn& fn);
     void spread_open(const std::vector<int32_t>& owned);
-    void spread_append(int32_t c, const double* rows, int64_t n);
+    void spread_append(int32_t c, const double* rows, int64_t n, const int64_t* slots);
+    // Sampled reservoirs (Backend, "spread_samples"): the root's picks of merge source `source`
+    // among the kept classes `ids`, and a rank's taking of its own.
+    bool spread_samples() const;
+    void spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w);
+    void spread_take_picks(const StateReader& r);
     void spread_close();
     void save_spread_part(StateWriter& w);
     void merge_spread_part(const StateReader& r);

@@ -105,10 +105,12 @@ std::vector<int32_t> Session::spread_owners(int P, std::vector<int32_t>& ids) {
                                                      "the owner ranks of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
     // A class's work: its SVD (n min(n, d)) and, when its rows are NC4's, the logits (n V) and the
     // distances to the K means. Largest first, each to the least loaded rank (lowest on ties).
-    const bool nc4 = cfg_.compute_nc4 && clf_.present() && !cfg_.nc4_held_out;
+    // Reservoirs: at most svd_max_rows_per_token rows a class, and only the SVDs.
+    const bool sampled = backend_->spread_samples();
+    const bool nc4 = cfg_.compute_nc4 && clf_.present() && !cfg_.nc4_held_out && !sampled;
     std::vector<double> work(K);
     for (size_t s = 0; s < K; ++s) {
-        const double n = (double)kept.counts[s];
+        const double n = sampled ? (double)std::min(kept.counts[s], cfg_.svd_max_rows_per_token) : (double)kept.counts[s];
         work[s] = n * (std::min<double>(n, (double)d_) + (nc4 ? (double)(V_ + (int64_t)K) : 0.0));
     }
     std::vector<size_t> order(K);
@@ -135,9 +137,21 @@ void Session::spread_open(const std::vector<int32_t>& owned) {
     backend_->spread_open(owned);
 }
 
-void Session::spread_append(int32_t c, const double* rows, int64_t n) {
+void Session::spread_append(int32_t c, const double* rows, int64_t n, const int64_t* slots) {
     if (c < 0 || c >= V_ || n < 0) fail(COLLAPSE_ERR_INTERNAL, "spread_append: class ", c, " or ", n, " rows out of range");
-    backend_->spread_append(c, rows, n);
+    backend_->spread_append(c, rows, n, slots);
+}
+
+bool Session::spread_samples() const { return backend_ && backend_->spread_samples(); }
+
+void Session::spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w) {
+    check_state("spread_write_picks");
+    backend_->spread_write_picks(source, ids, w);
+}
+
+void Session::spread_take_picks(const StateReader& r) {
+    check_state("spread_take_picks");
+    backend_->spread_take_picks(r);
 }
 
 void Session::spread_close() { backend_->spread_close(); }

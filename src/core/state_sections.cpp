@@ -7,17 +7,12 @@
 
 #include "base/dtype.hpp"
 #include "base/error.hpp"
+#include "base/text.hpp"
 #include "core/sampling.hpp"
 
 namespace collapse::internal {
 
 namespace {
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-    std::string s;
-    for (int64_t v : shape) s += (s.empty() ? "" : ", ") + std::to_string(v);
-    return "[" + s + "]";
-}
 
 // The section, refused unless it has exactly this type and shape.
 StateSection expect(const StateReader& r, const std::string& name, collapse_dtype t, const std::vector<int64_t>& shape) {
@@ -212,25 +207,43 @@ void load_store(const StateReader& r, const StateView& v, RowStore& store, int64
     }
 }
 
-RowVector merge_reservoirs(uint64_t seed, int32_t c, int64_t cap, int64_t d, const double* mine, int64_t kept_mine, int64_t seen_mine,
-                           const double* theirs, int64_t kept_theirs, int64_t seen_theirs) {
+std::vector<int64_t> merge_reservoir_picks(uint64_t seed, int32_t c, int64_t cap, int64_t kept_mine, int64_t seen_mine, int64_t kept_theirs,
+                                           int64_t seen_theirs) {
+    std::vector<int64_t> picks;
+    if (kept_mine + kept_theirs <= cap) {  // both fit: every row, mine first
+        picks.resize((size_t)(kept_mine + kept_theirs));
+        for (size_t j = 0; j < picks.size(); ++j) picks[j] = (int64_t)j;
+        return picks;
+    }
     struct Cand {
         double key;
-        const double* row;
+        int64_t at;
     };
     std::vector<Cand> cand;
-    auto add = [&](const double* base, int64_t k, int64_t seen, uint64_t shard) {
+    cand.reserve((size_t)(kept_mine + kept_theirs));
+    auto add = [&](int64_t base, int64_t k, int64_t seen, uint64_t shard) {
         const double w = (double)seen / (double)std::max<int64_t>(k, 1);
         for (int64_t j = 0; j < k; ++j) {
             const double u = ((double)(mix64(seed ^ mix64(((uint64_t)c << 20) ^ (shard << 62) ^ (uint64_t)j)) >> 11) + 0.5) * 0x1.0p-53;
-            cand.push_back({std::pow(u, 1.0 / w), base + j * d});
+            cand.push_back({std::pow(u, 1.0 / w), base + j});
         }
     };
-    add(mine, kept_mine, seen_mine, 0);
-    add(theirs, kept_theirs, seen_theirs, 1);
+    add(0, kept_mine, seen_mine, 0);
+    add(kept_mine, kept_theirs, seen_theirs, 1);
     std::stable_sort(cand.begin(), cand.end(), [](const Cand& x, const Cand& y) { return x.key > y.key; });
+    for (int64_t j = 0; j < cap && j < (int64_t)cand.size(); ++j) picks.push_back(cand[(size_t)j].at);
+    return picks;
+}
+
+RowVector merge_reservoirs(uint64_t seed, int32_t c, int64_t cap, int64_t d, const double* mine, int64_t kept_mine, int64_t seen_mine,
+                           const double* theirs, int64_t kept_theirs, int64_t seen_theirs) {
+    const std::vector<int64_t> picks = merge_reservoir_picks(seed, c, cap, kept_mine, seen_mine, kept_theirs, seen_theirs);
     RowVector out;
-    for (int64_t j = 0; j < cap && j < (int64_t)cand.size(); ++j) out.insert(out.end(), cand[(size_t)j].row, cand[(size_t)j].row + d);
+    out.reserve(picks.size() * (size_t)d);
+    for (int64_t at : picks) {
+        const double* row = at < kept_mine ? mine + at * d : theirs + (at - kept_mine) * d;
+        out.insert(out.end(), row, row + d);
+    }
     return out;
 }
 

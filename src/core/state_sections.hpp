@@ -77,9 +77,14 @@ void write_store(StateWriter& w, const RowStore& store, int64_t V, int64_t d, in
 // the error propagates.
 void load_store(const StateReader& r, const StateView& v, RowStore& store, int64_t V, int64_t d);
 
-// Two reservoirs of one class merged: a weighted sample without replacement (Efraimidis and
-// Spirakis) of at most `cap` rows, where each kept row stands for seen / kept rows of its shard,
-// keyed by a hash of (seed, class, shard, row) so that the result is reproducible.
+// Two reservoirs of one class merged: every row (mine first) when both fit in `cap`, else a
+// weighted sample without replacement (Efraimidis and Spirakis) of `cap` rows, where each kept row
+// stands for seen / kept rows of its shard, keyed by a hash of (seed, class, shard, row) so that
+// the result is reproducible. The picks depend on the counts alone: indices into mine's rows
+// followed by theirs (at < kept_mine: mine's row at), in the merged order; MPI ranks decide the
+// sample with them before any row moves (cpu_checkpoint.cpp, src/mpi/).
+std::vector<int64_t> merge_reservoir_picks(uint64_t seed, int32_t c, int64_t cap, int64_t kept_mine, int64_t seen_mine, int64_t kept_theirs,
+                                           int64_t seen_theirs);
 RowVector merge_reservoirs(uint64_t seed, int32_t c, int64_t cap, int64_t d, const double* mine, int64_t kept_mine, int64_t seen_mine,
                            const double* theirs, int64_t kept_theirs, int64_t seen_theirs);
 

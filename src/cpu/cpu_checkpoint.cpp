@@ -80,8 +80,11 @@ void CpuBackend::load_state(const StateReader& r, bool merge) {
         if (store_ && !has_row_store()) store_->clear();
         rows_ = Counts{};
     }
-    add_row_counts(rows_, v.rows);
     const std::vector<int64_t> before = count_;  // n_c before this shard (merge)
+    // Reservoirs spread over ranks: the merged sample decided from the counts, no row here
+    // (cpu_ranks.cpp); first, as it is the part that can be refused (host_memory_limit).
+    if (spread_samples() && spread_phase_ == SpreadPhase::Gathering) merge_picks(v.counts, before);
+    add_row_counts(rows_, v.rows);
     // This session's reference row s_c stays where it has one (a class new here takes the shard's);
     // the shard's sums of squares and scatter move to it. Held-back rows enter later, with the merged rows.
     within_valid_ = within_merge;
@@ -112,18 +115,14 @@ void CpuBackend::load_state(const StateReader& r, bool merge) {
         }
         gram_flush();
     }
-    if (store_ && !has_row_store()) {  // reservoirs
+    if (store_ && !has_row_store() && spread_phase_ == SpreadPhase::None) {  // reservoirs
         const int64_t cap = cfg_.svd_max_rows_per_token;
         for (int64_t c = 0; c < V_; ++c) {
             const int64_t n = off[c + 1] - off[c];
             if (n == 0) continue;
             const double* src = v.store_rows + off[c] * d_;
-            const int64_t ka = store_->memory_rows((int32_t)c);
-            if (ka + n <= cap)
-                std::memcpy(store_->append((int32_t)c, n), src, (size_t)(n * d_) * 8);
-            else
-                store_->assign((int32_t)c, merge_reservoirs(cfg_.seed, (int32_t)c, cap, d_, store_->memory_data((int32_t)c), ka, before[(size_t)c],
-                                                            src, n, v.counts[c]));
+            store_->assign((int32_t)c, merge_reservoirs(cfg_.seed, (int32_t)c, cap, d_, store_->memory_data((int32_t)c),
+                                                        store_->memory_rows((int32_t)c), before[(size_t)c], src, n, v.counts[c]));
         }
     }
     held_.update(held_rows_bytes());

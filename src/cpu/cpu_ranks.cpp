@@ -2,24 +2,22 @@
 // "spread"; the messages are src/mpi/mpi_state.cpp): this rank's rows read out of its store, the
 // new store of the classes it owns filled in rank order, its part of the metrics that need the
 // rows (computed by compute()'s own functions on those classes), and the root's sum of the parts
-// that compute() then takes in place of the row store.
+// that compute() then takes in place of the row store. Sampled reservoirs go the same way: the
+// root decides the merged samples from the counts as it merges the states (merge_picks), each
+// rank sends its picked rows with their slots, and the parts hold the per-token SVDs only.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 
 #include "base/error.hpp"
+#include "core/spread_part.hpp"
+#include "core/state_sections.hpp"
 #include "cpu/cpu_backend.hpp"
 
 namespace collapse::internal {
-
-namespace {
-
-constexpr double kNone = std::numeric_limits<double>::quiet_NaN();  // an absent optional in a part
-double pack(const std::optional<double>& v) { return v ? *v : kNone; }
-std::optional<double> unpack(double v) { return std::isnan(v) ? std::nullopt : std::optional<double>(v); }
-
-}  // namespace
 
 void CpuBackend::refuse_if_spread(const char* what) const {
     if (spread_phase_ == SpreadPhase::Spread)
@@ -27,16 +25,129 @@ void CpuBackend::refuse_if_spread(const char* what) const {
 }
 
 void CpuBackend::begin_rows_spread() {
-    if (!can_spread_rows()) fail(COLLAPSE_ERR_STATE, "begin_rows_spread: no exact row store to spread, or it is spread already");
+    if (!can_spread_rows()) fail(COLLAPSE_ERR_STATE, "begin_rows_spread: no row store or reservoirs to spread, or they are spread already");
     spread_phase_ = SpreadPhase::Gathering;
+    picks_.clear(), pick_sources_ = 0;
+}
+
+void CpuBackend::merge_picks(const int64_t* theirs, const std::vector<int64_t>& before) {
+    const int64_t cap = cfg_.svd_max_rows_per_token;
+    if (cap >= (int64_t(1) << kPickShift)) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "svd_max_rows_per_token = ", cap, " is too large to spread over MPI ranks");
+    if (pick_sources_ >= (int64_t(1) << (64 - kPickShift))) fail(COLLAPSE_ERR_INTERNAL, "merge_picks: too many merge sources");
+    // The sample grows by at most each class's rows here (min(count, cap)), and one class's next
+    // list exists beside its old one: counted before anything changes.
+    int64_t grow = pick_sources_ == 0 ? mul_bytes(V_, (int64_t)sizeof(std::vector<uint64_t>)) : 0, most = 0;
+    for (int64_t c = 0; c < V_; ++c) {
+        const int64_t mine = pick_sources_ == 0 ? store_->memory_rows((int32_t)c) : (int64_t)picks_[(size_t)c].size();
+        const int64_t next = std::min(cap, mine + std::min(theirs[c], cap));
+        grow += 8 * (pick_sources_ == 0 ? next : next - mine);
+        most = std::max(most, next);
+    }
+    picks_lease_.resize(add_bytes(picks_lease_.bytes(), grow), "the merged reservoir samples of V = " + std::to_string(V_) +
+                                                                   " classes, as (rank, row) pairs (spread over the MPI ranks)", kFixNumClasses);
+    const HostBudget::Lease scratch = budget_->reserve(mul_bytes(most, 2 * 8 + 16), "one class's reservoir merge", kFixNumClasses);
+    if (pick_sources_ == 0) {  // this session's own reservoirs: source 0
+        picks_.assign((size_t)V_, {});
+        for (int64_t c = 0; c < V_; ++c) {
+            picks_[(size_t)c].resize((size_t)store_->memory_rows((int32_t)c));
+            for (size_t j = 0; j < picks_[(size_t)c].size(); ++j) picks_[(size_t)c][j] = j;
+        }
+        pick_sources_ = 1;
+    }
+    const uint64_t source = (uint64_t)pick_sources_ << kPickShift;
+    for (int64_t c = 0; c < V_; ++c) {
+        if (theirs[c] == 0) continue;
+        std::vector<uint64_t>& mine = picks_[(size_t)c];
+        const int64_t ka = (int64_t)mine.size();
+        // As load_state merges reservoir rows (state_sections.cpp): theirs holds min(count, cap).
+        const std::vector<int64_t> at =
+            merge_reservoir_picks(cfg_.seed, (int32_t)c, cap, ka, before[(size_t)c], std::min(theirs[c], cap), theirs[c]);
+        std::vector<uint64_t> next(at.size());
+        for (size_t i = 0; i < at.size(); ++i) next[i] = at[i] < ka ? mine[(size_t)at[i]] : source | (uint64_t)(at[i] - ka);
+        mine.swap(next);
+    }
+    ++pick_sources_;
+}
+
+void CpuBackend::spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w) {
+    if (spread_phase_ != SpreadPhase::Gathering || !spread_samples()) fail(COLLAPSE_ERR_STATE, "spread_write_picks: no reservoirs are being spread");
+    if (source < 0 || (pick_sources_ > 0 ? source >= pick_sources_ : source != 0))
+        fail(COLLAPSE_ERR_INTERNAL, "spread_write_picks: merge source ", source, " of ", std::max<int64_t>(1, pick_sources_));
+    std::vector<int32_t> sorted = ids;
+    std::sort(sorted.begin(), sorted.end());
+    // Without a merge (one source) every row of the own reservoirs is the sample.
+    auto for_picks = [&](const std::function<void(int32_t, int64_t, int64_t)>& fn) {
+        for (int32_t c : sorted) {
+            if (c < 0 || c >= V_) fail(COLLAPSE_ERR_INTERNAL, "spread_write_picks: class ", c);
+            if (pick_sources_ == 0) {
+                for (int64_t j = 0; j < store_->memory_rows(c); ++j) fn(c, j, j);
+                continue;
+            }
+            const std::vector<uint64_t>& p = picks_[(size_t)c];
+            for (size_t slot = 0; slot < p.size(); ++slot)
+                if ((int64_t)(p[slot] >> kPickShift) == source) fn(c, (int64_t)(p[slot] & ((uint64_t(1) << kPickShift) - 1)), (int64_t)slot);
+        }
+    };
+    int64_t m = 0;
+    for_picks([&](int32_t, int64_t, int64_t) { ++m; });
+    const HostBudget::Lease lease = budget_->reserve(mul_bytes(m, 24), "the reservoir rows rank source " + std::to_string(source) + " sends to their owners",
+                                                     kFixNumClasses);
+    std::vector<int64_t> cls, row, slot;
+    cls.reserve((size_t)m), row.reserve((size_t)m), slot.reserve((size_t)m);
+    for_picks([&](int32_t c, int64_t j, int64_t at) { cls.push_back(c), row.push_back(j), slot.push_back(at); });
+    w.add("pick_classes", COLLAPSE_I64, {m}, cls.data(), (size_t)m * 8);
+    w.add("pick_rows", COLLAPSE_I64, {m}, row.data(), (size_t)m * 8);
+    w.add("pick_slots", COLLAPSE_I64, {m}, slot.data(), (size_t)m * 8);
+}
+
+void CpuBackend::spread_take_picks(const StateReader& r) {
+    if (spread_phase_ != SpreadPhase::Gathering || !spread_samples()) fail(COLLAPSE_ERR_STATE, "spread_take_picks: no reservoirs are being spread");
+    const std::string what = r.description();
+    const StateSection cs = r.section("pick_classes"), rs = r.section("pick_rows"), ss = r.section("pick_slots");
+    for (const StateSection* x : {&cs, &rs, &ss})
+        if (x->dtype_code != (uint32_t)COLLAPSE_I64 || x->shape.size() != 1 || x->shape != cs.shape)
+            fail(COLLAPSE_ERR_INTERNAL, what, ": section ", x->name, " is not int64 [m] as pick_classes");
+    const int64_t m = cs.shape[0];
+    const int64_t* c = static_cast<const int64_t*>(cs.data);
+    const int64_t* j = static_cast<const int64_t*>(rs.data);
+    const int64_t* at = static_cast<const int64_t*>(ss.data);
+    const int64_t cap = cfg_.svd_max_rows_per_token;
+    for (int64_t i = 0; i < m; ++i)  // count_ is the combined one by now (adopt_class_sums)
+        if (c[i] < 0 || c[i] >= V_ || (i > 0 && c[i] < c[i - 1]) || j[i] < 0 || j[i] >= store_->memory_rows((int32_t)c[i]) || at[i] < 0 ||
+            at[i] >= std::min(count_[(size_t)c[i]], cap))
+            fail(COLLAPSE_ERR_INTERNAL, what, ": pick ", i, " (class ", c[i], ", row ", j[i], ", slot ", at[i], ") is out of range");
+    my_picks_lease_.resize(add_bytes(mul_bytes(V_ + 1, 8), mul_bytes(m, 16)), "this rank's picks of its reservoir rows", kFixNumClasses);
+    pick_at_.assign((size_t)V_ + 1, 0);
+    for (int64_t i = 0; i < m; ++i) ++pick_at_[(size_t)c[i] + 1];
+    for (int64_t k = 0; k < V_; ++k) pick_at_[(size_t)k + 1] += pick_at_[(size_t)k];
+    pick_row_.assign(j, j + m), pick_slot_.assign(at, at + m);
+    picks_ = {}, picks_lease_.reset();  // the root's sample is no longer needed
 }
 
 void CpuBackend::spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) {
     if (spread_phase_ != SpreadPhase::Gathering) fail(COLLAPSE_ERR_STATE, "spread_read: the rows are not being spread");
     max_rows = std::max<int64_t>(1, max_rows);
-    store_->for_each_class(ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
-        for (int64_t i = 0; i < n; i += max_rows) fn(c, x + i * d_, std::min(max_rows, n - i));
-    });
+    if (!spread_samples()) {
+        store_->for_each_class(ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
+            for (int64_t i = 0; i < n; i += max_rows) fn(c, x + i * d_, std::min(max_rows, n - i), nullptr);
+        });
+        return;
+    }
+    // Reservoirs (in memory): the picked rows of each class, copied together a piece at a time.
+    if (pick_at_.size() != (size_t)V_ + 1) fail(COLLAPSE_ERR_STATE, "spread_read: this rank has not taken its picks");
+    int64_t most = 0;
+    for (int32_t c : ids) most = std::max(most, std::min(max_rows, pick_at_[(size_t)c + 1] - pick_at_[(size_t)c]));
+    const HostBudget::Lease lease = budget_->reserve(mul_bytes(most, d_, 8), "a piece of reservoir rows for their owner", kFixNumClasses);
+    std::vector<double> buf((size_t)(most * d_));
+    for (int32_t c : ids) {
+        const int64_t b = pick_at_[(size_t)c], e = pick_at_[(size_t)c + 1];
+        for (int64_t i = b; i < e; i += max_rows) {
+            const int64_t n = std::min(max_rows, e - i);
+            for (int64_t k = 0; k < n; ++k)
+                std::memcpy(buf.data() + k * d_, store_->memory_data(c) + pick_row_[(size_t)(i + k)] * d_, (size_t)d_ * 8);
+            fn(c, buf.data(), n, pick_slot_.data() + i);
+        }
+    }
 }
 
 void CpuBackend::spread_open(const std::vector<int32_t>& owned) {
@@ -48,6 +159,15 @@ void CpuBackend::spread_open(const std::vector<int32_t>& owned) {
         if (c < 0 || c >= V_) fail(COLLAPSE_ERR_INTERNAL, "spread_open: class ", c, " is not in [0, ", V_, ")");
         spread_owned_[(size_t)c] = 1;
         rows += count_[(size_t)c];
+    }
+    if (spread_samples()) {
+        // The merged samples of the owned classes, in memory as reservoirs are; each class's slots
+        // are allocated when its first rows come (spread_append counts them).
+        spread_lease_.resize(mul_bytes(V_, 9), "the flags and filled slots of the classes this rank owns (V = " + std::to_string(V_) + ")",
+                             kFixNumClasses);
+        spread_filled_.assign((size_t)V_, 0);
+        spread_store_ = std::make_unique<RowStore>(V_, d_, -1, cfg_.intermediate_save_dir, RowStore::WriteFn{}, budget_.get());
+        return;
     }
     // The new store takes in memory at most what is left beside the old one, halved as the first
     // store does, and spills the rest under intermediate_save_dir. The old store's rows in memory
@@ -63,10 +183,27 @@ void CpuBackend::spread_open(const std::vector<int32_t>& owned) {
     spread_store_ = std::make_unique<RowStore>(V_, d_, memory, cfg_.intermediate_save_dir, RowStore::WriteFn{}, budget_.get());
 }
 
-void CpuBackend::spread_append(int32_t c, const double* x, int64_t n) {
+void CpuBackend::spread_append(int32_t c, const double* x, int64_t n, const int64_t* slots) {
     if (!spread_store_) fail(COLLAPSE_ERR_INTERNAL, "spread_append: no store is open");
     if (!spread_owned_[(size_t)c]) fail(COLLAPSE_ERR_INTERNAL, "rows of class ", c, " came to a rank that does not own it");
     if (n <= 0) return;
+    if (spread_samples() != (slots != nullptr)) fail(COLLAPSE_ERR_INTERNAL, "spread_append: rows ", slots ? "with" : "without", " slots");
+    if (slots) {
+        // A reservoir's rows each go to their slot in the class's merged sample.
+        const int64_t k = std::min(count_[(size_t)c], cfg_.svd_max_rows_per_token);
+        if (spread_filled_[(size_t)c] + n > k) fail(COLLAPSE_ERR_INTERNAL, "class ", c, " received more than its ", k, " sampled rows");
+        if (spread_store_->rows(c) == 0) {
+            spread_lease_.resize(add_bytes(spread_lease_.bytes(), spread_store_->growth(c, k)),
+                                 "the sampled rows of class " + std::to_string(c) + " moved to the rank that owns it", kFixNumClasses);
+            spread_store_->append(c, k);
+        }
+        for (int64_t i = 0; i < n; ++i) {
+            if (slots[i] < 0 || slots[i] >= k) fail(COLLAPSE_ERR_INTERNAL, "class ", c, ": slot ", slots[i], " outside its sample of ", k);
+            std::memcpy(spread_store_->memory_data(c) + slots[i] * d_, x + i * d_, (size_t)d_ * 8);
+        }
+        spread_filled_[(size_t)c] += n;
+        return;
+    }
     if (spread_store_->rows(c) + n > count_[(size_t)c])
         fail(COLLAPSE_ERR_INTERNAL, "class ", c, " received more rows (", spread_store_->rows(c) + n, ") than its count ", count_[(size_t)c]);
     spread_store_->make_room([&] { return spread_store_->growth(c, n); });
@@ -87,12 +224,18 @@ void CpuBackend::spread_append(int32_t c, const double* x, int64_t n) {
 
 void CpuBackend::spread_close() {
     if (!spread_store_) fail(COLLAPSE_ERR_INTERNAL, "spread_close: no store is open");
-    for (int64_t c = 0; c < V_; ++c)
-        if (spread_owned_[(size_t)c] && spread_store_->rows((int32_t)c) != count_[(size_t)c])
-            fail(COLLAPSE_ERR_INTERNAL, "class ", c, " has ", spread_store_->rows((int32_t)c), " rows on the rank that owns it, its count is ",
-                 count_[(size_t)c]);
+    const bool sampled = spread_samples();
+    for (int64_t c = 0; c < V_; ++c) {
+        if (!spread_owned_[(size_t)c]) continue;
+        // Every row of the class, or (reservoirs) every slot of its merged sample, filled once.
+        const int64_t want = sampled ? std::min(count_[(size_t)c], cfg_.svd_max_rows_per_token) : count_[(size_t)c];
+        const int64_t got = sampled ? spread_filled_[(size_t)c] : spread_store_->rows((int32_t)c);
+        if (got != want || spread_store_->rows((int32_t)c) != want)
+            fail(COLLAPSE_ERR_INTERNAL, "class ", c, " has ", got, " rows on the rank that owns it, ", sampled ? "its sample holds " : "its count is ", want);
+    }
     store_ = std::move(spread_store_);  // the old store and its spill files go
-    spread_owned_ = {};
+    spread_owned_ = {}, spread_filled_ = {};
+    pick_at_ = {}, pick_row_ = {}, pick_slot_ = {}, my_picks_lease_.reset();
     held_.update(held_rows_bytes());
     spread_lease_.reset();
     spread_phase_ = SpreadPhase::Spread;
@@ -101,18 +244,11 @@ void CpuBackend::spread_close() {
 void CpuBackend::spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) {
     if (spread_phase_ != SpreadPhase::Spread) fail(COLLAPSE_ERR_STATE, "spread_part: the rows have not been spread");
     const size_t K = kept.ids.size(), d = (size_t)d_;
-    const bool nc4 = cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0;
-    // The kept classes whose rows are here (every row of each: spread_close checked).
-    KeptSet own;
+    // Reservoirs give only the per-token SVDs (variances, NC4 and Grams come without them).
+    const bool exact = has_row_store();
+    const bool nc4 = exact && cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0;
     std::vector<int64_t> slots;
-    for (size_t s = 0; s < K; ++s) {
-        const int32_t c = kept.ids[s];
-        if (store_->rows(c) == 0) continue;
-        own.ids.push_back(c);
-        own.counts.push_back(kept.counts[s]);
-        own.rows += kept.counts[s];
-        slots.push_back((int64_t)s);
-    }
+    KeptSet own = owned_classes(kept, [&](int32_t c) { return store_->rows(c); }, slots);
     const size_t k = own.ids.size();
     const HostBudget::Lease lease = budget_->reserve(
         add_bytes(add_bytes(mul_bytes((int64_t)(nc4 ? K + k : k), d_, 8), mul_bytes(V_, 4)),
@@ -120,8 +256,7 @@ void CpuBackend::spread_part(const KeptSet& kept, const Classifier& clf, StateWr
         "this rank's part of the row-store metrics (the means of its " + std::to_string(k) + " classes and of the K = " + std::to_string(K) +
             " kept ones, the d x d Gram and scatter)",
         kFixKeptClasses);
-    own.slot.assign((size_t)V_, -1);
-    for (size_t s = 0; s < k; ++s) own.slot[(size_t)own.ids[s]] = (int32_t)s;
+    fill_slots(own, V_);
     // The means as compute() makes them (the same expression, so the same bits).
     auto means = [&](const std::vector<int32_t>& ids) {
         std::vector<double> mu(ids.size() * d);
@@ -133,21 +268,15 @@ void CpuBackend::spread_part(const KeptSet& kept, const Classifier& clf, StateWr
     };
     const std::vector<double> mu = means(own.ids);
     w.add("part_slots", COLLAPSE_I64, {(int64_t)k}, slots.data(), k * 8);
-    std::vector<double> var(k, 0.0);
-    store_variances(own, mu, var);
-    w.add("part_var", COLLAPSE_F64, {(int64_t)k}, var.data(), k * 8);
+    if (exact) {
+        std::vector<double> var(k, 0.0);
+        store_variances(own, mu, var);
+        w.add("part_var", COLLAPSE_F64, {(int64_t)k}, var.data(), k * 8);
+    }
     if (cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF) {
         MetricValues tv;
         if (k > 0) token_metrics(own, mu, tv);
-        std::vector<double> f(k * 3);
-        std::vector<int64_t> i(k * 3);
-        for (size_t s = 0; s < k && s < tv.tokens.size(); ++s) {
-            const TokenMetrics& t = tv.tokens[s];
-            f[s * 3] = pack(t.svd_entropy), f[s * 3 + 1] = pack(t.effective_rank), f[s * 3 + 2] = pack(t.normalized_entropy);
-            i[s * 3] = t.svd_rows, i[s * 3 + 1] = t.sampled, i[s * 3 + 2] = t.zero_matrix;
-        }
-        w.add("part_tokens_f", COLLAPSE_F64, {(int64_t)k, 3}, f.data(), f.size() * 8);
-        w.add("part_tokens_i", COLLAPSE_I64, {(int64_t)k, 3}, i.data(), i.size() * 8);
+        write_token_part(w, tv.tokens, k);  // the layout the CUDA backend writes too
     }
     if (nc4) {
         // NC4 over this rank's rows against every kept mean: the other classes have no rows here.
@@ -164,12 +293,12 @@ void CpuBackend::spread_part(const KeptSet& kept, const Classifier& clf, StateWr
         }
     }
     // The Gram and Sigma_W's scatter where compute() takes them from the rows (a cut kept set).
-    if (cfg_.compute_overall_metrics && !gram_streaming_ && K > 0) {
+    if (exact && cfg_.compute_overall_metrics && !gram_streaming_ && K > 0) {
         std::vector<double> g(d * d, 0.0);
         store_gram(own.ids, g);
         w.add("part_gram", COLLAPSE_F64, {d_, d_}, g.data(), g.size() * 8);
     }
-    if (cfg_.compute_class_metrics && !within_streaming_ && K >= 2) {
+    if (exact && cfg_.compute_class_metrics && !within_streaming_ && K >= 2) {
         std::vector<double> s(d * d, 0.0);
         store_scatter(own, mu, s);
         w.add("part_within", COLLAPSE_F64, {d_, d_}, s.data(), s.size() * 8);
@@ -181,9 +310,10 @@ void CpuBackend::spread_merge(const KeptSet& kept, const Classifier& clf, const 
     const std::string what = r.description();
     const size_t K = kept.ids.size(), d = (size_t)d_;
     const bool tokens = cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF;
-    const bool nc4 = cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0;
-    const bool gram = cfg_.compute_overall_metrics && !gram_streaming_ && K > 0;
-    const bool within = cfg_.compute_class_metrics && !within_streaming_ && K >= 2;
+    const bool exact = has_row_store();  // spread_part's parts
+    const bool nc4 = exact && cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0;
+    const bool gram = exact && cfg_.compute_overall_metrics && !gram_streaming_ && K > 0;
+    const bool within = exact && cfg_.compute_class_metrics && !within_streaming_ && K >= 2;
     // Every section checked before anything is added.
     auto get = [&](const char* name, collapse_dtype t, const std::vector<int64_t>& shape) {
         if (!r.has(name)) fail(COLLAPSE_ERR_IO, what, " lacks section ", name, std::string(name).rfind("part_nc4", 0) == 0 ? " (was a classifier set on every rank?)" : "");
@@ -215,11 +345,10 @@ void CpuBackend::spread_merge(const KeptSet& kept, const Classifier& clf, const 
     for (int64_t i = 0; i < k; ++i)
         if (slot[i] < 0 || slot[i] >= (int64_t)K || sr.seen[(size_t)slot[i]])
             fail(COLLAPSE_ERR_IO, what, ": section part_slots names kept slot ", slot[i], ", out of [0, ", K, ") or given by another part");
-    const double* var = static_cast<const double*>(get("part_var", COLLAPSE_F64, {k}));
-    for (int64_t i = 0; i < k; ++i)
+    const double* var = exact ? static_cast<const double*>(get("part_var", COLLAPSE_F64, {k})) : nullptr;
+    for (int64_t i = 0; var && i < k; ++i)
         if (!(var[i] >= 0) || !std::isfinite(var[i])) fail(COLLAPSE_ERR_IO, what, ": section part_var holds ", var[i], " at ", i);
-    const double* tf = tokens ? static_cast<const double*>(get("part_tokens_f", COLLAPSE_F64, {k, 3})) : nullptr;
-    const int64_t* ti = tokens ? static_cast<const int64_t*>(get("part_tokens_i", COLLAPSE_I64, {k, 3})) : nullptr;
+    const TokenPart tp = tokens ? read_token_part(r, k) : TokenPart{};
     const int64_t* n4 = nc4 ? static_cast<const int64_t*>(get("part_nc4", COLLAPSE_I64, {2})) : nullptr;
     const int64_t* hits = nc4 && cfg_.per_class_arrays ? static_cast<const int64_t*>(get("part_nc4_hits", COLLAPSE_I64, {k})) : nullptr;
     const int64_t* hrows = nc4 && cfg_.per_class_arrays ? static_cast<const int64_t*>(get("part_nc4_rows", COLLAPSE_I64, {k})) : nullptr;
@@ -235,15 +364,12 @@ void CpuBackend::spread_merge(const KeptSet& kept, const Classifier& clf, const 
     for (int64_t i = 0; i < k; ++i) {
         const size_t s = (size_t)slot[i];
         sr.seen[s] = 1;
-        sr.var[s] = var[i];
+        if (var) sr.var[s] = var[i];
         if (tokens) {
             TokenMetrics& t = sr.tokens[s];
             t.id = kept.ids[s];
             t.num_samples = kept.counts[s];
-            t.svd_rows = ti[i * 3];
-            t.sampled = ti[i * 3 + 1] != 0;
-            t.zero_matrix = ti[i * 3 + 2] != 0;
-            t.svd_entropy = unpack(tf[i * 3]), t.effective_rank = unpack(tf[i * 3 + 1]), t.normalized_entropy = unpack(tf[i * 3 + 2]);
+            tp.take(i, t);
         }
         if (hits) sr.nc4_hits[s] = hits[i], sr.nc4_class_rows[s] = hrows[i];
     }

@@ -205,10 +205,14 @@ AnalysisOutcome run_analysis(Session& session, RowSource& src, const AnalysisOpt
     run_pass(session, src, o, true, start, false, o.first, stop);
     if (!o.checkpoint.empty()) io::save_checkpoint(session, o.checkpoint);  // the whole first pass
     if (o.ranks) {
-        if (o.nc4_rows) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "held-out NC4 rows are not supported across MPI ranks yet");
         o.ranks->combine(session);
         if (o.ranks->begin_second_pass(session)) {
-            run_pass(session, src, o, false, o.first, false, o.first, stop);
+            if (o.nc4_rows) {  // held-out NC4: each rank's contiguous share of the held-out rows
+                const auto [first, end] = rank_share(*o.nc4_rows, o.ranks->rank, o.ranks->size);
+                run_pass(session, *o.nc4_rows, o, false, first, true, first, end);
+            } else {
+                run_pass(session, src, o, false, o.first, false, o.first, stop);
+            }
             o.ranks->end_second_pass(session);
         }
         if (!o.ranks->root) {

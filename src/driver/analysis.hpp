@@ -35,13 +35,15 @@ struct AnalysisOptions {
     // Positions stay those of the whole source (messages, checkpoints, sequence numbers).
     int64_t first = 0, end = -1;
     // Ranks (src/mpi/): combine after the first pass (and its checkpoint); begin_second_pass
-    // returns whether every rank runs one; end_second_pass adds their results on the root. Only
-    // the root computes the report.
+    // returns whether every rank runs one (over its share of the input, or with nc4_rows its
+    // contiguous share of the held-out rows, rank_share); end_second_pass adds their results on
+    // the root. Only the root computes the report.
     struct Ranks {
         std::function<void(Session&)> combine;
         std::function<bool(Session&)> begin_second_pass;
         std::function<void(Session&)> end_second_pass;
         bool root = true;
+        int rank = 0, size = 1;
     };
     std::optional<Ranks> ranks;
 };

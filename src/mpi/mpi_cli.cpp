@@ -72,6 +72,7 @@ driver::AnalysisOptions::Ranks world_hooks(const World& w) {
     r.begin_second_pass = [chunk, timed](Session& s) { return timed("second pass begin", [&] { return begin_second_pass(s, MPI_COMM_WORLD, 0, chunk); }); };
     r.end_second_pass = [chunk, timed](Session& s) { timed("second pass end", [&] { return (end_second_pass(s, MPI_COMM_WORLD, 0, chunk), 0); }); };
     r.root = w.rank == 0;
+    r.rank = w.rank, r.size = w.size;
     return r;
 }
 

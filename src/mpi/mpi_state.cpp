@@ -1,5 +1,6 @@
 #include "mpi/mpi_state.hpp"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -58,10 +59,15 @@ Frame decode(const std::vector<uint8_t>& b) {
 
 }  // namespace
 
-// Packets to one peer (point to point) or from the root to all (broadcast).
+// Packets to one peer (point to point) or from the root to all (broadcast). A point-to-point
+// channel with a pump calls it while each send waits (the row exchange receives as it sends).
 class Channel {
 public:
-    static Channel p2p(MPI_Comm c, int peer) { return Channel(c, peer, false); }
+    static Channel p2p(MPI_Comm c, int peer, std::function<void()> pump = {}) {
+        Channel ch(c, peer, false);
+        ch.pump_ = std::move(pump);
+        return ch;
+    }
     static Channel bcast(MPI_Comm c, int root) { return Channel(c, root, true); }
 
     void send_frame(const Frame& f) {
@@ -97,6 +103,14 @@ private:
             uint64_t word = (uint64_t)n | (frame ? uint64_t(1) << 63 : 0);
             MPI_Bcast(&word, 1, MPI_UINT64_T, peer_, comm_);
             MPI_Bcast(const_cast<void*>(p), (int)n, MPI_BYTE, peer_, comm_);
+        } else if (pump_) {
+            MPI_Request rq;
+            MPI_Isend(p, (int)n, MPI_BYTE, peer_, frame ? kTagFrame : kTagData, comm_, &rq);
+            for (int done = 0;;) {
+                MPI_Test(&rq, &done, MPI_STATUS_IGNORE);
+                if (done) break;
+                pump_();
+            }
         } else {
             MPI_Send(p, (int)n, MPI_BYTE, peer_, frame ? kTagFrame : kTagData, comm_);
         }
@@ -104,6 +118,7 @@ private:
     MPI_Comm comm_;
     int peer_;
     bool bcast_;
+    std::function<void()> pump_;  // never throws
 };
 
 namespace {
@@ -440,7 +455,8 @@ void share_class_sums(Session& s, MPI_Comm comm, int root, size_t chunk) {
 }
 
 // Rows arriving at the rank that owns their class: sections "rows" of shape [c, n, d] (n whole
-// rows of class c, at most a piece), each appended to the session's new store when complete.
+// rows of class c, at most a piece), each appended to the session's new store when complete;
+// reservoir rows come after a section "rows_slots" int64 [n], their slots in the class's sample.
 class RowsIn final : public StateWriter {
 public:
     RowsIn(Session& s) : s_(s), lease_(s.budget_account()->lease()) {}
@@ -450,39 +466,178 @@ public:
         end_section();
     }
     void begin_section(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, size_t bytes) override {
+        if (name == "rows_slots" && t == (uint32_t)COLLAPSE_I64 && shape.size() == 1 && shape[0] >= 0 && bytes == (size_t)shape[0] * 8) {
+            slots_on_ = true, want_ = bytes;
+            slots_.clear();
+            slots_.reserve((size_t)shape[0]);
+            return;
+        }
         if (name != "rows" || t != (uint32_t)COLLAPSE_F64 || shape.size() != 3 || shape[1] < 0 || shape[2] != s_.dim() ||
             bytes != (size_t)(shape[1] * shape[2]) * 8)
             fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: section ", name, " is not float64 [class, rows, d = ", s_.dim(), "]");
         c_ = (int32_t)shape[0], n_ = shape[1], want_ = bytes;
-        lease_.resize((int64_t)bytes, "a piece of " + std::to_string(n_) + " rows of class " + std::to_string(c_) + " moving to the rank that owns it");
+        lease_.resize((int64_t)(bytes + slots_.capacity()), "a piece of " + std::to_string(n_) + " rows of class " + std::to_string(c_) + " moving to the rank that owns it");
         buf_.clear();
         buf_.reserve(bytes);
     }
     void append(const void* data, size_t bytes) override {
-        if (buf_.size() + bytes > want_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: more bytes than declared");
+        std::vector<uint8_t>& to = slots_on_ ? slots_ : buf_;
+        if (to.size() + bytes > want_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: more bytes than declared");
         const uint8_t* p = static_cast<const uint8_t*>(data);
-        buf_.insert(buf_.end(), p, p + bytes);
+        to.insert(to.end(), p, p + bytes);
     }
     void end_section() override {
-        if (buf_.size() != want_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: a piece is short");
-        s_.spread_append(c_, reinterpret_cast<const double*>(buf_.data()), n_);
+        if ((slots_on_ ? slots_ : buf_).size() != want_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: a piece is short");
+        if (slots_on_) {
+            slots_on_ = false, have_slots_ = true;
+            return;
+        }
+        if (have_slots_ && slots_.size() != (size_t)n_ * 8) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: slots for another number of rows");
+        if (refuse_) fail(COLLAPSE_ERR_IO, "a piece of class ", c_, " refused (COLLAPSE_TEST_MPI_EXCHANGE_FAIL)");
+        s_.spread_append(c_, reinterpret_cast<const double*>(buf_.data()), n_, have_slots_ ? reinterpret_cast<const int64_t*>(slots_.data()) : nullptr);
+        have_slots_ = false;
     }
 
 private:
     Session& s_;
     HostBudget::Lease lease_;
-    std::vector<uint8_t> buf_;
+    std::vector<uint8_t> buf_, slots_;
+    bool slots_on_ = false, have_slots_ = false;
+
+public:
+    bool refuse_ = false;  // tests: every piece refused, as by a full disk
+
+private:
     int32_t c_ = 0;
     int64_t n_ = 0;
     size_t want_ = 0;
 };
 
-// The exact row store spread over the ranks by class (core/backend.hpp, "spread"), after the
-// first-pass states without their rows were combined on the root: every kept class's rows go to
-// its owner rank, in rank order (rank src sends its rows of each owner's classes in round src, so
-// an owner appends them in the order one process would have seen them); every rank computes its
-// part of the metrics that need the rows at the same time; the root adds the parts in rank order.
-void spread_rows(Session& s, MPI_Comm comm, int root, size_t chunk, double t0, int64_t b0) {
+// The receiving half of the row exchange: every other rank's state of rows (sections, then the
+// end or its error), source after source in rank order, a packet at a time and never blocking,
+// so that a rank takes rows in while it sends its own. At its own rank the stream waits until
+// own_done(): the rank's own rows go in there, after the lower ranks' rows of its classes. After
+// an error (its own writer's, or a sender's frame) the rest is drained and dropped.
+class RowStream {
+public:
+    RowStream(MPI_Comm comm, int rank, int P, StateWriter& into) : comm_(comm), rank_(rank), P_(P), into_(&into) {}
+    int source() const { return src_; }  // the rank being received from; P when done
+    void own_done() {
+        if (src_ == rank_) ++src_;
+    }
+    // Takes the current source's next packet if one has come; false when none has (or the
+    // stream waits for own_done, or is done).
+    bool step() {
+        if (src_ >= P_ || src_ == rank_) return false;
+        int flag = 0;
+        MPI_Status st;
+        MPI_Iprobe(src_, MPI_ANY_TAG, comm_, &flag, &st);
+        if (!flag) return false;
+        int n = 0;
+        MPI_Get_count(&st, MPI_BYTE, &n);
+        data_.resize((size_t)n);
+        MPI_Recv(data_.data(), n, MPI_BYTE, src_, st.MPI_TAG, comm_, MPI_STATUS_IGNORE);
+        try {
+            take(st.MPI_TAG == kTagFrame);
+        } catch (const Error& e) {
+            keep((collapse_status)e.status(), e.what());
+        } catch (const std::bad_alloc&) {
+            keep(COLLAPSE_ERR_OUT_OF_MEMORY, "out of memory");
+        } catch (const std::exception& e) {
+            keep(COLLAPSE_ERR_INTERNAL, std::string("internal error: ") + e.what());
+        }
+        return true;
+    }
+    collapse_status status = COLLAPSE_OK;
+    std::string error;
+
+private:
+    void keep(collapse_status st, const std::string& m) {
+        if (status == COLLAPSE_OK) status = st, error = m;
+        into_ = nullptr;
+    }
+    void next() { ++src_, in_section_ = false; }
+    void take(bool frame) {
+        if (!frame) {
+            if (!in_section_ || data_.size() > left_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: data outside a section from rank ", src_);
+            left_ -= data_.size();
+            g_received += (int64_t)data_.size();
+            // The stream's own state first: a writer that throws must not leave it inside the section.
+            const bool last = left_ == 0;
+            if (last) in_section_ = false;
+            if (into_) into_->append(data_.data(), data_.size());
+            if (last && into_) into_->end_section();
+            return;
+        }
+        const Frame f = decode(data_);
+        if (f.kind == kError) {  // the sender failed (inside a section or between)
+            keep((collapse_status)f.status, f.text);
+            return next();
+        }
+        if (in_section_) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: a frame inside a section from rank ", src_);
+        if (f.kind == kEnd) return next();
+        if (f.kind != kSection) fail(COLLAPSE_ERR_INTERNAL, "MPI row exchange: frame of kind ", f.kind, " from rank ", src_);
+        in_section_ = true, left_ = f.bytes;
+        if (into_) into_->begin_section(f.text, f.dtype, std::vector<int64_t>(f.shape, f.shape + f.ndim), (size_t)f.bytes);
+        if (left_ == 0) {
+            in_section_ = false;
+            if (into_) into_->end_section();
+        }
+    }
+    MPI_Comm comm_;
+    int rank_, P_, src_ = 0;
+    StateWriter* into_;
+    bool in_section_ = false;
+    uint64_t left_ = 0;
+    std::vector<uint8_t> data_;
+};
+
+// Reservoirs: the root's merged samples (decided as it merged the states, in rank order) say which
+// reservoir rows each rank sends, and to which slot; sources[i] is the rank of merge source i.
+void scatter_picks(Session& s, MPI_Comm comm, int root, size_t chunk, const std::vector<int32_t>& ids, const std::vector<int>& sources) {
+    int rank = 0, P = 1;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &P);
+    MemoryState mine("rank " + std::to_string(rank) + "'s picks of its reservoir rows", s.budget_account());
+    Outcome o;
+    if (rank == root) {
+        std::vector<int> source_of((size_t)P, -1);
+        for (size_t i = 0; i < sources.size(); ++i) source_of[(size_t)sources[i]] = (int)i;
+        try {
+            s.spread_write_picks(0, ids, mine);
+        } catch (const Error& e) {
+            o.status = e.status(), o.error = e.what();
+        } catch (const std::bad_alloc&) {
+            o.status = COLLAPSE_ERR_OUT_OF_MEMORY, o.error = "out of memory";
+        }
+        for (int r = 0; r < P; ++r) {
+            if (r == root) continue;
+            Channel ch = Channel::p2p(comm, r);
+            const Outcome sent = send_state(ch, chunk, rank, [&](StateWriter& w) {
+                if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
+                if (source_of[(size_t)r] < 0) fail(COLLAPSE_ERR_INTERNAL, "rank ", r, "'s state was not merged on the root");
+                s.spread_write_picks(source_of[(size_t)r], ids, w);
+                return true;
+            });
+            if (o.status == COLLAPSE_OK) o = sent;
+        }
+    } else {
+        Channel ch = Channel::p2p(comm, root);
+        o = receive_state(ch, &mine);
+    }
+    agree(comm, [&] {
+        if (o.status != COLLAPSE_OK) throw Error(o.status, o.error);
+        s.spread_take_picks(mine);  // the root's last: its sample was needed until every rank had its picks
+    });
+}
+
+// The exact row store (or the sampled reservoirs) spread over the ranks by class (core/backend.hpp,
+// "spread"), after the first-pass states without their rows were combined on the root: every kept
+// class's rows (reservoirs: its merged sample's) go to its owner rank, every rank sending and
+// receiving at once, an owner taking the sources in rank order (so it appends them in the order
+// one process would have seen them); every rank computes its part of the metrics that need the
+// rows at the same time; the root adds the parts in rank order.
+void spread_rows(Session& s, MPI_Comm comm, int root, size_t chunk, double t0, int64_t b0, const std::vector<int>& sources) {
     int rank = 0, P = 1;
     MPI_Comm_rank(comm, &rank);
     MPI_Comm_size(comm, &P);
@@ -515,45 +670,64 @@ void spread_rows(Session& s, MPI_Comm comm, int root, size_t chunk, double t0, i
     MPI_Bcast(owner.data(), (int)K, MPI_INT32_T, root, comm);
     std::vector<std::vector<int32_t>> owned((size_t)P);
     for (size_t i = 0; i < ids.size(); ++i) owned[(size_t)owner[i]].push_back(ids[i]);
+    // Reservoirs: every rank learns which of its rows are in the merged samples (the root's).
+    int samples = 0;
+    agree(comm, [&] { samples = rank == root && s.spread_samples() ? 1 : 0; });
+    MPI_Bcast(&samples, 1, MPI_INT, root, comm);
+    if (samples) scatter_picks(s, comm, root, chunk, ids, sources);
     agree(comm, [&] { s.spread_open(owned[(size_t)rank]); });
 
     const int64_t d = s.dim();
     const int64_t piece = std::max<int64_t>(1, (int64_t)chunk / (d * 8));  // whole rows, at most a chunk when a row fits in one
     RowsIn in(s);
+    // Tests: COLLAPSE_TEST_MPI_EXCHANGE_FAIL=r makes rank r refuse the rows that come to it.
+    if (const char* f = std::getenv("COLLAPSE_TEST_MPI_EXCHANGE_FAIL"); f && std::atoi(f) == rank) in.refuse_ = true;
     collapse_status status = COLLAPSE_OK;
     std::string msg;
     auto keep = [&](collapse_status st, const std::string& m) {
         if (status == COLLAPSE_OK && st != COLLAPSE_OK) status = st, msg = m;
     };
-    for (int src = 0; src < P; ++src) {
-        if (rank != src) {
-            // After an error of this rank the rest is drained (the sender never waits on us).
-            Channel ch = Channel::p2p(comm, src);
-            const Outcome o = receive_state(ch, status == COLLAPSE_OK ? &in : nullptr);
-            keep(o.status, o.error);
+    // Every rank sends and receives at once: rank r sends to the owners in rank order (its own
+    // classes' rows go in at its own place) while it takes in, source after source in rank order,
+    // the rows of the classes it owns, so that an owner appends a class's rows in the order one
+    // process saw them. Pair (source s, owner o) waits only for pairs (s, o' < o) and (s' < s, o):
+    // no cycle, and all pairs on one anti-diagonal s + o move at the same time. Each rank holds
+    // one piece in flight each way.
+    RowStream rx(comm, rank, P, in);
+    // Nothing came: let the other ranks of an oversubscribed node run.
+    auto pump = [&] {
+        if (!rx.step()) sched_yield();
+    };
+    for (int dst = 0; dst < P; ++dst) {
+        if (dst == rank) {
+            while (rx.source() < rank) pump();
+            keep(rx.status, rx.error);
+            try {
+                if (status == COLLAPSE_OK)
+                    s.spread_read(owned[(size_t)rank], piece, [&](int32_t c, const double* x, int64_t n, const int64_t* slots) { s.spread_append(c, x, n, slots); });
+            } catch (const Error& e) {
+                keep(e.status(), e.what());
+            } catch (const std::bad_alloc&) {
+                keep(COLLAPSE_ERR_OUT_OF_MEMORY, "out of memory");
+            }
+            rx.own_done();
             continue;
         }
-        for (int dst = 0; dst < P; ++dst) {
-            if (dst == src) continue;
-            Channel ch = Channel::p2p(comm, dst);
-            const Outcome o = send_state(ch, chunk, rank, [&](StateWriter& w) {
-                if (status != COLLAPSE_OK) throw Error(status, msg);
-                s.spread_read(owned[(size_t)dst], piece, [&](int32_t c, const double* x, int64_t n) {
-                    w.add("rows", COLLAPSE_F64, {c, n, d}, x, (size_t)(n * d) * 8);
-                });
-                return true;
+        keep(rx.status, rx.error);
+        Channel ch = Channel::p2p(comm, dst, pump);
+        // After an error of this rank the others get its error frame (they never wait on it).
+        const Outcome o = send_state(ch, chunk, rank, [&](StateWriter& w) {
+            if (status != COLLAPSE_OK) throw Error(status, msg);
+            s.spread_read(owned[(size_t)dst], piece, [&](int32_t c, const double* x, int64_t n, const int64_t* slots) {
+                if (slots) w.add("rows_slots", COLLAPSE_I64, {n}, slots, (size_t)n * 8);
+                w.add("rows", COLLAPSE_F64, {c, n, d}, x, (size_t)(n * d) * 8);
             });
-            keep(o.status, o.error);
-        }
-        // Its own classes' rows last: the others need not wait for them.
-        try {
-            if (status == COLLAPSE_OK) s.spread_read(owned[(size_t)rank], piece, [&](int32_t c, const double* x, int64_t n) { s.spread_append(c, x, n); });
-        } catch (const Error& e) {
-            keep(e.status(), e.what());
-        } catch (const std::bad_alloc&) {
-            keep(COLLAPSE_ERR_OUT_OF_MEMORY, "out of memory");
-        }
+            return true;
+        });
+        keep(o.status, o.error);
     }
+    while (rx.source() < P) pump();
+    keep(rx.status, rx.error);
     agree(comm, [&] {
         if (status != COLLAPSE_OK) throw Error(status, msg);
         s.spread_close();
@@ -653,6 +827,7 @@ void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
         io::write_session_state(s, w);
         return true;
     };
+    std::vector<int> sources{root};  // the ranks whose states the root merged, in merge order
     auto take = [&](int r, Channel& ch) {
         Outcome o;
         std::unique_ptr<Spool> spool;
@@ -671,12 +846,13 @@ void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
             w->commit();
             const io::CheckpointReader reader(spool->path);
             io::merge_session_state(s, reader);
+            sources.push_back(r);
         } catch (const Error& e) {
             throw Error(e.status(), "rank " + std::to_string(r) + "'s state was refused by the root: " + e.what());
         }
     };
     gather(comm, root, chunk, send, take);
-    if (spread) spread_rows(s, comm, root, chunk, t0, b0);
+    if (spread) spread_rows(s, comm, root, chunk, t0, b0, sources);
     spread_pairs(s, comm, root, chunk);
 }
 

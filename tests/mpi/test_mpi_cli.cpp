@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "collapse/collapse.h"
 #include "common/cli_fixture.hpp"
 #include "common/compare.hpp"
 #include "io/tensor_file.hpp"
@@ -159,9 +160,37 @@ TEST_F(MpiCli, SampledEqualsSingleProcessForP1To4) {
         "svd_mode: sampled\nsvd_max_rows_per_token: 1000\ncompute_nc4: true\nmax_tokens_to_analyze: 25\nwindow_size: 8\n");
 }
 
+// Reservoirs spread over owner ranks by class (per-class arrays: every class's per-token entry):
+// reservoirs larger than every class keep every row, in the order one process saw them.
+TEST_F(MpiCli, SampledPerClassArraysEqualsSingleProcessForP1To4) {
+    expect_equal_for_every_p("svd_mode: sampled\nsvd_max_rows_per_token: 1000\ncompute_nc4: true\nper_class_arrays: true\nwindow_size: 8\n");
+}
+
 // No row store: NC4 and the kept set's Gram come from every rank's second pass over its own rows.
 TEST_F(MpiCli, OffEqualsSingleProcessForP1To4) {
     expect_equal_for_every_p("svd_mode: off\ncompute_nc4: true\nmax_tokens_to_analyze: 25\nwindow_size: 8\n");
+}
+
+// Held-out NC4 (--nc4-features/--nc4-labels): every rank passes its contiguous share of the
+// held-out rows (901 of them: the cuts fall at uneven places), rank 0 adds the agreements; with
+// the row store spread by class (exact) and without one (off).
+TEST_F(MpiCli, HeldOutNc4EqualsSingleProcessForP1To3) {
+    run_ok("synth --output-dir " + quote(path("h")) + " --rows 901 --dim 8 --classes 40 --seed 9 --quiet");
+    const std::string held = "--nc4-features h/features.npy --nc4-labels h/labels.npy ";
+    for (const std::string config : {"svd_mode: off\nper_class_arrays: true\n", "svd_mode: exact\nper_class_arrays: true\nmax_tokens_to_analyze: 25\n"}) {
+        SCOPED_TRACE(config);
+        testutil::spit(path("c.yaml"), config);
+        run_ok("analyze " + input(false) + held + "--config c.yaml -q -o single.json");
+        const nlohmann::json single = numbers("single.json");
+        ASSERT_EQ(single["overall_analysis"]["nc4_measured_on"], "held_out_rows");
+        ASSERT_FALSE(single["overall_analysis"]["nc4_agreement"].is_null());
+        for (int P = 1; P <= 3; ++P) {
+            SCOPED_TRACE("P = " + std::to_string(P));
+            const testutil::CliRun r = mpirun(P, "analyze " + input(false) + held + "--config c.yaml -q -o held.json");
+            ASSERT_EQ(r.status, 0) << r.err;
+            testutil::expect_same_json(single, numbers("held.json"), 1e-12);
+        }
+    }
 }
 
 // The sequences layout: whole sequences per rank, numbered by their index in the file.
@@ -179,18 +208,36 @@ TEST_F(MpiCli, SequencesLayoutEqualsSingleProcess) {
 
 // Reservoirs smaller than the classes are merged as checkpoint merge merges them: the MPI report's
 // per-token numbers equal those of `collapse merge` of the ranks' own checkpoints, in rank order.
+// The root decides the merged samples from the counts alone and each owner rank receives only its
+// classes' sampled rows (12 of every class's 50), so rank 0 takes in far fewer bytes than the
+// other ranks' reservoirs.
 TEST_F(MpiCli, SmallReservoirsMergeAsCheckpointMergeDoes) {
-    testutil::spit(path("c.yaml"), "svd_mode: sampled\nsvd_max_rows_per_token: 12\n");
-    const testutil::CliRun r = mpirun(3, "analyze " + input(false) + "--config c.yaml -q -o mpi.json --checkpoint run.ckpt");
-    ASSERT_EQ(r.status, 0) << r.err;
-    for (int k = 0; k < 3; ++k) EXPECT_TRUE(std::filesystem::exists(path("run.ckpt.rank" + std::to_string(k) + "of3")));
-    EXPECT_FALSE(std::filesystem::exists(path("run.ckpt")));
-    run_ok("merge run.ckpt.rank0of3 run.ckpt.rank1of3 run.ckpt.rank2of3 -o all.ckpt -q");
-    run_ok("analyze --from-checkpoint all.ckpt --classifier d/classifier.npy -q -o merged.json");
-    const nlohmann::json a = numbers("mpi.json"), b = numbers("merged.json");
-    testutil::expect_same_json(a["token_analysis"], b["token_analysis"], 1e-12);
-    testutil::expect_same_json(a["summary"], b["summary"], 1e-12);
-    testutil::expect_same_json(a["counts"], b["counts"], 0);
+    testutil::spit(path("c.yaml"), "svd_mode: sampled\nsvd_max_rows_per_token: 12\nper_class_arrays: true\n");
+    for (int P : {2, 3, 4}) {
+        SCOPED_TRACE("P = " + std::to_string(P));
+        const std::string ck = "run" + std::to_string(P) + ".ckpt", of = "of" + std::to_string(P);
+        const testutil::CliRun r = mpirun(P, "analyze " + input(false) + "--config c.yaml -q -o mpi.json --checkpoint " + ck, "-x COLLAPSE_MPI_STATS=1");
+        ASSERT_EQ(r.status, 0) << r.err;
+        std::string files;
+        for (int k = 0; k < P; ++k) {
+            EXPECT_TRUE(std::filesystem::exists(path(ck + ".rank" + std::to_string(k) + of)));
+            files += " " + ck + ".rank" + std::to_string(k) + of;
+        }
+        EXPECT_FALSE(std::filesystem::exists(path(ck)));
+        run_ok("merge" + files + " -o all.ckpt -q");
+        run_ok("analyze --from-checkpoint all.ckpt --classifier d/classifier.npy --config c.yaml -q -o merged.json");
+        const nlohmann::json a = numbers("mpi.json"), b = numbers("merged.json");
+        ASSERT_TRUE(b["token_analysis"].is_object() || b["token_analysis"].is_array());
+        testutil::expect_same_json(a["token_analysis"], b["token_analysis"], 1e-12);
+        testutil::expect_same_json(a["summary"], b["summary"], 1e-12);
+        testutil::expect_same_json(a["counts"], b["counts"], 0);
+        // Rows to their owners: rank 0 owns about 1/P of the 40 classes, 12 rows of d = 8 each.
+        const size_t at = r.err.find("rows to their owners: ");
+        ASSERT_NE(at, std::string::npos) << r.err;
+        const int64_t rows_in = std::stoll(r.err.substr(r.err.find(" s, ", at) + 4));
+        EXPECT_GT(rows_in, 0) << r.err;
+        EXPECT_LE(rows_in, (40 / P + 2) * 12 * 8 * 8 * 2) << r.err;  // rows and their slots, at most
+    }
 }
 
 // Checkpoints per rank; a resume with the same P gives the same report, another P is refused
@@ -227,6 +274,49 @@ TEST_F(MpiCli, ErrorOnOneRankEndsAllWithItsMessage) {
     EXPECT_NE(r.err.find("collapse: error: rank 2 of 3:"), std::string::npos) << r.err;
     EXPECT_NE(r.err.find("1700"), std::string::npos) << r.err;
     EXPECT_FALSE(std::filesystem::exists(path("bad.json")));
+}
+
+// A rank that refuses the rows coming to it during the exchange (as a full disk would): it and the
+// ranks sending to it drain the rest, every rank ends with its message, none waits for another.
+TEST_F(MpiCli, ErrorDuringRowExchangeEndsAllWithItsMessage) {
+    for (const std::string config : {"svd_mode: exact\n", "svd_mode: sampled\nsvd_max_rows_per_token: 12\n"}) {
+        SCOPED_TRACE(config);
+        testutil::spit(path("c.yaml"), config);
+        const testutil::CliRun r = mpirun(3, "analyze " + input(false) + "--config c.yaml -q -o bad.json", "-x COLLAPSE_TEST_MPI_EXCHANGE_FAIL=1", 30);
+        EXPECT_EQ(r.status, 1) << r.err;
+        EXPECT_NE(r.err.find("collapse: error: rank 1: a piece of class "), std::string::npos) << r.err;
+        EXPECT_NE(r.err.find("COLLAPSE_TEST_MPI_EXCHANGE_FAIL"), std::string::npos) << r.err;
+        EXPECT_FALSE(std::filesystem::exists(path("bad.json")));
+    }
+}
+
+// The CUDA backend under mpirun (both ranks on device 0) against its own single process, within
+// the CUDA accuracy contract (docs/METRICS.md: 1e-5 relative, per-token entropies 1e-5 absolute,
+// counts exact). Exact: the row store spread by class (the owners' per-token SVDs and NC4 on the
+// device, cuda/cuda_ranks.cu; one process takes NC4 from its device row buffer); sampled:
+// reservoirs holding every row, gathered on rank 0. No NC4 there and no cut kept set: those need
+// a second pass over the ranks, which the CUDA backend refuses.
+TEST_F(MpiCli, CudaExactAndSampledEqualSingleProcessCuda) {
+    if (collapse_backend_available("cuda") == 0) GTEST_SKIP() << "no usable CUDA device on this machine: CUDA backend tests skipped";
+    for (const std::string config :
+         {"svd_mode: exact\ncompute_nc4: true\nper_class_arrays: true\n", "svd_mode: sampled\nsvd_max_rows_per_token: 1000\nper_class_arrays: true\n"}) {
+        SCOPED_TRACE(config);
+        testutil::spit(path("c.yaml"), config);
+        const std::string args = "analyze --backend cuda " + input(false) + "--config c.yaml -q -o ";
+        run_ok(args + "single.json");
+        const nlohmann::json single = numbers("single.json");
+        ASSERT_FALSE(single["token_analysis"].is_null());
+        if (config.find("compute_nc4") != std::string::npos) ASSERT_FALSE(single["overall_analysis"]["nc4_agreement"].is_null());
+        for (int P : {2, 3}) {
+            SCOPED_TRACE("P = " + std::to_string(P));
+            const std::string out = "cuda" + std::to_string(P) + ".json";
+            const testutil::CliRun r = mpirun(P, args + out, "-x COLLAPSE_MPI_STATS=1", 120);
+            ASSERT_EQ(r.status, 0) << r.err;
+            testutil::expect_same_json(single, numbers(out), 1e-5, 1.0);
+            // Exact: the rows went to their owners (spread_rows), not to rank 0.
+            if (config.rfind("svd_mode: exact", 0) == 0) EXPECT_NE(r.err.find("rows to their owners"), std::string::npos) << r.err;
+        }
+    }
 }
 
 // Rank 1 dies (SIGKILL after its first batch): the others end within the time limit, and the

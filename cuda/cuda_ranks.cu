@@ -1,0 +1,285 @@
+// The CUDA backend's side of an exact row store spread over MPI ranks by class (core/backend.hpp,
+// "spread"; the messages are src/mpi/mpi_state.cpp; the CPU's side is src/cpu/cpu_ranks.cpp).
+// begin_rows_spread moves the device row buffer's rows to the host store (row_transport.cu, which
+// keeps each class's arrival order), so that the rows leave and arrive as float64 host pieces as on
+// the CPU; the owner's new store is a host RowStore too (within host_memory_limit, spilling under
+// intermediate_save_dir). Its part is its classes' per-token SVDs, by per_token's own path (the
+// rows back to the device a group of classes at a time, class_spectra), written in the shared
+// layout (core/spread_part.hpp), and NC4 over its rows by the second pass's kernels (the CPU's
+// part_nc4 sections). Variances and the streamed Gram and Sigma_W need no rows on this backend,
+// so they are not in the part; a cut kept set (whose Gram needs a second pass here) is not
+// spread. Sampled reservoirs are not spread either: can_spread_rows is false for them and the
+// root gathers them as before.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "base/error.hpp"
+#include "core/spread_part.hpp"
+#include "cuda_backend.cuh"
+#include "cuda_check.hpp"
+#include "kernels.cuh"
+
+namespace collapse::internal::cuda {
+
+// Sigma_W must not need the rows at compute (it does when it does not stream: a cut kept set).
+bool CudaBackend::can_spread_rows() const {
+    return exact_store_ && host_store_ && spread_phase_ == SpreadPhase::None && (within_streaming_ || !cfg_.compute_class_metrics);
+}
+
+void CudaBackend::begin_rows_spread() {
+    if (!can_spread_rows()) fail(COLLAPSE_ERR_STATE, "begin_rows_spread: no exact row store to spread, or it is spread already");
+    DeviceGuard guard(cfg_.device_ordinal);
+    move_store_to_host();  // syncs; every row in arrival order per class, in the host store
+    spread_phase_ = SpreadPhase::Gathering;
+}
+
+// Only for the spread (the second pass over ranks is not implemented on this backend): the class
+// counts and sums become the combined ones, so that this rank's means are the root's. The rest of
+// its state (variances, Grams) is left as it was: it computes only its part after this.
+void CudaBackend::adopt_class_sums(const int64_t* counts, const double* sums) {
+    if (spread_phase_ != SpreadPhase::Gathering) ranks_unsupported();
+    DeviceGuard guard(cfg_.device_ordinal);
+    sync();
+    static_assert(sizeof(unsigned long long) == sizeof(int64_t), "counts are copied bit for bit");
+    COLLAPSE_CUDA_TRY(cudaMemcpy(count_.data(), counts, count_.bytes(), cudaMemcpyHostToDevice));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(sum_.data(), sums, sum_.bytes(), cudaMemcpyHostToDevice));
+}
+
+void CudaBackend::spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) {
+    if (spread_phase_ != SpreadPhase::Gathering) fail(COLLAPSE_ERR_STATE, "spread_read: the rows are not being spread");
+    max_rows = std::max<int64_t>(1, max_rows);
+    host_store_->for_each_class(ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
+        for (int64_t i = 0; i < n; i += max_rows) fn(c, x + i * d_, std::min(max_rows, n - i), nullptr);
+    });
+}
+
+void CudaBackend::spread_open(const std::vector<int32_t>& owned) {
+    if (spread_phase_ != SpreadPhase::Gathering || spread_store_) fail(COLLAPSE_ERR_STATE, "spread_open: the rows are not being spread");
+    spread_lease_.resize(mul_bytes(V_, 9), "the flags and combined counts of the classes this rank owns (V = " + std::to_string(V_) + ")",
+                         kFixNumClasses);
+    spread_counts_ = class_counts();  // the combined ones by now (adopt_class_sums, or the root's merge)
+    spread_owned_.assign((size_t)V_, 0);
+    int64_t rows = 0;
+    for (int32_t c : owned) {
+        if (c < 0 || c >= V_) fail(COLLAPSE_ERR_INTERNAL, "spread_open: class ", c, " is not in [0, ", V_, ")");
+        spread_owned_[(size_t)c] = 1;
+        rows += spread_counts_[(size_t)c];
+    }
+    // As on the CPU: the new store takes in memory at most what is left beside the old one, halved,
+    // and spills the rest; the old store's rows in memory go to disk first when the incoming ones
+    // would not fit beside them (it is being read while the new one fills).
+    const int64_t index = RowStore::index_bytes(V_);
+    const int64_t incoming = std::min(mul_bytes(rows, d_, 8), host_store_->memory_budget());
+    if (host_store_->memory_bytes() > 0 && !host_.fits(add_bytes(add_bytes(index, incoming), load_budget()))) {
+        host_store_->spill_memory();
+        store_held_.update(host_store_->memory_bytes());
+    }
+    const int64_t memory = std::max<int64_t>(0, std::min(host_store_->memory_budget(), (host_.available() - index) / 2));
+    spread_store_ = std::make_unique<RowStore>(V_, d_, memory, cfg_.intermediate_save_dir, RowStore::WriteFn{}, &host_);
+}
+
+void CudaBackend::spread_append(int32_t c, const double* x, int64_t n, const int64_t* slots) {
+    if (!spread_store_) fail(COLLAPSE_ERR_INTERNAL, "spread_append: no store is open");
+    if (!spread_owned_[(size_t)c]) fail(COLLAPSE_ERR_INTERNAL, "rows of class ", c, " came to a rank that does not own it");
+    if (slots) fail(COLLAPSE_ERR_INTERNAL, "spread_append: reservoir rows on a backend that does not spread them");
+    if (n <= 0) return;
+    if (spread_store_->rows(c) + n > spread_counts_[(size_t)c])
+        fail(COLLAPSE_ERR_INTERNAL, "class ", c, " received more rows (", spread_store_->rows(c) + n, ") than its count ", spread_counts_[(size_t)c]);
+    const int64_t flags = mul_bytes(V_, 9);
+    spread_store_->make_room([&] { return spread_store_->growth(c, n); });
+    spread_lease_.update(add_bytes(flags, spread_store_->memory_bytes()));
+    // While append moves the class's rows to a larger vector, both exist.
+    auto need = [&] {
+        const int64_t g = spread_store_->growth(c, n);
+        return g > 0 ? add_bytes(g, spread_store_->capacity_bytes(c)) : 0;
+    };
+    if (!host_.fits(need()) && spread_store_->memory_bytes() > 0) {
+        spread_store_->spill_memory();
+        spread_lease_.update(add_bytes(flags, spread_store_->memory_bytes()));
+    }
+    spread_lease_.resize(add_bytes(spread_lease_.bytes(), need()), "rows of class " + std::to_string(c) + " moved to the rank that owns it");
+    std::memcpy(spread_store_->append(c, n), x, (size_t)(n * d_) * 8);
+    spread_lease_.update(add_bytes(flags, spread_store_->memory_bytes()));
+}
+
+void CudaBackend::spread_close() {
+    if (!spread_store_) fail(COLLAPSE_ERR_INTERNAL, "spread_close: no store is open");
+    for (int64_t c = 0; c < V_; ++c)
+        if (spread_owned_[(size_t)c] && spread_store_->rows((int32_t)c) != spread_counts_[(size_t)c])
+            fail(COLLAPSE_ERR_INTERNAL, "class ", c, " has ", spread_store_->rows((int32_t)c), " rows on the rank that owns it, its count is ",
+                 spread_counts_[(size_t)c]);
+    host_store_ = std::move(spread_store_);  // the old store and its spill files go
+    spread_owned_ = {}, spread_counts_ = {};
+    store_held_.update(host_store_->memory_bytes());
+    spread_lease_.reset();
+    spread_phase_ = SpreadPhase::Spread;
+}
+
+void CudaBackend::spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) {
+    if (spread_phase_ != SpreadPhase::Spread) fail(COLLAPSE_ERR_STATE, "spread_part: the rows have not been spread");
+    DeviceGuard guard(cfg_.device_ordinal);
+    sync();
+    const size_t K = kept.ids.size();
+    std::vector<int64_t> slots;
+    KeptSet own = owned_classes(kept, [&](int32_t c) { return host_store_->rows(c); }, slots);
+    const size_t k = own.ids.size();
+    const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes((int64_t)k, 8 + 8 + 4), mul_bytes(V_, 4)),
+                                                  "this rank's part of the per-token SVDs (" + std::to_string(k) + " classes, V = " +
+                                                      std::to_string(V_) + ")",
+                                                  kFixKeptClasses);
+    fill_slots(own, V_);
+    w.add("part_slots", COLLAPSE_I64, {(int64_t)k}, slots.data(), k * 8);
+    if (cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0) {
+        // NC4 over this rank's rows against every kept mean (the same sections as the CPU's part).
+        int64_t n[2] = {0, 0};
+        std::vector<int64_t> hits, rows;
+        spread_part_nc4(kept, clf, n, hits, rows);
+        w.add("part_nc4", COLLAPSE_I64, {2}, n, sizeof n);
+        if (cfg_.per_class_arrays) {
+            std::vector<int64_t> h(k), r(k);
+            for (size_t s = 0; s < k; ++s) h[s] = hits[(size_t)slots[s]], r[s] = rows[(size_t)slots[s]];
+            w.add("part_nc4_hits", COLLAPSE_I64, {(int64_t)k}, h.data(), k * 8);
+            w.add("part_nc4_rows", COLLAPSE_I64, {(int64_t)k}, r.data(), k * 8);
+        }
+    }
+    if (!cfg_.compute_token_metrics || cfg_.svd_mode == COLLAPSE_SVD_OFF) return;
+    MetricValues tv;
+    if (k > 0) {
+        // The means as compute() makes them (the same kernel on the same combined sums).
+        cudaStream_t s = stream_;
+        const int64_t n = (int64_t)k;
+        Lease<int32_t> ids = res_.take<int32_t>(k, "the owned classes' ids");
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(ids.data(), own.ids.data(), k * 4, cudaMemcpyHostToDevice, s));
+        Lease<double> mu = res_.take<double>((size_t)(n * d_), "the owned classes' means [k, d]"), var = res_.take<double>(k, "variances"),
+                      weight = res_.take<double>(k, "weights");
+        launch_means(sum_.data(), sqdev_.data(), shift_.data(), count_.data(), ids.data(), n, d_, cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED,
+                     mu.data(), var.data(), weight.data(), s);
+        per_token(own, mu.data(), tv);
+        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));  // before the means' lease goes back (and `own.ids` with it)
+    }
+    write_token_part(w, tv.tokens, k);
+}
+
+// The owner's rows go through the second pass's kernels (NC4 only) as float64 host batches: the
+// store's values are the input's exactly, as the single process's NC4 sees them. The kept means
+// are the combined ones (adopt_class_sums, or the root's merge). The second pass is closed after.
+void CudaBackend::spread_part_nc4(const KeptSet& kept, const Classifier& clf, int64_t n[2], std::vector<int64_t>& hits, std::vector<int64_t>& rows) {
+    const int64_t K = (int64_t)kept.ids.size();
+    const int64_t piece = std::max<int64_t>(1, std::min<int64_t>(cfg_.batch_rows, INT32_MAX));
+    std::vector<int32_t> mine;
+    for (int32_t c : kept.ids)
+        if (host_store_->rows(c) > 0) mine.push_back(c);
+    const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(piece, 4), mul_bytes(K, 16)),
+                                                  "the labels of a batch of this rank's rows and the NC4 counts of K = " + std::to_string(K) + " kept classes",
+                                                  kFixKeptClasses);
+    begin_second_pass(kept, clf, true, false);
+    struct ClosePass {
+        bool& a;
+        bool& b;
+        ~ClosePass() { a = b = false; }  // compute() must not take this rank's second pass for the whole input's
+    } const close{pass2_, pass2_nc4_};
+    std::vector<int32_t> labels;
+    host_store_->for_each_class(mine, load_budget(), [&](int32_t c, const double* x, int64_t m, int64_t, bool) {
+        for (int64_t i = 0; i < m; i += piece) {
+            const int64_t k = std::min(piece, m - i);
+            labels.assign((size_t)k, c);
+            BatchDesc b;
+            b.features = MatrixView{x + i * d_, COLLAPSE_F64, COLLAPSE_MEMORY_HOST, k, d_, d_};
+            b.labels = MatrixView{labels.data(), COLLAPSE_I32, COLLAPSE_MEMORY_HOST, k, 1, 1};
+            ingest_second_pass(b, nullptr);
+            sync();  // the store reuses its read-back buffer, and `labels` is refilled, after this
+        }
+    });
+    unsigned long long agree = 0, seen = 0;
+    COLLAPSE_CUDA_TRY(cudaMemcpy(&agree, agree_.data(), 8, cudaMemcpyDeviceToHost));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(&seen, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
+    n[0] = (int64_t)agree, n[1] = (int64_t)seen;
+    if (cfg_.per_class_arrays) {
+        static_assert(sizeof(unsigned long long) == sizeof(int64_t), "counts are copied bit for bit");
+        hits.resize((size_t)K), rows.resize((size_t)K);
+        COLLAPSE_CUDA_TRY(cudaMemcpy(hits.data(), nc4_slot_hits_.data(), (size_t)K * 8, cudaMemcpyDeviceToHost));
+        COLLAPSE_CUDA_TRY(cudaMemcpy(rows.data(), nc4_slot_rows_.data(), (size_t)K * 8, cudaMemcpyDeviceToHost));
+    }
+}
+
+void CudaBackend::spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) {
+    if (spread_phase_ != SpreadPhase::Spread) fail(COLLAPSE_ERR_STATE, "spread_merge: the rows have not been spread");
+    const std::string what = r.description();
+    const size_t K = kept.ids.size();
+    const bool tokens = cfg_.compute_token_metrics && cfg_.svd_mode != COLLAPSE_SVD_OFF;
+    // Every section checked before anything is added.
+    if (!r.has("part_slots")) fail(COLLAPSE_ERR_IO, what, " lacks section part_slots");
+    const StateSection sl = r.section("part_slots");
+    if (sl.dtype_code != (uint32_t)COLLAPSE_I64 || sl.shape.size() != 1) fail(COLLAPSE_ERR_IO, what, ": section part_slots is not int64 [k]");
+    const int64_t k = sl.shape[0];
+    const int64_t* slot = static_cast<const int64_t*>(sl.data);
+    const bool first = spread_ids_.empty() && spread_seen_.empty();
+    if (!first && spread_ids_ != kept.ids) fail(COLLAPSE_ERR_INTERNAL, "spread_merge: the kept set changed since the first part");
+    for (int64_t i = 0; i < k; ++i)
+        if (slot[i] < 0 || slot[i] >= (int64_t)K || (i > 0 && slot[i] <= slot[i - 1]) || (!first && spread_seen_[(size_t)slot[i]]))
+            fail(COLLAPSE_ERR_IO, what, ": section part_slots names kept slot ", slot[i], ", out of [0, ", K, "), not ascending, or given by another part");
+    const TokenPart tp = tokens ? read_token_part(r, k) : TokenPart{};
+    const bool nc4 = cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0;
+    auto get = [&](const char* name, const std::vector<int64_t>& shape) {
+        if (!r.has(name)) fail(COLLAPSE_ERR_IO, what, " lacks section ", name, " (was a classifier set on every rank?)");
+        const StateSection x = r.section(name);
+        if (x.dtype_code != (uint32_t)COLLAPSE_I64 || x.shape != shape) fail(COLLAPSE_ERR_IO, what, ": section ", name, " has another type or shape than this session's");
+        return static_cast<const int64_t*>(x.data);
+    };
+    const int64_t* n4 = nc4 ? get("part_nc4", {2}) : nullptr;
+    const int64_t* hits = nc4 && cfg_.per_class_arrays ? get("part_nc4_hits", {k}) : nullptr;
+    const int64_t* hrows = nc4 && cfg_.per_class_arrays ? get("part_nc4_rows", {k}) : nullptr;
+    if (n4 && (n4[0] < 0 || n4[1] < n4[0] || n4[1] > INT64_MAX - (first ? 0 : spread_nc4_rows_)))
+        fail(COLLAPSE_ERR_IO, what, ": section part_nc4 holds ", n4[0], " agreements of ", n4[1], " rows");
+    for (int64_t i = 0; hits && i < k; ++i)
+        if (hits[i] < 0 || hrows[i] < hits[i]) fail(COLLAPSE_ERR_IO, what, ": sections part_nc4_hits/_rows hold ", hits[i], " of ", hrows[i], " at ", i);
+    if (first) {
+        spread_results_lease_ = host_.reserve(mul_bytes((int64_t)K, 4 + 1 + 16 + (int64_t)sizeof(TokenMetrics)),
+                                              "the ranks' per-token SVDs and NC4 counts of K = " + std::to_string(K) + " kept classes", kFixKeptClasses);
+        spread_ids_ = kept.ids;
+        spread_seen_.assign(K, 0);
+        spread_tokens_.assign(tokens ? K : 0, TokenMetrics{});
+        spread_nc4_ = nc4, spread_nc4_agree_ = 0, spread_nc4_rows_ = 0;
+        spread_nc4_hits_.assign(hits ? K : 0, 0), spread_nc4_class_rows_.assign(hits ? K : 0, 0);
+    }
+    for (int64_t i = 0; i < k; ++i) {
+        const size_t s = (size_t)slot[i];
+        spread_seen_[s] = 1;
+        if (hits) spread_nc4_hits_[s] = hits[i], spread_nc4_class_rows_[s] = hrows[i];
+        if (!tokens) continue;
+        TokenMetrics& t = spread_tokens_[s];
+        t.id = kept.ids[s];
+        t.num_samples = kept.counts[s];
+        tp.take(i, t);
+    }
+    if (n4) spread_nc4_agree_ += n4[0], spread_nc4_rows_ += n4[1];
+}
+
+void CudaBackend::spread_tokens(const KeptSet& kept, MetricValues& out) const {
+    if (spread_ids_ != kept.ids || spread_seen_.size() != kept.ids.size())
+        fail(COLLAPSE_ERR_STATE, "the kept set is not the one whose rows were spread over the ranks");
+    for (size_t s = 0; s < spread_seen_.size(); ++s)
+        if (!spread_seen_[s]) fail(COLLAPSE_ERR_INTERNAL, "kept class ", kept.ids[s], " is in no rank's part of the spread row store");
+    host_.check(mul_bytes((int64_t)spread_tokens_.size(), (int64_t)sizeof(TokenMetrics)), "a copy of the per-token results", kFixKeptClasses);
+    out.tokens = spread_tokens_;
+    for (const TokenMetrics& t : spread_tokens_) out.svd_zero_matrices += t.zero_matrix ? 1 : 0;
+    out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};
+}
+
+bool CudaBackend::spread_nc4(const KeptSet& kept, MetricValues& out) const {
+    if (spread_phase_ != SpreadPhase::Spread || !spread_nc4_) return false;
+    if (spread_ids_ != kept.ids) fail(COLLAPSE_ERR_STATE, "the kept set is not the one whose rows were spread over the ranks");
+    if (spread_nc4_rows_ != kept.rows) {
+        out.notes["nc4_agreement"] = "the ranks' parts saw " + std::to_string(spread_nc4_rows_) + " kept rows, the first pass " + std::to_string(kept.rows);
+        return true;
+    }
+    out.nc4_rows = spread_nc4_rows_;
+    if (spread_nc4_rows_ > 0) out.nc4_agreement = (double)spread_nc4_agree_ / (double)spread_nc4_rows_;
+    if (cfg_.per_class_arrays) out.per_class.nc4_hits = spread_nc4_hits_, out.per_class.nc4_rows = spread_nc4_class_rows_;
+    return true;
+}
+
+}  // namespace collapse::internal::cuda
