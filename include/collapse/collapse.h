@@ -110,7 +110,8 @@ typedef enum collapse_backend { COLLAPSE_BACKEND_CPU = 0, COLLAPSE_BACKEND_CUDA 
 
 /* Options. Set struct_size = sizeof(collapse_options) (collapse_options_default does), so that a
  * later library version can tell which fields an older caller knows: collapse_session_create takes
- * the struct_size of an earlier version too, and the fields beyond it take their defaults. */
+ * the struct_size of an earlier version too, and the fields beyond it take their defaults.
+ * The functions that fill the struct write only the caller's struct_size bytes (see "Options"). */
 typedef struct collapse_options {
     uint32_t struct_size;
     int64_t num_classes;             /* V: labels must lie in [0, V) (or equal ignore_index). Required (> 0). */
@@ -165,13 +166,21 @@ const char* collapse_last_error(void);
 /* 1 when the named backend ("cpu", "cuda") is compiled in and usable on this machine. */
 int collapse_backend_available(const char* name);
 
-/* Options */
-collapse_status collapse_options_default(collapse_options* options);
+/* Options. collapse_options_default(&o) and collapse_options_from_yaml_file(path, &o) are macros
+ * that pass sizeof(o) of the header the caller was built with, so that a library newer than that
+ * header never writes past the caller's struct; they set o.struct_size to it. The functions of the
+ * same names are what programs built against collapse 0.1.0 call: they fill the 0.1.0 struct. */
+collapse_status collapse_options_init(collapse_options* options, size_t struct_size);
 /* Reads a YAML config file (configs/default.yaml documents every key) into *options.
  * Keys that are not options of a session (log_level, batch_rows, ...) are validated and ignored.
  * exclude_token_ids then points into storage owned by the library that stays valid until the next
- * call of this function on the same thread. */
+ * call of a YAML reader (_from_yaml_file, _from_yaml_string) on the same thread. */
+collapse_status collapse_options_from_yaml_file_sized(const char* path, collapse_options* options, size_t struct_size);
+collapse_status collapse_options_default(collapse_options* options);
 collapse_status collapse_options_from_yaml_file(const char* path, collapse_options* options);
+#define collapse_options_default(options) collapse_options_init((options), sizeof(*(options)))
+#define collapse_options_from_yaml_file(path, options) \
+    collapse_options_from_yaml_file_sized((path), (options), sizeof(*(options)))
 
 /* Sessions */
 collapse_status collapse_session_create(const collapse_options* options, collapse_session** out);
@@ -266,9 +275,14 @@ collapse_status collapse_report_json(const collapse_report* report, const char**
 
 /* As collapse_options_from_yaml_file, from YAML text in memory: the same keys, validation and
  * messages; `source` names the text in messages ("<source>:<line>: ..."; NULL: "config").
- * exclude_token_ids points into storage owned by the library, valid until the next call of this
- * function on the same thread. */
+ * exclude_token_ids points into storage owned by the library, valid until the next call of a YAML
+ * reader on the same thread. A macro passes the caller's sizeof, as for the options above (the
+ * function of its name fills the 0.1.0 struct too). */
+collapse_status collapse_options_from_yaml_string_sized(const char* text, const char* source, collapse_options* options,
+                                                       size_t struct_size);
 collapse_status collapse_options_from_yaml_string(const char* text, const char* source, collapse_options* options);
+#define collapse_options_from_yaml_string(text, source, options) \
+    collapse_options_from_yaml_string_sized((text), (source), (options), sizeof(*(options)))
 
 /* The offline analysis of .npy files, what `collapse analyze` does with the same flags (the same
  * driver: batches of batch_rows read with pread, the second pass when a metric needs it, the

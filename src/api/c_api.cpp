@@ -115,26 +115,52 @@ int collapse_backend_available(const char* name) {
     return 0;
 }
 
-collapse_status collapse_options_default(collapse_options* options) {
+// What the header's macros call: the caller's struct is struct_size bytes (its sizeof).
+collapse_status collapse_options_init(collapse_options* options, size_t struct_size) {
     return translate([&] {
         require(options, "options");
-        *options = collapse::internal::to_options(collapse::internal::Config{});
+        collapse::internal::write_options(collapse::internal::Config{}, options, struct_size);
     });
 }
 
-collapse_status collapse_options_from_yaml_file(const char* path, collapse_options* options) {
-    thread_local collapse::internal::Config storage;  // owns exclude_token_ids for the caller
+namespace {
+// The YAML readers' common end: the config, whose exclude_token_ids the options point into, is
+// kept per thread until the next call.
+void options_from_config(collapse::internal::Config c, collapse_options* options, size_t struct_size) {
+    thread_local collapse::internal::Config storage;
+    collapse::internal::check_options_size(struct_size);
+    storage = std::move(c);
+    collapse::internal::write_options(storage, options, struct_size);
+}
+
+void refuse_special_tokens(const collapse::internal::Config& c, const char* path) {
+    // The special ids come from a tokenizer, which only the command line reads.
+    if (c.exclude_special_tokens)
+        collapse::internal::fail(COLLAPSE_ERR_CONFIG, path, ": exclude_special_tokens: true needs a tokenizer (collapse analyze ",
+                                 "--tokenizer); through the C API list the ids in exclude_token_ids");
+}
+}  // namespace
+
+collapse_status collapse_options_from_yaml_file_sized(const char* path, collapse_options* options, size_t struct_size) {
     return translate([&] {
         require(path, "path");
         require(options, "options");
         collapse::internal::Config c = collapse::internal::load_yaml_file(path);
-        // The special ids come from a tokenizer, which only the command line reads.
-        if (c.exclude_special_tokens)
-            collapse::internal::fail(COLLAPSE_ERR_CONFIG, path, ": exclude_special_tokens: true needs a tokenizer (collapse analyze ",
-                                     "--tokenizer); through the C API list the ids in exclude_token_ids");
-        storage = std::move(c);
-        *options = collapse::internal::to_options(storage);
+        refuse_special_tokens(c, path);
+        options_from_config(std::move(c), options, struct_size);
     });
+}
+
+// The functions of the macros' names, for programs built against collapse 0.1.0 (their calls are
+// to these symbols): they fill the 0.1.0 struct, and a newer caller reaches them only by address.
+collapse_status(collapse_options_default)(collapse_options* options) {
+    return collapse_options_init(options, collapse::internal::kOptionsSize010);
+}
+collapse_status(collapse_options_from_yaml_file)(const char* path, collapse_options* options) {
+    return collapse_options_from_yaml_file_sized(path, options, collapse::internal::kOptionsSize010);
+}
+collapse_status(collapse_options_from_yaml_string)(const char* text, const char* source, collapse_options* options) {
+    return collapse_options_from_yaml_string_sized(text, source, options, collapse::internal::kOptionsSize010);
 }
 
 collapse_status collapse_session_create(const collapse_options* options, collapse_session** out) {
@@ -354,14 +380,12 @@ collapse_status collapse_report_write_json(const collapse_report* r, const char*
 }
 
 
-collapse_status collapse_options_from_yaml_string(const char* text, const char* source, collapse_options* options) {
-    thread_local collapse::internal::Config storage;  // owns exclude_token_ids for the caller
+collapse_status collapse_options_from_yaml_string_sized(const char* text, const char* source, collapse_options* options,
+                                                       size_t struct_size) {
     return translate([&] {
         require(text, "text");
         require(options, "options");
-        collapse::internal::Config c = collapse::internal::parse_yaml(text, source ? source : "config");
-        storage = std::move(c);
-        *options = collapse::internal::to_options(storage);
+        options_from_config(collapse::internal::parse_yaml(text, source ? source : "config"), options, struct_size);
     });
 }
 

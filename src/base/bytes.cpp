@@ -8,15 +8,9 @@
 #include <map>
 
 #include "base/error.hpp"
+#include "base/text.hpp"
 
 namespace collapse::internal {
-
-namespace {
-std::string lower(std::string s) {
-    for (char& ch : s) ch = char(std::tolower(static_cast<unsigned char>(ch)));
-    return s;
-}
-}  // namespace
 
 int64_t parse_bytes(const std::string& text) {
     auto bad = [&](const std::string& why) {
@@ -51,7 +45,7 @@ int64_t parse_bytes(const std::string& text) {
     }
     const std::string number = s.substr(0, i);
     while (i < s.size() && space(s[i])) ++i;
-    const std::string unit = lower(s.substr(i));
+    const std::string unit = lower_ascii(s.substr(i));
 
     static const std::map<std::string, int64_t> kUnits{
         {"", 1},

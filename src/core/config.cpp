@@ -22,6 +22,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "base/error.hpp"
+#include "base/text.hpp"
 #include "base/file.hpp"
 
 namespace collapse::internal {
@@ -136,11 +137,6 @@ std::vector<std::string> all_keys() {
 
 // ---------------------------------------------------------------- small helpers
 
-std::string lower(std::string s) {
-    for (char& ch : s) ch = char(std::tolower(static_cast<unsigned char>(ch)));
-    return s;
-}
-
 size_t levenshtein(const std::string& a, const std::string& b) {
     std::vector<size_t> row(b.size() + 1);
     for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
@@ -159,7 +155,7 @@ size_t levenshtein(const std::string& a, const std::string& b) {
 // The candidate closest to `given`, or "" when none is close enough to be a plausible typo
 // (suggesting 'dim' for 'foo' would only mislead).
 std::string closest(const std::string& given, const std::vector<std::string>& candidates) {
-    const std::string g = lower(given);
+    const std::string g = lower_ascii(given);
     std::string best;
     size_t best_dist = SIZE_MAX;
     for (const auto& cand : candidates) {
@@ -571,14 +567,17 @@ E option_enum(const E& field, const char* name, int count) {
     return static_cast<E>(v);
 }
 
-// The struct of collapse 0.1.0 ended with max_buffer_size: a caller built against it passes this
-// size, and the fields appended since take their defaults.
-constexpr size_t kOptionsSize010 = offsetof(collapse_options, max_buffer_size) + sizeof(int64_t);
-
-void check_options_size(uint32_t struct_size) {
+void check_options_size(size_t struct_size) {
     if (struct_size != sizeof(collapse_options) && struct_size != kOptionsSize010)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "collapse_options.struct_size is ", struct_size, ", expected ", sizeof(collapse_options),
              " (or ", kOptionsSize010, ", the size of collapse 0.1.0's struct; initialise the struct with collapse_options_default)");
+}
+
+void write_options(const Config& c, collapse_options* out, size_t struct_size) {
+    check_options_size(struct_size);
+    collapse_options o = to_options(c);
+    o.struct_size = uint32_t(struct_size);
+    std::memcpy(static_cast<void*>(out), &o, struct_size);
 }
 
 // Whether the caller's struct (of its struct_size) has `field`: an older caller's does not, and

@@ -1,6 +1,7 @@
 // The engine's configuration: the seed design's CollapseConfig keys, the docs/METRICS.md options,
 // memory limits and backend. configs/default.yaml documents every key; parse_yaml validates it.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -83,8 +84,14 @@ void validate(const Config& c);
 Config from_options(const collapse_options& o);
 // Refuses (COLLAPSE_ERR_INVALID_ARGUMENT) a struct_size that is neither this version's
 // sizeof(collapse_options) nor the size of an earlier version's struct.
-void check_options_size(uint32_t struct_size);
+void check_options_size(size_t struct_size);
 collapse_options to_options(const Config& c);
+// The struct of collapse 0.1.0 ended with max_buffer_size: a caller built against it passes this
+// size, and the fields appended since take their defaults.
+constexpr size_t kOptionsSize010 = offsetof(collapse_options, max_buffer_size) + sizeof(int64_t);
+// to_options into the caller's struct of struct_size bytes (a size check_options_size takes),
+// never past it: a program built against an older header has a smaller struct.
+void write_options(const Config& c, collapse_options* out, size_t struct_size);
 
 // The effective config as it appears in the report's "config" section.
 nlohmann::json to_json(const Config& c);

@@ -8,6 +8,7 @@
 #include "base/crc32c.hpp"
 #include "base/dtype.hpp"
 #include "base/error.hpp"
+#include "base/text.hpp"
 
 namespace collapse::internal::driver {
 
@@ -17,12 +18,6 @@ std::string hex(uint64_t v, int digits) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%0*llx", digits, (unsigned long long)v);
     return buf;
-}
-
-std::string shape_text(const std::vector<int64_t>& s) {
-    std::string out = "[";
-    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-    return out + "]";
 }
 
 InputPart part_of(const std::string& role, const io::Tensor& t, const std::string& kind) {

@@ -18,6 +18,7 @@
 #include "base/crc32c.hpp"
 #include "base/dtype.hpp"
 #include "base/error.hpp"
+#include "base/text.hpp"
 #include "io/tensor_file.hpp"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "checkpoint_file assumes a little-endian host");
@@ -95,12 +96,6 @@ std::string printable(const std::string& s) {
         }
     }
     return out;
-}
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-    std::string s = "[";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + "]";
 }
 
 // Paths with a live writer in this process: two writers of one checkpoint at once are a mistake

@@ -15,6 +15,7 @@
 
 #include "base/dtype.hpp"
 #include "base/error.hpp"
+#include "base/text.hpp"
 
 // Both formats are little-endian; the readers hand out the mapped bytes as they are.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "tensor_file assumes a little-endian host");
@@ -47,14 +48,6 @@ bool shape_bytes(const std::vector<int64_t>& shape, size_t itemsize, size_t* out
         return false;
     *out = empty ? 0 : (size_t)nonzero;
     return true;
-}
-
-std::string shape_text(const std::vector<int64_t>& shape) {
-    std::ostringstream os;
-    os << '[';
-    for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-    os << ']';
-    return os.str();
 }
 
 // ---------------------------------------------------------------------------------------------

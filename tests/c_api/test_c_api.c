@@ -1,6 +1,7 @@
 /* The C API used from plain C: a session on host buffers, the classifier, a report, the error
  * paths (status, message, session still usable). Exit status 0 when every check passes. */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,6 +113,31 @@ int main(void) {
     CHECK(collapse_report_write_json(r, "/nonexistent-dir/report.json") == COLLAPSE_ERR_IO);
     CHECK(strstr(collapse_last_error(), "/nonexistent-dir/report.json") != NULL);
 
+    /* A program built against collapse 0.1.0 calls the functions of the macros' names with its
+     * smaller struct: they fill the 0.1.0 fields and write nothing past them, and a session takes
+     * that struct (the later fields, here garbage, take their defaults). A size the library does not
+     * know is refused, naming it. */
+    {
+        const size_t size010 = offsetof(collapse_options, max_buffer_size) + sizeof(int64_t);
+        collapse_options old[2];
+        const unsigned char* bytes = (const unsigned char*)old;
+        size_t i, past = 0;
+        collapse_session* s010 = NULL;
+        memset(old, 0xAB, sizeof old);
+        CHECK((collapse_options_default)(&old[0]) == COLLAPSE_OK);
+        for (i = size010; i < sizeof old; ++i) past += bytes[i] != 0xAB;
+        CHECK(past == 0);
+        CHECK(old[0].struct_size == size010 && old[0].min_samples_per_token == 2);
+        old[0].num_classes = V;
+        CHECK(collapse_session_create(&old[0], &s010) == COLLAPSE_OK);
+        CHECK(collapse_session_ingest_rows(s010, &fb, &lb, NULL, NULL) == COLLAPSE_OK);
+        collapse_session_destroy(s010);
+        memset(old, 0xAB, sizeof old);
+        CHECK(collapse_options_init(&old[0], 5) == COLLAPSE_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(collapse_last_error(), "struct_size is 5") != NULL);
+        CHECK(bytes[0] == 0xAB); /* refused before writing */
+    }
+
     /* Appended entries: options from YAML text (the file reader's checks and messages), and the
      * offline analysis of .npy paths (its results: tests/python/test_api.py against the CLI). */
     {
@@ -142,7 +168,8 @@ int main(void) {
     /* NULL arguments are errors, not crashes. */
     CHECK(collapse_session_ingest_rows(NULL, &fb, &lb, NULL, NULL) == COLLAPSE_ERR_INVALID_ARGUMENT);
     CHECK(collapse_report_get_scalar(r, NULL, &v, &is_null) == COLLAPSE_ERR_INVALID_ARGUMENT);
-    CHECK(collapse_options_default(NULL) == COLLAPSE_ERR_INVALID_ARGUMENT);
+    CHECK((collapse_options_default)(NULL) == COLLAPSE_ERR_INVALID_ARGUMENT);
+    CHECK(collapse_options_init(NULL, sizeof(collapse_options)) == COLLAPSE_ERR_INVALID_ARGUMENT);
 
     collapse_report_destroy(r);
     collapse_session_destroy(s);

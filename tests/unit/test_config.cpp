@@ -687,3 +687,33 @@ TEST(Json, ParsesBackAsYaml) {
 
 }  // namespace
 }  // namespace collapse::internal
+
+// The C API's YAML readers write only the caller's struct: a program built against collapse 0.1.0
+// calls the functions of the macros' names (they fill the 0.1.0 struct, nothing past it); the sized
+// forms fill what the size holds; a size the library does not know is refused before anything is
+// written, and the options of the previous call stay as they were.
+TEST(OptionsAbi, YamlReadersWriteOnlyTheCallersStruct) {
+    const std::string path = ::testing::TempDir() + "/options_abi.yaml";
+    std::ofstream(path) << "seed: 7\nwindow_size: 32\nexclude_token_ids: [3, 1]\n";
+    collapse_options old[2];
+    std::memset(static_cast<void*>(old), 0xAB, sizeof old);
+    ASSERT_EQ((collapse_options_from_yaml_file)(path.c_str(), &old[0]), COLLAPSE_OK) << collapse_last_error();
+    const auto* bytes = reinterpret_cast<const unsigned char*>(old);
+    for (size_t i = collapse::internal::kOptionsSize010; i < sizeof old; ++i) ASSERT_EQ(bytes[i], 0xAB) << "byte " << i;
+    EXPECT_EQ(old[0].struct_size, collapse::internal::kOptionsSize010);
+    EXPECT_EQ(old[0].seed, 7u);
+    ASSERT_EQ(old[0].num_exclude_token_ids, 2);
+    EXPECT_EQ(old[0].exclude_token_ids[0], 1);
+
+    collapse_options o;
+    ASSERT_EQ(collapse_options_from_yaml_file(path.c_str(), &o), COLLAPSE_OK) << collapse_last_error();
+    EXPECT_EQ(o.struct_size, sizeof(collapse_options));
+    EXPECT_EQ(o.window_size, 32);
+    unsigned char before[sizeof o];
+    std::memcpy(before, static_cast<const void*>(&o), sizeof o);
+    EXPECT_EQ(collapse_options_from_yaml_string_sized("seed: 9\n", "t.yaml", &o, 7), COLLAPSE_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(collapse_last_error()).find("struct_size is 7"), std::string::npos) << collapse_last_error();
+    EXPECT_EQ(std::memcmp(static_cast<const void*>(&o), before, sizeof o), 0);
+    EXPECT_EQ(o.exclude_token_ids[1], 3);  // the previous call's storage is kept
+    EXPECT_EQ(collapse_options_from_yaml_file_sized(path.c_str(), &o, sizeof o + 8), COLLAPSE_ERR_INVALID_ARGUMENT);
+}

@@ -1,0 +1,15 @@
+// Small text helpers shared by the parsers and their messages.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace collapse::internal {
+
+// "[3, 4]": a tensor or section shape as messages print it.
+std::string shape_text(const std::vector<int64_t>& shape);
+// ASCII lower case (unit suffixes, key suggestions); other bytes unchanged.
+std::string lower_ascii(std::string s);
+
+}  // namespace collapse::internal
