@@ -43,6 +43,7 @@
 #include "core/backend.hpp"
 #include "core/metric_summary.hpp"
 #include "core/row_store.hpp"
+#include "core/second_pass_part.hpp"
 #include "cuda_check.hpp"
 #include "device_memory.hpp"
 #include "kernels.cuh"
@@ -105,6 +106,10 @@ public:
     void begin_rows_spread() override;
     bool rows_spread() const override { return spread_phase_ == SpreadPhase::Spread; }
     void adopt_class_sums(const int64_t* counts, const double* sums) override;
+    // A rank's second-pass results (core/second_pass_part.hpp), through host memory (cuda_ranks.cu).
+    void save_second_pass(StateWriter& w) override;
+    void merge_second_pass(const StateReader& r) override;
+    SecondPassSizes second_pass_sizes() const;  // what this second pass makes
     void spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) override;
     void spread_open(const std::vector<int32_t>& owned) override;
     void spread_append(int32_t c, const double* rows, int64_t n, const int64_t* slots) override;

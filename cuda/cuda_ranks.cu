@@ -36,11 +36,11 @@ void CudaBackend::begin_rows_spread() {
     spread_phase_ = SpreadPhase::Gathering;
 }
 
-// Only for the spread (the second pass over ranks is not implemented on this backend): the class
-// counts and sums become the combined ones, so that this rank's means are the root's. The rest of
-// its state (variances, Grams) is left as it was: it computes only its part after this.
+// The class counts and sums become the combined ones (this rank's first-pass state has gone to the
+// root), so that the spread's parts and begin_second_pass use the root's kept set and means. The
+// rest of its state (variances, Grams) is left as it was: after this the rank computes only its
+// part or its second pass, never a report.
 void CudaBackend::adopt_class_sums(const int64_t* counts, const double* sums) {
-    if (spread_phase_ != SpreadPhase::Gathering) ranks_unsupported();
     DeviceGuard guard(cfg_.device_ordinal);
     sync();
     static_assert(sizeof(unsigned long long) == sizeof(int64_t), "counts are copied bit for bit");
@@ -280,6 +280,70 @@ bool CudaBackend::spread_nc4(const KeptSet& kept, MetricValues& out) const {
     if (spread_nc4_rows_ > 0) out.nc4_agreement = (double)spread_nc4_agree_ / (double)spread_nc4_rows_;
     if (cfg_.per_class_arrays) out.per_class.nc4_hits = spread_nc4_hits_, out.per_class.nc4_rows = spread_nc4_class_rows_;
     return true;
+}
+
+// ---- The second pass over ranks: each rank's results to the root, added there (the CPU's layout,
+// core/second_pass_part.hpp), through host memory.
+
+namespace {
+// The first n values of a device buffer; H has T's size (the counters are unsigned long long,
+// written as int64 bit for bit).
+template <class H, class T>
+std::vector<H> device_values(const DeviceBuffer<T>& b, size_t n) {
+    static_assert(sizeof(T) == sizeof(H), "copied bit for bit");
+    std::vector<H> h(n);
+    if (n) COLLAPSE_CUDA_TRY(cudaMemcpy(h.data(), b.data(), n * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+}
+
+// buf[0, n) += from[0, n) (read, added on the host, written back: d x d at most).
+template <class T, class F>
+void add_to_device(DeviceBuffer<T>& buf, const F* from, size_t n) {
+    if (!from || n == 0) return;
+    std::vector<T> h = device_values<T>(buf, n);
+    for (size_t k = 0; k < n; ++k) h[k] += (T)from[k];
+    COLLAPSE_CUDA_TRY(cudaMemcpy(buf.data(), h.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+}
+}  // namespace
+
+SecondPassSizes CudaBackend::second_pass_sizes() const {
+    const size_t K = kept2_.ids.size();
+    const bool hits = pass2_nc4_ && cfg_.per_class_arrays;
+    return {pass2_gram_ ? (size_t)(d_ * d_) : 0, within2_.data() ? (size_t)(d_ * d_) : 0, hits ? K : 0, hits ? K : 0};
+}
+
+void CudaBackend::save_second_pass(StateWriter& w) {
+    if (!pass2_) fail(COLLAPSE_ERR_STATE, "save_second_pass: the second pass has not begun");
+    DeviceGuard guard(cfg_.device_ordinal);
+    sync();
+    const SecondPassSizes n = second_pass_sizes();
+    const HostBudget::Lease lease = host_.reserve(mul_bytes((int64_t)(n.gram + n.within + n.hits + n.hit_rows + 2), 8),
+                                                  "this rank's second-pass results on the host", kFixKeptClasses);
+    const std::vector<int64_t> rows = device_values<int64_t>(pass2_rows_dev_, 1);
+    const std::vector<int64_t> agree = device_values<int64_t>(agree_, pass2_nc4_ ? 1 : 0);
+    const std::vector<double> gram = device_values<double>(gram2_, n.gram), within = device_values<double>(within2_, n.within);
+    const std::vector<int64_t> hits = device_values<int64_t>(nc4_slot_hits_, n.hits), hit_rows = device_values<int64_t>(nc4_slot_rows_, n.hit_rows);
+    write_second_pass_part(w, {rows[0], agree.empty() ? 0 : agree[0], gram.data(), within.data(), hits.data(), hit_rows.data()}, n, d_);
+}
+
+void CudaBackend::merge_second_pass(const StateReader& r) {
+    if (!pass2_) fail(COLLAPSE_ERR_STATE, "merge_second_pass: the second pass has not begun");
+    DeviceGuard guard(cfg_.device_ordinal);
+    sync();
+    const SecondPassSizes n = second_pass_sizes();
+    const HostBudget::Lease lease = host_.reserve(mul_bytes((int64_t)(std::max(n.gram, n.within) + 2), 8),
+                                                  "the second-pass results being added on the root", kFixKeptClasses);
+    const std::vector<int64_t> rows = device_values<int64_t>(pass2_rows_dev_, 1);
+    const std::vector<int64_t> agree = device_values<int64_t>(agree_, pass2_nc4_ ? 1 : 0);
+    const SecondPassPart p = read_second_pass_part(r, n, rows[0], agree.empty() ? 0 : agree[0]);
+    // Every section is checked by now: add each to its device buffer.
+    const int64_t counts[2] = {p.rows, p.agree};
+    add_to_device(pass2_rows_dev_, &counts[0], 1);
+    if (pass2_nc4_) add_to_device(agree_, &counts[1], 1);
+    add_to_device(gram2_, p.gram, n.gram);
+    add_to_device(within2_, p.within, n.within);
+    add_to_device(nc4_slot_hits_, p.hits, n.hits);
+    add_to_device(nc4_slot_rows_, p.hit_rows, n.hit_rows);
 }
 
 }  // namespace collapse::internal::cuda

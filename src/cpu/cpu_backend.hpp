@@ -11,6 +11,7 @@
 #include "core/host_budget.hpp"
 #include "core/metric_summary.hpp"
 #include "core/row_store.hpp"
+#include "core/second_pass_part.hpp"
 
 namespace collapse::internal {
 
@@ -37,6 +38,7 @@ public:
     void adopt_class_sums(const int64_t* counts, const double* sums) override;
     void save_second_pass(StateWriter& w) override;
     void merge_second_pass(const StateReader& r) override;
+    SecondPassSizes second_pass_sizes() const;  // what this second pass makes (core/second_pass_part.hpp)
     // The exact row store, or the sampled reservoirs, spread over ranks by class (cpu_ranks.cpp).
     bool can_spread_rows() const override { return store_ != nullptr && spread_phase_ == SpreadPhase::None; }
     void begin_rows_spread() override;

@@ -8,6 +8,7 @@
 #include <map>
 
 #include "base/error.hpp"
+#include "core/second_pass_part.hpp"
 #include "core/shifted_sums.hpp"
 #include "core/state_sections.hpp"
 #include "cpu/cpu_backend.hpp"
@@ -136,68 +137,32 @@ void CpuBackend::adopt_class_sums(const int64_t* counts, const double* sums) {
     std::copy(sums, sums + V_ * d_, sum_.begin());
 }
 
-// The second pass's partial results: rows seen and NC4 agreements, and whichever of the kept
-// set's Gram, the within-class scatter and the per-class NC4 counts this second pass makes.
+// The second pass's partial results (core/second_pass_part.hpp): rows seen and NC4 agreements, and
+// whichever of the kept set's Gram, the within-class scatter and the per-class NC4 counts this
+// second pass makes.
+SecondPassSizes CpuBackend::second_pass_sizes() const {
+    return {gram2_.size(), within2_.size(), nc4_hits2_.size(), nc4_rows2_.size()};
+}
+
 void CpuBackend::save_second_pass(StateWriter& w) {
     if (!pass2_) fail(COLLAPSE_ERR_STATE, "save_second_pass: the second pass has not begun");
-    const int64_t n[2] = {pass2_rows_, nc4_agree_};
-    w.add("pass2_counts", COLLAPSE_I64, {2}, n, sizeof n);
-    if (!gram2_.empty()) w.add("pass2_gram", COLLAPSE_F64, {d_, d_}, gram2_.data(), gram2_.size() * 8);
-    if (!within2_.empty()) w.add("pass2_within", COLLAPSE_F64, {d_, d_}, within2_.data(), within2_.size() * 8);
-    if (!nc4_hits2_.empty()) {
-        w.add("pass2_nc4_hits", COLLAPSE_I64, {(int64_t)nc4_hits2_.size()}, nc4_hits2_.data(), nc4_hits2_.size() * 8);
-        w.add("pass2_nc4_rows", COLLAPSE_I64, {(int64_t)nc4_rows2_.size()}, nc4_rows2_.data(), nc4_rows2_.size() * 8);
-    }
+    write_second_pass_part(w, {pass2_rows_, nc4_agree_, gram2_.data(), within2_.data(), nc4_hits2_.data(), nc4_rows2_.data()},
+                           second_pass_sizes(), d_);
 }
 
 void CpuBackend::merge_second_pass(const StateReader& r) {
     if (!pass2_) fail(COLLAPSE_ERR_STATE, "merge_second_pass: the second pass has not begun");
-    const std::string what = r.description();
-    const StateSection c = r.section("pass2_counts");
-    if (c.dtype_code != (uint32_t)COLLAPSE_I64 || c.shape != std::vector<int64_t>{2})
-        fail(COLLAPSE_ERR_IO, what, ": section pass2_counts is not int64 [2]");
-    const int64_t* n = static_cast<const int64_t*>(c.data);
-    int64_t rows = 0, agree = 0;
-    if (n[0] < 0 || n[1] < 0 || n[1] > n[0] || __builtin_add_overflow(pass2_rows_, n[0], &rows) ||
-        __builtin_add_overflow(nc4_agree_, n[1], &agree))
-        fail(COLLAPSE_ERR_IO, what, ": section pass2_counts holds ", n[0], " rows and ", n[1], " agreements, not counts that add up");
-    // Each array: present exactly when this session's second pass makes it, of its shape; all
-    // checked before any is added.
-    struct Part {
-        const char* name;
-        uint32_t dtype;
-        size_t size;
-        const void* data = nullptr;
+    const SecondPassPart p = read_second_pass_part(r, second_pass_sizes(), pass2_rows_, nc4_agree_);
+    pass2_rows_ += p.rows;
+    nc4_agree_ += p.agree;
+    auto add = [](auto& to, const auto* from) {
+        if (from)
+            for (size_t k = 0; k < to.size(); ++k) to[k] += from[k];
     };
-    Part parts[] = {{"pass2_gram", COLLAPSE_F64, gram2_.size()},
-                    {"pass2_within", COLLAPSE_F64, within2_.size()},
-                    {"pass2_nc4_hits", COLLAPSE_I64, nc4_hits2_.size()},
-                    {"pass2_nc4_rows", COLLAPSE_I64, nc4_rows2_.size()}};
-    for (Part& p : parts) {
-        if ((p.size > 0) != r.has(p.name))
-            fail(COLLAPSE_ERR_IO, what, p.size > 0 ? " lacks section " : " has section ", p.name, ", which this session's second pass ",
-                 p.size > 0 ? "makes" : "does not make");
-        if (p.size == 0) continue;
-        const StateSection s = r.section(p.name);
-        if (s.dtype_code != p.dtype || s.bytes != p.size * 8)
-            fail(COLLAPSE_ERR_IO, what, ": section ", p.name, " has ", s.bytes, " bytes, this session's has ", p.size * 8);
-        p.data = s.data;
-        if (p.dtype == COLLAPSE_F64)
-            for (size_t k = 0; k < p.size; ++k)
-                if (!std::isfinite(static_cast<const double*>(p.data)[k])) fail(COLLAPSE_ERR_IO, what, ": section ", p.name, " holds a non-finite value at ", k);
-    }
-    pass2_rows_ = rows;
-    nc4_agree_ = agree;
-    auto add_f = [](std::vector<double>& to, const void* from) {
-        for (size_t k = 0; k < to.size(); ++k) to[k] += static_cast<const double*>(from)[k];
-    };
-    auto add_i = [](std::vector<int64_t>& to, const void* from) {
-        for (size_t k = 0; k < to.size(); ++k) to[k] += static_cast<const int64_t*>(from)[k];
-    };
-    if (parts[0].data) add_f(gram2_, parts[0].data);
-    if (parts[1].data) add_f(within2_, parts[1].data);
-    if (parts[2].data) add_i(nc4_hits2_, parts[2].data);
-    if (parts[3].data) add_i(nc4_rows2_, parts[3].data);
+    add(gram2_, p.gram);
+    add(within2_, p.within);
+    add(nc4_hits2_, p.hits);
+    add(nc4_rows2_, p.hit_rows);
 }
 
 }  // namespace collapse::internal

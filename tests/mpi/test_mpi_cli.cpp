@@ -294,12 +294,15 @@ TEST_F(MpiCli, ErrorDuringRowExchangeEndsAllWithItsMessage) {
 // the CUDA accuracy contract (docs/METRICS.md: 1e-5 relative, per-token entropies 1e-5 absolute,
 // counts exact). Exact: the row store spread by class (the owners' per-token SVDs and NC4 on the
 // device, cuda/cuda_ranks.cu; one process takes NC4 from its device row buffer); sampled:
-// reservoirs holding every row, gathered on rank 0. No NC4 there and no cut kept set: those need
-// a second pass over the ranks, which the CUDA backend refuses.
+// reservoirs holding every row, gathered on rank 0; svd off with NC4 and sampled with a cut kept
+// set: a second pass over every rank's rows, its results added on rank 0 (save/merge_second_pass).
 TEST_F(MpiCli, CudaExactAndSampledEqualSingleProcessCuda) {
     if (collapse_backend_available("cuda") == 0) GTEST_SKIP() << "no usable CUDA device on this machine: CUDA backend tests skipped";
     for (const std::string config :
-         {"svd_mode: exact\ncompute_nc4: true\nper_class_arrays: true\n", "svd_mode: sampled\nsvd_max_rows_per_token: 1000\nper_class_arrays: true\n"}) {
+         {"svd_mode: exact\ncompute_nc4: true\nper_class_arrays: true\n", "svd_mode: sampled\nsvd_max_rows_per_token: 1000\nper_class_arrays: true\n",
+          // NC4 by a second pass over every rank's rows, its results added on rank 0 (save/merge_second_pass),
+          // and the Gram of a cut kept set by the same second pass.
+          "svd_mode: off\ncompute_nc4: true\nper_class_arrays: true\n", "svd_mode: sampled\ncompute_nc4: true\nmax_tokens_to_analyze: 5\n"}) {
         SCOPED_TRACE(config);
         testutil::spit(path("c.yaml"), config);
         const std::string args = "analyze --backend cuda " + input(false) + "--config c.yaml -q -o ";
