@@ -86,23 +86,7 @@ void CudaBackend::spread_append(int32_t c, const double* x, int64_t n, const int
     if (!spread_owned_[(size_t)c]) fail(COLLAPSE_ERR_INTERNAL, "rows of class ", c, " came to a rank that does not own it");
     if (slots) fail(COLLAPSE_ERR_INTERNAL, "spread_append: reservoir rows on a backend that does not spread them");
     if (n <= 0) return;
-    if (spread_store_->rows(c) + n > spread_counts_[(size_t)c])
-        fail(COLLAPSE_ERR_INTERNAL, "class ", c, " received more rows (", spread_store_->rows(c) + n, ") than its count ", spread_counts_[(size_t)c]);
-    const int64_t flags = mul_bytes(V_, 9);
-    spread_store_->make_room([&] { return spread_store_->growth(c, n); });
-    spread_lease_.update(add_bytes(flags, spread_store_->memory_bytes()));
-    // While append moves the class's rows to a larger vector, both exist.
-    auto need = [&] {
-        const int64_t g = spread_store_->growth(c, n);
-        return g > 0 ? add_bytes(g, spread_store_->capacity_bytes(c)) : 0;
-    };
-    if (!host_.fits(need()) && spread_store_->memory_bytes() > 0) {
-        spread_store_->spill_memory();
-        spread_lease_.update(add_bytes(flags, spread_store_->memory_bytes()));
-    }
-    spread_lease_.resize(add_bytes(spread_lease_.bytes(), need()), "rows of class " + std::to_string(c) + " moved to the rank that owns it");
-    std::memcpy(spread_store_->append(c, n), x, (size_t)(n * d_) * 8);
-    spread_lease_.update(add_bytes(flags, spread_store_->memory_bytes()));
+    append_owned_rows(*spread_store_, host_, spread_lease_, mul_bytes(V_, 9), c, spread_counts_[(size_t)c], x, n, d_);
 }
 
 void CudaBackend::spread_close() {

@@ -4,6 +4,7 @@
 // row s for the part's s-th class (part_slots).
 #pragma once
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -11,7 +12,9 @@
 
 #include "base/error.hpp"
 #include "core/backend.hpp"
+#include "core/host_budget.hpp"
 #include "core/metrics.hpp"
+#include "core/row_store.hpp"
 #include "core/state_io.hpp"
 
 namespace collapse::internal {
@@ -35,6 +38,30 @@ KeptSet owned_classes(const KeptSet& kept, RowsOf rows_of, std::vector<int64_t>&
 inline void fill_slots(KeptSet& own, int64_t V) {
     own.slot.assign((size_t)V, -1);
     for (size_t s = 0; s < own.ids.size(); ++s) own.slot[(size_t)own.ids[s]] = (int32_t)s;
+}
+
+// n rows of class c (of `count` in all) appended to an owner's store, whose memory `lease` holds
+// besides `fixed` bytes of its own: the store makes room (spilling) first, and, where the class's
+// vector must grow while the old one still exists, it spills its memory when the budget has no
+// room for both.
+inline void append_owned_rows(RowStore& store, HostBudget& budget, HostBudget::Lease& lease, int64_t fixed, int32_t c, int64_t count,
+                              const double* x, int64_t n, int64_t d) {
+    if (store.rows(c) + n > count)
+        fail(COLLAPSE_ERR_INTERNAL, "class ", c, " received more rows (", store.rows(c) + n, ") than its count ", count);
+    store.make_room([&] { return store.growth(c, n); });
+    lease.update(add_bytes(fixed, store.memory_bytes()));
+    // While append moves the class's rows to a larger vector, both exist.
+    auto need = [&] {
+        const int64_t g = store.growth(c, n);
+        return g > 0 ? add_bytes(g, store.capacity_bytes(c)) : 0;
+    };
+    if (!budget.fits(need()) && store.memory_bytes() > 0) {
+        store.spill_memory();
+        lease.update(add_bytes(fixed, store.memory_bytes()));
+    }
+    lease.resize(add_bytes(lease.bytes(), need()), "rows of class " + std::to_string(c) + " moved to the rank that owns it");
+    std::memcpy(store.append(c, n), x, (size_t)(n * d) * 8);
+    lease.update(add_bytes(fixed, store.memory_bytes()));
 }
 
 inline void write_token_part(StateWriter& w, const std::vector<TokenMetrics>& tokens, size_t k) {

@@ -39,8 +39,6 @@ int64_t batch_index_bytes(int64_t n, int64_t V, int64_t d) {
     return add_bytes(add_bytes(mul_bytes(n, 8 + 4 + 8), mul_bytes(std::min(n, V) + 1, per_run)), 8 * d);
 }
 
-void load_row_double(const void* x, collapse_dtype t, int64_t d, double* out) { cpu::convert_row(x, t, d, out); }
-
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(const Config& cfg, int64_t num_classes, int64_t dim, std::shared_ptr<HostBudget> budget) {
@@ -389,7 +387,7 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
                 for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(ahead + e);
             }
             double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
-            load_row_double(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
+            cpu::convert_row(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
             const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)
             if (gram_streaming_) {
                 if (i + 1 < min_n) {
@@ -485,7 +483,7 @@ void CpuBackend::ingest_second_pass(const BatchDesc& b, void*) {
         const int32_t slot = kept2_.slot[(size_t)rows.label[i]];
         if (slot < 0) continue;
         double* x = block.data() + nblock * d_;
-        load_row_double(b.features.row(rows.feature_row[i]), b.features.dtype, d_, x);
+        cpu::convert_row(b.features.row(rows.feature_row[i]), b.features.dtype, d_, x);
         if (within) {
             const double* mu = mu2_.data() + (size_t)slot * (size_t)d_;
             for (int64_t j = 0; j < d_; ++j) centred[(size_t)(nblock * d_ + j)] = x[j] - mu[j];
