@@ -15,7 +15,8 @@
 //   class sums, sums of squares about reference rows, counts, Gram, Sigma_W's scatter, rows -> ingest (cuda_ingest.cu; kernels in ingest_kernels.cu)
 //   means, centring; equinorm; UNC3, NC3 duality    -> compute (cuda_metrics.cu; launch_means, _center, _duality,
 //                                                      _self_duality; host summary: finish_class_metrics)
-//   GNC2, equiangularity, CDNV (pair metrics)       -> compute: tiles of cublasDsyrk/Dgemm + launch_pair_reduce
+//   GNC2, equiangularity, CDNV (pair metrics)       -> compute: tiles of cublasDsyrk/Dgemm + launch_pair_reduce (pair_tiles;
+//                                                      under MPI each rank's share of the tiles, cuda_ranks.cu)
 //   overall SVD entropy                             -> compute: streamed (or second-pass) Gram -> eigenvalues_sym
 //   anchor metrics (nc1_*, nc2_etf_err, nc3_dual_err, -> compute: anchor_metrics (d x d products by cublasDsyrk;
 //     nc3u, nc5; the pair ones in launch_pair_reduce)   Sigma_W streamed at ingest (add_centered_scatter), else from
@@ -42,6 +43,8 @@
 
 #include "core/backend.hpp"
 #include "core/metric_summary.hpp"
+#include "core/pair_part.hpp"
+#include "core/reservoir_picks.hpp"
 #include "core/row_store.hpp"
 #include "core/second_pass_part.hpp"
 #include "cuda_check.hpp"
@@ -78,7 +81,7 @@ public:
     bool has_row_store() const override { return false; }
     // NC4 from the device row buffer while it holds every row (nc4_from_device): no second pass.
     // Rows spread over ranks: NC4 is in the owners' parts (cuda_ranks.cu).
-    bool nc4_from_rows() const override { return rows_on_device() || spread_phase_ == SpreadPhase::Spread; }
+    bool nc4_from_rows() const override { return rows_on_device() || (exact_store_ && spread_phase_ == SpreadPhase::Spread); }
     void begin_second_pass(const KeptSet& kept, const Classifier& clf, bool nc4, bool gram) override;
     void ingest_second_pass(const BatchDesc& b, void* stream) override;
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
@@ -100,8 +103,9 @@ public:
     std::vector<double> window_evaluate(const int64_t* slots, int64_t windows, int64_t W) override;
     // The exact row store spread over MPI ranks by class (cuda_ranks.cu): the device buffer's rows
     // go to the host store first, then move as on the CPU; an owner's part is its classes' per-token
-    // SVDs (per_token) and NC4 over its rows (the second pass's kernels). Sampled reservoirs are not
-    // spread (the root gathers them).
+    // SVDs (per_token) and NC4 over its rows (the second pass's kernels). Sampled reservoirs: the
+    // root's merged samples (core/reservoir_picks.hpp) say which rows go where; the owner's part is
+    // the per-token SVDs of its classes' merged samples, put back into their device reservoirs.
     bool can_spread_rows() const override;
     void begin_rows_spread() override;
     bool rows_spread() const override { return spread_phase_ == SpreadPhase::Spread; }
@@ -114,12 +118,21 @@ public:
     void spread_open(const std::vector<int32_t>& owned) override;
     void spread_append(int32_t c, const double* rows, int64_t n, const int64_t* slots) override;
     void spread_close() override;
+    bool spread_samples() const override { return sampled_; }
+    void spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w) override;
+    void spread_take_picks(const StateReader& r) override;
     void spread_part(const KeptSet& kept, const Classifier& clf, StateWriter& w) override;
     void spread_merge(const KeptSet& kept, const Classifier& clf, const StateReader& r) override;
+    // Pair-metric tiles spread over ranks (cuda_ranks.cu; the tiling and layout of core/pair_part.hpp):
+    // the root's centred means through host memory, each rank's share of the tiles on its device.
+    bool can_spread_pairs() const override { return true; }
+    bool pair_inputs(const KeptSet& kept, StateWriter& w) override;
+    void pair_part(const StateReader& inputs, int rank, int P, StateWriter& w) override;
+    void pair_merge(const KeptSet& kept, const StateReader& part) override;
 
 private:
     struct Scratch {
-        DeviceBuffer<int32_t> keys, vals, keys_sorted, vals_sorted, heads, run_start;
+        DeviceBuffer<int32_t> keys, vals, keys_sorted, vals_sorted;
         DeviceBuffer<uint8_t> cub_temp;
         DeviceBuffer<float> gram_rows;
         DeviceBuffer<double> within_rows;  // Sigma_W's rows less their reference rows (or means), a chunk at a time
@@ -146,6 +159,19 @@ private:
     void end_batch(int k, const BatchDesc& b, cudaStream_t s, bool first_pass);
     void group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s);
     void per_token(const KeptSet& kept, const double* mu, MetricValues& out);
+    // compute()'s kept means on the device (cuda_metrics.cu): ids, mu [K, d], var, weight [K], the
+    // global mean's sums [d], the centred means m [K, d], their squared norms q and scales a [K].
+    struct KeptMeans {
+        Lease<int32_t> ids;
+        Lease<double> mu, var, weight, mug, m, q, a;
+    };
+    KeptMeans kept_means(const KeptSet& kept);
+    // The pair tiles' edge for K kept classes, and the merged moments of rank `rank`'s share of P
+    // of the tiles (P = 1: every tile) from device m, q, a, var (cuda_metrics.cu); range: the
+    // share's first tile, its end and the number of tiles.
+    int64_t pair_tile_edge(int64_t K) const;
+    PairTotals pair_tiles(const double* m, const double* q, const double* a, const double* var, int64_t K, int64_t T, int rank, int P,
+                          int64_t* range = nullptr);
     // NC4 of the rows in the device row buffer (rows_on_device), in blocks of rows (cuda_metrics.cu).
     void nc4_from_device(const KeptSet& kept, const Classifier& clf, const double* mu, const int32_t* ids, MetricValues& out);
     // The anchor metrics (cuda_metrics.cu) and Sigma_W's scatter (empty with *note when not available).
@@ -238,6 +264,14 @@ private:
     std::vector<uint8_t> spread_owned_;       // [V] while it is
     std::vector<int64_t> spread_counts_;      // [V] the combined n_c, on the host while it is
     HostBudget::Lease spread_lease_;          // its rows in memory, the flags and the counts
+    // Reservoirs: the slots filled so far [V] (spread_open .. spread_close); this session's own
+    // counts before the merge (its reservoirs' rows); the root's merged samples and this rank's
+    // picks (core/reservoir_picks.hpp; merge_picks is load_state's part while gathering them).
+    std::vector<int64_t> spread_filled_, spread_own_counts_;
+    HostBudget::Lease spread_own_lease_;
+    std::unique_ptr<ReservoirPicks> picks_;
+    ReservoirPicks::RowsOf own_reservoir_rows() const;
+    void merge_picks(const int64_t* theirs, const std::vector<int64_t>& before);
     // The root's sum of the ranks' parts: per kept slot, its per-token results (spread_merge).
     std::vector<int32_t> spread_ids_;
     std::vector<uint8_t> spread_seen_;
@@ -247,6 +281,8 @@ private:
     bool spread_nc4_ = false;
     int64_t spread_nc4_agree_ = 0, spread_nc4_rows_ = 0;
     std::vector<int64_t> spread_nc4_hits_, spread_nc4_class_rows_;
+    // The ranks' pair-metric shares merged on the root (pair_merge), for this kept set and rows seen.
+    std::unique_ptr<PairSpread> pair_spread_;
     // compute()'s per-token results from the ranks' parts (rows spread), in place of per_token's.
     void spread_tokens(const KeptSet& kept, MetricValues& out) const;
     // compute()'s NC4 from the ranks' parts; false when there are none.

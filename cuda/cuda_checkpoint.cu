@@ -247,7 +247,8 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     if (shift_.data()) host_bytes = add_bytes(host_bytes, mul_bytes(V_, d_, 4));
     if (within_merge)
         host_bytes = add_bytes(add_bytes(host_bytes, merge_shifted_bytes(V_, d_, true)), add_bytes(mul_bytes(d_, d_, 16), mul_bytes(v.holdback_total, d_, 8)));
-    if (sampled_)
+    const bool reservoir_rows = sampled_ && keeps_rows;
+    if (reservoir_rows)
         host_bytes = add_bytes(host_bytes, add_bytes(mul_bytes(v.store_offsets[V_], row_bytes), mul_bytes(cfg_.svd_max_rows_per_token, d_, 8)));
     const HostBudget::Lease host_lease = host_.reserve(host_bytes, "loading " + r.description() + " through host memory (V = " + std::to_string(V_) +
                                                                        ", d = " + std::to_string(d_) + ": counts, sums, Gram, held-back and reservoir rows)",
@@ -274,7 +275,7 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
     // re-sampled on the host (its device rows downloaded once for all such classes).
     std::vector<int64_t> res_slot;
     std::vector<double> res_rows;
-    if (sampled_) {
+    if (reservoir_rows) {
         const int64_t cap = cfg_.svd_max_rows_per_token;
         auto mine_rows = [&](int64_t c) {
             const int64_t n = v.store_offsets[c + 1] - v.store_offsets[c], ka = std::min(before[(size_t)c], cap);
@@ -362,6 +363,10 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
         store_held_.update(host_store_->memory_bytes());
     }
 
+    // Reservoirs spread over ranks: the merged samples decided from the counts, no row here
+    // (cuda_ranks.cu); the last part that can be refused (host_memory_limit).
+    if (sampled_ && merge && spread_phase_ == SpreadPhase::Gathering) merge_picks(v.counts, before);
+
     // From here on only CUDA itself can fail.
     if (exact_store_ && keeps_rows && !merge) {
         // A replaced state keeps none of the rows before it: the device row buffer empties too (a
@@ -389,7 +394,7 @@ void CudaBackend::load_state(const StateReader& r, bool merge) {
         COLLAPSE_CUDA_TRY(cudaMemcpy(gram_.data(), g.data(), gram_.bytes(), cudaMemcpyHostToDevice));
         upload_rows(hold_rows.data(), hold_slot, hold_.data(), up_rows, up_slots);
     }
-    if (sampled_) upload_rows(res_rows.data(), res_slot, reservoir_.data(), up_rows, up_slots);
+    if (reservoir_rows) upload_rows(res_rows.data(), res_slot, reservoir_.data(), up_rows, up_slots);
     COLLAPSE_CUDA_TRY(cudaDeviceSynchronize());
 }
 

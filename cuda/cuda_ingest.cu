@@ -4,7 +4,6 @@
 // scratch and staging buffers are members sized at the first batch, so a batch of a size seen
 // before allocates nothing.
 #include <cub/device/device_radix_sort.cuh>
-#include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 #include <cstring>
@@ -21,10 +20,6 @@
 namespace collapse::internal::cuda {
 
 namespace {
-
-struct MaxOp {
-    __host__ __device__ int32_t operator()(int32_t a, int32_t b) const { return a > b ? a : b; }
-};
 
 int bits_for(int64_t v) {
     int b = 1;
@@ -151,12 +146,11 @@ void CudaBackend::ensure_scratch(int64_t rows) {
     Scratch& s = scratch_;
     s.rows = 0;  // not valid until every buffer is reallocated
     const std::string what = "per-batch scratch for " + std::to_string(n) + " rows";
-    for (auto* b : {&s.keys, &s.vals, &s.keys_sorted, &s.vals_sorted, &s.heads, &s.run_start}) b->allocate((size_t)n, &budget_, what);
-    size_t sort_bytes = 0, scan_bytes = 0;
+    for (auto* b : {&s.keys, &s.vals, &s.keys_sorted, &s.vals_sorted}) b->allocate((size_t)n, &budget_, what);
+    size_t sort_bytes = 0;
     COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, s.keys.data(), s.keys_sorted.data(), s.vals.data(),
                                                       s.vals_sorted.data(), (int)n, 0, bits_for(V_)));
-    COLLAPSE_CUDA_TRY(cub::DeviceScan::InclusiveScan(nullptr, scan_bytes, s.heads.data(), s.run_start.data(), MaxOp{}, (int)n));
-    s.cub_temp.allocate(std::max(sort_bytes, scan_bytes), &budget_, what);
+    s.cub_temp.allocate(sort_bytes, &budget_, what);
     if (gram_streaming_ || pass2_) s.gram_rows.allocate((size_t)(n * d_), &budget_, what + " (gathered rows)");
     if (within_streaming_ || within2_.data())
         s.within_rows.allocate((size_t)(std::min(n, within_chunk_rows(d_)) * d_), &budget_, what + " (Sigma_W's centred rows, float64)");
@@ -199,7 +193,7 @@ int CudaBackend::begin_batch(const BatchDesc& b, cudaStream_t s, bool check_stor
     return k;
 }
 
-// Sort (label, row), run starts.
+// Sort (label, row); the kernels after it find run starts by binary search in the sorted keys.
 void CudaBackend::group_batch(const DeviceBatch& db, const IngestParams& ip, BatchStatus* st, cudaStream_t s) {
     Scratch& sc = scratch_;
     const int n = (int)db.rows;
@@ -207,9 +201,6 @@ void CudaBackend::group_batch(const DeviceBatch& db, const IngestParams& ip, Bat
     size_t bytes = sc.cub_temp.size();
     COLLAPSE_CUDA_TRY(cub::DeviceRadixSort::SortPairs(sc.cub_temp.data(), bytes, sc.keys.data(), sc.keys_sorted.data(),
                                                       sc.vals.data(), sc.vals_sorted.data(), n, 0, bits_for(V_), s));
-    launch_run_heads(sc.keys_sorted.data(), n, sc.heads.data(), s);
-    bytes = sc.cub_temp.size();
-    COLLAPSE_CUDA_TRY(cub::DeviceScan::InclusiveScan(sc.cub_temp.data(), bytes, sc.heads.data(), sc.run_start.data(), MaxOp{}, n, s));
 }
 
 void CudaBackend::ingest(const BatchDesc& b, void* stream) {
@@ -240,7 +231,7 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
     if (sampled_) sinks.reservoir = reservoir_.data(), sinks.winner = winner_.data(), sinks.cap = cfg_.svd_max_rows_per_token, sinks.seed = cfg_.seed;
     if (hold_rows_ > 0) sinks.hold = hold_.data(), sinks.hold_rows = hold_rows_;
     sinks.shift = shift_.data();  // null without the class metrics
-    launch_place_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sc.run_start.data(), sentinel, count_.data(), sinks, st, s);
+    launch_place_rows(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sentinel, count_.data(), sinks, st, s);
     launch_class_sums(db, sc.keys_sorted.data(), sc.vals_sorted.data(), sentinel,
                       ClassState{sum_.data(), sqdev_.data(), count_.data(), shift_.data()}, st, s);
     // Sigma_W: every accepted row less its class's reference row, as the Gram below takes every row.
@@ -254,7 +245,7 @@ void CudaBackend::ingest(const BatchDesc& b, void* stream) {
                                         (int)d_, &zero, gram32_.data(), (int)d_));
         launch_add_gram(gram32_.data(), gram_.data(), d_ * d_, st, s);
     }
-    launch_count_update(sc.keys_sorted.data(), sc.run_start.data(), n, sentinel, count_.data(),
+    launch_count_update(sc.keys_sorted.data(), n, sentinel, count_.data(),
                         exact_store_ ? store_count_.data() : nullptr, exact_store_, st, s);
 
     end_batch(k, b, s, true);

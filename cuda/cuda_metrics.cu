@@ -11,6 +11,7 @@
 #include "base/error.hpp"
 #include "core/metric_math.hpp"
 #include "core/metric_summary.hpp"
+#include "core/pair_part.hpp"
 #include "cuda_backend.cuh"
 #include "cuda_check.hpp"
 #include "eigen_solvers.cuh"
@@ -230,9 +231,12 @@ std::vector<double> CudaBackend::within_scatter(const KeptSet& kept, const doubl
         return w;
     }
     if (grouped_) return grouped_->within_scatter(mu);  // every row still on the device
+    // The host store holds every kept row, unless the rows were spread over ranks by class (the
+    // second pass over every rank's rows gives Sigma_W then, cuda_ranks.cu).
+    const bool rows_here = exact_store_ && host_store_ && spread_phase_ != SpreadPhase::Spread;
     unsigned long long pass2_rows = 0;
     if (pass2_ && within2_.data()) COLLAPSE_CUDA_TRY(cudaMemcpy(&pass2_rows, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
-    if (!(exact_store_ && host_store_) && within2_.data() && (int64_t)pass2_rows == kept.rows) {
+    if (!rows_here && within2_.data() && (int64_t)pass2_rows == kept.rows) {
         // The second pass's scatter about the kept means (column-major upper on the device).
         const HostBudget::Lease lease = host_.reserve(mul_bytes(d, d, 8), "the second pass's Sigma_W d x d on its way to the host", kFixKeptClasses);
         std::vector<double> h((size_t)(d * d));
@@ -243,7 +247,7 @@ std::vector<double> CudaBackend::within_scatter(const KeptSet& kept, const doubl
         mirror();
         return w;
     }
-    if (!exact_store_ || !host_store_) {
+    if (!rows_here) {
         *note = cfg_.max_tokens_to_analyze > 0
                     ? "max_tokens_to_analyze cuts the kept set, so Sigma_W of kept rows needs the row store (svd_mode: exact) or a second pass"
                     : "Sigma_W streams with the overall Gram: it needs compute_overall_metrics (or the row store, svd_mode: exact)";
@@ -312,6 +316,85 @@ std::vector<double> CudaBackend::streamed_within(const std::vector<int64_t>& cou
     return out;
 }
 
+// The kept means as compute() makes them, on the session's stream: ids, means mu [K, d], variances
+// and weights [K], the global mean's column sums [d], the centred means m [K, d], their squared
+// norms q and direction scales a [K].
+CudaBackend::KeptMeans CudaBackend::kept_means(const KeptSet& kept) {
+    cudaStream_t s = stream_;
+    const int64_t K = (int64_t)kept.ids.size(), d = d_;
+    KeptMeans k;
+    k.ids = res_.take<int32_t>((size_t)K, "kept ids");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(k.ids.data(), kept.ids.data(), (size_t)K * 4, cudaMemcpyHostToDevice, s));
+    k.mu = res_.take<double>((size_t)(K * d), "class means [K, d]"), k.var = res_.take<double>((size_t)K, "variances");
+    k.weight = res_.take<double>((size_t)K, "weights"), k.mug = res_.take<double>((size_t)d, "global mean");
+    k.m = res_.take<double>((size_t)(K * d), "centred means"), k.q = res_.take<double>((size_t)K, "norms");
+    k.a = res_.take<double>((size_t)K, "direction scales");
+    const bool token_weighted = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED;
+    launch_means(sum_.data(), sqdev_.data(), shift_.data(), count_.data(), k.ids.data(), K, d, token_weighted, k.mu.data(), k.var.data(),
+                 k.weight.data(), s);
+    launch_column_sums(k.mu.data(), k.weight.data(), K, d, k.mug.data(), s);
+    const double total_weight = token_weighted ? (double)kept.rows : (double)K;
+    launch_center(k.mu.data(), k.mug.data(), total_weight, K, d, k.m.data(), k.q.data(), k.a.data(), s);
+    return k;
+}
+
+// Tiles of M M^T: the edge from a quarter of the free budget, at most 16384 (COLLAPSE_PAIR_TILE_EDGE: tests).
+int64_t CudaBackend::pair_tile_edge(int64_t K) const {
+    if (const int64_t t = pair_tile_edge_override(K)) return t;
+    const int64_t free_bytes = budget_.limit() - budget_.used();
+    return std::max<int64_t>(256, std::min<int64_t>({K, int64_t(16384), (int64_t)std::sqrt((double)free_bytes / 4 / 8)}));
+}
+
+// The merged pair moments of the share of rank `rank` of P of the tiles (core/pair_part.hpp's
+// tiling; P = 1: every tile), from device m [K, d], q, a, var [K]: the one pair reduction of the
+// single process and of the ranks. Each tile's terms go into the blocks' running slots, merged in
+// block order at the end.
+PairTotals CudaBackend::pair_tiles(const double* m, const double* q, const double* a, const double* var, int64_t K, int64_t T, int rank, int P,
+                                   int64_t* range) {
+    cudaStream_t s = stream_;
+    const int64_t d = d_;
+    const int64_t nt = (K + T - 1) / T;
+    const HostBudget::Lease lease = host_.reserve(mul_bytes(nt * (nt + 1) / 2, 24), "the list of the pair metrics' " + std::to_string(T) + " x " +
+                                                                                        std::to_string(T) + " tiles for K = " + std::to_string(K) + " kept classes",
+                                                  kFixKeptClasses);
+    const PairTiling tiling = pair_tiling(K, T, rank, P);
+    if (range) range[0] = tiling.begin, range[1] = tiling.end, range[2] = (int64_t)tiling.tiles.size();
+    Lease<double> tile = res_.take<double>((size_t)(std::min(T, K) * std::min(T, K)), "pair tile",
+                                           "raise device_memory_limit (the tile edge shrinks with the limit)");
+    Lease<double> acc = res_.take<double>((size_t)(kPairBlocks * kPairFields), "pair accumulators");
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(acc.data(), 0, acc.bytes(), s));
+    const double one = 1.0, zero = 0.0;
+    for (int64_t t = tiling.begin; t < tiling.end; ++t) {
+        const int64_t i0 = tiling.tiles[(size_t)t].first * T, j0 = tiling.tiles[(size_t)t].second * T;
+        const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
+        // Diagonal tiles: only i < j is read, the upper triangle of a SYRK.
+        if (i0 == j0)
+            COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, (int)ni, (int)d, &one, m + i0 * d, (int)d, &zero,
+                                            tile.data(), (int)ni));
+        else
+            COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one, m + i0 * d, (int)d, m + j0 * d,
+                                            (int)d, &zero, tile.data(), (int)ni));
+        launch_pair_reduce(tile.data(), i0, j0, ni, nj, q, a, var, cfg_.cdnv_power, 1.0 / (double)(K - 1), acc.data(), s);
+    }
+    std::vector<double> h((size_t)(kPairBlocks * kPairFields));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), acc.data(), acc.bytes(), cudaMemcpyDeviceToHost, s));
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
+    PairTotals all;
+    for (int b = 0; b < kPairBlocks; ++b) {
+        const double* f = h.data() + b * kPairFields;
+        PairTotals t;
+        t.l = Moments{f[0], f[1], f[2]};
+        t.c = Moments{f[3], f[4], f[5]};
+        t.n_cdnv = f[6], t.s_cdnv = f[7];
+        t.pairs = (int64_t)f[3];
+        t.skip_l = (int64_t)f[8], t.skip_cdnv = (int64_t)f[9];
+        t.dist = Moments{f[10], f[11], f[12]};
+        t.s_etf = f[13], t.max_etf = f[14];
+        all.merge(t);
+    }
+    return all;
+}
+
 MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     DeviceGuard guard(cfg_.device_ordinal);
     sync();
@@ -355,17 +438,9 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
     unsigned long long pass2_rows = 0;
     if (pass2_) COLLAPSE_CUDA_TRY(cudaMemcpy(&pass2_rows, pass2_rows_dev_.data(), 8, cudaMemcpyDeviceToHost));
     const int64_t d = d_;
-    Lease<int32_t> ids = res_.take<int32_t>((size_t)K, "kept ids");
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(ids.data(), kept.ids.data(), (size_t)K * 4, cudaMemcpyHostToDevice, s));
-    Lease<double> mu = res_.take<double>((size_t)(K * d), "class means [K, d]"), var = res_.take<double>((size_t)K, "variances"),
-                  weight = res_.take<double>((size_t)K, "weights"), mug = res_.take<double>((size_t)d, "global mean"),
-                  m = res_.take<double>((size_t)(K * d), "centred means"), q = res_.take<double>((size_t)K, "norms"),
-                  a = res_.take<double>((size_t)K, "direction scales");
-    const bool token_weighted = cfg_.global_mean == COLLAPSE_MEAN_TOKEN_WEIGHTED;
-    launch_means(sum_.data(), sqdev_.data(), shift_.data(), count_.data(), ids.data(), K, d, token_weighted, mu.data(), var.data(), weight.data(), s);
-    launch_column_sums(mu.data(), weight.data(), K, d, mug.data(), s);
-    const double total_weight = token_weighted ? (double)kept.rows : (double)K;
-    launch_center(mu.data(), mug.data(), total_weight, K, d, m.data(), q.data(), a.data(), s);
+    KeptMeans km = kept_means(kept);
+    const Lease<int32_t>& ids = km.ids;
+    const Lease<double>&mu = km.mu, &var = km.var, &m = km.m, &q = km.q, &a = km.a;
     // NC4 from the device row buffer (the session skipped the second pass: nc4_from_rows), before
     // anything below may move the rows to the host.
     const bool nc4_here = cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && !(pass2_ && pass2_nc4_) && rows_on_device();
@@ -448,45 +523,9 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
         if (K < cfg_.min_classes_for_gnc2) {
             note_too_few_classes_for_pairs(cfg_, out);
         } else {
-            // Tiles of M M^T: the edge from a quarter of the free budget, at most 16384.
-            const int64_t free_bytes = budget_.limit() - budget_.used();
-            const int64_t T = std::max<int64_t>(256, std::min<int64_t>({K, int64_t(16384), (int64_t)std::sqrt((double)free_bytes / 4 / 8)}));
-            Lease<double> tile = res_.take<double>((size_t)(std::min(T, K) * std::min(T, K)), "pair tile",
-                                                   "raise device_memory_limit (the tile edge shrinks with the limit)");
-            Lease<double> acc = res_.take<double>((size_t)(kPairBlocks * kPairFields), "pair accumulators");
-            COLLAPSE_CUDA_TRY(cudaMemsetAsync(acc.data(), 0, acc.bytes(), s));
-            const double one = 1.0, zero = 0.0;
-            for (int64_t i0 = 0; i0 < K; i0 += T)
-                for (int64_t j0 = i0; j0 < K; j0 += T) {
-                    const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
-                    // Diagonal tiles: only i < j is read, the upper triangle of a SYRK.
-                    if (i0 == j0)
-                        COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, (int)ni, (int)d, &one,
-                                                        m.data() + i0 * d, (int)d, &zero, tile.data(), (int)ni));
-                    else
-                        COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one,
-                                                        m.data() + i0 * d, (int)d, m.data() + j0 * d, (int)d, &zero, tile.data(),
-                                                        (int)ni));
-                    launch_pair_reduce(tile.data(), i0, j0, ni, nj, q.data(), a.data(), var.data(), cfg_.cdnv_power,
-                                       1.0 / (double)(K - 1), acc.data(), s);
-                }
-            std::vector<double> h((size_t)(kPairBlocks * kPairFields));
-            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), acc.data(), acc.bytes(), cudaMemcpyDeviceToHost, s));
-            COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-            PairTotals all;
-            for (int b = 0; b < kPairBlocks; ++b) {
-                const double* f = h.data() + b * kPairFields;
-                PairTotals t;
-                t.l = Moments{f[0], f[1], f[2]};
-                t.c = Moments{f[3], f[4], f[5]};
-                t.n_cdnv = f[6], t.s_cdnv = f[7];
-                t.pairs = (int64_t)f[3];
-                t.skip_l = (int64_t)f[8], t.skip_cdnv = (int64_t)f[9];
-                t.dist = Moments{f[10], f[11], f[12]};
-                t.s_etf = f[13], t.max_etf = f[14];
-                all.merge(t);
-            }
-            finish_pair_metrics(all, K, out);
+            // The ranks' merged shares when they made them for this kept set (cuda_ranks.cu), else every tile here.
+            const PairTotals* spread = pair_spread_ ? pair_spread_->totals_for(kept, totals_.rows_seen) : nullptr;
+            finish_pair_metrics(spread ? *spread : pair_tiles(m.data(), q.data(), a.data(), var.data(), K, pair_tile_edge(K), 0, 1), K, out);
         }
         anchor_metrics(kept, clf, mu.data(), m.data(), ids.data(), v, out);
         out.timings["class_metrics"] = since(t_phase);

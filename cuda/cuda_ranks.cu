@@ -7,9 +7,13 @@
 // rows back to the device a group of classes at a time, class_spectra), written in the shared
 // layout (core/spread_part.hpp), and NC4 over its rows by the second pass's kernels (the CPU's
 // part_nc4 sections). Variances and the streamed Gram and Sigma_W need no rows on this backend,
-// so they are not in the part; a cut kept set (whose Gram needs a second pass here) is not
-// spread. Sampled reservoirs are not spread either: can_spread_rows is false for them and the
-// root gathers them as before.
+// so they are not in the part; with a cut kept set the Gram and Sigma_W come from the second pass
+// over every rank's own rows, added on the root (save/merge_second_pass below). Sampled
+// reservoirs go the CPU's way (core/reservoir_picks.hpp): the root decides the merged samples from
+// the counts, each rank sends its picked reservoir rows (downloaded as float64) with their slots,
+// and an owner puts its classes' merged samples back into their device reservoirs at
+// spread_close, where per_token reads them; their part is the per-token SVDs. The pair-metric
+// tiles are spread too (the end of this file).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +21,7 @@
 #include <vector>
 
 #include "base/error.hpp"
+#include "core/reservoir_picks.hpp"
 #include "core/spread_part.hpp"
 #include "cuda_backend.cuh"
 #include "cuda_check.hpp"
@@ -24,16 +29,51 @@
 
 namespace collapse::internal::cuda {
 
-// Sigma_W must not need the rows at compute (it does when it does not stream: a cut kept set).
+// The exact store: Sigma_W must not need the rows at compute. It does not when it streams, and
+// with a cut kept set the second pass over every rank's rows that gives the Gram gives Sigma_W
+// too (Session::second_pass_gram; cuda_ingest.cu within2_); without compute_overall_metrics
+// nothing streams and no second pass comes, so the store is gathered on the root as before.
+// Reservoirs: no condition (Sigma_W and the Gram never come from them).
 bool CudaBackend::can_spread_rows() const {
-    return exact_store_ && host_store_ && spread_phase_ == SpreadPhase::None && (within_streaming_ || !cfg_.compute_class_metrics);
+    if (spread_phase_ != SpreadPhase::None) return false;
+    const bool within_without_rows =
+        within_streaming_ || !cfg_.compute_class_metrics || (cfg_.compute_overall_metrics && cfg_.max_tokens_to_analyze > 0);
+    return sampled_ || (exact_store_ && host_store_ && within_without_rows);
 }
 
 void CudaBackend::begin_rows_spread() {
-    if (!can_spread_rows()) fail(COLLAPSE_ERR_STATE, "begin_rows_spread: no exact row store to spread, or it is spread already");
+    if (!can_spread_rows()) fail(COLLAPSE_ERR_STATE, "begin_rows_spread: no exact row store or reservoirs to spread, or they are spread already");
     DeviceGuard guard(cfg_.device_ordinal);
-    move_store_to_host();  // syncs; every row in arrival order per class, in the host store
+    if (sampled_) {
+        // This session's own counts say how many rows each of its reservoirs holds (min(n_c, cap)):
+        // the counts become the combined ones before its rows leave.
+        spread_own_lease_ = host_.reserve(mul_bytes(V_, 8), "the class counts of V = " + std::to_string(V_) + " before the ranks' states merge",
+                                          kFixNumClasses);
+        spread_own_counts_ = class_counts();  // syncs
+        picks_ = std::make_unique<ReservoirPicks>(V_, cfg_.svd_max_rows_per_token, cfg_.seed, host_);
+    } else {
+        move_store_to_host();  // syncs; every row in arrival order per class, in the host store
+    }
     spread_phase_ = SpreadPhase::Gathering;
+}
+
+ReservoirPicks::RowsOf CudaBackend::own_reservoir_rows() const {
+    return [this](int32_t c) { return std::min(spread_own_counts_[(size_t)c], cfg_.svd_max_rows_per_token); };
+}
+
+void CudaBackend::merge_picks(const int64_t* theirs, const std::vector<int64_t>& before) { picks_->merge(theirs, before, own_reservoir_rows()); }
+
+void CudaBackend::spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w) {
+    if (spread_phase_ != SpreadPhase::Gathering || !sampled_) fail(COLLAPSE_ERR_STATE, "spread_write_picks: no reservoirs are being spread");
+    picks_->write(source, ids, own_reservoir_rows(), w);
+}
+
+void CudaBackend::spread_take_picks(const StateReader& r) {
+    if (spread_phase_ != SpreadPhase::Gathering || !sampled_) fail(COLLAPSE_ERR_STATE, "spread_take_picks: no reservoirs are being spread");
+    DeviceGuard guard(cfg_.device_ordinal);
+    const HostBudget::Lease lease = host_.reserve(mul_bytes(V_, 8), "the combined class counts of V = " + std::to_string(V_), kFixNumClasses);
+    const std::vector<int64_t> counts = class_counts();  // the combined ones by now (adopt_class_sums, or the root's merge)
+    picks_->take(r, counts.data(), own_reservoir_rows());
 }
 
 // The class counts and sums become the combined ones (this rank's first-pass state has gone to the
@@ -51,6 +91,25 @@ void CudaBackend::adopt_class_sums(const int64_t* counts, const double* sums) {
 void CudaBackend::spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) {
     if (spread_phase_ != SpreadPhase::Gathering) fail(COLLAPSE_ERR_STATE, "spread_read: the rows are not being spread");
     max_rows = std::max<int64_t>(1, max_rows);
+    if (sampled_) {
+        // The picked rows of each class, downloaded from its reservoir (float32, exactly as float64).
+        if (!picks_ || !picks_->taken()) fail(COLLAPSE_ERR_STATE, "spread_read: this rank has not taken its picks");
+        DeviceGuard guard(cfg_.device_ordinal);
+        const int64_t cap = cfg_.svd_max_rows_per_token;
+        int64_t most = 0;
+        for (int32_t c : ids) most = std::max(most, picks_->end(c) - picks_->begin(c));
+        const HostBudget::Lease lease = host_.reserve(mul_bytes(most, 4), "the reservoir index of one class's picked rows", kFixNumClasses);
+        std::vector<int32_t> index;
+        for (int32_t c : ids) {
+            const int64_t b = picks_->begin(c), e = picks_->end(c);
+            index.clear();
+            for (int64_t i = b; i < e; ++i) index.push_back((int32_t)((int64_t)c * cap + picks_->rows()[i]));
+            download_rows(reservoir_.data(), index, [&](const double* x, int64_t first, int64_t m) {
+                for (int64_t i = 0; i < m; i += max_rows) fn(c, x + i * d_, std::min(max_rows, m - i), picks_->slots() + b + first + i);
+            });
+        }
+        return;
+    }
     host_store_->for_each_class(ids, load_budget(), [&](int32_t c, const double* x, int64_t n, int64_t, bool) {
         for (int64_t i = 0; i < n; i += max_rows) fn(c, x + i * d_, std::min(max_rows, n - i), nullptr);
     });
@@ -58,7 +117,10 @@ void CudaBackend::spread_read(const std::vector<int32_t>& ids, int64_t max_rows,
 
 void CudaBackend::spread_open(const std::vector<int32_t>& owned) {
     if (spread_phase_ != SpreadPhase::Gathering || spread_store_) fail(COLLAPSE_ERR_STATE, "spread_open: the rows are not being spread");
-    spread_lease_.resize(mul_bytes(V_, 9), "the flags and combined counts of the classes this rank owns (V = " + std::to_string(V_) + ")",
+    spread_lease_ = host_.lease();
+    spread_lease_.resize(mul_bytes(V_, sampled_ ? 17 : 9),
+                         "the flags, combined counts" + std::string(sampled_ ? " and filled slots" : "") + " of the classes this rank owns (V = " +
+                             std::to_string(V_) + ")",
                          kFixNumClasses);
     spread_counts_ = class_counts();  // the combined ones by now (adopt_class_sums, or the root's merge)
     spread_owned_.assign((size_t)V_, 0);
@@ -67,6 +129,13 @@ void CudaBackend::spread_open(const std::vector<int32_t>& owned) {
         if (c < 0 || c >= V_) fail(COLLAPSE_ERR_INTERNAL, "spread_open: class ", c, " is not in [0, ", V_, ")");
         spread_owned_[(size_t)c] = 1;
         rows += spread_counts_[(size_t)c];
+    }
+    if (sampled_) {
+        // The merged samples of the owned classes, in host memory until spread_close puts them in
+        // their reservoirs; each class's slots are made when its first rows come.
+        spread_filled_.assign((size_t)V_, 0);
+        spread_store_ = std::make_unique<RowStore>(V_, d_, -1, cfg_.intermediate_save_dir, RowStore::WriteFn{}, &host_);
+        return;
     }
     // As on the CPU: the new store takes in memory at most what is left beside the old one, halved,
     // and spills the rest; the old store's rows in memory go to disk first when the incoming ones
@@ -84,17 +153,50 @@ void CudaBackend::spread_open(const std::vector<int32_t>& owned) {
 void CudaBackend::spread_append(int32_t c, const double* x, int64_t n, const int64_t* slots) {
     if (!spread_store_) fail(COLLAPSE_ERR_INTERNAL, "spread_append: no store is open");
     if (!spread_owned_[(size_t)c]) fail(COLLAPSE_ERR_INTERNAL, "rows of class ", c, " came to a rank that does not own it");
-    if (slots) fail(COLLAPSE_ERR_INTERNAL, "spread_append: reservoir rows on a backend that does not spread them");
     if (n <= 0) return;
+    if (sampled_ != (slots != nullptr)) fail(COLLAPSE_ERR_INTERNAL, "spread_append: rows ", slots ? "with" : "without", " slots");
+    if (slots) {
+        append_sampled_rows(*spread_store_, spread_lease_, spread_filled_[(size_t)c], c, std::min(spread_counts_[(size_t)c], cfg_.svd_max_rows_per_token),
+                            x, n, slots, d_);
+        return;
+    }
     append_owned_rows(*spread_store_, host_, spread_lease_, mul_bytes(V_, 9), c, spread_counts_[(size_t)c], x, n, d_);
 }
 
 void CudaBackend::spread_close() {
     if (!spread_store_) fail(COLLAPSE_ERR_INTERNAL, "spread_close: no store is open");
-    for (int64_t c = 0; c < V_; ++c)
-        if (spread_owned_[(size_t)c] && spread_store_->rows((int32_t)c) != spread_counts_[(size_t)c])
-            fail(COLLAPSE_ERR_INTERNAL, "class ", c, " has ", spread_store_->rows((int32_t)c), " rows on the rank that owns it, its count is ",
-                 spread_counts_[(size_t)c]);
+    const int64_t cap = cfg_.svd_max_rows_per_token;
+    // Every row of the class, or (reservoirs) every slot of its merged sample, filled once.
+    check_owned_rows(
+        *spread_store_, spread_owned_, sampled_,
+        [&](int32_t c) { return sampled_ ? std::min(spread_counts_[(size_t)c], cap) : spread_counts_[(size_t)c]; },
+        [&](int32_t c) { return sampled_ ? spread_filled_[(size_t)c] : spread_store_->rows(c); });
+    if (sampled_) {
+        // The owned classes' merged samples into their reservoirs (this rank's own rows have all
+        // been read by now); the other classes' reservoirs are not read again.
+        DeviceGuard guard(cfg_.device_ordinal);
+        int64_t most = 0;
+        for (int64_t c = 0; c < V_; ++c) most = std::max(most, spread_store_->rows((int32_t)c));
+        const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(most, (int64_t(16) << 20) / (d_ * 4)));
+        const HostBudget::Lease lease = host_.reserve(mul_bytes(most, 8), "the reservoir slots of one class's merged sample", kFixNumClasses);
+        DeviceBuffer<float> up_rows((size_t)(chunk * d_), &budget_, "merged reservoir rows (float32)");
+        DeviceBuffer<int64_t> up_slots((size_t)chunk, &budget_, "merged reservoir slots");
+        std::vector<int64_t> slot;
+        for (int64_t c = 0; c < V_; ++c) {
+            const int64_t k = spread_store_->rows((int32_t)c);
+            if (!spread_owned_[(size_t)c] || k == 0) continue;
+            slot.resize((size_t)k);
+            for (int64_t j = 0; j < k; ++j) slot[(size_t)j] = c * cap + j;
+            upload_rows(spread_store_->memory_data((int32_t)c), slot, reservoir_.data(), up_rows, up_slots);
+        }
+        spread_store_.reset();
+        spread_counts_ = {}, spread_filled_ = {};
+        picks_.reset();
+        spread_own_counts_ = {}, spread_own_lease_.reset();
+        spread_lease_.resize(V_, "the flags of the classes this rank owns (V = " + std::to_string(V_) + ")", kFixNumClasses);  // spread_part's classes
+        spread_phase_ = SpreadPhase::Spread;
+        return;
+    }
     host_store_ = std::move(spread_store_);  // the old store and its spill files go
     spread_owned_ = {}, spread_counts_ = {};
     store_held_.update(host_store_->memory_bytes());
@@ -108,7 +210,7 @@ void CudaBackend::spread_part(const KeptSet& kept, const Classifier& clf, StateW
     sync();
     const size_t K = kept.ids.size();
     std::vector<int64_t> slots;
-    KeptSet own = owned_classes(kept, [&](int32_t c) { return host_store_->rows(c); }, slots);
+    KeptSet own = owned_classes(kept, [&](int32_t c) { return sampled_ ? (int64_t)spread_owned_[(size_t)c] : host_store_->rows(c); }, slots);
     const size_t k = own.ids.size();
     const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes((int64_t)k, 8 + 8 + 4), mul_bytes(V_, 4)),
                                                   "this rank's part of the per-token SVDs (" + std::to_string(k) + " classes, V = " +
@@ -116,7 +218,7 @@ void CudaBackend::spread_part(const KeptSet& kept, const Classifier& clf, StateW
                                                   kFixKeptClasses);
     fill_slots(own, V_);
     w.add("part_slots", COLLAPSE_I64, {(int64_t)k}, slots.data(), k * 8);
-    if (cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0) {
+    if (exact_store_ && cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0) {
         // NC4 over this rank's rows against every kept mean (the same sections as the CPU's part).
         int64_t n[2] = {0, 0};
         std::vector<int64_t> hits, rows;
@@ -206,7 +308,7 @@ void CudaBackend::spread_merge(const KeptSet& kept, const Classifier& clf, const
         if (slot[i] < 0 || slot[i] >= (int64_t)K || (i > 0 && slot[i] <= slot[i - 1]) || (!first && spread_seen_[(size_t)slot[i]]))
             fail(COLLAPSE_ERR_IO, what, ": section part_slots names kept slot ", slot[i], ", out of [0, ", K, "), not ascending, or given by another part");
     const TokenPart tp = tokens ? read_token_part(r, k) : TokenPart{};
-    const bool nc4 = cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0;
+    const bool nc4 = exact_store_ && cfg_.compute_nc4 && clf.present() && !cfg_.nc4_held_out && K > 0;  // spread_part's
     auto get = [&](const char* name, const std::vector<int64_t>& shape) {
         if (!r.has(name)) fail(COLLAPSE_ERR_IO, what, " lacks section ", name, " (was a classifier set on every rank?)");
         const StateSection x = r.section(name);
@@ -250,7 +352,7 @@ void CudaBackend::spread_tokens(const KeptSet& kept, MetricValues& out) const {
     host_.check(mul_bytes((int64_t)spread_tokens_.size(), (int64_t)sizeof(TokenMetrics)), "a copy of the per-token results", kFixKeptClasses);
     out.tokens = spread_tokens_;
     for (const TokenMetrics& t : spread_tokens_) out.svd_zero_matrices += t.zero_matrix ? 1 : 0;
-    out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};
+    if (exact_store_) out.row_store = {{"spilled_bytes", host_store_->disk_bytes()}, {"spill_flushes", host_store_->flushes()}};
 }
 
 bool CudaBackend::spread_nc4(const KeptSet& kept, MetricValues& out) const {
@@ -328,6 +430,54 @@ void CudaBackend::merge_second_pass(const StateReader& r) {
     add_to_device(within2_, p.within, n.within);
     add_to_device(nc4_slot_hits_, p.hits, n.hits);
     add_to_device(nc4_slot_rows_, p.hit_rows, n.hit_rows);
+}
+
+// ---- Pair-metric tiles spread over ranks (core/backend.hpp "pairs"; tiling, layout and merge:
+// core/pair_part.hpp): the root's centred means and variances leave through host memory, every
+// rank reduces its share of the tiles on its device by compute()'s own pair_tiles.
+
+bool CudaBackend::pair_inputs(const KeptSet& kept, StateWriter& w) {
+    const int64_t K = (int64_t)kept.ids.size();
+    pair_spread_.reset();
+    // compute()'s condition for the pair metrics.
+    if (!cfg_.compute_class_metrics || K == 0 || K < cfg_.min_classes_for_gnc2) return false;
+    DeviceGuard guard(cfg_.device_ordinal);
+    sync();
+    const HostBudget::Lease lease = host_.reserve(mul_bytes(K, d_ + 1, 8), "the pair metrics' inputs for the ranks (the centred means [K, d] of K = " +
+                                                                               std::to_string(K) + " kept classes and their variances)",
+                                                  kFixKeptClasses);
+    const KeptMeans km = kept_means(kept);
+    std::vector<double> m((size_t)(K * d_)), var((size_t)K);
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(m.data(), km.m.data(), m.size() * 8, cudaMemcpyDeviceToHost, stream_));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(var.data(), km.var.data(), var.size() * 8, cudaMemcpyDeviceToHost, stream_));
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(stream_));
+    write_pair_inputs(w, m.data(), var.data(), K, d_, pair_tile_edge(K));
+    pair_spread_ = std::make_unique<PairSpread>(kept, totals_.rows_seen);  // complete once pair_merge has taken a share
+    return true;
+}
+
+void CudaBackend::pair_part(const StateReader& in, int rank, int P, StateWriter& w) {
+    const PairInputs pi = read_pair_inputs(in, d_);
+    DeviceGuard guard(cfg_.device_ordinal);
+    sync();
+    cudaStream_t s = stream_;
+    const int64_t K = pi.K, d = d_;
+    Lease<double> m = res_.take<double>((size_t)(K * d), "the root's centred means [K, d]"), var = res_.take<double>((size_t)K, "the root's variances"),
+                  q = res_.take<double>((size_t)K, "norms"), a = res_.take<double>((size_t)K, "direction scales"),
+                  zero = res_.take<double>((size_t)d, "a zero row");
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(m.data(), pi.m, m.bytes(), cudaMemcpyHostToDevice, s));
+    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(var.data(), pi.var, var.bytes(), cudaMemcpyHostToDevice, s));
+    COLLAPSE_CUDA_TRY(cudaMemsetAsync(zero.data(), 0, zero.bytes(), s));
+    // q and a as compute() makes them from m (m - 0 is m, bit for bit; in place).
+    launch_center(m.data(), zero.data(), 1.0, K, d, m.data(), q.data(), a.data(), s);
+    int64_t range[3] = {0, 0, 0};
+    const PairTotals t = pair_tiles(m.data(), q.data(), a.data(), var.data(), K, pi.T, rank, P, range);  // synchronises the stream
+    write_pair_share(w, t, range);
+}
+
+void CudaBackend::pair_merge(const KeptSet& kept, const StateReader& r) {
+    if (!pair_spread_) fail(COLLAPSE_ERR_STATE, "pair_merge: the pair inputs were not written for this kept set");
+    pair_spread_->merge(kept, r);
 }
 
 }  // namespace collapse::internal::cuda

@@ -51,14 +51,12 @@ struct IngestParams {
 
 void launch_reset_status(BatchStatus* st, cudaStream_t s);
 // One warp per row: mask, ignore_index, label range, exclusion, finiteness (in the order of
-// src/core/batch.cpp accept_rows) -> keys[r] (label or sentinel), vals[r] = feature row.
+// src/core/batch.cpp accept_rows; 16-byte loads where rows are aligned) -> keys[r] (label or
+// sentinel), vals[r] = feature row; the status counters merged once per block.
 void launch_validate(const DeviceBatch& b, const IngestParams& p, int32_t* keys, int32_t* vals, BatchStatus* st, cudaStream_t s);
 // Fills the row/value of the first error, checks the row store's capacity, sets st->error.
 void launch_finish_status(const DeviceBatch& b, BatchStatus* st, const unsigned long long* store_count,
                           unsigned long long store_capacity, cudaStream_t s);
-// run_head[p] = p where a run of equal sorted keys starts, else 0 (an inclusive max-scan then gives each
-// position its run's start).
-void launch_run_heads(const int32_t* keys, int64_t n, int32_t* run_head, cudaStream_t s);
 
 struct ClassState {
     double* sum;                       // [V, d]
@@ -67,7 +65,9 @@ struct ClassState {
     const float* shift = nullptr;      // [V, d] reference rows s_c (null: the zero row)
 };
 
-// Sorted rows in chunks; per run piece: fp64 register sums, one atomicAdd per piece and column.
+// Sorted rows in chunks of 64 positions x 1024 columns; per run piece: fp64 register sums, then one
+// read-modify-write of the class's sum slice: plain for a run within the chunk, atomicAdd for a run
+// cut by a chunk boundary.
 void launch_class_sums(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, int32_t sentinel, ClassState cs,
                        const BatchStatus* st, cudaStream_t s);
 
@@ -91,13 +91,11 @@ struct RowSinks {
 };
 
 // Places rows into the row store / reservoirs / hold area / reference rows. Reads the class counts before this batch,
-// so it runs before launch_count_update.
-void launch_place_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, const int32_t* run_start,
-                       int32_t sentinel, const unsigned long long* count, RowSinks sinks, const BatchStatus* st,
-                       cudaStream_t s);
-void launch_count_update(const int32_t* keys, const int32_t* run_start, int64_t n, int32_t sentinel,
-                         unsigned long long* count, unsigned long long* store_count, bool exact_store,
-                         const BatchStatus* st, cudaStream_t s);
+// so it runs before launch_count_update. Both find a sorted row's run start by binary search in keys.
+void launch_place_rows(const DeviceBatch& b, const int32_t* keys, const int32_t* vals, int32_t sentinel, const unsigned long long* count,
+                       RowSinks sinks, const BatchStatus* st, cudaStream_t s);
+void launch_count_update(const int32_t* keys, int64_t n, int32_t sentinel, unsigned long long* count, unsigned long long* store_count,
+                         bool exact_store, const BatchStatus* st, cudaStream_t s);
 
 // Accepted rows (sorted order) converted to float into x [n, d]; dropped rows become zero rows, and
 // so do rows of classes outside the kept set when kept_slot ([V], -1 = not kept) is given.

@@ -17,6 +17,7 @@
 #include "core/config.hpp"
 #include "base/dtype.hpp"
 #include "base/error.hpp"
+#include "base/interrupt.hpp"
 #include "core/session.hpp"
 #include "core/synth.hpp"
 #include "driver/analysis.hpp"
@@ -89,10 +90,10 @@ private:
 
 std::string g_command_line;  // recorded in reports (set_command_line)
 
-// SIGINT, SIGTERM and SIGHUP end a run between batches (the driver polls): the session's
-// destructors remove spill directories and temporary files, and the process exits 128 + n.
-volatile std::sig_atomic_t g_signal = 0;
-extern "C" void on_signal(int sig) { g_signal = sig; }
+// SIGINT, SIGTERM and SIGHUP end a run between batches (the driver polls) or at the next tile or
+// class of a compute (base/interrupt.hpp): the session's destructors remove spill directories and
+// temporary files, and the process exits 128 + n.
+extern "C" void on_signal(int sig) { request_interrupt(sig); }
 void install_signal_handlers() {
     struct sigaction sa {};
     sa.sa_handler = on_signal;
@@ -484,7 +485,7 @@ int run_analyze(const AnalyzeArgs& a) {
     opt.progress = [&](const char* phase, int64_t done, int64_t total) { progress.update(done, total, phase); };
     if (cfg.log_level != "error") opt.warn = [](const std::string& m) { std::fprintf(stderr, "collapse: %s\n", m.c_str()); };
     if (debug) opt.debug = [](const std::string& m) { std::fprintf(stderr, "collapse: %s\n", m.c_str()); };
-    opt.interrupted = [] { return (int)g_signal; };
+    opt.interrupted = [] { return interrupt_requested(); };
     check_rank_checkpoints(a);
     apply_ranks(src, opt);
     install_signal_handlers();

@@ -64,6 +64,36 @@ inline void append_owned_rows(RowStore& store, HostBudget& budget, HostBudget::L
     lease.update(add_bytes(fixed, store.memory_bytes()));
 }
 
+// Reservoirs: n rows of class c, each to its slot in the class's merged sample of k rows, in an
+// owner's in-memory store (the class's k rows made, and counted in `lease`, when its first rows
+// come); `filled` counts the slots filled so far.
+inline void append_sampled_rows(RowStore& store, HostBudget::Lease& lease, int64_t& filled, int32_t c, int64_t k, const double* x, int64_t n,
+                                const int64_t* slots, int64_t d) {
+    if (filled + n > k) fail(COLLAPSE_ERR_INTERNAL, "class ", c, " received more than its ", k, " sampled rows");
+    if (store.rows(c) == 0) {
+        lease.resize(add_bytes(lease.bytes(), store.growth(c, k)), "the sampled rows of class " + std::to_string(c) + " moved to the rank that owns it",
+                     kFixNumClasses);
+        store.append(c, k);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        if (slots[i] < 0 || slots[i] >= k) fail(COLLAPSE_ERR_INTERNAL, "class ", c, ": slot ", slots[i], " outside its sample of ", k);
+        std::memcpy(store.memory_data(c) + slots[i] * d, x + i * d, (size_t)d * 8);
+    }
+    filled += n;
+}
+
+// spread_close's check: every class this rank owns has want(c) rows in its new store, each given
+// once (got(c): rows appended, or with reservoirs the slots filled).
+template <class Want, class Got>
+void check_owned_rows(const RowStore& store, const std::vector<uint8_t>& owned, bool sampled, Want want, Got got) {
+    for (size_t c = 0; c < owned.size(); ++c) {
+        if (!owned[c]) continue;
+        const int64_t w = want((int32_t)c), g = got((int32_t)c);
+        if (g != w || store.rows((int32_t)c) != w)
+            fail(COLLAPSE_ERR_INTERNAL, "class ", c, " has ", g, " rows on the rank that owns it, ", sampled ? "its sample holds " : "its count is ", w);
+    }
+}
+
 inline void write_token_part(StateWriter& w, const std::vector<TokenMetrics>& tokens, size_t k) {
     auto pack = [](const std::optional<double>& v) { return v ? *v : std::numeric_limits<double>::quiet_NaN(); };
     std::vector<double> f(k * 3);

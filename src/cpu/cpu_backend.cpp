@@ -5,14 +5,19 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <exception>
+#include <mutex>
 #include <optional>
 
 #include "base/dtype.hpp"
 #include "base/error.hpp"
 #include "core/sampling.hpp"
 #include "core/shifted_sums.hpp"
+#include "cpu/blas_threads.hpp"
 #include "cpu/row_kernels.hpp"
 
 namespace collapse::internal {
@@ -336,11 +341,37 @@ void CpuBackend::gram_flush() {
     gram_block_rows_ = 0;
 }
 
+// Room in holdback_ for the rows of class c (len in this batch) that wait for min_samples_per_token:
+// the vector grows once, as growth() counted it.
+void CpuBackend::gram_reserve(int32_t c, int64_t len) {
+    const int64_t held = std::max<int64_t>(0, std::min(len, cfg_.min_samples_per_token - 1 - count_[(size_t)c]));
+    if (held == 0) return;
+    const std::vector<double>& h = holdback_entry(c);
+    holdback_reserve(c, grown_capacity(h.size(), h.capacity(), (size_t)(held * d_)));
+}
+
+// Row x, class c's i-th (0-based), for the Gram: held back while the class has fewer than
+// min_samples_per_token rows; the row that reaches it brings the held rows in before itself.
+void CpuBackend::gram_row(int32_t c, int64_t i, const double* x) {
+    const int64_t min_n = cfg_.min_samples_per_token;
+    if (i + 1 < min_n) {
+        holdback_append(c, x, d_);
+        return;
+    }
+    if (i + 1 == min_n) {
+        auto it = holdback_.find(c);
+        if (it != holdback_.end()) {
+            for (size_t r = 0; r < it->second.size(); r += (size_t)d_) gram_add(c, it->second.data() + r);
+            holdback_erase(it);
+        }
+    }
+    gram_add(c, x);
+}
+
 // Everything below runs only after the batch is known to be good: from here on nothing throws
 // except std::bad_alloc.
 void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
     const size_t runs = run_label_.size();
-    const int64_t min_n = cfg_.min_samples_per_token;
     const bool keep_rows = store_ != nullptr;
     const bool exact = cfg_.svd_mode == COLLAPSE_SVD_EXACT;
     const int64_t cap = cfg_.svd_max_rows_per_token;
@@ -360,53 +391,113 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
         return;
     }
     // Rows in class order, for the Gram (with the rows held back below min_samples_per_token) and
-    // the row store: positions depend on each class's count.
-    std::vector<double> xd((size_t)d_);
+    // the row store: positions depend on each class's count. The Gram's dsyrk calls are small.
+    const OneBlasThread one_blas(gram_streaming_);
     constexpr int64_t kCommitAhead = 4;
     const int64_t row_bytes = d_ * (int64_t)dtype_size(b.features.dtype);
+    auto convert = [&](int64_t p, double* xr) {
+        // Rows are visited in class order, scattered over the batch: the row a few places ahead
+        // is fetched while this one is converted (a profile put 58% of the conversion's samples on
+        // the instruction after its load).
+        if (p + kCommitAhead < run_begin_[runs]) {
+            const char* ahead = static_cast<const char*>(b.features.row(rows.feature_row[(size_t)order_[(size_t)(p + kCommitAhead)]]));
+            for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(ahead + e);
+        }
+        cpu::convert_row(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
+    };
+    if (keep_rows && exact) {
+        // Exact: each class's rows go straight into the store, converted once, and the Gram reads
+        // them there. Thread 0 converts class after class while thread 1 follows a class behind
+        // with the Gram (its dsyrk is half of ingest's work at d = 64 and would otherwise leave the
+        // second core idle); both visit classes and rows in the same order as one thread would, so
+        // the Gram is the same to the bit whatever the thread count.
+        // (Thread 0 grows one class's vector while thread 1 reads another's: distinct vectors.)
+        std::atomic<size_t> converted{0};  // runs whose rows are in the store
+        // Thread 1 sleeps when it catches up (spinning there cost as much CPU as the Gram itself):
+        // thread 0 wakes it after a class only while it waits. Both flags are seq_cst, so either
+        // thread 0 sees `waiting` or thread 1 sees the new count before it sleeps.
+        std::atomic<bool> waiting{false};
+        std::mutex wait_mutex;
+        std::condition_variable wake;
+        auto stored = [&](size_t k) {  // the batch's rows of run k, once appended: the last ones in memory
+            const int32_t c = run_label_[k];
+            return store_->memory_data(c) + (store_->memory_rows(c) - (run_begin_[k + 1] - run_begin_[k])) * d_;
+        };
+        // A failed allocation in either thread (bad_alloc, rethrown outside the parallel region):
+        // the other one stops too instead of waiting for rows that will not come.
+        std::atomic<bool> failed{false};
+        auto wake_gram = [&] {
+            if (!waiting.load()) return;
+            const std::lock_guard<std::mutex> lock(wait_mutex);
+            wake.notify_one();
+        };
+        auto convert_runs = [&] {
+            for (size_t k = 0; k < runs && !failed.load(); ++k) {
+                double* dst = store_->append(run_label_[k], run_begin_[k + 1] - run_begin_[k]);
+                for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) convert(p, dst + (p - run_begin_[k]) * d_);
+                converted.store(k + 1);
+                wake_gram();
+            }
+        };
+        auto gram_runs = [&] {
+            for (size_t k = 0; k < runs; ++k) {
+                if (converted.load() <= k) {
+                    std::unique_lock<std::mutex> lock(wait_mutex);
+                    waiting.store(true);
+                    wake.wait(lock, [&] { return converted.load() > k || failed.load(); });
+                    waiting.store(false);
+                    if (failed.load()) return;
+                }
+                const int32_t c = run_label_[k];
+                const int64_t len = run_begin_[k + 1] - run_begin_[k];
+                const double* x = stored(k);
+                gram_reserve(c, len);
+                for (int64_t r = 0; r < len; ++r) gram_row(c, count_[(size_t)c] + r, x + r * d_);
+            }
+            gram_flush();
+        };
+        if (!gram_streaming_) {
+            convert_runs();
+        } else {
+            std::exception_ptr errs[2];
+            auto guarded = [&](int t, const auto& work) {
+                try {
+                    work();
+                } catch (...) {
+                    errs[t] = std::current_exception();
+                    failed.store(true);
+                    waiting.store(true);  // so that the wake below is not skipped
+                    wake_gram();
+                }
+            };
+#pragma omp parallel num_threads(2) if (omp_get_max_threads() > 1)
+            {
+                const int t = omp_get_thread_num();
+                if (t == 0) guarded(0, convert_runs);
+                if (t == 1 || omp_get_num_threads() == 1) guarded(1, gram_runs);
+            }
+            for (const std::exception_ptr& e : errs)
+                if (e) std::rethrow_exception(e);
+        }
+        for (size_t k = 0; k < runs; ++k) count_[(size_t)run_label_[k]] += run_begin_[k + 1] - run_begin_[k];
+        return;
+    }
+    std::vector<double> xd((size_t)d_);
     for (size_t k = 0; k < runs; ++k) {
         const int32_t c = run_label_[k];
-        // Exact: the class's rows go straight into the store, converted once. Sampled: the slots
-        // this batch fills (the reservoir's first svd_max_rows_per_token rows) are added at once,
-        // as growth() counted them.
+        // Sampled: the slots this batch fills (the reservoir's first svd_max_rows_per_token rows)
+        // are added at once, as growth() counted them.
         const int64_t len = run_begin_[k + 1] - run_begin_[k];
-        double* dst = keep_rows && exact ? store_->append(c, len) : nullptr;
-        // Rows held back from the Gram: their vector grows once, as growth() counted it.
-        const int64_t held = gram_streaming_ ? std::max<int64_t>(0, std::min(len, min_n - 1 - count_[(size_t)c])) : 0;
-        if (held > 0) {
-            const std::vector<double>& h = holdback_entry(c);
-            holdback_reserve(c, grown_capacity(h.size(), h.capacity(), (size_t)(held * d_)));
-        }
-        if (keep_rows && !exact && count_[(size_t)c] < cap) store_->append(c, std::min(len, cap - count_[(size_t)c]));
+        if (gram_streaming_) gram_reserve(c, len);
+        if (keep_rows && count_[(size_t)c] < cap) store_->append(c, std::min(len, cap - count_[(size_t)c]));
         for (int64_t p = run_begin_[k]; p < run_begin_[k + 1]; ++p) {
-            // Rows are visited in class order, scattered over the batch: the row a few places
-            // ahead is fetched while this one is converted (a profile put 58% of the conversion's
-            // samples on the instruction after its load).
-            if (p + kCommitAhead < run_begin_[runs]) {
-                const char* ahead = static_cast<const char*>(b.features.row(rows.feature_row[(size_t)order_[(size_t)(p + kCommitAhead)]]));
-                for (int64_t e = 0; e < row_bytes; e += 64) __builtin_prefetch(ahead + e);
-            }
-            double* xr = dst ? dst + (p - run_begin_[k]) * d_ : xd.data();
-            cpu::convert_row(b.features.row(rows.feature_row[(size_t)order_[(size_t)p]]), b.features.dtype, d_, xr);
+            convert(p, xd.data());
             const int64_t i = count_[(size_t)c]++;  // this row is the class's i-th (0-based)
-            if (gram_streaming_) {
-                if (i + 1 < min_n) {
-                    holdback_append(c, xr, d_);
-                } else {
-                    if (i + 1 == min_n) {
-                        auto it = holdback_.find(c);
-                        if (it != holdback_.end()) {
-                            for (size_t r = 0; r < it->second.size(); r += (size_t)d_) gram_add(c, it->second.data() + r);
-                            holdback_erase(it);
-                        }
-                    }
-                    gram_add(c, xr);
-                }
-            }
-            if (!keep_rows || exact) continue;
+            if (gram_streaming_) gram_row(c, i, xd.data());
+            if (!keep_rows) continue;
             // Sampled: the reservoir slot of this row, shared with the CUDA backend.
             const int64_t slot = reservoir_slot(cfg_.seed, c, i, cap);
-            if (slot >= 0) std::memcpy(store_->memory_data(c) + slot * d_, xr, (size_t)d_ * sizeof(double));
+            if (slot >= 0) std::memcpy(store_->memory_data(c) + slot * d_, xd.data(), (size_t)d_ * sizeof(double));
         }
     }
     if (gram_streaming_) gram_flush();

@@ -10,6 +10,8 @@
 #include "core/backend.hpp"
 #include "core/host_budget.hpp"
 #include "core/metric_summary.hpp"
+#include "core/pair_part.hpp"
+#include "core/reservoir_picks.hpp"
 #include "core/row_store.hpp"
 #include "core/second_pass_part.hpp"
 
@@ -85,6 +87,9 @@ private:
     // A row of class c enters the overall Gram, and shifted by c's reference row the within scatter.
     void gram_add(int32_t c, const double* x);
     void gram_flush();
+    // Class c's rows of a batch (len) for the Gram: room for those held back, then row by row.
+    void gram_reserve(int32_t c, int64_t len);
+    void gram_row(int32_t c, int64_t i, const double* x);
     // Sigma_W's sum over kept rows (full d x d) for the anchor metrics, or empty with *note.
     std::vector<double> within_scatter(const KeptSet& kept, const std::vector<double>& mu, std::string* note) const;
     int64_t growth() const;
@@ -212,17 +217,11 @@ private:
     std::vector<uint8_t> spread_owned_;       // [V] while it is
     std::vector<int64_t> spread_filled_;      // [V] reservoirs: the slots filled so far
     HostBudget::Lease spread_lease_;          // its rows in memory, the flags and the filled counts
-    // Reservoirs: the root's merged sample of every class as it merges the states without rows,
-    // each entry (merge source << kPickShift) | row in that source's reservoir, in sample order;
-    // this rank's picks (spread_take_picks): by class (pick_at_ [V + 1]), its row and its slot.
-    static constexpr int kPickShift = 44;
-    std::vector<std::vector<uint64_t>> picks_;  // [V] on the root
-    int64_t pick_sources_ = 0;                  // merge sources taken so far (0: none yet)
-    HostBudget::Lease picks_lease_;
-    std::vector<int64_t> pick_at_, pick_row_, pick_slot_;
-    HostBudget::Lease my_picks_lease_;
-    // load_state's part while gathering reservoirs: the shard's counts (theirs) merged into picks_,
-    // this session's counts being `before`.
+    // Reservoirs: the root's merged samples and this rank's picks (core/reservoir_picks.hpp), from
+    // begin_rows_spread to spread_close; merge_picks is load_state's part while gathering them (the
+    // shard's counts `theirs`, this session's being `before`).
+    std::unique_ptr<ReservoirPicks> picks_;
+    ReservoirPicks::RowsOf own_reservoir_rows() const;
     void merge_picks(const int64_t* theirs, const std::vector<int64_t>& before);
     // The root's sum of every rank's part, per kept slot.
     struct SpreadResults {
@@ -239,12 +238,7 @@ private:
     // Once the rows have moved, the state is no longer one process's: no checkpoint, no more rows.
     void refuse_if_spread(const char* what) const;
     HostBudget::Lease spread_results_lease_;
-    // The ranks' pair-metric shares merged on the root (pair_merge), for this kept set and rows.
-    struct PairSpread {
-        std::vector<int32_t> ids;
-        int64_t rows = 0, parts = 0;
-        PairTotals all;
-    };
+    // The ranks' pair-metric shares merged on the root (pair_merge, core/pair_part.hpp), for this kept set and rows.
     std::unique_ptr<PairSpread> pair_spread_;
     // Declared last, so that it stops (and its jobs give their leases back) before anything else goes.
     std::unique_ptr<WindowWorker, WindowWorkerStop> window_worker_;
@@ -256,6 +250,12 @@ private:
 // tile of many classes' rows, never once per class; the logits never go through memory). The
 // row-store path and the second pass both go through it. The block and the tiles are counted in
 // `budget` when it is made (on the calling thread).
+// A running first argmax: the largest value seen so far and its index (cpu_metrics.cpp's scan_argmax).
+struct ArgBest {
+    double v;
+    int64_t i;
+};
+
 class Nc4Blocks {
 public:
     // rows_hint: at most how many rows will come (bounds the block). slot_hits (may be null): the
@@ -281,6 +281,7 @@ private:
     int64_t* slot_hits_;
     HostBudget::Lease lease_;
     std::vector<double> block_, tiles_, neg_mu_sq_;
+    std::vector<ArgBest> best_;  // per thread: each tile row's best logit, then its nearest mean
     std::vector<int32_t> slot_;
     std::vector<uint8_t> hit_;
 };

@@ -18,9 +18,12 @@
 #include <string>
 
 #include "base/error.hpp"
+#include "base/interrupt.hpp"
 #include "core/metric_math.hpp"
 #include "core/metric_summary.hpp"
+#include "core/pair_part.hpp"
 #include "core/shifted_sums.hpp"
+#include "cpu/blas_threads.hpp"
 #include "cpu/cpu_backend.hpp"
 
 namespace collapse::internal {
@@ -30,32 +33,11 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// OpenBLAS (the pthreads build) on one thread while our own threads each call it on small
-// matrices: its threads only spin there (measured: per-token SVDs at d = 1024 ran faster on one
-// thread than on two). The count is process-wide, so it is restored when the phase ends.
-class OneBlasThread {
-public:
-    explicit OneBlasThread(bool on) : before_(on ? openblas_get_num_threads() : 0) {
-        if (before_ > 1) openblas_set_num_threads(1);
-    }
-    ~OneBlasThread() {
-        if (before_ > 1) openblas_set_num_threads(before_);
-    }
-    OneBlasThread(const OneBlasThread&) = delete;
-    OneBlasThread& operator=(const OneBlasThread&) = delete;
-
-private:
-    int before_;
-};
-
 // A running first argmax: the largest value seen so far and its index. scan_argmax(v, a, b, n, off, r)
 // is a strict left-to-right scan of x_c = a * v[c] + b[c] (b may be null: 0), c < n, at indices
 // off + c: r takes x_c when x_c > r.v, so ties keep the earlier index and NaNs never win (a NaN in
 // r.v keeps it: what a scan that starts at a NaN gives). a * v is exact for the a = 1 and 2 used.
-struct ArgBest {
-    double v;
-    int64_t i;
-};
+// (ArgBest itself is in cpu_backend.hpp: Nc4Blocks holds each thread's.)
 
 void scan_argmax_scalar(const double* v, double a, const double* b, int64_t n, int64_t off, ArgBest& r) {
     for (int64_t c = 0; c < n; ++c) {
@@ -284,12 +266,15 @@ void symmetric_eigenvalues(double* g, int64_t n, double* w, const char* what) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// NC4's tiles: a tile is kTileRows rows of the block times a chunk of classifier rows (or kept
-// means) whose products fill kTileElems doubles (1 MiB: they stay in L2/L3 while the argmax reads
-// them, so the logits never go through memory). W is read once per tile of rows from many
-// classes; taller tiles amortise BLAS's packing of W's chunk, smaller ones stay in cache. (Measured
-// on figure 7: 128 x 1024 beat 64 x 1024, 128 x 512, 256 x 256 and 192 x 512; 256 x 1024 was even.)
-constexpr int64_t kTileRows = 128, kTileElems = 131072;
+// NC4's tiles: a tile is tile_rows(d) rows of the block times a chunk of kTileCols classifier rows
+// (or kept means), whose products stay in L2/L3 while the argmax reads them, so the logits never
+// go through memory. W is read once per tile of rows from many classes: taller tiles amortise
+// BLAS's packing of W's chunk, and the wider the rows, the more a pass over W costs against the
+// tile's own products. (Measured: at d = 64, 128 x 1024 beat 64 x 1024, 128 x 512, 256 x 256 and
+// 192 x 512, 256 x 1024 was even; at d = 1024, 512 x 1024 took 1.08-1.11x the dgemm floor against
+// 1.20x for 128 x 1024.)
+constexpr int64_t kTileCols = 1024;
+int64_t tile_rows(int64_t d) { return std::clamp<int64_t>(d / 2, 128, 512); }
 
 Nc4Blocks::Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64_t V, const std::vector<double>& mu_kept,
                      const std::vector<double>& mu_sq, const std::vector<int32_t>& kept_ids, int64_t rows_hint, int64_t* slot_hits,
@@ -304,19 +289,22 @@ Nc4Blocks::Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64
     const int64_t per_row = add_bytes(mul_bytes(d_, 8), 5);
     const int64_t least = std::max<int64_t>(1, std::min<int64_t>(rows_hint, 16));
     int64_t B = std::max(least, std::min<int64_t>({rows_hint, max_block, (int64_t(256) << 20) / per_row}));
-    int64_t E = kTileElems;
+    const int64_t rows = tile_rows(d_);
+    int64_t E = rows * kTileCols;
     auto shape = [&](int64_t b, int64_t e, int64_t& R, int64_t& Cv, int64_t& Ck) {
-        R = std::min(b, kTileRows);
+        R = std::min(b, rows);
         Cv = std::min(V_, std::max<int64_t>(8, e / R)), Ck = std::min(K_, std::max<int64_t>(8, e / R));
     };
     auto bytes = [&](int64_t b, int64_t e) {
         int64_t R, Cv, Ck;
         shape(b, e, R, Cv, Ck);
-        return add_bytes(add_bytes(mul_bytes(b, per_row), mul_bytes(K_, 8)), mul_bytes(mul_bytes(threads_, R), mul_bytes(std::max(Cv, Ck), 8)));
+        // Per thread: the tile, and each tile row's two running argmaxes.
+        const int64_t per_thread = add_bytes(mul_bytes(R, mul_bytes(std::max(Cv, Ck), 8)), mul_bytes(R, 2 * sizeof(ArgBest)));
+        return add_bytes(add_bytes(mul_bytes(b, per_row), mul_bytes(K_, 8)), mul_bytes(threads_, per_thread));
     };
-    while (!budget.fits(bytes(B, E)) && (B > least || E > 8 * std::min(B, kTileRows))) {
+    while (!budget.fits(bytes(B, E)) && (B > least || E > 8 * std::min(B, rows))) {
         if (B > least) B = std::max(least, B / 2);
-        else E = std::max(8 * std::min(B, kTileRows), E / 2);
+        else E = std::max(8 * std::min(B, rows), E / 2);
     }
     shape(B, E, R_, Cv_, Ck_);
     lease_ = budget.reserve(bytes(B, E), "NC4's logits tiles (" + std::to_string(threads_) + " x " + std::to_string(R_) + " rows x " +
@@ -329,6 +317,7 @@ Nc4Blocks::Nc4Blocks(HostBudget& budget, int64_t d, const Classifier& clf, int64
     for (int64_t s = 0; s < K_; ++s) neg_mu_sq_[(size_t)s] = -mu_sq[(size_t)s];
     block_.resize((size_t)(B * d_));
     tiles_.resize((size_t)(threads_ * R_ * std::max(Cv_, Ck_)));
+    best_.resize((size_t)(threads_ * 2 * R_));
     slot_.resize((size_t)B);
     hit_.resize((size_t)B);
 }
@@ -380,10 +369,12 @@ void Nc4Blocks::run(const double* x, int64_t n, const int32_t* slots) {
     const OneBlasThread one(threads > 1);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : agree) if (threads > 1)
     for (int64_t t = 0; t < tiles; ++t) {
+        if (interrupt_requested()) continue;  // the tiles left are skipped; thrown below
         const int64_t r0 = t * R, nr = std::min(R, n - r0);
         const double* xt = x + r0 * d;
         double* tile = tiles_.data() + (size_t)omp_get_thread_num() * (size_t)(R * std::max(Cv_, Ck_));
-        ArgBest best[kTileRows], near[kTileRows];
+        ArgBest* best = best_.data() + (size_t)omp_get_thread_num() * (size_t)(2 * R);
+        ArgBest* near = best + R;
         // The largest of `scale` * (x . m_c) + add[c] over the m_c (rows of m, `count` of them), chunk by chunk.
         auto argmax_over = [&](const double* m, int64_t count, int64_t chunk, double scale, const double* add, ArgBest* r) {
             for (int64_t c0 = 0; c0 < count; c0 += chunk) {
@@ -408,6 +399,7 @@ void Nc4Blocks::run(const double* x, int64_t n, const int32_t* slots) {
             agree += hit ? 1 : 0;
         }
     }
+    throw_if_interrupted();
     agree_ += agree;
     if (slot_hits_)
         for (int64_t i = 0; i < n; ++i)
@@ -679,10 +671,8 @@ std::vector<double> CpuBackend::within_scatter(const KeptSet& kept, const std::v
 void CpuBackend::pair_metrics(const KeptSet& kept, const std::vector<double>& m, const std::vector<double>& var,
                               MetricValues& out) const {
     const int64_t K = (int64_t)kept.ids.size();
-    if (pair_spread_ && pair_spread_->parts > 0 && pair_spread_->ids == kept.ids && pair_spread_->rows == kept.rows) {
-        if (pair_spread_->all.pairs != K * (K - 1) / 2)
-            fail(COLLAPSE_ERR_INTERNAL, "the ranks' pair-metric shares hold ", pair_spread_->all.pairs, " pairs of K = ", K, " kept classes");
-        finish_pair_metrics(pair_spread_->all, K, out);
+    if (const PairTotals* t = pair_spread_ ? pair_spread_->totals_for(kept) : nullptr) {
+        finish_pair_metrics(*t, K, out);
         return;
     }
     finish_pair_metrics(pair_tiles(m.data(), var.data(), K, pair_tile_edge(K), 0, 1), K, out);
@@ -699,12 +689,7 @@ int64_t pair_tiles_bytes(int64_t K, int64_t t, int64_t threads) {
 }  // namespace
 
 int64_t CpuBackend::pair_tile_edge(int64_t K) const {
-    if (const char* e = std::getenv("COLLAPSE_PAIR_TILE_EDGE")) {
-        char* end = nullptr;
-        const long long v = std::strtoll(e, &end, 10);
-        if (!end || *end != 0 || v < 1 || v > (1ll << 20)) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "COLLAPSE_PAIR_TILE_EDGE=", e, " is not an edge in [1, 2^20]");
-        return std::min<int64_t>((int64_t)v, std::max<int64_t>(K, 1));  // no tile beyond K
-    }
+    if (const int64_t t = pair_tile_edge_override(K)) return t;
     const int64_t threads = omp_get_max_threads();
     const int64_t budget = std::min<int64_t>(int64_t(64) << 20, cfg_.host_memory_limit / 8);
     int64_t T = std::max<int64_t>(64, std::min<int64_t>(K, (int64_t)std::sqrt((double)budget / 8.0)));
@@ -732,38 +717,26 @@ PairTotals CpuBackend::pair_tiles(const double* m, const double* var, int64_t K,
         budget_->reserve(pair_tiles_bytes(K, T, threads), "the pair metrics' tiles (" + std::to_string(threads) + " threads' " + std::to_string(T) + " x " +
                                                               std::to_string(T) + " blocks of M M^T for K = " + std::to_string(K) + " kept classes)",
                          kFixKeptClasses);
-    const int64_t nt = (K + T - 1) / T;
-
     using TileSum = PairTotals;
-    // Every tile in a fixed order and the pairs before it; this rank's share is the tiles from the
-    // first with at least rank/P of all pairs before it up to the next rank's first.
-    std::vector<std::pair<int64_t, int64_t>> tiles;
-    std::vector<int64_t> before;
-    int64_t total = 0;
-    for (int64_t bi = 0; bi < nt; ++bi)
-        for (int64_t bj = bi; bj < nt; ++bj) {
-            tiles.emplace_back(bi, bj);
-            before.push_back(total);
-            const int64_t ni = std::min(T, K - bi * T), nj = std::min(T, K - bj * T);
-            total += bi == bj ? ni * (ni - 1) / 2 : ni * nj;
-        }
-    auto first_of = [&](int r) {
-        if (r >= P) return (int64_t)tiles.size();
-        int64_t t = 0;
-        while (t < (int64_t)tiles.size() && (double)before[(size_t)t] * (double)P < (double)r * (double)total) ++t;
-        return t;
-    };
-    const int64_t t_begin = first_of(rank), t_end = first_of(rank + 1);
+    // Every tile in the one fixed order, and this rank's contiguous share (core/pair_part.hpp).
+    const PairTiling tiling = pair_tiling(K, T, rank, P);
+    const std::vector<std::pair<int64_t, int64_t>>& tiles = tiling.tiles;
+    const int64_t t_begin = tiling.begin, t_end = tiling.end;
     if (range) range[0] = t_begin, range[1] = t_end, range[2] = (int64_t)tiles.size();
     std::vector<TileSum> sums((size_t)std::max<int64_t>(0, t_end - t_begin));
     const double p = cfg_.cdnv_power;
     const double inv_km1 = K > 1 ? 1.0 / (double)(K - 1) : 0.0;
 
+    // One BLAS thread when the tiles keep our threads busy, or when a tile's product (here below
+    // about a millisecond) is too small for BLAS's threads to pay: woken, they spin for ~0.1 s
+    // after the call, beside the per-token SVDs' threads.
+    const OneBlasThread one_blas(t_end - t_begin >= omp_get_max_threads() || T * T * d_ <= (int64_t(1) << 24));
 #pragma omp parallel
     {
         std::vector<double> g((size_t)(T * T));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = t_begin; t < t_end; ++t) {
+            if (interrupt_requested()) continue;  // thrown after the region
             const int64_t i0 = tiles[(size_t)t].first * T, j0 = tiles[(size_t)t].second * T;
             const int64_t ni = std::min(T, K - i0), nj = std::min(T, K - j0);
             cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)ni, (int)nj, (int)d, 1.0, m + (size_t)i0 * d,
@@ -807,6 +780,7 @@ PairTotals CpuBackend::pair_tiles(const double* m, const double* var, int64_t K,
             sums[(size_t)(t - t_begin)] = ts;
         }
     }
+    throw_if_interrupted();
     // Merge in tile order: the same result whatever the thread count.
     PairTotals all;
     for (const PairTotals& ts : sums) all.merge(ts);
@@ -916,6 +890,7 @@ void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& m
 #pragma omp for schedule(dynamic, 1)
                     for (int64_t q = 0; q < (int64_t)pool.size(); ++q) {
                         const Job& j = jobs[pool[(size_t)q]];
+                        if (interrupt_requested()) continue;  // thrown after the region
                         try {
                             bool z = false;
                             h[(size_t)q] = spectrum_entropy(class_singular_values(j.x, j.n, d_, center_of(j.c), a), &z);
@@ -926,6 +901,7 @@ void CpuBackend::token_metrics(const KeptSet& kept, const std::vector<double>& m
                     }
                 }
             }
+            throw_if_interrupted();
             for (const std::exception_ptr& e : err)
                 if (e) std::rethrow_exception(e);
             for (size_t q = 0; q < pool.size(); ++q) record(jobs[pool[q]].c, jobs[pool[q]].n, h[q], zero[q] != 0);

@@ -3,8 +3,10 @@
 // new store of the classes it owns filled in rank order, its part of the metrics that need the
 // rows (computed by compute()'s own functions on those classes), and the root's sum of the parts
 // that compute() then takes in place of the row store. Sampled reservoirs go the same way: the
-// root decides the merged samples from the counts as it merges the states (merge_picks), each
-// rank sends its picked rows with their slots, and the parts hold the per-token SVDs only.
+// root decides the merged samples from the counts as it merges the states (merge_picks; the
+// bookkeeping is core/reservoir_picks.hpp's, shared with the CUDA backend), each rank sends its
+// picked rows with their slots, and the parts hold the per-token SVDs only. The pair-metric
+// tiles' tiling, layout and merge are core/pair_part.hpp's.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -13,6 +15,7 @@
 #include <string>
 
 #include "base/error.hpp"
+#include "core/pair_part.hpp"
 #include "core/spread_part.hpp"
 #include "core/state_sections.hpp"
 #include "cpu/cpu_backend.hpp"
@@ -27,101 +30,23 @@ void CpuBackend::refuse_if_spread(const char* what) const {
 void CpuBackend::begin_rows_spread() {
     if (!can_spread_rows()) fail(COLLAPSE_ERR_STATE, "begin_rows_spread: no row store or reservoirs to spread, or they are spread already");
     spread_phase_ = SpreadPhase::Gathering;
-    picks_.clear(), pick_sources_ = 0;
+    picks_ = std::make_unique<ReservoirPicks>(V_, cfg_.svd_max_rows_per_token, cfg_.seed, *budget_);
 }
 
-void CpuBackend::merge_picks(const int64_t* theirs, const std::vector<int64_t>& before) {
-    const int64_t cap = cfg_.svd_max_rows_per_token;
-    if (cap >= (int64_t(1) << kPickShift)) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "svd_max_rows_per_token = ", cap, " is too large to spread over MPI ranks");
-    if (pick_sources_ >= (int64_t(1) << (64 - kPickShift))) fail(COLLAPSE_ERR_INTERNAL, "merge_picks: too many merge sources");
-    // The sample grows by at most each class's rows here (min(count, cap)), and one class's next
-    // list exists beside its old one: counted before anything changes.
-    int64_t grow = pick_sources_ == 0 ? mul_bytes(V_, (int64_t)sizeof(std::vector<uint64_t>)) : 0, most = 0;
-    for (int64_t c = 0; c < V_; ++c) {
-        const int64_t mine = pick_sources_ == 0 ? store_->memory_rows((int32_t)c) : (int64_t)picks_[(size_t)c].size();
-        const int64_t next = std::min(cap, mine + std::min(theirs[c], cap));
-        grow += 8 * (pick_sources_ == 0 ? next : next - mine);
-        most = std::max(most, next);
-    }
-    picks_lease_.resize(add_bytes(picks_lease_.bytes(), grow), "the merged reservoir samples of V = " + std::to_string(V_) +
-                                                                   " classes, as (rank, row) pairs (spread over the MPI ranks)", kFixNumClasses);
-    const HostBudget::Lease scratch = budget_->reserve(mul_bytes(most, 2 * 8 + 16), "one class's reservoir merge", kFixNumClasses);
-    if (pick_sources_ == 0) {  // this session's own reservoirs: source 0
-        picks_.assign((size_t)V_, {});
-        for (int64_t c = 0; c < V_; ++c) {
-            picks_[(size_t)c].resize((size_t)store_->memory_rows((int32_t)c));
-            for (size_t j = 0; j < picks_[(size_t)c].size(); ++j) picks_[(size_t)c][j] = j;
-        }
-        pick_sources_ = 1;
-    }
-    const uint64_t source = (uint64_t)pick_sources_ << kPickShift;
-    for (int64_t c = 0; c < V_; ++c) {
-        if (theirs[c] == 0) continue;
-        std::vector<uint64_t>& mine = picks_[(size_t)c];
-        const int64_t ka = (int64_t)mine.size();
-        // As load_state merges reservoir rows (state_sections.cpp): theirs holds min(count, cap).
-        const std::vector<int64_t> at =
-            merge_reservoir_picks(cfg_.seed, (int32_t)c, cap, ka, before[(size_t)c], std::min(theirs[c], cap), theirs[c]);
-        std::vector<uint64_t> next(at.size());
-        for (size_t i = 0; i < at.size(); ++i) next[i] = at[i] < ka ? mine[(size_t)at[i]] : source | (uint64_t)(at[i] - ka);
-        mine.swap(next);
-    }
-    ++pick_sources_;
+ReservoirPicks::RowsOf CpuBackend::own_reservoir_rows() const {
+    return [this](int32_t c) { return store_->memory_rows(c); };
 }
+
+void CpuBackend::merge_picks(const int64_t* theirs, const std::vector<int64_t>& before) { picks_->merge(theirs, before, own_reservoir_rows()); }
 
 void CpuBackend::spread_write_picks(int source, const std::vector<int32_t>& ids, StateWriter& w) {
     if (spread_phase_ != SpreadPhase::Gathering || !spread_samples()) fail(COLLAPSE_ERR_STATE, "spread_write_picks: no reservoirs are being spread");
-    if (source < 0 || (pick_sources_ > 0 ? source >= pick_sources_ : source != 0))
-        fail(COLLAPSE_ERR_INTERNAL, "spread_write_picks: merge source ", source, " of ", std::max<int64_t>(1, pick_sources_));
-    std::vector<int32_t> sorted = ids;
-    std::sort(sorted.begin(), sorted.end());
-    // Without a merge (one source) every row of the own reservoirs is the sample.
-    auto for_picks = [&](const std::function<void(int32_t, int64_t, int64_t)>& fn) {
-        for (int32_t c : sorted) {
-            if (c < 0 || c >= V_) fail(COLLAPSE_ERR_INTERNAL, "spread_write_picks: class ", c);
-            if (pick_sources_ == 0) {
-                for (int64_t j = 0; j < store_->memory_rows(c); ++j) fn(c, j, j);
-                continue;
-            }
-            const std::vector<uint64_t>& p = picks_[(size_t)c];
-            for (size_t slot = 0; slot < p.size(); ++slot)
-                if ((int64_t)(p[slot] >> kPickShift) == source) fn(c, (int64_t)(p[slot] & ((uint64_t(1) << kPickShift) - 1)), (int64_t)slot);
-        }
-    };
-    int64_t m = 0;
-    for_picks([&](int32_t, int64_t, int64_t) { ++m; });
-    const HostBudget::Lease lease = budget_->reserve(mul_bytes(m, 24), "the reservoir rows rank source " + std::to_string(source) + " sends to their owners",
-                                                     kFixNumClasses);
-    std::vector<int64_t> cls, row, slot;
-    cls.reserve((size_t)m), row.reserve((size_t)m), slot.reserve((size_t)m);
-    for_picks([&](int32_t c, int64_t j, int64_t at) { cls.push_back(c), row.push_back(j), slot.push_back(at); });
-    w.add("pick_classes", COLLAPSE_I64, {m}, cls.data(), (size_t)m * 8);
-    w.add("pick_rows", COLLAPSE_I64, {m}, row.data(), (size_t)m * 8);
-    w.add("pick_slots", COLLAPSE_I64, {m}, slot.data(), (size_t)m * 8);
+    picks_->write(source, ids, own_reservoir_rows(), w);
 }
 
 void CpuBackend::spread_take_picks(const StateReader& r) {
     if (spread_phase_ != SpreadPhase::Gathering || !spread_samples()) fail(COLLAPSE_ERR_STATE, "spread_take_picks: no reservoirs are being spread");
-    const std::string what = r.description();
-    const StateSection cs = r.section("pick_classes"), rs = r.section("pick_rows"), ss = r.section("pick_slots");
-    for (const StateSection* x : {&cs, &rs, &ss})
-        if (x->dtype_code != (uint32_t)COLLAPSE_I64 || x->shape.size() != 1 || x->shape != cs.shape)
-            fail(COLLAPSE_ERR_INTERNAL, what, ": section ", x->name, " is not int64 [m] as pick_classes");
-    const int64_t m = cs.shape[0];
-    const int64_t* c = static_cast<const int64_t*>(cs.data);
-    const int64_t* j = static_cast<const int64_t*>(rs.data);
-    const int64_t* at = static_cast<const int64_t*>(ss.data);
-    const int64_t cap = cfg_.svd_max_rows_per_token;
-    for (int64_t i = 0; i < m; ++i)  // count_ is the combined one by now (adopt_class_sums)
-        if (c[i] < 0 || c[i] >= V_ || (i > 0 && c[i] < c[i - 1]) || j[i] < 0 || j[i] >= store_->memory_rows((int32_t)c[i]) || at[i] < 0 ||
-            at[i] >= std::min(count_[(size_t)c[i]], cap))
-            fail(COLLAPSE_ERR_INTERNAL, what, ": pick ", i, " (class ", c[i], ", row ", j[i], ", slot ", at[i], ") is out of range");
-    my_picks_lease_.resize(add_bytes(mul_bytes(V_ + 1, 8), mul_bytes(m, 16)), "this rank's picks of its reservoir rows", kFixNumClasses);
-    pick_at_.assign((size_t)V_ + 1, 0);
-    for (int64_t i = 0; i < m; ++i) ++pick_at_[(size_t)c[i] + 1];
-    for (int64_t k = 0; k < V_; ++k) pick_at_[(size_t)k + 1] += pick_at_[(size_t)k];
-    pick_row_.assign(j, j + m), pick_slot_.assign(at, at + m);
-    picks_ = {}, picks_lease_.reset();  // the root's sample is no longer needed
+    picks_->take(r, count_.data(), own_reservoir_rows());  // count_ is the combined one by now (adopt_class_sums)
 }
 
 void CpuBackend::spread_read(const std::vector<int32_t>& ids, int64_t max_rows, const RowsFn& fn) {
@@ -134,24 +59,25 @@ void CpuBackend::spread_read(const std::vector<int32_t>& ids, int64_t max_rows, 
         return;
     }
     // Reservoirs (in memory): the picked rows of each class, copied together a piece at a time.
-    if (pick_at_.size() != (size_t)V_ + 1) fail(COLLAPSE_ERR_STATE, "spread_read: this rank has not taken its picks");
+    if (!picks_ || !picks_->taken()) fail(COLLAPSE_ERR_STATE, "spread_read: this rank has not taken its picks");
     int64_t most = 0;
-    for (int32_t c : ids) most = std::max(most, std::min(max_rows, pick_at_[(size_t)c + 1] - pick_at_[(size_t)c]));
+    for (int32_t c : ids) most = std::max(most, std::min(max_rows, picks_->end(c) - picks_->begin(c)));
     const HostBudget::Lease lease = budget_->reserve(mul_bytes(most, d_, 8), "a piece of reservoir rows for their owner", kFixNumClasses);
     std::vector<double> buf((size_t)(most * d_));
     for (int32_t c : ids) {
-        const int64_t b = pick_at_[(size_t)c], e = pick_at_[(size_t)c + 1];
+        const int64_t b = picks_->begin(c), e = picks_->end(c);
         for (int64_t i = b; i < e; i += max_rows) {
             const int64_t n = std::min(max_rows, e - i);
             for (int64_t k = 0; k < n; ++k)
-                std::memcpy(buf.data() + k * d_, store_->memory_data(c) + pick_row_[(size_t)(i + k)] * d_, (size_t)d_ * 8);
-            fn(c, buf.data(), n, pick_slot_.data() + i);
+                std::memcpy(buf.data() + k * d_, store_->memory_data(c) + picks_->rows()[i + k] * d_, (size_t)d_ * 8);
+            fn(c, buf.data(), n, picks_->slots() + i);
         }
     }
 }
 
 void CpuBackend::spread_open(const std::vector<int32_t>& owned) {
     if (spread_phase_ != SpreadPhase::Gathering || spread_store_) fail(COLLAPSE_ERR_STATE, "spread_open: the rows are not being spread");
+    spread_lease_ = budget_->lease();
     spread_lease_.resize(V_, "the flags of the classes this rank owns (V = " + std::to_string(V_) + ")", kFixNumClasses);
     spread_owned_.assign((size_t)V_, 0);
     int64_t rows = 0;
@@ -190,18 +116,8 @@ void CpuBackend::spread_append(int32_t c, const double* x, int64_t n, const int6
     if (spread_samples() != (slots != nullptr)) fail(COLLAPSE_ERR_INTERNAL, "spread_append: rows ", slots ? "with" : "without", " slots");
     if (slots) {
         // A reservoir's rows each go to their slot in the class's merged sample.
-        const int64_t k = std::min(count_[(size_t)c], cfg_.svd_max_rows_per_token);
-        if (spread_filled_[(size_t)c] + n > k) fail(COLLAPSE_ERR_INTERNAL, "class ", c, " received more than its ", k, " sampled rows");
-        if (spread_store_->rows(c) == 0) {
-            spread_lease_.resize(add_bytes(spread_lease_.bytes(), spread_store_->growth(c, k)),
-                                 "the sampled rows of class " + std::to_string(c) + " moved to the rank that owns it", kFixNumClasses);
-            spread_store_->append(c, k);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-            if (slots[i] < 0 || slots[i] >= k) fail(COLLAPSE_ERR_INTERNAL, "class ", c, ": slot ", slots[i], " outside its sample of ", k);
-            std::memcpy(spread_store_->memory_data(c) + slots[i] * d_, x + i * d_, (size_t)d_ * 8);
-        }
-        spread_filled_[(size_t)c] += n;
+        append_sampled_rows(*spread_store_, spread_lease_, spread_filled_[(size_t)c], c, std::min(count_[(size_t)c], cfg_.svd_max_rows_per_token), x, n,
+                            slots, d_);
         return;
     }
     append_owned_rows(*spread_store_, *budget_, spread_lease_, V_, c, count_[(size_t)c], x, n, d_);
@@ -210,17 +126,14 @@ void CpuBackend::spread_append(int32_t c, const double* x, int64_t n, const int6
 void CpuBackend::spread_close() {
     if (!spread_store_) fail(COLLAPSE_ERR_INTERNAL, "spread_close: no store is open");
     const bool sampled = spread_samples();
-    for (int64_t c = 0; c < V_; ++c) {
-        if (!spread_owned_[(size_t)c]) continue;
-        // Every row of the class, or (reservoirs) every slot of its merged sample, filled once.
-        const int64_t want = sampled ? std::min(count_[(size_t)c], cfg_.svd_max_rows_per_token) : count_[(size_t)c];
-        const int64_t got = sampled ? spread_filled_[(size_t)c] : spread_store_->rows((int32_t)c);
-        if (got != want || spread_store_->rows((int32_t)c) != want)
-            fail(COLLAPSE_ERR_INTERNAL, "class ", c, " has ", got, " rows on the rank that owns it, ", sampled ? "its sample holds " : "its count is ", want);
-    }
+    // Every row of the class, or (reservoirs) every slot of its merged sample, filled once.
+    check_owned_rows(
+        *spread_store_, spread_owned_, sampled,
+        [&](int32_t c) { return sampled ? std::min(count_[(size_t)c], cfg_.svd_max_rows_per_token) : count_[(size_t)c]; },
+        [&](int32_t c) { return sampled ? spread_filled_[(size_t)c] : spread_store_->rows(c); });
     store_ = std::move(spread_store_);  // the old store and its spill files go
     spread_owned_ = {}, spread_filled_ = {};
-    pick_at_ = {}, pick_row_ = {}, pick_slot_ = {}, my_picks_lease_.reset();
+    picks_.reset();
     held_.update(held_rows_bytes());
     spread_lease_.reset();
     spread_phase_ = SpreadPhase::Spread;
@@ -377,11 +290,8 @@ void CpuBackend::spread_results(const KeptSet& kept, std::vector<double>* var, M
     }
 }
 
-// --- Pair-metric tiles spread over ranks (core/backend.hpp, "pairs"). ---
-
-namespace {
-constexpr int kPairF = 13, kPairI = 3;  // PairTotals as float64 and int64 values
-}  // namespace
+// --- Pair-metric tiles spread over ranks (core/backend.hpp, "pairs"; the layout and the merge
+// are core/pair_part.hpp's). ---
 
 bool CpuBackend::pair_inputs(const KeptSet& kept, StateWriter& w) {
     const int64_t K = (int64_t)kept.ids.size();
@@ -393,61 +303,21 @@ bool CpuBackend::pair_inputs(const KeptSet& kept, StateWriter& w) {
         "the pair metrics' inputs for the ranks (the means of K = " + std::to_string(K) + " kept classes, twice [K, d])", kFixKeptClasses);
     std::vector<double> mu, var, m;
     class_means(kept, mu, var, m);
-    const int64_t T = pair_tile_edge(K);
-    w.add("pair_m", COLLAPSE_F64, {K, d_}, m.data(), m.size() * 8);
-    w.add("pair_var", COLLAPSE_F64, {K}, var.data(), var.size() * 8);
-    w.add("pair_tile", COLLAPSE_I64, {1}, &T, 8);
-    auto ps = std::make_unique<PairSpread>();
-    ps->ids = kept.ids, ps->rows = kept.rows;
-    pair_spread_ = std::move(ps);
-    pair_spread_->parts = -1;  // not complete until pair_merge has taken a part
+    write_pair_inputs(w, m.data(), var.data(), K, d_, pair_tile_edge(K));
+    pair_spread_ = std::make_unique<PairSpread>(kept);  // complete once pair_merge has taken a share
     return true;
 }
 
 void CpuBackend::pair_part(const StateReader& in, int rank, int P, StateWriter& w) {
-    const std::string what = in.description();
-    const StateSection v = in.section("pair_var"), mm = in.section("pair_m"), t = in.section("pair_tile");
-    if (v.dtype_code != (uint32_t)COLLAPSE_F64 || v.shape.size() != 1) fail(COLLAPSE_ERR_IO, what, ": section pair_var is not float64 [K]");
-    const int64_t K = v.shape[0];
-    if (mm.dtype_code != (uint32_t)COLLAPSE_F64 || mm.shape != std::vector<int64_t>{K, d_})
-        fail(COLLAPSE_ERR_IO, what, ": section pair_m is not float64 [K, d] = [", K, ", ", d_, "]");
-    if (t.dtype_code != (uint32_t)COLLAPSE_I64 || t.shape != std::vector<int64_t>{1} || *static_cast<const int64_t*>(t.data) < 1)
-        fail(COLLAPSE_ERR_IO, what, ": section pair_tile is not an int64 edge >= 1");
-    if (rank < 0 || rank >= P) fail(COLLAPSE_ERR_INTERNAL, "pair_part: rank ", rank, " of ", P);
+    const PairInputs pi = read_pair_inputs(in, d_);
     int64_t range[3] = {0, 0, 0};
-    const PairTotals a = pair_tiles(static_cast<const double*>(mm.data), static_cast<const double*>(v.data), K,
-                                    *static_cast<const int64_t*>(t.data), rank, P, range);
-    const double f[kPairF] = {a.l.n, a.l.mean, a.l.m2, a.c.n, a.c.mean, a.c.m2, a.dist.n, a.dist.mean, a.dist.m2,
-                              a.s_etf, a.max_etf, a.n_cdnv, a.s_cdnv};
-    const int64_t i[kPairI] = {a.pairs, a.skip_l, a.skip_cdnv};
-    w.add("pair_totals_f", COLLAPSE_F64, {kPairF}, f, sizeof f);
-    w.add("pair_totals_i", COLLAPSE_I64, {kPairI}, i, sizeof i);
-    w.add("pair_tiles", COLLAPSE_I64, {3}, range, sizeof range);
+    const PairTotals a = pair_tiles(pi.m, pi.var, pi.K, pi.T, rank, P, range);
+    write_pair_share(w, a, range);
 }
 
 void CpuBackend::pair_merge(const KeptSet& kept, const StateReader& r) {
-    const std::string what = r.description();
-    if (!pair_spread_ || pair_spread_->ids != kept.ids || pair_spread_->rows != kept.rows)
-        fail(COLLAPSE_ERR_STATE, "pair_merge: the pair inputs were not written for this kept set");
-    const StateSection f = r.section("pair_totals_f"), i = r.section("pair_totals_i");
-    if (f.dtype_code != (uint32_t)COLLAPSE_F64 || f.shape != std::vector<int64_t>{kPairF} || i.dtype_code != (uint32_t)COLLAPSE_I64 ||
-        i.shape != std::vector<int64_t>{kPairI})
-        fail(COLLAPSE_ERR_IO, what, ": sections pair_totals_f/_i are not float64 [", kPairF, "] and int64 [", kPairI, "]");
-    const double* x = static_cast<const double*>(f.data);
-    const int64_t* n = static_cast<const int64_t*>(i.data);
-    for (int k = 0; k < kPairF; ++k)
-        if (std::isnan(x[k])) fail(COLLAPSE_ERR_IO, what, ": section pair_totals_f holds NaN at ", k);
-    if (n[0] < 0 || n[1] < 0 || n[2] < 0 || n[1] > n[0] || n[2] > n[0])
-        fail(COLLAPSE_ERR_IO, what, ": section pair_totals_i holds ", n[0], " pairs, ", n[1], " and ", n[2], " skipped");
-    PairTotals a;
-    a.l = {x[0], x[1], x[2]}, a.c = {x[3], x[4], x[5]}, a.dist = {x[6], x[7], x[8]};
-    a.s_etf = x[9], a.max_etf = x[10], a.n_cdnv = x[11], a.s_cdnv = x[12];
-    a.pairs = n[0], a.skip_l = n[1], a.skip_cdnv = n[2];
-    PairSpread& ps = *pair_spread_;
-    const int64_t K = (int64_t)kept.ids.size();
-    if (ps.all.pairs + a.pairs > K * (K - 1) / 2) fail(COLLAPSE_ERR_IO, what, ": more pairs than K = ", K, " classes have");
-    ps.all.merge(a);
-    ps.parts = std::max<int64_t>(ps.parts, 0) + 1;
+    if (!pair_spread_) fail(COLLAPSE_ERR_STATE, "pair_merge: the pair inputs were not written for this kept set");
+    pair_spread_->merge(kept, r);
 }
 
 }  // namespace collapse::internal

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/interrupt.hpp"
 #include "core/metrics.hpp"
 #include "core/session.hpp"
 #include "driver/row_source.hpp"
@@ -48,10 +49,9 @@ struct AnalysisOptions {
     std::optional<Ranks> ranks;
 };
 
-// Thrown when `interrupted` returned a signal: the caller exits with 128 + signal.
-struct AnalysisInterrupted {
-    int signal;
-};
+// Thrown when `interrupted` returned a signal (and by a compute's loops on base/interrupt.hpp's
+// request): the caller exits with 128 + signal.
+using AnalysisInterrupted = Interrupted;
 
 struct AnalysisOutcome {
     Result result;

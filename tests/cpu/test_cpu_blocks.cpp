@@ -24,6 +24,7 @@
 #include "core/host_budget.hpp"
 #include "core/state_io.hpp"
 #include "cpu/cpu_backend.hpp"
+#include "common/mem_state.hpp"
 #include "reference/brute_force.hpp"
 
 namespace {
@@ -80,6 +81,7 @@ struct Nc4Case {
     int64_t V, K, d, classes;
     bool bias;
     int64_t max_block;  // small: block boundaries fall inside classes
+    double row_noise = 0.8;  // rows: their class mean plus this times N(0, 1) (wide rows need more to disagree)
 };
 
 class Nc4BlocksTest : public ::testing::TestWithParam<Nc4Case> {};
@@ -115,7 +117,7 @@ TEST_P(Nc4BlocksTest, TinyClassesAcrossBlockBoundariesMatchTheBruteForce) {
         const int64_t k = s % c.K, n = 2 + (s * 5) % 7;
         class_rows.push_back(n);
         for (int64_t i = 0; i < n; ++i) {
-            for (int64_t j = 0; j < c.d; ++j) x.push_back(mu[(size_t)(k * c.d + j)] + 0.8 * g(rng));
+            for (int64_t j = 0; j < c.d; ++j) x.push_back(mu[(size_t)(k * c.d + j)] + c.row_noise * g(rng));
             slot.push_back((int32_t)k);
         }
     }
@@ -164,7 +166,10 @@ INSTANTIATE_TEST_SUITE_P(
         // tile holding rows of many classes.
         Nc4Case{"d_odd_v_and_k_not_chunk_multiples", 3001, 1100, 7, 400, true, 300},
         // V and K under one SIMD step: the scan's scalar tail alone.
-        Nc4Case{"v_and_k_below_the_simd_width", 13, 5, 3, 40, true, 16}),
+        Nc4Case{"v_and_k_below_the_simd_width", 13, 5, 3, 40, true, 16},
+        // Wide rows: tiles of d / 2 = 300 rows (tile_rows), chunks of 1024 of V = 2500; blocks of
+        // 701 rows cut into 300 + 300 + 101.
+        Nc4Case{"wide_rows_taller_tiles", 2500, 60, 600, 220, true, 701, 12.0}),
     [](const ::testing::TestParamInfo<Nc4Case>& i) { return std::string(i.param.name); });
 
 // Exact ties: small integers everywhere, so every logit and distance is exact in any summation
@@ -335,41 +340,6 @@ TEST(CpuBlocks, PerTokenSvdOnThreadsIsBitIdenticalAndMatchesTheReference) {
     }
 }
 
-// A state writer/reader in memory, for the backend's own save_state / load_state.
-class MemoryState : public ci::StateWriter, public ci::StateReader {
-public:
-    void add(const std::string& name, uint32_t dtype, const std::vector<int64_t>& shape, const void* data, size_t bytes) override {
-        begin_section(name, dtype, shape, bytes);
-        append(data, bytes);
-        end_section();
-    }
-    void begin_section(const std::string& name, uint32_t dtype, const std::vector<int64_t>& shape, size_t) override {
-        current_ = name;
-        auto& s = sections_[name];
-        s.first = {name, dtype, shape, nullptr, 0};
-        s.second.clear();
-    }
-    void append(const void* data, size_t bytes) override {
-        auto& b = sections_[current_].second;
-        b.insert(b.end(), static_cast<const char*>(data), static_cast<const char*>(data) + bytes);
-    }
-    void end_section() override {}
-    std::string description() const override { return "a state in memory"; }
-    bool has(const std::string& name) const override { return sections_.count(name) > 0; }
-    ci::StateSection section(const std::string& name) const override {
-        const auto it = sections_.find(name);
-        if (it == sections_.end()) throw std::runtime_error("no section " + name);
-        ci::StateSection s = it->second.first;
-        s.data = it->second.second.empty() ? nullptr : it->second.second.data();
-        s.bytes = it->second.second.size();
-        return s;
-    }
-
-private:
-    std::string current_;
-    std::map<std::string, std::pair<ci::StateSection, std::vector<char>>> sections_;
-};
-
 // The held-back rows' bytes are a running count (no walk over the map every batch): equal to the
 // walk after rows arrive below min_samples_per_token, after classes reach it (rows leave for the
 // Gram), after a checkpoint is loaded and after one is merged in; and counted in the budget.
@@ -406,7 +376,7 @@ TEST(CpuBlocks, HeldBackBytesAreARunningCountThatMatchesTheMap) {
     EXPECT_NE(a.holdback_bytes(), some);
     EXPECT_GE(a.budget().held(), a.holdback_bytes());
 
-    MemoryState st;
+    testutil::MemState st;
     a.save_state(st);
     ci::CpuBackend b(cfg, V, d);
     batch(b, 25, V);

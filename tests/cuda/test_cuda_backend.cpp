@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <random>
@@ -220,6 +221,84 @@ TEST(CudaBackend, DeviceSideLabelErrorIsDeferredAndChangesNothing) {
     cudaFree(dx);
     cudaFree(dy);
     cudaFree(db);
+}
+
+// The finiteness scan reads rows with 16-byte loads where they are aligned and element by element
+// otherwise: both report the first bad row, its column and value, and leave the batch a no-op; with
+// skip_row both drop exactly the bad rows (the report equals the CPU's). Shapes: d = 200 (rows of
+// 400 / 800 bytes: the vector path), d = 203 (element loads), and d = 200 at a base one element off
+// 16-byte alignment (element loads on the same rows).
+TEST(CudaBackend, NonFiniteRowsOnBothScanPaths) {
+    SKIP_WITHOUT_DEVICE();
+    struct Shape {
+        int64_t d;
+        size_t offset;  // elements added to the device base pointer
+    };
+    for (const collapse_dtype t : {COLLAPSE_F16, COLLAPSE_BF16, COLLAPSE_F32})
+        for (const Shape sh : {Shape{200, 0}, Shape{203, 0}, Shape{200, 1}}) {
+            SCOPED_TRACE("dtype " + std::to_string((int)t) + ", d " + std::to_string(sh.d) + ", offset " + std::to_string(sh.offset));
+            const Data D = make_data(3000, sh.d, 64, t, 11);
+            const size_t es = collapse::internal::dtype_size(t), off = sh.offset * es;
+            Data bad = D;  // the same rows with two bad values
+            auto put = [&](int64_t r, int64_t k, float v) {
+                uint8_t* p = bad.x.data() + (size_t)(r * D.d + k) * es;
+                if (t == COLLAPSE_F32) std::memcpy(p, &v, 4);
+                else if (t == COLLAPSE_F16) { const uint16_t h = collapse::internal::float_to_half(v); std::memcpy(p, &h, 2); }
+                else { const uint16_t h = collapse::internal::float_to_bf16(v); std::memcpy(p, &h, 2); }
+            };
+            put(2000, 3, std::numeric_limits<float>::quiet_NaN());  // a later bad row: the first one is reported
+            put(1234, 77, std::numeric_limits<float>::infinity());
+            collapse_options o = collapse::default_options();
+            o.num_classes = D.V;
+            o.backend = COLLAPSE_BACKEND_CUDA;
+            uint8_t* dx = nullptr;
+            uint8_t* dbad = nullptr;
+            void* dy = nullptr;
+            ASSERT_EQ(cudaMalloc(&dx, D.x.size() + 16), cudaSuccess);
+            ASSERT_EQ(cudaMalloc(&dbad, D.x.size() + 16), cudaSuccess);
+            ASSERT_EQ(cudaMalloc(&dy, D.y.size() * 4), cudaSuccess);
+            cudaMemcpy(dx + off, D.x.data(), D.x.size(), cudaMemcpyHostToDevice);
+            cudaMemcpy(dbad + off, bad.x.data(), bad.x.size(), cudaMemcpyHostToDevice);
+            cudaMemcpy(dy, D.y.data(), D.y.size() * 4, cudaMemcpyHostToDevice);
+            const collapse_buffer fx{dx + off, t, COLLAPSE_MEMORY_DEVICE, D.n, D.d, 0};
+            const collapse_buffer fb{dbad + off, t, COLLAPSE_MEMORY_DEVICE, D.n, D.d, 0};
+            const collapse_buffer fy{dy, COLLAPSE_I32, COLLAPSE_MEMORY_DEVICE, D.n, 1, 0};
+            {
+                collapse::Session s(o);
+                s.ingest_rows(fx, fy);
+                s.ingest_rows(fb, fy);  // refused on the device
+                EXPECT_EQ(collapse_session_sync(s.get()), COLLAPSE_ERR_BAD_INPUT);
+                const std::string msg = collapse_last_error();
+                EXPECT_NE(msg.find("feature value inf"), std::string::npos) << msg;
+                EXPECT_NE(msg.find("at row 1234 of the batch, column 77"), std::string::npos) << msg;
+                const json got = json::parse(s.compute().json());
+                collapse::Session clean(o);
+                clean.ingest_rows(fx, fy);
+                const json want = json::parse(clean.compute().json());
+                EXPECT_EQ(got["counts"], want["counts"]);
+                const double a = got["overall_analysis"]["overall_gnc2"].get<double>();
+                const double b = want["overall_analysis"]["overall_gnc2"].get<double>();
+                EXPECT_NEAR(a, b, 1e-12 * std::fabs(b));
+            }
+            {
+                // skip_row: the two bad rows dropped, everything else as on the CPU from the same rows.
+                o.nonfinite_policy = COLLAPSE_NONFINITE_SKIP_ROW;
+                collapse::Session s(o);
+                s.ingest_rows(fb, fy);
+                const json got = json::parse(s.compute().json());
+                collapse_options oc = o;
+                oc.backend = COLLAPSE_BACKEND_CPU;
+                collapse::Session cpu(oc);
+                cpu.ingest_rows(collapse::host_buffer(bad.x.data(), t, D.n, D.d), collapse::host_buffer(D.y.data(), COLLAPSE_I32, D.n, 1));
+                const json want = json::parse(cpu.compute().json());
+                EXPECT_EQ(got["counts"], want["counts"]);
+                EXPECT_EQ(got["counts"]["rows_nonfinite"], 2) << got["counts"].dump();
+                expect_close(want, got);
+            }
+            cudaFree(dx);
+            cudaFree(dbad);
+            cudaFree(dy);
+        }
 }
 
 TEST(CudaBackend, RealDataMatchesCpu) {

@@ -79,6 +79,78 @@ protected:
             testutil::expect_same_json(single, numbers(out), 1e-12);
         }
     }
+    // Pair-metric tiles spread over the ranks: 16-class tiles (COLLAPSE_PAIR_TILE_EDGE) of 120 kept
+    // classes, every rank reduces its share of the pairs, rank 0 merges the moments in rank order;
+    // the exact store with a cut kept set for every P of `ranks`, and the sampled one for P = 3.
+    // `backend`: extra analyze arguments; rel, abs: the report's tolerance against the single process.
+    void expect_pair_tiles_spread(const std::string& backend, double rel, double abs, const std::vector<int>& ranks) {
+        run_ok("synth --output-dir " + quote(path("k")) + " --rows 3000 --dim 12 --classes 160 --seed 11 --quiet");
+        const std::string args = "analyze " + backend + "--features k/features.npy --labels k/labels.npy --batch-rows 400 --config c.yaml -q -o ";
+        // For the single runs here too (same tiles); unset however the test ends.
+        struct TileEdge {
+            TileEdge() { ::setenv("COLLAPSE_PAIR_TILE_EDGE", "16", 1); }
+            ~TileEdge() { ::unsetenv("COLLAPSE_PAIR_TILE_EDGE"); }
+        } tile_edge;
+        for (const std::string config : {"svd_mode: exact\nmax_tokens_to_analyze: 120\n", "svd_mode: sampled\nsvd_max_rows_per_token: 1000\nmax_tokens_to_analyze: 120\n"}) {
+            SCOPED_TRACE(config);
+            testutil::spit(path("c.yaml"), config);
+            run_ok(args + "single.json");
+            const nlohmann::json single = numbers("single.json");
+            ASSERT_EQ(single["overall_analysis"]["gnc2_pairs"].get<int64_t>() + single["overall_analysis"]["gnc2_skipped_pairs"].get<int64_t>(), 120 * 119 / 2);
+            ASSERT_FALSE(single["overall_analysis"]["overall_gnc2"].is_null());
+            for (int P : ranks) {
+                if (config.rfind("svd_mode: sampled", 0) == 0 && P != 3) continue;  // the root's variances: one P suffices
+                SCOPED_TRACE("P = " + std::to_string(P));
+                const std::string out = "pairs" + std::to_string(P) + ".json";
+                const testutil::CliRun r = mpirun(P, args + out, "-x COLLAPSE_PAIR_TILE_EDGE -x COLLAPSE_MPI_STATS=1", 120);
+                ASSERT_EQ(r.status, 0) << r.err;
+                testutil::expect_same_json(single, numbers(out), rel, abs);
+                if (P == 1) continue;
+                // Rank 0 reduced a first part of the 8 * 9 / 2 = 36 tiles, not all of them.
+                const size_t at = r.err.find("collapse: mpi combine, pair tiles 0..");
+                ASSERT_NE(at, std::string::npos) << r.err;
+                const int64_t end = std::stoll(r.err.substr(at + 37));
+                EXPECT_GT(end, 0) << r.err;
+                EXPECT_LE(end, 36 / P + 3) << r.err;
+                EXPECT_NE(r.err.find(" of 36 on rank 0"), std::string::npos) << r.err;
+            }
+        }
+    }
+
+    // Reservoirs smaller than the classes are merged as checkpoint merge merges them: the MPI
+    // report's per-token numbers equal those of `collapse merge` of the ranks' own checkpoints, in
+    // rank order. The root decides the merged samples from the counts alone and each owner rank
+    // receives only its classes' sampled rows (12 of every class's 50), so rank 0 takes in far
+    // fewer bytes than the other ranks' reservoirs. `backend`: extra analyze arguments; rel, abs:
+    // the tolerance; ranks: the values of P.
+    void expect_reservoirs_merge_as_checkpoint_merge(const std::string& backend, double rel, double abs, const std::vector<int>& ranks) {
+        testutil::spit(path("c.yaml"), "svd_mode: sampled\nsvd_max_rows_per_token: 12\nper_class_arrays: true\n");
+        for (int P : ranks) {
+            SCOPED_TRACE("P = " + std::to_string(P));
+            const std::string ck = "run" + std::to_string(P) + ".ckpt", of = "of" + std::to_string(P);
+            const testutil::CliRun r = mpirun(P, "analyze " + backend + input(false) + "--config c.yaml -q -o mpi.json --checkpoint " + ck, "-x COLLAPSE_MPI_STATS=1", 120);
+            ASSERT_EQ(r.status, 0) << r.err;
+            std::string files;
+            for (int k = 0; k < P; ++k) {
+                EXPECT_TRUE(std::filesystem::exists(path(ck + ".rank" + std::to_string(k) + of)));
+                files += " " + ck + ".rank" + std::to_string(k) + of;
+            }
+            EXPECT_FALSE(std::filesystem::exists(path(ck)));
+            run_ok("merge" + files + " -o all.ckpt -q");
+            run_ok("analyze " + backend + "--from-checkpoint all.ckpt --classifier d/classifier.npy --config c.yaml -q -o merged.json");
+            const nlohmann::json a = numbers("mpi.json"), b = numbers("merged.json");
+            ASSERT_TRUE(b["token_analysis"].is_object() || b["token_analysis"].is_array());
+            testutil::expect_same_json(a["token_analysis"], b["token_analysis"], rel, abs);
+            testutil::expect_same_json(a["summary"], b["summary"], rel, abs);
+            testutil::expect_same_json(a["counts"], b["counts"], 0);
+            // Rows to their owners: rank 0 owns about 1/P of the 40 classes, 12 rows of d = 8 each.
+            const size_t at = r.err.find("rows to their owners: ");
+            ASSERT_NE(at, std::string::npos) << r.err;
+            const int64_t rows_in = std::stoll(r.err.substr(r.err.find(" s, ", at) + 4));
+            EXPECT_GT(rows_in, 0) << r.err;
+            EXPECT_LE(rows_in, (40 / P + 2) * 12 * 8 * 8 * 2) << r.err;  // rows and their slots, at most
+        }
+    }
 };
 
 TEST_F(MpiCli, ExactEqualsSingleProcessForP1To4) {
@@ -116,43 +188,9 @@ TEST_F(MpiCli, ExactSpilledStoresEqualSingleProcess) {
     }
 }
 
-// Pair-metric tiles spread over the ranks: 16-class tiles (COLLAPSE_PAIR_TILE_EDGE) of 120 kept
-// classes, every rank reduces its share of the pairs, rank 0 merges the moments in rank order; the
-// exact store (owners' variances) with a cut kept set for P = 1..4, and the sampled one (the
-// root's variances) for P = 3.
-TEST_F(MpiCli, PairTilesSpreadOverRanksEqualSingleProcess) {
-    run_ok("synth --output-dir " + quote(path("k")) + " --rows 3000 --dim 12 --classes 160 --seed 11 --quiet");
-    const std::string args = "analyze --features k/features.npy --labels k/labels.npy --batch-rows 400 --config c.yaml -q -o ";
-    // For the single runs here too (same tiles); unset however the test ends.
-    struct TileEdge {
-        TileEdge() { ::setenv("COLLAPSE_PAIR_TILE_EDGE", "16", 1); }
-        ~TileEdge() { ::unsetenv("COLLAPSE_PAIR_TILE_EDGE"); }
-    } tile_edge;
-    for (const std::string config : {"svd_mode: exact\nmax_tokens_to_analyze: 120\n", "svd_mode: sampled\nsvd_max_rows_per_token: 1000\nmax_tokens_to_analyze: 120\n"}) {
-        SCOPED_TRACE(config);
-        testutil::spit(path("c.yaml"), config);
-        run_ok(args + "single.json");
-        const nlohmann::json single = numbers("single.json");
-        ASSERT_EQ(single["overall_analysis"]["gnc2_pairs"].get<int64_t>() + single["overall_analysis"]["gnc2_skipped_pairs"].get<int64_t>(), 120 * 119 / 2);
-        ASSERT_FALSE(single["overall_analysis"]["overall_gnc2"].is_null());
-        for (int P = 1; P <= 4; ++P) {
-            if (config.rfind("svd_mode: sampled", 0) == 0 && P != 3) continue;  // the root's variances: one P suffices
-            SCOPED_TRACE("P = " + std::to_string(P));
-            const std::string out = "pairs" + std::to_string(P) + ".json";
-            const testutil::CliRun r = mpirun(P, args + out, "-x COLLAPSE_PAIR_TILE_EDGE -x COLLAPSE_MPI_STATS=1");
-            ASSERT_EQ(r.status, 0) << r.err;
-            testutil::expect_same_json(single, numbers(out), 1e-12);
-            if (P == 1) continue;
-            // Rank 0 reduced a first part of the 8 * 9 / 2 = 36 tiles, not all of them.
-            const size_t at = r.err.find("collapse: mpi combine, pair tiles 0..");
-            ASSERT_NE(at, std::string::npos) << r.err;
-            const int64_t end = std::stoll(r.err.substr(at + 37));
-            EXPECT_GT(end, 0) << r.err;
-            EXPECT_LE(end, 36 / P + 3) << r.err;
-            EXPECT_NE(r.err.find(" of 36 on rank 0"), std::string::npos) << r.err;
-        }
-    }
-}
+// Pair-metric tiles spread over the ranks (expect_pair_tiles_spread): the exact store (owners'
+// variances) and the sampled one (the root's variances).
+TEST_F(MpiCli, PairTilesSpreadOverRanksEqualSingleProcess) { expect_pair_tiles_spread("", 1e-12, 0.0, {1, 2, 3, 4}); }
 
 // Reservoirs larger than every class: they hold every row, so sampling is exact too.
 TEST_F(MpiCli, SampledEqualsSingleProcessForP1To4) {
@@ -206,39 +244,8 @@ TEST_F(MpiCli, SequencesLayoutEqualsSingleProcess) {
     testutil::expect_same_json(single, numbers("mpi.json"), 1e-12);
 }
 
-// Reservoirs smaller than the classes are merged as checkpoint merge merges them: the MPI report's
-// per-token numbers equal those of `collapse merge` of the ranks' own checkpoints, in rank order.
-// The root decides the merged samples from the counts alone and each owner rank receives only its
-// classes' sampled rows (12 of every class's 50), so rank 0 takes in far fewer bytes than the
-// other ranks' reservoirs.
-TEST_F(MpiCli, SmallReservoirsMergeAsCheckpointMergeDoes) {
-    testutil::spit(path("c.yaml"), "svd_mode: sampled\nsvd_max_rows_per_token: 12\nper_class_arrays: true\n");
-    for (int P : {2, 3, 4}) {
-        SCOPED_TRACE("P = " + std::to_string(P));
-        const std::string ck = "run" + std::to_string(P) + ".ckpt", of = "of" + std::to_string(P);
-        const testutil::CliRun r = mpirun(P, "analyze " + input(false) + "--config c.yaml -q -o mpi.json --checkpoint " + ck, "-x COLLAPSE_MPI_STATS=1");
-        ASSERT_EQ(r.status, 0) << r.err;
-        std::string files;
-        for (int k = 0; k < P; ++k) {
-            EXPECT_TRUE(std::filesystem::exists(path(ck + ".rank" + std::to_string(k) + of)));
-            files += " " + ck + ".rank" + std::to_string(k) + of;
-        }
-        EXPECT_FALSE(std::filesystem::exists(path(ck)));
-        run_ok("merge" + files + " -o all.ckpt -q");
-        run_ok("analyze --from-checkpoint all.ckpt --classifier d/classifier.npy --config c.yaml -q -o merged.json");
-        const nlohmann::json a = numbers("mpi.json"), b = numbers("merged.json");
-        ASSERT_TRUE(b["token_analysis"].is_object() || b["token_analysis"].is_array());
-        testutil::expect_same_json(a["token_analysis"], b["token_analysis"], 1e-12);
-        testutil::expect_same_json(a["summary"], b["summary"], 1e-12);
-        testutil::expect_same_json(a["counts"], b["counts"], 0);
-        // Rows to their owners: rank 0 owns about 1/P of the 40 classes, 12 rows of d = 8 each.
-        const size_t at = r.err.find("rows to their owners: ");
-        ASSERT_NE(at, std::string::npos) << r.err;
-        const int64_t rows_in = std::stoll(r.err.substr(r.err.find(" s, ", at) + 4));
-        EXPECT_GT(rows_in, 0) << r.err;
-        EXPECT_LE(rows_in, (40 / P + 2) * 12 * 8 * 8 * 2) << r.err;  // rows and their slots, at most
-    }
-}
+// Small reservoirs (expect_reservoirs_merge_as_checkpoint_merge).
+TEST_F(MpiCli, SmallReservoirsMergeAsCheckpointMergeDoes) { expect_reservoirs_merge_as_checkpoint_merge("", 1e-12, 0.0, {2, 3, 4}); }
 
 // Checkpoints per rank; a resume with the same P gives the same report, another P is refused
 // naming both.
@@ -294,15 +301,19 @@ TEST_F(MpiCli, ErrorDuringRowExchangeEndsAllWithItsMessage) {
 // the CUDA accuracy contract (docs/METRICS.md: 1e-5 relative, per-token entropies 1e-5 absolute,
 // counts exact). Exact: the row store spread by class (the owners' per-token SVDs and NC4 on the
 // device, cuda/cuda_ranks.cu; one process takes NC4 from its device row buffer); sampled:
-// reservoirs holding every row, gathered on rank 0; svd off with NC4 and sampled with a cut kept
-// set: a second pass over every rank's rows, its results added on rank 0 (save/merge_second_pass).
+// reservoirs holding every row, spread by class as on the CPU (the root's merged samples, each
+// owner's SVDs on its device); svd off with NC4, and sampled or exact with a cut kept set: a
+// second pass over every rank's rows (NC4, the Gram, Sigma_W), its results added on rank 0
+// (save/merge_second_pass), the exact store still spread by class.
 TEST_F(MpiCli, CudaExactAndSampledEqualSingleProcessCuda) {
     if (collapse_backend_available("cuda") == 0) GTEST_SKIP() << "no usable CUDA device on this machine: CUDA backend tests skipped";
     for (const std::string config :
          {"svd_mode: exact\ncompute_nc4: true\nper_class_arrays: true\n", "svd_mode: sampled\nsvd_max_rows_per_token: 1000\nper_class_arrays: true\n",
           // NC4 by a second pass over every rank's rows, its results added on rank 0 (save/merge_second_pass),
-          // and the Gram of a cut kept set by the same second pass.
-          "svd_mode: off\ncompute_nc4: true\nper_class_arrays: true\n", "svd_mode: sampled\ncompute_nc4: true\nmax_tokens_to_analyze: 5\n"}) {
+          // and the Gram of a cut kept set by the same second pass; with the exact store spread
+          // by class, Sigma_W of the cut kept set by that second pass too.
+          "svd_mode: off\ncompute_nc4: true\nper_class_arrays: true\n", "svd_mode: sampled\ncompute_nc4: true\nmax_tokens_to_analyze: 5\n",
+          "svd_mode: exact\ncompute_nc4: true\nmax_tokens_to_analyze: 5\n"}) {
         SCOPED_TRACE(config);
         testutil::spit(path("c.yaml"), config);
         const std::string args = "analyze --backend cuda " + input(false) + "--config c.yaml -q -o ";
@@ -316,10 +327,24 @@ TEST_F(MpiCli, CudaExactAndSampledEqualSingleProcessCuda) {
             const testutil::CliRun r = mpirun(P, args + out, "-x COLLAPSE_MPI_STATS=1", 120);
             ASSERT_EQ(r.status, 0) << r.err;
             testutil::expect_same_json(single, numbers(out), 1e-5, 1.0);
-            // Exact: the rows went to their owners (spread_rows), not to rank 0.
-            if (config.rfind("svd_mode: exact", 0) == 0) EXPECT_NE(r.err.find("rows to their owners"), std::string::npos) << r.err;
+            // Exact and sampled: the rows went to their owners (spread_rows), not to rank 0.
+            if (config.rfind("svd_mode: off", 0) != 0) EXPECT_NE(r.err.find("rows to their owners"), std::string::npos) << r.err;
         }
     }
+}
+
+// The pair-metric tiles spread over CUDA ranks (cuda/cuda_ranks.cu: the root's centred means
+// through host memory, each rank's share of the tiles on its device), within the CUDA contract.
+TEST_F(MpiCli, CudaPairTilesSpreadOverRanksEqualSingleProcessCuda) {
+    if (collapse_backend_available("cuda") == 0) GTEST_SKIP() << "no usable CUDA device on this machine: CUDA backend tests skipped";
+    expect_pair_tiles_spread("--backend cuda ", 1e-5, 1.0, {2, 3});
+}
+
+// Small reservoirs spread over CUDA ranks by class: the owners' per-token SVDs of the merged
+// samples equal those of the CUDA backend on `collapse merge` of the ranks' checkpoints.
+TEST_F(MpiCli, CudaSmallReservoirsMergeAsCheckpointMergeDoes) {
+    if (collapse_backend_available("cuda") == 0) GTEST_SKIP() << "no usable CUDA device on this machine: CUDA backend tests skipped";
+    expect_reservoirs_merge_as_checkpoint_merge("--backend cuda ", 1e-5, 1.0, {2, 3});
 }
 
 // Rank 1 dies (SIGKILL after its first batch): the others end within the time limit, and the

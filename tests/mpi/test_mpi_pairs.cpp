@@ -1,6 +1,7 @@
 // The pair-metric tiles spread over ranks through the Session calls alone (no MPI needed): the
 // root's inputs, every rank's share (contiguous tiles, by pair count), the shares merged in rank
-// order give one session's pair metrics; a share that does not fit is refused, naming what.
+// order give one session's pair metrics; a share that does not fit is refused, naming what. The
+// tiling both backends share (core/pair_part.hpp) against a brute force over the pairs.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,53 +12,20 @@
 #include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/error.hpp"
 #include "collapse/collapse.hpp"
+#include "core/pair_part.hpp"
 #include "core/session.hpp"
+#include "common/mem_state.hpp"
 
 namespace {
 
 namespace ci = collapse::internal;
 
-// Sections in memory, as src/mpi/ moves them.
-class Mem final : public ci::StateWriter, public ci::StateReader {
-public:
-    void add(const std::string& n, uint32_t t, const std::vector<int64_t>& shape, const void* data, size_t bytes) override {
-        Sec& s = secs_[n];
-        s.t = t, s.shape = shape;
-        s.b.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + bytes);
-    }
-    void begin_section(const std::string& n, uint32_t t, const std::vector<int64_t>& shape, size_t) override { add(n, t, shape, nullptr, 0), cur_ = n; }
-    void append(const void* data, size_t bytes) override {
-        auto& b = secs_[cur_].b;
-        b.insert(b.end(), static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + bytes);
-    }
-    void end_section() override {}
-    std::string description() const override { return "a test part"; }
-    bool has(const std::string& n) const override { return secs_.count(n) > 0; }
-    ci::StateSection section(const std::string& n) const override {
-        const auto it = secs_.find(n);
-        if (it == secs_.end()) ci::fail(COLLAPSE_ERR_IO, "no section ", n);
-        ci::StateSection s;
-        s.name = n, s.dtype_code = it->second.t, s.shape = it->second.shape, s.bytes = it->second.b.size();
-        s.data = s.bytes ? it->second.b.data() : nullptr;
-        return s;
-    }
-    template <class T>
-    T* at(const std::string& n) { return reinterpret_cast<T*>(secs_.at(n).b.data()); }
-    void reshape(const std::string& n, std::vector<int64_t> shape) { secs_.at(n).shape = std::move(shape); }
-
-private:
-    struct Sec {
-        uint32_t t = 0;
-        std::vector<int64_t> shape;
-        std::vector<uint8_t> b;
-    };
-    std::map<std::string, Sec> secs_;
-    std::string cur_;
-};
+using Mem = testutil::MemState;
 
 constexpr int64_t V = 90, d = 6;  // 90 kept classes in tiles of edge 32: 6 tiles of 496, 1024, 832, 496, 832, 325 pairs
 
@@ -146,6 +114,10 @@ TEST(MpiPairTiles, BadSharesAreRefused) {
     Mem bad_in = in;
     bad_in.reshape("pair_m", {V, d + 1});
     refused([&] { s.save_pair_part(bad_in, 1, 2, part); }, "section pair_m is not float64 [K, d]");
+    Mem no_class = in;
+    no_class.reshape("pair_var", {0});
+    refused([&] { s.save_pair_part(no_class, 1, 2, part); }, "section pair_var is not float64 [K] with K >= 1");
+    refused([&] { s.save_pair_part(in, 2, 2, part); }, "rank 2 of 2");
     Mem bad = part;
     bad.at<int64_t>("pair_totals_i")[1] = bad.at<int64_t>("pair_totals_i")[0] + 1;
     refused([&] { s.merge_pair_part(bad); }, "section pair_totals_i holds");
@@ -159,6 +131,51 @@ TEST(MpiPairTiles, BadSharesAreRefused) {
     refused([&] { s.merge_pair_part(part); }, "the pair inputs were not written for this kept set");
     ::setenv("COLLAPSE_PAIR_TILE_EDGE", "0", 1);
     refused([&] { s.save_pair_inputs(in); }, "COLLAPSE_PAIR_TILE_EDGE=0 is not an edge in [1, 2^20]");
+}
+
+// The tiling against a brute force over the pairs: every pair i < j of K classes lies in exactly
+// one tile of the list (tile (i / T, j / T)), the ranks' shares are contiguous and cover the list
+// once in rank order, and each share holds about 1/P of the pairs (within one tile's pairs).
+TEST(MpiPairTiles, TilingCoversEveryPairOnceInBalancedShares) {
+    for (const auto& [K, T] : std::vector<std::pair<int64_t, int64_t>>{{1, 4}, {2, 1}, {7, 3}, {90, 32}, {120, 16}, {33, 64}}) {
+        SCOPED_TRACE("K = " + std::to_string(K) + ", T = " + std::to_string(T));
+        const int64_t nt = (K + T - 1) / T;
+        std::map<std::pair<int64_t, int64_t>, int64_t> pairs_in;  // brute force: pairs per tile
+        for (int64_t i = 0; i < K; ++i)
+            for (int64_t j = i + 1; j < K; ++j) ++pairs_in[{i / T, j / T}];
+        for (int P : {1, 2, 3, 5, 8}) {
+            SCOPED_TRACE("P = " + std::to_string(P));
+            int64_t next = 0, covered = 0;
+            std::vector<int64_t> share((size_t)P, 0);
+            for (int r = 0; r < P; ++r) {
+                const ci::PairTiling t = ci::pair_tiling(K, T, r, P);
+                ASSERT_EQ((int64_t)t.tiles.size(), nt * (nt + 1) / 2);
+                EXPECT_EQ(t.begin, next);
+                ASSERT_LE(t.begin, t.end);
+                next = t.end;
+                for (int64_t k = t.begin; k < t.end; ++k) {
+                    const auto [bi, bj] = t.tiles[(size_t)k];
+                    ASSERT_LE(bi, bj);
+                    if (k > 0) EXPECT_LT(t.tiles[(size_t)k - 1], t.tiles[(size_t)k]);  // the one fixed order
+                    const auto it = pairs_in.find({bi, bj});
+                    share[(size_t)r] += it == pairs_in.end() ? 0 : it->second;
+                }
+                covered += t.end - t.begin;
+            }
+            EXPECT_EQ(next, nt * (nt + 1) / 2);
+            EXPECT_EQ(covered, nt * (nt + 1) / 2);
+            int64_t all = 0;
+            for (int64_t s : share) all += s;
+            EXPECT_EQ(all, K * (K - 1) / 2);
+            for (int r = 0; r < P; ++r) EXPECT_LE(std::llabs(share[(size_t)r] * P - all), P * T * T) << "rank " << r;
+        }
+    }
+    try {
+        ci::pair_tiling(10, 0, 0, 1);
+        ADD_FAILURE() << "an edge of 0 was accepted";
+    } catch (const ci::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("pair_tiling: K = 10, edge 0"), std::string::npos) << e.what();
+    }
 }
 
 }  // namespace
