@@ -59,6 +59,10 @@ namespace cuda {
 constexpr int kStatusSlots = 8;
 // Rows of Sigma_W's float64 workspaces: about 32 MiB (the dsyrk of a chunk is still large).
 inline int64_t within_chunk_rows(int64_t d) { return std::max<int64_t>(1, (int64_t(32) << 20) / (8 * std::max<int64_t>(d, 1))); }
+// NC4's two products for nr float64 rows xd [nr, d]: logits = W xd^T (V x nr, column-major) and
+// dots = mu xd^T (K x nr), which launch_nc4_compare reads (compute's blocks and the second pass).
+void nc4_products(cublasHandle_t h, const double* W, int64_t V, const double* mu, int64_t K, const double* xd, int64_t nr, int64_t d,
+                  double* logits, double* dots);
 
 class CudaBackend final : public Backend {
 public:

@@ -446,14 +446,10 @@ void CudaBackend::ingest_second_pass(const BatchDesc& b, void* stream) {
     }
     if (pass2_nc4_) {
         const int64_t K = (int64_t)kept2_.ids.size();
-        const double one = 1.0, zero = 0.0;
         for (int64_t r0 = 0; r0 < n; r0 += nc4_chunk_) {
             const int64_t nr = std::min(nc4_chunk_, n - r0);
             launch_rows_to_double(sc.gram_rows.data() + r0 * d_, nullptr, nr, d_, nullptr, xd2_.data(), s);
-            COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)V_, (int)nr, (int)d_, &one, w2_.data(), (int)d_,
-                                            xd2_.data(), (int)d_, &zero, logits2_.data(), (int)V_));
-            COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d_, &one, mu2_.data(), (int)d_,
-                                            xd2_.data(), (int)d_, &zero, dots2_.data(), (int)K));
+            nc4_products(res_.blas(s), w2_.data(), V_, mu2_.data(), K, xd2_.data(), nr, d_, logits2_.data(), dots2_.data());
             launch_nc4_compare(logits2_.data(), bias2_ ? b2_.data() : nullptr, V_, dots2_.data(), mu2_sq_.data(),
                                ids2_.data(), K, nr, agree_.data(), s, sc.keys_sorted.data() + r0, slot2_.data(), st,
                                cfg_.per_class_arrays ? nc4_slot_hits_.data() : nullptr, cfg_.per_class_arrays ? nc4_slot_rows_.data() : nullptr);

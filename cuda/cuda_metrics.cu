@@ -82,6 +82,13 @@ void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues&
 // block, the logits in a bounded scratch) and one against the kept means, then argmax, nearest mean,
 // agreement and per-class hits on the device (launch_nc4_compare, as the second pass). Only the
 // counts come back.
+void nc4_products(cublasHandle_t h, const double* W, int64_t V, const double* mu, int64_t K, const double* xd, int64_t nr, int64_t d,
+                  double* logits, double* dots) {
+    const double one = 1.0, zero = 0.0;
+    COLLAPSE_CUBLAS_TRY(cublasDgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)V, (int)nr, (int)d, &one, W, (int)d, xd, (int)d, &zero, logits, (int)V));
+    COLLAPSE_CUBLAS_TRY(cublasDgemm(h, CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d, &one, mu, (int)d, xd, (int)d, &zero, dots, (int)K));
+}
+
 void CudaBackend::nc4_from_device(const KeptSet& kept, const Classifier& clf, const double* mu, const int32_t* ids, MetricValues& out) {
     cudaStream_t s = stream_;  // leases: the session's stream only (resources.cuh)
     const int64_t K = (int64_t)kept.ids.size(), d = d_, V = V_;
@@ -109,15 +116,11 @@ void CudaBackend::nc4_from_device(const KeptSet& kept, const Classifier& clf, co
     Lease<double> xd = res_.take<double>((size_t)(block * d), "NC4 rows (float64)", "raise device_memory_limit");
     Lease<double> logits = res_.take<double>((size_t)(block * V), "NC4 logits", "raise device_memory_limit");
     Lease<double> dots = res_.take<double>((size_t)(block * K), "NC4 distances", "raise device_memory_limit");
-    const double one = 1.0, zero = 0.0;
     const int64_t elem = row_buffer_elem_bytes(rows.dtype);
     for (int64_t r0 = 0; r0 < rows.n; r0 += block) {
         const int64_t nr = std::min(block, rows.n - r0);
         launch_buffer_rows_to_double(static_cast<const uint8_t*>(rows.data) + r0 * d * elem, rows.dtype, nullptr, nr, d, xd.data(), s);
-        COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)V, (int)nr, (int)d, &one, W.data(), (int)d, xd.data(),
-                                        (int)d, &zero, logits.data(), (int)V));
-        COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)K, (int)nr, (int)d, &one, mu, (int)d, xd.data(), (int)d,
-                                        &zero, dots.data(), (int)K));
+        nc4_products(res_.blas(s), W.data(), V, mu, K, xd.data(), nr, d, logits.data(), dots.data());
         launch_nc4_compare(logits.data(), bias.data(), V, dots.data(), mu_sq.data(), ids, K, nr, agree, s, rows.labels + r0, slot.data(),
                            nullptr, hits, per_rows);
     }
