@@ -24,6 +24,7 @@
 #include <thread>
 
 #include "common.hpp"
+#include "cpu/blas_setup.hpp"
 
 #ifdef COLLAPSE_BENCH_CUDA
 #include "cuda_helpers.hpp"
@@ -71,6 +72,8 @@ int usage(const char* argv0, const char* why) {
 }  // namespace
 
 int main(int argc, char** argv) {
+    // As the CLI does: BLAS kernels for this CPU, quiet worker threads (cpu/blas_setup.hpp).
+    const std::string blas_setup = collapse::internal::cpu::setup_process_blas();
     Options o;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
@@ -111,6 +114,7 @@ int main(int argc, char** argv) {
                 COLLAPSE_BENCH_CXX_FLAGS, collapse_version_string());
     std::printf("threads: OpenMP max %d, OpenBLAS %d (%s)\n", omp_get_max_threads(), openblas_get_num_threads(),
                 openblas_get_config());
+    if (!blas_setup.empty()) std::printf("blas:    %s (cpu/blas_setup.hpp, as the CLI)\n", blas_setup.c_str());
     std::printf("backend: %s%s\n", o.cuda ? "cuda" : "cpu", o.quick ? "  (--quick: smaller sizes)" : "");
     std::printf("inputs:  SynthGenerator (core/synth.hpp), Zipf(%.1f) labels, collapse %.1f, seed %llu, float32 rows\n", kZipf,
                 kCollapse, (unsigned long long)kSeed);

@@ -26,6 +26,7 @@
 
 #include "base/error.hpp"
 #include "core/shifted_sums.hpp"
+#include "core/spread_part.hpp"
 #include "core/state_sections.hpp"
 #include "cuda_backend.cuh"
 
@@ -228,6 +229,7 @@ void CudaBackend::save_state(StateWriter& w) {
 }
 
 void CudaBackend::load_state(const StateReader& r, bool merge) {
+    refuse_if_spread(spread_phase_ == SpreadPhase::Spread, merge ? "no checkpoint can be merged into it" : "no checkpoint can be loaded into it");
     DeviceGuard guard(cfg_.device_ordinal);
     const bool keeps_rows = (exact_store_ || sampled_) && spread_phase_ == SpreadPhase::None;  // spread: states come without rows
     const StateView v = read_state(r, V_, d_, cfg_, gram_streaming_, keeps_rows, exact_store_ ? 0 : cfg_.svd_max_rows_per_token);

@@ -13,6 +13,7 @@
 
 #include "base/dtype.hpp"
 #include "base/error.hpp"
+#include "core/spread_part.hpp"
 #include "cuda_backend.cuh"
 #include "cuda_check.hpp"
 #include "kernels.cuh"
@@ -204,6 +205,8 @@ void CudaBackend::group_batch(const DeviceBatch& db, const IngestParams& ip, Bat
 }
 
 void CudaBackend::ingest(const BatchDesc& b, void* stream) {
+    refuse_if_spread(spread_phase_ == SpreadPhase::Spread, "it takes no more first-pass rows");
+    pair_spread_.reset();  // the ranks' pair shares are of the rows before these
     DeviceGuard guard(cfg_.device_ordinal);
     win_batch_ = false;
     raise_pending();

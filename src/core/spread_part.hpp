@@ -19,6 +19,12 @@
 
 namespace collapse::internal {
 
+// Once a session's rows have moved to their owner ranks (collapse_session_mpi_combine), its state
+// is no longer one process's: every backend refuses more first-pass rows and checkpoints alike.
+inline void refuse_if_spread(bool spread, const char* what) {
+    if (spread) fail(COLLAPSE_ERR_STATE, "the session's exact row store has been spread over MPI ranks by class (collapse_session_mpi_combine): ", what);
+}
+
 // The kept classes this rank owns: those whose rows its store holds (an owner holds every row of
 // each, spread_close checked), and their slots in `kept`. own.slot [V] is the caller's to fill
 // (fill_slots) once its budget holds it.

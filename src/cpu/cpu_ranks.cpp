@@ -22,10 +22,7 @@
 
 namespace collapse::internal {
 
-void CpuBackend::refuse_if_spread(const char* what) const {
-    if (spread_phase_ == SpreadPhase::Spread)
-        fail(COLLAPSE_ERR_STATE, "the session's exact row store has been spread over MPI ranks by class (collapse_session_mpi_combine): ", what);
-}
+void CpuBackend::refuse_if_spread(const char* what) const { internal::refuse_if_spread(spread_phase_ == SpreadPhase::Spread, what); }
 
 void CpuBackend::begin_rows_spread() {
     if (!can_spread_rows()) fail(COLLAPSE_ERR_STATE, "begin_rows_spread: no row store or reservoirs to spread, or they are spread already");
