@@ -1,7 +1,6 @@
 #include "cpu/blas_setup.hpp"
 
 #include <cstdlib>
-#include <cstring>
 #include <strings.h>
 
 // OpenBLAS's own entry points (exported by its DYNAMIC_ARCH pthreads build), weak so that the

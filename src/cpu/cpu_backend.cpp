@@ -466,8 +466,8 @@ void CpuBackend::commit(const BatchDesc& b, const AcceptedRows& rows) {
                 } catch (...) {
                     errs[t] = std::current_exception();
                     failed.store(true);
-                    waiting.store(true);  // so that the wake below is not skipped
-                    wake_gram();
+                    const std::lock_guard<std::mutex> lock(wait_mutex);
+                    wake.notify_one();
                 }
             };
 #pragma omp parallel num_threads(2) if (omp_get_max_threads() > 1)
