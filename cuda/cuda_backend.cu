@@ -57,7 +57,8 @@ CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d, std::shared_pt
     : cfg_(cfg),
       V_(V),
       d_(d),
-      res_(cfg.device_ordinal, cfg.device_memory_limit > 0 ? cfg.device_memory_limit : device_free_bytes(cfg.device_ordinal) / 10 * 9,
+      res_(cfg.device_ordinal, cfg.device_memory_limit > 0 ? cfg.device_memory_limit
+                                                         : device_free_bytes(cfg.device_ordinal) / 10 * 9 / std::max(1, cfg.device_shared_by),
            cfg.allow_tf32, host ? std::move(host) : HostBudget::from_config(cfg)),
       budget_(res_.budget()),
       host_(res_.host()),

@@ -113,6 +113,7 @@ public:
     bool can_spread_rows() const override;
     void begin_rows_spread() override;
     bool rows_spread() const override { return spread_phase_ == SpreadPhase::Spread; }
+    void write_class_sums(StateWriter& w) override;
     void adopt_class_sums(const int64_t* counts, const double* sums) override;
     // A rank's second-pass results (core/second_pass_part.hpp), through host memory (cuda_ranks.cu).
     void save_second_pass(StateWriter& w) override;

@@ -348,14 +348,10 @@ void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, 
     DeviceGuard guard(cfg_.device_ordinal);
     sync();
     const int64_t K = (int64_t)kept.ids.size();
-    // The kept set's copy (its V-long slot table, K ids and counts) and the kept means with their
-    // norms on their way through the host; the classifier is not copied (only whether it has a bias
-    // is kept: its device copy is made below).
+    // The kept set's copy (its V-long slot table, K ids and counts); the classifier is not copied
+    // (only whether it has a bias is kept: its device copy is made below).
     kept2_lease_ = host_.reserve(add_bytes(mul_bytes(V_, 4), mul_bytes(K, 4 + 8)),
                                  "the second pass's kept set of K = " + std::to_string(K) + " classes (with its V-long slot table)", kFixKeptClasses);
-    const HostBudget::Lease means_lease = host_.reserve(
-        mul_bytes(K, d_ + 1, 8), "the second pass's means of K = " + std::to_string(K) + " kept classes of width d = " + std::to_string(d_),
-        kFixKeptClasses);
     pass2_ = true;
     pass2_nc4_ = nc4 && clf.present();
     pass2_gram_ = gram;
@@ -371,15 +367,10 @@ void CudaBackend::begin_second_pass(const KeptSet& kept, const Classifier& clf, 
     Lease<double> var = res_.take<double>((size_t)std::max<int64_t>(K, 1), "variances"),
                   weight = res_.take<double>((size_t)std::max<int64_t>(K, 1), "weights");
     launch_means(sum_.data(), sqdev_.data(), shift_.data(), count_.data(), ids2_.data(), K, d_, false, mu2_.data(), var.data(), weight.data(), s);
-    // ||mu||^2 = (sqnorm - n var) / n is not what we want; recompute from mu on the host side is
-    // simpler: copy mu once.
-    std::vector<double> mu((size_t)(K * d_)), mu_sq((size_t)K, 0.0);
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(mu.data(), mu2_.data(), mu.size() * 8, cudaMemcpyDeviceToHost, s));
-    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-    for (int64_t i = 0; i < K; ++i)
-        for (int64_t j = 0; j < d_; ++j) mu_sq[(size_t)i] += mu[(size_t)(i * d_ + j)] * mu[(size_t)(i * d_ + j)];
+    // ||mu_c||^2 by the same reduction as NC4 from the device rows (nc4_from_device), so that a
+    // near-tie is decided alike on both paths.
     mu2_sq_.allocate((size_t)std::max<int64_t>(K, 1), &budget_, "kept mean norms");
-    COLLAPSE_CUDA_TRY(cudaMemcpyAsync(mu2_sq_.data(), mu_sq.data(), (size_t)K * 8, cudaMemcpyHostToDevice, s));
+    launch_duality(nullptr, mu2_.data(), ids2_.data(), mu2_.data(), K, d_, mu2_sq_.data(), weight.data(), s);  // w = m = mu
     if (pass2_nc4_) {
         w2_.allocate(clf.weight.size(), &budget_, "classifier [V, d] (float64)");
         COLLAPSE_CUDA_TRY(cudaMemcpyAsync(w2_.data(), clf.weight.data(), clf.weight.size() * 8, cudaMemcpyHostToDevice, s));

@@ -362,7 +362,9 @@ PairTotals CudaBackend::pair_tiles(const double* m, const double* q, const doubl
                                                   kFixKeptClasses);
     const PairTiling tiling = pair_tiling(K, T, rank, P);
     if (range) range[0] = tiling.begin, range[1] = tiling.end, range[2] = (int64_t)tiling.tiles.size();
-    Lease<double> tile = res_.take<double>((size_t)(std::min(T, K) * std::min(T, K)), "pair tile",
+    // A rank with no tiles (more ranks than tiles) takes no tile-sized buffer.
+    const int64_t edge = tiling.begin < tiling.end ? std::min(T, K) : 1;
+    Lease<double> tile = res_.take<double>((size_t)(edge * edge), "pair tile",
                                            "raise device_memory_limit (the tile edge shrinks with the limit)");
     Lease<double> acc = res_.take<double>((size_t)(kPairBlocks * kPairFields), "pair accumulators");
     COLLAPSE_CUDA_TRY(cudaMemsetAsync(acc.data(), 0, acc.bytes(), s));

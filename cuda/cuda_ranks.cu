@@ -80,6 +80,18 @@ void CudaBackend::spread_take_picks(const StateReader& r) {
 // root), so that the spread's parts and begin_second_pass use the root's kept set and means. The
 // rest of its state (variances, Grams) is left as it was: after this the rank computes only its
 // part or its second pass, never a report.
+void CudaBackend::write_class_sums(StateWriter& w) {
+    DeviceGuard guard(cfg_.device_ordinal);
+    const HostBudget::Lease lease = host_.reserve(mul_bytes(V_, d_ + 1, 8), "the combined class counts and sums (V = " + std::to_string(V_) +
+                                                                                ", d = " + std::to_string(d_) + ") on their way to the ranks",
+                                                  kFixNumClasses);
+    const std::vector<int64_t> counts = class_counts();  // syncs: every batch is in
+    std::vector<double> sums((size_t)(V_ * d_));
+    COLLAPSE_CUDA_TRY(cudaMemcpy(sums.data(), sum_.data(), sum_.bytes(), cudaMemcpyDeviceToHost));
+    w.add("class_counts", COLLAPSE_I64, {V_}, counts.data(), (size_t)V_ * 8);
+    w.add("class_sums", COLLAPSE_F64, {V_, d_}, sums.data(), sums.size() * 8);
+}
+
 void CudaBackend::adopt_class_sums(const int64_t* counts, const double* sums) {
     DeviceGuard guard(cfg_.device_ordinal);
     sync();

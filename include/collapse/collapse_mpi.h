@@ -22,24 +22,25 @@
  * rank at a time and spools its state into a private file in the session's intermediate_save_dir
  * (removed after the merge), so no rank holds another's row store in memory.
  *
- * An exact row store (svd_mode exact, CPU sessions on every rank) is not sent to the root: the
+ * An exact row store (svd_mode exact, on every rank) is not sent to the root: the
  * combine gives every rank the combined class counts and sums, moves each kept class's rows to
  * an owner rank (rank order kept, in pieces, every rank sending and receiving at once), and every
  * rank computes the row-store metrics of its classes (per-token SVDs, within-class variances,
- * NC4, a cut kept set's Gram and scatter) at once; the root adds them. Sampled reservoirs (CPU)
- * go the same way: the root decides each class's merged sample from the counts (the rows
+ * NC4, a cut kept set's Gram and scatter) at once; the root adds them. Sampled reservoirs go
+ * the same way: the root decides each class's merged sample from the counts (the rows
  * collapse_session_merge would keep), only those rows move to the owners, which compute the
  * per-token SVDs. Every session in the communicator then takes no more rows, and
  * collapse_session_save refuses (COLLAPSE_ERR_STATE): checkpoint before the combine. The
  * classifier must be set on every rank before the combine (the owners' NC4 needs it).
- * After an error of any of these functions the sessions are fit only for destroy.
+ * After an error of any of these functions (other than a refused argument) every rank's session
+ * holds part of another's state: each refuses every further call (COLLAPSE_ERR_STATE, naming the
+ * function that failed) and is fit only for destroy.
  *
  * Every function is collective over `comm` and returns the same status on every rank: an error on
  * any rank (a refused state, a full disk) is every rank's error, with that rank's message in
  * collapse_last_error() ("rank r: ..."). A rank that dies is the MPI runtime's matter (mpirun and
- * srun end the job). CUDA sessions move their first-pass state through host memory; the
- * second pass spread over ranks is implemented on the CPU backend only so far (a CUDA session that
- * needs one gets COLLAPSE_ERR_INVALID_ARGUMENT saying so, on every rank).
+ * srun end the job). CUDA sessions take part in all of it (the spread rows, the pair tiles, the
+ * second pass), moving their state through host memory; each computes its part on its device.
  */
 #ifndef COLLAPSE_MPI_H
 #define COLLAPSE_MPI_H

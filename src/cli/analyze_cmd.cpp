@@ -378,7 +378,7 @@ void check_files(const AnalyzeArgs& a) {
 // MPI (src/mpi/, README "MPI"): set while this process is a rank of an MPI run.
 struct RankRun {
     bool active = false;
-    int rank = 0, size = 1, local_rank = 0;
+    int rank = 0, size = 1, local_rank = 0, local_size = 1;
 };
 RankRun g_ranks;
 
@@ -417,7 +417,7 @@ void apply_ranks(driver::RowSource& src, driver::AnalysisOptions& opt) {
     const auto [first, end] = driver::rank_share(src, g_ranks.rank, g_ranks.size);
     opt.first = first, opt.end = end;
     if (!opt.checkpoint.empty()) opt.checkpoint = rank_checkpoint(opt.checkpoint, g_ranks.rank, g_ranks.size);
-    opt.ranks = mpi::world_hooks(mpi::World{g_ranks.rank, g_ranks.size, g_ranks.local_rank});
+    opt.ranks = mpi::world_hooks(mpi::World{g_ranks.rank, g_ranks.size, g_ranks.local_rank, g_ranks.local_size});
     if (opt.warn) {
         const std::string prefix = "rank " + std::to_string(g_ranks.rank) + ": ";
         opt.warn = [w = opt.warn, prefix](const std::string& m) { w(prefix + m); };
@@ -445,7 +445,11 @@ int run_analyze(const AnalyzeArgs& a) {
     if (!a.export_dir.empty()) prepare_export_dir(a.export_dir);  // before any work
     if (g_ranks.active && cfg.backend == COLLAPSE_BACKEND_CUDA && cfg.device_ordinal == 0) {
 #if COLLAPSE_HAVE_MPI
-        cfg.device_ordinal = mpi::local_device(g_ranks.local_rank);  // ranks of a node on different GPUs
+        // The ranks of a node spread over its GPUs; those that share one divide its default memory
+        // limit (each would otherwise size its buffers to 90% of the device).
+        const mpi::DeviceShare share = mpi::local_device(g_ranks.local_rank, g_ranks.local_size);
+        cfg.device_ordinal = share.ordinal;
+        cfg.device_shared_by = share.ranks;
 #endif
     }
     if (!a.from_checkpoint.empty()) {
@@ -515,7 +519,7 @@ int run_analyze_ranks(const AnalyzeArgs& a) {
 #if COLLAPSE_HAVE_MPI
     if (!a.mpi && mpi::launcher_variable().empty()) return run_analyze(a);
     const mpi::World w = mpi::start();
-    g_ranks = RankRun{true, w.rank, w.size, w.local_rank};
+    g_ranks = RankRun{true, w.rank, w.size, w.local_rank, w.local_size};
     int status = 0;
     try {
         status = run_analyze(a);

@@ -107,6 +107,9 @@ public:
     // its own rows with the combined class counts and sums (so its kept set and means are the
     // root's); the second pass's partial results (rows seen, NC4 agreements, the kept Gram) then go
     // to the root and are added there. ---
+    // The root writes its combined class_counts and class_sums sections (core/state_sections.hpp)
+    // and every other rank adopts them.
+    virtual void write_class_sums(StateWriter& w) { ranks_unsupported(); }
     virtual void adopt_class_sums(const int64_t* counts, const double* sums) { ranks_unsupported(); }
     virtual void save_second_pass(StateWriter& w) { ranks_unsupported(); }
     virtual void merge_second_pass(const StateReader& r) { ranks_unsupported(); }

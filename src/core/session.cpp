@@ -111,6 +111,7 @@ KeptSet Session::kept_classes(Counts* class_counts, HostBudget::Lease& lease) {
 }
 
 void Session::check_state(const char* call) const {
+    if (!unusable_.empty()) fail(COLLAPSE_ERR_STATE, call, ": the session is unusable since ", unusable_, " failed partway; destroy it");
     if (state_ == State::Done) fail(COLLAPSE_ERR_STATE, call, ": the session has already been computed; create a new session");
 }
 

@@ -82,6 +82,10 @@ public:
     void save_second_pass(StateWriter& w);
     void merge_second_pass(const StateReader& r);
     bool has_backend() const { return backend_ != nullptr; }
+    // After an exchange between ranks failed partway (src/mpi/), the session holds part of another
+    // rank's state (adopted sums, part of a merge or a spread): every call but destroy is refused,
+    // naming `why`.
+    void set_unusable(const std::string& why) { unusable_ = why; }
     // The exact row store spread over ranks by class (Backend, "spread"; src/mpi/ moves the rows).
     // can_spread_rows: first pass, and the backend keeps an exact row store (or reservoirs) it can spread.
     // spread_owners (the root's combined counts; src/mpi/ broadcasts the result): the kept ids,
@@ -160,6 +164,7 @@ private:
     std::unique_ptr<WindowTracker> windows_;
     std::string windows_note_;  // why windows are off although rows carried ids
     State state_ = State::Ingest;
+    std::string unusable_;  // set_unusable
     double ingest_seconds_ = 0, second_pass_seconds_ = 0;
     int64_t batches_ = 0;
 };

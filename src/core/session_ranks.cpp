@@ -13,47 +13,11 @@
 
 namespace collapse::internal {
 
-namespace {
-// Forwards the sections named in `keep` and drops the rest (never held).
-class FilterWriter final : public StateWriter {
-public:
-    FilterWriter(StateWriter& out, std::vector<std::string> keep) : out_(out), keep_(std::move(keep)) {}
-    void add(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, const void* data, size_t bytes) override {
-        if (kept(name)) out_.add(name, t, shape, data, bytes);
-    }
-    void begin_section(const std::string& name, uint32_t t, const std::vector<int64_t>& shape, size_t bytes) override {
-        on_ = kept(name);
-        if (on_) out_.begin_section(name, t, shape, bytes);
-    }
-    void append(const void* data, size_t bytes) override {
-        if (on_) out_.append(data, bytes);
-    }
-    void end_section() override {
-        if (on_) out_.end_section();
-        on_ = false;
-    }
-
-private:
-    bool kept(const std::string& n) const {
-        for (const auto& k : keep_)
-            if (k == n) return true;
-        return false;
-    }
-    StateWriter& out_;
-    std::vector<std::string> keep_;
-    bool on_ = false;
-};
-}  // namespace
-
 void Session::write_class_sums(StateWriter& w) {
     check_state("write_class_sums");
     if (!backend_) fail(COLLAPSE_ERR_STATE, "write_class_sums: the session has seen no rows yet (its width is unknown)");
     backend_->sync();
-    // The backend's own state writer, filtered: one layout for every backend. Only the first
-    // sections are kept; the row store, when there is one, is read and dropped (the exact store
-    // never needs a second pass on the CPU backend, so this is the sampled or off case).
-    FilterWriter f(w, {"class_counts", "class_sums"});
-    backend_->save_state(f);
+    backend_->write_class_sums(w);
 }
 
 void Session::adopt_class_sums(const StateReader& r) {

@@ -37,6 +37,7 @@ public:
     MetricValues compute(const KeptSet& kept, const Classifier& clf) override;
     void save_state(StateWriter& w) override;
     void load_state(const StateReader& r, bool merge) override;
+    void write_class_sums(StateWriter& w) override;
     void adopt_class_sums(const int64_t* counts, const double* sums) override;
     void save_second_pass(StateWriter& w) override;
     void merge_second_pass(const StateReader& r) override;

@@ -2,6 +2,7 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -29,16 +30,16 @@ World start() {
     World w;
     MPI_Comm_rank(MPI_COMM_WORLD, &w.rank);
     MPI_Comm_size(MPI_COMM_WORLD, &w.size);
+    // The node's ranks (MPI_COMM_TYPE_SHARED): their number, and this rank's place among them
+    // unless the launcher says it.
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, w.rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &w.local_rank);
+    MPI_Comm_size(node, &w.local_size);
+    MPI_Comm_free(&node);
     const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
     if (!local) local = std::getenv("SLURM_LOCALID");
-    if (local) {
-        w.local_rank = std::atoi(local);
-    } else {
-        MPI_Comm node;
-        MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, w.rank, MPI_INFO_NULL, &node);
-        MPI_Comm_rank(node, &w.local_rank);
-        MPI_Comm_free(&node);
-    }
+    if (local) w.local_rank = std::atoi(local);
     return w;
 }
 
@@ -78,7 +79,7 @@ driver::AnalysisOptions::Ranks world_hooks(const World& w) {
 
 bool collective(const std::exception& e) { return dynamic_cast<const CollectiveError*>(&e) != nullptr; }
 
-int local_device(int local_rank) {
+DeviceShare local_device(int local_rank, int local_size) {
     int count = 0;
     if (const char* v = std::getenv("CUDA_VISIBLE_DEVICES")) {
         if (*v) {
@@ -89,7 +90,11 @@ int local_device(int local_rank) {
         std::error_code ec;
         for (std::filesystem::directory_iterator it("/proc/driver/nvidia/gpus", ec), end; !ec && it != end; it.increment(ec)) ++count;
     }
-    return count > 0 ? local_rank % count : 0;
+    if (count <= 0) return {0, std::max(1, local_size)};  // unknown: assume they all share device 0
+    const int ordinal = local_rank % count;
+    int ranks = 0;  // the node's ranks r with r % count == ordinal
+    for (int r = 0; r < local_size; ++r) ranks += r % count == ordinal;
+    return {ordinal, std::max(1, ranks)};
 }
 
 }  // namespace collapse::internal::mpi

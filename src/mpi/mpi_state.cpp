@@ -809,9 +809,7 @@ void spread_pairs(Session& s, MPI_Comm comm, int root, size_t chunk) {
                  [&](const MemoryState& part) { s.merge_pair_part(part); });
 }
 
-}  // namespace
-
-void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
+void combine_body(Session& s, MPI_Comm comm, int root, size_t chunk) {
     int P = 1;
     MPI_Comm_size(comm, &P);
     // An exact row store on every rank is spread over the ranks by class (spread_rows); otherwise
@@ -856,7 +854,7 @@ void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
     spread_pairs(s, comm, root, chunk);
 }
 
-bool begin_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
+bool begin_second_pass_body(Session& s, MPI_Comm comm, int root, size_t chunk) {
     int rank = 0;
     MPI_Comm_rank(comm, &rank);
     int needed = 0;
@@ -868,7 +866,7 @@ bool begin_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
     return true;
 }
 
-void end_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
+void end_second_pass_body(Session& s, MPI_Comm comm, int root, size_t chunk) {
     auto send = [&](StateWriter& w) {
         s.save_second_pass(w);
         return true;
@@ -884,6 +882,31 @@ void end_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
         }
     };
     gather(comm, root, chunk, send, take);
+}
+
+// A failure partway leaves each session with part of another's state: none may go on.
+template <class F>
+auto unusable_on_error(Session& s, const char* call, F&& body) {
+    try {
+        return body();
+    } catch (...) {
+        s.set_unusable(call);
+        throw;
+    }
+}
+
+}  // namespace
+
+void combine(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    unusable_on_error(s, "collapse_session_mpi_combine", [&] { combine_body(s, comm, root, chunk); });
+}
+
+bool begin_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    return unusable_on_error(s, "collapse_session_mpi_begin_second_pass", [&] { return begin_second_pass_body(s, comm, root, chunk); });
+}
+
+void end_second_pass(Session& s, MPI_Comm comm, int root, size_t chunk) {
+    unusable_on_error(s, "collapse_session_mpi_end_second_pass", [&] { end_second_pass_body(s, comm, root, chunk); });
 }
 
 }  // namespace collapse::internal::mpi

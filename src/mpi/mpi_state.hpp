@@ -34,8 +34,10 @@ constexpr size_t kDefaultChunk = size_t(64) << 20;
 // The piece size: COLLAPSE_MPI_CHUNK_BYTES (tests make it small), else 64 MiB.
 size_t chunk_bytes();
 
-// After every rank's first pass: the root's session holds the state of all (rank order); the
-// other ranks' sessions are unchanged.
+// After every rank's first pass: the root's session holds the state of all (rank order). An
+// exact row store (or reservoirs) is spread over the ranks by class instead: every rank adopts
+// the root's class sums, owns some classes' rows and computes their part, which the root adds.
+// After an error of these three, every rank's session refuses all further calls (set_unusable).
 void combine(Session& s, MPI_Comm comm, int root, size_t chunk);
 // The second pass where one is needed (the root decides): every rank takes the root's combined
 // class counts and sums and begins its second pass. Returns whether one runs.

@@ -10,7 +10,11 @@ mkdir -p .carry/debs .carry/data
 grep -qx '/.carry/' .gitignore 2>/dev/null || echo '/.carry/' >> .gitignore
 pkgs=(libyaml-cpp-dev libyaml-cpp0.7 nlohmann-json3-dev libgtest-dev googletest libcli11-dev
       libopenblas-dev libopenblas0 libopenblas0-pthread libopenblas-pthread-dev liblapacke liblapacke-dev
-      liblapack3 liblapack-dev libblas3 libblas-dev libgfortran5)
+      liblapack3 liblapack-dev libblas3 libblas-dev libgfortran5
+      # OpenMPI for tests/mpi's CUDA cases (device_check.sh step 5d), with its run-time libraries (~7 MB).
+      openmpi-bin openmpi-common libopenmpi3 libopenmpi-dev libpmix2 libhwloc15 libhwloc-plugins
+      libevent-core-2.1-7 libevent-pthreads-2.1-7 libfabric1 libucx0 libibverbs1 librdmacm1 libnl-3-200
+      libnl-route-3-200 libpsm-infinipath1 libpsm2-2 libmunge2 libnuma1 libpciaccess0 libxnvctrl0)
 apt-get update -qq
 (cd .carry/debs && for p in "${pkgs[@]}"; do apt-get download -qq "$p" 2>/dev/null || echo "note: $p not downloadable, skipped"; done)
 shared="$root/../shared/data/stories260k"

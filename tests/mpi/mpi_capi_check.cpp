@@ -10,6 +10,8 @@
 //   mpi_capi_check noclassifier OUT_DIR
 // Exact mode, rank 1's session has no classifier: its part of the spread row store has no NC4, and
 // every rank gets the root's refusal (status.<rank> as above).
+// After either failure each rank tries a checkpoint, a row and a report: save.<rank>, ingest.<rank>,
+// compute.<rank> ("<status> <message>").
 //   mpi_capi_check spread OUT_DIR
 // Exact mode, combined: the root's session, whose rows now live on their owner ranks, refuses a
 // checkpoint and more rows; it writes OUT_DIR/save and OUT_DIR/ingest ("<status> <message>").
@@ -98,7 +100,21 @@ int main(int argc, char** argv) {
         collapse_session* s = mode == "mismatch" ? make_session("exact", rank == 1 ? V + 1 : V) : make_session("exact", V, rank != 1);
         ingest(s, lo, hi);
         const collapse_status st = collapse_session_mpi_combine(s, MPI_COMM_WORLD, 0);
-        std::ofstream(dir + "/status." + std::to_string(rank)) << (int)st << " " << collapse_last_error();
+        const std::string r = std::to_string(rank);
+        std::ofstream(dir + "/status." + r) << (int)st << " " << collapse_last_error();
+        // The failed combine left the session with part of another rank's state: refused from now on.
+        const collapse_status saved = collapse_session_save(s, (dir + "/after." + r + ".ckpt").c_str());
+        std::ofstream(dir + "/save." + r) << (int)saved << " " << collapse_last_error();
+        const std::vector<float> x(D, 1.0f);
+        const int32_t y = 0;
+        const collapse_buffer xb = {x.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, 1, D, 0};
+        const collapse_buffer yb = {&y, COLLAPSE_I32, COLLAPSE_MEMORY_HOST, 1, 1, 0};
+        const collapse_status took = collapse_session_ingest_rows(s, &xb, &yb, nullptr, nullptr);
+        std::ofstream(dir + "/ingest." + r) << (int)took << " " << collapse_last_error();
+        collapse_report* report = nullptr;
+        const collapse_status computed = collapse_session_compute(s, &report);
+        std::ofstream(dir + "/compute." + r) << (int)computed << " " << collapse_last_error();
+        if (report) collapse_report_destroy(report);
         collapse_session_destroy(s);
         MPI_Finalize();
         return 0;

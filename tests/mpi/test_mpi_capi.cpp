@@ -41,6 +41,18 @@ protected:
         std::getline(in, msg);
         return {st, msg};
     }
+    // After a failed combine every rank's session refuses a checkpoint, rows and a report, naming
+    // the failed call (it holds part of another rank's state: adopted class sums, a partial merge).
+    void expect_unusable_after_failed_combine(int P) const {
+        for (int r = 0; r < P; ++r)
+            for (const char* what : {"save", "ingest", "compute"}) {
+                const auto [st, msg] = read_status(dir_ + "/" + what + "." + std::to_string(r));
+                EXPECT_EQ(st, (int)COLLAPSE_ERR_STATE) << what << " on rank " << r << ": " << msg;
+                EXPECT_NE(msg.find("the session is unusable since collapse_session_mpi_combine failed partway"), std::string::npos)
+                    << what << " on rank " << r << ": " << msg;
+                EXPECT_FALSE(std::filesystem::exists(dir_ + "/after." + std::to_string(r) + ".ckpt"));
+            }
+    }
     int run(int P, const std::string& mode, std::string* err) const {
         const std::string e = dir_ + "/.err";
         const std::string cmd = "cd " + quote(dir_) +
@@ -89,6 +101,7 @@ TEST_F(MpiCapi, PartWithoutNc4IsEveryRanksError) {
         EXPECT_NE(msg.find("rank 1's part was refused by the root"), std::string::npos) << "rank " << r << ": " << msg;
         EXPECT_NE(msg.find("lacks section part_nc4 (was a classifier set on every rank?)"), std::string::npos) << msg;
     }
+    expect_unusable_after_failed_combine(3);  // the ranks had adopted the root's class sums
 }
 
 // After the rows moved to their owners the root's state is no longer one process's: no checkpoint
@@ -113,6 +126,7 @@ TEST_F(MpiCapi, RefusedStateIsEveryRanksError) {
         EXPECT_NE(msg.find("rank 1's state was refused by the root"), std::string::npos) << "rank " << r << ": " << msg;
         EXPECT_NE(msg.find("V = 11"), std::string::npos) << msg;
     }
+    expect_unusable_after_failed_combine(3);  // whatever each held when it failed
 }
 
 }  // namespace
