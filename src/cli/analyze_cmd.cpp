@@ -443,13 +443,18 @@ int run_analyze(const AnalyzeArgs& a) {
     const bool debug = !a.quiet && cfg.log_level == "debug";
 
     if (!a.export_dir.empty()) prepare_export_dir(a.export_dir);  // before any work
-    if (g_ranks.active && cfg.backend == COLLAPSE_BACKEND_CUDA && cfg.device_ordinal == 0) {
+    if (g_ranks.active && cfg.backend == COLLAPSE_BACKEND_CUDA) {
 #if COLLAPSE_HAVE_MPI
-        // The ranks of a node spread over its GPUs; those that share one divide its default memory
-        // limit (each would otherwise size its buffers to 90% of the device).
-        const mpi::DeviceShare share = mpi::local_device(g_ranks.local_rank, g_ranks.local_size);
-        cfg.device_ordinal = share.ordinal;
-        cfg.device_shared_by = share.ranks;
+        // The ranks of a node spread over its GPUs unless the config names one, which they all use.
+        // Ranks that share a device divide its default memory limit (each would otherwise size its
+        // buffers to 90% of the device).
+        if (cfg.device_pinned) {
+            cfg.device_shared_by = g_ranks.local_size;
+        } else {
+            const mpi::DeviceShare share = mpi::local_device(g_ranks.local_rank, g_ranks.local_size);
+            cfg.device_ordinal = share.ordinal;
+            cfg.device_shared_by = share.ranks;
+        }
 #endif
     }
     if (!a.from_checkpoint.empty()) {

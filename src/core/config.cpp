@@ -424,6 +424,7 @@ void read_value(const Reader& rd, const std::string& key, const YAML::Node& valu
     if (key == "device") {
         if (!value.IsScalar() || !parse_device(value.Scalar(), device_backend, c.device_ordinal))
             rd.expected(key, "cpu, cuda, cuda:N or a CUDA device ordinal N >= 0", value, line);
+        c.device_pinned = value.Scalar().find(':') != std::string::npos || std::isdigit((unsigned char)value.Scalar()[0]);
     } else if (key == "max_tokens_to_analyze") {
         // The seed's Optional[int]: null means no limit; 0 is refused so that it is not
         // mistaken for "analyse nothing".

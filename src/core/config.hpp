@@ -68,6 +68,8 @@ struct Config {
     bool nc4_held_out = false;
     // Not a key: the result carries Sigma_W [d, d] (MetricValues::sigma_w; CLI --export-dir).
     bool keep_sigma_w = false;
+    // Not a key: the config named a device ordinal (device: cuda:N or N), not just a backend.
+    bool device_pinned = false;
     // Not a key: processes that share this CUDA device (the CLI's MPI ranks of one node); the
     // default device_memory_limit (90% of the free memory) is divided among them.
     int device_shared_by = 1;

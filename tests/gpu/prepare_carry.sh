@@ -6,6 +6,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
+rm -rf .carry/prefix  # device_check.sh's unpacked packages, if it ran here: not to be carried
 mkdir -p .carry/debs .carry/data
 grep -qx '/.carry/' .gitignore 2>/dev/null || echo '/.carry/' >> .gitignore
 pkgs=(libyaml-cpp-dev libyaml-cpp0.7 nlohmann-json3-dev libgtest-dev googletest libcli11-dev
@@ -27,3 +28,6 @@ if [ -d "$models" ] && [ -d "$shared" ]; then
   cp "$shared"/inputs.npy "$shared"/seq.npy "$shared"/pos.npy "$shared"/labels.npy "$shared"/nll.npy .carry/stories260k/data/
 fi
 du -sh .carry
+# The device tool carries at most 64 MiB together with the working tree (about 3 MiB).
+size=$(du -sm .carry | cut -f1)
+if [ "$size" -gt 60 ]; then echo "warning: .carry is $size MiB: over the device tool's 64 MiB with the working tree" >&2; fi

@@ -335,18 +335,20 @@ TEST(Config, DeviceForms) {
         collapse_backend backend;
         int ordinal;
         const char* device;
+        bool pinned;  // an ordinal was named (MPI ranks then all use it)
     };
     const Case cases[] = {
-        {"device: cpu\n", COLLAPSE_BACKEND_CPU, 0, "cpu"},
-        {"device: cuda\n", COLLAPSE_BACKEND_CUDA, 0, "cuda:0"},
-        {"device: cuda:3\n", COLLAPSE_BACKEND_CUDA, 3, "cuda:3"},
-        {"device: 2\n", COLLAPSE_BACKEND_CUDA, 2, "cuda:2"},
-        {"device: \"cuda:1\"\n", COLLAPSE_BACKEND_CUDA, 1, "cuda:1"},
-        {"backend: cuda\n", COLLAPSE_BACKEND_CUDA, 0, "cuda:0"},
-        {"backend: cpu\n", COLLAPSE_BACKEND_CPU, 0, "cpu"},
-        {"device: cuda:1\nbackend: cuda\n", COLLAPSE_BACKEND_CUDA, 1, "cuda:1"},
-        {"backend: cuda\ndevice: 4\n", COLLAPSE_BACKEND_CUDA, 4, "cuda:4"},
-        {"device: cpu\nbackend: cpu\n", COLLAPSE_BACKEND_CPU, 0, "cpu"},
+        {"device: cpu\n", COLLAPSE_BACKEND_CPU, 0, "cpu", false},
+        {"device: cuda\n", COLLAPSE_BACKEND_CUDA, 0, "cuda:0", false},
+        {"device: cuda:3\n", COLLAPSE_BACKEND_CUDA, 3, "cuda:3", true},
+        {"device: cuda:0\n", COLLAPSE_BACKEND_CUDA, 0, "cuda:0", true},
+        {"device: 2\n", COLLAPSE_BACKEND_CUDA, 2, "cuda:2", true},
+        {"device: \"cuda:1\"\n", COLLAPSE_BACKEND_CUDA, 1, "cuda:1", true},
+        {"backend: cuda\n", COLLAPSE_BACKEND_CUDA, 0, "cuda:0", false},
+        {"backend: cpu\n", COLLAPSE_BACKEND_CPU, 0, "cpu", false},
+        {"device: cuda:1\nbackend: cuda\n", COLLAPSE_BACKEND_CUDA, 1, "cuda:1", true},
+        {"backend: cuda\ndevice: 4\n", COLLAPSE_BACKEND_CUDA, 4, "cuda:4", true},
+        {"device: cpu\nbackend: cpu\n", COLLAPSE_BACKEND_CPU, 0, "cpu", false},
     };
     for (const auto& k : cases) {
         SCOPED_TRACE(k.yaml);
@@ -354,6 +356,7 @@ TEST(Config, DeviceForms) {
         EXPECT_EQ(c.backend, k.backend);
         EXPECT_EQ(c.device_ordinal, k.ordinal);
         EXPECT_EQ(c.device, k.device);
+        EXPECT_EQ(c.device_pinned, k.pinned);
         EXPECT_EQ(to_json(c)["device"], k.device);
     }
 }
