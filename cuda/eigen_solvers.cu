@@ -52,7 +52,7 @@ void eigenvalues_batched(Resources& res, double* gram, int64_t M, int64_t cnt, d
         int lwork = 0;
         COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched_bufferSize(solver, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER,
                                                                  (int)M, gram, (int)M, w, &lwork, params, (int)cnt));
-        Lease<double> work = res.take<double>((size_t)std::max(lwork, 1), "syevj workspace");
+        Lease<double> work = res.take<double>(reusable_bytes(res.budget(), (size_t)std::max(lwork, 1) * 8, size_t(1) << 20) / 8, "syevj workspace");
         COLLAPSE_CUSOLVER_TRY(cusolverDnDsyevjBatched(solver, CUSOLVER_EIG_MODE_NOVECTOR, CUBLAS_FILL_MODE_UPPER, (int)M,
                                                       gram, (int)M, w, work.data(), lwork, info, params,
                                                       (int)cnt));
@@ -66,7 +66,7 @@ void eigenvalues_batched(Resources& res, double* gram, int64_t M, int64_t cnt, d
         COLLAPSE_CUSOLVER_TRY(cusolverDnXsyevBatched_bufferSize(solver, res.solver_params(), CUSOLVER_EIG_MODE_NOVECTOR,
                                                                 CUBLAS_FILL_MODE_UPPER, M, CUDA_R_64F, gram, M, CUDA_R_64F,
                                                                 w, CUDA_R_64F, &dev_bytes, &host_bytes, per));
-        Lease<uint8_t> work = res.take<uint8_t>(std::max<size_t>(dev_bytes, 1), "syevBatched workspace");
+        Lease<uint8_t> work = res.take<uint8_t>(reusable_bytes(res.budget(), std::max<size_t>(dev_bytes, 1), size_t(1) << 20), "syevBatched workspace");
         const HostBudget::Lease lease = res.host().reserve((int64_t)std::max<size_t>(host_bytes, 1),
                                                            "the batched eigen-solver's host workspace (Gram size " + std::to_string(M) + ")",
                                                            "raise host_memory_limit");

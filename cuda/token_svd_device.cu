@@ -250,6 +250,8 @@ bool DeviceClassRows::token_entropies(bool center, const double* mu, std::vector
         const int64_t per = per_call(key.first, key.second, (int64_t)members.size());
         w_elems = std::max(w_elems, per * key.second), info_elems = std::max(info_elems, per);
     }
+    w_elems = (int64_t)reusable_bytes(budget, (size_t)w_elems * 8, size_t(64) << 10) / 8;
+    info_elems = (int64_t)reusable_bytes(budget, (size_t)info_elems * 4, size_t(16) << 10) / 4;
     const int64_t need = add_bytes(mul_bytes(gather_elems + gram_elems + w_elems + K, 8), mul_bytes(info_elems + 3 * K, 4));
     if (need > budget.limit() - budget.used()) return false;
 

@@ -20,6 +20,16 @@ namespace collapse::internal::cuda {
 
 class WorkspacePool;
 
+// The pool reuses an idle slab of exactly the size asked (acquire, below). A workspace whose
+// size follows the data (a solver's, a batch's eigenvalues) is therefore taken as `bytes` rounded
+// up to a power of two of at least `floor`, so that a later compute with somewhat more rows gets
+// the same slab instead of a new cudaMalloc; the exact size when the rounded one does not fit.
+inline size_t reusable_bytes(const Budget& budget, size_t bytes, size_t floor) {
+    size_t e = floor;
+    while (e < bytes) e *= 2;
+    return (int64_t)e <= budget.limit() - budget.used() ? e : bytes;
+}
+
 // One cudaMalloc'ed block of the pool.
 struct Slab {
     void* ptr = nullptr;

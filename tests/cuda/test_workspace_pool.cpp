@@ -41,6 +41,28 @@ protected:
     Budget budget_{1000};
 };
 
+// Workspaces sized by the data (a solver's, which grows with the batch) are rounded up to a power
+// of two of at least the floor: a later compute that needs a little more gets the same slab. The
+// exact size when the rounded one would not fit the budget.
+TEST_F(WorkspacePoolTest, DataSizedWorkspacesRoundedSoThatTheyAreReused) {
+    using collapse::internal::cuda::reusable_bytes;
+    EXPECT_EQ(reusable_bytes(budget_, 1, 64), 64u);
+    EXPECT_EQ(reusable_bytes(budget_, 64, 64), 64u);
+    EXPECT_EQ(reusable_bytes(budget_, 65, 64), 128u);
+    EXPECT_EQ(reusable_bytes(budget_, 300, 64), 512u);
+    EXPECT_EQ(reusable_bytes(budget_, 600, 64), 600u) << "1024 would not fit the 1000-byte budget";
+    WorkspacePool pool(&budget_, fake());
+    for (size_t need : {70, 90, 128, 100}) {  // round 1, then later computes with other batches
+        SCOPED_TRACE(need);
+        Lease<uint8_t> w = pool.take<uint8_t>(reusable_bytes(budget_, need, 64), "solver workspace");
+        EXPECT_GE(w.bytes(), need);
+    }
+    EXPECT_EQ(g_allocs, 1) << "one slab of 128 bytes served every round";
+    Lease<uint8_t> busy = pool.take<uint8_t>(700, "most of the budget");
+    EXPECT_EQ(reusable_bytes(budget_, 200, 64), 256u);
+    EXPECT_EQ(reusable_bytes(budget_, 280, 64), 280u) << "512 would not fit beside 700 bytes in use";
+}
+
 // A compute of a shape seen before asks for the same sizes: they come from idle slabs.
 TEST_F(WorkspacePoolTest, ReusesIdleSlabsOfTheSameSize) {
     WorkspacePool pool(&budget_, fake());
