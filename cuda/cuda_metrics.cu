@@ -63,7 +63,13 @@ void CudaBackend::per_token(const KeptSet& kept, const double* mu, MetricValues&
                 nrows[(size_t)t] = kept.counts[(size_t)t];
                 describe(t);
             }
-            done = grouped_->token_entropies(cfg_.svd_center, mu, tokens, out);
+            try {
+                done = grouped_->token_entropies(cfg_.svd_center, mu, tokens, out);
+            } catch (const Error& e) {
+                // The plan counts its own buffers but not the solvers' workspaces: short of device
+                // memory there, the classes take the path below, as when the plan does not fit.
+                if (e.status() != COLLAPSE_ERR_OUT_OF_MEMORY) throw;
+            }
         }
         if (!done)
             upload_store(kept, offset, nrows, [&](const std::vector<int64_t>& members) {

@@ -48,7 +48,9 @@ public:
 
     // Per-token SVD entropies into tokens[t] and out (svd_zero_matrices), centred on mu [K, d]
     // (kept order, device) when `center`. Returns false, having changed nothing, when its
-    // workspace does not fit the device budget (the caller takes the host path).
+    // workspace does not fit the device budget, and throws COLLAPSE_ERR_OUT_OF_MEMORY, having
+    // changed nothing, when a solver's workspace (not in that estimate) does not: the caller takes
+    // the host path either way.
     bool token_entropies(bool center, const double* mu, std::vector<TokenMetrics>& tokens, MetricValues& out);
     // The within-class scatter sum_kept (x - mu_c)(x - mu_c)^T [d, d] (row-major, both triangles).
     std::vector<double> within_scatter(const double* mu);
