@@ -63,10 +63,15 @@ CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d, std::shared_pt
       budget_(res_.budget()),
       host_(res_.host()),
       stream_(res_.stream()) {
-    DeviceGuard guard(cfg.device_ordinal);
+    int caller = 0;
+    COLLAPSE_CUDA_TRY(cudaGetDevice(&caller));
     try {
+        DeviceGuard guard(cfg.device_ordinal);
         init();
     } catch (...) {
+        // The members are freed on the session's device; restore_device_ puts the caller's back.
+        restore_device_.device = caller;
+        (void)cudaSetDevice(cfg_.device_ordinal);
         release();
         throw;
     }
@@ -157,14 +162,17 @@ void CudaBackend::init() {
     last_stream_ = stream_;
 }
 
-CudaBackend::~CudaBackend() { release(); }
-
-// Waits for the streams and frees the events; also used when the constructor fails half-way. The
-// stream and the handles go with res_, after every buffer.
-void CudaBackend::release() noexcept {
-    int previous = 0;
-    (void)cudaGetDevice(&previous);
+CudaBackend::~CudaBackend() {
+    int caller = 0;
+    (void)cudaGetDevice(&caller);
+    restore_device_.device = caller;  // after every member (see its declaration)
     (void)cudaSetDevice(cfg_.device_ordinal);
+    release();
+}
+
+// Waits for the streams and frees the events, with the session's device current; also used when
+// the constructor fails half-way. The stream and the handles go with res_, after every buffer.
+void CudaBackend::release() noexcept {
     if (last_stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(last_stream_));
     if (stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(stream_));
     if (copy_stream_) {
@@ -180,7 +188,6 @@ void CudaBackend::release() noexcept {
     for (auto& w : win_stash_)
         if (w.done) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(w.done));
     if (last_done_) COLLAPSE_CUDA_TRY_NO_THROW(cudaEventDestroy(last_done_));
-    (void)cudaSetDevice(previous);
 }
 
 // The V-long result is the caller's to count (the session's kept-class selection does); copied

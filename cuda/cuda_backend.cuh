@@ -187,6 +187,11 @@ private:
     // min_samples_per_token rows): within_ less the held rows of the classes below (counts: n_c).
     // With `kept`, less sum_c n_c (mu_c - s_c)(mu_c - s_c)^T over its classes: the scatter about the means.
     std::vector<double> streamed_within(const std::vector<int64_t>& counts, const KeptSet* kept);
+    // The hold-area index (c * hold_rows + r) of every row of the classes below min_samples_per_token.
+    std::vector<int32_t> held_index(const std::vector<int64_t>& counts) const;
+    // g (column-major upper d x d) -= X^T X of the held rows `index` (less their reference rows
+    // shift_ when `shifted`), a bounded chunk of rows at a time; synchronises the stream.
+    void subtract_held_rows(const std::vector<int32_t>& index, bool shifted, double* g);
     // x_i - center of rows p0.. of the sorted batch into scratch_.within_rows, added to acc (column-major
     // upper d x d) by cublasDsyrk a chunk at a time (cuda_ingest.cu).
     void add_centered_scatter(const DeviceBatch& db, const float* shift, const double* mean, const int32_t* kept_slot, const BatchStatus* st,
@@ -214,6 +219,15 @@ private:
     int64_t load_budget() const;
     void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst, DeviceBuffer<float>& buf, DeviceBuffer<int64_t>& idx);
 
+    // Declared first, so destroyed last: the destructor makes the session's device current, the
+    // members' buffers and handles are freed on it, and this puts the caller's device back after
+    // them (freeing with another device current could create a context there).
+    struct RestoreDevice {
+        int device = -1;
+        ~RestoreDevice() {
+            if (device >= 0) (void)cudaSetDevice(device);
+        }
+    } restore_device_;
     Config cfg_;
     int64_t V_, d_;
     // Before every buffer below: it outlives them (they give their bytes back to its budget).

@@ -276,6 +276,34 @@ std::vector<double> CudaBackend::within_scatter(const KeptSet& kept, const doubl
     return w;
 }
 
+std::vector<int32_t> CudaBackend::held_index(const std::vector<int64_t>& counts) const {
+    std::vector<int32_t> index;
+    for (int64_t c = 0; c < V_ && hold_rows_ > 0; ++c)
+        if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token)
+            for (int64_t r = 0; r < counts[(size_t)c]; ++r) index.push_back((int32_t)(c * hold_rows_ + r));
+    return index;
+}
+
+void CudaBackend::subtract_held_rows(const std::vector<int32_t>& index, bool shifted, double* g) {
+    cudaStream_t s = stream_;  // leases: the session's stream only (resources.cuh)
+    const int64_t d = d_, held = (int64_t)index.size();
+    if (held == 0) return;
+    const double one = 1.0, minus = -1.0;
+    const int64_t chunk = std::min(held, within_chunk_rows(d));
+    Lease<double> x = res_.take<double>((size_t)(chunk * d), "held-back rows (float64)");
+    Lease<int32_t> idx = res_.take<int32_t>((size_t)chunk, "held-back row index");
+    for (int64_t r0 = 0; r0 < held; r0 += chunk) {
+        const int64_t m = std::min(chunk, held - r0);
+        COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, s));
+        if (shifted)
+            launch_held_shifted_rows(hold_.data(), idx.data(), m, hold_rows_, d, shift_.data(), x.data(), s);
+        else
+            launch_rows_to_double(hold_.data(), idx.data(), m, d, nullptr, x.data(), s);
+        COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)m, &minus, x.data(), (int)d, &one, g, (int)d));
+    }
+    COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));  // before the caller's index goes
+}
+
 std::vector<double> CudaBackend::streamed_within(const std::vector<int64_t>& counts, const KeptSet* kept) {
     cudaStream_t s = stream_;  // leases: the session's stream only (resources.cuh)
     const int64_t d = d_;
@@ -290,24 +318,7 @@ std::vector<double> CudaBackend::streamed_within(const std::vector<int64_t>& cou
     const HostBudget::Lease lease = host_.reserve(add_bytes(mul_bytes(held, 4), mul_bytes(d, d, 8)),
                                                   "Sigma_W's d x d on its way to the host and the index of " + std::to_string(held) + " held-back rows",
                                                   kFixNumClasses);
-    if (held > 0) {
-        std::vector<int32_t> index;
-        index.reserve((size_t)held);
-        for (int64_t c = 0; c < V_; ++c)
-            if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token)
-                for (int64_t r = 0; r < counts[(size_t)c]; ++r) index.push_back((int32_t)(c * hold_rows_ + r));
-        const int64_t chunk = std::min(held, within_chunk_rows(d));
-        Lease<double> x = res_.take<double>((size_t)(chunk * d), "Sigma_W's held-back rows less their reference rows");
-        Lease<int32_t> idx = res_.take<int32_t>((size_t)chunk, "Sigma_W's held-back row index");
-        for (int64_t r0 = 0; r0 < held; r0 += chunk) {
-            const int64_t m = std::min(chunk, held - r0);
-            COLLAPSE_CUDA_TRY(cudaMemcpyAsync(idx.data(), index.data() + r0, (size_t)m * 4, cudaMemcpyHostToDevice, s));
-            launch_held_shifted_rows(hold_.data(), idx.data(), m, hold_rows_, d, shift_.data(), x.data(), s);
-            COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)m, &minus, x.data(), (int)d, &one,
-                                            g.data(), (int)d));
-        }
-        COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));  // before `index` goes
-    }
+    if (held > 0) subtract_held_rows(held_index(counts), true, g.data());
     const int64_t K = kept ? (int64_t)kept->ids.size() : 0;
     if (K > 0) {  // about the means: unshift_scatter (core/shifted_sums.hpp) on the device
         Lease<int32_t> ids = res_.take<int32_t>((size_t)K, "kept ids (Sigma_W)");
@@ -556,22 +567,7 @@ MetricValues CudaBackend::compute(const KeptSet& kept, const Classifier& clf) {
             for (int64_t c = 0; c < V_ && hold_rows_ > 0; ++c)
                 if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token) held += counts[(size_t)c];
             lease.resize(add_bytes(lease.bytes(), mul_bytes(held, 4)), "the index of " + std::to_string(held) + " held-back rows", "raise host_memory_limit");
-            std::vector<int32_t> hold_index;
-            hold_index.reserve((size_t)held);
-            for (int64_t c = 0; c < V_ && hold_rows_ > 0; ++c)
-                if (counts[(size_t)c] > 0 && counts[(size_t)c] < cfg_.min_samples_per_token)
-                    for (int64_t r = 0; r < counts[(size_t)c]; ++r) hold_index.push_back((int32_t)(c * hold_rows_ + r));
-            if (!hold_index.empty()) {
-                const int64_t nh = (int64_t)hold_index.size();
-                Lease<int32_t> hi = res_.take<int32_t>((size_t)nh, "hold rows");
-                Lease<double> xd = res_.take<double>((size_t)(nh * d), "hold rows (float64)");
-                COLLAPSE_CUDA_TRY(cudaMemcpyAsync(hi.data(), hold_index.data(), (size_t)nh * 4, cudaMemcpyHostToDevice, s));
-                launch_rows_to_double(hold_.data(), hi.data(), nh, d, nullptr, xd.data(), s);
-                const double minus = -1.0, one = 1.0;
-                COLLAPSE_CUBLAS_TRY(cublasDsyrk(res_.blas(s), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, (int)d, (int)nh, &minus, xd.data(), (int)d,
-                                                &one, g.data(), (int)d));
-                COLLAPSE_CUDA_TRY(cudaStreamSynchronize(s));
-            }
+            if (held > 0) subtract_held_rows(held_index(counts), false, g.data());
             have = true;
         } else if (pass2_ && pass2_gram_ && (int64_t)pass2_rows == kept.rows) {
             COLLAPSE_CUDA_TRY(cudaMemcpyAsync(g.data(), gram2_.data(), g.bytes(), cudaMemcpyDeviceToDevice, s));

@@ -381,6 +381,47 @@ void expect_near_opt(const char* what, const std::optional<double>& a, const std
 // buffers were sized by the first batch. Exact mode's pinned upload stage grows with the rows kept;
 // the other modes make no pinned allocation either. Both computes give the CPU's numbers (a slab
 // handed out while still in use would not).
+// A session on another device than the caller's current one (an MPI rank's, a server's) makes
+// its device current only inside its calls: the caller's stays current through create, ingest,
+// compute and destroy (the members' buffers are freed on the session's device, and the caller's
+// comes back after them). With one device both are device 0: still checked, more weakly.
+TEST(CudaBackend, CallersDeviceStaysCurrent) {
+    SKIP_WITHOUT_DEVICE();
+    int devices = 0;
+    ASSERT_EQ(cudaGetDeviceCount(&devices), cudaSuccess);
+    const int session_device = devices - 1;
+    ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+    auto current = [] {
+        int d = -1;
+        EXPECT_EQ(cudaGetDevice(&d), cudaSuccess);
+        return d;
+    };
+    Data D = make_data(2000, 16, 20, COLLAPSE_F32, 5);
+    ci::Classifier clf;
+    clf.weight.assign(D.w.begin(), D.w.end());
+    for (collapse_svd_mode svd : {COLLAPSE_SVD_EXACT, COLLAPSE_SVD_SAMPLED}) {
+        SCOPED_TRACE("svd_mode " + std::to_string((int)svd));
+        collapse_options o = collapse::default_options();
+        o.num_classes = D.V;
+        o.svd_mode = svd;
+        o.backend = COLLAPSE_BACKEND_CUDA;
+        o.device = session_device;
+        const ci::Config cfg = ci::from_options(o);
+        {
+            const std::unique_ptr<ci::Backend> gpu = ci::make_cuda_backend(cfg, D.V, D.d);
+            EXPECT_EQ(current(), 0) << "after create";
+            const collapse_buffer fx{D.x.data(), COLLAPSE_F32, COLLAPSE_MEMORY_HOST, D.n, D.d, 0};
+            const collapse_buffer fy{D.y.data(), COLLAPSE_I32, COLLAPSE_MEMORY_HOST, D.n, 1, 0};
+            gpu->ingest(ci::describe_rows(&fx, &fy, nullptr, D.d), nullptr);
+            EXPECT_EQ(current(), 0) << "after ingest";
+            ci::Counts counts;
+            (void)gpu->compute(ci::select_kept(gpu->class_counts(), cfg, &counts), clf);
+            EXPECT_EQ(current(), 0) << "after compute";
+        }
+        EXPECT_EQ(current(), 0) << "after destroy";
+    }
+}
+
 TEST(CudaBackend, NoAllocationsAfterWarmUp) {
     SKIP_WITHOUT_DEVICE();
     Data D = make_data(4000, 32, 50, COLLAPSE_F32, 11);
