@@ -98,15 +98,21 @@ if [ $build_rc -eq 0 ]; then
     rc=$?; result[llama2c]=$([ $rc -eq 0 ] && echo "pass (llama2c.txt)" || echo "rc=$rc: $(grep -c '^FAIL' "$out/llama2c.txt") failed (llama2c.txt)")
     grep -E '^(PASS|FAIL)' "$out/llama2c.txt"
   fi
-  # 7. The Python package's torch CUDA tensor path (tests/python -k cuda), when this machine's
-  #    python3 has torch with CUDA and pybind11 (its CMake files: python3 -m pybind11 --cmakedir).
+  # 7. The Python package's torch CUDA tensor path (tests/python/test_api.py -k cuda: the other
+  #    files need matplotlib and nothing of CUDA), when this machine's
+  #    python3 has torch with CUDA, and pybind11 (its CMake files: python3 -m pybind11 --cmakedir)
+  #    pytest and wheel, its own or else the carried ones (Debian's, pure Python, on PYTHONPATH).
+  pyextra=""
+  if ! python3 -c "import pybind11, pytest, wheel" 2>/dev/null && [ -d "$prefix/usr/lib/python3/dist-packages/pybind11" ]; then
+    pyextra="$prefix/usr/lib/python3/dist-packages"
+  fi
   if [ $SECONDS -gt 500 ]; then result[python_cuda]="skipped (time budget)"
-  elif python3 -c "import torch, pybind11, pytest, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  elif PYTHONPATH="$pyextra" python3 -c "import torch, pybind11, pytest, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     rm -rf build-gpu/pylib
-    COLLAPSE_CUDA=ON COLLAPSE_PY_BUILD_DIR="$root/build-gpu/python" pybind11_ROOT="$(python3 -m pybind11 --cmakedir)" \
+    COLLAPSE_CUDA=ON COLLAPSE_PY_BUILD_DIR="$root/build-gpu/python" pybind11_ROOT="$(PYTHONPATH="$pyextra" python3 -m pybind11 --cmakedir)" \
       COLLAPSE_CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH=$prefix/usr;$prefix/usr/share/cmake;$prefix/usr/lib/x86_64-linux-gnu/cmake -DCMAKE_INCLUDE_PATH=$prefix/usr/include;$prefix/usr/include/x86_64-linux-gnu/openblas-pthread -DCMAKE_LIBRARY_PATH=$prefix/usr/lib/x86_64-linux-gnu;$prefix/usr/lib/x86_64-linux-gnu/openblas-pthread -DCMAKE_CXX_FLAGS=-I$prefix/usr/include -DCMAKE_CUDA_FLAGS=-I$prefix/usr/include" \
-      timeout 300 python3 -m pip install --no-build-isolation --no-index --no-deps --target build-gpu/pylib . > "$out/python_cuda.log" 2>&1 \
-      && (cd /tmp && PYTHONPATH="$root/build-gpu/pylib" timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda -rs "$root/tests/python" >> "$out/python_cuda.log" 2>&1)
+      PYTHONPATH="$pyextra" timeout 300 python3 -m pip install --no-build-isolation --no-index --no-deps --target build-gpu/pylib . > "$out/python_cuda.log" 2>&1 \
+      && (cd /tmp && PYTHONPATH="$root/build-gpu/pylib${pyextra:+:$pyextra}" timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda -rs "$root/tests/python/test_api.py" >> "$out/python_cuda.log" 2>&1)
     rc=$?; result[python_cuda]=$([ $rc -eq 0 ] && echo "$(tail -1 "$out/python_cuda.log")" || echo "rc=$rc (python_cuda.log)")
   else result[python_cuda]="skipped (no python3 with torch CUDA and pybind11)"; fi
 fi

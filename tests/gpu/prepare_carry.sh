@@ -15,7 +15,10 @@ pkgs=(libyaml-cpp-dev libyaml-cpp0.7 nlohmann-json3-dev libgtest-dev googletest 
       # OpenMPI for tests/mpi's CUDA cases (device_check.sh step 5d), with its run-time libraries (~7 MB).
       openmpi-bin openmpi-common libopenmpi3 libopenmpi-dev libpmix2 libhwloc15 libhwloc-plugins
       libevent-core-2.1-7 libevent-pthreads-2.1-7 libfabric1 libucx0 libibverbs1 librdmacm1 libnl-3-200
-      libnl-route-3-200 libpsm-infinipath1 libpsm2-2 libmunge2 libnuma1 libpciaccess0 libxnvctrl0)
+      libnl-route-3-200 libpsm-infinipath1 libpsm2-2 libmunge2 libnuma1 libpciaccess0 libxnvctrl0
+      # pybind11, pytest and wheel (pure Python, <1 MB) for step 7 when the device's python3 lacks them.
+      pybind11-dev python3-pybind11 python3-pytest python3-pluggy python3-iniconfig python3-packaging
+      python3-py python3-attr python3-tomli python3-exceptiongroup python3-wheel)
 apt-get update -qq
 (cd .carry/debs && for p in "${pkgs[@]}"; do apt-get download -qq "$p" 2>/dev/null || echo "note: $p not downloadable, skipped"; done)
 shared="$root/../shared/data/stories260k"
