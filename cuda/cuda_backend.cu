@@ -63,15 +63,10 @@ CudaBackend::CudaBackend(const Config& cfg, int64_t V, int64_t d, std::shared_pt
       budget_(res_.budget()),
       host_(res_.host()),
       stream_(res_.stream()) {
-    int caller = 0;
-    COLLAPSE_CUDA_TRY(cudaGetDevice(&caller));
     try {
-        DeviceGuard guard(cfg.device_ordinal);
+        DeviceGuard guard(cfg.device_ordinal);  // gone before release(): the caller's device is current there
         init();
     } catch (...) {
-        // The members are freed on the session's device; restore_device_ puts the caller's back.
-        restore_device_.device = caller;
-        (void)cudaSetDevice(cfg_.device_ordinal);
         release();
         throw;
     }
@@ -162,17 +157,16 @@ void CudaBackend::init() {
     last_stream_ = stream_;
 }
 
-CudaBackend::~CudaBackend() {
+CudaBackend::~CudaBackend() { release(); }
+
+// Waits for the streams and frees the events; also used when the constructor fails half-way. The
+// stream and the handles go with res_, after every buffer. Makes the session's device current for
+// good: restore_device_ puts the caller's back after every member is freed.
+void CudaBackend::release() noexcept {
     int caller = 0;
     (void)cudaGetDevice(&caller);
-    restore_device_.device = caller;  // after every member (see its declaration)
+    restore_device_.device = caller;
     (void)cudaSetDevice(cfg_.device_ordinal);
-    release();
-}
-
-// Waits for the streams and frees the events, with the session's device current; also used when
-// the constructor fails half-way. The stream and the handles go with res_, after every buffer.
-void CudaBackend::release() noexcept {
     if (last_stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(last_stream_));
     if (stream_) COLLAPSE_CUDA_TRY_NO_THROW(cudaStreamSynchronize(stream_));
     if (copy_stream_) {

@@ -219,7 +219,7 @@ private:
     int64_t load_budget() const;
     void upload_rows(const double* rows, const std::vector<int64_t>& slot, float* dst, DeviceBuffer<float>& buf, DeviceBuffer<int64_t>& idx);
 
-    // Declared first, so destroyed last: the destructor makes the session's device current, the
+    // Declared first, so destroyed last: release() makes the session's device current, the
     // members' buffers and handles are freed on it, and this puts the caller's device back after
     // them (freeing with another device current could create a context there).
     struct RestoreDevice {

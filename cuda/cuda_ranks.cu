@@ -76,10 +76,7 @@ void CudaBackend::spread_take_picks(const StateReader& r) {
     picks_->take(r, counts.data(), own_reservoir_rows());
 }
 
-// The class counts and sums become the combined ones (this rank's first-pass state has gone to the
-// root), so that the spread's parts and begin_second_pass use the root's kept set and means. The
-// rest of its state (variances, Grams) is left as it was: after this the rank computes only its
-// part or its second pass, never a report.
+// The root's combined counts and sums, downloaded, as the sections adopt_class_sums takes.
 void CudaBackend::write_class_sums(StateWriter& w) {
     DeviceGuard guard(cfg_.device_ordinal);
     const HostBudget::Lease lease = host_.reserve(mul_bytes(V_, d_ + 1, 8), "the combined class counts and sums (V = " + std::to_string(V_) +
@@ -92,6 +89,10 @@ void CudaBackend::write_class_sums(StateWriter& w) {
     w.add("class_sums", COLLAPSE_F64, {V_, d_}, sums.data(), sums.size() * 8);
 }
 
+// The class counts and sums become the combined ones (this rank's first-pass state has gone to the
+// root), so that the spread's parts and begin_second_pass use the root's kept set and means. The
+// rest of its state (variances, Grams) is left as it was: after this the rank computes only its
+// part or its second pass, never a report.
 void CudaBackend::adopt_class_sums(const int64_t* counts, const double* sums) {
     DeviceGuard guard(cfg_.device_ordinal);
     sync();

@@ -130,13 +130,14 @@ void CpuBackend::load_state(const StateReader& r, bool merge) {
 }
 
 
-// Ranks: the combined counts and sums replace this rank's own (its first-pass state has gone to the
-// root), so that begin_second_pass selects the root's kept set and means.
+// Ranks: the root's combined counts and sums, as the sections adopt_class_sums takes.
 void CpuBackend::write_class_sums(StateWriter& w) {
     w.add("class_counts", COLLAPSE_I64, {V_}, count_.data(), (size_t)V_ * 8);
     w.add("class_sums", COLLAPSE_F64, {V_, d_}, sum_.data(), (size_t)(V_ * d_) * 8);
 }
 
+// Ranks: the combined counts and sums replace this rank's own (its first-pass state has gone to the
+// root), so that begin_second_pass selects the root's kept set and means.
 void CpuBackend::adopt_class_sums(const int64_t* counts, const double* sums) {
     std::copy(counts, counts + V_, count_.begin());
     std::copy(sums, sums + V_ * d_, sum_.begin());
