@@ -396,7 +396,7 @@ PairTotals CudaBackend::pair_tiles(const double* m, const double* q, const doubl
         else
             COLLAPSE_CUBLAS_TRY(cublasDgemm(res_.blas(s), CUBLAS_OP_T, CUBLAS_OP_N, (int)ni, (int)nj, (int)d, &one, m + i0 * d, (int)d, m + j0 * d,
                                             (int)d, &zero, tile.data(), (int)ni));
-        launch_pair_reduce(tile.data(), i0, j0, ni, nj, q, a, var, cfg_.cdnv_power, 1.0 / (double)(K - 1), acc.data(), s);
+        launch_pair_reduce(tile.data(), i0, j0, ni, nj, m, d, q, a, var, cfg_.cdnv_power, 1.0 / (double)(K - 1), acc.data(), s);
     }
     std::vector<double> h((size_t)(kPairBlocks * kPairFields));
     COLLAPSE_CUDA_TRY(cudaMemcpyAsync(h.data(), acc.data(), acc.bytes(), cudaMemcpyDeviceToHost, s));

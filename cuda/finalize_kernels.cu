@@ -112,8 +112,8 @@ __device__ PairAcc shfl_acc(const PairAcc& a, int o) {
     return r;
 }
 
-__global__ void pair_reduce_kernel(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* q,
-                                   const double* a, const double* var, double cdnv_power, double inv_km1, double* acc) {
+__global__ void pair_reduce_kernel(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* m, int64_t d,
+                                   const double* q, const double* a, const double* var, double cdnv_power, double inv_km1, double* acc) {
     double nl = 0, sl = 0, sl2 = 0, shl = 0, nc = 0, sc = 0, sc2 = 0, shc = 0, sd = 0, sd2 = 0, shd = 0;
     PairAcc t{};
     const int64_t total = ni * nj;
@@ -121,7 +121,8 @@ __global__ void pair_reduce_kernel(const double* g, int64_t i0, int64_t j0, int6
         const int64_t i = e % ni, j = e / ni;  // column-major: consecutive threads read consecutive i
         const int64_t gi = i0 + i, gj = j0 + j;
         if (gi >= gj) continue;  // pairs i < j only
-        const PairTerms pt = pair_terms(g[e], q[gi], q[gj], a[gi], a[gj], var[gi], var[gj], cdnv_power, inv_km1);
+        const PairDistances pd = pair_distances(g[e], q[gi], q[gj], a[gi], a[gj], m + gi * d, m + gj * d, d);
+        const PairTerms pt = pair_terms(g[e], q[gi], q[gj], a[gi], a[gj], var[gi], var[gj], cdnv_power, inv_km1, pd);
         if (nc == 0) shc = pt.cos, shd = pt.dist;
         nc += 1, sc += pt.cos - shc, sc2 += (pt.cos - shc) * (pt.cos - shc);
         sd += pt.dist - shd, sd2 += (pt.dist - shd) * (pt.dist - shd);
@@ -308,9 +309,9 @@ void launch_center(const double* mu, const double* mu_g_sum, double total_weight
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 
-void launch_pair_reduce(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* q, const double* a,
-                        const double* var, double cdnv_power, double inv_km1, double* acc, cudaStream_t s) {
-    pair_reduce_kernel<<<kPairBlocks, 256, 0, s>>>(g, i0, j0, ni, nj, q, a, var, cdnv_power, inv_km1, acc);
+void launch_pair_reduce(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* m, int64_t d, const double* q,
+                        const double* a, const double* var, double cdnv_power, double inv_km1, double* acc, cudaStream_t s) {
+    pair_reduce_kernel<<<kPairBlocks, 256, 0, s>>>(g, i0, j0, ni, nj, m, d, q, a, var, cdnv_power, inv_km1, acc);
     COLLAPSE_CUDA_CHECK_LAUNCH();
 }
 

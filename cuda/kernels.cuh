@@ -140,15 +140,16 @@ void launch_column_sums(const double* x, const double* w, int64_t K, int64_t d, 
 // m = mu - mu_g / total_weight; q = ||m||^2; a = ||m|| + 1e-8.
 void launch_center(const double* mu, const double* mu_g_sum, double total_weight, int64_t K, int64_t d, double* m,
                    double* q, double* a, cudaStream_t s);
-// Pair terms of one GEMM tile g (column-major ni x nj, g[i + j*ni] = m_{i0+i} . m_{j0+j}), reduced
+// Pair terms of one GEMM tile g (column-major ni x nj, g[i + j*ni] = m_{i0+i} . m_{j0+j}; the
+// centred means m [K, d] for the pairs whose expanded distances would cancel), reduced
 // per block and merged into that block's slot acc[block * kPairFields + f] = {log-kernel moments
 // (n, mean, m2), cosine moments (n, mean, m2), cdnv count, cdnv sum, skipped log pairs, skipped
 // cdnv pairs, anchor distance moments (n, mean, m2), sum and maximum of |u_i . u_j + 1/(K-1)|};
 // slots start at zero, tiles run one after another, the host merges the slots in order.
 constexpr int kPairFields = 15;
 constexpr int kPairBlocks = 264;
-void launch_pair_reduce(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* q, const double* a,
-                        const double* var, double cdnv_power, double inv_km1, double* acc, cudaStream_t s);
+void launch_pair_reduce(const double* g, int64_t i0, int64_t j0, int64_t ni, int64_t nj, const double* m, int64_t d, const double* q,
+                        const double* a, const double* var, double cdnv_power, double inv_km1, double* acc, cudaStream_t s);
 
 // Per kept class: wm[s] = w_c . m_s, ww[s] = ||w_c||^2 (w from W rows ids[s], or from mu when W is null).
 void launch_duality(const double* W, const double* mu, const int32_t* ids, const double* m, int64_t K, int64_t d,

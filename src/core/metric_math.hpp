@@ -52,8 +52,48 @@ COLLAPSE_HD double entropy_from_eigen(const double* eig, int64_t M, int64_t r, b
 }
 
 
-// One pair (i, j) of kept classes, from the dot product of their centred means g = m_i . m_j,
-// the squared norms q = ||m||^2, the direction scales a = ||m|| + 1e-8 and the variances v.
+// The three squared distances of one pair (i, j) of kept classes: between the centred means,
+// ||m_i - m_j||^2 (CDNV; the global mean cancels, so it is ||mu_i - mu_j||^2), between the
+// directions u = m / a with a = ||m|| + 1e-8 (GNC2), and between the library's directions
+// m / ||m|| (0 for a zero mean; nc2g_dist). Expanded from the dot product g = m_i . m_j and the
+// squared norms q, e.g. q_i + q_j - 2 g, they lose digits as the two directions meet: about
+// log10(4 / lib2) of them (8 digits at ||mu_i - mu_j|| = 1e-4 ||mu||, and all of them for two
+// distinct means within 1e-8). So a pair whose library distance^2 is below kPairDirect (of at most
+// 4) sums them from the two mean vectors instead: exact to rounding, and exactly 0 for equal
+// means. Such pairs are rare in real data; at worst (every mean alike) they cost one more pass of
+// K^2 d, as the dot products themselves.
+constexpr double kPairDirect = 1e-4;
+struct PairDistances {
+    double mean2;  // ||m_i - m_j||^2
+    double dir2;   // ||u_i - u_j||^2, u = m / (||m|| + 1e-8)
+    double lib2;   // ||u_i - u_j||^2, u = m / ||m|| (the library's)
+};
+
+// Needs m_i and m_j (d values each) only when the expanded forms would cancel.
+COLLAPSE_HD PairDistances pair_distances(double g, double qi, double qj, double ai, double aj, const double* mi, const double* mj,
+                                         int64_t d) {
+    const double ni = qi > 0 ? 1.0 : 0.0, nj = qj > 0 ? 1.0 : 0.0;
+    const double c = (qi > 0 && qj > 0) ? g / (sqrt(qi) * sqrt(qj)) : 0.0;  // sqrt(qi qj) underflows at ||m|| ~ 1e-160
+    PairDistances r;
+    r.lib2 = ni + nj - 2.0 * c;
+    if (r.lib2 >= kPairDirect) {
+        r.mean2 = qi + qj - 2.0 * g;
+        // ||u||^2 = q / a^2 (not exactly 1).
+        r.dir2 = qi / (ai * ai) + qj / (aj * aj) - 2.0 * g / (ai * aj);
+        return r;
+    }
+    const double li = qi > 0 ? sqrt(qi) : 1.0, lj = qj > 0 ? sqrt(qj) : 1.0;
+    r.mean2 = r.dir2 = r.lib2 = 0;
+    for (int64_t k = 0; k < d; ++k) {
+        const double x = mi[k], y = mj[k];
+        const double e = x - y, f = x / ai - y / aj, h = x / li - y / lj;
+        r.mean2 += e * e, r.dir2 += f * f, r.lib2 += h * h;
+    }
+    return r;
+}
+
+// One pair's terms from its dot product g, squared norms q, direction scales a, variances v and
+// distances (pair_distances).
 struct PairTerms {
     double cos;       // u_i . u_j
     double log_kernel;// L_ij = -ln ||u_i - u_j||
@@ -68,25 +108,26 @@ struct PairTerms {
 
 // inv_km1 = 1 / (K - 1).
 COLLAPSE_HD PairTerms pair_terms(double g, double qi, double qj, double ai, double aj, double vi, double vj,
-                                 double cdnv_power, double inv_km1) {
+                                 double cdnv_power, double inv_km1, const PairDistances& pd) {
     PairTerms t;
-    {
-        const double ni = qi > 0 ? 1.0 : 0.0, nj = qj > 0 ? 1.0 : 0.0;
-        const double c = (qi > 0 && qj > 0) ? g / sqrt(qi * qj) : 0.0;
-        const double d2 = ni + nj - 2.0 * c;
-        t.dist = d2 > 0 ? sqrt(d2) : 0.0;
-        t.etf_dev = fabs(c + inv_km1);
-    }
+    const double c = (qi > 0 && qj > 0) ? g / (sqrt(qi) * sqrt(qj)) : 0.0;
+    t.dist = pd.lib2 > 0 ? sqrt(pd.lib2) : 0.0;
+    t.etf_dev = fabs(c + inv_km1);
     t.cos = g / (ai * aj);
-    // ||u_i - u_j||^2 = ||u_i||^2 + ||u_j||^2 - 2 u_i.u_j, with ||u||^2 = q / a^2 (not exactly 1).
-    const double du2 = qi / (ai * ai) + qj / (aj * aj) - 2.0 * t.cos;
-    t.gnc2_skip = !(du2 >= kGnc2MinDistance * kGnc2MinDistance);
-    t.log_kernel = t.gnc2_skip ? 0.0 : -0.5 * log(du2);
-    // ||mu_i - mu_j|| = ||m_i - m_j||: the global mean cancels. Equal means give 0 up to the
-    // rounding of the expanded form, hence the relative threshold.
-    const double dm2 = qi + qj - 2.0 * g;
-    t.cdnv_skip = !(dm2 > 1e-13 * (qi + qj));
-    t.cdnv = t.cdnv_skip ? 0.0 : (vi + vj) / (2.0 * (cdnv_power == 1.0 ? dm2 : pow(dm2, cdnv_power)));
+    t.gnc2_skip = !(pd.dir2 >= kGnc2MinDistance * kGnc2MinDistance);
+    t.log_kernel = t.gnc2_skip ? 0.0 : -0.5 * log(pd.dir2);
+    // Equal means: exactly 0 (a pair this close has its distances summed directly).
+    t.cdnv_skip = !(pd.mean2 > 0);
+    if (t.cdnv_skip) {
+        t.cdnv = 0.0;
+    } else {
+        const double half = 0.5 * (vi + vj);
+        const double den = cdnv_power == 1.0 ? pd.mean2 : pow(pd.mean2, cdnv_power);
+        if (!(half > 0)) t.cdnv = 0.0;
+        else if (den >= 2.2250738585072014e-308 /* DBL_MIN: a subnormal keeps few digits */ && den <= 1.7976931348623157e308 /* DBL_MAX */)
+            t.cdnv = half / den;
+        else t.cdnv = exp(log(half) - cdnv_power * log(pd.mean2));  // the power left the double range (p > 1), the ratio may not
+    }
     return t;
 }
 

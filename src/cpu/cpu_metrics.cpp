@@ -749,8 +749,9 @@ PairTotals CpuBackend::pair_tiles(const double* m, const double* var, int64_t K,
                 double l_shift = 0, c_shift = 0, s_d = 0, s_d2 = 0, d_shift = 0, s_e = 0, max_e = 0;
                 for (int64_t j = jstart; j < nj; ++j) {
                     const int64_t gj = j0 + j;
-                    const PairTerms pt = pair_terms(g[(size_t)(i * nj + j)], q[(size_t)gi], q[(size_t)gj], a[(size_t)gi],
-                                                    a[(size_t)gj], var[gi], var[gj], p, inv_km1);
+                    const double gij = g[(size_t)(i * nj + j)], qi = q[(size_t)gi], qj = q[(size_t)gj], ai = a[(size_t)gi], aj = a[(size_t)gj];
+                    const PairDistances pd = pair_distances(gij, qi, qj, ai, aj, m + (size_t)gi * d, m + (size_t)gj * d, d_);
+                    const PairTerms pt = pair_terms(gij, qi, qj, ai, aj, var[gi], var[gj], p, inv_km1, pd);
                     if (j == jstart) c_shift = pt.cos, d_shift = pt.dist;
                     const double dc = pt.cos - c_shift, dd = pt.dist - d_shift;
                     s_c += dc;

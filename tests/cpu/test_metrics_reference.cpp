@@ -619,4 +619,120 @@ TEST(MetricsReferenceRankDeficient, OverallEntropyRankDeficient) {
                          rep["token_analysis"][std::to_string(id)]["svd_entropy"], tok.svd_entropy));
 }
 
+// Pairs of classes whose means are almost equal or almost parallel: the expanded distances
+// q_i + q_j - 2 m_i.m_j cancel there (a pair 2^-14 apart at ||mu|| = 1000 was skipped as "equal" by
+// CDNV, changing it by 15 orders of magnitude; GNC2 and nc2g_dist lost 6-9 digits). Each case: the
+// float32 rows the engine gets, and the float64 reference of every pair metric on the same values.
+struct PairCase {
+    std::string name;
+    int64_t d = 0;
+    std::vector<float> x;
+    std::vector<int64_t> y;
+    double cdnv_power = 1.0;
+};
+
+// Two rows per class: its mean +- `spread` along the last axis.
+PairCase pair_case(const std::string& name, const std::vector<std::vector<double>>& means, double spread) {
+    PairCase c;
+    c.name = name;
+    c.d = (int64_t)means[0].size();
+    for (size_t k = 0; k < means.size(); ++k)
+        for (double sign : {1.0, -1.0}) {
+            for (int64_t j = 0; j < c.d; ++j) c.x.push_back((float)(means[k][(size_t)j] + (j == c.d - 1 ? sign * spread : 0.0)));
+            c.y.push_back((int64_t)k);
+        }
+    return c;
+}
+
+std::vector<PairCase> close_pair_cases() {
+    std::vector<PairCase> v;
+    // Means 2^-14 apart at 1000 (one float32 step): distinct, so no pair is skipped.
+    v.push_back(pair_case("means_one_float_step_apart", {{1000.0, 0.0}, {1000.0 + std::ldexp(1.0, -14), 0.0}, {-2000.0, 0.0}}, 0.5));
+    // Means 1e-5 relative apart, off the axes.
+    v.push_back(pair_case("means_1e-5_apart", {{1000.1234, 3.7, -250.3, 0}, {1000.1334, 3.693, -250.297, 0}, {-2000.5, 1.1, 500.7, 0}}, 0.5));
+    // Centred means at an angle of 1.5e-6 (GNC2's ||u_i - u_j|| ~ 1e-6, near its skip threshold).
+    v.push_back(pair_case("parallel_means", {{1.0, 0.0, 0.0}, {1.0, 1.5e-6, 0.0}, {-2.0, 0.0, 0.0}}, 0.5));
+    // d = 1: every direction is +-1, exactly equal within a sign (nc2g_dist of 0 and 2 only).
+    v.push_back(pair_case("d1_coincident_directions", {{-2.0}, {1.5}, {3.5}, {5.5}, {-7.5}}, 0.0));
+    // Two classes whose centred means are zero (u = 0): the pair of them is equal and skipped.
+    v.push_back(pair_case("zero_centred_means", {{-1.0, 0.0}, {0.0, 0.0}, {0.0, 0.0}, {1.0, 0.0}}, 0.5));
+    // Many classes, with near-copies of some at relative gaps 1e-2 .. 1e-7 and an exact copy
+    // (skipped by CDNV and GNC2, counted).
+    {
+        std::mt19937_64 rng(7);
+        std::normal_distribution<double> g(0.0, 1.0);
+        std::vector<std::vector<double>> means;
+        for (int k = 0; k < 30; ++k) {
+            std::vector<double> m(8);
+            for (double& e : m) e = 40.0 + 10.0 * g(rng);
+            means.push_back(m);
+        }
+        for (int k = 0; k < 7; ++k) {
+            std::vector<double> m = means[(size_t)k];
+            const double gap = k == 6 ? 0.0 : std::pow(10.0, -2 - k);
+            for (double& e : m) e *= 1.0 + gap * g(rng);
+            means.push_back(m);
+        }
+        v.push_back(pair_case("K37_near_copies", means, 0.25));
+    }
+    return v;
+}
+
+TEST(MetricsReferenceClosePairs, PairMetricsKeepTheContract) {
+    for (const PairCase& c : close_pair_cases()) {
+        SCOPED_TRACE(c.name);
+        const int64_t N = (int64_t)c.y.size(), V = c.y.back() + 1;
+        collapse_options o = collapse::default_options();
+        o.num_classes = V;
+        o.min_samples_per_token = 1;
+        o.cdnv_power = c.cdnv_power;
+        collapse::Session s(o);
+        s.ingest_rows(collapse::host_buffer(c.x.data(), N, c.d), collapse::host_buffer(c.y.data(), N));
+        const json rep = json::parse(s.compute().json())["overall_analysis"];
+        const std::vector<double> x(c.x.begin(), c.x.end());
+        ref::Options ro;
+        ro.num_classes = V;
+        ro.min_samples = 1;
+        ro.cdnv_power = c.cdnv_power;
+        const ref::Result want = ref::compute(x, c.y, c.d, nullptr, nullptr, ro);
+        const ref::Anchors anchors = ref::anchors(x, c.y, c.d, nullptr, nullptr, ro);
+        EXPECT_TRUE(near("nc1_cdnv", "nc1_cdnv", rep["nc1_cdnv"], want.nc1_cdnv));
+        EXPECT_EQ(rep["cdnv_skipped_pairs"].get<int64_t>(), want.cdnv_skipped_pairs);
+        EXPECT_TRUE(near("overall_gnc2", "overall_gnc2", rep["overall_gnc2"], want.overall_gnc2));
+        EXPECT_TRUE(near("gnc2_var", "gnc2_var", rep["gnc2_var"], want.gnc2_var));
+        EXPECT_EQ(rep["gnc2_skipped_pairs"].get<int64_t>(), want.gnc2_skipped_pairs);
+        EXPECT_TRUE(near("nc2_equiangular_mean", "nc2_equiangular_mean", rep["nc2_equiangular_mean"], want.nc2_equiangular_mean));
+        EXPECT_TRUE(near("nc2g_dist_mean", "nc2g_dist_mean", rep["nc2g_dist_mean"], anchors.nc2g_dist_mean));
+        EXPECT_TRUE(near("nc2g_dist_var", "nc2g_dist_var", rep["nc2g_dist_var"], anchors.nc2g_dist_var));
+    }
+}
+
+// cdnv_power 6 on rows of scale 1e-30: ||mu_i - mu_j||^12 ~ 1e-360 is below the double range, the
+// ratio (~1e292) is not. Checked against the same sum in long double (range 1e+-4932).
+TEST(MetricsReferenceClosePairs, CdnvPowerOutsideTheDoubleRange) {
+    const PairCase c = pair_case("tiny_rows", {{1e-30, 2e-30}, {-3e-30, 1e-30}, {2e-30, -4e-30}}, 0.25e-30);
+    collapse_options o = collapse::default_options();
+    o.num_classes = 3;
+    o.cdnv_power = 6.0;
+    collapse::Session s(o);
+    s.ingest_rows(collapse::host_buffer(c.x.data(), 6, c.d), collapse::host_buffer(c.y.data(), 6));
+    const json rep = json::parse(s.compute().json())["overall_analysis"];
+    long double sum = 0;
+    for (int i = 0; i < 3; ++i)
+        for (int j = i + 1; j < 3; ++j) {
+            long double dm2 = 0, vi = 0, vj = 0;
+            for (int k = 0; k < 2; ++k) {
+                const long double mi = ((long double)c.x[(size_t)(4 * i + k)] + c.x[(size_t)(4 * i + 2 + k)]) / 2;
+                const long double mj = ((long double)c.x[(size_t)(4 * j + k)] + c.x[(size_t)(4 * j + 2 + k)]) / 2;
+                dm2 += (mi - mj) * (mi - mj);
+                vi += ((long double)c.x[(size_t)(4 * i + k)] - mi) * ((long double)c.x[(size_t)(4 * i + k)] - mi);
+                vj += ((long double)c.x[(size_t)(4 * j + k)] - mj) * ((long double)c.x[(size_t)(4 * j + k)] - mj);
+            }
+            sum += (vi + vj) / (2 * std::pow(dm2, 6.0L));
+        }
+    const std::optional<double> want = (double)(sum / 3);
+    ASSERT_TRUE(std::isfinite(*want) && *want > 1e250) << *want;
+    EXPECT_TRUE(near("nc1_cdnv", "nc1_cdnv (p = 6, rows of 1e-30)", rep["nc1_cdnv"], want));
+}
+
 }  // namespace
