@@ -80,8 +80,13 @@ AtomicFile::AtomicFile(const std::string& path, const std::string& what) : path_
     }
     const bool exists = ::stat(path_.c_str(), &st) == 0;
     if (exists && !S_ISREG(st.st_mode)) {
-        fd_ = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC);
+        // A FIFO that no process reads would block open() for good: refused (ENXIO) instead.
+        const bool fifo = S_ISFIFO(st.st_mode);
+        fd_ = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC | (fifo ? O_NONBLOCK : 0));
+        if (fd_ < 0 && fifo && errno == ENXIO)
+            fail(COLLAPSE_ERR_IO, "cannot open ", what_, " ", path_, " for writing: it is a FIFO that no process reads");
         if (fd_ < 0) fail(COLLAPSE_ERR_IO, "cannot open ", what_, " ", path_, " for writing: ", std::strerror(errno));
+        if (fifo) (void)::fcntl(fd_, F_SETFL, ::fcntl(fd_, F_GETFL) & ~O_NONBLOCK);  // a reader is there: block on it as on a pipe
         return;
     }
     const std::string dir = dir_of(path_);

@@ -7,7 +7,8 @@
 // the mode of the file it replaces), which is fsync'ed and renamed over the path; the directory is
 // fsync'ed after. A symbolic link is followed: its target is replaced, the link stays.
 // An existing path that is not a regular file (/dev/null, a terminal, a FIFO, /dev/stdout on a
-// pipe) is written straight through: renaming over it would replace the device node.
+// pipe) is written straight through: renaming over it would replace the device node. A FIFO
+// that no process reads is refused (opening it would wait for a reader forever).
 //
 // The temporary file is locked (flock) while it is written. Temporary files of processes killed
 // before they could remove theirs are removed by the next writer of the same path: the name is

@@ -13,6 +13,7 @@
 #include <sstream>
 #include <unordered_set>
 
+#include "base/atomic_file.hpp"
 #include "base/dtype.hpp"
 #include "base/error.hpp"
 #include "base/text.hpp"
@@ -241,21 +242,12 @@ const char* st_name(collapse_dtype t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A file written to "<path>.tmp" and renamed over path on commit(); removed if never committed.
+// A tensor file of a declared data size, written through an AtomicFile (base/atomic_file.hpp: a
+// unique O_EXCL temporary beside it, renamed over the path on commit(); removed if never committed).
 
 class AtomicWriter {
 public:
-    AtomicWriter(const std::string& path, size_t declared_bytes)
-        : path_(path), tmp_(path + ".tmp"), declared_(declared_bytes) {
-        fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd_ < 0) fail(COLLAPSE_ERR_IO, "cannot create ", tmp_, " (for ", path_, "): ", errno_text(errno));
-        buf_.reserve(kBuffer);
-    }
-
-    ~AtomicWriter() {
-        if (fd_ >= 0) ::close(fd_);
-        if (!committed_) ::unlink(tmp_.c_str());
-    }
+    AtomicWriter(const std::string& path, size_t declared_bytes) : file_(path, "tensor file"), declared_(declared_bytes) { buf_.reserve(kBuffer); }
 
     AtomicWriter(const AtomicWriter&) = delete;
     AtomicWriter& operator=(const AtomicWriter&) = delete;
@@ -264,9 +256,9 @@ public:
     void write_header(const std::string& header) { put(header.data(), header.size()); }
 
     void append(const void* data, size_t bytes) {
-        if (committed_) fail(COLLAPSE_ERR_IO, "cannot append to ", path_, ": the writer is already closed");
+        if (committed_) fail(COLLAPSE_ERR_IO, "cannot append to ", file_.path(), ": the writer is already closed");
         if (bytes > declared_ - written_)
-            fail(COLLAPSE_ERR_IO, "cannot append to ", path_, ": ", written_, " + ", bytes,
+            fail(COLLAPSE_ERR_IO, "cannot append to ", file_.path(), ": ", written_, " + ", bytes,
                  " bytes exceeds the declared size of ", declared_, " bytes");
         put(data, bytes);
         written_ += bytes;
@@ -275,34 +267,20 @@ public:
     void commit() {
         if (committed_) return;
         if (written_ != declared_)
-            fail(COLLAPSE_ERR_IO, "cannot close ", path_, ": ", written_,
+            fail(COLLAPSE_ERR_IO, "cannot close ", file_.path(), ": ", written_,
                  " bytes of data were appended, the shape declares ", declared_);
         check_open();
         flush();
-        if (::fsync(fd_) != 0) poison_and_fail("cannot fsync ");
-        const int fd = fd_;
-        fd_ = -1;
-        if (::close(fd) != 0) fail(COLLAPSE_ERR_IO, "cannot close ", tmp_, ": ", errno_text(errno));
-        if (::rename(tmp_.c_str(), path_.c_str()) != 0)
-            fail(COLLAPSE_ERR_IO, "cannot rename ", tmp_, " to ", path_, ": ", errno_text(errno));
+        file_.commit();
         committed_ = true;
-        sync_parent_dir();
     }
 
 private:
     static constexpr size_t kBuffer = size_t(1) << 20;
 
-    // After a failed write the file's contents are unknown, so the writer refuses everything after.
-    [[noreturn]] void poison_and_fail(const char* what) {
-        const int err = errno;
-        ::close(fd_);
-        fd_ = -1;
-        fail(COLLAPSE_ERR_IO, what, tmp_, " (for ", path_, "): ", errno_text(err));
-    }
-
     void check_open() const {
-        if (fd_ < 0)
-            fail(COLLAPSE_ERR_IO, "cannot write ", path_, ": the file is no longer open after an earlier error");
+        if (file_.fd() < 0)
+            fail(COLLAPSE_ERR_IO, "cannot write ", file_.path(), ": the file is no longer open after an earlier error");
     }
 
     void put(const void* data, size_t bytes) {
@@ -324,30 +302,24 @@ private:
         buf_.clear();
     }
 
+    // After a failed write the file's contents are unknown: the temporary file is removed and the
+    // writer refuses everything after.
     void write_all(const uint8_t* p, size_t bytes) {
         while (bytes > 0) {
-            const ssize_t n = ::write(fd_, p, std::min(bytes, size_t(1) << 30));
-            if (n < 0) {
-                if (errno == EINTR) continue;
-                poison_and_fail("cannot write ");
+            const ssize_t n = ::write(file_.fd(), p, std::min(bytes, size_t(1) << 30));
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+                const int err = n < 0 ? errno : EIO;
+                const std::string tmp = file_.temp_path();
+                file_.abandon();
+                fail(COLLAPSE_ERR_IO, "cannot write ", tmp.empty() ? "" : tmp + " (for ", file_.path(), tmp.empty() ? "" : ")", ": ", errno_text(err));
             }
             p += n;
             bytes -= (size_t)n;
         }
     }
 
-    // Makes the rename durable; a failure here loses nothing already written, so it is ignored.
-    void sync_parent_dir() const {
-        const size_t slash = path_.find_last_of('/');
-        const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path_.substr(0, slash));
-        const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd < 0) return;
-        (void)::fsync(dfd);
-        ::close(dfd);
-    }
-
-    std::string path_, tmp_;
-    int fd_ = -1;
+    AtomicFile file_;
     size_t declared_ = 0;
     size_t written_ = 0;
     bool committed_ = false;

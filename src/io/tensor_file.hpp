@@ -98,8 +98,9 @@ private:
 };
 
 // Streaming writers: the shape is fixed up front, data is appended in order, close() checks that
-// exactly the declared number of bytes was written. Files are written to "<path>.tmp" and renamed
-// on close(), so a failed write never leaves a half file under the final name.
+// exactly the declared number of bytes was written. Files are written to a unique temporary file
+// beside the path and renamed on close() (base/atomic_file.hpp), so a failed write never leaves a
+// half file under the final name, and no other file is touched on the way.
 class NpyWriter {
 public:
     NpyWriter(const std::string& path, collapse_dtype dtype, std::vector<int64_t> shape);

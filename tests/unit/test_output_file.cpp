@@ -11,7 +11,6 @@
 #include <cstring>
 #include <filesystem>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -94,11 +93,16 @@ TEST_F(OutputFileTest, DevicesAndFifosAreWrittenStraightThrough) {
 
     const std::string fifo = path("fifo");
     ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
-    std::string got;
-    std::thread reader([&] { got = read_file(fifo); });
+    // Nobody reads it: refused at once (open() would wait for a reader forever, signals or not).
+    expect_error([&] { write_file_atomically(fifo, "x", "report"); }, {"report", fifo, "FIFO that no process reads"});
+    // A reader is there (opened first, so the writer finds it).
+    const int rfd = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    ASSERT_GE(rfd, 0);
     write_file_atomically(fifo, "through the pipe\n", "report");
-    reader.join();
-    EXPECT_EQ(got, "through the pipe\n");
+    char buf[64] = {};
+    const ssize_t n = ::read(rfd, buf, sizeof buf - 1);
+    ::close(rfd);
+    EXPECT_EQ(std::string(buf, n > 0 ? (size_t)n : 0), "through the pipe\n");
     ASSERT_EQ(::lstat(fifo.c_str(), &st), 0);
     EXPECT_TRUE(S_ISFIFO(st.st_mode));
     EXPECT_EQ(entries(), std::vector<std::string>{"fifo"});

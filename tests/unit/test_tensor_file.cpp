@@ -74,6 +74,12 @@ protected:
         pieces.push_back(p);
         expect_io_error([&] { SafetensorsFile f(p); }, pieces);
     }
+    // The writers' temporary files here ("<name>.tmp.<host>-<pid>-XXXXXX", base/atomic_file.hpp).
+    size_t temp_files() const {
+        size_t n = 0;
+        for (const auto& e : std::filesystem::directory_iterator(dir_)) n += e.path().filename().string().find(".tmp.") != std::string::npos;
+        return n;
+    }
 };
 
 size_t nbytes(collapse_dtype t, const std::vector<int64_t>& shape) {
@@ -137,7 +143,7 @@ TEST_F(TensorFileTest, NpyRoundTripEveryDtypeAndRank) {
             // Uneven chunks: append is a byte stream, not element-aligned.
             for (size_t i = 0; i < data.size(); i += 5) w.append(data.data() + i, std::min<size_t>(5, data.size() - i));
             w.close();
-            EXPECT_FALSE(exists(p + ".tmp"));
+            EXPECT_EQ(temp_files(), 0u);
 
             const Tensor tensor = open_npy(p);
             EXPECT_EQ(tensor.dtype, t);
@@ -196,7 +202,7 @@ TEST_F(TensorFileTest, SafetensorsRoundTripEveryDtype) {
     for (size_t i = 0; i < data.size(); i += 7)  // chunks cross tensor boundaries
         w.append(data.data() + i, std::min<size_t>(7, data.size() - i));
     w.close();
-    EXPECT_FALSE(exists(p + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
 
     const std::string raw = read_file(p);
     uint64_t header_len = 0;
@@ -529,7 +535,7 @@ TEST_F(TensorFileTest, NpyWriterRefusesBf16) {
     const std::string p = path("bf.npy");
     expect_io_error([&] { NpyWriter w(p, COLLAPSE_BF16, {4}); }, {p, "bfloat16", "safetensors"});
     EXPECT_FALSE(exists(p));
-    EXPECT_FALSE(exists(p + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
 }
 
 TEST_F(TensorFileTest, WriterByteCountMismatch) {
@@ -546,7 +552,7 @@ TEST_F(TensorFileTest, WriterByteCountMismatch) {
             {p, "24 + 4", "24 bytes"});
     }
     EXPECT_FALSE(exists(p));
-    EXPECT_FALSE(exists(p + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
 
     const std::string q = path("long.safetensors");
     {
@@ -556,7 +562,7 @@ TEST_F(TensorFileTest, WriterByteCountMismatch) {
         expect_io_error([&] { w.close(); }, {q, "3 bytes", "declares 5"});
     }
     EXPECT_FALSE(exists(q));
-    EXPECT_FALSE(exists(q + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
 }
 
 TEST_F(TensorFileTest, WriterIntoMissingDirectory) {
@@ -580,7 +586,25 @@ TEST_F(TensorFileTest, WriterReportsWriteErrors) {
         expect_io_error([&] { w.close(); }, {p});
     }
     EXPECT_FALSE(exists(p));
-    EXPECT_FALSE(exists(p + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
+}
+
+// The writers used "<path>.tmp": a link planted there made `collapse synth` overwrite the file it
+// named, and an unrelated file of that name was lost.
+TEST_F(TensorFileTest, WritersNeverTouchAnotherFile) {
+    write_file(path("victim"), "precious");
+    std::filesystem::create_symlink(path("victim"), path("x.npy.tmp"));
+    write_file(path("x.safetensors.tmp"), "mine");
+    write_npy(path("x.npy"), COLLAPSE_U8, {3}, "abc");
+    SafetensorsWriter w(path("x.safetensors"), {{"a", COLLAPSE_U8, {2}}});
+    w.append("de", 2);
+    w.close();
+    EXPECT_EQ(read_file(path("victim")), "precious");
+    EXPECT_TRUE(std::filesystem::is_symlink(path("x.npy.tmp")));
+    EXPECT_EQ(read_file(path("x.safetensors.tmp")), "mine");
+    EXPECT_FALSE(std::filesystem::is_symlink(path("x.npy")));
+    EXPECT_EQ(open_npy(path("x.npy")).shape, std::vector<int64_t>{3});
+    EXPECT_EQ(temp_files(), 0u);
 }
 
 TEST_F(TensorFileTest, WriterWithoutCloseLeavesNothing) {
@@ -590,12 +614,11 @@ TEST_F(TensorFileTest, WriterWithoutCloseLeavesNothing) {
         NpyWriter w(p, COLLAPSE_F32, {4});
         w.append("abcdefgh", 8);
         SafetensorsWriter s(q, {{"a", COLLAPSE_F32, {1}}});
-        EXPECT_TRUE(exists(p + ".tmp"));
-        EXPECT_TRUE(exists(q + ".tmp"));
+        EXPECT_EQ(temp_files(), 2u);
     }
-    EXPECT_FALSE(exists(p + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
     EXPECT_FALSE(exists(p));
-    EXPECT_FALSE(exists(q + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
     EXPECT_FALSE(exists(q));
 }
 
@@ -620,7 +643,7 @@ TEST_F(TensorFileTest, WriterRefusesBadSpecs) {
     EXPECT_THROW(SafetensorsWriter(p, {{"a", COLLAPSE_F32, {-1}}}), Error);
     EXPECT_THROW(NpyWriter(path("n.npy"), COLLAPSE_F32, {2, -3}), Error);
     EXPECT_THROW(NpyWriter(path("n.npy"), (collapse_dtype)42, {1}), Error);
-    EXPECT_FALSE(exists(p + ".tmp"));
+    EXPECT_EQ(temp_files(), 0u);
     EXPECT_FALSE(exists(path("n.npy.tmp")));
 }
 
