@@ -174,7 +174,10 @@ collapse_status collapse_options_init(collapse_options* options, size_t struct_s
 /* Reads a YAML config file (configs/default.yaml documents every key) into *options.
  * Keys that are not options of a session (log_level, batch_rows, ...) are validated and ignored.
  * exclude_token_ids then points into storage owned by the library that stays valid until the next
- * call of a YAML reader (_from_yaml_file, _from_yaml_string) on the same thread. */
+ * call of a YAML reader (_from_yaml_file, _from_yaml_string) on the same thread, also after that
+ * thread has exited (options read on a start-up thread may create sessions on others).
+ * exclude_special_tokens: true is refused (COLLAPSE_ERR_CONFIG): the special ids come from a
+ * tokenizer, which only the command line reads; list them in exclude_token_ids. */
 collapse_status collapse_options_from_yaml_file_sized(const char* path, collapse_options* options, size_t struct_size);
 collapse_status collapse_options_default(collapse_options* options);
 collapse_status collapse_options_from_yaml_file(const char* path, collapse_options* options);
@@ -276,7 +279,7 @@ collapse_status collapse_report_json(const collapse_report* report, const char**
 /* As collapse_options_from_yaml_file, from YAML text in memory: the same keys, validation and
  * messages; `source` names the text in messages ("<source>:<line>: ..."; NULL: "config").
  * exclude_token_ids points into storage owned by the library, valid until the next call of a YAML
- * reader on the same thread. A macro passes the caller's sizeof, as for the options above (the
+ * reader on the same thread (also after the thread exits). A macro passes the caller's sizeof, as for the options above (the
  * function of its name fills the 0.1.0 struct too). */
 collapse_status collapse_options_from_yaml_string_sized(const char* text, const char* source, collapse_options* options,
                                                        size_t struct_size);

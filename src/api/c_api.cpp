@@ -6,6 +6,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "collapse/collapse.h"
 #include "core/config.hpp"
@@ -124,13 +125,30 @@ collapse_status collapse_options_init(collapse_options* options, size_t struct_s
 }
 
 namespace {
-// The YAML readers' common end: the config, whose exclude_token_ids the options point into, is
-// kept per thread until the next call.
+// The YAML readers' common end: the token ids that options.exclude_token_ids points to are kept
+// per thread until the thread's next call. A server reads its config on one thread and creates
+// sessions on others, so a thread's last ids outlive the thread (moved to a list kept for the
+// process: the ids of each thread that ever read a config with some).
+struct YamlStorage {
+    std::vector<int64_t> ids;
+    ~YamlStorage() {
+        if (ids.empty()) return;
+        static std::mutex m;
+        static auto* kept = new std::vector<std::vector<int64_t>>;  // never freed: reachable
+        const std::lock_guard<std::mutex> lock(m);
+        kept->push_back(std::move(ids));
+    }
+};
+
 void options_from_config(collapse::internal::Config c, collapse_options* options, size_t struct_size) {
-    thread_local collapse::internal::Config storage;
+    thread_local YamlStorage storage;
     collapse::internal::check_options_size(struct_size);
-    storage = std::move(c);
-    collapse::internal::write_options(storage, options, struct_size);
+    std::vector<int64_t> ids = std::move(c.exclude_token_ids);
+    c.exclude_token_ids.clear();
+    collapse::internal::write_options(c, options, struct_size);
+    storage.ids = std::move(ids);  // the previous call's ids are freed here
+    options->exclude_token_ids = storage.ids.empty() ? nullptr : storage.ids.data();
+    options->num_exclude_token_ids = (int64_t)storage.ids.size();
 }
 
 void refuse_special_tokens(const collapse::internal::Config& c, const char* path) {
@@ -366,7 +384,7 @@ collapse_status collapse_report_json(const collapse_report* r, const char** json
     return translate([&] {
         require(r, "report");
         require(json, "json");
-        std::call_once(r->text_once, [r] { r->text = r->doc.dump(2); });
+        std::call_once(r->text_once, [r] { r->text = collapse::internal::json_text(r->doc, 2); });
         *json = r->text.c_str();
     });
 }
@@ -385,7 +403,10 @@ collapse_status collapse_options_from_yaml_string_sized(const char* text, const 
     return translate([&] {
         require(text, "text");
         require(options, "options");
-        options_from_config(collapse::internal::parse_yaml(text, source ? source : "config"), options, struct_size);
+        const char* src = source ? source : "config";
+        collapse::internal::Config c = collapse::internal::parse_yaml(text, src);
+        refuse_special_tokens(c, src);
+        options_from_config(std::move(c), options, struct_size);
     });
 }
 
@@ -409,7 +430,9 @@ collapse_status collapse_analyze_files(const collapse_analysis* a, collapse_repo
             ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "sequence_ids/positions are for the rows layout; the sequence layout tags its rows itself");
         if (given(a->positions) && !given(a->sequence_ids)) ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "positions needs sequence_ids");
         if (given(a->bias) && !given(a->classifier)) ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, "bias needs a classifier");
-        ci::Config cfg = a->config_yaml ? ci::parse_yaml(a->config_yaml, a->config_source ? a->config_source : "config") : ci::Config{};
+        const char* config_source = a->config_source ? a->config_source : "config";
+        ci::Config cfg = a->config_yaml ? ci::parse_yaml(a->config_yaml, config_source) : ci::Config{};
+        refuse_special_tokens(cfg, config_source);
         if (a->batch_rows < 0 || a->num_classes < 0)
             ci::fail(COLLAPSE_ERR_INVALID_ARGUMENT, a->batch_rows < 0 ? "batch_rows" : "num_classes", " must be >= 0");
         if (a->batch_rows > 0) cfg.batch_rows = a->batch_rows;

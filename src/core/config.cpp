@@ -21,6 +21,7 @@
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
+#include "base/json_text.hpp"
 #include "base/error.hpp"
 #include "base/text.hpp"
 #include "base/file.hpp"
@@ -255,6 +256,10 @@ std::vector<Problem> find_problems(const Config& c) {
         out.push_back({"device", "expects a CUDA device ordinal >= 0, got " + std::to_string(c.device_ordinal)});
     if (c.intermediate_save_dir.empty())
         out.push_back({"intermediate_save_dir", "expects a non-empty directory path, got an empty string"});
+    // Reports and checkpoints record it as JSON text; another byte would come back as U+FFFD, and a
+    // resumed or merged run would spill elsewhere.
+    if (!c.intermediate_save_dir.empty() && !is_utf8(c.intermediate_save_dir))
+        out.push_back({"intermediate_save_dir", "expects a UTF-8 path (reports and checkpoints record it as JSON text), got other bytes"});
     if (c.intermediate_save_dir.size() >= sizeof(collapse_options::intermediate_save_dir))
         out.push_back({"intermediate_save_dir", "expects a path shorter than " + std::to_string(sizeof(collapse_options::intermediate_save_dir)) +
                                                     " bytes, got " + std::to_string(c.intermediate_save_dir.size())});

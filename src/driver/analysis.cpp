@@ -177,7 +177,7 @@ std::pair<int64_t, int64_t> rank_share(RowSource& src, int rank, int P) {
 
 AnalysisOutcome run_analysis(Session& session, RowSource& src, const AnalysisOptions& o) {
     AnalysisOutcome out;
-    session.set_input_identity(to_json(src.info()).dump());
+    session.set_input_identity(json_text(to_json(src.info())));
     const int64_t stop = o.end < 0 ? src.length() : o.end;
     if (o.first < 0 || o.first > stop || stop > src.length())
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "positions [", o.first, ", ", stop, ") are not a range of the input's ", src.length());
@@ -198,7 +198,7 @@ AnalysisOutcome run_analysis(Session& session, RowSource& src, const AnalysisOpt
             if (start < o.first || start > stop)
                 fail(COLLAPSE_ERR_INVALID_ARGUMENT, "cannot resume from ", o.checkpoint, ": its input position ", start,
                      " lies outside this process's share [", o.first, ", ", stop, ")");
-            session.set_input_identity(to_json(src.info()).dump());
+            session.set_input_identity(json_text(to_json(src.info())));
             out.resumed_at = start;
         }
     }

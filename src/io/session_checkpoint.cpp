@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.hpp"
+#include "base/json_text.hpp"
 #include "io/checkpoint_file.hpp"
 
 namespace collapse::internal::io {
@@ -42,7 +43,7 @@ std::string meta_text(const CheckpointMeta& m) {
     for (const auto& r : m.skipped_ranges) ranges.push_back({r.first, r.second});
     j["skipped_ranges"] = ranges;
     j["input_identity"] = m.input_identity;
-    return j.dump();
+    return json_text(j);
 }
 
 // Each field present with its type; every refusal names the file and the field.

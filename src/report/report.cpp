@@ -292,7 +292,7 @@ void add_token_strings(nlohmann::json& doc, const io::Tokenizer& tok) {
 }
 
 void write_report_file(const nlohmann::json& doc, const std::string& path) {
-    write_file_atomically(path, doc.dump(2) + "\n", "report");
+    write_file_atomically(path, json_text(doc, 2) + "\n", "report");
 }
 
 bool report_scalar(const nlohmann::json& doc, const std::string& key, double* value, bool* is_null) {

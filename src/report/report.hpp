@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/json_text.hpp"
 #include "core/config.hpp"
 #include "core/metrics.hpp"
 

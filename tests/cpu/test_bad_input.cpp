@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -23,6 +24,7 @@
 #include "common/capi_helpers.hpp"
 #include "common/file_helpers.hpp"
 #include "core/config.hpp"
+#include "io/tensor_file.hpp"
 
 #include "common/compare.hpp"
 
@@ -1029,3 +1031,41 @@ TEST_F(BadConfigFile, OversizedFileIsRefused) {
 }
 
 }  // namespace
+
+// Text that is not UTF-8 (legal in POSIX paths) made every JSON of the report fail with
+// COLLAPSE_ERR_INTERNAL, after the compute had used the session up: input paths and the command are
+// now written with U+FFFD for such bytes; a spill directory, which checkpoints record and a resume
+// reads back, is refused when the session is created.
+TEST(BadInputText, TextThatIsNotUtf8) {
+    collapse_options o;
+    ASSERT_EQ(collapse_options_default(&o), COLLAPSE_OK);
+    o.num_classes = 3;
+    std::snprintf(o.intermediate_save_dir, sizeof o.intermediate_save_dir, "%s", (::testing::TempDir() + "caf\xe9").c_str());
+    collapse_session* s = nullptr;
+    EXPECT_NE(collapse_session_create(&o, &s), COLLAPSE_OK);
+    EXPECT_EQ(s, nullptr);
+    EXPECT_NE(std::string(collapse_last_error()).find("intermediate_save_dir"), std::string::npos) << collapse_last_error();
+
+    const std::string dir = ::testing::TempDir();
+    const std::string features = dir + "caf\xe9_features.npy", labels = dir + "caf\xe9_labels.npy";
+    const float x[6] = {1, 2, 3, 4, 5, 7};
+    const int64_t y[3] = {0, 1, 1};
+    collapse::internal::io::write_npy(features, COLLAPSE_F32, {3, 2}, x);
+    collapse::internal::io::write_npy(labels, COLLAPSE_I64, {3}, y);
+    collapse_analysis a;
+    std::memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.features = features.c_str();
+    a.labels = labels.c_str();
+    a.command = "caf\xe9 --run";
+    collapse_report* r = nullptr;
+    ASSERT_EQ(collapse_analyze_files(&a, &r), COLLAPSE_OK) << collapse_last_error();
+    const char* text = nullptr;
+    ASSERT_EQ(collapse_report_json(r, &text), COLLAPSE_OK) << collapse_last_error();
+    const nlohmann::json doc = nlohmann::json::parse(text);
+    EXPECT_NE(doc.dump().find("caf\xEF\xBF\xBD_features.npy"), std::string::npos);  // the byte became U+FFFD
+    EXPECT_EQ(doc["counts"]["rows_seen"], 3);
+    collapse_report_destroy(r);
+    std::remove(features.c_str());
+    std::remove(labels.c_str());
+}

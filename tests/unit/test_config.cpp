@@ -12,6 +12,7 @@
 #include <fstream>
 #include <limits>
 #include <set>
+#include <thread>
 
 #include "core/config.hpp"
 #include "base/error.hpp"
@@ -719,4 +720,42 @@ TEST(OptionsAbi, YamlReadersWriteOnlyTheCallersStruct) {
     EXPECT_EQ(std::memcmp(static_cast<const void*>(&o), before, sizeof o), 0);
     EXPECT_EQ(o.exclude_token_ids[1], 3);  // the previous call's storage is kept
     EXPECT_EQ(collapse_options_from_yaml_file_sized(path.c_str(), &o, sizeof o + 8), COLLAPSE_ERR_INVALID_ARGUMENT);
+}
+
+// A server reads its config on a start-up thread and creates sessions on others: the storage that
+// exclude_token_ids points into was freed when the reading thread exited (a use after free that
+// ASan and valgrind see; natively the session refused a garbage token id).
+TEST(OptionsAbi, YamlStorageOutlivesTheReadingThread) {
+    collapse_options o;
+    collapse_status st = COLLAPSE_ERR_INTERNAL;
+    std::thread reader([&] { st = collapse_options_from_yaml_string("num_classes: 5\nexclude_token_ids: [3, 1]\n", "t.yaml", &o); });
+    reader.join();
+    ASSERT_EQ(st, COLLAPSE_OK);
+    ASSERT_EQ(o.num_exclude_token_ids, 2);
+    EXPECT_EQ(o.exclude_token_ids[0], 1);
+    EXPECT_EQ(o.exclude_token_ids[1], 3);
+    collapse_session* s = nullptr;
+    ASSERT_EQ(collapse_session_create(&o, &s), COLLAPSE_OK) << collapse_last_error();
+    collapse_session_destroy(s);
+}
+
+// exclude_special_tokens needs a tokenizer, which only the command line reads: every C API reader
+// of YAML refuses it (the string reader and collapse_analyze_files took it and excluded nothing,
+// and the latter's report said it had).
+TEST(OptionsAbi, ExcludeSpecialTokensIsRefusedByEveryCReader) {
+    collapse_options o;
+    EXPECT_EQ(collapse_options_from_yaml_string("exclude_special_tokens: true\n", "t.yaml", &o), COLLAPSE_ERR_CONFIG);
+    EXPECT_NE(std::string(collapse_last_error()).find("t.yaml: exclude_special_tokens: true needs a tokenizer"), std::string::npos)
+        << collapse_last_error();
+    collapse_analysis a;
+    std::memset(&a, 0, sizeof a);
+    a.struct_size = sizeof a;
+    a.features = "never-opened.npy";
+    a.labels = "never-opened.npy";
+    a.config_yaml = "exclude_special_tokens: true\n";
+    a.config_source = "server.yaml";
+    collapse_report* r = nullptr;
+    EXPECT_EQ(collapse_analyze_files(&a, &r), COLLAPSE_ERR_CONFIG);
+    EXPECT_EQ(r, nullptr);
+    EXPECT_NE(std::string(collapse_last_error()).find("server.yaml: exclude_special_tokens"), std::string::npos) << collapse_last_error();
 }
