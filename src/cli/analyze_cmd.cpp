@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cli/cli_checks.hpp"
 #include "core/config.hpp"
 #include "base/dtype.hpp"
 #include "base/error.hpp"
@@ -118,6 +119,9 @@ struct Input {
 };
 
 Input open_input(const AnalyzeArgs& a, bool quiet) {
+    if (a.safetensors.empty() && (a.keys_given || !a.classifier_key.empty() || !a.hidden_key.empty() || !a.input_ids_key.empty() ||
+                                  !a.attention_mask_key.empty()))
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a --*-key option names a tensor of --safetensors FILE, which was not given");
     const bool rows_flags = !a.features.empty() || !a.labels.empty() || !a.mask.empty();
     const bool seq_flags = !a.hidden.empty() || !a.input_ids.empty() || !a.attention_mask.empty() || !a.hidden_key.empty() ||
                            !a.input_ids_key.empty() || !a.attention_mask_key.empty();
@@ -129,8 +133,6 @@ Input open_input(const AnalyzeArgs& a, bool quiet) {
     if (!a.synthetic && !files)
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "no input: give --features F --labels L, --hidden H --input-ids I, ",
              "--safetensors FILE, or --synthetic for the built-in synthetic data set");
-    if (a.safetensors.empty() && (a.keys_given || !a.classifier_key.empty()))
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "a --*-key option names a tensor of --safetensors FILE, which was not given");
     if (!a.safetensors.empty() && (!a.features.empty() || !a.labels.empty() || !a.mask.empty() || !a.hidden.empty() ||
                                    !a.input_ids.empty() || !a.attention_mask.empty()))
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--safetensors reads its tensors by key (--features-key, --hidden-key, ...); ",
@@ -372,6 +374,8 @@ void check_files(const AnalyzeArgs& a) {
         if (!path->empty()) in.push_back({what, *path});
     out.push_back({"--output", a.output});
     if (!a.checkpoint.empty()) out.push_back({"--checkpoint", a.checkpoint});
+    if (!a.export_dir.empty())
+        for (const std::string& name : export_file_names()) out.push_back({"--export-dir", a.export_dir + "/" + name});
     io::check_outputs_distinct(in, out);
 }
 
@@ -443,6 +447,10 @@ int run_analyze(const AnalyzeArgs& a) {
     const bool debug = !a.quiet && cfg.log_level == "debug";
 
     if (!a.export_dir.empty()) prepare_export_dir(a.export_dir);  // before any work
+    // A missing or read-only directory is found now, not after the whole run (after the export
+    // directory exists: -o may be inside it).
+    io::check_output_writable({"--output", a.output});
+    if (!a.checkpoint.empty()) io::check_output_writable({"--checkpoint", a.checkpoint});
     if (g_ranks.active && cfg.backend == COLLAPSE_BACKEND_CUDA) {
 #if COLLAPSE_HAVE_MPI
         // The ranks of a node spread over its GPUs unless the config names one, which they all use.
@@ -591,9 +599,9 @@ void add_analyze_command(CLI::App& app) {
     sub->add_option("--attention-mask-key", args->attention_mask_key, "safetensors: attention mask tensor name");
     sub->add_option("--config", args->config, "YAML config (see configs/default.yaml)");
     sub->add_option("--batch-rows", args->batch_rows, "rows per batch (default 65536, or the config's batch_rows)")
-        ->check(CLI::PositiveNumber);
+        ->check(positive());
     sub->add_option("--num-classes", args->num_classes, "V (default: classifier rows, else the largest label + 1)")
-        ->check(CLI::PositiveNumber);
+        ->check(positive());
     sub->add_option("--backend", args->backend, "cpu or cuda (overrides the config)")->check(CLI::IsMember({"cpu", "cuda"}));
     sub->add_option("--output,-o", args->output, "report path")->capture_default_str();
     sub->add_flag("--quiet,-q", args->quiet, "no progress and no summary");

@@ -8,6 +8,7 @@
 
 #include "base/atomic_file.hpp"
 #include "base/error.hpp"
+#include "base/json_text.hpp"
 #include "io/output_file.hpp"
 #include "report/compare.hpp"
 
@@ -22,11 +23,14 @@ struct CompareArgs {
 
 void run_compare(const CompareArgs& args) {
     if (args.top < 1) fail(COLLAPSE_ERR_INVALID_ARGUMENT, "--top must be at least 1, got ", args.top);
-    if (!args.output.empty()) io::check_outputs_distinct({{"A", args.a}, {"B", args.b}}, {{"--output", args.output}});
+    if (!args.output.empty()) {
+        io::check_outputs_distinct({{"A", args.a}, {"B", args.b}}, {{"--output", args.output}});
+        io::check_output_writable({"--output", args.output});
+    }
     const nlohmann::json a = read_report_file(args.a);
     const nlohmann::json b = read_report_file(args.b);
     const nlohmann::json cmp = compare_reports(a, b, args.top, args.a, args.b);
-    if (!args.output.empty()) write_file_atomically(args.output, cmp.dump(2) + "\n", "comparison");
+    if (!args.output.empty()) write_file_atomically(args.output, json_text(cmp, 2) + "\n", "comparison");
     std::fputs(format_comparison(cmp).c_str(), stdout);
 }
 

@@ -28,7 +28,11 @@ int main(int argc, char** argv) {
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
-        return app.exit(e);
+        // --help, --version and a command's own exit status (CLI::RuntimeError) as CLI11 gives them;
+        // every usage error is one line and status 1, as every other error.
+        if (e.get_exit_code() == 0 || dynamic_cast<const CLI::RuntimeError*>(&e)) return app.exit(e);
+        std::fprintf(stderr, "collapse: error: %s (collapse --help, collapse <command> --help)\n", e.what());
+        return 1;
     } catch (const collapse::internal::driver::AnalysisInterrupted& e) {
         std::fprintf(stderr, "collapse: interrupted by signal %d: stopped, temporary files removed, no report written\n",
                      e.signal);

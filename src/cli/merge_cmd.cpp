@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/session.hpp"
+#include "io/output_file.hpp"
 #include "io/session_checkpoint.hpp"
 
 namespace collapse::internal {
@@ -21,6 +22,12 @@ struct MergeArgs {
 };
 
 void run_merge(const MergeArgs& a) {
+    // A shard given twice would count its rows twice; the merged file must not replace a shard.
+    std::vector<io::FileArg> in;
+    for (const std::string& p : a.inputs) in.push_back({"checkpoint", p});
+    io::check_inputs_distinct(in, "its rows would be counted twice");
+    io::check_outputs_distinct(in, {{"--output", a.output}});
+    io::check_output_writable({"--output", a.output});
     // The first checkpoint's config; every other must agree on V, d and the state-affecting keys.
     Session session(io::checkpoint_config(a.inputs.front()));
     io::load_checkpoint(session, a.inputs.front());

@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
@@ -12,6 +13,7 @@
 #include <system_error>
 #include <vector>
 
+#include "cli/cli_checks.hpp"
 #include "base/dtype.hpp"
 #include "base/error.hpp"
 #include "core/synth.hpp"
@@ -67,12 +69,25 @@ public:
         for (int64_t r = 0; r < s.rows; r += chunk_) {
             const int64_t n = std::min(chunk_, s.rows - r);
             gen_.labels(r, n, labels_.data());
-            if (with_features) gen_.features(r, n, labels_.data(), features_.data());
+            if (with_features) {
+                gen_.features(r, n, labels_.data(), features_.data());
+                check_finite(r, n);
+            }
             fn(r, n, labels_.data(), with_features ? features_.data() : nullptr);
         }
     }
 
 private:
+    // --mean-norm or --noise past the dtype's range (f16's largest value is 65504) gave a data set
+    // of inf that analyze then refused: refused here, before any file is committed.
+    void check_finite(int64_t r, int64_t n) const {
+        const SynthSpec& s = gen_.spec();
+        for (int64_t i = 0; i < n * s.dim; ++i)
+            if (!std::isfinite(load_as_double(features_.data(), s.dtype, i)))
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: row ", r + i / s.dim, " has a value outside the range of ", dtype_name(s.dtype),
+                     ": lower --mean-norm (", s.mean_norm, ") or --noise (", s.noise, "), or choose a wider --dtype");
+    }
+
     const SynthGenerator& gen_;
     int64_t chunk_;
     std::vector<int32_t> labels_;
@@ -118,7 +133,18 @@ void run_synth(const SynthOptions& o) {
     int64_t chunk = std::min(o.chunk_rows, N);
     if (T != 0) chunk = std::max<int64_t>(T, chunk / T * T);
 
+    // Refused before anything is written when the file system cannot hold the data set.
     std::error_code ec;
+    {
+        const size_t fbytes = dtype_size(spec.dtype);
+        const double need = (double)N * (double)d * (double)fbytes * (T != 0 ? 2 : 1) + (double)N * 4 * (T != 0 ? 2 : 1) + (double)V * d * 4;
+        fs::path probe = fs::absolute(o.output_dir, ec);
+        while (!probe.empty() && !fs::exists(probe, ec) && probe != probe.parent_path()) probe = probe.parent_path();
+        const fs::space_info sp = fs::space(probe, ec);
+        if (!ec && need > (double)sp.available)
+            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: the data set needs about ", human_bytes((uintmax_t)need), ", the file system of ",
+                 probe.string(), " has ", human_bytes(sp.available), " free (lower --rows or --dim)");
+    }
     fs::create_directories(o.output_dir, ec);
     if (ec || !fs::is_directory(o.output_dir))
         fail(COLLAPSE_ERR_IO, "synth: cannot create output directory ", o.output_dir, ": ",
@@ -143,6 +169,8 @@ void run_synth(const SynthOptions& o) {
             hidden = std::make_unique<io::NpyWriter>((dir / "hidden_states.npy").string(), spec.dtype, hidden_shape);
             input_ids = std::make_unique<io::NpyWriter>((dir / "input_ids.npy").string(), COLLAPSE_I32, seq_shape);
         }
+        io::NpyWriter clf((dir / "classifier.npy").string(), COLLAPSE_F32, {V, d});
+        clf.append(classifier.data(), classifier.size() * sizeof(float));
         rows.run(true, [&](int64_t, int64_t n, const int32_t* y, const void* x) {
             features.append(x, (size_t)n * feature_row_bytes);
             labels.append(y, (size_t)n * sizeof(int32_t));
@@ -152,9 +180,12 @@ void run_synth(const SynthOptions& o) {
                 input_ids->append(ids.data(), ids.size() * sizeof(int32_t));
             }
         });
+        // Every file's rows are appended before the first is renamed into place: a write that fails
+        // on the way (a full disk) leaves the directory as it was, not new features beside an old
+        // classifier. (Only each file's last buffer and fsync come later.)
         features.close();
         labels.close();
-        io::write_npy((dir / "classifier.npy").string(), COLLAPSE_F32, {V, d}, classifier.data());
+        clf.close();
         written = {"features.npy", "labels.npy", "classifier.npy"};
         if (T != 0) {
             hidden->close();
@@ -208,27 +239,27 @@ void add_synth_command(CLI::App& app) {
     auto o = std::make_shared<SynthOptions>();
     CLI::App* sub = app.add_subcommand("synth", "Write a deterministic synthetic data set with controlled neural collapse");
     SynthSpec& s = o->spec;
-    sub->add_option("--rows", s.rows, "rows N")->capture_default_str()->check(CLI::PositiveNumber);
-    sub->add_option("--dim", s.dim, "feature width d")->capture_default_str()->check(CLI::PositiveNumber);
-    sub->add_option("--classes", s.classes, "classes V (token ids 0..V-1)")->capture_default_str()->check(CLI::PositiveNumber);
-    sub->add_option("--zipf", s.zipf_s, "label frequencies ~ rank^-s")->capture_default_str()->check(CLI::NonNegativeNumber);
+    sub->add_option("--rows", s.rows, "rows N")->capture_default_str()->check(positive());
+    sub->add_option("--dim", s.dim, "feature width d")->capture_default_str()->check(positive());
+    sub->add_option("--classes", s.classes, "classes V (token ids 0..V-1)")->capture_default_str()->check(positive());
+    sub->add_option("--zipf", s.zipf_s, "label frequencies ~ rank^-s")->capture_default_str()->check(non_negative());
     sub->add_option("--collapse", s.collapse, "0 = random means and full noise, 1 = simplex ETF and no noise")
         ->capture_default_str()
         ->check(CLI::Range(0.0, 1.0));
-    sub->add_option("--noise", s.noise, "within-class std per coordinate at collapse 0")->capture_default_str()->check(CLI::NonNegativeNumber);
-    sub->add_option("--mean-norm", s.mean_norm, "norm of every class mean")->capture_default_str()->check(CLI::PositiveNumber);
+    sub->add_option("--noise", s.noise, "within-class std per coordinate at collapse 0")->capture_default_str()->check(non_negative());
+    sub->add_option("--mean-norm", s.mean_norm, "norm of every class mean")->capture_default_str()->check(positive());
     sub->add_option("--classifier-noise", s.classifier_noise, "classifier = unit means + this std per coordinate")
         ->capture_default_str()
-        ->check(CLI::NonNegativeNumber);
+        ->check(non_negative());
     sub->add_option("--seed", s.seed, "random seed")->capture_default_str();
     sub->add_option("--dtype", o->dtype, "feature dtype")->capture_default_str()->check(CLI::IsMember({"f32", "f16", "bf16", "f64"}));
     sub->add_option("--format", o->format, "output format")->capture_default_str()->check(CLI::IsMember({"npy", "safetensors"}));
     sub->add_option("--output-dir", o->output_dir, "directory to write (created if needed)")->required();
-    sub->add_option("--chunk-rows", o->chunk_rows, "rows generated and written per chunk")->capture_default_str()->check(CLI::PositiveNumber);
+    sub->add_option("--chunk-rows", o->chunk_rows, "rows generated and written per chunk")->capture_default_str()->check(positive());
     sub->add_option("--sequences", o->sequences,
                     "also write the sequence layout hidden_states [N/T, T, d] and input_ids [N/T, T] "
                     "(input_ids[b, t+1] = label of row b*T+t); T must divide --rows")
-        ->check(CLI::Range(int64_t(2), std::numeric_limits<int64_t>::max()));
+        ->check(number_from(2, false));
     sub->add_flag("--quiet", o->quiet, "print nothing on success");
     sub->callback([o] { run_synth(*o); });
 }

@@ -1,6 +1,7 @@
 #include "driver/row_source.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 
 #include <nlohmann/json.hpp>
@@ -50,6 +51,8 @@ void require_integer(const io::Tensor& t, const char* role) {
 }
 
 // The largest label + 1, read in pieces with pread (a file that changes under the run is an error).
+// A label past the engine's class limit (2^31 - 1) is named with its place here: "largest + 1"
+// of 2^63 - 1 overflowed, and the error then named another row.
 int64_t scan_label_bound(const io::Tensor& t) {
     const io::Tensor flat = [&] {
         io::Tensor f = t;
@@ -57,12 +60,21 @@ int64_t scan_label_bound(const io::Tensor& t) {
         return f;
     }();
     std::vector<uint8_t> buf;
-    int64_t mx = -1;
+    int64_t mx = -1, at = -1;
     constexpr int64_t kPiece = 1 << 20;
     for (int64_t i0 = 0; i0 < flat.numel(); i0 += kPiece) {
         const int64_t n = std::min(kPiece, flat.numel() - i0);
         const void* p = flat.read_rows(i0, n, buf);
-        for (int64_t i = 0; i < n; ++i) mx = std::max(mx, load_as_int(p, t.dtype, i));
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t v = load_as_int(p, t.dtype, i);
+            if (v > mx) mx = v, at = i0 + i;
+        }
+    }
+    if (mx >= INT32_MAX) {
+        const bool seqs = t.shape.size() == 2 && t.shape[1] > 1;
+        const std::string where = seqs ? "sequence " + std::to_string(at / t.shape[1]) + ", position " + std::to_string(at % t.shape[1])
+                                       : "row " + std::to_string(at);
+        fail(COLLAPSE_ERR_BAD_INPUT, "label ", mx, " at ", where, " of '", t.name, "' is too large: class ids must be below 2^31 - 1");
     }
     return mx + 1;
 }

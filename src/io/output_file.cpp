@@ -1,7 +1,12 @@
 #include "io/output_file.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cstdlib>
+
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 
 #include "base/error.hpp"
@@ -58,6 +63,40 @@ void check_outputs_distinct(const std::vector<FileArg>& inputs, const std::vecto
                 fail(COLLAPSE_ERR_INVALID_ARGUMENT, "output ", named(outputs[o]), " is the same file as output ", named(outputs[p]),
                      ": one would overwrite the other");
     }
+}
+
+void probe_writable_dir(const std::string& dir, const std::string& what) {
+    // A probe file: access() says yes to root even on a read-only mount.
+    std::string probe = (dir.empty() ? std::string(".") : dir) + "/.collapse-probe-XXXXXX";
+    const int fd = ::mkstemp(probe.data());
+    if (fd < 0) fail(COLLAPSE_ERR_IO, "cannot write ", what, ": cannot create a file in its directory ", dir, ": ", std::strerror(errno));
+    ::close(fd);
+    ::unlink(probe.c_str());
+}
+
+void check_output_writable(const FileArg& output) {
+    std::error_code ec;
+    std::string target = output.path;
+    if (std::filesystem::is_symlink(target, ec)) {  // AtomicFile replaces the link's target
+        const auto c = std::filesystem::weakly_canonical(target, ec);
+        if (!ec) target = c.string();
+    }
+    struct stat st;
+    if (::stat(target.c_str(), &st) == 0) {
+        if (S_ISDIR(st.st_mode)) fail(COLLAPSE_ERR_IO, "cannot write ", named(output), ": it is a directory");
+        if (!S_ISREG(st.st_mode)) return;
+    }
+    const size_t slash = target.find_last_of('/');
+    probe_writable_dir(slash == std::string::npos ? "." : (slash == 0 ? "/" : target.substr(0, slash)), named(output));
+}
+
+void check_inputs_distinct(const std::vector<FileArg>& inputs, const std::string& why) {
+    std::vector<Identity> in;
+    for (const FileArg& f : inputs) in.push_back(identify(f.path));
+    for (size_t i = 0; i < inputs.size(); ++i)
+        for (size_t j = 0; j < i; ++j)
+            if (in[i].exists && in[i].same(in[j]))
+                fail(COLLAPSE_ERR_INVALID_ARGUMENT, "input ", named(inputs[i]), " is the same file as input ", named(inputs[j]), ": ", why);
 }
 
 }  // namespace collapse::internal::io

@@ -22,4 +22,17 @@ struct FileArg {
 // reader's error.
 void check_outputs_distinct(const std::vector<FileArg>& inputs, const std::vector<FileArg>& outputs);
 
+// Refuses (COLLAPSE_ERR_IO, naming the option, the path and the reason) an output whose directory
+// does not exist or cannot be written, or that is a directory, before any work: a typo in -o cost
+// the whole run. A device or FIFO (written straight through) is left to its writer.
+void check_output_writable(const FileArg& output);
+
+// Refuses (COLLAPSE_ERR_IO, "cannot write <what>: ...") a directory in which no file can be created,
+// by creating and removing a probe file there.
+void probe_writable_dir(const std::string& dir, const std::string& what);
+
+// Refuses (COLLAPSE_ERR_INVALID_ARGUMENT, naming both and `why`) two inputs that are the same
+// existing file, by (st_dev, st_ino): `collapse merge a.ckpt a.ckpt` counted every row twice.
+void check_inputs_distinct(const std::vector<FileArg>& inputs, const std::string& why);
+
 }  // namespace collapse::internal::io

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "base/error.hpp"
+#include "io/output_file.hpp"
 #include "io/tensor_file.hpp"
 
 namespace collapse::internal {
@@ -48,11 +49,20 @@ std::string csv_value(const nlohmann::json& v) {
 
 void write_npy_file(const std::string& dir, const std::string& name, collapse_dtype dtype, const std::vector<int64_t>& shape,
                     const void* data, std::vector<std::string>& written) {
+    const std::vector<std::string>& known = export_file_names();
+    if (std::find(known.begin(), known.end(), name) == known.end()) fail(COLLAPSE_ERR_INTERNAL, "exports: ", name, " is not in export_file_names()");
     write_file_atomically(dir + "/" + name, io::npy_bytes(dtype, shape, data), "export");
     written.push_back(name);
 }
 
 }  // namespace
+
+const std::vector<std::string>& export_file_names() {
+    static const std::vector<std::string> names = {"class_means.npy",     "class_ids.npy",    "num_samples.npy", "mean_norm.npy",
+                                                   "within_variance.npy", "duality_cos.npy",  "duality_dot.npy", "nc4_hit_rate.npy",
+                                                   "nc4_rows.npy",        "svd_entropy.npy",  "sigma_w.npy",     "token_analysis.csv"};
+    return names;
+}
 
 void prepare_export_dir(const std::string& dir) {
     namespace fs = std::filesystem;
@@ -64,12 +74,7 @@ void prepare_export_dir(const std::string& dir) {
         fs::create_directories(dir, ec);
         if (ec) fail(COLLAPSE_ERR_IO, "--export-dir ", dir, ": cannot create the directory: ", ec.message());
     }
-    // Writable: a probe file (access() says yes to root even on a read-only mount).
-    std::string probe = dir + "/.collapse-export-probe-XXXXXX";
-    const int fd = ::mkstemp(probe.data());
-    if (fd < 0) fail(COLLAPSE_ERR_IO, "--export-dir ", dir, ": cannot create a file there: ", std::strerror(errno));
-    ::close(fd);
-    ::unlink(probe.c_str());
+    io::probe_writable_dir(dir, "--export-dir " + dir);
 }
 
 std::string token_table_csv(const nlohmann::json& doc, const std::vector<int64_t>& ids) {

@@ -28,4 +28,9 @@ int64_t token_table_csv_bound(const nlohmann::json& doc, const std::vector<int64
 // `budget` before any of it exists: a refusal names --export-dir and leaves no file written.
 std::vector<std::string> write_exports(const std::string& dir, const Result& r, const nlohmann::json& doc, HostBudget& budget);
 
+// The names of every file write_exports may write (the CLI keeps them apart from its inputs and
+// other outputs before any work: re-analysing exported means into the same directory overwrote
+// the input).
+const std::vector<std::string>& export_file_names();
+
 }  // namespace collapse::internal

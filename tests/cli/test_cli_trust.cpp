@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdint>
 #include <filesystem>
 #include <string>
 #include <thread>
@@ -229,6 +230,113 @@ TEST_F(CliTrust, SignalEndsTheRunCleanly) {
         std::error_code ec;
         EXPECT_FALSE(fs::exists(path("spill"), ec) && !fs::is_empty(path("spill"), ec)) << "spill files left behind";
     }
+}
+
+// Hostile-input audit (2026-12-02): each case below is what a user hit.
+
+// Usage errors exited with CLI11's own codes (104-109) and messages ("Value 0 not in range
+// 0.000000 to 1797693134862315708...", "abc" "not in range"): now one line and status 1.
+TEST_F(CliTrust, UsageErrorsAreOneLineAndStatusOne) {
+    const std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+        {"analyze -q --synthetic --batch-rows 0 -o x.json", {"--batch-rows", "must be > 0, got 0"}},
+        {"analyze -q --synthetic --num-classes abc -o x.json", {"--num-classes", "'abc' is not a number"}},
+        {"analyze -q --synthetic --bogus -o x.json", {"--bogus"}},
+        {"synth --output-dir s --noise inf", {"--noise", "finite"}},
+        {"synth", {"--output-dir"}},
+        {"frobnicate", {"subcommand"}},
+    };
+    for (const auto& [args, needles] : cases) {
+        SCOPED_TRACE(args);
+        expect_error(args, needles);
+        EXPECT_EQ(run(args).status, 1);
+    }
+    EXPECT_FALSE(fs::exists(path("x.json")));
+    EXPECT_FALSE(fs::exists(path("s")));
+    EXPECT_EQ(run("--version").status, 0);
+}
+
+// A --*-key of the sequence layout without --safetensors was silently ignored.
+TEST_F(CliTrust, EveryKeyWithoutSafetensorsIsRefused) {
+    for (const char* key : {"--hidden-key h", "--input-ids-key i", "--attention-mask-key m", "--mask-key m"})
+        expect_error("analyze -q " + rows("A") + " " + key + " -o x.json", {"--safetensors", "not given"});
+    EXPECT_FALSE(fs::exists(path("x.json")));
+}
+
+// Re-analysing exported class means into the same --export-dir overwrote the input, and an
+// --output inside it was replaced by an export.
+TEST_F(CliTrust, ExportsNeverReplaceInputsOrOutputs) {
+    fs::create_directory(path("E"));
+    fs::copy_file(path("A/features.npy"), path("E/class_means.npy"));
+    const std::string before = testutil::slurp(path("E/class_means.npy"));
+    expect_error("analyze -q --features E/class_means.npy --labels A/labels.npy --export-dir E -o r.json", {"--export-dir", "--features"});
+    EXPECT_EQ(testutil::slurp(path("E/class_means.npy")), before);
+    expect_error("analyze -q " + rows("A") + " --export-dir F -o F/class_means.npy", {"--export-dir", "--output"});
+    EXPECT_FALSE(fs::exists(path("r.json")));
+}
+
+// An int64 label of 2^63 - 1 made "largest label + 1" overflow (undefined behaviour), and the
+// error then named row 0's valid label.
+TEST_F(CliTrust, HugeLabelIsNamedWithItsRow) {
+    std::vector<int64_t> y(20, 1);
+    y[5] = INT64_MAX;
+    io::write_npy(path("y.npy"), COLLAPSE_I64, {20}, y.data());
+    std::vector<float> x(20 * 4, 0.5f);
+    io::write_npy(path("x.npy"), COLLAPSE_F32, {20, 4}, x.data());
+    expect_error("analyze -q --features x.npy --labels y.npy -o r.json", {"label 9223372036854775807", "row 5", "y.npy", "2^31 - 1"});
+    EXPECT_FALSE(fs::exists(path("r.json")));
+}
+
+// A FIFO as --output with no reader blocked open() for good, through SIGINT and SIGTERM.
+TEST_F(CliTrust, FifoWithoutReaderIsRefused) {
+    ASSERT_EQ(::mkfifo(path("out.fifo").c_str(), 0600), 0);
+    expect_error("analyze -q " + rows("A") + " -o out.fifo", {"out.fifo", "FIFO that no process reads"});
+}
+
+// A path that is not UTF-8 (legal on Linux) made the report's JSON fail after the whole run.
+TEST_F(CliTrust, PathsThatAreNotUtf8AreReported) {
+    const std::string name = "f\xff.npy";
+    fs::copy_file(path("A/features.npy"), path(name));
+    run_ok("analyze -q --features " + quote(name) + " --labels A/labels.npy -o r.json");
+    EXPECT_EQ(report("r.json")["input"]["tensors"][0]["path"], "f\xEF\xBF\xBD.npy");  // U+FFFD for the byte
+    EXPECT_EQ(report("r.json")["overall_analysis"], [&] {
+        run_ok("analyze -q " + rows("A") + " -o a.json");
+        return report("a.json")["overall_analysis"];
+    }());
+}
+
+// `merge s.ckpt s.ckpt` counted every row twice; `merge a b -o a` replaced a shard.
+TEST_F(CliTrust, MergeRefusesAShardTwiceAndOutputOverAShard) {
+    run_ok("analyze -q " + rows("A") + " --checkpoint a.ckpt -o a.json");
+    run_ok("analyze -q " + rows("B") + " --checkpoint b.ckpt -o b.json");
+    expect_error("merge a.ckpt ./a.ckpt -o m.ckpt", {"a.ckpt", "same file", "counted twice"});
+    const std::string before = testutil::slurp(path("a.ckpt"));
+    expect_error("merge a.ckpt b.ckpt -o a.ckpt", {"--output", "a.ckpt", "same file"});
+    EXPECT_EQ(testutil::slurp(path("a.ckpt")), before);
+    EXPECT_FALSE(fs::exists(path("m.ckpt")));
+}
+
+// synth wrote a data set of inf under --mean-norm past the dtype's range (analyze then refused it),
+// started writing ~94 TB before the disk refused, and a late failure (a directory where
+// classifier.npy goes) left new features beside the old classifier.
+TEST_F(CliTrust, SynthRefusesBeforeWriting) {
+    expect_error("synth --output-dir s --rows 100 --dim 8 --classes 5 --mean-norm 1e6 --dtype f16", {"float16", "--mean-norm"});
+    EXPECT_FALSE(fs::exists(path("s/features.npy")));
+    expect_error("synth --output-dir t --rows 100000000000 --dim 256 --classes 100", {"needs about", "free"});
+    EXPECT_FALSE(fs::exists(path("t")));
+    fs::create_directories(path("M/classifier.npy"));
+    testutil::spit(path("M/features.npy"), "old");
+    expect_error("synth --output-dir M --rows 100 --dim 8 --classes 5", {"classifier.npy"});
+    EXPECT_EQ(testutil::slurp(path("M/features.npy")), "old");
+    EXPECT_FALSE(fs::exists(path("M/labels.npy")));
+}
+
+// A report or checkpoint path in a missing directory failed only after every batch was analysed.
+TEST_F(CliTrust, UnwritableOutputsAreRefusedBeforeTheRun) {
+    expect_error("analyze -q " + rows("A") + " -o nodir/r.json", {"--output nodir/r.json", "nodir", "No such file"});
+    expect_error("analyze -q " + rows("A") + " --checkpoint nodir/c.ckpt -o r.json", {"--checkpoint nodir/c.ckpt", "No such file"});
+    expect_error("analyze -q " + rows("A") + " -o A", {"--output A", "is a directory"});
+    expect_error("merge nothing.ckpt -o nodir/m.ckpt", {"--output nodir/m.ckpt", "No such file"});
+    EXPECT_FALSE(fs::exists(path("r.json")));
 }
 
 }  // namespace
