@@ -130,11 +130,18 @@ public:
         const collapse_options o = options_from(yaml, source, num_classes, dim);
         check(collapse_session_create(&o, &s_));
     }
-    ~Session() { close(); }
+    // Python keeps the object alive while one of its methods runs: no call is in flight here.
+    ~Session() {
+        if (s_) collapse_session_destroy(s_);
+    }
     Session(const Session&) = delete;
     Session& operator=(const Session&) = delete;
 
+    // Another thread's call releases the GIL while it runs: freeing the session under it was a use
+    // after free (and the engine's refusal, seen once the call had started, leaked the session).
     void close() {
+        if (calls_ > 0)
+            throw StatusError{COLLAPSE_ERR_STATE, "close(): another thread's call on this session is running; close it after that call returns"};
         if (s_) collapse_session_destroy(s_);
         s_ = nullptr;
     }
@@ -144,39 +151,23 @@ public:
         const collapse_buffer xb = to_buffer(x), yb = to_buffer(y);
         const OptBuffer vb(valid), sb(seq), pb(pos);
         record({&xb, &yb, vb.get(), sb.get(), pb.get()});
-        collapse_session* s = live();
-        collapse_status st;
-        {
-            py::gil_scoped_release nogil;
-            st = sb.get() ? collapse_session_ingest_tagged_rows(s, &xb, &yb, vb.get(), sb.get(), pb.get(), (void*)stream)
-                          : collapse_session_ingest_rows(s, &xb, &yb, vb.get(), (void*)stream);
-        }
-        check(st);
+        call([&](collapse_session* s) {
+            return sb.get() ? collapse_session_ingest_tagged_rows(s, &xb, &yb, vb.get(), sb.get(), pb.get(), (void*)stream)
+                            : collapse_session_ingest_rows(s, &xb, &yb, vb.get(), (void*)stream);
+        });
     }
     void ingest_sequences(const BufferDesc& hidden, const BufferDesc& ids, const std::optional<BufferDesc>& mask,
                           int64_t batch, int64_t seq_len, uintptr_t stream) {
         const collapse_buffer hb = to_buffer(hidden), ib = to_buffer(ids);
         const OptBuffer mb(mask);
         record({&hb, &ib, mb.get()});
-        collapse_session* s = live();
-        collapse_status st;
-        {
-            py::gil_scoped_release nogil;
-            st = collapse_session_ingest_sequences(s, &hb, &ib, mb.get(), batch, seq_len, (void*)stream);
-        }
-        check(st);
+        call([&](collapse_session* s) { return collapse_session_ingest_sequences(s, &hb, &ib, mb.get(), batch, seq_len, (void*)stream); });
     }
     void set_classifier(const BufferDesc& w, const std::optional<BufferDesc>& bias) {
         const collapse_buffer wb = to_buffer(w);
         const OptBuffer bb(bias);
         record({&wb, bb.get()});
-        collapse_session* s = live();
-        collapse_status st;
-        {
-            py::gil_scoped_release nogil;
-            st = collapse_session_set_classifier(s, &wb, bb.get());
-        }
-        check(st);
+        call([&](collapse_session* s) { return collapse_session_set_classifier(s, &wb, bb.get()); });
     }
     void sync() { call([](collapse_session* s) { return collapse_session_sync(s); }); }
     bool needs_second_pass() {
@@ -204,17 +195,22 @@ private:
         if (!s_) throw StatusError{COLLAPSE_ERR_STATE, "the session is closed"};
         return s_;
     }
+    // Every engine call runs without the GIL, counted in calls_ (changed only with the GIL held)
+    // so that close() on another thread refuses instead of freeing the session under it.
     template <class F>
     void call(F&& f) {
         collapse_session* s = live();
         collapse_status st;
+        ++calls_;
         {
             py::gil_scoped_release nogil;
             st = f(s);
         }
+        --calls_;
         check(st);
     }
     collapse_session* s_ = nullptr;
+    int calls_ = 0;
 };
 
 // Validates config text (the engine's parser and messages); returns nothing.

@@ -112,6 +112,9 @@ def backend_available(name):
 _PLAIN = re.compile(r"^[A-Za-z_./][A-Za-z0-9_.:/+-]*$|^[0-9][0-9.]*[A-Za-z][A-Za-z]*$")
 
 
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 def _yaml_value(v):
     if v is None:
         return "null"
@@ -141,6 +144,10 @@ class Config:
     """
 
     def __init__(self, **kwargs):
+        # A key is a name: pasted into the text, "a: 1\nb" would have been two keys.
+        for k in kwargs:
+            if not _KEY.match(k):
+                raise ConfigError(f"collapse.Config: {k!r} is not a config key (keys are names like min_samples_per_token)")
         text = "".join(f"{k}: {_yaml_value(v)}\n" for k, v in kwargs.items())
         self._init(text, "collapse.Config", dict(kwargs))
 
@@ -436,7 +443,9 @@ class Session:
     def ingest_sequences(self, hidden, input_ids, attention_mask=None):
         """Sequences: hidden [B, T, d], input_ids [B, T], attention_mask [B, T]. Rows are hidden[:, :-1]
         with labels input_ids[:, 1:], kept where attention_mask[:, 1:] != 0; sequence b of the i-th
-        call is tagged as the session's next sequence (window metrics)."""
+        call is tagged as the session's next sequence (window metrics). hidden is read in place when
+        it is one strided [B*T, d] block (any contiguous [B, T, d]); another view (hidden[:, :T] of a
+        longer buffer) is copied once, so that a batch that fails changes nothing."""
         h = _view(hidden, "hidden")
         ids = _view(input_ids, "input_ids")
         m = None if attention_mask is None else _view(attention_mask, "attention_mask")
@@ -448,21 +457,25 @@ class Session:
                              f"got {tuple(ids.shape)}")
         if m is not None and tuple(m.shape) != (B, T):
             raise ShapeError(f"attention_mask: expected shape [B, T] = [{B}, {T}], got {tuple(m.shape)}")
-        stream = _stream_of(h, ids, m)
-        # One call when [B, T, d] is a strided [B*T, d]; else a call per sequence (same tagging).
-        if B <= 1 or h.strides[0] == T * h.strides[1]:
-            flat = _View()
-            for k in _View.__slots__:
-                setattr(flat, k, getattr(h, k))
-            flat.shape, flat.strides = (B * T, d), (h.strides[1], h.strides[2])
-            self._native.ingest_sequences(flat.desc("hidden"), ids.desc("input_ids"),
-                                          None if m is None else m.desc("attention_mask"), B, T, stream)
-            return
-        for b in range(B):
-            hb = _row_of(h, b)
-            self._native.ingest_sequences(hb.desc("hidden"), _row_of(ids, b, keep2d=True).desc("input_ids"),
-                                          None if m is None else _row_of(m, b, keep2d=True).desc("attention_mask"),
-                                          1, T, stream)
+        if B > 1 and h.strides[0] != T * h.strides[1]:
+            # Not one strided [B*T, d] block (hidden[:, :T] of a longer buffer, a [T, B, d] buffer
+            # seen as [B, T, d]): copied once, so that the batch stays one engine call, which
+            # changes nothing when it fails (a call per sequence kept the sequences before a bad one).
+            if _is_torch(hidden):
+                hidden = hidden.contiguous()
+            elif getattr(hidden, "__cuda_array_interface__", None) is None:
+                hidden = np.ascontiguousarray(h.owner)
+            else:  # another library's device array: its own copy is its business
+                raise InvalidArgumentError(f"hidden: a device array of shape {tuple(h.shape)} and strides {tuple(h.strides)} "
+                                           "that is not one strided [B*T, d] block; pass a contiguous one "
+                                           "(e.g. cupy.ascontiguousarray)")
+            h = _view(hidden, "hidden")
+        flat = _View()
+        for k in _View.__slots__:
+            setattr(flat, k, getattr(h, k))
+        flat.shape, flat.strides = (B * T, d), (h.strides[1], h.strides[2])
+        self._native.ingest_sequences(flat.desc("hidden"), ids.desc("input_ids"),
+                                      None if m is None else m.desc("attention_mask"), B, T, _stream_of(h, ids, m))
 
     def sync(self):
         """Waits for queued device work (CUDA) and raises a deferred error; a no-op on the CPU."""
@@ -490,19 +503,6 @@ class Session:
     def compute(self):
         """Finalises and computes every metric (once per session)."""
         return Report(self._native.compute())
-
-
-def _row_of(v, b, keep2d=False):
-    """The b-th slice of a view along its first axis ([1, ...] when keep2d)."""
-    r = _View()
-    for k in _View.__slots__:
-        setattr(r, k, getattr(v, k))
-    r.ptr = v.ptr + b * v.strides[0]
-    if keep2d:
-        r.shape, r.strides = (1,) + tuple(v.shape[1:]), (v.strides[0],) + tuple(v.strides[1:])
-    else:
-        r.shape, r.strides = tuple(v.shape[1:]), tuple(v.strides[1:])
-    return r
 
 
 # ---------------------------------------------------------------- offline analysis
