@@ -25,6 +25,17 @@ nlohmann::json report_of(const Session& s, const Result& r, const RowSource& src
     return doc;
 }
 
+// Which input a batch came from, for its errors: "label -1 at row 7 of the batch" alone did not
+// say whether --labels or --nc4-labels held it, nor where the batch began.
+std::string batch_origin(const RowSource& src, bool held_out, int64_t first) {
+    std::string files;
+    for (const InputPart& p : src.info().parts)
+        files += (files.empty() ? "" : ", ") + p.role + " " + p.path + (p.tensor.empty() ? "" : "[" + p.tensor + "]");
+    if (files.empty()) files = src.info().kind;
+    return std::string(held_out ? "held-out NC4 input (" : "input (") + files + "), batch from " + (src.sequences() ? "sequence " : "row ") +
+           std::to_string(first) + ": ";
+}
+
 // One pass over the source. The first pass skips nothing of its own; the second pass skips the
 // ranges the first pass skipped (so NC4 sees exactly the rows the first pass counted), unless it
 // reads held-out rows.
@@ -74,7 +85,7 @@ void run_pass(Session& session, RowSource& src, const AnalysisOptions& o, bool f
                     o.debug(line);
                 }
             } catch (const Error& e) {
-                if (!cfg.continue_on_error) throw;
+                if (!cfg.continue_on_error) throw Error(e.status(), batch_origin(src, held_out, b.first) + e.what());
                 if (first) session.skip_batch(b.first, end, rows);
                 if (o.warn)
                     o.warn("batch " + std::to_string(batch_index) + " (positions " + std::to_string(b.first) + " to " +

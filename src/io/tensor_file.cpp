@@ -518,12 +518,20 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
     file_->read(8, text.size(), text.data());
 
     nlohmann::ordered_json header;  // keeps header order, the tie-break for zero-size tensors
+    std::string duplicate;          // a tensor name given twice (the parser keeps the last one)
     try {
-        header = nlohmann::ordered_json::parse(text);
+        std::unordered_set<std::string> seen;
+        header = nlohmann::ordered_json::parse(text, [&](int depth, nlohmann::ordered_json::parse_event_t ev, nlohmann::ordered_json& v) {
+            if (ev == nlohmann::ordered_json::parse_event_t::key && depth == 1 && !seen.insert(v.get<std::string>()).second && duplicate.empty())
+                duplicate = v.get<std::string>();
+            return true;
+        });
     } catch (const nlohmann::ordered_json::exception& e) {
         st_fail(path, "corrupt header JSON: ", e.what());
     }
     if (!header.is_object()) st_fail(path, "corrupt header JSON: the header is not a JSON object");
+    if (!duplicate.empty()) st_fail(path, "tensor '", duplicate, "' is named twice in the header");
+    std::vector<std::pair<uint64_t, uint64_t>> spans;  // [begin, end) of every tensor, for the layout check
 
     for (const auto& item : header.items()) {
         const std::string& name = item.key();
@@ -575,10 +583,23 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
         t.shape = std::move(shape);
         t.offset = data_start + (size_t)begin;
         tensors_.push_back(std::move(t));
+        spans.push_back({begin, end});
     }
     // File order is the natural order to stream in.
     std::stable_sort(tensors_.begin(), tensors_.end(),
                      [](const Tensor& a, const Tensor& b) { return a.offset < b.offset; });
+    // The format's layout (the reference loader checks it too): the tensors tile the data section
+    // from 0 to its end, without overlaps (labels over the features' last bytes read as garbage
+    // labels), holes or trailing bytes.
+    std::sort(spans.begin(), spans.end());
+    uint64_t at = 0;
+    for (const auto& [begin, end] : spans) {
+        if (begin == end) continue;  // an empty tensor holds no bytes
+        if (begin < at) st_fail(path, "tensors overlap: data_offsets [", begin, ", ", end, ") start before ", at, ", the end of another tensor");
+        if (begin > at) st_fail(path, "the data section has a hole: bytes [", at, ", ", begin, ") belong to no tensor");
+        at = end;
+    }
+    if (at != data_size) st_fail(path, "the data section has ", data_size - at, " bytes after the last tensor (", data_size, " bytes in all)");
 }
 
 std::vector<std::string> SafetensorsFile::names() const {

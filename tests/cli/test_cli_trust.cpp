@@ -339,4 +339,15 @@ TEST_F(CliTrust, UnwritableOutputsAreRefusedBeforeTheRun) {
     EXPECT_FALSE(fs::exists(path("r.json")));
 }
 
+// "label -1 at row 7 of the batch" did not say whether --labels or --nc4-labels held it.
+TEST_F(CliTrust, BatchErrorsNameTheirInput) {
+    std::vector<int32_t> y(2000, 1);
+    y[7] = -1;
+    io::write_npy(path("bad_labels.npy"), COLLAPSE_I32, {2000}, y.data());
+    expect_error("analyze -q " + rows("A") + " --classifier A/classifier.npy --nc4-features A/features.npy --nc4-labels bad_labels.npy -o r.json",
+                 {"held-out NC4 input", "bad_labels.npy", "batch from row 0", "label -1 at row 7"});
+    expect_error("analyze -q --features A/features.npy --labels bad_labels.npy -o r.json", {"input (features A/features.npy, labels bad_labels.npy)", "label -1 at row 7"});
+    EXPECT_FALSE(fs::exists(path("r.json")));
+}
+
 }  // namespace

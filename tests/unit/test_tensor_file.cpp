@@ -493,6 +493,25 @@ TEST_F(TensorFileTest, SafetensorsRefusesBadOffsets) {
                       {"tensor 'w'", "dtype"});
 }
 
+// Tensors sharing bytes, a hole, trailing bytes and a name given twice were accepted (labels over
+// the features' last bytes then read as a V of 1e9); the format forbids all four.
+TEST_F(TensorFileTest, SafetensorsRefusesABadLayout) {
+    const std::string data(16, '\0');
+    auto two = [](const std::string& a, const std::string& b) {
+        return "{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": " + a + "}, \"b\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": " + b + "}}";
+    };
+    expect_st_refused("l.safetensors", st_bytes(two("[0, 8]", "[4, 12]"), data.substr(0, 12)), {"overlap", "[4, 12)"});
+    expect_st_refused("l.safetensors", st_bytes(two("[0, 8]", "[0, 8]"), data.substr(0, 8)), {"overlap"});
+    expect_st_refused("l.safetensors", st_bytes(two("[0, 8]", "[12, 20]"), data + "1234"), {"hole", "[8, 12)"});
+    expect_st_refused("l.safetensors", st_bytes(two("[0, 8]", "[8, 16]"), data + "junk"), {"4 bytes after the last tensor"});
+    expect_st_refused("l.safetensors",
+                      st_bytes("{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]}, \"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [8, 16]}}", data),
+                      {"tensor 'a'", "named twice"});
+    // The same layout, tiled: accepted, and an empty tensor anywhere holds no bytes.
+    write_file(path("ok.safetensors"), st_bytes(two("[8, 16]", "[0, 8]"), data));
+    EXPECT_EQ(SafetensorsFile(path("ok.safetensors")).names(), (std::vector<std::string>{"b", "a"}));
+}
+
 TEST_F(TensorFileTest, SafetensorsRefusesEveryTruncation) {
     const std::string p = path("full.safetensors");
     SafetensorsWriter w(p, {{"a", COLLAPSE_F16, {4}}, {"b", COLLAPSE_I64, {2}}});
