@@ -3,9 +3,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <cstdlib>
-
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 
@@ -67,9 +66,10 @@ void check_outputs_distinct(const std::vector<FileArg>& inputs, const std::vecto
 
 void probe_writable_dir(const std::string& dir, const std::string& what) {
     // A probe file: access() says yes to root even on a read-only mount.
-    std::string probe = (dir.empty() ? std::string(".") : dir) + "/.collapse-probe-XXXXXX";
+    const std::string in = dir.empty() ? "." : dir;  // a bare file name's directory
+    std::string probe = in + "/.collapse-probe-XXXXXX";
     const int fd = ::mkstemp(probe.data());
-    if (fd < 0) fail(COLLAPSE_ERR_IO, "cannot write ", what, ": cannot create a file in its directory ", dir, ": ", std::strerror(errno));
+    if (fd < 0) fail(COLLAPSE_ERR_IO, "cannot write ", what, ": cannot create a file in its directory ", in, ": ", std::strerror(errno));
     ::close(fd);
     ::unlink(probe.c_str());
 }
@@ -86,8 +86,7 @@ void check_output_writable(const FileArg& output) {
         if (S_ISDIR(st.st_mode)) fail(COLLAPSE_ERR_IO, "cannot write ", named(output), ": it is a directory");
         if (!S_ISREG(st.st_mode)) return;
     }
-    const size_t slash = target.find_last_of('/');
-    probe_writable_dir(slash == std::string::npos ? "." : (slash == 0 ? "/" : target.substr(0, slash)), named(output));
+    probe_writable_dir(std::filesystem::path(target).parent_path().string(), named(output));
 }
 
 void check_inputs_distinct(const std::vector<FileArg>& inputs, const std::string& why) {

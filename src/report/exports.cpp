@@ -1,17 +1,11 @@
 #include "report/exports.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 
 #include "base/atomic_file.hpp"
-#include <algorithm>
 
 #include "base/error.hpp"
 #include "io/output_file.hpp"
