@@ -21,15 +21,23 @@ for stage in $stages; do
     { echo "test.sh: unknown stage '$stage' (stages: release debug asan fuzz)" >&2; exit 2; }
 done
 
+# Each stage's output is also kept in build-logs/<stage>.log: CI shows only the end of the output,
+# so the lines that name what failed are repeated after the summary table.
+logs="$root/build-logs"
+rm -rf "$logs"
+mkdir -p "$logs"
+
 start=$SECONDS
 bash scripts/install_deps.sh || { echo "test.sh: installing packages failed" >&2; exit 1; }
 summary=$(printf '%-8s %-6s %6ss' deps ok $((SECONDS - start)))
 failed=0
+failed_stages=""
 for stage in $stages; do
   script="scripts/ci_stage_${stage}.sh"
   echo "===== stage $stage ====="
   t0=$SECONDS
-  if bash "$script"; then result=ok; else result=FAILED; failed=1; fi
+  log="$logs/$stage.log"
+  if bash "$script" 2>&1 | tee "$log"; then result=ok; else result=FAILED; failed=1; failed_stages+=" $stage"; fi
   dt=$((SECONDS - t0))
   echo "===== stage $stage: $result in $((dt / 60))m$((dt % 60))s ====="
   summary+=$'\n'$(printf '%-8s %-6s %6ss' "$stage" "$result" "$dt")
@@ -38,4 +46,13 @@ echo
 echo "stage    result   time"
 echo "$summary"
 echo "total: $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+for stage in $failed_stages; do
+  log="$logs/$stage.log"
+  # ctest's list of failed tests, pytest's FAILED lines, compiler errors, sanitizer and fuzzer
+  # findings; else the stage's last lines.
+  hits=$( (grep -E -A60 "^The following tests FAILED:" "$log" | grep -E "^The following|^[[:space:]]+[0-9]+ - " ;
+           grep -E "^(FAILED|ERROR) |: error: |Error [0-9]+$|ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:|deadly signal|fuzz: .*(finding|crash)" "$log") | head -n 40)
+  echo "--- $stage failed (its whole output: build-logs/$stage.log):"
+  if [ -n "$hits" ]; then echo "$hits"; else tail -n 15 "$log"; fi
+done
 exit $failed

@@ -5,7 +5,12 @@ import os
 import shutil
 import subprocess
 
-import numpy as np
+# One OpenBLAS thread, as the C++ tests run (tests/CMakeLists.txt): several tests compare reports
+# to the bit, and OpenBLAS's threaded routines can move a result by an ulp from run to run on a
+# loaded machine (README "Reproducibility"). Set before numpy loads OpenBLAS; a value you set wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

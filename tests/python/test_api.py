@@ -168,7 +168,7 @@ def test_sequences_layout_and_strided_hidden():
     c = s.compute().to_dict()
     for r in (a, b, c):
         r.pop("engine")
-    # Every form is one call with the same rows: equal to the bit.
+    # Every form is one call with the same rows: equal to the bit (with one BLAS thread, conftest.py).
     assert_reports_equal(a, b, rel=0)
     assert_reports_equal(b, c, rel=0)
     assert a["window_summary"] is not None
@@ -193,8 +193,9 @@ def test_failed_strided_sequences_change_nothing():
 def test_close_during_another_threads_call_is_refused():
     """close() while another thread's ingest ran without the GIL freed the session under that call
     (a use after free seen by ASan), or leaked it when the engine refused. Now it is refused. The
-    worker is known to be inside the engine when sync() is refused as an overlapping call; main
-    then holds the GIL until close(), so the worker cannot have left its call in between."""
+    worker is known to be inside the engine when sync() is refused as an overlapping call; it can
+    still return (taking the GIL while sync() reacquires it) before close() runs, and then close()
+    rightly succeeds: that attempt proves nothing and the next one is made."""
     import threading
     rng = np.random.default_rng(6)
     x = rng.standard_normal((200000, 64)).astype(np.float32)
@@ -211,9 +212,11 @@ def test_close_during_another_threads_call_is_refused():
             except collapse.StateError:
                 in_flight = True
         if in_flight:
-            with pytest.raises(collapse.StateError, match="another thread's call"):
+            try:
                 s.close()
-            refused += 1
+            except collapse.StateError as e:
+                assert "another thread's call" in str(e)
+                refused += 1
         t.join()
         s.close()
         with pytest.raises(collapse.StateError, match="closed"):
