@@ -1,6 +1,7 @@
 #include "base/text.hpp"
 
 #include <cctype>
+#include <cstdio>
 
 namespace collapse::internal {
 
@@ -13,6 +14,46 @@ std::string shape_text(const std::vector<int64_t>& shape) {
 std::string lower_ascii(std::string s) {
     for (char& ch : s) ch = char(std::tolower(static_cast<unsigned char>(ch)));
     return s;
+}
+
+namespace {
+// Length of the UTF-8 sequence starting at s[i] (2 to 4 bytes), or 0 when s[i] starts none.
+size_t utf8_length(const std::string& s, size_t i) {
+    const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+    const unsigned char c = b(i);
+    size_t n = c >= 0xF0 && c <= 0xF4 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 0;
+    if (n == 0 || i + n > s.size()) return 0;
+    for (size_t k = 1; k < n; ++k)
+        if ((b(i + k) & 0xC0) != 0x80) return 0;
+    // Overlong forms, UTF-16 surrogates and code points past U+10FFFF.
+    if ((c == 0xE0 && b(i + 1) < 0xA0) || (c == 0xED && b(i + 1) >= 0xA0) || (c == 0xF0 && b(i + 1) < 0x90) ||
+        (c == 0xF4 && b(i + 1) >= 0x90))
+        return 0;
+    return n;
+}
+}  // namespace
+
+std::string printable(const std::string& s, size_t max_bytes) {
+    std::string out;
+    size_t i = 0;
+    for (; i < s.size() && out.size() < max_bytes;) {
+        const unsigned char c = static_cast<unsigned char>(s[i]);
+        const size_t n = c >= 0x80 ? utf8_length(s, i) : 0;
+        if (n > 0) {
+            out.append(s, i, n);
+            i += n;
+        } else if (c < 0x20 || c >= 0x7F) {
+            char hex[8];
+            std::snprintf(hex, sizeof hex, "\\x%02X", c);
+            out += hex;
+            ++i;
+        } else {
+            out += char(c);
+            ++i;
+        }
+    }
+    if (i < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";
+    return out;
 }
 
 }  // namespace collapse::internal

@@ -11,5 +11,8 @@ namespace collapse::internal {
 std::string shape_text(const std::vector<int64_t>& shape);
 // ASCII lower case (unit suffixes, key suggestions); other bytes unchanged.
 std::string lower_ascii(std::string s);
+// Text read from a file, as a message quotes it: on one line, control characters and bytes that
+// are not UTF-8 written as \xNN, cut after max_bytes (a hostile header can hold anything).
+std::string printable(const std::string& s, size_t max_bytes = 120);
 
 }  // namespace collapse::internal

@@ -71,21 +71,27 @@ public:
         while (true) {
             skip_space();
             if (peek() == '}') break;
+            const size_t key_at = i_;
             const std::string key = parse_string();
             expect(':');
             skip_space();
+            // A key twice would be read by numpy as its last value: refused, not guessed.
+            const auto once = [&](bool& have) {
+                if (have) bad("key '", key, "' appears twice in the header dict (offset ", key_at, ")");
+                have = true;
+            };
             if (key == "descr") {
+                once(have_descr);
                 if (peek() == '[') bad("structured dtypes (a list descr) are not supported");
                 h.descr = parse_string();
-                have_descr = true;
             } else if (key == "fortran_order") {
+                once(have_fortran);
                 h.fortran_order = parse_bool();
-                have_fortran = true;
             } else if (key == "shape") {
+                once(have_shape);
                 h.shape = parse_tuple();
-                have_shape = true;
             } else {
-                bad("unexpected key '", key, "' in the header dict");
+                bad("unexpected key '", printable(key), "' in the header dict");
             }
             skip_space();
             if (peek() == ',') {
@@ -97,6 +103,10 @@ public:
         ++i_;
         if (!have_descr || !have_fortran || !have_shape)
             bad("header dict must have the keys 'descr', 'fortran_order' and 'shape'");
+        // numpy pads the dict with spaces and a newline; anything else after it is not a header.
+        skip_space();
+        if (i_ < n_)
+            bad("unexpected '", printable(std::string(s_ + i_, s_ + std::min(n_, i_ + 16)), 16), "' after the header dict at header offset ", i_);
         return h;
     }
 
@@ -194,14 +204,14 @@ collapse_dtype npy_dtype(const std::string& path, const std::string& descr) {
         // Byte order only matters for multi-byte types; '|' ("not applicable") is ambiguous for them.
         if (dtype_size(e.dtype) == 1) return e.dtype;
         if (order == '>')
-            fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": big-endian dtype '", descr,
+            fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": big-endian dtype '", printable(descr),
                  "' is not supported; convert with arr.astype('<", code, "')");
         if (order == '|')
-            fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": dtype '", descr,
+            fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": dtype '", printable(descr),
                  "' has no byte order; save it as '<", code, "'");
         return e.dtype;
     }
-    fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": unsupported dtype '", descr,
+    fail(COLLAPSE_ERR_IO, "cannot read .npy file ", path, ": unsupported dtype '", printable(descr),
          "' (supported: ", kNpySupported, ")");
 }
 
@@ -428,13 +438,13 @@ void require_label_shape(const Tensor& t, int64_t rows, const std::string& what)
     const bool ok = (t.shape.size() == 1 && t.shape[0] == rows) ||
                     (t.shape.size() == 2 && t.shape[0] == rows && t.shape[1] == 1);
     if (!ok)
-        fail(COLLAPSE_ERR_SHAPE, what, " '", t.name, "' has shape ", shape_text(t.shape), ", expected [", rows,
+        fail(COLLAPSE_ERR_SHAPE, what, " '", printable(t.name), "' has shape ", shape_text(t.shape), ", expected [", rows,
              "] or [", rows, ", 1] (one value per feature row)");
 }
 
 void require_shape(const Tensor& t, const std::vector<int64_t>& expected, const std::string& what) {
     if (t.shape != expected)
-        fail(COLLAPSE_ERR_SHAPE, what, " '", t.name, "' has shape ", shape_text(t.shape), ", expected ",
+        fail(COLLAPSE_ERR_SHAPE, what, " '", printable(t.name), "' has shape ", shape_text(t.shape), ", expected ",
              shape_text(expected));
 }
 
@@ -530,50 +540,51 @@ SafetensorsFile::SafetensorsFile(const std::string& path)
         st_fail(path, "corrupt header JSON: ", e.what());
     }
     if (!header.is_object()) st_fail(path, "corrupt header JSON: the header is not a JSON object");
-    if (!duplicate.empty()) st_fail(path, "tensor '", duplicate, "' is named twice in the header");
+    if (!duplicate.empty()) st_fail(path, "tensor '", printable(duplicate), "' is named twice in the header");
     std::vector<std::pair<uint64_t, uint64_t>> spans;  // [begin, end) of every tensor, for the layout check
 
     for (const auto& item : header.items()) {
         const std::string& name = item.key();
         if (name == "__metadata__") continue;  // free-form string map; nothing here depends on it
+        const std::string shown = printable(name);  // a name may hold control characters
         const nlohmann::ordered_json& v = item.value();
-        if (!v.is_object()) st_fail(path, "tensor '", name, "': entry is not a JSON object");
+        if (!v.is_object()) st_fail(path, "tensor '", shown, "': entry is not a JSON object");
 
         const auto dt = v.find("dtype");
-        if (dt == v.end() || !dt->is_string()) st_fail(path, "tensor '", name, "': missing or non-string \"dtype\"");
+        if (dt == v.end() || !dt->is_string()) st_fail(path, "tensor '", shown, "': missing or non-string \"dtype\"");
         const std::string dname = dt->get<std::string>();
         const StName* match = nullptr;
         for (const StName& e : kStDtypes)
             if (dname == e.name) match = &e;
         if (!match)
-            st_fail(path, "tensor '", name, "': unsupported dtype ", dname,
+            st_fail(path, "tensor '", shown, "': unsupported dtype ", printable(dname),
                     " (supported: F16 BF16 F32 F64 I32 I64 U8 BOOL)");
 
         const auto sh = v.find("shape");
-        if (sh == v.end() || !sh->is_array()) st_fail(path, "tensor '", name, "': missing or non-array \"shape\"");
+        if (sh == v.end() || !sh->is_array()) st_fail(path, "tensor '", shown, "': missing or non-array \"shape\"");
         std::vector<int64_t> shape;
         for (const auto& d : *sh) {
             if (!d.is_number_unsigned())
-                st_fail(path, "tensor '", name, "': \"shape\" entries must be non-negative integers");
+                st_fail(path, "tensor '", shown, "': \"shape\" entries must be non-negative integers");
             const uint64_t u = d.get<uint64_t>();
-            if (u > (uint64_t)INT64_MAX) st_fail(path, "tensor '", name, "': dimension ", u, " overflows int64");
+            if (u > (uint64_t)INT64_MAX) st_fail(path, "tensor '", shown, "': dimension ", u, " overflows int64");
             shape.push_back((int64_t)u);
         }
 
         const auto off = v.find("data_offsets");
         if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
             !(*off)[1].is_number_unsigned())
-            st_fail(path, "tensor '", name, "': \"data_offsets\" must be [begin, end] with non-negative integers");
+            st_fail(path, "tensor '", shown, "': \"data_offsets\" must be [begin, end] with non-negative integers");
         const uint64_t begin = (*off)[0].get<uint64_t>(), end = (*off)[1].get<uint64_t>();
-        if (begin > end) st_fail(path, "tensor '", name, "': data_offsets begin ", begin, " > end ", end);
+        if (begin > end) st_fail(path, "tensor '", shown, "': data_offsets begin ", begin, " > end ", end);
         if (end > data_size)
-            st_fail(path, "tensor '", name, "': data_offsets end ", end, " is past the end of the data section (",
+            st_fail(path, "tensor '", shown, "': data_offsets end ", end, " is past the end of the data section (",
                     data_size, " bytes)");
         size_t bytes = 0;
         if (!shape_bytes(shape, dtype_size(match->dtype), &bytes))
-            st_fail(path, "tensor '", name, "': shape ", shape_text(shape), " overflows");
+            st_fail(path, "tensor '", shown, "': shape ", shape_text(shape), " overflows");
         if (end - begin != bytes)
-            st_fail(path, "tensor '", name, "': data_offsets span ", end - begin, " bytes, but shape ",
+            st_fail(path, "tensor '", shown, "': data_offsets span ", end - begin, " bytes, but shape ",
                     shape_text(shape), " of ", dname, " needs ", bytes);
 
         Tensor t;
@@ -618,10 +629,10 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
         if (t.name == name) return t;
     std::ostringstream avail;
     const size_t shown = std::min<size_t>(tensors_.size(), 32);
-    for (size_t i = 0; i < shown; ++i) avail << (i ? ", " : "") << tensors_[i].name;
+    for (size_t i = 0; i < shown; ++i) avail << (i ? ", " : "") << printable(tensors_[i].name, 60);
     if (tensors_.size() > shown) avail << ", ... (" << tensors_.size() - shown << " more)";
     if (tensors_.empty()) avail << "(none)";
-    fail(COLLAPSE_ERR_IO, "no tensor named '", name, "' in ", path(), "; available: ", avail.str());
+    fail(COLLAPSE_ERR_IO, "no tensor named '", printable(name), "' in ", path(), "; available: ", avail.str());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@
 #define COLLAPSE_SHARED_DIR "../shared"
 #endif
 
+namespace test_tensor_file {
 namespace {
 
 using collapse::internal::Error;
@@ -424,6 +425,42 @@ TEST_F(TensorFileTest, NpyRefusesMalformedHeaders) {
         SCOPED_TRACE(d);
         expect_npy_refused("bad.npy", npy_bytes(1, d, std::string(8, '\0')), "bad header");
     }
+}
+
+// Hostile-input audit (2026-12-02): bytes after the dict were ignored (numpy's literal_eval refuses
+// them), a key given twice took its last value silently, and raw header bytes (a newline, a NUL,
+// bytes that are no UTF-8) went into the one-line message as they were.
+TEST_F(TensorFileTest, NpyRefusesTrailingBytesTwiceGivenKeysAndQuotesRawBytes) {
+    const std::string tail = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), } ";
+    expect_npy_refused("t1.npy", npy_bytes(1, tail + "x\n", std::string(8, '\0')), "unexpected 'x\\x0A' after the header dict at header offset");
+    expect_npy_refused("t2.npy", npy_bytes(1, tail + "{'descr': '<f8'}\n", std::string(8, '\0')), "after the header dict");
+    expect_npy_refused("t3.npy", npy_bytes(1, tail + std::string(1, '\0') + "\n", std::string(8, '\0')), "'\\x00\\x0A' after the header dict");
+    expect_npy_refused("d1.npy", npy_bytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'shape': (1,)}", std::string(8, '\0')),
+                       "key 'shape' appears twice in the header dict (offset 56)");
+    expect_npy_refused("d2.npy", npy_bytes(1, "{'descr': '<f4', 'descr': '<f8', 'fortran_order': False, 'shape': (1,)}", std::string(8, '\0')),
+                       "key 'descr' appears twice");
+    // Control characters and invalid UTF-8 are escaped; valid UTF-8 is kept; long text is cut.
+    expect_npy_refused("k.npy", npy_bytes(1, "{'a\nb\x01\xff\xc3\xa9': 1}", ""), "unexpected key 'a\\x0Ab\\x01\\xFF\xc3\xa9' in the header dict");
+    expect_npy_refused("u.npy", npy_bytes(1, "{'descr': '<f4\r', 'fortran_order': False, 'shape': (1,)}", std::string(4, '\0')),
+                       "unsupported dtype '<f4\\x0D'");
+    const std::string long_key(5000, 'k');
+    const std::string p = path("long.npy");
+    write_file(p, npy_bytes(1, "{'" + long_key + "': 1}", ""));
+    try {
+        open_npy(p);
+        ADD_FAILURE() << "a 5000-byte key was accepted";
+    } catch (const collapse::internal::Error& e) {
+        EXPECT_LT(std::string(e.what()).size(), 400u) << e.what();
+        EXPECT_NE(std::string(e.what()).find("... (5000 bytes)"), std::string::npos) << e.what();
+    }
+    // numpy's own padding (spaces, then a newline) is still a header.
+    write_file(path("ok.npy"), npy_bytes(1, tail + "        \n", std::string(8, '\0')));
+    EXPECT_EQ(open_npy(path("ok.npy")).shape, (std::vector<int64_t>{2}));
+}
+
+TEST_F(TensorFileTest, SafetensorsNamesInMessagesAreOneLine) {
+    const std::string bad = "{\"a\\nb\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,8]}}";
+    expect_st_refused("n.safetensors", st_bytes(bad, std::string(8, '\0')), {"tensor 'a\\x0Ab'", "data_offsets span 8 bytes"});
 }
 
 TEST_F(TensorFileTest, NpyRefusesEveryTruncation) {
@@ -833,3 +870,4 @@ TEST(TensorFileRealData, Stories260k) {
 }
 
 }  // namespace
+}  // namespace test_tensor_file
