@@ -116,47 +116,18 @@ std::string human_bytes(uintmax_t bytes) {
     return buf;
 }
 
-void run_synth(const SynthOptions& o) {
-    SynthSpec spec = o.spec;
-    spec.dtype = parse_dtype(o.dtype);
-    std::unique_ptr<SynthGenerator> gen;
-    try {
-        gen = std::make_unique<SynthGenerator>(spec);
-    } catch (const Error& e) {
-        rethrow_with_option(e);
-    }
-    const int64_t N = spec.rows, d = spec.dim, V = spec.classes, T = o.sequences;
-    if (T != 0 && (T < 2 || N % T != 0))
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: --sequences ", T, " must be >= 2 and divide --rows ", N);
-    // With sequences, chunks hold whole sequences so input_ids can be built chunk by chunk.
-    int64_t chunk = std::min(o.chunk_rows, N);
-    if (T != 0) chunk = std::max<int64_t>(T, chunk / T * T);
-
-    // Refused before anything is written when the file system cannot hold the data set.
+// The data set's files, each written to a temporary name and renamed into place at its end.
+void write_files(const SynthOptions& o, const SynthGenerator& gen, const SynthSpec& spec, int64_t chunk, const fs::path& dir) {
     std::error_code ec;
-    {
-        const size_t fbytes = dtype_size(spec.dtype);
-        const double need = (double)N * (double)d * (double)fbytes * (T != 0 ? 2 : 1) + (double)N * 4 * (T != 0 ? 2 : 1) + (double)V * d * 4;
-        fs::path probe = fs::absolute(o.output_dir, ec);
-        while (!probe.empty() && !fs::exists(probe, ec) && probe != probe.parent_path()) probe = probe.parent_path();
-        const fs::space_info sp = fs::space(probe, ec);
-        if (!ec && need > (double)sp.available)
-            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: the data set needs about ", human_bytes((uintmax_t)need), ", the file system of ",
-                 probe.string(), " has ", human_bytes(sp.available), " free (lower --rows or --dim)");
-    }
-    fs::create_directories(o.output_dir, ec);
-    if (ec || !fs::is_directory(o.output_dir))
-        fail(COLLAPSE_ERR_IO, "synth: cannot create output directory ", o.output_dir, ": ",
-             ec ? ec.message() : "not a directory");
-    const fs::path dir(o.output_dir);
+    const int64_t N = spec.rows, d = spec.dim, V = spec.classes, T = o.sequences;
 
     std::vector<float> classifier((size_t)(V * d));
-    gen->classifier(classifier.data());
+    gen.classifier(classifier.data());
     const size_t feature_row_bytes = (size_t)d * dtype_size(spec.dtype);
     const std::vector<int64_t> seq_shape = {T == 0 ? 0 : N / T, T};
     const std::vector<int64_t> hidden_shape = {T == 0 ? 0 : N / T, T, d};
 
-    RowStream rows(*gen, chunk);
+    RowStream rows(gen, chunk);
     std::vector<int32_t> ids;
     std::vector<std::string> written;
     if (o.format == "npy") {
@@ -192,7 +163,7 @@ void run_synth(const SynthOptions& o) {
             written.push_back("hidden_states.npy");
             written.push_back("input_ids.npy");
         }
-    } else if (o.format == "safetensors") {
+    } else {
         // Tensors are filled in declaration order, so each is its own pass; rows are regenerated
         // rather than kept, which the counter-based generator makes exact.
         std::vector<io::TensorSpec> tensors = {{"features", spec.dtype, {N, d}},
@@ -215,8 +186,6 @@ void run_synth(const SynthOptions& o) {
         }
         out.close();
         written = {"synth.safetensors"};
-    } else {
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: --format ", o.format, ": expected npy or safetensors");
     }
 
     if (o.quiet) return;
@@ -230,6 +199,54 @@ void run_synth(const SynthOptions& o) {
     std::printf("synth: wrote %s (%lld rows, d = %lld, V = %lld, %s, %s)\n", names.c_str(), (long long)N,
                 (long long)d, (long long)V, dtype_name(spec.dtype), human_bytes(total).c_str());
     std::fflush(stdout);
+}
+
+void run_synth(const SynthOptions& o) {
+    SynthSpec spec = o.spec;
+    spec.dtype = parse_dtype(o.dtype);
+    std::unique_ptr<SynthGenerator> gen;
+    try {
+        gen = std::make_unique<SynthGenerator>(spec);
+    } catch (const Error& e) {
+        rethrow_with_option(e);
+    }
+    const int64_t N = spec.rows, d = spec.dim, V = spec.classes, T = o.sequences;
+    if (o.format != "npy" && o.format != "safetensors")
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: --format ", o.format, ": expected npy or safetensors");
+    if (T != 0 && (T < 2 || N % T != 0))
+        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: --sequences ", T, " must be >= 2 and divide --rows ", N);
+    // With sequences, chunks hold whole sequences so input_ids can be built chunk by chunk.
+    int64_t chunk = std::min(o.chunk_rows, N);
+    if (T != 0) chunk = std::max<int64_t>(T, chunk / T * T);
+
+    // The directories this run makes (the output directory and missing parents), removed again
+    // when it fails.
+    std::error_code ec;
+    std::vector<fs::path> made;
+    fs::path probe = fs::absolute(o.output_dir, ec);  // the nearest existing one
+    for (; !probe.empty() && !fs::exists(probe, ec) && probe != probe.parent_path(); probe = probe.parent_path())
+        made.push_back(probe);
+
+    // Refused before anything is written when the file system cannot hold the data set.
+    {
+        const size_t fbytes = dtype_size(spec.dtype);
+        const double need = (double)N * (double)d * (double)fbytes * (T != 0 ? 2 : 1) + (double)N * 4 * (T != 0 ? 2 : 1) + (double)V * d * 4;
+        const fs::space_info sp = fs::space(probe, ec);
+        if (!ec && need > (double)sp.available)
+            fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: the data set needs about ", human_bytes((uintmax_t)need), ", the file system of ",
+                 probe.string(), " has ", human_bytes(sp.available), " free (lower --rows or --dim)");
+    }
+    try {
+        fs::create_directories(o.output_dir, ec);
+        if (ec || !fs::is_directory(o.output_dir))
+            fail(COLLAPSE_ERR_IO, "synth: cannot create output directory ", o.output_dir, ": ",
+                 ec ? ec.message() : "not a directory");
+        write_files(o, *gen, spec, chunk, fs::path(o.output_dir));
+    } catch (...) {
+        // The writers have removed their temporary files; fs::remove takes only an empty directory.
+        for (const fs::path& p : made) fs::remove(p, ec);
+        throw;
+    }
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include "common/cli_fixture.hpp"
 #include "io/tensor_file.hpp"
 
+namespace test_cli_trust {
 namespace {
 
 using nlohmann::json;
@@ -320,9 +321,19 @@ TEST_F(CliTrust, MergeRefusesAShardTwiceAndOutputOverAShard) {
 // classifier.npy goes) left new features beside the old classifier.
 TEST_F(CliTrust, SynthRefusesBeforeWriting) {
     expect_error("synth --output-dir s --rows 100 --dim 8 --classes 5 --mean-norm 1e6 --dtype f16", {"float16", "--mean-norm"});
-    EXPECT_FALSE(fs::exists(path("s/features.npy")));
+    EXPECT_FALSE(fs::exists(path("s")));
     expect_error("synth --output-dir t --rows 100000000000 --dim 256 --classes 100", {"needs about", "free"});
     EXPECT_FALSE(fs::exists(path("t")));
+    // A write that fails (here: past a file size limit, EFBIG) left the directories it had made.
+    for (const char* format : {"npy", "safetensors"}) {
+        SCOPED_TRACE(format);
+        const std::string cmd = "cd " + testutil::quote(dir_) + " && (trap '' XFSZ; ulimit -f 64; " + testutil::quote(COLLAPSE_CLI_PATH) +
+                                " synth --output-dir f/g --rows 100000 --dim 8 --classes 5 --quiet --format " + format + ") 2>efbig.txt";
+        const int rc = std::system(cmd.c_str());
+        EXPECT_TRUE(WIFEXITED(rc) && WEXITSTATUS(rc) == 1) << rc;
+        EXPECT_NE(testutil::slurp(path("efbig.txt")).find("File too large"), std::string::npos) << testutil::slurp(path("efbig.txt"));
+        EXPECT_FALSE(fs::exists(path("f")));
+    }
     fs::create_directories(path("M/classifier.npy"));
     testutil::spit(path("M/features.npy"), "old");
     expect_error("synth --output-dir M --rows 100 --dim 8 --classes 5", {"classifier.npy"});
@@ -351,3 +362,4 @@ TEST_F(CliTrust, BatchErrorsNameTheirInput) {
 }
 
 }  // namespace
+}  // namespace test_cli_trust
