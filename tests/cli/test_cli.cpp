@@ -28,6 +28,7 @@
 #include "common/capi_helpers.hpp"
 #include "common/cli_fixture.hpp"
 
+namespace test_cli {
 namespace {
 
 using testutil::CliRun;
@@ -471,3 +472,4 @@ TEST_F(Cli, ContinueOnErrorCountsFailedBatches) {
 }
 
 }  // namespace
+}  // namespace test_cli

@@ -39,6 +39,7 @@
 
 #include "common/compare.hpp"
 
+namespace test_cli_checkpoint {
 namespace {
 
 using testutil::CliRun;
@@ -453,3 +454,4 @@ TEST_F(CliCheckpoint, ResumeKeepsFailedBatchCount) {
 }
 
 }  // namespace
+}  // namespace test_cli_checkpoint

@@ -15,6 +15,7 @@
 
 #include "common/cli_fixture.hpp"
 
+namespace test_cli_compare {
 namespace {
 
 using nlohmann::json;
@@ -174,3 +175,4 @@ TEST_F(CliCompare, Errors) {
 }
 
 }  // namespace
+}  // namespace test_cli_compare

@@ -22,6 +22,7 @@
 #include "io/tensor_file.hpp"
 #include "io/tokenizer.hpp"
 
+namespace test_cli_exports {
 namespace {
 
 using testutil::quote;
@@ -399,3 +400,4 @@ TEST_F(CliExports, HeldOutNc4MatchesBruteForceAndCheckpoint) {
 }
 
 }  // namespace
+}  // namespace test_cli_exports

@@ -11,6 +11,7 @@
 #include "common/cli_fixture.hpp"
 #include "io/tensor_file.hpp"
 
+namespace test_cli_ignore_index {
 namespace {
 
 using nlohmann::json;
@@ -53,3 +54,4 @@ TEST_F(CliIgnoreIndex, OffGivesTheOutOfRangeErrorAndAClassIdIsRefused) {
 }
 
 }  // namespace
+}  // namespace test_cli_ignore_index

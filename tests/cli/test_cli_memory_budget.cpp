@@ -12,6 +12,7 @@
 #include "common/peak_rss.hpp"
 #include "io/tensor_file.hpp"
 
+namespace test_cli_memory_budget {
 namespace {
 
 namespace fs = std::filesystem;
@@ -48,3 +49,4 @@ TEST(CliMemoryBudget, OneHugeLabelIsRefusedBeforeTheMemoryIsTaken) {
 }
 
 }  // namespace
+}  // namespace test_cli_memory_budget

@@ -13,6 +13,7 @@
 #include "common/cli_fixture.hpp"
 #include "io/tensor_file.hpp"
 
+namespace test_cli_ood {
 namespace {
 
 class CliOod : public testutil::CliTest {};
@@ -59,3 +60,4 @@ TEST_F(CliOod, OodFeaturesGiveOrthogonalityDeviation) {
 }
 
 }  // namespace
+}  // namespace test_cli_ood

@@ -29,6 +29,7 @@
 #include "common/compare.hpp"
 #include "common/peak_rss.hpp"
 
+namespace test_cli_spill {
 namespace {
 
 namespace fs = std::filesystem;
@@ -101,3 +102,4 @@ TEST(CliSpill, OneGiBDumpIn64MiBOfHostMemory) {
 }
 
 }  // namespace
+}  // namespace test_cli_spill

@@ -17,6 +17,7 @@
 #include "base/dtype.hpp"
 #include "io/tensor_file.hpp"
 
+namespace test_cli_windows {
 namespace {
 
 using nlohmann::json;
@@ -117,3 +118,4 @@ TEST_F(CliWindows, BadTagFilesAndFlagsAreRefused) {
 }
 
 }  // namespace
+}  // namespace test_cli_windows

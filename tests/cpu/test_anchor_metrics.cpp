@@ -31,6 +31,7 @@
 #include "io/tensor_file.hpp"
 #include "reference/brute_force.hpp"
 
+namespace test_anchor_metrics {
 namespace {
 
 using nlohmann::json;
@@ -547,3 +548,4 @@ TEST(AnchorMetrics, RealData_Stories260k_MatchesLibraryFormulas) {
 }
 
 }  // namespace
+}  // namespace test_anchor_metrics

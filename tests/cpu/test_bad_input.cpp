@@ -28,6 +28,7 @@
 
 #include "common/compare.hpp"
 
+namespace test_bad_input {
 namespace {
 
 using nlohmann::json;
@@ -1031,6 +1032,7 @@ TEST_F(BadConfigFile, OversizedFileIsRefused) {
 }
 
 }  // namespace
+}  // namespace test_bad_input
 
 // Text that is not UTF-8 (legal in POSIX paths) made every JSON of the report fail with
 // COLLAPSE_ERR_INTERNAL, after the compute had used the session up: input paths and the command are

@@ -44,6 +44,7 @@
 
 #include "common/compare.hpp"
 
+namespace test_checkpoint_session {
 namespace {
 
 namespace fs = std::filesystem;
@@ -1121,3 +1122,4 @@ TEST_F(Spill, RefusedMergeRollsBack) {
 }
 
 }  // namespace
+}  // namespace test_checkpoint_session

@@ -27,6 +27,7 @@
 #include "common/mem_state.hpp"
 #include "reference/brute_force.hpp"
 
+namespace test_cpu_blocks {
 namespace {
 
 namespace ci = collapse::internal;
@@ -392,3 +393,4 @@ TEST(CpuBlocks, HeldBackBytesAreARunningCountThatMatchesTheMap) {
 }
 
 }  // namespace
+}  // namespace test_cpu_blocks

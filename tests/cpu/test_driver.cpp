@@ -16,6 +16,7 @@
 #include "driver/analysis.hpp"
 #include "io/session_checkpoint.hpp"
 
+namespace test_driver {
 namespace {
 
 using namespace collapse::internal;
@@ -156,3 +157,4 @@ TEST(Driver, InputDifferenceNamesTheTensorAndTheField) {
 }
 
 }  // namespace
+}  // namespace test_driver

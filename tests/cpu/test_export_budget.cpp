@@ -21,6 +21,7 @@
 #include "io/tensor_file.hpp"
 #include "report/exports.hpp"
 
+namespace test_export_budget {
 namespace {
 
 using namespace collapse::internal;
@@ -130,3 +131,4 @@ TEST(ExportBudget, TooSmallHostMemoryLimitRefusesTheOodReaderNamingIt) {
 }
 
 }  // namespace
+}  // namespace test_export_budget

@@ -27,6 +27,7 @@
 #include "io/checkpoint_file.hpp"
 #include "reference/brute_force.hpp"
 
+namespace test_ignore_index {
 namespace {
 
 using nlohmann::json;
@@ -393,3 +394,4 @@ TEST(IgnoreIndex, CheckpointsCarryTheCount) {
 }
 
 }  // namespace
+}  // namespace test_ignore_index

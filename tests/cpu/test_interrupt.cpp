@@ -16,6 +16,7 @@
 #include "core/session.hpp"
 #include "cpu/cpu_backend.hpp"
 
+namespace test_interrupt {
 namespace {
 using namespace collapse::internal;
 
@@ -103,3 +104,4 @@ TEST_F(Interrupt, Nc4TilesStopOnARequest) {
 }
 
 }  // namespace
+}  // namespace test_interrupt

@@ -23,6 +23,7 @@
 
 #include "collapse/collapse.hpp"
 
+namespace test_invariance {
 namespace {
 
 using nlohmann::json;
@@ -341,7 +342,9 @@ TEST(InvarianceSequences, SequenceLayoutEqualsRowsLayout) {
 }
 
 }  // namespace
+}  // namespace test_invariance
 
+namespace test_invariance {
 namespace {
 
 // Ingest and the pair tiles run on OpenMP threads; each class and each tile is reduced by one thread
@@ -362,3 +365,4 @@ TEST(InvarianceThreads, SameReportForOneAndTwoThreads) {
 }
 
 }  // namespace
+}  // namespace test_invariance

@@ -18,6 +18,7 @@
 #include "core/session.hpp"
 #include "cpu/cpu_backend.hpp"
 
+namespace test_memory_budget {
 namespace {
 
 using collapse::internal::Config;
@@ -321,3 +322,4 @@ TEST(MemoryBudget, EveryLeaseIsGivenBackAfterCompute) {
 }
 
 }  // namespace
+}  // namespace test_memory_budget

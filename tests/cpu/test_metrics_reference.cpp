@@ -37,6 +37,7 @@
 #include "base/dtype.hpp"
 #include "reference/brute_force.hpp"
 
+namespace test_metrics_reference {
 namespace {
 
 using nlohmann::json;
@@ -736,3 +737,4 @@ TEST(MetricsReferenceClosePairs, CdnvPowerOutsideTheDoubleRange) {
 }
 
 }  // namespace
+}  // namespace test_metrics_reference

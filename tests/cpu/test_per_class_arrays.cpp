@@ -22,6 +22,7 @@
 #include "reference/brute_force.hpp"
 #include "report/report.hpp"
 
+namespace test_per_class_arrays {
 namespace {
 
 using testutil::buf;
@@ -418,3 +419,4 @@ TEST(PerClassArrays, RealDataStories260k) {
 }
 
 }  // namespace
+}  // namespace test_per_class_arrays

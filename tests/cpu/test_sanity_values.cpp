@@ -19,6 +19,7 @@
 #include "common/compare.hpp"
 #include "reference/brute_force.hpp"
 
+namespace test_sanity_values {
 namespace {
 
 using nlohmann::json;
@@ -459,3 +460,4 @@ TEST(SanityScale, FiftyThousandClassesWithoutKxKMatrix) {
 }
 
 }  // namespace
+}  // namespace test_sanity_values

@@ -26,6 +26,7 @@
 #include "common/compare.hpp"
 #include "common/file_helpers.hpp"
 
+namespace test_snapshot {
 namespace {
 
 using nlohmann::json;
@@ -310,3 +311,4 @@ TEST(SnapshotRefusal, NullArguments) {
 }
 
 }  // namespace
+}  // namespace test_snapshot

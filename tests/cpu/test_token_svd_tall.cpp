@@ -22,6 +22,7 @@
 #include "cpu/cpu_backend.hpp"
 #include "reference/brute_force.hpp"
 
+namespace test_token_svd_tall {
 namespace {
 
 namespace ci = collapse::internal;
@@ -225,3 +226,4 @@ TEST(TokenSvdTall, EngineEntropiesMatchReferenceOnAnyThreadCount) {
 }
 
 }  // namespace
+}  // namespace test_token_svd_tall

@@ -28,6 +28,7 @@
 #include "io/tensor_file.hpp"
 #include "reference/brute_force.hpp"
 
+namespace test_windows {
 namespace {
 
 using nlohmann::json;
@@ -767,3 +768,4 @@ TEST(Windows, Stories260kAgainstTheReference) {
 }
 
 }  // namespace
+}  // namespace test_windows

@@ -20,6 +20,7 @@
 
 using nlohmann::json;
 
+namespace test_cuda_anchor_metrics {
 namespace {
 
 const char* const kKeys[] = {"nc1_pinv", "nc1_svd", "nc1_quot", "nc2_etf_err", "nc3_dual_err", "nc3u_uni_dual",
@@ -183,3 +184,4 @@ TEST(CudaAnchorMetrics, CheckpointsOfBothBackendsMerge) {
 }
 
 }  // namespace
+}  // namespace test_cuda_anchor_metrics

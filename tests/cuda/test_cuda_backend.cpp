@@ -29,6 +29,7 @@
 
 using nlohmann::json;
 
+namespace test_cuda_backend {
 namespace {
 
 bool have_device() { return collapse_backend_available("cuda") != 0; }
@@ -592,3 +593,4 @@ INSTANTIATE_TEST_SUITE_P(Modes, CudaCheckpoint, ::testing::Values(COLLAPSE_SVD_E
                          [](const auto& info) { return std::string(info.param == COLLAPSE_SVD_EXACT ? "exact" : "sampled"); });
 
 }  // namespace
+}  // namespace test_cuda_backend

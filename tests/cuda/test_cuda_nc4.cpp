@@ -26,6 +26,7 @@
 
 namespace ci = collapse::internal;
 
+namespace test_cuda_nc4 {
 namespace {
 
 #define SKIP_WITHOUT_DEVICE()                        \
@@ -248,3 +249,4 @@ TEST(CudaLoadState, ReplaceDropsTheDeviceRows) {
 }
 
 }  // namespace
+}  // namespace test_cuda_nc4

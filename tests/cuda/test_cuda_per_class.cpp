@@ -10,6 +10,7 @@
 #include "collapse/collapse.h"
 #include "core/session.hpp"
 
+namespace test_cuda_per_class {
 namespace {
 
 bool have_device() { return collapse_backend_available("cuda") != 0; }
@@ -106,3 +107,4 @@ TEST(CudaPerClass, HeldOutNc4MatchesCpu) {
 }
 
 }  // namespace
+}  // namespace test_cuda_per_class

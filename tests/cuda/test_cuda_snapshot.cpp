@@ -23,6 +23,7 @@
 
 using nlohmann::json;
 
+namespace test_cuda_snapshot {
 namespace {
 
 constexpr const char* kNote = "needs the second pass; not in a snapshot";
@@ -211,3 +212,4 @@ TEST(CudaSnapshotRefusal, SecondPassAndAfterCompute) {
 }
 
 }  // namespace
+}  // namespace test_cuda_snapshot

@@ -27,6 +27,7 @@
 
 namespace ci = collapse::internal;
 
+namespace test_cuda_token_svd {
 namespace {
 
 #define SKIP_WITHOUT_DEVICE()                        \
@@ -283,3 +284,4 @@ TEST(DeviceTokenSvd, RepeatedComputesReuseTheirWorkspaces) {
 }
 
 }  // namespace
+}  // namespace test_cuda_token_svd

@@ -20,6 +20,7 @@
 #include "core/host_budget.hpp"
 #include "core/session.hpp"
 
+namespace test_cuda_trust {
 namespace {
 
 using nlohmann::json;
@@ -174,3 +175,4 @@ TEST(CudaTrust, PinnedStagingIsInTheSessionsHostBudget) {
 }
 
 }  // namespace
+}  // namespace test_cuda_trust

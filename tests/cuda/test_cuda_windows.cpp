@@ -24,6 +24,7 @@
 #include "collapse/collapse.h"
 #include "common/capi_helpers.hpp"
 
+namespace test_cuda_windows {
 namespace {
 
 using nlohmann::json;
@@ -287,3 +288,4 @@ TEST(CudaWindows, ExplicitRequestIsAccepted) {
 }
 
 }  // namespace
+}  // namespace test_cuda_windows

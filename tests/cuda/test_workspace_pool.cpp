@@ -7,6 +7,7 @@
 
 #include "../../cuda/workspace_pool.hpp"
 
+namespace test_workspace_pool {
 namespace {
 
 using collapse::internal::cuda::Budget;
@@ -148,3 +149,4 @@ TEST_F(WorkspacePoolTest, RetriesAfterFreeingIdleSlabsWhenMallocFails) {
 }
 
 }  // namespace
+}  // namespace test_workspace_pool

@@ -17,6 +17,7 @@
 #define COLLAPSE_MPIEXEC "mpirun"
 #endif
 
+namespace test_mpi_capi {
 namespace {
 
 using testutil::quote;
@@ -130,3 +131,4 @@ TEST_F(MpiCapi, RefusedStateIsEveryRanksError) {
 }
 
 }  // namespace
+}  // namespace test_mpi_capi

@@ -18,6 +18,7 @@
 #define COLLAPSE_MPIEXEC "mpirun"
 #endif
 
+namespace test_mpi_cli {
 namespace {
 
 using testutil::quote;
@@ -360,3 +361,4 @@ TEST_F(MpiCli, KilledRankEndsTheOthers) {
 }
 
 }  // namespace
+}  // namespace test_mpi_cli

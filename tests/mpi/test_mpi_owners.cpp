@@ -10,6 +10,7 @@
 #include "collapse/collapse.hpp"
 #include "core/session.hpp"
 
+namespace test_mpi_owners {
 namespace {
 
 namespace ci = collapse::internal;
@@ -54,3 +55,4 @@ TEST(MpiSpreadOwners, LargestFirstToTheLeastLoadedRank) {
 }
 
 }  // namespace
+}  // namespace test_mpi_owners

@@ -21,6 +21,7 @@
 #include "core/session.hpp"
 #include "common/mem_state.hpp"
 
+namespace test_mpi_pairs {
 namespace {
 
 namespace ci = collapse::internal;
@@ -179,3 +180,4 @@ TEST(MpiPairTiles, TilingCoversEveryPairOnceInBalancedShares) {
 }
 
 }  // namespace
+}  // namespace test_mpi_pairs

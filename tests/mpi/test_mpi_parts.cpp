@@ -16,6 +16,7 @@
 
 #include <unistd.h>
 
+namespace test_mpi_parts {
 namespace {
 
 namespace ci = collapse::internal;
@@ -92,3 +93,4 @@ TEST_F(MpiTokenPart, MalformedPartsAreRefusedNamingTheSection) {
 }
 
 }  // namespace
+}  // namespace test_mpi_parts

@@ -23,6 +23,7 @@
 #include "core/state_sections.hpp"
 #include "common/mem_state.hpp"
 
+namespace test_mpi_picks {
 namespace {
 
 namespace ci = collapse::internal;
@@ -185,3 +186,4 @@ TEST(MpiReservoirPicks, OwnerFillsEverySlotOnce) {
 }
 
 }  // namespace
+}  // namespace test_mpi_picks

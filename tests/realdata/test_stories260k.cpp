@@ -20,6 +20,7 @@
 namespace fs = std::filesystem;
 using testutil::close;
 
+namespace test_stories260k {
 namespace {
 
 const std::string kData = std::string(COLLAPSE_SHARED_DIR) + "/data/stories260k";
@@ -116,7 +117,6 @@ protected:
     fs::path dir_;
 };
 
-}  // namespace
 
 // The configuration of the issue: the classifier, eos/bos/unk excluded, NC4 on, exact SVD.
 TEST_F(Stories260k, CliReportMatchesFloat64Reference) {
@@ -168,3 +168,6 @@ TEST_F(Stories260k, SampledModeSecondPassGivesSameGeometry) {
         if (tok.n <= 64) EXPECT_TRUE(close("svd_entropy of " + std::to_string(id), t["svd_entropy"], tok.svd_entropy));
     }
 }
+
+}  // namespace
+}  // namespace test_stories260k

@@ -24,6 +24,7 @@
 
 extern char** environ;
 
+namespace test_backend_registry {
 namespace {
 
 using testutil::SessionPtr;
@@ -64,7 +65,6 @@ collapse_status create_cuda(int64_t V, int64_t d, SessionPtr* session, std::stri
     return st;
 }
 
-}  // namespace
 
 TEST(BackendRegistry, CpuAnalysisMapsNoCudaLibrary) {
     // Another test of this process may have opened the real module (ctest runs each test alone).
@@ -228,3 +228,6 @@ TEST(BackendRegistry, CliVersionLoadsNoCudaAndStartsFast) {
     RecordProperty("version_seconds", std::to_string(best));
     EXPECT_LT(best, 0.5);
 }
+
+}  // namespace
+}  // namespace test_backend_registry

@@ -11,6 +11,7 @@
 #include "common/cli_fixture.hpp"
 #include "cpu/blas_setup.hpp"
 
+namespace test_blas_setup {
 namespace {
 using collapse::internal::cpu::better_blas_core;
 
@@ -57,3 +58,4 @@ TEST_F(BlasCli, TheCliRunsKernelsForThisCpu) {
 }
 
 }  // namespace
+}  // namespace test_blas_setup

@@ -23,6 +23,7 @@
 #include "common/file_helpers.hpp"
 #include "io/checkpoint_file.hpp"
 
+namespace test_checkpoint_file {
 namespace {
 
 using collapse::internal::Error;
@@ -732,3 +733,4 @@ TEST_F(CheckpointTest, DevNullIsWrittenThroughAndAFifoIsRefused) {
 }
 
 }  // namespace
+}  // namespace test_checkpoint_file

@@ -19,6 +19,7 @@
 #include "common/file_helpers.hpp"
 #include "report/compare.hpp"
 
+namespace test_compare {
 namespace {
 
 using nlohmann::json;
@@ -262,3 +263,4 @@ TEST_F(CompareFiles, ReadRegularFileRefusesMoreThanItsLimit) {
 }
 
 }  // namespace
+}  // namespace test_compare

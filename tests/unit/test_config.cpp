@@ -22,6 +22,7 @@
 #endif
 
 namespace collapse::internal {
+namespace test_config {
 namespace {
 
 const std::string kSrc = COLLAPSE_SOURCE_DIR;
@@ -690,6 +691,7 @@ TEST(Json, ParsesBackAsYaml) {
 }
 
 }  // namespace
+}  // namespace test_config
 }  // namespace collapse::internal
 
 // The C API's YAML readers write only the caller's struct: a program built against collapse 0.1.0

@@ -8,13 +8,13 @@
 #include "base/dtype.hpp"
 #include "cpu/row_kernels.hpp"
 
+namespace test_dtype {
 namespace {
 uint32_t bits(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
     return u;
 }
-}  // namespace
 
 TEST(Dtype, HalfToFloatIsExactForAllValues) {
     for (uint32_t h = 0; h < 65536; ++h) {
@@ -85,3 +85,6 @@ TEST(Dtype, FloatToHalfRoundsToNearestEven) {
     EXPECT_EQ(collapse::internal::float_to_half(std::ldexp(1.0f, -24)), 0x0001);  // smallest subnormal
     EXPECT_EQ(collapse::internal::float_to_half(std::ldexp(1.0f, -26)), 0x0000);
 }
+
+}  // namespace
+}  // namespace test_dtype

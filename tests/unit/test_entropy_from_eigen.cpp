@@ -15,6 +15,7 @@
 
 namespace ci = collapse::internal;
 
+namespace test_entropy_from_eigen {
 namespace {
 
 // Eigenvalues (ascending) of a Gram of size M whose class has r = min(n, d) singular values s
@@ -29,7 +30,6 @@ std::vector<double> padded_spectrum(const std::vector<double>& s, int64_t M, dou
     return e;
 }
 
-}  // namespace
 
 TEST(EntropyFromEigen, BitIdenticalToTheHostPathAndEqualToBruteForce) {
     std::mt19937_64 g(7);
@@ -92,3 +92,6 @@ TEST(EntropyFromEigen, TokenFromEntropyMatchesTokenFromSpectrum) {
         EXPECT_EQ(oa.svd_zero_matrices, ob.svd_zero_matrices);
     }
 }
+
+}  // namespace
+}  // namespace test_entropy_from_eigen

@@ -21,6 +21,7 @@
 #include "io/output_file.hpp"
 #include "report/report.hpp"
 
+namespace test_output_file {
 namespace {
 
 namespace fs = std::filesystem;
@@ -201,3 +202,4 @@ TEST_F(OutputFileTest, TwoOutputsThatAreOneFileAreRefused) {
 }
 
 }  // namespace
+}  // namespace test_output_file

@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+namespace test_reference {
 namespace {
 
 constexpr double kTight = 1e-12;
@@ -727,3 +728,4 @@ TEST(ReferenceHand, RejectsBadInput) {
 }
 
 }  // namespace
+}  // namespace test_reference

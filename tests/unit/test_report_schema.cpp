@@ -24,6 +24,7 @@
 #define COLLAPSE_SOURCE_DIR "."
 #endif
 
+namespace test_report_schema {
 namespace {
 
 using nlohmann::json;
@@ -480,3 +481,4 @@ TEST_F(ReportSchema, WindowSections) {
 }
 
 }  // namespace
+}  // namespace test_report_schema

@@ -19,6 +19,7 @@
 #include "base/error.hpp"
 #include "core/row_store.hpp"
 
+namespace test_row_store {
 namespace {
 
 namespace fs = std::filesystem;
@@ -329,3 +330,4 @@ TEST_F(RowStoreTest, LockedDirectoriesAreNotRemoved) {
 }
 
 }  // namespace
+}  // namespace test_row_store

@@ -16,6 +16,7 @@
 using collapse::internal::SynthGenerator;
 using collapse::internal::SynthSpec;
 
+namespace test_synth {
 namespace {
 
 SynthSpec small_spec() {
@@ -56,7 +57,6 @@ double generalized_harmonic(int64_t V, double s) {
     return h;
 }
 
-}  // namespace
 
 TEST(Synth, SameSpecGivesIdenticalBytes) {
     for (collapse_dtype t : {COLLAPSE_F32, COLLAPSE_F16, COLLAPSE_BF16, COLLAPSE_F64}) {
@@ -404,3 +404,6 @@ TEST(Synth, BadCallsAreRefused) {
     EXPECT_EQ(status([&] { g.features(0, 10, y.data(), x.data()); }), COLLAPSE_ERR_BAD_INPUT);
     EXPECT_EQ(status([&] { g.features(0, 10, nullptr, x.data()); }), COLLAPSE_ERR_INVALID_ARGUMENT);
 }
+
+}  // namespace
+}  // namespace test_synth

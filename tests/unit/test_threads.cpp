@@ -19,6 +19,7 @@
 #include "common/capi_helpers.hpp"
 #include "common/compare.hpp"
 
+namespace test_threads {
 namespace {
 
 using testutil::SessionPtr;
@@ -208,3 +209,4 @@ TEST(Threads, ConcurrentReadersOfOneReport) {
 }
 
 }  // namespace
+}  // namespace test_threads

@@ -11,6 +11,7 @@
 #include "core/host_budget.hpp"
 #include "core/windows.hpp"
 
+namespace test_window_tracker {
 namespace {
 
 using collapse::internal::HostBudget;
@@ -99,3 +100,4 @@ TEST(WindowTracker, WindowEntropyFromEigenvalues) {
 }
 
 }  // namespace
+}  // namespace test_window_tracker
