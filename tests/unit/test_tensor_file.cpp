@@ -443,6 +443,9 @@ TEST_F(TensorFileTest, NpyRefusesTrailingBytesTwiceGivenKeysAndQuotesRawBytes) {
     expect_npy_refused("k.npy", npy_bytes(1, "{'a\nb\x01\xff\xc3\xa9': 1}", ""), "unexpected key 'a\\x0Ab\\x01\\xFF\xc3\xa9' in the header dict");
     expect_npy_refused("u.npy", npy_bytes(1, "{'descr': '<f4\r', 'fortran_order': False, 'shape': (1,)}", std::string(4, '\0')),
                        "unsupported dtype '<f4\\x0D'");
+    // No UTF-8 lead byte past 0xF4; overlong forms and surrogates are no UTF-8 either.
+    expect_npy_refused("v.npy", npy_bytes(1, "{'descr': '\xF5\x80\x80 \xC0\xAF \xED\xA0\x80 \xF0\x9F\x98\x80', 'fortran_order': False, 'shape': (1,)}", ""),
+                       "unsupported dtype '\\xF5\\x80\\x80 \\xC0\\xAF \\xED\\xA0\\x80 \xF0\x9F\x98\x80'");
     const std::string long_key(5000, 'k');
     const std::string p = path("long.npy");
     write_file(p, npy_bytes(1, "{'" + long_key + "': 1}", ""));
