@@ -312,8 +312,9 @@ public:
         if (n.IsNull()) return "null";
         if (n.IsSequence()) return "a sequence";
         if (n.IsMap()) return "a map";
-        if (!plain(n)) return "the string \"" + n.Scalar() + "\"";
-        return "'" + n.Scalar() + "'";
+        // A value may hold any character (a quoted "\n" too): quoted printable, on one line.
+        if (!plain(n)) return "the string \"" + printable(n.Scalar()) + "\"";
+        return "'" + printable(n.Scalar()) + "'";
     }
 
     [[noreturn]] void expected(const std::string& key, const std::string& what, const YAML::Node& n, int line,
@@ -507,8 +508,8 @@ Config parse_yaml(const std::string& text, const std::string& source) {
         const std::string key = key_node.Scalar();
         if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
             std::string hint = closest(key, keys);
-            if (!hint.empty()) rd.fail_at(key_line, "unknown key '", key, "' (did you mean '", hint, "'?)");
-            rd.fail_at(key_line, "unknown key '", key, "' (valid keys: ", join(keys), ")");
+            if (!hint.empty()) rd.fail_at(key_line, "unknown key '", printable(key), "' (did you mean '", hint, "'?)");
+            rd.fail_at(key_line, "unknown key '", printable(key), "' (valid keys: ", join(keys), ")");
         }
         // yaml-cpp keeps both copies of a repeated key; the second would silently win.
         if (lines.count(key)) rd.fail_at(key_line, "key '", key, "' is given twice (first on line ", lines[key], ")");

@@ -443,6 +443,14 @@ TEST(Config, RepeatedKeysAndSecondDocumentsAreRefused) {
     EXPECT_CONFIG_ERROR("[a]: 1\n", "t.yaml:1: a key must be a plain name");
 }
 
+// A key or value with a newline or a control character (YAML's "\n", "\x01" escapes) went into the
+// one-line message as it was.
+TEST(Config, MessagesQuoteControlCharactersOfKeysAndValues) {
+    EXPECT_CONFIG_ERROR("\"svd\\nmode\": exact\n", "t.yaml:1: unknown key 'svd\\x0Amode' (");
+    EXPECT_CONFIG_ERROR("svd_mode: \"ex\\x01act\\tx\"\n", "key 'svd_mode' expects one of exact, sampled, off, got the string \"ex\\x01act\\x09x\"");
+    EXPECT_CONFIG_ERROR("seed: \"1\\n2\"\n", "got the string \"1\\x0A2\"");
+}
+
 // yaml-cpp 0.7's LoadAll never returns on these (found by fuzz_config); yaml-cpp reads them as an
 // empty document, which must not mean "all defaults".
 TEST(Config, MalformedTextThatYamlReadsAsEmptyIsRefusedAndDoesNotHang) {
