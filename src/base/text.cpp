@@ -16,12 +16,10 @@ std::string lower_ascii(std::string s) {
     return s;
 }
 
-namespace {
-// Length of the UTF-8 sequence starting at s[i] (2 to 4 bytes), or 0 when s[i] starts none.
-size_t utf8_length(const std::string& s, size_t i) {
+size_t utf8_sequence_length(const std::string& s, size_t i) {
     const auto b = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
     const unsigned char c = b(i);
-    const size_t n = c >= 0xF0 ? (c <= 0xF4 ? 4 : 0) : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
+    const size_t n = c < 0x80 ? 1 : c >= 0xF0 ? (c <= 0xF4 ? 4 : 0) : c >= 0xE0 ? 3 : c >= 0xC2 ? 2 : 0;
     if (n == 0 || i + n > s.size()) return 0;
     for (size_t k = 1; k < n; ++k)
         if ((b(i + k) & 0xC0) != 0x80) return 0;
@@ -31,25 +29,21 @@ size_t utf8_length(const std::string& s, size_t i) {
         return 0;
     return n;
 }
-}  // namespace
 
 std::string printable(const std::string& s, size_t max_bytes) {
     std::string out;
     size_t i = 0;
     for (; i < s.size() && out.size() < max_bytes;) {
         const unsigned char c = static_cast<unsigned char>(s[i]);
-        const size_t n = c >= 0x80 ? utf8_length(s, i) : 0;
-        if (n > 0) {
-            out.append(s, i, n);
-            i += n;
-        } else if (c < 0x20 || c >= 0x7F) {
+        const size_t n = utf8_sequence_length(s, i);
+        if (n == 0 || c < 0x20 || c == 0x7F) {
             char hex[8];
             std::snprintf(hex, sizeof hex, "\\x%02X", c);
             out += hex;
             ++i;
         } else {
-            out += char(c);
-            ++i;
+            out.append(s, i, n);
+            i += n;
         }
     }
     if (i < s.size()) out += "... (" + std::to_string(s.size()) + " bytes)";

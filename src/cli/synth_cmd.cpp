@@ -163,7 +163,7 @@ void write_files(const SynthOptions& o, const SynthGenerator& gen, const SynthSp
             written.push_back("hidden_states.npy");
             written.push_back("input_ids.npy");
         }
-    } else {
+    } else {  // safetensors (--format allows only the two)
         // Tensors are filled in declaration order, so each is its own pass; rows are regenerated
         // rather than kept, which the counter-based generator makes exact.
         std::vector<io::TensorSpec> tensors = {{"features", spec.dtype, {N, d}},
@@ -211,8 +211,6 @@ void run_synth(const SynthOptions& o) {
         rethrow_with_option(e);
     }
     const int64_t N = spec.rows, d = spec.dim, V = spec.classes, T = o.sequences;
-    if (o.format != "npy" && o.format != "safetensors")
-        fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: --format ", o.format, ": expected npy or safetensors");
     if (T != 0 && (T < 2 || N % T != 0))
         fail(COLLAPSE_ERR_INVALID_ARGUMENT, "synth: --sequences ", T, " must be >= 2 and divide --rows ", N);
     // With sequences, chunks hold whole sequences so input_ids can be built chunk by chunk.

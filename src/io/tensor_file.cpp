@@ -106,7 +106,7 @@ public:
         // numpy pads the dict with spaces and a newline; anything else after it is not a header.
         skip_space();
         if (i_ < n_)
-            bad("unexpected '", printable(std::string(s_ + i_, s_ + std::min(n_, i_ + 16)), 16), "' after the header dict at header offset ", i_);
+            bad("unexpected '", printable(std::string(s_ + i_, s_ + n_), 16), "' after the header dict at header offset ", i_);
         return h;
     }
 
